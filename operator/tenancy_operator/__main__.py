@@ -1,0 +1,3 @@
+from tenancy_operator.cli import main
+
+raise SystemExit(main())

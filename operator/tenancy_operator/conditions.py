@@ -1,0 +1,53 @@
+"""Status conditions as kstatus, Flux and ``kubectl wait`` expect them.
+
+One entry per type; ``lastTransitionTime`` only moves when the status flips, so re-running a
+reconcile that finds nothing new produces an identical status and no write at all.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Cond:
+    type: str
+    status: str  # "True" | "False" | "Unknown"
+    reason: str
+    message: str = ""
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def merge(
+    old: Iterable[Mapping[str, Any]] | None, new: Iterable[Cond], generation: int, *, drop: Iterable[str] = ()
+) -> list[dict[str, Any]]:
+    """The conditions list after applying ``new``; types in ``drop`` are removed (Flux drops
+    Reconciling/Stalled when they are not True)."""
+    by_type = {str(c.get("type")): dict(c) for c in (old or [])}
+    for t in drop:
+        by_type.pop(t, None)
+    for c in new:
+        prev = by_type.get(c.type)
+        changed = prev is None or prev.get("status") != c.status
+        by_type[c.type] = {
+            "type": c.type,
+            "status": c.status,
+            "observedGeneration": generation,
+            "lastTransitionTime": now_iso() if changed or prev is None else prev.get("lastTransitionTime"),
+            "reason": c.reason,
+            "message": c.message,
+        }
+    order = ["Ready", "Reconciling", "Stalled"]
+    return sorted(by_type.values(), key=lambda c: (order.index(c["type"]) if c["type"] in order else 9, c["type"]))
+
+
+def status_differs(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
+    """True when writing ``desired`` would change anything the user can see."""
+    current = current or {}
+    return any(current.get(k) != v for k, v in desired.items())

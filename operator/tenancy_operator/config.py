@@ -1,0 +1,75 @@
+"""Operator configuration, read from environment variables (prefix ``TENANCY_``).
+
+Database targets are named so that a Tenant can pick one with ``spec.database``. They come
+from ``TENANCY_DATABASE_TARGETS`` (JSON: name -> DSN) and/or a directory
+(``TENANCY_DATABASE_TARGETS_DIR``, e.g. a mounted Secret: one file per target, the file name
+is the target, its content the DSN), so DSNs with passwords never need to be on a command line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TARGET_NAME = re.compile(r"^[a-z]([a-z0-9_-]{0,61}[a-z0-9])?$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TENANCY_", extra="ignore")
+
+    database_targets: str = Field(
+        default="{}", description='JSON object of target name to DSN, e.g. {"default": "postgresql://..."}'
+    )
+    database_targets_dir: Path | None = Field(
+        default=None, description="Directory with one file per target (name = target, content = DSN)."
+    )
+    namespaces: str = Field(default="", description="Comma-separated namespaces to watch; empty: all.")
+    control_schema: str = Field(default="tenancy", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    metrics_port: int = Field(default=8080, ge=0, le=65535)
+    health_port: int = Field(default=8081, ge=0, le=65535)
+    bind_address: str = "0.0.0.0"  # noqa: S104 - a pod must be reachable by Prometheus and kubelet
+    log_level: str = "INFO"
+    log_format: str = Field(default="json", pattern="^(json|console)$")
+    worker_limit: int = Field(default=8, ge=1, le=256)
+    sweep_interval_seconds: float = Field(default=300.0, gt=0)
+    pool_min_size: int = Field(default=1, ge=0)
+    pool_max_size: int = Field(default=10, ge=1)
+    db_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    migration_lock_timeout: str = "5s"
+    migration_statement_timeout: str = "60s"
+    # Host and port written into tenant Secrets; default: those of the target's DSN.
+    secret_host_override: str | None = None
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper(cls, v: str) -> str:
+        return v.upper()
+
+    @cached_property
+    def targets(self) -> dict[str, str]:
+        """All configured database targets, name -> DSN; validated names."""
+        found: dict[str, str] = {}
+        try:
+            raw = json.loads(self.database_targets or "{}")
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"TENANCY_DATABASE_TARGETS is not valid JSON: {exc.msg}") from None
+        if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+            raise ValueError("TENANCY_DATABASE_TARGETS must be a JSON object of name -> DSN string")
+        found.update(raw)
+        if self.database_targets_dir is not None and self.database_targets_dir.is_dir():
+            for f in sorted(self.database_targets_dir.iterdir()):
+                if f.is_file() and not f.name.startswith("."):
+                    found[f.name] = f.read_text().strip()
+        for name in found:
+            if not TARGET_NAME.match(name):
+                raise ValueError(f"database target name {name!r} is not a valid target name")
+        return found
+
+    @property
+    def namespace_list(self) -> list[str]:
+        return [n.strip() for n in self.namespaces.split(",") if n.strip()]

@@ -1,0 +1,1 @@
+"""PostgreSQL access: connection pools per target, the control schema, and SQL per concern."""

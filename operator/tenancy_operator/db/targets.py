@@ -1,0 +1,86 @@
+"""One async connection pool per configured database target."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from tenancy_operator.observability import metrics
+from tenancy_operator.observability.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class UnknownTarget(LookupError):
+    """A Tenant names a database target the operator is not configured with."""
+
+
+class DatabaseUnavailable(Exception):
+    """The target cannot be reached now; the caller retries later."""
+
+
+Conn = psycopg.AsyncConnection[dict[str, object]]
+
+
+class DatabaseTargets:
+    def __init__(
+        self, dsns: Mapping[str, str], *, min_size: int, max_size: int, connect_timeout: float
+    ) -> None:
+        self.dsns = dict(dsns)
+        self.max_size = max_size
+        self.pools: dict[str, AsyncConnectionPool[Conn]] = {
+            name: AsyncConnectionPool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                open=False,
+                timeout=connect_timeout,
+                kwargs={
+                    "autocommit": True,
+                    "row_factory": dict_row,
+                    "connect_timeout": max(1, int(connect_timeout)),
+                    "application_name": "tenancy-operator",
+                },
+                connection_class=psycopg.AsyncConnection,
+                name=f"tenancy-{name}",
+                reconnect_timeout=0,  # keep trying forever: a target may come back at any time
+            )
+            for name, dsn in dsns.items()
+        }
+
+    async def open(self) -> None:
+        for name, pool in self.pools.items():
+            await pool.open(wait=False)
+            metrics.DB_POOL_MAX.labels(target=name).set(pool.max_size)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(pool.close(timeout=5) for pool in self.pools.values()))
+
+    def pool(self, target: str) -> AsyncConnectionPool[Conn]:
+        try:
+            return self.pools[target]
+        except KeyError:
+            raise UnknownTarget(target) from None
+
+    def conninfo(self, target: str) -> dict[str, Any]:
+        """Host, port, dbname... of a target's DSN (for tenant Secrets and tenant logins)."""
+        return psycopg.conninfo.conninfo_to_dict(self.dsns[target])
+
+    def update_pool_metrics(self) -> None:
+        for name, pool in self.pools.items():
+            stats = pool.get_stats()
+            size, available = stats.get("pool_size", 0), stats.get("pool_available", 0)
+            metrics.DB_POOL_CONNECTIONS.labels(target=name, state="used").set(size - available)
+            metrics.DB_POOL_CONNECTIONS.labels(target=name, state="idle").set(available)
+            metrics.DB_POOL_CONNECTIONS.labels(target=name, state="waiting").set(
+                stats.get("requests_waiting", 0)
+            )
+
+    async def ping(self, target: str, wait_seconds: float = 3.0) -> None:
+        async with self.pool(target).connection(timeout=wait_seconds) as conn:
+            await conn.execute("SELECT 1")

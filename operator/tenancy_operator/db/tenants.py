@@ -1,0 +1,226 @@
+"""SQL for tenants: registry, roles, schemas, sessions, passwords. Nothing else builds tenant SQL.
+
+Identifiers go through ``sql.Identifier``; values are parameters. ``ALTER ROLE ... PASSWORD``
+cannot take a bind parameter, so it gets a client-side SCRAM verifier as ``sql.Literal``:
+the clear-text password never reaches the server, its logs or ``pg_stat_activity``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import sql
+
+from tenancy_operator.db.targets import Conn
+
+LIVE_STATES = ("provisioning", "active", "suspended", "deleted")
+
+
+@dataclass(frozen=True)
+class RegistryRow:
+    id: str
+    namespace: str
+    name: str
+    schema_name: str
+    role_name: str
+    state: str
+    provisioned_at: Any
+    schema_recreated_at: Any
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What exists in Postgres for one tenant role/schema name."""
+
+    role_exists: bool
+    can_login: bool
+    search_path: str | None
+    schema_exists: bool
+    schema_owned: bool
+    schema_privileges: bool
+    operator_member: bool
+
+
+def generate_password() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def scram_sha256_verifier(password: str, iterations: int = 4096) -> str:
+    """The verifier PostgreSQL stores for SCRAM-SHA-256 (RFC 5802/7677), computed client-side."""
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    b64 = base64.b64encode
+    return f"SCRAM-SHA-256${iterations}:{b64(salt).decode()}${b64(stored_key).decode()}:{b64(server_key).decode()}"
+
+
+def _t(control_schema: str, table: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(control_schema), sql.Identifier(table))
+
+
+async def find_live_row(conn: Conn, control: str, schema_name: str) -> RegistryRow | None:
+    """The registry row whose data lives in ``schema_name`` (at most one, by a unique index)."""
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT id::text, namespace, name, schema_name, role_name, state, provisioned_at,"
+            " schema_recreated_at FROM {} WHERE schema_name = %s AND state <> ALL(%s)"
+        ).format(_t(control, "tenants")),
+        [schema_name, ["dropped", "archived"]],
+    )
+    row = await cur.fetchone()
+    return RegistryRow(**row) if row else None  # type: ignore[arg-type]
+
+
+async def insert_row(
+    conn: Conn, control: str, *, namespace: str, name: str, uid: str, ident: str, tier: str,
+    display_name: str | None,
+) -> RegistryRow:
+    cur = await conn.execute(
+        sql.SQL(
+            "INSERT INTO {} (namespace, name, k8s_uid, schema_name, role_name, tier, display_name, state)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, 'provisioning')"
+            " RETURNING id::text, namespace, name, schema_name, role_name, state, provisioned_at,"
+            " schema_recreated_at"
+        ).format(_t(control, "tenants")),
+        [namespace, name, uid, ident, ident, tier, display_name],
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return RegistryRow(**row)  # type: ignore[arg-type]
+
+
+async def update_row(
+    conn: Conn, control: str, tenant_id: str, *, uid: str, tier: str, display_name: str | None,
+    state: str, provisioned: bool, schema_recreated: bool = False,
+) -> None:
+    """Write the declared facts; a no-op (no row version) when nothing differs."""
+    await conn.execute(
+        sql.SQL(
+            "UPDATE {} SET k8s_uid = %(uid)s, tier = %(tier)s, display_name = %(display)s,"
+            " state = %(state)s, deleted_at = NULL, updated_at = now(),"
+            " provisioned_at = CASE WHEN %(provisioned)s THEN coalesce(provisioned_at, now()) END,"
+            " schema_recreated_at = CASE WHEN %(recreated)s THEN now() ELSE schema_recreated_at END"
+            " WHERE id = %(id)s AND (k8s_uid IS DISTINCT FROM %(uid)s OR tier IS DISTINCT FROM %(tier)s"
+            "  OR display_name IS DISTINCT FROM %(display)s OR state IS DISTINCT FROM %(state)s"
+            "  OR deleted_at IS NOT NULL OR (%(provisioned)s AND provisioned_at IS NULL) OR %(recreated)s)"
+        ).format(_t(control, "tenants")),
+        {
+            "id": tenant_id, "uid": uid, "tier": tier, "display": display_name, "state": state,
+            "provisioned": provisioned, "recreated": schema_recreated,
+        },
+    )
+
+
+async def mark_deleted(conn: Conn, control: str, tenant_id: str, state: str) -> None:
+    await conn.execute(
+        sql.SQL(
+            "UPDATE {} SET state = %s, deleted_at = coalesce(deleted_at, now()), updated_at = now()"
+            " WHERE id = %s"
+        ).format(_t(control, "tenants")),
+        [state, tenant_id],
+    )
+
+
+OBSERVE = sql.SQL(
+    """
+    SELECT want.name AS name,
+           r.oid IS NOT NULL AS role_exists,
+           coalesce(r.rolcanlogin, false) AS can_login,
+           (SELECT substr(c, length('search_path=') + 1) FROM unnest(r.rolconfig) AS c
+             WHERE c LIKE 'search_path=%%' LIMIT 1) AS search_path,
+           n.oid IS NOT NULL AS schema_exists,
+           coalesce(n.nspowner = r.oid, false) AS schema_owned,
+           CASE WHEN n.oid IS NOT NULL AND r.oid IS NOT NULL
+                THEN has_schema_privilege(r.oid, n.oid, 'USAGE')
+                     AND has_schema_privilege(r.oid, n.oid, 'CREATE')
+                ELSE false END AS schema_privileges,
+           CASE WHEN r.oid IS NOT NULL THEN pg_has_role(current_user, r.oid, 'MEMBER')
+                ELSE false END AS operator_member
+      FROM unnest(%s::text[]) AS want(name)
+      LEFT JOIN pg_roles r ON r.rolname = want.name
+      LEFT JOIN pg_namespace n ON n.nspname = want.name
+    """
+)
+
+
+async def observe(conn: Conn, names: list[str]) -> dict[str, Observed]:
+    """One catalog query for any number of tenants: the sweep's bulk check and a single reconcile."""
+    cur = await conn.execute(OBSERVE, [names])
+    out: dict[str, Observed] = {}
+    for row in await cur.fetchall():
+        name = str(row.pop("name"))
+        out[name] = Observed(**row)  # type: ignore[arg-type]
+    return out
+
+
+async def create_role(conn: Conn, role: str) -> None:
+    await conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+
+
+async def grant_role_to_operator(conn: Conn, role: str) -> None:
+    await conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(role)))
+
+
+async def create_schema(conn: Conn, schema: str, role: str) -> None:
+    await conn.execute(
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}").format(
+            sql.Identifier(schema), sql.Identifier(role)
+        )
+    )
+
+
+async def set_schema_owner(conn: Conn, schema: str, role: str) -> None:
+    await conn.execute(
+        sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(sql.Identifier(schema), sql.Identifier(role))
+    )
+
+
+async def grant_schema(conn: Conn, schema: str, role: str) -> None:
+    await conn.execute(
+        sql.SQL("GRANT USAGE, CREATE ON SCHEMA {} TO {}").format(sql.Identifier(schema), sql.Identifier(role))
+    )
+
+
+async def set_search_path(conn: Conn, role: str, schema: str) -> None:
+    await conn.execute(
+        sql.SQL("ALTER ROLE {} SET search_path TO {}").format(sql.Identifier(role), sql.Identifier(schema))
+    )
+
+
+async def set_login(conn: Conn, role: str, login: bool) -> None:
+    keyword = sql.SQL("LOGIN" if login else "NOLOGIN")
+    await conn.execute(sql.SQL("ALTER ROLE {} {}").format(sql.Identifier(role), keyword))
+
+
+async def set_password(conn: Conn, role: str, password: str) -> None:
+    await conn.execute(
+        sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+            sql.Identifier(role), sql.Literal(scram_sha256_verifier(password))
+        )
+    )
+
+
+async def terminate_sessions(conn: Conn, role: str) -> int:
+    cur = await conn.execute(
+        "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity"
+        " WHERE usename = %s AND pid <> pg_backend_pid()",
+        [role],
+    )
+    row = await cur.fetchone()
+    return int(row["n"]) if row else 0  # type: ignore[call-overload]
+
+
+async def drop_tenant_objects(conn: Conn, schema: str, role: str) -> None:
+    """Drop the schema, everything the role owns, and the role. Safe to repeat."""
+    await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+    cur = await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role])
+    if await cur.fetchone():
+        await conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        await conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

@@ -1,0 +1,76 @@
+"""One kubernetes_asyncio client for the process; reads and writes we need outside Kopf's patch."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from tenancy_operator import GROUP, VERSION
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        # The generated stubs want model classes; the client accepts plain dicts, which we use.
+        self.core: Any = client.CoreV1Api(api)
+        self.custom: Any = client.CustomObjectsApi(api)
+
+    @classmethod
+    async def connect(cls) -> Kube:
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+        else:
+            await config.load_kube_config()
+        return cls(client.ApiClient())
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj = await self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return self.api.sanitize_for_serialization(obj)  # type: ignore[no-any-return]
+
+    async def create_secret(self, namespace: str, body: dict[str, Any]) -> None:
+        await self.core.create_namespaced_secret(namespace, body)
+
+    async def replace_secret(self, namespace: str, name: str, body: dict[str, Any]) -> None:
+        await self.core.replace_namespaced_secret(name, namespace, body)
+
+    async def delete_secret(self, namespace: str, name: str) -> None:
+        try:
+            await self.core.delete_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    async def list_secrets(self, label_selector: str) -> list[dict[str, Any]]:
+        result = await self.core.list_secret_for_all_namespaces(label_selector=label_selector)
+        return [self.api.sanitize_for_serialization(s) for s in result.items]
+
+    async def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj = await self.core.read_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return self.api.sanitize_for_serialization(obj)  # type: ignore[no-any-return]
+
+    async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        await self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, plural, name, {"status": status}, _content_type=MERGE_PATCH
+        )
+
+    async def list_objects(self, plural: str) -> list[dict[str, Any]]:
+        result = await self.custom.list_cluster_custom_object(GROUP, VERSION, plural)
+        return list(result.get("items", []))

@@ -1,0 +1,1 @@
+"""Metrics, structured logs and Kubernetes Events: everything SREs watch, in one place."""

@@ -1,0 +1,86 @@
+"""Prometheus metrics. Label values are bounded sets: kinds, phases, reasons, targets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+
+from tenancy_operator import __version__
+
+RECONCILE_TOTAL = Counter("reconcile_total", "Reconcile attempts by result.", ["kind", "result"])
+RECONCILE_FAILURES = Counter(
+    "reconcile_failures_total", "Failed reconcile attempts by bounded reason.", ["kind", "reason"]
+)
+RECONCILE_DURATION = Histogram(
+    "reconcile_duration_seconds",
+    "Duration of one reconcile.",
+    ["kind"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+QUEUE_DEPTH = Gauge(
+    "queue_depth", "Objects with a reconcile waiting (including retry backoff) or running.", ["kind"]
+)
+TENANTS = Gauge("tenants", "Tenants by phase, as last reconciled.", ["phase"])
+DB_POOL_CONNECTIONS = Gauge(
+    "db_pool_connections", "Database pool connections by state.", ["target", "state"]
+)
+DB_POOL_MAX = Gauge("db_pool_max_connections", "Database pool maximum size.", ["target"])
+DRIFT_REPAIRS = Counter(
+    "drift_repairs_total", "Out-of-band changes repaired, by kind and object.", ["kind", "object"]
+)
+BUILD_INFO = Info("tenancy_operator_build", "Build information.")
+
+# Bounded reasons for reconcile_failures_total.
+REASONS = (
+    "DatabaseUnavailable",
+    "UnknownDatabase",
+    "Conflict",
+    "InvalidSpec",
+    "MigrationFailed",
+    "KubernetesAPI",
+    "Internal",
+)
+
+
+class PendingObjects:
+    """Tracks which objects have work outstanding, so queue_depth is exact and returns to 0."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, set[str]] = {}
+
+    def add(self, kind: str, key: str) -> None:
+        self._pending.setdefault(kind, set()).add(key)
+        QUEUE_DEPTH.labels(kind=kind).set(len(self._pending[kind]))
+
+    def discard(self, kind: str, key: str) -> None:
+        self._pending.setdefault(kind, set()).discard(key)
+        QUEUE_DEPTH.labels(kind=kind).set(len(self._pending[kind]))
+
+    def count(self, kind: str) -> int:
+        return len(self._pending.get(kind, ()))
+
+
+PENDING = PendingObjects()
+
+
+@contextmanager
+def observe_reconcile(kind: str) -> Iterator[None]:
+    with RECONCILE_DURATION.labels(kind=kind).time():
+        yield
+
+
+def record_result(kind: str, ok: bool, reason: str | None = None) -> None:
+    RECONCILE_TOTAL.labels(kind=kind, result="success" if ok else "failure").inc()
+    if not ok:
+        RECONCILE_FAILURES.labels(kind=kind, reason=reason if reason in REASONS else "Internal").inc()
+
+
+def start_metrics_server(port: int, addr: str) -> None:
+    BUILD_INFO.info({"version": __version__})
+    for kind in ("Tenant", "Quota", "FeatureFlag"):
+        QUEUE_DEPTH.labels(kind=kind).set(0)
+        for reason in REASONS:
+            RECONCILE_FAILURES.labels(kind=kind, reason=reason)
+    start_http_server(port, addr=addr)

@@ -1,0 +1,114 @@
+"""Kopf embedded in our own asyncio program, with our settings and our shutdown order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from typing import Any
+
+import kopf
+
+from tenancy_operator.config import Settings
+from tenancy_operator.db.targets import DatabaseTargets
+from tenancy_operator.handlers import tenant as tenant_handlers
+from tenancy_operator.k8s.client import Kube
+from tenancy_operator.observability import metrics
+from tenancy_operator.observability.events import EventRecorder
+from tenancy_operator.observability.logging import get_logger
+from tenancy_operator.runtime_context import OperatorContext
+from tenancy_operator.sweep import Sweeper
+
+log = get_logger(__name__)
+PREFIX = "tenancy.dev"
+
+
+def build_registry() -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    tenant_handlers.register(registry)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        """In a pod: the ServiceAccount token; elsewhere: $KUBECONFIG (client certificates too)."""
+        if kopf.login_with_service_account is not None and os.environ.get("KUBERNETES_SERVICE_HOST") \
+                and not os.environ.get("KUBECONFIG"):
+            return kopf.login_with_service_account(**kwargs)
+        return kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        cfg: Settings = memo.settings
+        # Our own storage keys: changing them later would re-run handlers on every object.
+        settings.persistence.finalizer = f"{PREFIX}/finalizer"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=PREFIX, key="last-handled-configuration"
+        )
+        settings.posting.loggers = False  # Events are for transitions, not log lines
+        settings.queueing.worker_limit = cfg.worker_limit
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        settings.watching.inactivity_timeout = 70
+        settings.networking.request_timeout = 30
+        settings.execution.max_workers = 4
+
+        kube = await Kube.connect()
+        ctx = OperatorContext(
+            settings=cfg,
+            targets=DatabaseTargets(
+                cfg.targets, min_size=cfg.pool_min_size, max_size=cfg.pool_max_size,
+                connect_timeout=cfg.db_connect_timeout_seconds,
+            ),
+            kube=kube,
+            events=EventRecorder(kube.api),
+        )
+        await ctx.targets.open()
+        for target in cfg.targets:
+            try:
+                await ctx.ensure_control_schema(target)
+            except Exception as exc:  # a target that is down now is migrated on first use
+                log.warning("control schema not migrated yet", target=target, error=type(exc).__name__)
+        memo.ctx = ctx
+        memo.tenants = tenant_handlers.TenantService(ctx)
+        memo.sweeper_task = asyncio.create_task(Sweeper(ctx, memo.tenants).run_forever(), name="sweep")
+        log.info("operator started", targets=sorted(cfg.targets), namespaces=cfg.namespace_list or "all")
+
+    @kopf.on.cleanup(registry=registry)
+    async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+        task = getattr(memo, "sweeper_task", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        ctx: OperatorContext | None = getattr(memo, "ctx", None)
+        if ctx is not None:
+            await ctx.events.drain()
+            await ctx.targets.close()
+            await ctx.kube.close()
+        log.info("operator stopped; database pools closed")
+
+    @kopf.on.probe(id="database", registry=registry)
+    async def database_probe(memo: kopf.Memo, **_: Any) -> dict[str, str]:
+        """Liveness: every pool answers. A failing probe makes /healthz answer 500."""
+        ctx: OperatorContext = memo.ctx
+        ctx.targets.update_pool_metrics()
+        result = {}
+        for target in ctx.targets.pools:
+            await ctx.targets.ping(target)
+            result[target] = "ok"
+        return result
+
+    return registry
+
+
+async def run_operator(cfg: Settings) -> None:
+    metrics.start_metrics_server(cfg.metrics_port, cfg.bind_address)
+    namespaces = cfg.namespace_list
+    await kopf.operator(
+        registry=build_registry(),
+        memo=kopf.Memo(settings=cfg),
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=f"http://{cfg.bind_address}:{cfg.health_port}/healthz",
+        standalone=True,
+    )

@@ -1,0 +1,41 @@
+"""What every handler and the sweep share: settings, database pools, the Kubernetes client, locks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from tenancy_operator.config import Settings
+from tenancy_operator.db.control import migrate_control_schema
+from tenancy_operator.db.targets import DatabaseTargets
+from tenancy_operator.k8s.client import Kube
+from tenancy_operator.observability.events import EventRecorder
+
+
+@dataclass
+class OperatorContext:
+    settings: Settings
+    targets: DatabaseTargets
+    kube: Kube
+    events: EventRecorder
+    # One lock per object, so a handler and the sweep never reconcile the same object at once.
+    locks: defaultdict[tuple[str, str, str], asyncio.Lock] = field(
+        default_factory=lambda: defaultdict(asyncio.Lock)
+    )
+    control_ready: set[str] = field(default_factory=set)
+
+    async def ensure_control_schema(self, target: str) -> None:
+        """Migrate a target's control schema once per process, lazily: a target that was down
+        at start-up is migrated the first time it is used."""
+        if target in self.control_ready:
+            return
+        async with self.locks[("control", target, "")]:
+            if target in self.control_ready:
+                return
+            async with self.targets.pool(target).connection() as conn:
+                await migrate_control_schema(conn, self.settings.control_schema)
+            self.control_ready.add(target)
+
+    def lock(self, kind: str, namespace: str, name: str) -> asyncio.Lock:
+        return self.locks[(kind, namespace, name)]
