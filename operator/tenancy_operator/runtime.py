@@ -21,6 +21,9 @@ from tenancy_operator.sweep import Sweeper
 
 log = get_logger(__name__)
 PREFIX = "tenancy.dev"
+# Kopf ignores changes to every annotation under the prefix of its own storage, so its storage
+# gets a sub-prefix: user-facing annotations such as tenancy.dev/rotate-credentials stay visible.
+STORAGE_PREFIX = "kopf.tenancy.dev"
 
 
 def build_registry() -> kopf.OperatorRegistry:
@@ -40,9 +43,9 @@ def build_registry() -> kopf.OperatorRegistry:
         cfg: Settings = memo.settings
         # Our own storage keys: changing them later would re-run handlers on every object.
         settings.persistence.finalizer = f"{PREFIX}/finalizer"
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=STORAGE_PREFIX)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=PREFIX, key="last-handled-configuration"
+            prefix=STORAGE_PREFIX, key="last-handled-configuration"
         )
         settings.posting.loggers = False  # Events are for transitions, not log lines
         settings.queueing.worker_limit = cfg.worker_limit

@@ -31,6 +31,7 @@ class RegistryRow:
     state: str
     provisioned_at: Any
     schema_recreated_at: Any
+    schema_recreated_ack: str | None
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ async def find_live_row(conn: Conn, control: str, schema_name: str) -> RegistryR
     cur = await conn.execute(
         sql.SQL(
             "SELECT id::text, namespace, name, schema_name, role_name, state, provisioned_at,"
-            " schema_recreated_at FROM {} WHERE schema_name = %s AND state <> ALL(%s)"
+            " schema_recreated_at, schema_recreated_ack FROM {} WHERE schema_name = %s AND state <> ALL(%s)"
         ).format(_t(control, "tenants")),
         [schema_name, ["dropped", "archived"]],
     )
@@ -87,7 +88,7 @@ async def insert_row(
             "INSERT INTO {} (namespace, name, k8s_uid, schema_name, role_name, tier, display_name, state)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, 'provisioning')"
             " RETURNING id::text, namespace, name, schema_name, role_name, state, provisioned_at,"
-            " schema_recreated_at"
+            " schema_recreated_at, schema_recreated_ack"
         ).format(_t(control, "tenants")),
         [namespace, name, uid, ident, ident, tier, display_name],
     )
@@ -115,6 +116,15 @@ async def update_row(
             "id": tenant_id, "uid": uid, "tier": tier, "display": display_name, "state": state,
             "provisioned": provisioned, "recreated": schema_recreated,
         },
+    )
+
+
+async def acknowledge_schema_recreated(conn: Conn, control: str, tenant_id: str, ack: str) -> None:
+    await conn.execute(
+        sql.SQL("UPDATE {} SET schema_recreated_at = NULL, schema_recreated_ack = %s WHERE id = %s").format(
+            _t(control, "tenants")
+        ),
+        [ack, tenant_id],
     )
 
 

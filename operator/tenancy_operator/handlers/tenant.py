@@ -12,7 +12,13 @@ from tenancy_operator import GROUP, VERSION
 from tenancy_operator.conditions import Cond, merge, status_differs
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
-from tenancy_operator.reconcilers.tenant import Outcome, Retry, TenantReconciler, secret_name
+from tenancy_operator.reconcilers.tenant import (
+    ACK_SCHEMA_RECREATED_ANNOTATION,
+    Outcome,
+    Retry,
+    TenantReconciler,
+    secret_name,
+)
 from tenancy_operator.runtime_context import OperatorContext
 
 KIND, PLURAL = "Tenant", "tenants"
@@ -37,6 +43,14 @@ def desired_status(body: Mapping[str, Any], out: Outcome, ident: str | None) -> 
         conds = [Cond("Ready", "False", out.reason, out.message),
                  Cond("Reconciling", "True", "Retrying", out.message)]
         drop = ["Stalled"]
+    if out.data_loss:
+        conds.append(Cond(
+            "SchemaRecreated", "True", "SchemaDroppedOutOfBand",
+            "the schema was dropped outside the operator and re-created empty; its data is gone."
+            f" Annotate {ACK_SCHEMA_RECREATED_ANNOTATION}=<new value> once handled.",
+        ))
+    else:
+        drop.append("SchemaRecreated")
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "phase": out.phase,

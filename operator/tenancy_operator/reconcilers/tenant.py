@@ -24,6 +24,7 @@ from tenancy_operator.observability import metrics
 from tenancy_operator.runtime_context import OperatorContext
 
 ROTATE_ANNOTATION = "tenancy.dev/rotate-credentials"
+ACK_SCHEMA_RECREATED_ANNOTATION = "tenancy.dev/acknowledge-schema-recreated"
 SECRET_ROTATION_ANNOTATION = "tenancy.dev/rotated-for"  # noqa: S105 - an annotation key
 MANAGED_BY = {"app.kubernetes.io/managed-by": "tenancy-operator"}
 TENANT_LABEL = "tenancy.dev/tenant"
@@ -52,6 +53,8 @@ class Outcome:
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     repairs: list[str] = field(default_factory=list)
     schema_recreated: bool = False
+    # The schema was found dropped and re-created empty, now or earlier and not yet acknowledged.
+    data_loss: bool = False
 
 
 def secret_name(tenant_name: str) -> str:
@@ -141,7 +144,7 @@ class TenantReconciler:
             if obs.role_exists and was_provisioned:
                 out.repairs.append("search-path")
 
-        password, rotated = await self._ensure_secret(conn, body, spec, ident)
+        password, rotated = await self._ensure_secret(conn, body, spec, ident, role_created=not obs.role_exists)
         if rotated == "rotated":
             out.events.append(("Normal", "CredentialsRotated", "new password set; old sessions ended"))
         elif rotated == "recreated" and was_provisioned and not revived:
@@ -163,6 +166,12 @@ class TenantReconciler:
 
         version = await self._migrate(conn, body, spec, ident, row.id, password, out)
         out.schema_version = version
+        recreated_at = row.schema_recreated_at
+        ack = (meta.get("annotations") or {}).get(ACK_SCHEMA_RECREATED_ANNOTATION)
+        if recreated_at is not None and not out.schema_recreated and ack and ack != row.schema_recreated_ack:
+            await sqlt.acknowledge_schema_recreated(conn, self.control, row.id, ack)
+            recreated_at = None
+        out.data_loss = out.schema_recreated or recreated_at is not None
         if out.ready:
             await sqlt.update_row(
                 conn, self.control, row.id, uid=uid, tier=_enum(spec.tier), display_name=spec.display_name,
@@ -216,7 +225,7 @@ class TenantReconciler:
         }
 
     async def _ensure_secret(
-        self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str
+        self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, *, role_created: bool
     ) -> tuple[str, str]:
         """Returns (password, what happened: "", "rotated" or "recreated")."""
         meta = body["metadata"]
@@ -232,6 +241,8 @@ class TenantReconciler:
             had = (current["metadata"].get("annotations") or {}).get(SECRET_ROTATION_ANNOTATION, "")
             password = data.get("password", "")
             if had == rotation and password:
+                if role_created:  # a role dropped out of band comes back with the password apps use
+                    await sqlt.set_password(conn, ident, password)
                 desired = self._secret_body(body, spec, ident, password, rotation)
                 if desired["data"] != current.get("data") or not _owned_by(current, meta["uid"]):
                     desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
@@ -278,11 +289,15 @@ class TenantReconciler:
                 host=info.get("host"), port=info.get("port"),
             )
             try:
-                applied = await tm.apply_as_tenant(
-                    dsn, ident, todo, lock_timeout=self.ctx.settings.migration_lock_timeout,
-                    statement_timeout=self.ctx.settings.migration_statement_timeout,
-                    connect_timeout=self.ctx.settings.db_connect_timeout_seconds,
-                )
+                try:
+                    applied = await self._apply(dsn, ident, todo)
+                except psycopg.OperationalError as exc:
+                    if "authentication failed" not in str(exc):
+                        raise
+                    # The role's password was changed behind our back: the Secret is the truth.
+                    await sqlt.set_password(conn, ident, password)
+                    out.repairs.append("password")
+                    applied = await self._apply(dsn, ident, todo)
             except tm.MigrationFailed as exc:
                 out.ready, out.reason, out.message, out.phase, out.stalled = (
                     False, "MigrationFailed", str(exc), "Failed", True)
@@ -292,6 +307,13 @@ class TenantReconciler:
                 out.events.append(("Normal", "MigrationApplied", f"applied {v}"))
             done = await tm.applied(conn, ident)
         return _latest(done)
+
+    async def _apply(self, dsn: str, ident: str, todo: list[tm.Migration]) -> list[str]:
+        return await tm.apply_as_tenant(
+            dsn, ident, todo, lock_timeout=self.ctx.settings.migration_lock_timeout,
+            statement_timeout=self.ctx.settings.migration_statement_timeout,
+            connect_timeout=self.ctx.settings.db_connect_timeout_seconds,
+        )
 
     async def _template(self, body: Mapping[str, Any], spec: TenantSpec, out: Outcome) -> list[tm.Migration] | None:
         if not spec.schema_template:

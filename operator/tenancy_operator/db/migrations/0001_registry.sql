@@ -15,6 +15,7 @@ CREATE TABLE tenants (
     updated_at    timestamptz NOT NULL DEFAULT now(),
     provisioned_at timestamptz,
     schema_recreated_at timestamptz,
+    schema_recreated_ack text,
     deleted_at    timestamptz
 );
 CREATE UNIQUE INDEX tenants_schema_with_data ON tenants (schema_name) WHERE state NOT IN ('dropped', 'archived');

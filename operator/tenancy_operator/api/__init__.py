@@ -1,0 +1,97 @@
+"""API types of tenancy.dev/v1alpha1: the pydantic models behind the CRDs, and per-kind names.
+
+`crdgen` generates crds/*.yaml from these models; the operator parses watched objects with them.
+"""
+
+from tenancy_operator.api.common import (
+    ApiModel,
+    Condition,
+    ConditionStatus,
+    Duration,
+    ObjectMeta,
+    PositiveDuration,
+    PositiveQuantity,
+    PrinterColumn,
+    Quantity,
+    ResourceInfo,
+    find_condition,
+    format_quantity,
+    parse_duration,
+    parse_quantity,
+)
+from tenancy_operator.api.featureflag import (
+    FEATURE_FLAG,
+    FeatureFlag,
+    FeatureFlagSpec,
+    FeatureFlagStatus,
+    Rollout,
+    TenantOverride,
+    UserOverride,
+    Weight,
+)
+from tenancy_operator.api.quota import (
+    QUOTA,
+    ActiveOverride,
+    LimitName,
+    Quota,
+    QuotaEnforcement,
+    QuotaLimits,
+    QuotaOverride,
+    QuotaSpec,
+    QuotaStatus,
+    TenantRef,
+)
+from tenancy_operator.api.tenant import (
+    TENANT,
+    JobRef,
+    Tenant,
+    TenantSpec,
+    TenantStatus,
+    tenant_identifier,
+    validate_tenant_name,
+)
+
+RESOURCES: tuple[ResourceInfo, ...] = (TENANT, QUOTA, FEATURE_FLAG)
+
+__all__ = [
+    "FEATURE_FLAG",
+    "QUOTA",
+    "RESOURCES",
+    "TENANT",
+    "ActiveOverride",
+    "ApiModel",
+    "Condition",
+    "ConditionStatus",
+    "Duration",
+    "FeatureFlag",
+    "FeatureFlagSpec",
+    "FeatureFlagStatus",
+    "JobRef",
+    "LimitName",
+    "ObjectMeta",
+    "PositiveDuration",
+    "PositiveQuantity",
+    "PrinterColumn",
+    "Quantity",
+    "Quota",
+    "QuotaEnforcement",
+    "QuotaLimits",
+    "QuotaOverride",
+    "QuotaSpec",
+    "QuotaStatus",
+    "ResourceInfo",
+    "Rollout",
+    "Tenant",
+    "TenantOverride",
+    "TenantRef",
+    "TenantSpec",
+    "TenantStatus",
+    "UserOverride",
+    "Weight",
+    "find_condition",
+    "format_quantity",
+    "parse_duration",
+    "parse_quantity",
+    "tenant_identifier",
+    "validate_tenant_name",
+]

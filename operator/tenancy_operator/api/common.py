@@ -1,0 +1,347 @@
+"""Building blocks shared by the custom resource models.
+
+The pydantic models in this package are the single source of truth for the CRDs: `crdgen` turns
+them into OpenAPI schemas, and the operator parses the objects it watches with the same models.
+Anything the API server must enforce beyond plain JSON schema (CEL rules, list types) is attached
+with `json_schema_extra` so it lives next to the field it is about.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from tenancy_operator import GROUP, VERSION
+
+JsonDict = dict[str, Any]
+
+
+class ApiModel(BaseModel):
+    """Base for every API model: camelCase JSON names, Python names accepted too.
+
+    `extra="ignore"` because objects read from the API server may carry fields a newer CRD added;
+    the API server prunes unknown fields on write anyway, so the schema stays closed.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        serialize_by_alias=True,
+        extra="ignore",
+        use_attribute_docstrings=True,
+    )
+
+    def to_api(self) -> JsonDict:
+        """JSON-ready dict in the API's shape (camelCase, unset optionals left out) for patches."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def cel(
+    rule: str,
+    message: str | None = None,
+    *,
+    message_expression: str | None = None,
+    reason: str | None = None,
+    field_path: str | None = None,
+) -> JsonDict:
+    """One `x-kubernetes-validations` entry (a CEL rule the API server evaluates)."""
+    entry: JsonDict = {"rule": rule}
+    if message is not None:
+        entry["message"] = message
+    if message_expression is not None:
+        entry["messageExpression"] = message_expression
+    if reason is not None:
+        entry["reason"] = reason
+    if field_path is not None:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+def cel_string(value: str) -> str:
+    """`value` as a CEL string literal (regex patterns contain backslashes)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def validations(*rules: JsonDict) -> JsonDict:
+    """`json_schema_extra` carrying CEL rules."""
+    return {"x-kubernetes-validations": list(rules)}
+
+
+def list_set() -> JsonDict:
+    """`json_schema_extra` for a list of unique scalars that server-side apply merges as a set."""
+    return {"x-kubernetes-list-type": "set"}
+
+
+def list_map(*keys: str) -> JsonDict:
+    """`json_schema_extra` for a list of objects keyed by `keys`; SSA merges entries by key and
+    the API server rejects two entries with the same key."""
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": list(keys)}
+
+
+def immutable(what: str) -> JsonDict:
+    """`json_schema_extra` for a field that may not change once set (transition rule)."""
+    return validations(cel("self == oldSelf", f"{what} is immutable"))
+
+
+# --- Names ------------------------------------------------------------------------------------
+
+DNS1123_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS1123_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+DnsLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS1123_LABEL_PATTERN)]
+"""An object name that is a DNS-1123 label (Tenant names, Namespace names)."""
+
+DnsSubdomain = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN_PATTERN)]
+"""An object name that is a DNS-1123 subdomain (ConfigMap and Secret names)."""
+
+
+# --- Durations --------------------------------------------------------------------------------
+
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
+_DURATION_RE = re.compile(DURATION_PATTERN)
+_MICROSECONDS = {
+    "ms": 1_000,
+    "s": 1_000_000,
+    "m": 60_000_000,
+    "h": 3_600_000_000,
+    "d": 86_400_000_000,
+}
+
+
+def parse_duration(value: str) -> timedelta:
+    """Parse `1h30m`, `30d`, `1.5s`, `250ms` into a timedelta (exact to the microsecond).
+
+    Go's `time.ParseDuration` has no days; retention periods are naturally said in days, so `d`
+    (24h) is added. Raises ValueError on anything the CRD pattern would reject.
+    """
+    if not _DURATION_RE.fullmatch(value):
+        raise ValueError(f"invalid duration {value!r}: expected e.g. 30s, 5m, 1h30m, 30d")
+    micros = sum(
+        (Decimal(number) * _MICROSECONDS[unit] for number, unit in _DURATION_PART.findall(value)),
+        Decimal(0),
+    )
+    return timedelta(microseconds=int(micros.to_integral_value()))
+
+
+def _check_duration(value: str) -> str:
+    parse_duration(value)
+    return value
+
+
+def _check_positive(value: str) -> str:
+    # A quantity or duration is zero exactly when its number has no non-zero digit (the unit
+    # suffixes have no digits); the same test is the CEL rule in the CRD.
+    if not re.search(r"[1-9]", value):
+        raise ValueError(f"{value!r} must be greater than zero")
+    return value
+
+
+_POSITIVE = cel("self.matches('[1-9]')", "must be greater than zero")
+
+Duration = Annotated[
+    str,
+    Field(pattern=DURATION_PATTERN, max_length=64),
+    AfterValidator(_check_duration),
+]
+"""A duration string: one or more `<number><unit>` with units ms, s, m, h, d (e.g. `1h30m`)."""
+
+PositiveDuration = Annotated[
+    str,
+    Field(pattern=DURATION_PATTERN, max_length=64, json_schema_extra=validations(_POSITIVE)),
+    AfterValidator(_check_duration),
+    AfterValidator(_check_positive),
+]
+"""A Duration greater than zero."""
+
+
+# --- Quantities -------------------------------------------------------------------------------
+
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+_QUANTITY_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?")
+_QUANTITY_MULTIPLIERS = {
+    None: 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+}
+
+
+def parse_quantity(value: str | int) -> int:
+    """Parse a Kubernetes-style quantity (`10Gi`, `1.5G`, `500`) into whole units (bytes).
+
+    Fractions round up, as Kubernetes' `Quantity.Value()` does, so a limit is never silently
+    lowered. Only non-negative quantities with the suffixes above are accepted (no milli, no
+    exponents): these are byte sizes and counts.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"invalid quantity {value}: must not be negative")
+        return value
+    match = _QUANTITY_RE.fullmatch(str(value))
+    if not match:
+        raise ValueError(f"invalid quantity {value!r}: expected e.g. 500, 1.5Gi, 10G")
+    number, suffix = match.groups()
+    return math.ceil(Decimal(number) * _QUANTITY_MULTIPLIERS[suffix])
+
+
+def format_quantity(value: int) -> str:
+    """Shortest exact binary-suffixed form of a byte count (`10737418240` -> `10Gi`), for status."""
+    if value < 0:
+        raise ValueError("quantities are never negative")
+    for suffix in ("Pi", "Ti", "Gi", "Mi", "Ki"):
+        unit = _QUANTITY_MULTIPLIERS[suffix]
+        if value and value % unit == 0:
+            return f"{value // unit}{suffix}"
+    return str(value)
+
+
+def _check_quantity(value: str) -> str:
+    parse_quantity(value)
+    return value
+
+
+Quantity = Annotated[
+    str,
+    Field(pattern=QUANTITY_PATTERN, max_length=64),
+    AfterValidator(_check_quantity),
+]
+"""A non-negative quantity string (`10Gi`, `500M`, `1.5Gi`, `1000`)."""
+
+PositiveQuantity = Annotated[
+    str,
+    Field(pattern=QUANTITY_PATTERN, max_length=64, json_schema_extra=validations(_POSITIVE)),
+    AfterValidator(_check_quantity),
+    AfterValidator(_check_positive),
+]
+"""A Quantity greater than zero."""
+
+
+# --- Status -----------------------------------------------------------------------------------
+
+CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+CONDITION_TYPE_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
+)
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Condition(ApiModel):
+    """One aspect of the object's state, shaped like `metav1.Condition` so kubectl wait, kstatus
+    (Flux, Helm, kpt) and Argo CD health checks understand it."""
+
+    type: str = Field(max_length=316, pattern=CONDITION_TYPE_PATTERN)
+    """Condition type in CamelCase: Ready, Reconciling, Stalled, ..."""
+    status: ConditionStatus
+    """True, False or Unknown."""
+    observed_generation: int | None = Field(default=None, ge=0)
+    """metadata.generation the condition was computed from."""
+    last_transition_time: AwareDatetime
+    """When status last changed (not when the condition was last written)."""
+    reason: str = Field(min_length=1, max_length=1024, pattern=CONDITION_REASON_PATTERN)
+    """Machine-readable CamelCase reason for the last transition."""
+    message: str = Field(default="", max_length=32768)
+    """Human-readable details."""
+
+
+Conditions = Annotated[
+    list[Condition],
+    Field(default_factory=list, json_schema_extra=list_map("type")),
+]
+"""The `status.conditions` list: one entry per type."""
+
+
+def find_condition(conditions: list[Condition], type_: str) -> Condition | None:
+    """The condition of the given type, if present."""
+    return next((c for c in conditions if c.type == type_), None)
+
+
+# --- Resource descriptions ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrinterColumn:
+    """One `additionalPrinterColumns` entry (`kubectl get` column)."""
+
+    name: str
+    type: Literal["string", "integer", "number", "boolean", "date"]
+    json_path: str
+    description: str = ""
+    priority: int = 0
+
+    def to_crd(self) -> JsonDict:
+        """The CRD form of the column."""
+        column: JsonDict = {"name": self.name, "type": self.type, "jsonPath": self.json_path}
+        if self.description:
+            column["description"] = self.description
+        if self.priority:
+            column["priority"] = self.priority
+        return column
+
+
+READY_COLUMN = PrinterColumn(
+    "Ready", "string", '.status.conditions[?(@.type=="Ready")].status', "Ready condition status"
+)
+AGE_COLUMN = PrinterColumn("Age", "date", ".metadata.creationTimestamp")
+
+
+@dataclass(frozen=True)
+class ResourceInfo:
+    """Names of one custom resource kind, for the CRD and for API calls (Kopf handlers, clients)."""
+
+    kind: str
+    plural: str
+    singular: str
+    short_names: tuple[str, ...]
+    spec_model: type[ApiModel]
+    status_model: type[ApiModel]
+    description: str
+    printer_columns: tuple[PrinterColumn, ...] = ()
+    root_validations: tuple[JsonDict, ...] = ()
+    categories: tuple[str, ...] = ("tenancy",)
+    group: str = GROUP
+    version: str = VERSION
+    namespaced: bool = True
+
+    @property
+    def api_version(self) -> str:
+        """`tenancy.dev/v1alpha1`."""
+        return f"{self.group}/{self.version}"
+
+    @property
+    def crd_name(self) -> str:
+        """`<plural>.<group>`, the CRD's metadata.name."""
+        return f"{self.plural}.{self.group}"
+
+
+# --- Whole objects ------------------------------------------------------------------------------
+
+
+class ObjectMeta(ApiModel):
+    """The parts of `metadata` the operator reads; everything else is ignored when parsing."""
+
+    name: str
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    resource_version: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    finalizers: list[str] = Field(default_factory=list)
+    creation_timestamp: AwareDatetime | None = None
+    deletion_timestamp: AwareDatetime | None = None

@@ -1,0 +1,299 @@
+"""The FeatureFlag kind: a flag with variants, a rollout and per-tenant and per-user overrides.
+
+The operator compiles these into flagd-compatible flag definitions, so the variant a user gets
+can be computed by any OpenFeature flagd provider.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AwareDatetime, Field, model_validator
+
+from tenancy_operator.api.common import (
+    AGE_COLUMN,
+    READY_COLUMN,
+    ApiModel,
+    Conditions,
+    ObjectMeta,
+    PrinterColumn,
+    ResourceInfo,
+    cel,
+    list_map,
+    list_set,
+    validations,
+)
+from tenancy_operator.api.tenant import TENANT_NAME_MAX_LENGTH, TENANT_NAME_PATTERN
+
+FLAG_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+VARIANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_VARIANTS = 64
+MAX_WEIGHT = 1_000_000
+"""Per-variant weight cap: 64 variants * 1e6 stays far below flagd's 2^31-1 total weight."""
+DEFAULT_VARIANTS: dict[str, Any] = {"on": {"value": True}, "off": {"value": False}}
+ON_VARIANT = "on"
+
+VariantName = Annotated[str, Field(max_length=64, pattern=VARIANT_NAME_PATTERN)]
+TenantName = Annotated[str, Field(max_length=TENANT_NAME_MAX_LENGTH, pattern=TENANT_NAME_PATTERN)]
+Percentage = Annotated[int, Field(ge=0, le=100)]
+
+
+class Variant(ApiModel):
+    """One value the flag can serve.
+
+    The value sits in an object (`on: {value: true}`) rather than directly under the variant name
+    because the API server's CEL cannot see the keys of a map whose values are untyped, and the
+    CRD checks with CEL that every variant a flag refers to exists.
+    """
+
+    value: Any
+    """The value served: any JSON value (boolean, string, number, list or object)."""
+    description: str | None = Field(default=None, max_length=256)
+    """What the variant means, for humans."""
+
+
+class Weight(ApiModel):
+    """Relative share of users that get one variant."""
+
+    variant: VariantName
+    """One of the flag's variants."""
+    weight: int = Field(ge=0, le=MAX_WEIGHT)
+    """Users get the variant with probability weight / sum of weights."""
+
+
+_ROLLOUT_RULES = validations(
+    cel(
+        "has(self.percentage) != has(self.weights)",
+        "rollout needs exactly one of percentage (with variant) or weights",
+    ),
+    cel(
+        "has(self.percentage) == has(self.variant)",
+        "rollout.variant and rollout.percentage go together: set both, or use weights alone",
+    ),
+    cel(
+        "!has(self.weights) || self.weights.exists(w, w.weight > 0)",
+        "at least one rollout weight must be greater than zero",
+        field_path=".weights",
+    ),
+)
+
+
+class Rollout(ApiModel, json_schema_extra=_ROLLOUT_RULES):
+    """How users who match no override are spread over the variants.
+
+    Either `percentage` of users get `variant` and the rest get `defaultVariant`, or users are
+    split over `weights`. A user keeps their bucket as the percentage grows, so raising it only
+    adds users. Percentages are whole numbers; for finer steps use weights (e.g. 1 and 999).
+    """
+
+    variant: VariantName | None = None
+    """Variant served to `percentage` of users."""
+    percentage: Percentage | None = None
+    """Share of users, 0-100, that get `variant`."""
+    weights: list[Weight] | None = Field(
+        default=None, min_length=1, max_length=MAX_VARIANTS, json_schema_extra=list_map("variant")
+    )
+    """Split of users over several variants."""
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Rollout:
+        if (self.percentage is None) == (self.weights is None):
+            raise ValueError("rollout needs exactly one of percentage (with variant) or weights")
+        if (self.percentage is None) != (self.variant is None):
+            raise ValueError("rollout.variant and rollout.percentage go together")
+        if self.weights is not None and not any(w.weight > 0 for w in self.weights):
+            raise ValueError("at least one rollout weight must be greater than zero")
+        return self
+
+
+class TenantOverride(
+    ApiModel,
+    json_schema_extra=validations(
+        cel(
+            "has(self.variant) || has(self.percentage)",
+            "a tenant override needs a variant, a percentage or both",
+        )
+    ),
+):
+    """What the users of one tenant get, instead of the flag-wide rollout.
+
+    - `variant` alone: every user of the tenant gets `variant`.
+    - `percentage` alone: that share of the tenant's users get the flag's rollout variant
+      (`rollout.variant` when the rollout is a percentage, otherwise `on`); the rest get
+      `defaultVariant`.
+    - both: that share of the tenant's users get `variant`; the rest get `defaultVariant`.
+
+    User overrides still win over tenant overrides.
+    """
+
+    tenant: TenantName
+    """Name of a Tenant in the FeatureFlag's namespace."""
+    variant: VariantName | None = None
+    """Variant the tenant's users (or `percentage` of them) get."""
+    percentage: Percentage | None = None
+    """Share of the tenant's users, 0-100, that get the variant; the rest get defaultVariant."""
+
+    @model_validator(mode="after")
+    def _something_set(self) -> TenantOverride:
+        if self.variant is None and self.percentage is None:
+            raise ValueError("a tenant override needs a variant, a percentage or both")
+        return self
+
+
+class UserOverride(ApiModel):
+    """The variant one user of one tenant gets, whatever else applies."""
+
+    tenant: TenantName
+    """Name of the user's Tenant."""
+    user: str = Field(min_length=1, max_length=256)
+    """The user's targeting key, as the application passes it to the flag provider."""
+    variant: VariantName
+    """Variant the user gets."""
+
+
+_KEY_IMMUTABLE = cel(
+    "has(self.key) == has(oldSelf.key) && (!has(self.key) || self.key == oldSelf.key)",
+    "key is immutable: it cannot be added, removed or changed after the FeatureFlag is created",
+    field_path=".key",
+)
+_SPEC_RULES = validations(
+    _KEY_IMMUTABLE,
+    cel(
+        "!has(self.defaultVariant) || !has(self.variants) || self.defaultVariant in self.variants",
+        message_expression="'defaultVariant \"' + self.defaultVariant + '\" is not one of variants'",
+        field_path=".defaultVariant",
+    ),
+    cel(
+        "!has(self.rollout) || !has(self.rollout.variant) || self.rollout.variant in self.variants",
+        message_expression="'rollout.variant \"' + self.rollout.variant + '\" is not one of variants'",
+        field_path=".rollout.variant",
+    ),
+    cel(
+        "!has(self.rollout) || !has(self.rollout.weights) || self.rollout.weights.all(w, w.variant in self.variants)",
+        "every rollout.weights[].variant must be one of variants",
+        field_path=".rollout.weights",
+    ),
+    cel(
+        "!has(self.tenants) || self.tenants.all(t, !has(t.variant) || t.variant in self.variants)",
+        "every tenants[].variant must be one of variants",
+        field_path=".tenants",
+    ),
+    cel(
+        "!has(self.tenants) || self.tenants.all(t, has(t.variant) || "
+        "((has(self.rollout) && has(self.rollout.variant) ? self.rollout.variant : 'on') in self.variants))",
+        "a tenant override with only a percentage serves rollout.variant (or 'on' without a percentage "
+        "rollout), which must be one of variants",
+        field_path=".tenants",
+    ),
+    cel(
+        "!has(self.users) || self.users.all(u, u.variant in self.variants)",
+        "every users[].variant must be one of variants",
+        field_path=".users",
+    ),
+)
+
+
+class FeatureFlagSpec(ApiModel, json_schema_extra=_SPEC_RULES):
+    """Desired definition of a feature flag.
+
+    Evaluation order for a user: `enabled: false` gives `defaultVariant` to everyone; then a user
+    override; then the tenant's override; then the rollout; else `defaultVariant`.
+    """
+
+    key: str | None = Field(default=None, max_length=128, pattern=FLAG_KEY_PATTERN)
+    """Flag key the application asks for; defaults to the object's name. Immutable."""
+    description: str | None = Field(default=None, max_length=1024)
+    """What the flag is for, for humans."""
+    enabled: bool = True
+    """false is the kill switch: every user gets defaultVariant."""
+    variants: dict[VariantName, Variant] = Field(
+        default=DEFAULT_VARIANTS, validate_default=True, min_length=1, max_length=MAX_VARIANTS
+    )
+    """Variant name -> the value it serves; by default `on` (true) and `off` (false)."""
+    default_variant: VariantName = "off"
+    """Variant served when nothing else applies and when the flag is disabled."""
+    rollout: Rollout | None = None
+    """Flag-wide split of users over variants; without it, users get defaultVariant."""
+    tenants: list[TenantOverride] = Field(default_factory=list, max_length=1000, json_schema_extra=list_map("tenant"))
+    """Per-tenant overrides, at most one per tenant."""
+    users: list[UserOverride] = Field(
+        default_factory=list, max_length=1000, json_schema_extra=list_map("tenant", "user")
+    )
+    """Per-user overrides, at most one per user of a tenant."""
+
+    def effective_key(self, name: str) -> str:
+        """The flag key: spec.key, or the object's name when it is not set."""
+        return self.key if self.key is not None else name
+
+    def variant_values(self) -> dict[str, Any]:
+        """Variant name -> value, the shape of flagd's `variants`."""
+        return {name: variant.value for name, variant in self.variants.items()}
+
+    def rollout_variant(self) -> str:
+        """Variant a percentage-only tenant override serves (see TenantOverride)."""
+        if self.rollout is not None and self.rollout.variant is not None:
+            return self.rollout.variant
+        return ON_VARIANT
+
+    @model_validator(mode="after")
+    def _variants_exist(self) -> FeatureFlagSpec:
+        known = self.variants
+        named = [("defaultVariant", self.default_variant)]
+        if self.rollout is not None:
+            if self.rollout.variant is not None:
+                named.append(("rollout.variant", self.rollout.variant))
+            named += [("rollout.weights[].variant", w.variant) for w in self.rollout.weights or []]
+        named += [("tenants[].variant", t.variant or self.rollout_variant()) for t in self.tenants]
+        named += [("users[].variant", u.variant) for u in self.users]
+        unknown = [f"{where} {variant!r}" for where, variant in named if variant not in known]
+        if unknown:
+            raise ValueError(f"unknown variants (not in variants): {', '.join(unknown)}")
+        return self
+
+
+class FeatureFlagStatus(ApiModel):
+    """What the operator last published for the flag."""
+
+    observed_generation: int | None = None
+    """metadata.generation this status describes."""
+    conditions: Conditions
+    variant_shares: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
+    """Expected share of users per variant under the flag-wide rules (0-1)."""
+    tenant_overrides: int = Field(default=0, ge=0)
+    """Number of tenant overrides published."""
+    user_overrides: int = Field(default=0, ge=0)
+    """Number of user overrides published."""
+    last_written_at: AwareDatetime | None = None
+    """When the flag definition was last written to the flag store."""
+    unknown_tenants: list[str] = Field(default_factory=list, json_schema_extra=list_set())
+    """Tenants named in overrides that do not exist in the namespace."""
+
+
+class FeatureFlag(ApiModel):
+    """A whole FeatureFlag object as read from the API server."""
+
+    api_version: str = "tenancy.dev/v1alpha1"
+    kind: str = "FeatureFlag"
+    metadata: ObjectMeta
+    spec: FeatureFlagSpec
+    status: FeatureFlagStatus | None = None
+
+
+FEATURE_FLAG = ResourceInfo(
+    kind="FeatureFlag",
+    plural="featureflags",
+    singular="featureflag",
+    short_names=("ff",),
+    spec_model=FeatureFlagSpec,
+    status_model=FeatureFlagStatus,
+    description=(
+        "A feature flag with variants, a percentage or weighted rollout, and per-tenant and "
+        "per-user overrides, published in a flagd-compatible form."
+    ),
+    printer_columns=(
+        PrinterColumn("Enabled", "boolean", ".spec.enabled"),
+        PrinterColumn("Rollout", "integer", ".spec.rollout.percentage", "Percentage of users in the rollout"),
+        READY_COLUMN,
+        AGE_COLUMN,
+    ),
+)

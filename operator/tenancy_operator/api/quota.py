@@ -1,0 +1,233 @@
+"""The Quota kind: resource limits of one tenant, with time-boxed overrides."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal, get_args
+
+from pydantic import AwareDatetime, Field, WithJsonSchema, model_validator
+
+from tenancy_operator.api.common import (
+    AGE_COLUMN,
+    DURATION_PATTERN,
+    QUANTITY_PATTERN,
+    READY_COLUMN,
+    ApiModel,
+    Conditions,
+    ObjectMeta,
+    PositiveDuration,
+    PositiveQuantity,
+    PrinterColumn,
+    ResourceInfo,
+    cel,
+    cel_string,
+    immutable,
+    list_map,
+    parse_duration,
+    parse_quantity,
+    validations,
+)
+from tenancy_operator.api.tenant import TENANT_NAME_MAX_LENGTH, TENANT_NAME_PATTERN
+
+LimitName = Literal["storage", "connections", "requestsPerSecond", "burst", "concurrentJobs", "statementTimeout"]
+"""JSON names of the limits; also the keys of status.hard, status.used and Tenant effectiveLimits."""
+LIMIT_NAMES: tuple[LimitName, ...] = get_args(LimitName)
+COUNT_LIMITS: tuple[LimitName, ...] = ("connections", "requestsPerSecond", "burst", "concurrentJobs")
+"""Limits whose values are plain positive integers."""
+
+StorageEnforcement = Literal["Warn", "BlockWrites"]
+
+IntOrString = Annotated[int | str, WithJsonSchema({"x-kubernetes-int-or-string": True, "maxLength": 64})]
+"""An integer or a string (of at most 64 characters) in JSON, like Kubernetes' IntOrString. The
+length bound keeps the CEL rules on it within the API server's cost budget."""
+
+CONDITION_NEAR_LIMIT = "NearLimit"
+CONDITION_EXCEEDED = "Exceeded"
+
+
+class TenantRef(ApiModel):
+    """Reference to a Tenant in the same namespace."""
+
+    name: str = Field(max_length=TENANT_NAME_MAX_LENGTH, pattern=TENANT_NAME_PATTERN)
+    """Name of the Tenant."""
+
+
+class QuotaLimits(ApiModel):
+    """Hard limits; a limit left out is taken from the tenant's tier defaults."""
+
+    storage: PositiveQuantity | None = None
+    """Total size of the tenant schema, e.g. 10Gi."""
+    connections: int | None = Field(default=None, ge=1)
+    """Concurrent connections of the tenant role (PostgreSQL CONNECTION LIMIT)."""
+    requests_per_second: int | None = Field(default=None, ge=1)
+    """Sustained request rate the application's rate limiter grants the tenant."""
+    burst: int | None = Field(default=None, ge=1)
+    """Requests the rate limiter lets through at once above the sustained rate."""
+    concurrent_jobs: int | None = Field(default=None, ge=1)
+    """Background jobs of the tenant that may run at the same time."""
+    statement_timeout: PositiveDuration | None = None
+    """statement_timeout of the tenant role, e.g. 30s."""
+
+    def as_strings(self) -> dict[str, str]:
+        """The limits that are set, by JSON name, as strings (the shape of status.hard)."""
+        return {key: str(value) for key, value in self.model_dump(by_alias=True, exclude_none=True).items()}
+
+
+class QuotaEnforcement(ApiModel):
+    """What the operator does when a limit is reached."""
+
+    storage: StorageEnforcement = "Warn"
+    """Warn: set the Exceeded condition and emit an event. BlockWrites: also make the tenant role
+    read-only until usage is back under the limit."""
+
+
+_STORAGE_VALUE = cel(
+    "self.limit != 'storage' || (type(self.value) == int ? self.value > 0 : "
+    f"(self.value.matches({cel_string(QUANTITY_PATTERN)}) && self.value.matches('[1-9]')))",
+    "a storage override value must be a quantity greater than zero, e.g. 20Gi",
+    field_path=".value",
+)
+_TIMEOUT_VALUE = cel(
+    "self.limit != 'statementTimeout' || (type(self.value) == string && "
+    f"self.value.matches({cel_string(DURATION_PATTERN)}) && self.value.matches('[1-9]'))",
+    "a statementTimeout override value must be a duration greater than zero, e.g. 60s",
+    field_path=".value",
+)
+_COUNT_VALUE = cel(
+    "self.limit in ['storage', 'statementTimeout'] || (type(self.value) == int && self.value >= 1)",
+    message_expression="'an override value for ' + self.limit + ' must be an integer of at least 1'",
+    field_path=".value",
+)
+
+
+def check_limit_value(limit: LimitName, value: int | str) -> int | str:
+    """Raise ValueError unless `value` is a valid positive value for `limit` (mirrors the CEL)."""
+    if limit == "storage":
+        if parse_quantity(value) <= 0:
+            raise ValueError("a storage value must be a quantity greater than zero, e.g. 20Gi")
+    elif limit == "statementTimeout":
+        if not isinstance(value, str) or parse_duration(value).total_seconds() <= 0:
+            raise ValueError("a statementTimeout value must be a duration greater than zero, e.g. 60s")
+    elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"a value for {limit} must be an integer of at least 1")
+    return value
+
+
+class QuotaOverride(ApiModel, json_schema_extra=validations(_STORAGE_VALUE, _TIMEOUT_VALUE, _COUNT_VALUE)):
+    """A temporary value for one limit, e.g. more connections during a migration."""
+
+    limit: LimitName
+    """Which limit this overrides."""
+    value: IntOrString
+    """New value: an integer for counts, a quantity for storage, a duration for statementTimeout."""
+    expires_at: AwareDatetime
+    """When the override stops applying (RFC 3339). Required so overrides cannot be forgotten."""
+    reason: str | None = Field(default=None, max_length=512)
+    """Why the override was granted, for the audit trail."""
+
+    @model_validator(mode="after")
+    def _value_fits_limit(self) -> QuotaOverride:
+        check_limit_value(self.limit, self.value)
+        return self
+
+
+class QuotaSpec(ApiModel):
+    """Desired limits of one tenant.
+
+    Overrides are keyed by (limit, expiresAt): one limit may have several overrides with different
+    windows. At any time, the unexpired override of a limit that expires first is the one in force,
+    so a short override stacked on a longer one applies until it ends and the longer one then
+    takes over again. Expired overrides are ignored (and may be removed).
+    """
+
+    tenant_ref: TenantRef = Field(json_schema_extra=immutable("tenantRef"))
+    """The Tenant these limits apply to. Immutable."""
+    limits: QuotaLimits = QuotaLimits()
+    """Hard limits of the tenant."""
+    enforcement: QuotaEnforcement = QuotaEnforcement()
+    """What happens when a limit is reached."""
+    overrides: list[QuotaOverride] = Field(
+        default_factory=list, max_length=64, json_schema_extra=list_map("limit", "expiresAt")
+    )
+    """Temporary limit values, each with an expiry."""
+
+    def active_overrides(self, now: datetime) -> dict[LimitName, QuotaOverride]:
+        """The override in force for each limit at `now` (see the class docstring)."""
+        active: dict[LimitName, QuotaOverride] = {}
+        for override in self.overrides:
+            if override.expires_at <= now:
+                continue
+            current = active.get(override.limit)
+            if current is None or override.expires_at < current.expires_at:
+                active[override.limit] = override
+        return active
+
+    def effective_limits(self, now: datetime) -> dict[str, str]:
+        """spec.limits with the overrides in force at `now` applied, as strings by JSON name."""
+        limits = self.limits.as_strings()
+        for name, override in self.active_overrides(now).items():
+            limits[name] = str(override.value)
+        return limits
+
+
+class ActiveOverride(ApiModel):
+    """An override in force when the status was written."""
+
+    limit: LimitName
+    """Which limit is overridden."""
+    value: IntOrString
+    """Value in force."""
+    expires_at: AwareDatetime
+    """When the override ends."""
+    reason: str | None = None
+    """Why it was granted."""
+
+
+class QuotaStatus(ApiModel):
+    """Measured usage against the limits, written by the operator."""
+
+    observed_generation: int | None = None
+    """metadata.generation this status describes."""
+    conditions: Conditions
+    """Ready; NearLimit when a usage ratio passes the warning threshold; Exceeded when a limit is
+    reached."""
+    hard: dict[str, str] = Field(default_factory=dict)
+    """Limits in force (overrides applied), by limit name, like ResourceQuota's status.hard."""
+    used: dict[str, str] = Field(default_factory=dict)
+    """Measured usage by limit name, like ResourceQuota's status.used."""
+    usage_ratio: dict[str, float] = Field(default_factory=dict)
+    """used / hard by limit name (1.0 = at the limit)."""
+    active_overrides: list[ActiveOverride] = Field(default_factory=list, json_schema_extra=list_map("limit"))
+    """The override in force for each overridden limit."""
+    last_measured_at: AwareDatetime | None = None
+    """When usage was last measured."""
+
+
+class Quota(ApiModel):
+    """A whole Quota object as read from the API server."""
+
+    api_version: str = "tenancy.dev/v1alpha1"
+    kind: str = "Quota"
+    metadata: ObjectMeta
+    spec: QuotaSpec
+    status: QuotaStatus | None = None
+
+
+QUOTA = ResourceInfo(
+    kind="Quota",
+    plural="quotas",
+    singular="quota",
+    short_names=("tq",),
+    spec_model=QuotaSpec,
+    status_model=QuotaStatus,
+    description="Resource limits of one Tenant (storage, connections, request rate, jobs, timeouts).",
+    printer_columns=(
+        PrinterColumn("Tenant", "string", ".spec.tenantRef.name"),
+        PrinterColumn("Storage-Used", "string", ".status.used.storage"),
+        PrinterColumn("Storage-Hard", "string", ".status.hard.storage"),
+        PrinterColumn("Conns-Used", "string", ".status.used.connections"),
+        PrinterColumn("Conns-Hard", "string", ".status.hard.connections"),
+        READY_COLUMN,
+        AGE_COLUMN,
+    ),
+)

@@ -1,0 +1,195 @@
+"""The Tenant kind: one SaaS tenant, backed by a PostgreSQL schema and role of its own."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import AwareDatetime, Field
+
+from tenancy_operator.api.common import (
+    AGE_COLUMN,
+    READY_COLUMN,
+    ApiModel,
+    Conditions,
+    DnsSubdomain,
+    Duration,
+    ObjectMeta,
+    PrinterColumn,
+    ResourceInfo,
+    cel,
+    cel_string,
+    list_map,
+    validations,
+)
+
+TENANT_NAME_MAX_LENGTH = 56
+"""`tenant_` (7 bytes) + 56 = 63 bytes, PostgreSQL's identifier limit (NAMEDATALEN - 1)."""
+TENANT_NAME_PATTERN = r"^[a-z]([a-z0-9-]*[a-z0-9])?$"
+"""A DNS-1123 label that starts with a letter: no dots, so `-` -> `_` gives a plain identifier."""
+TENANT_IDENTIFIER_PREFIX = "tenant_"
+_TENANT_NAME_RE = re.compile(TENANT_NAME_PATTERN)
+
+DATABASE_PATTERN = r"^[a-z]([a-z0-9_-]{0,61}[a-z0-9])?$"
+RESTORE_FROM_PATTERN = r"^(latest|[A-Za-z0-9._-]{1,128})$"
+DEFAULT_DATABASE = "default"
+
+Tier = Literal["free", "starter", "professional", "enterprise"]
+TenantState = Literal["Active", "Suspended"]
+DeletionPolicy = Literal["Retain", "Archive", "Delete"]
+TenantPhase = Literal["Provisioning", "Active", "Suspended", "Deleting", "Failed"]
+
+
+def validate_tenant_name(name: str) -> str:
+    """Return `name` if it can name a Tenant, else raise ValueError saying why.
+
+    Same rules as the CRD's root validation, so the operator and the API server agree.
+    """
+    if len(name) > TENANT_NAME_MAX_LENGTH:
+        raise ValueError(
+            f"tenant name {name!r} is {len(name)} characters; at most {TENANT_NAME_MAX_LENGTH} fit "
+            f"in the PostgreSQL identifier {TENANT_IDENTIFIER_PREFIX}<name>"
+        )
+    if not _TENANT_NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"tenant name {name!r} must start with a lowercase letter, contain only lowercase "
+            "letters, digits and '-', and end with a letter or digit"
+        )
+    return name
+
+
+def tenant_identifier(name: str) -> str:
+    """PostgreSQL schema name and role name of a tenant: `acme-corp` -> `tenant_acme_corp`.
+
+    Valid names contain no `_`, so the mapping is injective; the result needs no quoting and is at
+    most 63 bytes, so PostgreSQL never truncates it into another tenant's identifier.
+    """
+    validate_tenant_name(name)
+    return TENANT_IDENTIFIER_PREFIX + name.replace("-", "_")
+
+
+_DATABASE_IMMUTABLE = cel(
+    f"(has(self.database) ? self.database : '{DEFAULT_DATABASE}') == "
+    f"(has(oldSelf.database) ? oldSelf.database : '{DEFAULT_DATABASE}')",
+    "database is immutable: a tenant cannot be moved to another database by editing it",
+    field_path=".database",
+)
+_RESTORE_FROM_IMMUTABLE = cel(
+    "!has(oldSelf.restoreFrom) || (has(self.restoreFrom) && self.restoreFrom == oldSelf.restoreFrom)",
+    "restoreFrom is immutable once set",
+    field_path=".restoreFrom",
+)
+
+
+class TenantSpec(ApiModel, json_schema_extra=validations(_DATABASE_IMMUTABLE, _RESTORE_FROM_IMMUTABLE)):
+    """Desired state of a tenant."""
+
+    display_name: str | None = Field(default=None, max_length=256)
+    """Human-readable name, free text."""
+    tier: Tier = "free"
+    """Plan the tenant is on; selects default quotas and feature flags."""
+    state: TenantState = "Active"
+    """Suspended keeps all data but revokes the tenant role's login."""
+    database: str = Field(default=DEFAULT_DATABASE, max_length=63, pattern=DATABASE_PATTERN)
+    """Which configured PostgreSQL database holds the tenant's schema. Immutable."""
+    schema_template: DnsSubdomain | None = None
+    """Name of a ConfigMap in the Tenant's namespace with SQL to run in a new tenant schema."""
+    deletion_policy: DeletionPolicy = "Retain"
+    """What happens to the schema when the Tenant is deleted: keep it (Retain), dump it to an
+    archive and drop it (Archive), or drop it (Delete)."""
+    archive_retention: Duration = "30d"
+    """How long archives made by deletionPolicy Archive are kept."""
+    restore_from: str | None = Field(default=None, max_length=128, pattern=RESTORE_FROM_PATTERN)
+    """Archive id (or `latest`) to restore the schema from when it is created. Immutable once set."""
+
+
+class JobRef(ApiModel):
+    """A background job the operator ran or runs for the tenant (provision, migrate, archive...)."""
+
+    id: str = Field(max_length=128)
+    """Job id, unique within the tenant."""
+    kind: str = Field(max_length=64)
+    """What the job does, e.g. Provision, Migrate, Archive, Restore, Drop."""
+    state: str = Field(max_length=64)
+    """Where the job is, e.g. Pending, Running, Succeeded, Failed."""
+    attempt: int = Field(default=1, ge=0)
+    """How many times the job has been started."""
+    started_at: AwareDatetime | None = None
+    """When the current attempt started."""
+    finished_at: AwareDatetime | None = None
+    """When the job finished, successfully or not."""
+    message: str | None = Field(default=None, max_length=1024)
+    """Short outcome or error, for humans."""
+
+
+class TenantStatus(ApiModel):
+    """Observed state of a tenant, written by the operator."""
+
+    observed_generation: int | None = None
+    """metadata.generation this status describes."""
+    phase: TenantPhase | None = None
+    """Summary of where the tenant is in its life cycle; conditions carry the details."""
+    conditions: Conditions
+    tenant_id: str | None = None
+    """Stable id of the tenant, shared with the application (e.g. in the flag store)."""
+    schema_name: str | None = Field(default=None, alias="schema")
+    """PostgreSQL schema of the tenant."""
+    role: str | None = None
+    """PostgreSQL role of the tenant."""
+    secret_name: str | None = None
+    """Secret in the Tenant's namespace with the role's connection credentials."""
+    database: str | None = None
+    """Database the schema was created in."""
+    schema_version: str | None = None
+    """Latest schema migration applied to the tenant schema."""
+    effective_limits: dict[str, str] = Field(default_factory=dict)
+    """Limits in force: tier defaults merged with the tenant's Quota and active overrides."""
+    current_job: JobRef | None = None
+    """The job running now, if any."""
+    recent_jobs: list[JobRef] = Field(default_factory=list, max_length=10, json_schema_extra=list_map("id"))
+    """The last finished jobs, newest first."""
+
+
+class Tenant(ApiModel):
+    """A whole Tenant object as read from the API server."""
+
+    api_version: str = "tenancy.dev/v1alpha1"
+    kind: str = "Tenant"
+    metadata: ObjectMeta
+    spec: TenantSpec
+    status: TenantStatus | None = None
+
+
+TENANT = ResourceInfo(
+    kind="Tenant",
+    plural="tenants",
+    singular="tenant",
+    short_names=("tn",),
+    spec_model=TenantSpec,
+    status_model=TenantStatus,
+    description=(
+        "A SaaS tenant: the operator gives it a PostgreSQL schema and role, credentials in a "
+        "Secret, quotas and feature flags. The name becomes the identifier tenant_<name>."
+    ),
+    printer_columns=(
+        READY_COLUMN,
+        PrinterColumn("Phase", "string", ".status.phase"),
+        PrinterColumn("Tier", "string", ".spec.tier"),
+        PrinterColumn("Schema", "string", ".status.schema"),
+        PrinterColumn("Version", "string", ".status.schemaVersion", "Latest schema migration applied"),
+        AGE_COLUMN,
+    ),
+    root_validations=(
+        cel(
+            f"self.metadata.name.size() <= {TENANT_NAME_MAX_LENGTH}",
+            f"Tenant name must be at most {TENANT_NAME_MAX_LENGTH} characters: it becomes the "
+            "PostgreSQL schema and role tenant_<name>, and identifiers are limited to 63 bytes",
+        ),
+        cel(
+            f"self.metadata.name.matches({cel_string(TENANT_NAME_PATTERN)})",
+            "Tenant name must start with a lowercase letter, contain only lowercase letters, digits "
+            "and '-' (no dots), and end with a letter or digit: it becomes the PostgreSQL "
+            "identifier tenant_<name with - replaced by _>",
+        ),
+    ),
+)

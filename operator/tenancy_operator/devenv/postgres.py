@@ -1,0 +1,222 @@
+"""A throwaway PostgreSQL cluster on loopback, bootstrapped like production: a ``tenancy`` database
+and an operator login with CREATEROLE and CREATE, CONNECT on that database, but no superuser.
+
+PostgreSQL refuses to run as root, so as root every server binary runs as the ``postgres`` user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import secrets
+import signal
+import stat
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from tenancy_operator.devenv.process import DevEnvError, Service, free_ports, run, wait_for
+
+DATABASE = "tenancy"
+OPERATOR_ROLE = "tenancy_operator"
+SUPERUSER = "postgres"
+
+
+class PostgresCluster:
+    """Data, unix socket and config in ``<workdir>/<name>/``; pid file ``<workdir>/<name>.pid``.
+
+    Passwords are set (again) on every start, so whoever keeps them (the stack's state.json) stays
+    authoritative; omitted ones are generated.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        bindir: Path,
+        port: int | None = None,
+        name: str = "pg",
+        *,
+        detached: bool = False,
+        superuser_password: str | None = None,
+        operator_password: str | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        self.workdir = workdir
+        self.bindir = bindir
+        self.port = port or free_ports(1)[0]
+        self.name = name
+        self.detached = detached
+        self.superuser_password = superuser_password or secrets.token_hex(16)
+        self.operator_password = operator_password or secrets.token_hex(16)
+        self.timeout = timeout
+        self.directory = workdir / name
+        self.data_dir = self.directory / "data"
+        self.socket_dir = self.directory / "run"
+        # As root, run as the postgres OS user (Debian's package creates it).
+        self.user: pwd.struct_passwd | None = _postgres_user() if os.geteuid() == 0 else None
+        self.service = Service(name, workdir, ["postgres", f"-D {self.data_dir} "], signal.SIGINT)
+
+    @property
+    def admin_dsn(self) -> str:
+        """Superuser on the tenancy database: for tests and inspection only."""
+        return f"postgresql://{SUPERUSER}:{self.superuser_password}@127.0.0.1:{self.port}/{DATABASE}"
+
+    @property
+    def operator_dsn(self) -> str:
+        return f"postgresql://{OPERATOR_ROLE}:{self.operator_password}@127.0.0.1:{self.port}/{DATABASE}"
+
+    def pid(self) -> int | None:
+        return self.service.pid()
+
+    def start(self) -> None:
+        """initdb on first use, start the server unless it runs, then (idempotently) bootstrap."""
+        socket_path = self.socket_dir / f".s.PGSQL.{self.port}"
+        if len(str(socket_path)) > 100:  # sockaddr_un holds 108 bytes
+            raise DevEnvError(f"unix socket path {socket_path} is too long; use a shorter workdir")
+        if self.pid() is None:
+            if not (self.data_dir / "PG_VERSION").is_file():
+                self._initdb()
+            self.service.start(self._postgres_argv(), detached=self.detached, user=self.user)
+        wait_for(
+            f"PostgreSQL {self.name} to accept connections", self._accepts, self.timeout, alive=self.service.check_alive
+        )
+        self._bootstrap()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """pg_ctl stop -m fast, then SIGKILL if it is still there; idempotent."""
+        if self.pid() is not None:
+            run(
+                [
+                    str(self.bindir / "pg_ctl"),
+                    "stop",
+                    "-D",
+                    str(self.data_dir),
+                    "-m",
+                    "fast",
+                    "-w",
+                    "-t",
+                    f"{timeout:.0f}",
+                ],
+                self.user,
+            )
+        self.service.stop(timeout)
+
+    def _initdb(self) -> None:
+        self._check_reachable()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.mkdir(exist_ok=True)
+        if self.user is not None:
+            for path in (self.directory, self.socket_dir):
+                os.chown(path, self.user.pw_uid, self.user.pw_gid)
+        pwfile = self.directory / "initdb.pw"
+        pwfile.write_text(self.superuser_password + "\n")
+        if self.user is not None:
+            os.chown(pwfile, self.user.pw_uid, self.user.pw_gid)
+        pwfile.chmod(0o600)
+        try:
+            result = run(
+                [
+                    str(self.bindir / "initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    f"--username={SUPERUSER}",
+                    f"--pwfile={pwfile}",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                    "--no-instructions",
+                ],
+                self.user,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if result.returncode != 0:
+            raise DevEnvError(f"initdb failed for {self.name}:\n{result.stdout}{result.stderr}")
+
+    def _postgres_argv(self) -> list[str]:
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(self.port),
+            "unix_socket_directories": str(self.socket_dir),
+            "fsync": "off",  # throwaway data: durability buys nothing here
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+            "shared_buffers": "32MB",
+            "max_connections": "200",
+        }
+        argv = [str(self.bindir / "postgres"), "-D", str(self.data_dir)]
+        for key, value in settings.items():
+            argv += ["-c", f"{key}={value}"]
+        return argv
+
+    def _connect(self, dbname: str) -> psycopg.Connection[tuple[object, ...]]:
+        """Superuser over the unix socket (trust), so it works whatever the passwords are."""
+        return psycopg.connect(
+            host=str(self.socket_dir),
+            port=self.port,
+            user=SUPERUSER,
+            dbname=dbname,
+            autocommit=True,
+            connect_timeout=5,
+        )
+
+    def _accepts(self) -> bool:
+        try:
+            with self._connect("postgres"):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    def _bootstrap(self) -> None:
+        with self._connect("postgres") as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [DATABASE]).fetchone() is None:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+            role_exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [OPERATOR_ROLE]).fetchone()
+            verb = "ALTER" if role_exists else "CREATE"
+            conn.execute(
+                sql.SQL(verb + " ROLE {} LOGIN CREATEROLE NOSUPERUSER NOCREATEDB PASSWORD {}").format(
+                    sql.Identifier(OPERATOR_ROLE), sql.Literal(self.operator_password)
+                )
+            )
+            conn.execute(
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                    sql.Identifier(SUPERUSER), sql.Literal(self.superuser_password)
+                )
+            )
+            conn.execute(
+                sql.SQL("GRANT CREATE, CONNECT ON DATABASE {} TO {}").format(
+                    sql.Identifier(DATABASE), sql.Identifier(OPERATOR_ROLE)
+                )
+            )
+
+    def _check_reachable(self) -> None:
+        """The postgres user must be able to traverse every parent of the workdir."""
+        if self.user is None:
+            return
+        for parent in [self.workdir, *self.workdir.parents]:
+            with contextlib.suppress(FileNotFoundError):
+                st = parent.stat()
+                ok = (
+                    st.st_mode & stat.S_IXOTH
+                    or (st.st_uid == self.user.pw_uid and st.st_mode & stat.S_IXUSR)
+                    or (st.st_gid == self.user.pw_gid and st.st_mode & stat.S_IXGRP)
+                )
+                if not ok:
+                    raise DevEnvError(
+                        f"the {self.user.pw_name} user cannot traverse {parent} (mode {st.st_mode & 0o777:o}); "
+                        "choose a workdir under world-traversable directories"
+                    )
+
+
+def _postgres_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam("postgres")
+    except KeyError:
+        raise DevEnvError(
+            "running as root but there is no 'postgres' OS user to run PostgreSQL as: "
+            "install Debian's postgresql package"
+        ) from None

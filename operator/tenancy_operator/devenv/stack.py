@@ -1,0 +1,232 @@
+"""The whole local stack: control plane, one PostgreSQL cluster per database target and (for the
+dev stack) the operator, with ports and passwords kept in ``state.json`` so that ``up`` after a
+crash or ``down`` restarts only what is missing, with the same settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tenancy_operator.devenv.binaries import ensure_binaries, postgres_bindir, repo_root
+from tenancy_operator.devenv.controlplane import ControlPlane
+from tenancy_operator.devenv.postgres import PostgresCluster
+from tenancy_operator.devenv.process import DevEnvError, Service, free_ports, wait_for
+
+DEFAULT_TARGET = "default"
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+class LocalStack:
+    """``detached`` processes outlive this Python process (``dev up``); otherwise they are killed
+    with it (tests, ``dev run``). ``with_operator`` also starts the operator and applies examples/."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        postgres_targets: Sequence[str] = (DEFAULT_TARGET,),
+        detached: bool = False,
+        *,
+        with_operator: bool = True,
+        bin_dir: Path | None = None,
+        operator_timeout: float = 60.0,
+    ) -> None:
+        self.workdir = workdir.resolve()
+        self.state_file = self.workdir / "state.json"
+        self.env_file = self.workdir / "env"
+        self.detached = detached
+        self.with_operator = with_operator
+        self.operator_timeout = operator_timeout
+        self._explicit_bin_dir = bin_dir
+        state = self._load_state()
+        # Targets recorded by an earlier `up` are kept so that `down` stops them too.
+        self.targets = list(dict.fromkeys([*postgres_targets, *state.get("postgres", {})]))
+        for target in self.targets:
+            if not re.fullmatch(r"[a-z]([a-z0-9_-]{0,61}[a-z0-9])?", target):  # as config.TARGET_NAME
+                raise DevEnvError(f"invalid database target name {target!r}")
+        self.bin_dir = bin_dir or Path(state.get("bin_dir", ""))
+
+        ports = free_ports(5 + len(self.targets))  # in one call, so all distinct
+        self.control_plane = ControlPlane(
+            self.workdir,
+            self.bin_dir,
+            detached=detached,
+            etcd_port=state.get("etcd_port", ports[0]),
+            etcd_peer_port=state.get("etcd_peer_port", ports[1]),
+            apiserver_port=state.get("apiserver_port", ports[2]),
+        )
+        self.metrics_port: int = state.get("metrics_port", ports[3])
+        self.health_port: int = state.get("health_port", ports[4])
+        pg_bindir = Path(state["pg_bindir"]) if state.get("pg_bindir") else None
+        self.postgres: dict[str, PostgresCluster] = {}
+        for target, spare_port in zip(self.targets, ports[5:], strict=True):
+            saved = state.get("postgres", {}).get(target, {})
+            self.postgres[target] = PostgresCluster(
+                self.workdir,
+                pg_bindir or postgres_bindir(),
+                saved.get("port", spare_port),
+                name="postgres" if target == DEFAULT_TARGET else f"postgres-{target}",
+                detached=detached,
+                superuser_password=saved.get("superuser_password"),
+                operator_password=saved.get("operator_password"),
+            )
+        self.operator = Service("operator", self.workdir, ["-m tenancy_operator run"])
+
+    # What tests and the CLI use.
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.control_plane.kubeconfig
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.control_plane.kubectl(*args, input=input, check=check)
+
+    def admin_dsn(self, target: str = DEFAULT_TARGET) -> str:
+        return self.postgres[target].admin_dsn
+
+    def operator_dsn(self, target: str = DEFAULT_TARGET) -> str:
+        return self.postgres[target].operator_dsn
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def services(self) -> list[Service]:
+        """Every process of the stack, in stop order."""
+        return [
+            self.operator,
+            *(pg.service for pg in self.postgres.values()),
+            *reversed(self.control_plane.services),
+        ]
+
+    def status(self) -> dict[str, int | None]:
+        """Process name -> pid, or None if not running."""
+        return {s.name: s.pid() for s in reversed(self.services())}
+
+    def up(self) -> None:
+        """Start whatever is not running; safe to repeat."""
+        if self._explicit_bin_dir is None:
+            self.bin_dir = ensure_binaries()
+            self.control_plane.bin_dir = self.bin_dir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._save_state()
+        self.control_plane.start()
+        for pg in self.postgres.values():
+            pg.start()
+        crd_dir = repo_root() / "crds"
+        if crd_dir.is_dir():
+            self.control_plane.install_crds(crd_dir)
+        self._write_env_file()
+        if self.with_operator:
+            self._start_operator()
+            self._apply_examples()
+
+    def down(self, *, purge: bool = False) -> None:
+        """Stop every recorded process (their pid files go too); ``purge`` also deletes the workdir."""
+        errors: list[DevEnvError] = []
+        for step in (
+            self.operator.stop,
+            *(pg.stop for pg in self.postgres.values()),
+            self.control_plane.stop,
+        ):
+            try:
+                step()
+            except DevEnvError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+        if purge and self.workdir.is_dir():
+            shutil.rmtree(self.workdir)
+
+    # Internals.
+
+    def _start_operator(self) -> None:
+        """Start the operator unless it runs; fail with its log tail if it exits or never listens."""
+        if self.operator.pid() is None:
+            targets = {t: pg.operator_dsn for t, pg in self.postgres.items()}
+            env = {
+                # Dev defaults a developer's own environment may override.
+                "TENANCY_BIND_ADDRESS": "127.0.0.1",
+                "TENANCY_LOG_FORMAT": "console",
+                **os.environ,
+                "KUBECONFIG": str(self.kubeconfig),
+                "TENANCY_DATABASE_TARGETS": json.dumps(targets),
+                "TENANCY_METRICS_PORT": str(self.metrics_port),
+                "TENANCY_HEALTH_PORT": str(self.health_port),
+            }
+            self.operator.start([sys.executable, "-m", "tenancy_operator", "run"], detached=self.detached, env=env)
+        try:
+            wait_for(
+                f"the operator to listen on its health port {self.health_port}",
+                lambda: _listening(self.health_port),
+                self.operator_timeout,
+                alive=self.operator.check_alive,
+            )
+        except DevEnvError as e:
+            if self.operator.pid() is not None:
+                raise DevEnvError(f"{e}; last lines of {self.operator.log_file}:\n{self.operator.log_tail()}") from None
+            raise
+
+    def _apply_examples(self) -> None:
+        examples = repo_root() / "examples"
+        if examples.is_dir() and any(p.suffix in MANIFEST_SUFFIXES for p in examples.rglob("*")):
+            self.kubectl("apply", "-R", "-f", str(examples))
+
+    def _write_env_file(self) -> None:
+        lines = [
+            f"export KUBECONFIG={shlex.quote(str(self.kubeconfig))}",
+            f"export TENANCY_DATABASE_URL={shlex.quote(self.admin_dsn(self._main_target()))}",
+        ]
+        if self.with_operator:
+            lines.append(f"export TENANCY_METRICS_URL={shlex.quote(self.metrics_url)}")
+        lines.append(f'export PATH={shlex.quote(str(self.bin_dir))}:"$PATH"')
+        self.env_file.write_text("\n".join(lines) + "\n")
+
+    def _main_target(self) -> str:
+        return DEFAULT_TARGET if DEFAULT_TARGET in self.postgres else self.targets[0]
+
+    def _load_state(self) -> dict[str, Any]:
+        try:
+            state: dict[str, Any] = json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            return {}
+        return state
+
+    def _save_state(self) -> None:
+        state = {
+            "bin_dir": str(self.bin_dir),
+            "pg_bindir": str(next(iter(self.postgres.values())).bindir) if self.postgres else None,
+            "etcd_port": self.control_plane.etcd_port,
+            "etcd_peer_port": self.control_plane.etcd_peer_port,
+            "apiserver_port": self.control_plane.apiserver_port,
+            "metrics_port": self.metrics_port,
+            "health_port": self.health_port,
+            "postgres": {
+                target: {
+                    "port": pg.port,
+                    "superuser_password": pg.superuser_password,
+                    "operator_password": pg.operator_password,
+                    "admin_dsn": pg.admin_dsn,
+                    "operator_dsn": pg.operator_dsn,
+                }
+                for target, pg in self.postgres.items()
+            },
+        }
+        self.state_file.write_text(json.dumps(state, indent=2) + "\n")
+        self.state_file.chmod(0o600)  # it holds passwords
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,61 @@
+"""A real control plane and two PostgreSQL clusters, started once per test session."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tenancy_operator.devenv import ensure_binaries
+from tenancy_operator.devenv.stack import LocalStack
+
+from .fixtures import cluster, operator  # noqa: F401 - fixtures for every integration test
+
+HERE = Path(__file__).parent
+TARGETS = ("default", "second")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/integration (this hook sees the whole session's items)."""
+    for item in items:
+        if item.path.is_relative_to(HERE):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def stack(request: pytest.FixtureRequest) -> Iterator[LocalStack]:
+    """The session's stack; always stopped, also on failure or Ctrl-C. Its workdir (with logs) is
+    kept when a test failed, or always with TENANCY_KEEP_WORKDIR=1."""
+    # Show the build's progress (first run on a machine: several minutes) instead of capturing it.
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        bin_dir = ensure_binaries()
+    # Not under pytest's 0700 basetemp: the postgres user must be able to traverse the path.
+    workdir = Path(tempfile.mkdtemp(prefix="tenancy-it-"))
+    workdir.chmod(0o755)
+    local = LocalStack(workdir, TARGETS, detached=False, with_operator=False, bin_dir=bin_dir)
+    try:
+        local.up()
+        yield local
+    finally:
+        local.down()
+        if request.session.testsfailed or os.environ.get("TENANCY_KEEP_WORKDIR") == "1":
+            print(f"\nintegration stack workdir kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def namespace(stack: LocalStack) -> Iterator[str]:
+    """A fresh namespace, deleted afterwards without waiting for it to go."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    stack.kubectl("create", "namespace", name)
+    yield name
+    stack.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")

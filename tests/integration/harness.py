@@ -1,0 +1,228 @@
+"""Test-side helpers: run the real operator as a process, poll with deadlines, read the cluster.
+
+Nothing here fakes a component: the operator is `python -m tenancy_operator run`, the API server
+and PostgreSQL are the session's real processes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from prometheus_client.parser import text_string_to_metric_families
+
+from tenancy_operator.devenv.process import die_with_parent
+from tenancy_operator.devenv.stack import LocalStack
+
+GROUP, VERSION = "tenancy.dev", "v1alpha1"
+T = TypeVar("T")
+
+
+def eventually(check: Callable[[], T], *, timeout: float = 60.0, interval: float = 0.25, what: str = "") -> T:
+    """Poll ``check`` until it returns a truthy value without raising AssertionError; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except (AssertionError, ApiException, psycopg.OperationalError) as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {what or check}; last error: {last!r}")
+        time.sleep(interval)  # polling interval, not synchronisation: the condition decides
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OperatorProcess:
+    """The operator under test, as users run it: a process configured by environment variables."""
+
+    def __init__(
+        self, stack: LocalStack, workdir: Path, *, sweep_interval: float = 3.0, env: dict[str, str] | None = None
+    ) -> None:
+        self.stack = stack
+        self.workdir = workdir
+        self.sweep_interval = sweep_interval
+        self.extra_env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.metrics_port = free_port()
+        self.health_port = free_port()
+        self.log_path = workdir / "operator.log"
+        self.targets = {t: stack.operator_dsn(t) for t in stack.targets}
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "KUBECONFIG": str(self.stack.kubeconfig),
+            "TENANCY_DATABASE_TARGETS": json.dumps(self.targets),
+            "TENANCY_METRICS_PORT": str(self.metrics_port),
+            "TENANCY_HEALTH_PORT": str(self.health_port),
+            "TENANCY_BIND_ADDRESS": "127.0.0.1",
+            "TENANCY_SWEEP_INTERVAL_SECONDS": str(self.sweep_interval),
+            "TENANCY_LOG_LEVEL": "INFO",
+            **self.extra_env,
+        }
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tenancy_operator", "run"],
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(),
+        )
+        log.close()
+        eventually(self.healthy, timeout=60, what="operator /healthz answers 200")
+
+    def healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"operator exited with {self.proc.returncode}:\n{self.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=5) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels``."""
+        total = 0.0
+        for family in text_string_to_metric_families(self.scrape()):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    total += sample.value
+        return total
+
+
+class Cluster:
+    """The Kubernetes API through the official client, for tests to read what users read."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        self.api = config.new_client_from_config(config_file=str(kubeconfig))
+        self.core = client.CoreV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+
+    def create(self, plural: str, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, obj)  # type: ignore[no-any-return]
+
+    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)  # type: ignore[no-any-return]
+
+    def patch(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.patch_namespaced_custom_object(  # type: ignore[no-any-return]
+            GROUP, VERSION, namespace, plural, name, patch, _content_type="application/merge-patch+json"
+        )
+
+    def delete(self, plural: str, namespace: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def gone(self, plural: str, namespace: str, name: str) -> bool:
+        try:
+            self.get(plural, namespace, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return True
+            raise
+        return False
+
+    def condition(self, plural: str, namespace: str, name: str, type_: str) -> dict[str, Any]:
+        status = self.get(plural, namespace, name).get("status") or {}
+        return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
+
+    def wait_condition(
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        type_: str = "Ready",
+        status: str = "True",
+        reason: str | None = None,
+        timeout: float = 60.0,
+    ) -> dict[str, Any]:
+        def check() -> dict[str, Any]:
+            obj = self.get(plural, namespace, name)
+            st = obj.get("status") or {}
+            assert st.get("observedGeneration") == obj["metadata"]["generation"], "status not caught up yet"
+            cond = next((c for c in st.get("conditions") or [] if c["type"] == type_), None)
+            assert cond is not None, f"no {type_} condition yet: {st}"
+            assert cond["status"] == status, f"{type_}={cond['status']} ({cond.get('reason')}: {cond.get('message')})"
+            assert reason is None or cond["reason"] == reason, f"reason {cond['reason']}: {cond.get('message')}"
+            return obj
+
+        return eventually(check, timeout=timeout, what=f"{plural}/{name} {type_}={status} {reason or ''}")
+
+    def secret_data(self, namespace: str, name: str) -> dict[str, str]:
+        secret = self.core.read_namespaced_secret(name, namespace)
+        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+    def events(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        evs = self.core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
+        return [{"type": e.type, "reason": e.reason, "message": e.message} for e in evs.items]
+
+    def has_event(self, namespace: str, name: str, reason: str, type_: str | None = None) -> bool:
+        return any(
+            e["reason"] == reason and (type_ is None or e["type"] == type_) for e in self.events(namespace, name)
+        )
+
+
+def tenant(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Tenant", "metadata": {"name": name}, "spec": spec}
+
+
+def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[tuple[Any, ...]]:
+    return psycopg.connect(dsn, autocommit=True, connect_timeout=5, **kwargs)
+
+
+def sql_value(dsn: str, query: str, params: list[Any] | None = None) -> Any:
+    with connect(dsn) as conn:
+        row = conn.execute(query, params).fetchone()  # type: ignore[arg-type]
+        return row[0] if row else None

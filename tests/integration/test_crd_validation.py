@@ -1,0 +1,389 @@
+"""The generated CRDs, installed in a real API server, accept the examples and what the operator
+writes to status, and reject bad objects with a message that says what is wrong."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tenancy_operator.api import (
+    RESOURCES,
+    Condition,
+    FeatureFlag,
+    FeatureFlagStatus,
+    JobRef,
+    Quota,
+    QuotaStatus,
+    Tenant,
+    TenantStatus,
+)
+from tenancy_operator.devenv.process import wait_for
+from tenancy_operator.devenv.stack import LocalStack
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+API_VERSION = "tenancy.dev/v1alpha1"
+LATER = "2030-01-01T00:00:00Z"
+
+
+def obj(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": name}, "spec": spec}
+
+
+def apply(stack: LocalStack, namespace: str, manifest: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """kubectl apply (client-side, like most users) of one object; JSON, so no YAML `on`/`off` surprises."""
+    return stack.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest), check=False)
+
+
+def get(stack: LocalStack, namespace: str, kind: str, name: str) -> dict[str, Any]:
+    out = stack.kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def assert_accepted(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, result.stderr
+
+
+def assert_rejected(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode != 0, f"accepted, expected a rejection: {result.stdout}"
+    for fragment in fragments:
+        assert fragment in result.stderr, f"{fragment!r} not in:\n{result.stderr}"
+
+
+# --- Installation ---------------------------------------------------------------------------------
+
+
+def test_crds_established_and_named(stack: LocalStack) -> None:
+    for info in RESOURCES:
+        crd = json.loads(stack.kubectl("get", "crd", info.crd_name, "-o", "json").stdout)
+        conditions = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
+        assert conditions["Established"] == "True"
+        assert conditions["NamesAccepted"] == "True"
+        assert crd["status"]["acceptedNames"]["shortNames"] == list(info.short_names)
+    # The category and short names resolve through discovery (kubectl caches it, so poll).
+    wait_for(
+        "kubectl get tenancy -A",
+        lambda: stack.kubectl("get", "tenancy", "-A", check=False).returncode == 0,
+        30,
+    )
+    assert_accepted(stack.kubectl("get", "tn,tq,ff", "-A", check=False))
+
+
+# --- Accepted objects -----------------------------------------------------------------------------
+
+
+def example_objects() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] != "Namespace"]
+    return docs
+
+
+def test_examples_accepted_and_parse_back(stack: LocalStack, namespace: str) -> None:
+    objects = example_objects()
+    assert {d["kind"] for d in objects} == {"Tenant", "Quota", "FeatureFlag"}
+    for manifest in objects:
+        manifest["metadata"]["namespace"] = namespace
+        assert_accepted(apply(stack, namespace, manifest))
+
+    globex = Tenant.model_validate(get(stack, namespace, "tenant", "globex"))
+    raw_globex = get(stack, namespace, "tenant", "globex")["spec"]
+    # Schema defaults are stored, so the object says what is in force.
+    assert raw_globex["database"] == "default"
+    assert raw_globex["deletionPolicy"] == "Retain"
+    assert globex.spec.tier == "starter"
+
+    quota = Quota.model_validate(get(stack, namespace, "quota", "acme-corp"))
+    assert quota.spec.limits.storage == "10Gi"
+    assert quota.spec.overrides[0].value == 50
+
+    flag = FeatureFlag.model_validate(get(stack, namespace, "featureflag", "new-dashboard"))
+    assert flag.spec.enabled is True
+    assert flag.spec.variant_values() == {"on": True, "off": False}
+    assert flag.spec.rollout is not None
+    assert flag.spec.rollout.percentage == 25
+
+
+def test_variant_values_keep_any_json(stack: LocalStack, namespace: str) -> None:
+    variants = {
+        "blue": {"value": {"color": "#00f", "sizes": [1, 2.5], "nested": {"deep": [True, "x"]}}},
+        "red": {"value": "red", "description": "the old one"},
+        "three": {"value": 3},
+    }
+    spec = {
+        "variants": variants,
+        "defaultVariant": "red",
+        "rollout": {"weights": [{"variant": "blue", "weight": 1}, {"variant": "three", "weight": 3}]},
+        "tenants": [{"tenant": "acme", "percentage": 10, "variant": "blue"}],
+        "users": [{"tenant": "acme", "user": "u-1", "variant": "three"}],
+    }
+    assert_accepted(apply(stack, namespace, obj("FeatureFlag", "colours", spec)))
+    stored = get(stack, namespace, "featureflag", "colours")["spec"]["variants"]
+    assert stored == variants
+
+
+def condition(type_: str, status: str, reason: str) -> Condition:
+    return Condition.model_validate(
+        {
+            "type": type_,
+            "status": status,
+            "reason": reason,
+            "lastTransitionTime": "2026-11-22T10:00:00Z",
+            "observedGeneration": 1,
+            "message": "ok",
+        }
+    )
+
+
+def write_status(stack: LocalStack, namespace: str, kind: str, name: str, status: dict[str, Any]) -> None:
+    stack.kubectl(
+        "patch", kind, name, "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": status}),
+    )  # fmt: skip
+
+
+def test_status_written_by_the_models_is_stored_unchanged(stack: LocalStack, namespace: str) -> None:
+    """Nothing the operator writes is pruned or rejected: models and schema agree."""
+    assert_accepted(apply(stack, namespace, obj("Tenant", "acme", {})))
+    assert_accepted(apply(stack, namespace, obj("Quota", "acme", {"tenantRef": {"name": "acme"}})))
+    assert_accepted(apply(stack, namespace, obj("FeatureFlag", "dash", {})))
+    job = JobRef(id="j-1", kind="Provision", state="Succeeded", attempt=1)
+    statuses = {
+        ("tenant", "acme"): TenantStatus(
+            observed_generation=1,
+            phase="Active",
+            conditions=[condition("Ready", "True", "Provisioned")],
+            tenant_id="0b5e",
+            schema_name="tenant_acme",
+            role="tenant_acme",
+            secret_name="acme-db",
+            database="default",
+            schema_version="0003",
+            effective_limits={"connections": "20", "storage": "10Gi"},
+            current_job=JobRef(id="j-2", kind="Migrate", state="Running", attempt=2),
+            recent_jobs=[job],
+        ).to_api(),
+        ("quota", "acme"): QuotaStatus.model_validate(
+            {
+                "observedGeneration": 1,
+                "conditions": [
+                    condition("Ready", "True", "Measured").to_api(),
+                    condition("NearLimit", "False", "BelowThreshold").to_api(),
+                ],
+                "hard": {"storage": "10Gi", "connections": "20"},
+                "used": {"storage": "1Gi", "connections": "3"},
+                "usageRatio": {"storage": 0.1, "connections": 0.15},
+                "activeOverrides": [{"limit": "connections", "value": 50, "expiresAt": LATER, "reason": "x"}],
+                "lastMeasuredAt": "2026-11-22T12:00:00Z",
+            }
+        ).to_api(),
+        ("featureflag", "dash"): FeatureFlagStatus(
+            observed_generation=1,
+            conditions=[condition("Ready", "True", "Published")],
+            variant_shares={"on": 0.25, "off": 0.75},
+            tenant_overrides=1,
+            user_overrides=0,
+            unknown_tenants=["initech"],
+        ).to_api(),
+    }
+    for (kind, name), status in statuses.items():
+        write_status(stack, namespace, kind, name, status)
+        assert get(stack, namespace, kind, name)["status"] == status
+
+    table = stack.kubectl("get", "tenant", "acme", "-n", namespace, "--no-headers").stdout.split()
+    assert table[:5] == ["acme", "True", "Active", "free", "tenant_acme"]
+    table = stack.kubectl("get", "quota", "acme", "-n", namespace, "--no-headers").stdout.split()
+    assert table[:7] == ["acme", "acme", "1Gi", "10Gi", "3", "20", "True"]
+
+
+def test_status_is_validated_too(stack: LocalStack, namespace: str) -> None:
+    assert_accepted(apply(stack, namespace, obj("Tenant", "acme", {})))
+    bad = {"conditions": [{"type": "Ready", "status": "Yes", "reason": "x y", "lastTransitionTime": "now"}]}
+    result = stack.kubectl(
+        "patch", "tenant", "acme", "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": bad}), check=False,
+    )  # fmt: skip
+    assert_rejected(result, "status.conditions[0].status", "status.conditions[0].reason")
+
+
+# --- Rejected objects -----------------------------------------------------------------------------
+
+
+def override(limit: str, value: Any, **extra: Any) -> dict[str, Any]:
+    return {"limit": limit, "value": value, "expiresAt": LATER, **extra}
+
+
+QUOTA_REF = {"tenantRef": {"name": "acme"}}
+
+REJECTED = {
+    "tenant name with uppercase": (
+        obj("Tenant", "Acme", {}),
+        ["Tenant name must start with a lowercase letter"],
+    ),
+    "tenant name too long": (
+        obj("Tenant", "a" * 57, {}),
+        ["Tenant name must be at most 56 characters", "tenant_<name>", "63 bytes"],
+    ),
+    "tenant name with a dot": (obj("Tenant", "acme.corp", {}), ["(no dots)"]),
+    "tenant name starting with a digit": (obj("Tenant", "1acme", {}), ["must start with a lowercase letter"]),
+    "unknown tier": (obj("Tenant", "acme", {"tier": "gold"}), ['spec.tier: Unsupported value: "gold"']),
+    "bad archiveRetention": (
+        obj("Tenant", "acme", {"archiveRetention": "30 days"}),
+        ["spec.archiveRetention", "should match"],
+    ),
+    "negative connections": (
+        obj("Quota", "q", {**QUOTA_REF, "limits": {"connections": -1}}),
+        ["spec.limits.connections", "should be greater than or equal to 1"],
+    ),
+    "zero connections": (
+        obj("Quota", "q", {**QUOTA_REF, "limits": {"connections": 0}}),
+        ["spec.limits.connections", "should be greater than or equal to 1"],
+    ),
+    "negative storage": (
+        obj("Quota", "q", {**QUOTA_REF, "limits": {"storage": "-5Gi"}}),
+        ['spec.limits.storage: Invalid value: "-5Gi"'],
+    ),
+    "zero storage": (
+        obj("Quota", "q", {**QUOTA_REF, "limits": {"storage": "0Gi"}}),
+        ["spec.limits.storage", "must be greater than zero"],
+    ),
+    "zero statementTimeout": (
+        obj("Quota", "q", {**QUOTA_REF, "limits": {"statementTimeout": "0s"}}),
+        ["spec.limits.statementTimeout", "must be greater than zero"],
+    ),
+    "override without expiresAt": (
+        obj("Quota", "q", {**QUOTA_REF, "overrides": [{"limit": "connections", "value": 5}]}),
+        ["spec.overrides[0].expiresAt: Required value"],
+    ),
+    "override of an unknown limit": (
+        obj("Quota", "q", {**QUOTA_REF, "overrides": [override("cpu", 5)]}),
+        ['spec.overrides[0].limit: Unsupported value: "cpu"', '"connections"'],
+    ),
+    "override with zero connections": (
+        obj("Quota", "q", {**QUOTA_REF, "overrides": [override("connections", 0)]}),
+        ["spec.overrides[0].value", "an override value for connections must be an integer of at least 1"],
+    ),
+    "override with a negative burst": (
+        obj("Quota", "q", {**QUOTA_REF, "overrides": [override("burst", -3)]}),
+        ["an override value for burst must be an integer of at least 1"],
+    ),
+    "override with zero storage": (
+        obj("Quota", "q", {**QUOTA_REF, "overrides": [override("storage", "0Gi")]}),
+        ["a storage override value must be a quantity greater than zero"],
+    ),
+    "override with a numeric statementTimeout": (
+        obj("Quota", "q", {**QUOTA_REF, "overrides": [override("statementTimeout", 30)]}),
+        ["a statementTimeout override value must be a duration greater than zero"],
+    ),
+    "two overrides with the same limit and expiry": (
+        obj("Quota", "q", {**QUOTA_REF, "overrides": [override("burst", 5), override("burst", 6)]}),
+        ["spec.overrides[1]: Duplicate value"],
+    ),
+    "rollout percentage 101": (
+        obj("FeatureFlag", "f", {"rollout": {"variant": "on", "percentage": 101}}),
+        ["spec.rollout.percentage", "should be less than or equal to 100"],
+    ),
+    "rollout with percentage and weights": (
+        obj("FeatureFlag", "f", {"rollout": {"variant": "on", "percentage": 5,
+                                             "weights": [{"variant": "on", "weight": 1}]}}),
+        ["rollout needs exactly one of percentage (with variant) or weights"],
+    ),
+    "rollout percentage without variant": (
+        obj("FeatureFlag", "f", {"rollout": {"percentage": 5}}),
+        ["rollout.variant and rollout.percentage go together"],
+    ),
+    "defaultVariant not in variants": (
+        obj("FeatureFlag", "f", {"variants": {"a": {"value": 1}, "b": {"value": 2}}, "defaultVariant": "c"}),
+        ['spec.defaultVariant', 'defaultVariant "c" is not one of variants'],
+    ),
+    "rollout variant not in variants": (
+        obj("FeatureFlag", "f", {"rollout": {"variant": "blue", "percentage": 5}}),
+        ['rollout.variant "blue" is not one of variants'],
+    ),
+    "rollout weight naming an unknown variant": (
+        obj("FeatureFlag", "f", {"rollout": {"weights": [{"variant": "blue", "weight": 1}]}}),
+        ["every rollout.weights[].variant must be one of variants"],
+    ),
+    "tenant override naming an unknown variant": (
+        obj("FeatureFlag", "f", {"tenants": [{"tenant": "acme", "variant": "blue"}]}),
+        ["spec.tenants", "every tenants[].variant must be one of variants"],
+    ),
+    "user override naming an unknown variant": (
+        obj("FeatureFlag", "f", {"users": [{"tenant": "acme", "user": "u1", "variant": "blue"}]}),
+        ["spec.users", "every users[].variant must be one of variants"],
+    ),
+    "duplicate tenant override": (
+        obj("FeatureFlag", "f", {"tenants": [{"tenant": "acme", "variant": "on"},
+                                             {"tenant": "acme", "variant": "off"}]}),
+        ['spec.tenants[1]: Duplicate value: {"tenant":"acme"}'],
+    ),
+    "duplicate user override": (
+        obj("FeatureFlag", "f", {"users": [{"tenant": "acme", "user": "u1", "variant": "on"},
+                                           {"tenant": "acme", "user": "u1", "variant": "off"}]}),
+        ["spec.users[1]: Duplicate value"],
+    ),
+    "empty tenant override": (
+        obj("FeatureFlag", "f", {"tenants": [{"tenant": "acme"}]}),
+        ["a tenant override needs a variant, a percentage or both"],
+    ),
+    "no variants": (
+        obj("FeatureFlag", "f", {"variants": {}}),
+        ["spec.variants", "should have at least 1 properties"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("manifest", "fragments"), list(REJECTED.values()), ids=list(REJECTED))
+def test_rejected_with_a_clear_message(
+    stack: LocalStack, namespace: str, manifest: dict[str, Any], fragments: list[str]
+) -> None:
+    assert_rejected(apply(stack, namespace, manifest), *fragments)
+
+
+# --- Immutable fields -----------------------------------------------------------------------------
+
+
+def test_tenant_database_is_immutable(stack: LocalStack, namespace: str) -> None:
+    assert_accepted(apply(stack, namespace, obj("Tenant", "acme", {"tier": "free"})))
+    # Spelling out the default, or changing a mutable field, is not a change of database.
+    assert_accepted(apply(stack, namespace, obj("Tenant", "acme", {"tier": "starter", "database": "default"})))
+    assert_rejected(
+        apply(stack, namespace, obj("Tenant", "acme", {"database": "analytics"})),
+        "spec.database",
+        "database is immutable",
+    )
+    assert get(stack, namespace, "tenant", "acme")["spec"]["database"] == "default"
+
+
+def test_tenant_restore_from_is_immutable_once_set(stack: LocalStack, namespace: str) -> None:
+    assert_accepted(apply(stack, namespace, obj("Tenant", "acme", {})))
+    assert_accepted(apply(stack, namespace, obj("Tenant", "acme", {"restoreFrom": "latest"})))
+    for spec in ({"restoreFrom": "arch-2026-11-01"}, {}):
+        assert_rejected(apply(stack, namespace, obj("Tenant", "acme", spec)), "restoreFrom is immutable once set")
+
+
+def test_featureflag_key_is_immutable(stack: LocalStack, namespace: str) -> None:
+    assert_accepted(apply(stack, namespace, obj("FeatureFlag", "with-key", {"key": "dash"})))
+    assert_accepted(apply(stack, namespace, obj("FeatureFlag", "without-key", {})))
+    for name, spec in (("with-key", {"key": "dash2"}), ("with-key", {}), ("without-key", {"key": "dash"})):
+        assert_rejected(
+            apply(stack, namespace, obj("FeatureFlag", name, spec)),
+            "spec.key",
+            "key is immutable: it cannot be added, removed or changed",
+        )
+    # Other fields stay editable: this is the kill switch.
+    assert_accepted(apply(stack, namespace, obj("FeatureFlag", "with-key", {"key": "dash", "enabled": False})))
+
+
+def test_quota_tenant_ref_is_immutable(stack: LocalStack, namespace: str) -> None:
+    assert_accepted(apply(stack, namespace, obj("Quota", "q", QUOTA_REF)))
+    assert_rejected(
+        apply(stack, namespace, obj("Quota", "q", {"tenantRef": {"name": "globex"}})),
+        "spec.tenantRef",
+        "tenantRef is immutable",
+    )
