@@ -11,6 +11,8 @@ import kopf
 
 from tenancy_operator.config import Settings
 from tenancy_operator.db.targets import DatabaseTargets
+from tenancy_operator.handlers import featureflag as featureflag_handlers
+from tenancy_operator.handlers import quota as quota_handlers
 from tenancy_operator.handlers import tenant as tenant_handlers
 from tenancy_operator.k8s.client import Kube
 from tenancy_operator.observability import metrics
@@ -20,6 +22,9 @@ from tenancy_operator.runtime_context import OperatorContext
 from tenancy_operator.sweep import Sweeper
 
 log = get_logger(__name__)
+# Each kind's handler module has ``register(registry)`` and ``create_service(ctx)``; a service
+# with a ``run_forever()`` coroutine (a periodic sweep) gets a background task.
+HANDLER_MODULES = (tenant_handlers, quota_handlers, featureflag_handlers)
 PREFIX = "tenancy.dev"
 # Kopf ignores changes to every annotation under the prefix of its own storage, so its storage
 # gets a sub-prefix: user-facing annotations such as tenancy.dev/rotate-credentials stay visible.
@@ -28,7 +33,8 @@ STORAGE_PREFIX = "kopf.tenancy.dev"
 
 def build_registry() -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
-    tenant_handlers.register(registry)
+    for module in HANDLER_MODULES:
+        module.register(registry)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -72,14 +78,16 @@ def build_registry() -> kopf.OperatorRegistry:
             except Exception as exc:  # a target that is down now is migrated on first use
                 log.warning("control schema not migrated yet", target=target, error=type(exc).__name__)
         memo.ctx = ctx
-        memo.tenants = tenant_handlers.TenantService(ctx)
-        memo.sweeper_task = asyncio.create_task(Sweeper(ctx, memo.tenants).run_forever(), name="sweep")
+        memo.services = {module.KIND: module.create_service(ctx) for module in HANDLER_MODULES}
+        memo.background = [asyncio.create_task(Sweeper(ctx, memo.services["Tenant"]).run_forever(), name="sweep")]
+        for kind, service in memo.services.items():
+            if hasattr(service, "run_forever"):
+                memo.background.append(asyncio.create_task(service.run_forever(), name=f"{kind}-loop"))
         log.info("operator started", targets=sorted(cfg.targets), namespaces=cfg.namespace_list or "all")
 
     @kopf.on.cleanup(registry=registry)
     async def shutdown(memo: kopf.Memo, **_: Any) -> None:
-        task = getattr(memo, "sweeper_task", None)
-        if task is not None:
+        for task in getattr(memo, "background", []):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

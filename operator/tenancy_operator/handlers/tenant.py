@@ -148,11 +148,15 @@ class TenantService:
         self.ctx.locks.pop((KIND, meta["namespace"], meta["name"]), None)
 
 
+def create_service(ctx: OperatorContext) -> TenantService:
+    return TenantService(ctx)
+
+
 def register(registry: kopf.OperatorRegistry) -> None:
     """Attach the Tenant handlers to ``registry`` (no import-time side effects)."""
 
     def service(memo: Any) -> TenantService:
-        return memo.tenants  # type: ignore[no-any-return]
+        return memo.services[KIND]  # type: ignore[no-any-return]
 
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")

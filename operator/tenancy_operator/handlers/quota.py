@@ -1,0 +1,17 @@
+"""Quota handlers (not implemented yet)."""
+
+from __future__ import annotations
+
+import kopf
+
+from tenancy_operator.runtime_context import OperatorContext
+
+KIND = "Quota"
+
+
+def create_service(ctx: OperatorContext) -> None:
+    return None
+
+
+def register(registry: kopf.OperatorRegistry) -> None:
+    """Attach the Quota handlers to ``registry``."""
