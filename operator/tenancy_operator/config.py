@@ -16,6 +16,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tenancy_operator.api.quota import tier_defaults_from_json
+
 TARGET_NAME = re.compile(r"^[a-z]([a-z0-9_-]{0,61}[a-z0-9])?$")
 
 
@@ -42,13 +44,38 @@ class Settings(BaseSettings):
     db_connect_timeout_seconds: float = Field(default=5.0, gt=0)
     migration_lock_timeout: str = "5s"
     migration_statement_timeout: str = "60s"
+    job_max_attempts: int = Field(default=3, ge=1, description="Failed attempts before a job stalls.")
+    archive_dir: Path = Field(default=Path("/var/lib/tenancy/archive"), description="Where Archive dumps go.")
+    migration_concurrency: int = Field(default=4, ge=1, le=64, description="Tenants migrated at once.")
     # Host and port written into tenant Secrets; default: those of the target's DSN.
     secret_host_override: str | None = None
+    # Quotas: JSON tier -> limits, merged over the built-in defaults (api/quota.py TIER_DEFAULTS).
+    tier_defaults: str = Field(default="", description='e.g. {"free": {"storage": "2Gi", "connections": 5}}')
+    quota_interval_seconds: float = Field(default=60.0, gt=0, description="Usage measurement period.")
+    # Per-tenant tenant_quota_used/limit series; off for very large fleets (aggregates stay).
+    quota_per_tenant_metrics: bool = True
+    # Active/standby replicas: the name of the Kopf peering object (ClusterKopfPeering when watching
+    # all namespaces, a KopfPeering in each watched namespace). Empty: standalone, one replica only.
+    peering_name: str = Field(default="", pattern=r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?)?$")
+    # Kopf pauses a replica that sees a peer of higher *or equal* priority, so each replica needs
+    # its own: unset picks a random one at start-up.
+    peering_priority: int | None = Field(default=None, ge=0)
 
     @field_validator("log_level")
     @classmethod
     def _upper(cls, v: str) -> str:
         return v.upper()
+
+    @field_validator("tier_defaults")
+    @classmethod
+    def _tier_defaults_valid(cls, v: str) -> str:
+        tier_defaults_from_json(v)  # fail at start-up, not at the first quota evaluation
+        return v
+
+    @cached_property
+    def tier_limits(self) -> dict[str, dict[str, str]]:
+        """Default limits by tier: the built-in table with TENANCY_TIER_DEFAULTS merged over it."""
+        return tier_defaults_from_json(self.tier_defaults)
 
     @cached_property
     def targets(self) -> dict[str, str]:

@@ -20,7 +20,7 @@ from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.handlers.tenant import TenantService
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
-from tenancy_operator.reconcilers.tenant import MANAGED_BY, TENANT_LABEL, secret_name
+from tenancy_operator.reconcilers.tenant import MANAGED_BY, TENANT_LABEL, purge_expired_archives, secret_name
 from tenancy_operator.runtime_context import OperatorContext
 
 log = get_logger(__name__)
@@ -115,6 +115,14 @@ class Sweeper:
                                 name=body["metadata"]["name"], error=type(exc).__name__)
 
         await asyncio.gather(*(one(b) for b in todo))
+        for target in self.ctx.targets.pools:
+            try:
+                await self.ctx.ensure_control_schema(target)
+                purged = await purge_expired_archives(self.ctx, target)
+            except (psycopg_pool.PoolTimeout, psycopg.OperationalError):
+                continue
+            if purged:
+                log.info("archives purged", target=target, archives=purged)
         if todo:
             log.info("sweep repaired", tenants=len(todo))
         return len(todo)

@@ -78,6 +78,7 @@ class OperatorProcess:
             "TENANCY_HEALTH_PORT": str(self.health_port),
             "TENANCY_BIND_ADDRESS": "127.0.0.1",
             "TENANCY_SWEEP_INTERVAL_SECONDS": str(self.sweep_interval),
+            "TENANCY_ARCHIVE_DIR": str(self.workdir / "archive"),
             "TENANCY_LOG_LEVEL": "INFO",
             **self.extra_env,
         }

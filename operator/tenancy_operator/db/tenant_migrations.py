@@ -19,6 +19,12 @@ from psycopg import sql
 from tenancy_operator.db.targets import Conn
 
 RECORD_TABLE = "tenancy_schema_migrations"
+# Errors a later try usually gets past: lock waits cut short by lock_timeout, conflicts.
+TRANSIENT = (
+    psycopg.errors.LockNotAvailable,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.DeadlockDetected,
+)
 
 
 @dataclass(frozen=True)
@@ -121,8 +127,8 @@ async def apply_as_tenant(
                         [m.version, m.checksum],
                     )
             except psycopg.errors.Error as exc:
-                if isinstance(exc, psycopg.OperationalError) and conn.broken:
-                    raise
+                if isinstance(exc, TRANSIENT) or (isinstance(exc, psycopg.OperationalError) and conn.broken):
+                    raise  # worth retrying as is
                 raise MigrationFailed(m.version, exc.diag.message_primary or type(exc).__name__) from exc
             done.append(m.version)
     return done

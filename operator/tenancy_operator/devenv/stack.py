@@ -156,6 +156,7 @@ class LocalStack:
                 # Dev defaults a developer's own environment may override.
                 "TENANCY_BIND_ADDRESS": "127.0.0.1",
                 "TENANCY_LOG_FORMAT": "console",
+                "TENANCY_ARCHIVE_DIR": str(self.workdir / "archive"),
                 **os.environ,
                 "KUBECONFIG": str(self.kubeconfig),
                 "TENANCY_DATABASE_TARGETS": json.dumps(targets),

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
 from tenancy_operator import GROUP, VERSION
+from tenancy_operator.api.tenant import tenant_identifier
 from tenancy_operator.conditions import Cond, merge, status_differs
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
+from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.reconcilers.tenant import (
     ACK_SCHEMA_RECREATED_ANNOTATION,
+    ArchiveBlocked,
     Outcome,
-    Retry,
     TenantReconciler,
     secret_name,
 )
@@ -62,7 +67,17 @@ def desired_status(body: Mapping[str, Any], out: Outcome, ident: str | None) -> 
                        "secretName": secret_name(meta["name"])})
     if out.schema_version:
         status["schemaVersion"] = out.schema_version
+    if out.jobs:
+        latest = out.jobs[0]
+        # currentJob: the job still needing attention (failed, awaiting a retry or an admin); else none.
+        status["currentJob"] = latest.summary() if latest.state != "succeeded" else None
+        status["recentJobs"] = [j.summary() for j in out.jobs]
     return status
+
+
+def backoff(retry: int) -> float:
+    """Exponential backoff with jitter for Kopf's retries: 1, 2, 4 ... 60 s."""
+    return min(60.0, 2.0 ** min(retry, 6)) * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
 
 
 class TenantService:
@@ -75,9 +90,8 @@ class TenantService:
             meta = body["metadata"]
             await self.ctx.kube.patch_status(PLURAL, meta["namespace"], meta["name"], status)
 
-    async def run(self, body: Mapping[str, Any], retry: int = 0) -> None:
+    async def run(self, body: Mapping[str, Any], retry: int = 0) -> Outcome:
         """One reconcile with its reporting. Raises kopf.TemporaryError to be retried."""
-
         meta = body["metadata"]
         key = _key(body)
         metrics.PENDING.add(KIND, key)
@@ -89,6 +103,7 @@ class TenantService:
                                            Cond("Reconciling", "True", "Provisioning", "provisioning started")],
                                     generation),
             })
+        started = time.monotonic()
         async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
             with metrics.observe_reconcile(KIND):
                 try:
@@ -97,55 +112,101 @@ class TenantService:
                     metrics.record_result(KIND, False, exc.reason)
                     out = Outcome(False, exc.reason, exc.message, "Provisioning"
                                   if not (body.get("status") or {}).get("tenantId") else "Failed")
-                    await self._report(body, out)
-                    delay = min(60.0, 2.0 ** min(retry, 6)) * random.uniform(0.8, 1.2)  # noqa: S311
-                    raise kopf.TemporaryError(exc.message, delay=delay) from exc
+                    await self._report(body, out, started)
+                    raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
                 except Exception:
                     metrics.record_result(KIND, False, "Internal")
+                    log.exception("reconcile crashed", kind=KIND, namespace=meta["namespace"], name=meta["name"],
+                                  result="Internal")
                     raise
         metrics.record_result(KIND, out.ready, None if out.ready else out.reason)
-        await self._report(body, out)
+        await self._report(body, out, started)
+        if out.retry:  # a job attempt failed; the next one comes after a backoff
+            raise kopf.TemporaryError(out.message, delay=backoff(retry))
         metrics.PENDING.discard(KIND, key)
+        return out
 
-    async def _report(self, body: Mapping[str, Any], out: Outcome) -> None:
-        from tenancy_operator.api.tenant import tenant_identifier
-
+    async def _report(self, body: Mapping[str, Any], out: Outcome, started: float) -> None:
         try:
             ident: str | None = tenant_identifier(body["metadata"]["name"])
         except ValueError:
             ident = None
-        old_ready: dict[str, Any] = next((c for c in (body.get("status") or {}).get("conditions") or []
-                          if c.get("type") == "Ready"), {})
+        old_ready: dict[str, Any] = next(
+            (c for c in (body.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), {}
+        )
         for type_, reason, message in out.events:
             self.ctx.events.post(body, type_, reason, message)
         if not out.ready and old_ready.get("reason") != out.reason:
             self.ctx.events.warning(body, out.reason, out.message)  # once per transition, not per retry
-        log.info("reconciled", kind=KIND, namespace=body["metadata"]["namespace"],
-                 name=body["metadata"]["name"], tenant=ident, result="ready" if out.ready else out.reason,
-                 repairs=out.repairs or None)
+        log_fn = log.info if out.ready else log.warning
+        log_fn("reconciled", kind=KIND, namespace=body["metadata"]["namespace"], name=body["metadata"]["name"],
+               tenant=ident, duration_seconds=round(time.monotonic() - started, 4),
+               result="ready" if out.ready else out.reason, reason=None if out.ready else out.message,
+               repairs=out.repairs or None)
         await self.write_status(body, desired_status(body, out, ident))
 
     async def delete(self, body: Mapping[str, Any], retry: int = 0) -> None:
         key = _key(body)
         metrics.PENDING.add(KIND, key)
         meta = body["metadata"]
+        generation = int(meta.get("generation") or 0)
         async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
             try:
                 evs = await self.reconciler.finalize(body)
-            except Retry as exc:
-                metrics.record_result(KIND, False, exc.reason)
+            except (Retry, ArchiveBlocked) as exc:
+                reason = exc.reason if isinstance(exc, Retry) else "ArchiveFailed"
+                message = exc.message if isinstance(exc, Retry) else (
+                    f"nothing was dropped: the archive could not be written ({exc}); deletion retries until it can")
+                metrics.record_result(KIND, False, reason)
+                old = (body.get("status") or {}).get("conditions")
+                old_reason = next((c.get("reason") for c in old or [] if c.get("type") == "Ready"), None)
+                if old_reason != reason:
+                    self.ctx.events.warning(body, reason, message)
                 await self.write_status(body, {
                     "phase": "Deleting",
-                    "conditions": merge((body.get("status") or {}).get("conditions"),
-                                        [Cond("Ready", "False", exc.reason, exc.message)],
-                                        int(meta.get("generation") or 0)),
+                    "conditions": merge(old, [Cond("Ready", "False", reason, message)], generation),
                 })
-                delay = min(60.0, 2.0 ** min(retry, 6)) * random.uniform(0.8, 1.2)  # noqa: S311
-                raise kopf.TemporaryError(exc.message, delay=delay) from exc
+                raise kopf.TemporaryError(message, delay=backoff(retry)) from exc
         for type_, reason, message in evs:
             self.ctx.events.post(body, type_, reason, message)
         metrics.PENDING.discard(KIND, key)
         self.ctx.locks.pop((KIND, meta["namespace"], meta["name"]), None)
+
+    async def migrate_fleet(self, namespace: str, template: str, configmap: Mapping[str, Any]) -> None:
+        """A template changed: reconcile every Tenant using it, a bounded number at a time.
+
+        One tenant's failure is its own (condition, Event, metric); the others go on. The summary
+        goes to the ConfigMap as an Event, so a rollout is visible without reading every Tenant.
+        """
+        bodies = [b for b in await self.ctx.kube.list_objects(PLURAL, namespace)
+                  if (b.get("spec") or {}).get("schemaTemplate") == template
+                  and not b["metadata"].get("deletionTimestamp")]
+        if not bodies:
+            return
+        sem = asyncio.Semaphore(self.ctx.settings.migration_concurrency)
+        results: dict[str, str] = {}
+
+        async def one(body: dict[str, Any]) -> None:
+            async with sem:
+                name = body["metadata"]["name"]
+                try:
+                    out = await self.run(body)
+                    results[name] = out.schema_version or "-" if out.ready else f"failed ({out.reason})"
+                except kopf.TemporaryError as exc:
+                    results[name] = f"failed ({str(exc)[:80]})"
+                except Exception as exc:  # never let one tenant stop the fleet
+                    results[name] = f"failed ({type(exc).__name__})"
+
+        await asyncio.gather(*(one(b) for b in bodies))
+        failed = sorted(n for n, r in results.items() if r.startswith("failed"))
+        versions = Counter(r for r in results.values() if not r.startswith("failed"))
+        summary = ", ".join(f"{n} at {v}" for v, n in sorted(versions.items()))
+        message = f"{len(results)} tenant(s): {summary or 'none migrated'}"
+        if failed:
+            message += f"; failed: {', '.join(failed[:20])}"
+        cm_ref = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": configmap["metadata"]}
+        self.ctx.events.post(cm_ref, "Warning" if failed else "Normal", "FleetMigration", message)
+        log.info("fleet migration", namespace=namespace, template=template, tenants=len(results), failed=len(failed))
 
 
 def create_service(ctx: OperatorContext) -> TenantService:
@@ -167,3 +228,18 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="finalize")
     async def tenant_delete(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
         await service(memo).delete(body, retry)
+
+    @kopf.index(GROUP, VERSION, PLURAL, registry=registry, id="templates")
+    def templates_index(namespace: str | None, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], None] | None:
+        """(namespace, template ConfigMap) pairs in use, so ConfigMap events cost a dict lookup."""
+        template = spec.get("schemaTemplate")
+        return {(namespace or "", template): None} if template else None
+
+    @kopf.on.event("", "v1", "configmaps", registry=registry, id="template-changed")
+    async def template_changed(type: str, body: kopf.Body, namespace: str | None, name: str,
+                               memo: kopf.Memo, **kwargs: Any) -> None:
+        templates: kopf.Index[tuple[str, str], None] = kwargs["templates"]
+        # type is None for the initial listing at start-up: resume handlers cover that case.
+        if type not in ("ADDED", "MODIFIED") or (namespace or "", name) not in templates:
+            return
+        await service(memo).migrate_fleet(namespace or "", name, body)

@@ -71,6 +71,9 @@ class Kube:
             GROUP, VERSION, namespace, plural, name, {"status": status}, _content_type=MERGE_PATCH
         )
 
-    async def list_objects(self, plural: str) -> list[dict[str, Any]]:
-        result = await self.custom.list_cluster_custom_object(GROUP, VERSION, plural)
+    async def list_objects(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        if namespace is None:
+            result = await self.custom.list_cluster_custom_object(GROUP, VERSION, plural)
+        else:
+            result = await self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
         return list(result.get("items", []))

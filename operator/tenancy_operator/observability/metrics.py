@@ -30,6 +30,15 @@ DB_POOL_MAX = Gauge("db_pool_max_connections", "Database pool maximum size.", ["
 DRIFT_REPAIRS = Counter(
     "drift_repairs_total", "Out-of-band changes repaired, by kind and object.", ["kind", "object"]
 )
+LIFECYCLE_JOBS = Counter("lifecycle_jobs_total", "Lifecycle job attempts by result.", ["job", "result"])
+LIFECYCLE_JOB_FAILURES = Counter("lifecycle_job_failures_total", "Failed lifecycle job attempts.", ["job"])
+LIFECYCLE_JOB_DURATION = Histogram(
+    "lifecycle_job_duration_seconds",
+    "Duration of one lifecycle job attempt.",
+    ["job"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+)
+LIFECYCLE_JOBS_RUNNING = Gauge("lifecycle_jobs_running", "Lifecycle jobs running now.", ["job"])
 BUILD_INFO = Info("tenancy_operator_build", "Build information.")
 
 # Bounded reasons for reconcile_failures_total.

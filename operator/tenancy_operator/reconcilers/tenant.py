@@ -1,7 +1,9 @@
 """Tenant reconcile: compare the declared Tenant with Postgres and Kubernetes, do only what is missing.
 
 Level-based and idempotent: every step first looks at the real state (catalog, registry, Secret,
-the tenant's migration records) and acts only on a difference. Our own status is never an input.
+the tenant's migration records, the job ledger) and acts only on a difference. Our own status is
+never an input. Long or risky steps run as lifecycle jobs (reconcilers/lifecycle.py); repairs of
+out-of-band drift are done directly and counted.
 """
 
 from __future__ import annotations
@@ -10,17 +12,24 @@ import base64
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import psycopg_pool
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from tenancy_operator import archive
+from tenancy_operator.api.common import parse_duration
 from tenancy_operator.api.tenant import TenantSpec, tenant_identifier
+from tenancy_operator.db import archives as archive_sql
+from tenancy_operator.db import jobs as ledger
 from tenancy_operator.db import tenant_migrations as tm
 from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.targets import Conn, UnknownTarget
 from tenancy_operator.observability import metrics
+from tenancy_operator.reconcilers.errors import Retry
+from tenancy_operator.reconcilers.lifecycle import RETRY_ANNOTATION, JobFailed, JobGate
 from tenancy_operator.runtime_context import OperatorContext
 
 ROTATE_ANNOTATION = "tenancy.dev/rotate-credentials"
@@ -28,15 +37,15 @@ ACK_SCHEMA_RECREATED_ANNOTATION = "tenancy.dev/acknowledge-schema-recreated"
 SECRET_ROTATION_ANNOTATION = "tenancy.dev/rotated-for"  # noqa: S105 - an annotation key
 MANAGED_BY = {"app.kubernetes.io/managed-by": "tenancy-operator"}
 TENANT_LABEL = "tenancy.dev/tenant"
+JOB_REASONS = {
+    "provision": "ProvisionFailed", "migrate": "MigrationFailed", "suspend": "SuspendFailed",
+    "resume": "ResumeFailed", "rotate": "RotationFailed", "restore": "RestoreFailed",
+    "archive": "ArchiveFailed", "delete": "DeleteFailed", "purge": "PurgeFailed",
+}
 
 
-class Retry(Exception):
-    """Transient: the handler retries with backoff; ``reason`` is a bounded metrics label."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
+class StepFailed(Exception):
+    """A job step failed for a reason worth showing as is (not a transient error)."""
 
 
 @dataclass
@@ -48,6 +57,7 @@ class Outcome:
     message: str
     phase: str
     stalled: bool = False
+    retry: bool = False  # a job attempt failed and will be tried again after a backoff
     tenant_id: str | None = None
     schema_version: str | None = None
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
@@ -55,6 +65,11 @@ class Outcome:
     schema_recreated: bool = False
     # The schema was found dropped and re-created empty, now or earlier and not yet acknowledged.
     data_loss: bool = False
+    jobs: list[ledger.Job] = field(default_factory=list)
+
+    def fail(self, reason: str, message: str, *, stalled: bool, retry: bool = False) -> None:
+        self.ready, self.reason, self.message, self.phase = False, reason, message, "Failed"
+        self.stalled, self.retry = stalled, retry
 
 
 def secret_name(tenant_name: str) -> str:
@@ -72,6 +87,14 @@ class TenantReconciler:
     @property
     def control(self) -> str:
         return self.ctx.settings.control_schema
+
+    def _gate(self, conn: Conn, body: Mapping[str, Any], tenant_id: str, *, max_attempts: int | None = None) -> JobGate:
+        meta = body["metadata"]
+        return JobGate(
+            conn, self.control, tenant_id, generation=meta.get("generation"),
+            retry_token=(meta.get("annotations") or {}).get(RETRY_ANNOTATION),
+            max_attempts=max_attempts or self.ctx.settings.job_max_attempts,
+        )
 
     async def reconcile(self, body: Mapping[str, Any]) -> Outcome:
         spec = TenantSpec.model_validate(body.get("spec") or {})
@@ -118,68 +141,29 @@ class TenantReconciler:
                 "Failed", stalled=True,
             )
         out.tenant_id = row.id
-        was_provisioned = row.provisioned_at is not None
-        revived = row.state == "deleted"
-
-        obs = (await sqlt.observe(conn, [ident]))[ident]
-        if not obs.role_exists:
-            await sqlt.create_role(conn, ident)
-            out.repairs.append("role") if was_provisioned else None
-        if not obs.operator_member:
-            await sqlt.grant_role_to_operator(conn, ident)
-            out.repairs.append("membership") if was_provisioned and obs.role_exists else None
-        if not obs.schema_exists:
-            await sqlt.create_schema(conn, ident, ident)
-            if was_provisioned:
-                out.repairs.append("schema")
-                out.schema_recreated = True
-        elif not obs.schema_owned:
-            await sqlt.set_schema_owner(conn, ident, ident)
-            out.repairs.append("schema-owner")
-        if obs.role_exists and obs.schema_exists and not obs.schema_privileges:
-            await sqlt.grant_schema(conn, ident, ident)
-            out.repairs.append("grants")
-        if obs.search_path != ident and obs.search_path != f'"{ident}"':
-            await sqlt.set_search_path(conn, ident, ident)
-            if obs.role_exists and was_provisioned:
-                out.repairs.append("search-path")
-
-        password, rotated = await self._ensure_secret(conn, body, spec, ident, role_created=not obs.role_exists)
-        if rotated == "rotated":
-            out.events.append(("Normal", "CredentialsRotated", "new password set; old sessions ended"))
-        elif rotated == "recreated" and was_provisioned and not revived:
-            out.repairs.append("secret")
-
-        want_login = not suspended
-        if obs.can_login != want_login or not obs.role_exists:
-            await sqlt.set_login(conn, ident, want_login)
-            if not want_login:
-                ended = await sqlt.terminate_sessions(conn, ident)
-                if row.state != "suspended":
-                    out.events.append(("Normal", "Suspended", f"login disabled, {ended} session(s) ended"))
-                elif was_provisioned:
-                    out.repairs.append("login")
-            elif row.state == "suspended":
-                out.events.append(("Normal", "Resumed", "login enabled"))
-            elif revived:
-                out.events.append(("Normal", "Restored", "tenant re-applied; retained data is back"))
-
-        version = await self._migrate(conn, body, spec, ident, row.id, password, out)
-        out.schema_version = version
-        recreated_at = row.schema_recreated_at
-        ack = (meta.get("annotations") or {}).get(ACK_SCHEMA_RECREATED_ANNOTATION)
-        if recreated_at is not None and not out.schema_recreated and ack and ack != row.schema_recreated_ack:
-            await sqlt.acknowledge_schema_recreated(conn, self.control, row.id, ack)
-            recreated_at = None
-        out.data_loss = out.schema_recreated or recreated_at is not None
+        await ledger.abandon_running(conn, self.control, row.id)
+        try:
+            await self._converge(conn, body, spec, ident, row, out)
+        except JobFailed as exc:
+            out.fail(JOB_REASONS[exc.kind], str(exc) if not exc.stalled else
+                     f"{exc.kind} failed {exc.attempt} time(s), not retrying on its own: {exc.error}. "
+                     f"Fix the cause, then annotate {RETRY_ANNOTATION}=<new value> to retry once.",
+                     stalled=exc.stalled, retry=not exc.stalled)
+        if out.schema_version is None:
+            out.schema_version = _latest(await tm.applied(conn, ident))
         if out.ready:
             await sqlt.update_row(
                 conn, self.control, row.id, uid=uid, tier=_enum(spec.tier), display_name=spec.display_name,
                 state="suspended" if suspended else "active", provisioned=True,
                 schema_recreated=out.schema_recreated,
             )
-        if not was_provisioned and out.ready:
-            out.events.append(("Normal", "Provisioned", f"schema and role {ident} ready"))
+        recreated_at = row.schema_recreated_at
+        ack = (meta.get("annotations") or {}).get(ACK_SCHEMA_RECREATED_ANNOTATION)
+        if recreated_at is not None and not out.schema_recreated and ack and ack != row.schema_recreated_ack:
+            await sqlt.acknowledge_schema_recreated(conn, self.control, row.id, ack)
+            recreated_at = None
+        out.data_loss = out.schema_recreated or recreated_at is not None
+        out.jobs = await ledger.recent(conn, self.control, row.id, limit=5)
         for what in out.repairs:
             metrics.DRIFT_REPAIRS.labels(kind="Tenant", object=what).inc()
         if out.repairs:
@@ -190,6 +174,83 @@ class TenantReconciler:
                                f"schema {ident} was dropped outside the operator and was re-created EMPTY: "
                                "its data is gone; restore from a backup"))
         return out
+
+    async def _converge(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
+                        row: sqlt.RegistryRow, out: Outcome) -> None:
+        suspended = _enum(spec.state) == "Suspended"
+        was_provisioned = row.provisioned_at is not None
+        revived = row.state == "deleted"
+        gate = self._gate(conn, body, row.id)
+        obs = (await sqlt.observe(conn, [ident]))[ident]
+
+        if not was_provisioned:
+            async def provision() -> None:
+                await self._ensure_catalog(conn, ident, obs, out, drift=False)
+                await self._ensure_secret(conn, body, spec, ident, role_created=True)
+                await sqlt.set_login(conn, ident, not suspended)
+
+            await gate.run("provision", provision, detail=f"schema and role {ident}")
+            out.events.append(("Normal", "Provisioned", f"schema and role {ident} ready"))
+            obs = (await sqlt.observe(conn, [ident]))[ident]
+        else:
+            await self._ensure_catalog(conn, ident, obs, out, drift=True)
+
+        if spec.restore_from:
+            await self._restore(conn, gate, body, spec, ident, row, out)
+            if not out.ready:
+                return
+
+        password, action = await self._ensure_secret(conn, body, spec, ident, role_created=not obs.role_exists,
+                                                     gate=gate)
+        if action == "rotated":
+            out.events.append(("Normal", "CredentialsRotated", "new password set; old sessions ended"))
+        elif action == "recreated" and was_provisioned and not revived:
+            out.repairs.append("secret")
+
+        want_login = not suspended
+        if obs.can_login != want_login:
+            if not want_login and row.state != "suspended":
+                ended = await gate.run("suspend", lambda: self._set_login(conn, ident, False))
+                out.events.append(("Normal", "Suspended", f"login disabled, {ended} session(s) ended"))
+            elif want_login and row.state in ("suspended", "deleted"):
+                await gate.run("resume", lambda: self._set_login(conn, ident, True),
+                               detail="re-applied after deletion" if revived else None)
+                out.events.append(("Normal", "Restored", "tenant re-applied; retained data is back") if revived
+                                  else ("Normal", "Resumed", "login enabled"))
+            else:
+                await self._set_login(conn, ident, want_login)
+                if was_provisioned:
+                    out.repairs.append("login")
+
+        await self._migrate(conn, gate, body, spec, ident, row.id, password, out)
+
+    async def _set_login(self, conn: Conn, ident: str, login: bool) -> int:
+        await sqlt.set_login(conn, ident, login)
+        return 0 if login else await sqlt.terminate_sessions(conn, ident)
+
+    async def _ensure_catalog(self, conn: Conn, ident: str, obs: sqlt.Observed, out: Outcome, *, drift: bool) -> None:
+        """Role, membership, schema, owner, grants, search_path: create what is missing."""
+        if not obs.role_exists:
+            await sqlt.create_role(conn, ident)
+            out.repairs.append("role") if drift else None
+        if not obs.operator_member:
+            await sqlt.grant_role_to_operator(conn, ident)
+            out.repairs.append("membership") if drift and obs.role_exists else None
+        if not obs.schema_exists:
+            await sqlt.create_schema(conn, ident, ident)
+            if drift:
+                out.repairs.append("schema")
+                out.schema_recreated = True
+        elif not obs.schema_owned:
+            await sqlt.set_schema_owner(conn, ident, ident)
+            out.repairs.append("schema-owner")
+        if obs.role_exists and obs.schema_exists and not obs.schema_privileges:
+            await sqlt.grant_schema(conn, ident, ident)
+            out.repairs.append("grants")
+        if obs.search_path not in (ident, f'"{ident}"'):
+            await sqlt.set_search_path(conn, ident, ident)
+            if obs.role_exists and drift:
+                out.repairs.append("search-path")
 
     # --- credentials -------------------------------------------------------------------------
 
@@ -225,7 +286,8 @@ class TenantReconciler:
         }
 
     async def _ensure_secret(
-        self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, *, role_created: bool
+        self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, *, role_created: bool,
+        gate: JobGate | None = None,
     ) -> tuple[str, str]:
         """Returns (password, what happened: "", "rotated" or "recreated")."""
         meta = body["metadata"]
@@ -246,67 +308,120 @@ class TenantReconciler:
                 desired = self._secret_body(body, spec, ident, password, rotation)
                 if desired["data"] != current.get("data") or not _owned_by(current, meta["uid"]):
                     desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-                    await kube.replace_secret(namespace, desired["metadata"]["name"], desired)
+                    await self._write_secret(namespace, desired, replace=True)
                 return password, ""
-        # No Secret (first time, deleted out of band, or re-applied) or a rotation was asked for.
-        password = sqlt.generate_password()
-        await sqlt.set_password(conn, ident, password)
-        desired = self._secret_body(body, spec, ident, password, rotation)
+        # No Secret (first time, deleted out of band, or re-applied): a new password.
         if current is None:
-            try:
-                await kube.create_secret(namespace, desired)
-            except ApiException as exc:
-                raise Retry("KubernetesAPI", f"creating Secret failed: {exc.status}") from exc
+            password = sqlt.generate_password()
+            await sqlt.set_password(conn, ident, password)
+            await self._write_secret(namespace, self._secret_body(body, spec, ident, password, rotation), replace=False)
             return password, "recreated"
-        desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-        await kube.replace_secret(namespace, desired["metadata"]["name"], desired)
-        await sqlt.terminate_sessions(conn, ident)
-        return password, "rotated"
 
-    # --- migrations --------------------------------------------------------------------------
+        async def rotate() -> str:
+            new = sqlt.generate_password()
+            await sqlt.set_password(conn, ident, new)
+            desired = self._secret_body(body, spec, ident, new, rotation)
+            desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            await self._write_secret(namespace, desired, replace=True)
+            await sqlt.terminate_sessions(conn, ident)
+            return new
+
+        if gate is None:
+            return await rotate(), "rotated"
+        return await gate.run("rotate", rotate, detail=f"{ROTATE_ANNOTATION}={rotation}"), "rotated"
+
+    async def _write_secret(self, namespace: str, body: dict[str, Any], *, replace: bool) -> None:
+        try:
+            if replace:
+                await self.ctx.kube.replace_secret(namespace, body["metadata"]["name"], body)
+            else:
+                await self.ctx.kube.create_secret(namespace, body)
+        except ApiException as exc:
+            raise Retry("KubernetesAPI", f"writing Secret failed: {exc.status}") from exc
+
+    # --- restore ---------------------------------------------------------------------------
+
+    async def _restore(self, conn: Conn, gate: JobGate, body: Mapping[str, Any], spec: TenantSpec, ident: str,
+                       row: sqlt.RegistryRow, out: Outcome) -> None:
+        """Restore ``spec.restoreFrom`` once into this tenant's new, empty schema."""
+        if any(j.kind == "restore" and j.state == "succeeded"
+               for j in await ledger.recent(conn, self.control, row.id, limit=1000)):
+            return
+        meta = body["metadata"]
+        ref = str(spec.restore_from)
+        found = await archive_sql.find(conn, self.control, meta["namespace"], meta["name"], ref)
+        if found is None:
+            out.fail("ArchiveNotFound", f"no archive {ref!r} for tenant {meta['namespace']}/{meta['name']}",
+                     stalled=True)
+            return
+        if found.schema_name != ident:
+            out.fail("InvalidSpec", f"archive {found.id} holds schema {found.schema_name}; restore it into a Tenant "
+                     f"named {found.name}", stalled=True)
+            return
+        cur = await conn.execute("SELECT count(*) AS n FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                                 " WHERE n.nspname = %s", [ident])
+        objects = await cur.fetchone()
+        if objects and int(str(objects["n"])) > 0:
+            out.fail("RestoreRefused", f"schema {ident} already holds data; refusing to restore over it", stalled=True)
+            return
+
+        async def restore() -> None:
+            try:
+                await archive.restore_schema(
+                    self.ctx.targets.conninfo(spec.database), path=Path(found.path), sha256=found.sha256,
+                    schema=ident, role=ident, workdir=self.ctx.settings.archive_dir,
+                )
+            except (archive.ArchiveCorrupt, archive.ArchiveUnavailable) as exc:
+                raise StepFailed(str(exc)) from exc
+
+        await gate.run("restore", restore, detail=f"from archive {found.id}")
+        await tm.mirror(conn, self.control, row.id, ident)
+        out.events.append(("Normal", "Restored", f"restored from archive {found.id} (checksum verified)"))
+
+    # --- migrations ------------------------------------------------------------------------
 
     async def _migrate(
-        self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, tenant_id: str,
+        self, conn: Conn, gate: JobGate, body: Mapping[str, Any], spec: TenantSpec, ident: str, tenant_id: str,
         password: str, out: Outcome,
-    ) -> str | None:
+    ) -> None:
         wanted = await self._template(body, spec, out)
         if wanted is None:
-            return None
+            return
         done = await tm.applied(conn, ident)
         try:
             todo = tm.pending(wanted, done)
         except tm.ChecksumMismatch as exc:
-            out.ready, out.reason, out.message, out.phase, out.stalled = (
-                False, "MigrationChecksumMismatch", str(exc), "Failed", True)
-            return _latest(done)
-        if todo:
-            if _enum(spec.state) == "Suspended":
-                out.message = f"{len(todo)} migration(s) wait until the tenant is Active again"
-                return _latest(done)
-            info = self.ctx.targets.conninfo(spec.database)
-            dsn = psycopg.conninfo.make_conninfo(
-                self.ctx.targets.dsns[spec.database], user=ident, password=password,
-                host=info.get("host"), port=info.get("port"),
-            )
+            out.fail("MigrationChecksumMismatch", str(exc), stalled=True)
+            return
+        out.schema_version = _latest(done)
+        if not todo:
+            return
+        if _enum(spec.state) == "Suspended":
+            out.message = f"{len(todo)} migration(s) wait until the tenant is Active again"
+            return
+        info = self.ctx.targets.conninfo(spec.database)
+        dsn = psycopg.conninfo.make_conninfo(
+            self.ctx.targets.dsns[spec.database], user=ident, password=password,
+            host=info.get("host"), port=info.get("port"),
+        )
+
+        async def migrate() -> list[str]:
             try:
-                try:
-                    applied = await self._apply(dsn, ident, todo)
-                except psycopg.OperationalError as exc:
-                    if "authentication failed" not in str(exc):
-                        raise
-                    # The role's password was changed behind our back: the Secret is the truth.
-                    await sqlt.set_password(conn, ident, password)
-                    out.repairs.append("password")
-                    applied = await self._apply(dsn, ident, todo)
-            except tm.MigrationFailed as exc:
-                out.ready, out.reason, out.message, out.phase, out.stalled = (
-                    False, "MigrationFailed", str(exc), "Failed", True)
-                return _latest(await tm.applied(conn, ident))
-            await tm.mirror(conn, self.control, tenant_id, ident)
-            for v in applied:
-                out.events.append(("Normal", "MigrationApplied", f"applied {v}"))
-            done = await tm.applied(conn, ident)
-        return _latest(done)
+                return await self._apply(dsn, ident, todo)
+            except psycopg.OperationalError as exc:
+                if "authentication failed" not in str(exc):
+                    raise
+                # The role's password was changed behind our back: the Secret is the truth.
+                await sqlt.set_password(conn, ident, password)
+                out.repairs.append("password")
+                return await self._apply(dsn, ident, todo)
+            finally:
+                await tm.mirror(conn, self.control, tenant_id, ident)
+
+        applied = await gate.run("migrate", migrate, detail=", ".join(m.version for m in todo))
+        for v in applied:
+            out.events.append(("Normal", "MigrationApplied", f"applied {v}"))
+        out.schema_version = _latest(await tm.applied(conn, ident))
 
     async def _apply(self, dsn: str, ident: str, todo: list[tm.Migration]) -> list[str]:
         return await tm.apply_as_tenant(
@@ -324,8 +439,8 @@ class TenantReconciler:
         except ApiException as exc:
             raise Retry("KubernetesAPI", f"reading ConfigMap failed: {exc.status}") from exc
         if cm is None:
-            out.ready, out.reason, out.phase, out.stalled = False, "TemplateNotFound", "Failed", True
-            out.message = f"schema template ConfigMap {namespace}/{spec.schema_template} not found"
+            out.fail("TemplateNotFound", f"schema template ConfigMap {namespace}/{spec.schema_template} not found",
+                     stalled=True)
             return None
         return tm.migrations_from_data(cm.get("data") or {})
 
@@ -348,20 +463,25 @@ class TenantReconciler:
             async with pool.connection() as conn:
                 row = await sqlt.find_live_row(conn, self.control, ident)
                 if row is not None and (row.namespace, row.name) == (namespace, name):
-                    if policy == "Delete":
+                    await ledger.abandon_running(conn, self.control, row.id)
+                    # Deletion keeps trying on its own (until it can), so no stall here.
+                    gate = self._gate(conn, body, row.id, max_attempts=1_000_000)
+                    obs = (await sqlt.observe(conn, [ident]))[ident]
+                    if obs.role_exists:
+                        await sqlt.set_login(conn, ident, False)
                         await sqlt.terminate_sessions(conn, ident)
-                        await sqlt.drop_tenant_objects(conn, ident, ident)
-                        await sqlt.mark_deleted(conn, self.control, row.id, "dropped")
+                    if policy == "Archive":
+                        events += await self._archive(conn, gate, body, spec, ident, row.id)
+                    if policy in ("Delete", "Archive"):
+                        await gate.run("delete", lambda: sqlt.drop_tenant_objects(conn, ident, ident),
+                                       detail=f"drop schema and role {ident}")
+                        await sqlt.mark_deleted(conn, self.control, row.id,
+                                                "archived" if policy == "Archive" else "dropped")
                         events.append(("Normal", "Dropped", f"schema and role {ident} dropped"))
                     else:
-                        obs = (await sqlt.observe(conn, [ident]))[ident]
-                        if obs.role_exists:
-                            await sqlt.set_login(conn, ident, False)
-                            await sqlt.terminate_sessions(conn, ident)
                         await sqlt.mark_deleted(conn, self.control, row.id, "deleted")
-                        note = "" if policy == "Retain" else " (Archive is not implemented yet: data retained)"
                         events.append(("Normal", "Retained",
-                                       f"schema {ident} kept, login disabled; re-apply the Tenant to restore{note}"))
+                                       f"schema {ident} kept, login disabled; re-apply the Tenant to restore"))
         except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
             raise Retry("DatabaseUnavailable", f"database {spec.database!r} unavailable: {type(exc).__name__}") from exc
         try:
@@ -369,6 +489,56 @@ class TenantReconciler:
         except ApiException as exc:
             raise Retry("KubernetesAPI", f"deleting Secret failed: {exc.status}") from exc
         return events
+
+    async def _archive(self, conn: Conn, gate: JobGate, body: Mapping[str, Any], spec: TenantSpec, ident: str,
+                       tenant_id: str) -> list[tuple[str, str, str]]:
+        meta = body["metadata"]
+
+        async def dump() -> archive.Archive:
+            try:
+                made = await archive.dump_schema(
+                    self.ctx.targets.conninfo(spec.database), directory=self.ctx.settings.archive_dir,
+                    namespace=meta["namespace"], name=meta["name"], schema=ident, role=ident,
+                )
+            except archive.ArchiveUnavailable as exc:
+                raise StepFailed(str(exc)) from exc
+            await archive_sql.record(
+                conn, self.control, archive_id=made.id, tenant_id=tenant_id, namespace=meta["namespace"],
+                name=meta["name"], schema=ident, path=str(made.path), sha256=made.sha256,
+                size_bytes=made.size_bytes, retention=parse_duration(str(spec.archive_retention)),
+            )
+            return made
+
+        try:
+            made = await gate.run("archive", dump, detail=f"pg_dump of schema {ident}")
+        except JobFailed as exc:
+            raise ArchiveBlocked(exc.error) from exc
+        return [("Normal", "Archived", f"archive {made.id} written and verified ({made.size_bytes} bytes, "
+                 f"sha256 {made.sha256[:12]}); kept for {spec.archive_retention}")]
+
+
+async def purge_expired_archives(ctx: OperatorContext, target: str) -> list[str]:
+    """Delete archives past their retention (a ``purge`` job each, logged in the registry)."""
+    control = ctx.settings.control_schema
+    purged: list[str] = []
+    async with ctx.targets.pool(target).connection() as conn:
+        for row in await archive_sql.expired(conn, control):
+            gate = JobGate(conn, control, row.tenant_id, generation=None, retry_token=None, max_attempts=1_000_000)
+
+            async def purge(row: archive_sql.ArchiveRow = row) -> None:
+                await archive.purge(Path(row.path))
+                await archive_sql.mark_purged(conn, control, row.id)
+
+            try:
+                await gate.run("purge", purge, detail=f"archive {row.id} past its retention")
+                purged.append(row.id)
+            except JobFailed:
+                continue  # counted and logged in the ledger; tried again at the next sweep
+    return purged
+
+
+class ArchiveBlocked(Exception):
+    """The archive could not be written: nothing is dropped, deletion waits."""
 
 
 def _latest(done: Mapping[str, str]) -> str | None:

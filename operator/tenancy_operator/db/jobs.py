@@ -1,0 +1,124 @@
+"""The lifecycle job ledger: what ran for a tenant, how often it failed, and whether to try again.
+
+The ledger lives in the control schema, next to the data it describes, so "should this step run
+again?" is answered from durable facts (failed attempts, the retry token an admin gave), never
+from our own status.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import sql
+
+from tenancy_operator.db.targets import Conn
+
+KINDS = ("provision", "migrate", "suspend", "resume", "rotate", "archive", "restore", "purge", "delete")
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    kind: str
+    state: str
+    attempt: int
+    generation: int | None
+    detail: str | None
+    error: str | None
+    retry_token: str | None
+    note: str | None
+    started_at: Any
+    finished_at: Any
+
+    def summary(self) -> dict[str, Any]:
+        """The shape of TenantStatus.currentJob / recentJobs."""
+        out: dict[str, Any] = {"id": self.id, "kind": self.kind, "state": self.state, "attempt": self.attempt}
+        if self.started_at is not None:
+            out["startedAt"] = self.started_at.isoformat()
+        if self.finished_at is not None:
+            out["finishedAt"] = self.finished_at.isoformat()
+        message = self.error or self.note or self.detail
+        if message:
+            out["message"] = message[:1024]
+        return out
+
+
+_COLUMNS = sql.SQL(
+    "id::text, kind, state, attempt, generation, detail, error, retry_token, note, started_at, finished_at"
+)
+
+
+def _t(control: str) -> sql.Composed:
+    return sql.SQL("{}.lifecycle_jobs").format(sql.Identifier(control))
+
+
+async def failed_streak(conn: Conn, control: str, tenant_id: str, kind: str) -> list[Job]:
+    """Failed attempts of ``kind`` since its last success, newest first."""
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT {cols} FROM {t} WHERE tenant_id = %s AND kind = %s AND state = 'failed'"
+            " AND started_at > coalesce((SELECT max(started_at) FROM {t} WHERE tenant_id = %s AND kind = %s"
+            " AND state = 'succeeded'), '-infinity') ORDER BY started_at DESC"
+        ).format(cols=_COLUMNS, t=_t(control)),
+        [tenant_id, kind, tenant_id, kind],
+    )
+    return [Job(**r) for r in await cur.fetchall()]  # type: ignore[arg-type]
+
+
+async def start(
+    conn: Conn, control: str, tenant_id: str, kind: str, *, attempt: int, generation: int | None,
+    detail: str | None = None, retry_token: str | None = None, note: str | None = None,
+) -> str:
+    cur = await conn.execute(
+        sql.SQL(
+            "INSERT INTO {} (tenant_id, kind, state, attempt, generation, detail, retry_token, note)"
+            " VALUES (%s, %s, 'running', %s, %s, %s, %s, %s) RETURNING id::text AS id"
+        ).format(_t(control)),
+        [tenant_id, kind, attempt, generation, detail, retry_token, note],
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return str(row["id"])
+
+
+async def finish(conn: Conn, control: str, job_id: str, *, ok: bool, error: str | None = None) -> None:
+    await conn.execute(
+        sql.SQL("UPDATE {} SET state = %s, error = %s, finished_at = now() WHERE id = %s").format(_t(control)),
+        ["succeeded" if ok else "failed", error, job_id],
+    )
+
+
+async def abandon_running(conn: Conn, control: str, tenant_id: str) -> None:
+    """Jobs left 'running' by a crashed operator are failed attempts: the step restarts safely."""
+    await conn.execute(
+        sql.SQL(
+            "UPDATE {} SET state = 'failed', error = 'interrupted (operator restarted)', finished_at = now()"
+            " WHERE tenant_id = %s AND state = 'running'"
+        ).format(_t(control)),
+        [tenant_id],
+    )
+
+
+async def recent(conn: Conn, control: str, tenant_id: str, limit: int = 10) -> list[Job]:
+    cur = await conn.execute(
+        sql.SQL("SELECT {cols} FROM {t} WHERE tenant_id = %s ORDER BY started_at DESC LIMIT %s").format(
+            cols=_COLUMNS, t=_t(control)
+        ),
+        [tenant_id, limit],
+    )
+    return [Job(**r) for r in await cur.fetchall()]  # type: ignore[arg-type]
+
+
+async def history(conn: Conn, control: str, namespace: str, name: str) -> list[dict[str, Any]]:
+    """All jobs of every incarnation of a tenant name, oldest first (for the CLI)."""
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT j.id::text AS id, j.kind, j.state, j.attempt, j.generation, j.detail, j.error, j.note,"
+            " j.started_at, j.finished_at, t.id::text AS tenant_id"
+            " FROM {jobs} j JOIN {tenants} t ON t.id = j.tenant_id"
+            " WHERE t.namespace = %s AND t.name = %s ORDER BY j.started_at"
+        ).format(jobs=_t(control), tenants=sql.SQL("{}.tenants").format(sql.Identifier(control))),
+        [namespace, name],
+    )
+    return list(await cur.fetchall())

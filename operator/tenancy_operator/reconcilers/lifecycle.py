@@ -1,0 +1,107 @@
+"""Lifecycle jobs around the risky steps of a tenant's reconcile.
+
+Each step (provision, migrate, suspend, ...) runs as a job recorded in the ledger. Transient
+database errors are retried inside the job with exponential backoff and jitter; a job that still
+fails counts one failed attempt, and the handler retries it later. After ``max_attempts`` failed
+attempts the step is *stalled*: it does not run again until an admin changes the
+``tenancy.dev/retry`` annotation, which buys exactly one more attempt, noted in the job record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import psycopg
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from tenancy_operator.db import jobs as ledger
+from tenancy_operator.db.targets import Conn
+from tenancy_operator.observability import metrics
+from tenancy_operator.reconcilers.errors import Retry
+
+RETRY_ANNOTATION = "tenancy.dev/retry"
+T = TypeVar("T")
+
+# Worth another try within the same attempt: the next try usually succeeds.
+TRANSIENT = (
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.LockNotAvailable,
+)
+
+
+class JobFailed(Exception):
+    """A job attempt failed; ``stalled`` when no further attempt will run on its own."""
+
+    def __init__(self, kind: str, error: str, attempt: int, stalled: bool) -> None:
+        super().__init__(f"{kind} job failed (attempt {attempt}): {error}")
+        self.kind = kind
+        self.error = error
+        self.attempt = attempt
+        self.stalled = stalled
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, psycopg.Error) and exc.diag.message_primary:
+        return f"{type(exc).__name__}: {exc.diag.message_primary}"
+    return str(exc) or type(exc).__name__
+
+
+class JobGate:
+    def __init__(
+        self, conn: Conn, control: str, tenant_id: str, *, generation: int | None, retry_token: str | None,
+        max_attempts: int, backoff_max: float = 5.0,
+    ) -> None:
+        self.conn = conn
+        self.control = control
+        self.tenant_id = tenant_id
+        self.generation = generation
+        self.retry_token = retry_token or None
+        self.max_attempts = max_attempts
+        self.backoff_max = backoff_max
+
+    async def run(self, kind: str, step: Callable[[], Awaitable[T]], *, detail: str | None = None) -> T:
+        streak = await ledger.failed_streak(self.conn, self.control, self.tenant_id, kind)
+        note = token = None
+        if len(streak) >= self.max_attempts:
+            used = {j.retry_token for j in streak if j.retry_token}
+            if self.retry_token is None or self.retry_token in used:
+                raise JobFailed(kind, streak[0].error or "failed", len(streak), stalled=True)
+            token = self.retry_token
+            note = f"retried by admin override ({RETRY_ANNOTATION}={token})"
+        attempt = len(streak) + 1
+        job_id = await ledger.start(self.conn, self.control, self.tenant_id, kind, attempt=attempt,
+                                    generation=self.generation, detail=detail, retry_token=token, note=note)
+        metrics.LIFECYCLE_JOBS_RUNNING.labels(job=kind).inc()
+        started = time.monotonic()
+        try:
+            async for try_ in AsyncRetrying(
+                retry=retry_if_exception_type(TRANSIENT), stop=stop_after_attempt(4),
+                wait=wait_exponential_jitter(initial=0.2, max=self.backoff_max), reraise=True,
+            ):
+                with try_:
+                    result = await step()
+        except Retry:
+            raise  # infrastructure trouble, not this job's failure; the row is abandoned on the next pass
+        except Exception as exc:
+            if isinstance(exc, psycopg.OperationalError) and self.conn.broken:
+                raise  # the operator's own connection went away: same
+            return await self._failed(job_id, kind, attempt, exc, token, started)
+        finally:
+            metrics.LIFECYCLE_JOBS_RUNNING.labels(job=kind).dec()
+        await ledger.finish(self.conn, self.control, job_id, ok=True)
+        metrics.LIFECYCLE_JOBS.labels(job=kind, result="succeeded").inc()
+        metrics.LIFECYCLE_JOB_DURATION.labels(job=kind).observe(time.monotonic() - started)
+        return result
+
+    async def _failed(self, job_id: str, kind: str, attempt: int, exc: BaseException, token: str | None,
+                      started: float) -> T:
+        error = describe(exc)
+        await ledger.finish(self.conn, self.control, job_id, ok=False, error=error)
+        metrics.LIFECYCLE_JOBS.labels(job=kind, result="failed").inc()
+        metrics.LIFECYCLE_JOB_FAILURES.labels(job=kind).inc()
+        metrics.LIFECYCLE_JOB_DURATION.labels(job=kind).observe(time.monotonic() - started)
+        stalled = attempt >= self.max_attempts
+        raise JobFailed(kind, error, attempt, stalled=stalled) from exc
