@@ -39,14 +39,24 @@ def _crds(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["jobs"]:
+        from tenancy_operator.jobs_cli import main as jobs_main
+
+        return jobs_main(argv[1:])
     if argv[:1] == ["dev"]:
         from tenancy_operator.devenv.cli import main as dev_main
 
         return dev_main(argv[1:])
+    if argv[:1] == ["flags"]:
+        from tenancy_operator.flags.cli import main as flags_main
+
+        return flags_main(argv[1:])
     parser = argparse.ArgumentParser(prog="tenancy-operator", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the operator (configured by TENANCY_* environment variables)")
     sub.add_parser("dev", help="local stack: dev up | down | run | status")
+    sub.add_parser("flags", help="feature flags in Postgres: flags eval | export | history")
+    sub.add_parser("jobs", help="a tenant's lifecycle job history: jobs <tenant> [-n namespace]")
     crds = sub.add_parser("crds", help="write the CRD YAML generated from the API models")
     crds.add_argument("--output", default=str(REPO_ROOT / "crds"))
     args = parser.parse_args(argv)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
+import socket
 from typing import Any
 
 import kopf
@@ -18,8 +20,9 @@ from tenancy_operator.k8s.client import Kube
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.events import EventRecorder
 from tenancy_operator.observability.logging import get_logger
+from tenancy_operator.peering import PeeringGate
 from tenancy_operator.runtime_context import OperatorContext
-from tenancy_operator.sweep import Sweeper
+from tenancy_operator.sweep import FINALIZER, Sweeper
 
 log = get_logger(__name__)
 # Each kind's handler module has ``register(registry)`` and ``create_service(ctx)``; a service
@@ -48,7 +51,7 @@ def build_registry() -> kopf.OperatorRegistry:
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         cfg: Settings = memo.settings
         # Our own storage keys: changing them later would re-run handlers on every object.
-        settings.persistence.finalizer = f"{PREFIX}/finalizer"
+        settings.persistence.finalizer = FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=STORAGE_PREFIX)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=STORAGE_PREFIX, key="last-handled-configuration"
@@ -79,10 +82,15 @@ def build_registry() -> kopf.OperatorRegistry:
                 log.warning("control schema not migrated yet", target=target, error=type(exc).__name__)
         memo.ctx = ctx
         memo.services = {module.KIND: module.create_service(ctx) for module in HANDLER_MODULES}
-        memo.background = [asyncio.create_task(Sweeper(ctx, memo.services["Tenant"]).run_forever(), name="sweep")]
+        loops = {"sweep": Sweeper(ctx, memo.services["Tenant"]).run_forever}
         for kind, service in memo.services.items():
             if hasattr(service, "run_forever"):
-                memo.background.append(asyncio.create_task(service.run_forever(), name=f"{kind}-loop"))
+                loops[f"{kind}-loop"] = service.run_forever
+        if cfg.peering_name:  # a standby's loops pause as Kopf pauses its handlers
+            gate = PeeringGate(kube, cfg.peering_name, cfg.namespace_list, memo.peer_identity, memo.peer_priority)
+            memo.background = [asyncio.create_task(gate.run_while_leading(loops), name="peering-gate")]
+        else:
+            memo.background = [asyncio.create_task(run(), name=name) for name, run in loops.items()]
         log.info("operator started", targets=sorted(cfg.targets), namespaces=cfg.namespace_list or "all")
 
     @kopf.on.cleanup(registry=registry)
@@ -115,11 +123,20 @@ def build_registry() -> kopf.OperatorRegistry:
 async def run_operator(cfg: Settings) -> None:
     metrics.start_metrics_server(cfg.metrics_port, cfg.bind_address)
     namespaces = cfg.namespace_list
+    memo = kopf.Memo(settings=cfg)
+    peering: dict[str, Any] = {}
+    if cfg.peering_name:  # active/standby: the replica with the highest priority works, the others wait
+        memo.peer_priority = (
+            cfg.peering_priority if cfg.peering_priority is not None else secrets.randbelow(1 << 30) + 1
+        )
+        memo.peer_identity = os.environ.get("POD_ID") or f"{socket.gethostname()}/{secrets.token_hex(4)}"
+        peering = {"peering_name": cfg.peering_name, "priority": memo.peer_priority, "identity": memo.peer_identity}
     await kopf.operator(
         registry=build_registry(),
-        memo=kopf.Memo(settings=cfg),
+        memo=memo,
         clusterwide=not namespaces,
         namespaces=namespaces,
         liveness_endpoint=f"http://{cfg.bind_address}:{cfg.health_port}/healthz",
-        standalone=True,
+        standalone=not cfg.peering_name,
+        **peering,
     )

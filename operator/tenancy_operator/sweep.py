@@ -24,6 +24,7 @@ from tenancy_operator.reconcilers.tenant import MANAGED_BY, TENANT_LABEL, purge_
 from tenancy_operator.runtime_context import OperatorContext
 
 log = get_logger(__name__)
+FINALIZER = "tenancy.dev/finalizer"
 
 
 def _ready(body: dict[str, Any]) -> bool:
@@ -82,7 +83,10 @@ class Sweeper:
         by_target: dict[str, list[tuple[dict[str, Any], TenantSpec, str]]] = defaultdict(list)
         todo: list[dict[str, Any]] = []
         for body in bodies:
-            if body["metadata"].get("deletionTimestamp"):
+            meta = body["metadata"]
+            # Only objects Kopf has taken on (our finalizer is set): reconciling one before that would
+            # make it Ready with nothing to stop its deletion from skipping the deletion policy.
+            if meta.get("deletionTimestamp") or FINALIZER not in (meta.get("finalizers") or []):
                 continue
             spec = TenantSpec.model_validate(body.get("spec") or {})
             try:

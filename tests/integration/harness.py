@@ -79,7 +79,7 @@ class OperatorProcess:
             "TENANCY_BIND_ADDRESS": "127.0.0.1",
             "TENANCY_SWEEP_INTERVAL_SECONDS": str(self.sweep_interval),
             "TENANCY_ARCHIVE_DIR": str(self.workdir / "archive"),
-            "TENANCY_LOG_LEVEL": "INFO",
+            "TENANCY_LOG_LEVEL": os.environ.get("TENANCY_TEST_LOG_LEVEL", "INFO"),
             **self.extra_env,
         }
 

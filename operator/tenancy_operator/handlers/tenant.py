@@ -84,6 +84,22 @@ class TenantService:
     def __init__(self, ctx: OperatorContext) -> None:
         self.ctx = ctx
         self.reconciler = TenantReconciler(ctx)
+        # (namespace, template ConfigMap) -> tenants using it, kept by the reconciles themselves, so
+        # a ConfigMap event costs a dict lookup. (A Kopf index would make every ConfigMap worker wait
+        # for index readiness, which starved the operator at start-up with many ConfigMaps.)
+        self._template_users: dict[tuple[str, str], set[str]] = {}
+
+    def uses_template(self, namespace: str, template: str) -> bool:
+        return bool(self._template_users.get((namespace, template)))
+
+    def _track_template(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
+        meta = body["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        for key in [k for k in self._template_users if k[0] == namespace]:
+            self._template_users[key].discard(name)
+        template = (body.get("spec") or {}).get("schemaTemplate")
+        if template and not deleted:
+            self._template_users.setdefault((namespace, template), set()).add(name)
 
     async def write_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
         if status_differs(body.get("status"), status):
@@ -95,6 +111,7 @@ class TenantService:
         meta = body["metadata"]
         key = _key(body)
         metrics.PENDING.add(KIND, key)
+        self._track_template(body)
         if not body.get("status"):  # first sight: tell GitOps tools we are working on it
             generation = int(meta.get("generation") or 0)
             await self.write_status(body, {
@@ -169,6 +186,7 @@ class TenantService:
                 raise kopf.TemporaryError(message, delay=backoff(retry)) from exc
         for type_, reason, message in evs:
             self.ctx.events.post(body, type_, reason, message)
+        self._track_template(body, deleted=True)
         metrics.PENDING.discard(KIND, key)
         self.ctx.locks.pop((KIND, meta["namespace"], meta["name"]), None)
 
@@ -229,17 +247,10 @@ def register(registry: kopf.OperatorRegistry) -> None:
     async def tenant_delete(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
         await service(memo).delete(body, retry)
 
-    @kopf.index(GROUP, VERSION, PLURAL, registry=registry, id="templates")
-    def templates_index(namespace: str | None, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], None] | None:
-        """(namespace, template ConfigMap) pairs in use, so ConfigMap events cost a dict lookup."""
-        template = spec.get("schemaTemplate")
-        return {(namespace or "", template): None} if template else None
-
     @kopf.on.event("", "v1", "configmaps", registry=registry, id="template-changed")
     async def template_changed(type: str, body: kopf.Body, namespace: str | None, name: str,
-                               memo: kopf.Memo, **kwargs: Any) -> None:
-        templates: kopf.Index[tuple[str, str], None] = kwargs["templates"]
+                               memo: kopf.Memo, **_: Any) -> None:
         # type is None for the initial listing at start-up: resume handlers cover that case.
-        if type not in ("ADDED", "MODIFIED") or (namespace or "", name) not in templates:
+        if type not in ("ADDED", "MODIFIED") or not service(memo).uses_template(namespace or "", name):
             return
         await service(memo).migrate_fleet(namespace or "", name, body)
