@@ -24,6 +24,11 @@ class OperatorContext:
         default_factory=lambda: defaultdict(asyncio.Lock)
     )
     control_ready: set[str] = field(default_factory=set)
+    # Tenant migrations running at once, process-wide (each holds a tenant login, not a pool slot).
+    migration_slots: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.migration_slots = asyncio.Semaphore(self.settings.migration_concurrency)
 
     async def ensure_control_schema(self, target: str) -> None:
         """Migrate a target's control schema once per process, lazily: a target that was down

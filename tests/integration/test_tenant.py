@@ -250,7 +250,7 @@ def test_unknown_database_and_second_target(
         ),
         (
             "ALTER ROLE tenant_drift_2 SET search_path = public",
-            "SELECT rolconfig = '{search_path=tenant_drift_2}' FROM pg_roles WHERE rolname = 'tenant_drift_2'",
+            "SELECT 'search_path=tenant_drift_2' = ANY(rolconfig) FROM pg_roles WHERE rolname = 'tenant_drift_2'",
             "search-path",
         ),
     ],

@@ -25,6 +25,7 @@ class DatabaseUnavailable(Exception):
 
 
 Conn = psycopg.AsyncConnection[dict[str, object]]
+Pool = AsyncConnectionPool[Conn]
 
 
 class DatabaseTargets:

@@ -9,8 +9,10 @@ attempts the step is *stalled*: it does not run again until an admin changes the
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
 import psycopg
@@ -49,12 +51,23 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+Connector = Callable[[], AbstractAsyncContextManager[Conn]]
+
+
+def using(conn: Conn) -> Connector:
+    """A connector that hands out a connection already held (no second pool checkout)."""
+    return lambda: contextlib.nullcontext(conn)
+
+
 class JobGate:
+    """Runs steps as jobs. Ledger writes go through ``connect``: a held connection while the
+    reconcile holds one anyway, or short pool checkouts around long steps that need none."""
+
     def __init__(
-        self, conn: Conn, control: str, tenant_id: str, *, generation: int | None, retry_token: str | None,
-        max_attempts: int, backoff_max: float = 5.0,
+        self, connect: Connector, control: str, tenant_id: str, *, generation: int | None,
+        retry_token: str | None, max_attempts: int, backoff_max: float = 5.0,
     ) -> None:
-        self.conn = conn
+        self.connect = connect
         self.control = control
         self.tenant_id = tenant_id
         self.generation = generation
@@ -63,7 +76,8 @@ class JobGate:
         self.backoff_max = backoff_max
 
     async def run(self, kind: str, step: Callable[[], Awaitable[T]], *, detail: str | None = None) -> T:
-        streak = await ledger.failed_streak(self.conn, self.control, self.tenant_id, kind)
+        async with self.connect() as conn:
+            streak = await ledger.failed_streak(conn, self.control, self.tenant_id, kind)
         note = token = None
         if len(streak) >= self.max_attempts:
             used = {j.retry_token for j in streak if j.retry_token}
@@ -72,8 +86,9 @@ class JobGate:
             token = self.retry_token
             note = f"retried by admin override ({RETRY_ANNOTATION}={token})"
         attempt = len(streak) + 1
-        job_id = await ledger.start(self.conn, self.control, self.tenant_id, kind, attempt=attempt,
-                                    generation=self.generation, detail=detail, retry_token=token, note=note)
+        async with self.connect() as conn:
+            job_id = await ledger.start(conn, self.control, self.tenant_id, kind, attempt=attempt,
+                                        generation=self.generation, detail=detail, retry_token=token, note=note)
         metrics.LIFECYCLE_JOBS_RUNNING.labels(job=kind).inc()
         started = time.monotonic()
         try:
@@ -86,12 +101,13 @@ class JobGate:
         except Retry:
             raise  # infrastructure trouble, not this job's failure; the row is abandoned on the next pass
         except Exception as exc:
-            if isinstance(exc, psycopg.OperationalError) and self.conn.broken:
-                raise  # the operator's own connection went away: same
+            if isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None:
+                raise  # no server answer (connection refused or lost): same, not a job failure
             return await self._failed(job_id, kind, attempt, exc, token, started)
         finally:
             metrics.LIFECYCLE_JOBS_RUNNING.labels(job=kind).dec()
-        await ledger.finish(self.conn, self.control, job_id, ok=True)
+        async with self.connect() as conn:
+            await ledger.finish(conn, self.control, job_id, ok=True)
         metrics.LIFECYCLE_JOBS.labels(job=kind, result="succeeded").inc()
         metrics.LIFECYCLE_JOB_DURATION.labels(job=kind).observe(time.monotonic() - started)
         return result
@@ -99,7 +115,8 @@ class JobGate:
     async def _failed(self, job_id: str, kind: str, attempt: int, exc: BaseException, token: str | None,
                       started: float) -> T:
         error = describe(exc)
-        await ledger.finish(self.conn, self.control, job_id, ok=False, error=error)
+        async with self.connect() as conn:
+            await ledger.finish(conn, self.control, job_id, ok=False, error=error)
         metrics.LIFECYCLE_JOBS.labels(job=kind, result="failed").inc()
         metrics.LIFECYCLE_JOB_FAILURES.labels(job=kind).inc()
         metrics.LIFECYCLE_JOB_DURATION.labels(job=kind).observe(time.monotonic() - started)

@@ -26,10 +26,10 @@ from tenancy_operator.db import archives as archive_sql
 from tenancy_operator.db import jobs as ledger
 from tenancy_operator.db import tenant_migrations as tm
 from tenancy_operator.db import tenants as sqlt
-from tenancy_operator.db.targets import Conn, UnknownTarget
+from tenancy_operator.db.targets import Conn, Pool, UnknownTarget
 from tenancy_operator.observability import metrics
 from tenancy_operator.reconcilers.errors import Retry
-from tenancy_operator.reconcilers.lifecycle import RETRY_ANNOTATION, JobFailed, JobGate
+from tenancy_operator.reconcilers.lifecycle import RETRY_ANNOTATION, Connector, JobFailed, JobGate, using
 from tenancy_operator.runtime_context import OperatorContext
 
 ROTATE_ANNOTATION = "tenancy.dev/rotate-credentials"
@@ -88,10 +88,11 @@ class TenantReconciler:
     def control(self) -> str:
         return self.ctx.settings.control_schema
 
-    def _gate(self, conn: Conn, body: Mapping[str, Any], tenant_id: str, *, max_attempts: int | None = None) -> JobGate:
+    def _gate(self, connect: Connector, body: Mapping[str, Any], tenant_id: str, *,
+              max_attempts: int | None = None) -> JobGate:
         meta = body["metadata"]
         return JobGate(
-            conn, self.control, tenant_id, generation=meta.get("generation"),
+            connect, self.control, tenant_id, generation=meta.get("generation"),
             retry_token=(meta.get("annotations") or {}).get(RETRY_ANNOTATION),
             max_attempts=max_attempts or self.ctx.settings.job_max_attempts,
         )
@@ -112,12 +113,23 @@ class TenantReconciler:
             )
         try:
             await self.ctx.ensure_control_schema(spec.database)
+            # Three phases, so that no pool connection is held while a tenant migration runs over
+            # the tenant's own login: slow migrations cannot starve every other tenant of the pool.
             async with pool.connection() as conn:
-                return await self._reconcile_in(conn, body, spec, ident)
+                out, row, plan = await self._reconcile_in(conn, body, spec, ident)
+            if row is None:
+                return out
+            if plan is not None:
+                await self._run_migrations(pool, body, ident, row, plan, out)
+            async with pool.connection() as conn:
+                await self._finish(conn, body, spec, ident, row, out)
+            return out
         except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
             raise Retry("DatabaseUnavailable", f"database {spec.database!r} unavailable: {type(exc).__name__}") from exc
 
-    async def _reconcile_in(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str) -> Outcome:
+    async def _reconcile_in(
+        self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str
+    ) -> tuple[Outcome, sqlt.RegistryRow | None, MigrationPlan | None]:
         meta = body["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid", "")
         suspended = _enum(spec.state) == "Suspended"
@@ -139,18 +151,22 @@ class TenantReconciler:
                 f"schema {ident} already belongs to tenant {row.namespace}/{row.name} on database "
                 f"{spec.database!r}; rename this Tenant or use another database target",
                 "Failed", stalled=True,
-            )
+            ), None, None
         out.tenant_id = row.id
         await ledger.abandon_running(conn, self.control, row.id)
+        plan = None
         try:
-            await self._converge(conn, body, spec, ident, row, out)
+            plan = await self._converge(conn, body, spec, ident, row, out)
         except JobFailed as exc:
-            out.fail(JOB_REASONS[exc.kind], str(exc) if not exc.stalled else
-                     f"{exc.kind} failed {exc.attempt} time(s), not retrying on its own: {exc.error}. "
-                     f"Fix the cause, then annotate {RETRY_ANNOTATION}=<new value> to retry once.",
-                     stalled=exc.stalled, retry=not exc.stalled)
-        if out.schema_version is None:
-            out.schema_version = _latest(await tm.applied(conn, ident))
+            _job_failed(out, exc)
+        return out, row, plan
+
+    async def _finish(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
+                      row: sqlt.RegistryRow, out: Outcome) -> None:
+        meta = body["metadata"]
+        uid = meta.get("uid", "")
+        suspended = _enum(spec.state) == "Suspended"
+        out.schema_version = _latest(await tm.applied(conn, ident))  # what is really applied, now
         if out.ready:
             await sqlt.update_row(
                 conn, self.control, row.id, uid=uid, tier=_enum(spec.tier), display_name=spec.display_name,
@@ -173,14 +189,13 @@ class TenantReconciler:
             out.events.append(("Warning", "SchemaRecreated",
                                f"schema {ident} was dropped outside the operator and was re-created EMPTY: "
                                "its data is gone; restore from a backup"))
-        return out
 
     async def _converge(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
-                        row: sqlt.RegistryRow, out: Outcome) -> None:
+                        row: sqlt.RegistryRow, out: Outcome) -> MigrationPlan | None:
         suspended = _enum(spec.state) == "Suspended"
         was_provisioned = row.provisioned_at is not None
         revived = row.state == "deleted"
-        gate = self._gate(conn, body, row.id)
+        gate = self._gate(using(conn), body, row.id)
         obs = (await sqlt.observe(conn, [ident]))[ident]
 
         if not was_provisioned:
@@ -198,7 +213,7 @@ class TenantReconciler:
         if spec.restore_from:
             await self._restore(conn, gate, body, spec, ident, row, out)
             if not out.ready:
-                return
+                return None
 
         password, action = await self._ensure_secret(conn, body, spec, ident, role_created=not obs.role_exists,
                                                      gate=gate)
@@ -222,7 +237,7 @@ class TenantReconciler:
                 if was_provisioned:
                     out.repairs.append("login")
 
-        await self._migrate(conn, gate, body, spec, ident, row.id, password, out)
+        return await self._plan_migrations(conn, body, spec, ident, password, out)
 
     async def _set_login(self, conn: Conn, ident: str, login: bool) -> int:
         await sqlt.set_login(conn, ident, login)
@@ -380,48 +395,59 @@ class TenantReconciler:
 
     # --- migrations ------------------------------------------------------------------------
 
-    async def _migrate(
-        self, conn: Conn, gate: JobGate, body: Mapping[str, Any], spec: TenantSpec, ident: str, tenant_id: str,
-        password: str, out: Outcome,
-    ) -> None:
+    async def _plan_migrations(
+        self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, password: str, out: Outcome,
+    ) -> MigrationPlan | None:
         wanted = await self._template(body, spec, out)
         if wanted is None:
-            return
+            return None
         done = await tm.applied(conn, ident)
         try:
             todo = tm.pending(wanted, done)
         except tm.ChecksumMismatch as exc:
             out.fail("MigrationChecksumMismatch", str(exc), stalled=True)
-            return
+            return None
         out.schema_version = _latest(done)
         if not todo:
-            return
+            return None
         if _enum(spec.state) == "Suspended":
             out.message = f"{len(todo)} migration(s) wait until the tenant is Active again"
-            return
+            return None
         info = self.ctx.targets.conninfo(spec.database)
         dsn = psycopg.conninfo.make_conninfo(
             self.ctx.targets.dsns[spec.database], user=ident, password=password,
             host=info.get("host"), port=info.get("port"),
         )
+        return MigrationPlan(todo, dsn, password)
+
+    async def _run_migrations(self, pool: Pool, body: Mapping[str, Any], ident: str, row: sqlt.RegistryRow,
+                              plan: MigrationPlan, out: Outcome) -> None:
+        """Apply pending migrations over the tenant's login; pool connections only for bookkeeping."""
+        gate = self._gate(pool.connection, body, row.id)
 
         async def migrate() -> list[str]:
             try:
-                return await self._apply(dsn, ident, todo)
+                return await self._apply(plan.dsn, ident, plan.todo)
             except psycopg.OperationalError as exc:
                 if "authentication failed" not in str(exc):
                     raise
                 # The role's password was changed behind our back: the Secret is the truth.
-                await sqlt.set_password(conn, ident, password)
+                async with pool.connection() as conn:
+                    await sqlt.set_password(conn, ident, plan.password)
                 out.repairs.append("password")
-                return await self._apply(dsn, ident, todo)
+                return await self._apply(plan.dsn, ident, plan.todo)
             finally:
-                await tm.mirror(conn, self.control, tenant_id, ident)
+                async with pool.connection() as conn:
+                    await tm.mirror(conn, self.control, row.id, ident)
 
-        applied = await gate.run("migrate", migrate, detail=", ".join(m.version for m in todo))
+        try:
+            async with self.ctx.migration_slots:
+                applied = await gate.run("migrate", migrate, detail=", ".join(m.version for m in plan.todo))
+        except JobFailed as exc:
+            _job_failed(out, exc)
+            return
         for v in applied:
             out.events.append(("Normal", "MigrationApplied", f"applied {v}"))
-        out.schema_version = _latest(await tm.applied(conn, ident))
 
     async def _apply(self, dsn: str, ident: str, todo: list[tm.Migration]) -> list[str]:
         return await tm.apply_as_tenant(
@@ -465,7 +491,7 @@ class TenantReconciler:
                 if row is not None and (row.namespace, row.name) == (namespace, name):
                     await ledger.abandon_running(conn, self.control, row.id)
                     # Deletion keeps trying on its own (until it can), so no stall here.
-                    gate = self._gate(conn, body, row.id, max_attempts=1_000_000)
+                    gate = self._gate(using(conn), body, row.id, max_attempts=1_000_000)
                     obs = (await sqlt.observe(conn, [ident]))[ident]
                     if obs.role_exists:
                         await sqlt.set_login(conn, ident, False)
@@ -523,7 +549,8 @@ async def purge_expired_archives(ctx: OperatorContext, target: str) -> list[str]
     purged: list[str] = []
     async with ctx.targets.pool(target).connection() as conn:
         for row in await archive_sql.expired(conn, control):
-            gate = JobGate(conn, control, row.tenant_id, generation=None, retry_token=None, max_attempts=1_000_000)
+            gate = JobGate(using(conn), control, row.tenant_id, generation=None, retry_token=None,
+                           max_attempts=1_000_000)
 
             async def purge(row: archive_sql.ArchiveRow = row) -> None:
                 await archive.purge(Path(row.path))
@@ -535,6 +562,20 @@ async def purge_expired_archives(ctx: OperatorContext, target: str) -> list[str]
             except JobFailed:
                 continue  # counted and logged in the ledger; tried again at the next sweep
     return purged
+
+
+@dataclass(frozen=True)
+class MigrationPlan:
+    todo: list[tm.Migration]
+    dsn: str
+    password: str
+
+
+def _job_failed(out: Outcome, exc: JobFailed) -> None:
+    out.fail(JOB_REASONS[exc.kind], str(exc) if not exc.stalled else
+             f"{exc.kind} failed {exc.attempt} time(s), not retrying on its own: {exc.error}. "
+             f"Fix the cause, then annotate {RETRY_ANNOTATION}=<new value> to retry once.",
+             stalled=exc.stalled, retry=not exc.stalled)
 
 
 class ArchiveBlocked(Exception):
