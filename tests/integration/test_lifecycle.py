@@ -34,14 +34,17 @@ def ledger(stack: LocalStack, namespace: str, name: str, kind: str) -> list[tupl
         return conn.execute(
             "SELECT j.state, j.attempt, j.error, j.note, j.retry_token FROM tenancy.lifecycle_jobs j"
             " JOIN tenancy.tenants t ON t.id = j.tenant_id WHERE t.namespace = %s AND t.name = %s AND j.kind = %s"
-            " ORDER BY j.started_at", [namespace, name, kind]).fetchall()
+            " ORDER BY j.started_at",
+            [namespace, name, kind],
+        ).fetchall()
 
 
 INIT = "CREATE TABLE accounts (id int PRIMARY KEY); CREATE TABLE migration_runs (version text);"
 
 
 def test_fleet_migration_isolates_the_failing_tenant_then_admin_retry_fixes_it(
-        stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str) -> None:
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
     names = [f"fleet-{i}" for i in range(5)]
     set_template(cluster, namespace, "fleet-schema", {"0001_init.sql": INIT})
     for n in names:
@@ -52,14 +55,22 @@ def test_fleet_migration_isolates_the_failing_tenant_then_admin_retry_fixes_it(
     with connect(cluster.secret_data(namespace, "fleet-3-db")["uri"]) as conn:
         conn.execute("CREATE TABLE invoices (legacy text)")
 
-    set_template(cluster, namespace, "fleet-schema", {
-        "0001_init.sql": INIT,
-        "0002_invoices.sql": "CREATE TABLE invoices (id int PRIMARY KEY, total numeric);"
-                             " INSERT INTO migration_runs VALUES ('0002');",
-    })
+    set_template(
+        cluster,
+        namespace,
+        "fleet-schema",
+        {
+            "0001_init.sql": INIT,
+            "0002_invoices.sql": "CREATE TABLE invoices (id int PRIMARY KEY, total numeric);"
+            " INSERT INTO migration_runs VALUES ('0002');",
+        },
+    )
     healthy = [n for n in names if n != "fleet-3"]
-    eventually(lambda: set(versions(cluster, namespace, healthy).values()) == {"0002_invoices"}, timeout=60,
-               what="every other tenant reached 0002_invoices")
+    eventually(
+        lambda: set(versions(cluster, namespace, healthy).values()) == {"0002_invoices"},
+        timeout=60,
+        what="every other tenant reached 0002_invoices",
+    )
     # The failing tenant is marked, retried with backoff, then stalled: it no longer retries on its own.
     obj = cluster.wait_condition(PLURAL, namespace, "fleet-3", type_="Stalled", status="True", timeout=90)
     ready = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
@@ -73,9 +84,14 @@ def test_fleet_migration_isolates_the_failing_tenant_then_admin_retry_fixes_it(
     assert operator.metric("lifecycle_job_failures_total", job="migrate") >= 3
     assert eventually(lambda: cluster.has_event(namespace, "fleet-3", "MigrationFailed", "Warning"))
     # A summary of the rollout on the ConfigMap itself.
-    summary = eventually(lambda: [e for e in cluster.events(namespace, "fleet-schema")
-                                  if e["reason"] == "FleetMigration" and "failed: fleet-3" in e["message"]],
-                         what="FleetMigration summary Event naming the failed tenant")
+    summary = eventually(
+        lambda: [
+            e
+            for e in cluster.events(namespace, "fleet-schema")
+            if e["reason"] == "FleetMigration" and "failed: fleet-3" in e["message"]
+        ],
+        what="FleetMigration summary Event naming the failed tenant",
+    )
     assert "4 at 0002_invoices" in summary[-1]["message"]
 
     # The admin fixes the cause and asks for one more attempt.
@@ -92,44 +108,67 @@ def test_fleet_migration_isolates_the_failing_tenant_then_admin_retry_fixes_it(
         assert sql_value(stack.admin_dsn(), f"SELECT count(*) FROM {schema}.migration_runs") == 1
 
     # The jobs CLI shows the history a person needs.
-    out = subprocess.run([sys.executable, "-m", "tenancy_operator", "jobs", "fleet-3", "-n", namespace,
-                          "--dsn", stack.admin_dsn()], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "tenancy_operator", "jobs", "fleet-3", "-n", namespace, "--dsn", stack.admin_dsn()],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "provision" in out and "migrate" in out and "failed" in out and "admin override" in out
 
 
 def test_operator_killed_during_fleet_migration_finishes_after_restart(
-        stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str) -> None:
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
     names = [f"crash-{i}" for i in range(8)]
     set_template(cluster, namespace, "crash-schema", {"0001_init.sql": INIT})
     for n in names:
         cluster.create(PLURAL, namespace, tenant(n, schemaTemplate="crash-schema"))
     for n in names:
         cluster.wait_condition(PLURAL, namespace, n)
-    set_template(cluster, namespace, "crash-schema", {
-        "0001_init.sql": INIT,
-        "0002_slow.sql": "SELECT pg_sleep(0.4); CREATE TABLE ledger (id int);"
-                         " INSERT INTO migration_runs VALUES ('0002');",
-    })
+    set_template(
+        cluster,
+        namespace,
+        "crash-schema",
+        {
+            "0001_init.sql": INIT,
+            "0002_slow.sql": "SELECT pg_sleep(0.4); CREATE TABLE ledger (id int);"
+            " INSERT INTO migration_runs VALUES ('0002');",
+        },
+    )
     admin = stack.admin_dsn()
-    count_migrated = ("SELECT count(*) FROM tenancy.tenant_migrations m JOIN tenancy.tenants t ON t.id = m.tenant_id"
-                      " WHERE t.namespace = %s AND m.version = '0002_slow'")
+    count_migrated = (
+        "SELECT count(*) FROM tenancy.tenant_migrations m JOIN tenancy.tenants t ON t.id = m.tenant_id"
+        " WHERE t.namespace = %s AND m.version = '0002_slow'"
+    )
     # Kill it once the rollout is under way but not finished.
-    eventually(lambda: sql_value(admin, "SELECT count(*) FROM pg_stat_activity"
-                                 " WHERE application_name = 'tenancy-operator-migrate'") > 0,
-               interval=0.02, what="a migration is running")
+    eventually(
+        lambda: (
+            sql_value(
+                admin, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tenancy-operator-migrate'"
+            )
+            > 0
+        ),
+        interval=0.02,
+        what="a migration is running",
+    )
     operator.kill()
     done_at_kill = sql_value(admin, count_migrated, [namespace])
     assert done_at_kill < len(names), "the kill came too late to test anything"
     operator.start()
-    eventually(lambda: set(versions(cluster, namespace, names).values()) == {"0002_slow"}, timeout=90,
-               what="every tenant at 0002_slow after the restart")
+    eventually(
+        lambda: set(versions(cluster, namespace, names).values()) == {"0002_slow"},
+        timeout=90,
+        what="every tenant at 0002_slow after the restart",
+    )
     for n in names:
         schema = "tenant_" + n.replace("-", "_")
         assert sql_value(admin, f"SELECT count(*) FROM {schema}.migration_runs") == 1, n
 
 
-def test_archive_then_restore_brings_every_row_back(stack: LocalStack, cluster: Cluster, operator: OperatorProcess,
-                                                    namespace: str) -> None:
+def test_archive_then_restore_brings_every_row_back(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
     cluster.create(PLURAL, namespace, tenant("vault", deletionPolicy="Archive"))
     cluster.wait_condition(PLURAL, namespace, "vault")
     with connect(cluster.secret_data(namespace, "vault-db")["uri"]) as conn:
@@ -139,33 +178,47 @@ def test_archive_then_restore_brings_every_row_back(stack: LocalStack, cluster: 
     eventually(lambda: cluster.gone(PLURAL, namespace, "vault"), timeout=60, what="Tenant deleted after archive")
     admin = stack.admin_dsn()
     assert sql_value(admin, "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_vault'") == 0
-    row = connect(admin).execute("SELECT id, path, sha256 FROM tenancy.tenant_archives WHERE namespace = %s"
-                                 " AND name = 'vault'", [namespace]).fetchone()
+    row = (
+        connect(admin)
+        .execute(
+            "SELECT id, path, sha256 FROM tenancy.tenant_archives WHERE namespace = %s AND name = 'vault'", [namespace]
+        )
+        .fetchone()
+    )
     assert row is not None
     archive_id, path, sha = row
     dump = Path(path)
     assert dump.exists() and hashlib.sha256(dump.read_bytes()).hexdigest() == sha
     assert dump.with_suffix(".sha256").read_text().startswith(sha)
-    assert sql_value(admin, "SELECT state FROM tenancy.tenants WHERE namespace = %s AND name = 'vault'",
-                     [namespace]) == "archived"
+    assert (
+        sql_value(admin, "SELECT state FROM tenancy.tenants WHERE namespace = %s AND name = 'vault'", [namespace])
+        == "archived"
+    )
 
     cluster.create(PLURAL, namespace, tenant("vault", restoreFrom="latest"))
     cluster.wait_condition(PLURAL, namespace, "vault", timeout=60)
     with connect(cluster.secret_data(namespace, "vault-db")["uri"]) as conn:
         assert conn.execute("SELECT count(*), sum(id) FROM gold").fetchone() == (500, 125250)
         conn.execute("INSERT INTO gold VALUES (501, 'new')")  # owned by the tenant again
-    assert eventually(lambda: any(archive_id in e["message"] for e in cluster.events(namespace, "vault")
-                                  if e["reason"] == "Restored"))
+    assert eventually(
+        lambda: any(archive_id in e["message"] for e in cluster.events(namespace, "vault") if e["reason"] == "Restored")
+    )
 
 
-def test_restore_refuses_a_corrupted_archive(stack: LocalStack, cluster: Cluster, operator: OperatorProcess,
-                                             namespace: str) -> None:
+def test_restore_refuses_a_corrupted_archive(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
     cluster.create(PLURAL, namespace, tenant("cracked", deletionPolicy="Archive"))
     cluster.wait_condition(PLURAL, namespace, "cracked")
     cluster.delete(PLURAL, namespace, "cracked")
     eventually(lambda: cluster.gone(PLURAL, namespace, "cracked"), timeout=60, what="archived")
-    path = Path(sql_value(stack.admin_dsn(), "SELECT path FROM tenancy.tenant_archives WHERE namespace = %s"
-                          " AND name = 'cracked'", [namespace]))
+    path = Path(
+        sql_value(
+            stack.admin_dsn(),
+            "SELECT path FROM tenancy.tenant_archives WHERE namespace = %s AND name = 'cracked'",
+            [namespace],
+        )
+    )
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -174,8 +227,9 @@ def test_restore_refuses_a_corrupted_archive(stack: LocalStack, cluster: Cluster
     assert "checksum mismatch" in next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")["message"]
 
 
-def test_unwritable_archive_location_blocks_the_drop(stack: LocalStack, cluster: Cluster, operator: OperatorProcess,
-                                                     namespace: str) -> None:
+def test_unwritable_archive_location_blocks_the_drop(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
     cluster.create(PLURAL, namespace, tenant("stuck", deletionPolicy="Archive"))
     cluster.wait_condition(PLURAL, namespace, "stuck")
     with connect(cluster.secret_data(namespace, "stuck-db")["uri"]) as conn:
@@ -187,8 +241,13 @@ def test_unwritable_archive_location_blocks_the_drop(stack: LocalStack, cluster:
     blocker.write_text("not a directory")
     try:
         cluster.delete(PLURAL, namespace, "stuck")
-        cond = eventually(lambda: (c := cluster.condition(PLURAL, namespace, "stuck", "Ready")).get("reason")
-                          == "ArchiveFailed" and c, timeout=60, what="ArchiveFailed condition while deleting")
+        cond = eventually(
+            lambda: (
+                (c := cluster.condition(PLURAL, namespace, "stuck", "Ready")).get("reason") == "ArchiveFailed" and c
+            ),
+            timeout=60,
+            what="ArchiveFailed condition while deleting",
+        )
         assert "nothing was dropped" in cond["message"]
         assert cluster.get(PLURAL, namespace, "stuck")["status"]["phase"] == "Deleting"
         assert eventually(lambda: cluster.has_event(namespace, "stuck", "ArchiveFailed", "Warning"))
@@ -196,29 +255,49 @@ def test_unwritable_archive_location_blocks_the_drop(stack: LocalStack, cluster:
     finally:
         blocker.unlink()
     eventually(lambda: cluster.gone(PLURAL, namespace, "stuck"), timeout=90, what="deletion completes once writable")
-    assert sql_value(stack.admin_dsn(), "SELECT count(*) FROM tenancy.tenant_archives WHERE namespace = %s"
-                     " AND name = 'stuck'", [namespace]) == 1
+    assert (
+        sql_value(
+            stack.admin_dsn(),
+            "SELECT count(*) FROM tenancy.tenant_archives WHERE namespace = %s AND name = 'stuck'",
+            [namespace],
+        )
+        == 1
+    )
 
 
-def test_expired_archives_are_purged(stack: LocalStack, cluster: Cluster, operator: OperatorProcess,
-                                     namespace: str) -> None:
+def test_expired_archives_are_purged(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
     cluster.create(PLURAL, namespace, tenant("fleeting", deletionPolicy="Archive", archiveRetention="1s"))
     cluster.wait_condition(PLURAL, namespace, "fleeting")
     cluster.delete(PLURAL, namespace, "fleeting")
     eventually(lambda: cluster.gone(PLURAL, namespace, "fleeting"), timeout=60, what="archived")
     admin = stack.admin_dsn()
-    path = Path(sql_value(admin, "SELECT path FROM tenancy.tenant_archives WHERE namespace = %s AND name = 'fleeting'",
-                          [namespace]))
-    eventually(lambda: sql_value(admin, "SELECT purged_at IS NOT NULL FROM tenancy.tenant_archives"
-                                 " WHERE namespace = %s AND name = 'fleeting'", [namespace]) is True,
-               timeout=30, what="archive purged after its retention")
+    path = Path(
+        sql_value(
+            admin, "SELECT path FROM tenancy.tenant_archives WHERE namespace = %s AND name = 'fleeting'", [namespace]
+        )
+    )
+    eventually(
+        lambda: (
+            sql_value(
+                admin,
+                "SELECT purged_at IS NOT NULL FROM tenancy.tenant_archives WHERE namespace = %s AND name = 'fleeting'",
+                [namespace],
+            )
+            is True
+        ),
+        timeout=30,
+        what="archive purged after its retention",
+    )
     assert not path.exists()
     assert [r[0] for r in ledger(stack, namespace, "fleeting", "purge")] == ["succeeded"]
 
 
 @pytest.mark.parametrize("bad", ["nope-does-not-exist"])
-def test_restore_from_an_unknown_archive_is_reported(cluster: Cluster, operator: OperatorProcess, namespace: str,
-                                                     bad: str) -> None:
+def test_restore_from_an_unknown_archive_is_reported(
+    cluster: Cluster, operator: OperatorProcess, namespace: str, bad: str
+) -> None:
     cluster.create(PLURAL, namespace, tenant("orphan", restoreFrom=bad))
     obj = cluster.wait_condition(PLURAL, namespace, "orphan", status="False", reason="ArchiveNotFound")
     assert cluster.condition(PLURAL, namespace, "orphan", "Stalled")["status"] == "True"

@@ -1,0 +1,134 @@
+"""Bad input through the real API server: rejected with a message, or reconciled to a clear state.
+
+Generated Tenants are applied as a user would; each must either be refused at apply time with a
+message, or end with a Ready condition (True, or False with a reason and a message) for its
+current generation. The operator must stay alive, must not hot-loop, and must store hostile
+text verbatim.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kubernetes.client.exceptions import ApiException
+
+from tenancy_operator.devenv.stack import LocalStack
+
+from .harness import Cluster, OperatorProcess, eventually, sql_value, tenant
+
+PLURAL = "tenants"
+HOSTILE = st.sampled_from([
+    "'; DROP SCHEMA tenancy CASCADE; --", "Robert'); DROP TABLE tenants;--", "$$; SELECT pg_sleep(10); $$",
+    "\\x00\\\\", "%s %(x)s {0}", "🙂 ünïcödé ✓", "a" * 256, "line\nbreak", "\" OR 1=1 --", "",
+])
+_counter = itertools.count()
+
+
+def _text() -> st.SearchStrategy[str]:
+    return st.one_of(HOSTILE, st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                                      max_size=40))
+
+
+TENANT_SPECS = st.fixed_dictionaries({}, optional={
+    "displayName": _text(),
+    "tier": st.one_of(st.sampled_from(["free", "starter", "professional", "enterprise"]), _text()),
+    "state": st.one_of(st.sampled_from(["Active", "Suspended"]), _text()),
+    "database": st.one_of(st.sampled_from(["default", "second", "nowhere"]), _text()),
+    "deletionPolicy": st.one_of(st.sampled_from(["Retain", "Delete", "Archive"]), _text()),
+    "archiveRetention": st.one_of(st.sampled_from(["30d", "1h", "0s", "-1d", "forever"]), _text()),
+    "schemaTemplate": st.one_of(st.sampled_from(["missing-template", "Bad_Name"]), _text()),
+    "restoreFrom": st.one_of(st.sampled_from(["latest", "no-such-archive"]), _text()),
+    "unknownField": _text(),
+})
+
+
+def settle(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    """The object's Ready condition for its current generation, once there is one."""
+    def check() -> dict[str, Any]:
+        obj = cluster.get(PLURAL, namespace, name)
+        status = obj.get("status") or {}
+        assert status.get("observedGeneration") == obj["metadata"]["generation"]
+        ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), None)
+        assert ready is not None
+        assert ready["status"] in ("True", "False"), ready
+        return ready
+    return eventually(check, timeout=60, what=f"{name} settles")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(spec=TENANT_SPECS)
+def test_generated_tenants_are_rejected_or_reconciled(stack: LocalStack, cluster: Cluster,
+                                                      operator: OperatorProcess, bad_input_ns: str,
+                                                      spec: dict[str, Any]) -> None:
+    name = f"gen-{next(_counter)}"
+    rejected: ApiException | None = None
+    try:
+        cluster.create(PLURAL, bad_input_ns, tenant(name, **spec))
+    except ApiException as exc:
+        rejected = exc
+    if rejected is not None:  # refused at apply, with a message that names the problem
+        assert rejected.status in (400, 422), rejected
+        assert "Tenant" in rejected.body, rejected.body
+        assert "Invalid" in rejected.body or "Unsupported" in rejected.body, rejected.body
+        return
+    ready = settle(cluster, bad_input_ns, name)
+    if ready["status"] == "False":
+        assert ready["reason"] and ready["message"], ready
+    else:
+        stored = sql_value(stack.admin_dsn(spec.get("database", "default")),
+                           "SELECT display_name FROM tenancy.tenants WHERE namespace = %s AND name = %s",
+                           [bad_input_ns, name])
+        assert stored == spec.get("displayName"), "free text must be stored verbatim"
+    assert operator.proc is not None and operator.proc.poll() is None, "the operator crashed"
+
+
+@pytest.fixture(scope="module")
+def bad_input_ns(stack: LocalStack) -> Any:
+    name = f"badinput-{int(time.time())}"
+    stack.kubectl("create", "namespace", name)
+    yield name
+    stack.kubectl("delete", "namespace", name, "--wait=false")
+
+
+def test_no_hot_loop_after_bad_input_settles(cluster: Cluster, operator: OperatorProcess, bad_input_ns: str) -> None:
+    """Runs after the generated objects: failing objects are retried with backoff, not in a loop."""
+    items = cluster.custom.list_namespaced_custom_object("tenancy.dev", "v1alpha1", bad_input_ns, PLURAL)["items"]
+    assert items, "the property test left objects to watch"
+    before = operator.metric("reconcile_total", kind="Tenant")
+    window = 3 * operator.sweep_interval
+    time.sleep(window)  # a measurement window, not synchronisation: we count what happens in it
+    after = operator.metric("reconcile_total", kind="Tenant")
+    not_ready = sum(1 for i in items if not any(c["type"] == "Ready" and c["status"] == "True"
+                                                for c in (i.get("status") or {}).get("conditions") or []))
+    # At most one pass per sweep per failing object (plus the first backoff retries), never a spin.
+    bound = (not_ready + 1) * (window / operator.sweep_interval + 3)
+    assert after - before <= bound, f"{after - before} reconciles in {window}s for {not_ready} failing objects"
+
+
+def test_edits_during_reconcile_converge_to_the_last_one(stack: LocalStack, cluster: Cluster,
+                                                         operator: OperatorProcess, namespace: str) -> None:
+    cluster.create(PLURAL, namespace, tenant("churny", displayName="v0"))
+    for i in range(1, 16):
+        cluster.patch(PLURAL, namespace, "churny", {"spec": {"displayName": f"v{i}"}})
+    obj = cluster.wait_condition(PLURAL, namespace, "churny")
+    assert obj["metadata"]["generation"] == obj["status"]["observedGeneration"]
+    eventually(lambda: sql_value(stack.admin_dsn(), "SELECT display_name FROM tenancy.tenants WHERE namespace = %s"
+                                 " AND name = 'churny'", [namespace]) == "v15", what="last edit wins")
+
+
+def test_deleted_while_provisioning_leaves_nothing_behind(stack: LocalStack, cluster: Cluster,
+                                                          operator: OperatorProcess, namespace: str) -> None:
+    cluster.create(PLURAL, namespace, tenant("blink", deletionPolicy="Delete"))
+    cluster.delete(PLURAL, namespace, "blink")
+    eventually(lambda: cluster.gone(PLURAL, namespace, "blink"), what="deleted")
+    admin = stack.admin_dsn()
+    eventually(lambda: sql_value(admin, "SELECT count(*) FROM pg_roles WHERE rolname = 'tenant_blink'") == 0,
+               what="no orphan role")
+    assert sql_value(admin, "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_blink'") == 0
+    state = sql_value(admin, "SELECT state FROM tenancy.tenants WHERE namespace = %s AND name = 'blink'", [namespace])
+    assert state in (None, "dropped")

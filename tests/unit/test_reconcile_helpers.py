@@ -1,0 +1,152 @@
+"""Pure helpers of the reconcile: conditions, migration planning, drift detection, configuration."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tenancy_operator.api.tenant import TenantSpec
+from tenancy_operator.archive import pg_env
+from tenancy_operator.conditions import Cond, merge, status_differs
+from tenancy_operator.config import Settings
+from tenancy_operator.db.tenant_migrations import ChecksumMismatch, Migration, migrations_from_data, pending
+from tenancy_operator.db.tenants import Observed, scram_sha256_verifier
+from tenancy_operator.handlers.tenant import backoff
+from tenancy_operator.sweep import drifted
+
+
+def test_condition_transition_time_moves_only_when_status_flips() -> None:
+    first = merge(None, [Cond("Ready", "False", "Provisioning", "working")], 1)
+    again = merge(first, [Cond("Ready", "False", "DatabaseUnavailable", "down")], 2)
+    assert again[0]["lastTransitionTime"] == first[0]["lastTransitionTime"]
+    assert again[0]["reason"] == "DatabaseUnavailable"
+    assert again[0]["observedGeneration"] == 2
+    flipped = merge([{**again[0], "lastTransitionTime": "2000-01-01T00:00:00Z"}], [Cond("Ready", "True", "Ok")], 2)
+    assert flipped[0]["lastTransitionTime"] != "2000-01-01T00:00:00Z"
+
+
+def test_conditions_one_per_type_ready_first_and_dropped_types_gone() -> None:
+    conds = merge(
+        None, [Cond("Stalled", "True", "X"), Cond("Ready", "False", "X"), Cond("Reconciling", "True", "Y")], 1
+    )
+    assert [c["type"] for c in conds] == ["Ready", "Reconciling", "Stalled"]
+    after = merge(conds, [Cond("Ready", "True", "Ok")], 1, drop=["Reconciling", "Stalled"])
+    assert [c["type"] for c in after] == ["Ready"]
+
+
+def test_identical_status_is_not_written_again() -> None:
+    conds = merge(None, [Cond("Ready", "True", "Provisioned")], 3)
+    current = {"observedGeneration": 3, "phase": "Active", "conditions": conds, "extra": "kept"}
+    desired = {
+        "observedGeneration": 3,
+        "phase": "Active",
+        "conditions": merge(conds, [Cond("Ready", "True", "Provisioned")], 3),
+    }
+    assert not status_differs(current, desired)
+    assert status_differs(current, {**desired, "phase": "Suspended"})
+
+
+def test_migrations_run_in_key_order_and_ignore_other_keys() -> None:
+    data = {"0002_b.sql": "b", "README": "not sql", "0001_a.sql": "a", "0010_c.sql": "c"}
+    assert [m.version for m in migrations_from_data(data)] == ["0001_a", "0002_b", "0010_c"]
+
+
+def test_pending_skips_applied_and_refuses_changed_text() -> None:
+    wanted = [Migration("0001_a", "a"), Migration("0002_b", "b")]
+    assert pending(wanted, {"0001_a": Migration("0001_a", "a").checksum}) == [wanted[1]]
+    with pytest.raises(ChecksumMismatch, match="0001_a"):
+        pending(wanted, {"0001_a": Migration("0001_a", "a changed").checksum})
+
+
+def test_scram_verifier_matches_rfc_7677_derivation() -> None:
+    verifier = scram_sha256_verifier("pencil")
+    method, rest = verifier.split("$", 1)
+    iterations, salt_b64 = rest.split("$")[0].split(":")
+    stored_b64, server_b64 = rest.split("$")[1].split(":")
+    assert method == "SCRAM-SHA-256"
+    assert iterations == "4096"
+    salted = hashlib.pbkdf2_hmac("sha256", b"pencil", base64.b64decode(salt_b64), 4096)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    assert base64.b64decode(stored_b64) == hashlib.sha256(client_key).digest()
+    assert base64.b64decode(server_b64) == hmac.new(salted, b"Server Key", "sha256").digest()
+    assert "pencil" not in verifier
+    assert scram_sha256_verifier("pencil") != verifier  # a fresh salt every time
+
+
+GOOD = Observed(
+    role_exists=True,
+    can_login=True,
+    search_path="tenant_x",
+    schema_exists=True,
+    schema_owned=True,
+    schema_privileges=True,
+    operator_member=True,
+)
+
+
+def test_drift_detection_names_what_differs() -> None:
+    active = TenantSpec.model_validate({})
+    suspended = TenantSpec.model_validate({"state": "Suspended"})
+    assert drifted(active, "tenant_x", GOOD) == []
+    assert drifted(suspended, "tenant_x", GOOD) == ["login"]
+    broken = Observed(
+        role_exists=False,
+        can_login=False,
+        search_path=None,
+        schema_exists=False,
+        schema_owned=False,
+        schema_privileges=False,
+        operator_member=False,
+    )
+    assert drifted(active, "tenant_x", broken) == [
+        "role",
+        "membership",
+        "schema",
+        "schema-owner",
+        "grants",
+        "search-path",
+        "login",
+    ]
+
+
+def test_targets_from_json_and_directory(tmp_path: Path) -> None:
+    (tmp_path / "second").write_text("postgresql://b\n")
+    (tmp_path / ".hidden").write_text("ignored")
+    s = Settings(database_targets='{"default": "postgresql://a"}', database_targets_dir=tmp_path)
+    assert s.targets == {"default": "postgresql://a", "second": "postgresql://b"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('["a"]', "JSON object"),
+        ('{"Bad Name": "x"}', "not a valid target name"),
+    ],
+)
+def test_bad_target_configuration_is_a_clear_error(raw: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _ = Settings(database_targets=raw).targets
+
+
+def test_pg_env_carries_credentials_in_environment_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGPASSWORD", "from-the-outside")
+    env = pg_env({"host": "db", "port": 5433, "user": "op", "password": "s3cret", "dbname": "app"})
+    assert env["PGHOST"] == "db"
+    assert env["PGPORT"] == "5433"
+    assert env["PGPASSWORD"] == "s3cret"
+    assert env["PGDATABASE"] == "app"
+    assert "from-the-outside" not in env.values()
+
+
+@given(st.integers(min_value=0, max_value=1000))
+def test_backoff_grows_and_is_capped(retry: int) -> None:
+    delay = backoff(retry)
+    assert 0.8 <= delay <= 72.0
+    assert delay <= min(60.0, 2.0 ** min(retry, 6)) * 1.2
