@@ -119,6 +119,7 @@ def faults(request: pytest.FixtureRequest) -> Iterator[Faults]:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.mark.timeout(1200)
 def test_operator_sigkilled_while_provisioning_200_tenants(faults: Faults) -> None:
     ns = faults.namespace("kill")
     early = [f"early-{i}" for i in range(3)]

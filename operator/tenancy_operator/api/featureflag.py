@@ -267,6 +267,10 @@ class FeatureFlagStatus(ApiModel):
     """When the flag definition was last written to the flag store."""
     unknown_tenants: list[str] = Field(default_factory=list, json_schema_extra=list_set())
     """Tenants named in overrides that do not exist in the namespace."""
+    key: str | None = Field(default=None, max_length=128)
+    """The flag key applications ask for (spec.key, or the object's name)."""
+    config_map: str | None = Field(default=None, max_length=253)
+    """ConfigMap holding the flag in flagd's format (key `flagd.json`), owned by this FeatureFlag."""
 
 
 class FeatureFlag(ApiModel):

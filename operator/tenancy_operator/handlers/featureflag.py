@@ -1,17 +1,251 @@
-"""FeatureFlag handlers (not implemented yet)."""
+"""FeatureFlag handlers: create/update/resume, a periodic sweep and Tenant changes share one
+idempotent reconcile (reconcilers/featureflag.py).
+
+The sweep re-checks every flag every TENANCY_SWEEP_INTERVAL_SECONDS, which repairs rows or
+ConfigMaps changed behind our back; a Tenant appearing or disappearing re-checks the flags of its
+namespace at once, so `unknownTenants` follows the Tenants without waiting for the sweep.
+"""
 
 from __future__ import annotations
 
-import kopf
+import asyncio
+import contextlib
+import datetime
+import random
+from collections.abc import Mapping
+from typing import Any
 
+import kopf
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from tenancy_operator import GROUP, VERSION
+from tenancy_operator.conditions import Cond, merge, status_differs
+from tenancy_operator.observability import metrics
+from tenancy_operator.observability.logging import get_logger
+from tenancy_operator.reconcilers.featureflag import PLURAL, FeatureFlagReconciler, Outcome, Retry
 from tenancy_operator.runtime_context import OperatorContext
 
 KIND = "FeatureFlag"
+log = get_logger(__name__)
 
 
-def create_service(ctx: OperatorContext) -> None:
-    return None
+def _iso(when: datetime.datetime) -> str:
+    return when.astimezone(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def desired_status(body: Mapping[str, Any], out: Outcome) -> dict[str, Any]:
+    generation = int(body["metadata"].get("generation") or 0)
+    old = (body.get("status") or {}).get("conditions")
+    if out.ready:
+        conds = [Cond("Ready", "True", out.reason, out.message)]
+        drop = ["Reconciling", "Stalled"]
+    elif out.stalled:
+        conds = [Cond("Ready", "False", out.reason, out.message), Cond("Stalled", "True", out.reason, out.message)]
+        drop = ["Reconciling"]
+    else:
+        conds = [Cond("Ready", "False", out.reason, out.message),
+                 Cond("Reconciling", "True", "Retrying", out.message)]
+        drop = ["Stalled"]
+    if out.definition is not None:
+        if out.unknown_tenants:
+            conds.append(Cond(
+                "TenantsResolved", "False", "UnknownTenants",
+                f"no Tenant named {', '.join(out.unknown_tenants)} in this namespace; their overrides are "
+                "kept and apply to whatever passes that tenant name",
+            ))
+        else:
+            conds.append(Cond("TenantsResolved", "True", "AllTenantsExist",
+                              "every tenant named in an override exists"))
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "conditions": merge(old, conds, generation, drop=drop),
+        "unknownTenants": out.unknown_tenants,
+    }
+    if out.definition is not None:
+        status.update({
+            "variantShares": out.definition.variant_shares(),
+            "tenantOverrides": len(out.definition.tenants),
+            "userOverrides": len(out.definition.users),
+            "key": out.definition.key,
+        })
+    if out.written_at is not None:
+        status["lastWrittenAt"] = _iso(out.written_at)
+    if out.config_map is not None:
+        status["configMap"] = out.config_map
+    return status
+
+
+def _delay(retry: int) -> float:
+    return min(60.0, 2.0 ** min(retry, 6)) * random.uniform(0.8, 1.2)  # noqa: S311 - jitter
+
+
+class FeatureFlagService:
+    def __init__(self, ctx: OperatorContext) -> None:
+        self.ctx = ctx
+        self.reconciler = FeatureFlagReconciler(ctx)
+        self._nudged: set[str] = set()
+        self._wake = asyncio.Event()
+
+    async def write_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
+        current = body.get("status") or {}
+        if status_differs(current, status):
+            meta = body["metadata"]
+            patch = dict(status)
+            if "variantShares" in status:  # a merge patch merges maps: variants no longer served need null
+                gone = {k: None for k in current.get("variantShares") or {} if k not in status["variantShares"]}
+                patch["variantShares"] = {**status["variantShares"], **gone}
+            await self.ctx.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch)
+
+    async def run(self, body: Mapping[str, Any], retry: int = 0) -> None:
+        """One reconcile with its reporting. Raises kopf.TemporaryError to be retried."""
+        meta = body["metadata"]
+        key = f"{meta['namespace']}/{meta['name']}"
+        metrics.PENDING.add(KIND, key)
+        if not body.get("status"):  # first sight: tell GitOps tools we are working on it
+            generation = int(meta.get("generation") or 0)
+            await self.write_status(body, {
+                "observedGeneration": generation,
+                "conditions": merge(None, [Cond("Ready", "Unknown", "Publishing", "publishing started"),
+                                           Cond("Reconciling", "True", "Publishing", "publishing started")],
+                                    generation),
+            })
+        async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
+            with metrics.observe_reconcile(KIND):
+                try:
+                    out = await self.reconciler.reconcile(body)
+                except Retry as exc:
+                    metrics.record_result(KIND, False, exc.reason)
+                    await self._report(body, Outcome(False, exc.reason, exc.message))
+                    raise kopf.TemporaryError(exc.message, delay=_delay(retry)) from exc
+                except Exception:
+                    metrics.record_result(KIND, False, "Internal")
+                    raise
+        if out.stale:
+            metrics.PENDING.discard(KIND, key)
+            return
+        metrics.record_result(KIND, out.ready, None if out.ready else out.reason)
+        await self._report(body, out)
+        if out.retry:
+            raise kopf.TemporaryError(out.message, delay=_delay(retry))
+        metrics.PENDING.discard(KIND, key)
+
+    async def _report(self, body: Mapping[str, Any], out: Outcome) -> None:
+        for type_, reason, message in out.events:
+            self.ctx.events.post(body, type_, reason, message)
+        old_ready: dict[str, Any] = next((c for c in (body.get("status") or {}).get("conditions") or []
+                                          if c.get("type") == "Ready"), {})
+        if not out.ready and old_ready.get("reason") != out.reason:
+            self.ctx.events.warning(body, out.reason, out.message)  # once per transition, not per retry
+        status = desired_status(body, out)
+        # The sweep re-checks every flag: only what changed something is worth an info line.
+        quiet = out.ready and not out.events and not status_differs(body.get("status"), status)
+        (log.debug if quiet else log.info)(
+            "reconciled", kind=KIND, namespace=body["metadata"]["namespace"], name=body["metadata"]["name"],
+            result="ready" if out.ready else out.reason)
+        await self.write_status(body, status)
+
+    async def delete(self, body: Mapping[str, Any], retry: int = 0) -> None:
+        meta = body["metadata"]
+        key = f"{meta['namespace']}/{meta['name']}"
+        metrics.PENDING.add(KIND, key)
+        async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
+            try:
+                events = await self.reconciler.finalize(body)
+            except Retry as exc:
+                metrics.record_result(KIND, False, exc.reason)
+                await self.write_status(body, {"conditions": merge(
+                    (body.get("status") or {}).get("conditions"), [Cond("Ready", "False", exc.reason, exc.message)],
+                    int(meta.get("generation") or 0))})
+                raise kopf.TemporaryError(exc.message, delay=_delay(retry)) from exc
+        for type_, reason, message in events:
+            self.ctx.events.post(body, type_, reason, message)
+        metrics.PENDING.discard(KIND, key)
+        self.ctx.locks.pop((KIND, meta["namespace"], meta["name"]), None)
+        self.nudge(meta["namespace"])  # a FeatureFlag refused for a key conflict may take the key now
+
+    # --- sweep and Tenant changes ---------------------------------------------------------------
+
+    def nudge(self, namespace: str) -> None:
+        """A Tenant appeared or went away in `namespace`: re-check its flags soon."""
+        self._nudged.add(namespace)
+        self._wake.set()
+
+    async def run_forever(self) -> None:
+        interval = self.ctx.settings.sweep_interval_seconds
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, next_sweep - loop.time()))
+            self._wake.clear()
+            namespaces, self._nudged = self._nudged, set()
+            full = loop.time() >= next_sweep
+            if full:
+                next_sweep = loop.time() + interval
+            try:
+                await self.sweep_once(None if full else namespaces)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("featureflag sweep failed", error=type(exc).__name__, detail=str(exc)[:200])
+
+    async def _list(self, namespaces: set[str] | None) -> list[dict[str, Any]]:
+        custom = self.ctx.kube.custom
+        watched = self.ctx.settings.namespace_list
+        if namespaces is None and not watched:
+            result = await custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+            return list(result.get("items", []))
+        items: list[dict[str, Any]] = []
+        for ns in sorted(namespaces if namespaces is not None else set(watched)):
+            if watched and ns not in watched:
+                continue
+            result = await custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)
+            items += result.get("items", [])
+        return items
+
+    async def sweep_once(self, namespaces: set[str] | None = None) -> int:
+        """Reconcile every flag (or those of `namespaces`); returns how many were checked.
+
+        Each flag is re-read inside its lock-protected reconcile; a flag that changes meanwhile is
+        protected by the generation check in the database write (an older body never wins)."""
+        checked = 0
+        for item in await self._list(namespaces):
+            meta = item["metadata"]
+            if meta.get("deletionTimestamp") or "tenancy.dev/finalizer" not in (meta.get("finalizers") or []):
+                continue  # not taken over by the handlers yet, or being deleted: theirs to do
+            try:
+                await self.run(item)
+            except kopf.TemporaryError:
+                pass  # reported in status; the handler's own retries or the next sweep go on
+            except ApiException as exc:
+                log.warning("featureflag sweep: API error", name=meta["name"], status=exc.status)
+            except Exception as exc:  # one broken flag must not stop the sweep of the others
+                log.warning("featureflag sweep: reconcile failed", name=meta["name"], error=type(exc).__name__)
+            checked += 1
+        return checked
+
+
+def create_service(ctx: OperatorContext) -> FeatureFlagService:
+    return FeatureFlagService(ctx)
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
     """Attach the FeatureFlag handlers to ``registry``."""
+
+    def service(memo: Any) -> FeatureFlagService:
+        return memo.services[KIND]  # type: ignore[no-any-return]
+
+    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
+    @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
+    async def featureflag_reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+        await service(memo).run(body, retry)
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="finalize")
+    async def featureflag_delete(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+        await service(memo).delete(body, retry)
+
+    @kopf.on.event(GROUP, VERSION, "tenants", registry=registry, id="featureflag-tenants")
+    async def tenant_seen(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        if type in ("ADDED", "DELETED") and hasattr(memo, "services"):
+            service(memo).nudge(str(body["metadata"]["namespace"]))

@@ -1,0 +1,336 @@
+"""FeatureFlag reconcile: make every database target and the flagd ConfigMap hold the declared flag.
+
+Level-based and idempotent: each target's rows are compared with the declared definition inside
+the writing transaction (db/flags.py) and rewritten only when they differ; the ConfigMap is read and
+replaced only when it differs. Our own status is never an input.
+
+Decisions (docs/featureflags.md):
+- Rows are keyed by (namespace, flag key): two namespaces may use the same key. Two FeatureFlags of
+  one namespace with the same key conflict; the one that wrote first keeps it.
+- "Which tenants exist" is asked of the Kubernetes API (Tenant objects of that name in the flag's
+  namespace), not of a target's registry: the Tenant object is what the user declared, it exists
+  before and independently of provisioning, and its database may be any target.
+- The flagd ConfigMap is `<name>-flagd`, owned by the FeatureFlag (ownerReference, so the garbage
+  collector removes it too), with the document under `flagd.json`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from kubernetes_asyncio.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from tenancy_operator import GROUP, VERSION
+from tenancy_operator.api.featureflag import FeatureFlagSpec
+from tenancy_operator.db import flags as dbf
+from tenancy_operator.flags.diff import summarize
+from tenancy_operator.flags.flagd import flagd_document
+from tenancy_operator.flags.model import FlagDefinition
+from tenancy_operator.observability import metrics
+from tenancy_operator.runtime_context import OperatorContext
+
+PLURAL = "featureflags"
+FLAGD_DATA_KEY = "flagd.json"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "tenancy-operator"}
+FLAG_LABEL = "tenancy.dev/featureflag"
+FLAGD_LABEL = "tenancy.dev/flagd"
+GENERATION_ANNOTATION = "tenancy.dev/generation"
+CONFIGMAP_SUFFIX = "-flagd"
+MAX_NAME = 253
+
+
+class Retry(Exception):
+    """Transient: the handler retries with backoff; ``reason`` is a bounded metrics label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass
+class Outcome:
+    """What one reconcile found and did; the handler turns it into status, Events and metrics."""
+
+    ready: bool
+    reason: str
+    message: str
+    stalled: bool = False
+    retry: bool = False
+    stale: bool = False
+    """A newer generation was already written: this (older) body must not report anything."""
+    definition: FlagDefinition | None = None
+    unknown_tenants: list[str] = field(default_factory=list)
+    written_at: datetime.datetime | None = None
+    config_map: str | None = None
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def configmap_name(flag_name: str) -> str:
+    """`<name>-flagd`, shortened with a hash when the FeatureFlag's name is very long."""
+    name = flag_name + CONFIGMAP_SUFFIX
+    if len(name) <= MAX_NAME:
+        return name
+    digest = hashlib.sha256(flag_name.encode()).hexdigest()[:10]
+    return f"{flag_name[: MAX_NAME - len(CONFIGMAP_SUFFIX) - 11].rstrip('.-')}-{digest}{CONFIGMAP_SUFFIX}"
+
+
+def _parse_time(value: Any) -> datetime.datetime | None:
+    if isinstance(value, datetime.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+    if isinstance(value, str) and value:
+        try:
+            return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    return None
+
+
+def last_spec_change(meta: Mapping[str, Any]) -> tuple[str | None, datetime.datetime | None]:
+    """The field manager (and time) of the most recent change to `spec`, from managedFields.
+
+    Kubernetes records who manages which fields, not who made the last request; the manager
+    whose spec fields were touched last is the best answer it gives ("kubectl-client-side-apply",
+    "kubectl-edit", "argocd-controller", ...). Status and other subresources are ignored.
+    """
+    best: tuple[datetime.datetime, int, str] | None = None
+    for i, entry in enumerate(meta.get("managedFields") or []):
+        if entry.get("subresource"):
+            continue
+        fields = entry.get("fieldsV1") or {}
+        if "f:spec" not in fields:
+            continue
+        when = _parse_time(entry.get("time"))
+        if when is None:
+            continue
+        candidate = (when, i, str(entry.get("manager") or ""))
+        if best is None or candidate[:2] > best[:2]:
+            best = candidate
+    if best is None:
+        return None, None
+    return best[2] or None, best[0]
+
+
+def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    return any(o.get("uid") == uid for o in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+class FeatureFlagReconciler:
+    def __init__(self, ctx: OperatorContext) -> None:
+        self.ctx = ctx
+
+    @property
+    def control(self) -> str:
+        return self.ctx.settings.control_schema
+
+    # --- Kubernetes reads ---------------------------------------------------------------------
+
+    async def tenant_names(self, namespace: str) -> set[str]:
+        try:
+            result = await self.ctx.kube.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "tenants")
+        except ApiException as exc:
+            raise Retry("KubernetesAPI", f"listing Tenants failed: {exc.status}") from exc
+        return {str(t["metadata"]["name"]) for t in result.get("items", [])}
+
+    async def _flag_exists(self, namespace: str, name: str) -> bool:
+        try:
+            await self.ctx.kube.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise Retry("KubernetesAPI", f"reading FeatureFlag {name} failed: {exc.status}") from exc
+        return True
+
+    # --- reconcile ----------------------------------------------------------------------------
+
+    async def reconcile(self, body: Mapping[str, Any]) -> Outcome:
+        meta = body["metadata"]
+        namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid", "")
+        generation = int(meta.get("generation") or 0)
+        try:
+            spec = FeatureFlagSpec.model_validate(body.get("spec") or {})
+        except ValidationError as exc:
+            return Outcome(False, "InvalidSpec", str(exc).splitlines()[0], stalled=True)
+        flag = FlagDefinition.from_spec(spec, name)
+        existing = await self.tenant_names(namespace)
+        out = Outcome(True, "Published", "", definition=flag,
+                      unknown_tenants=sorted(flag.tenant_names() - existing))
+        changed_by, changed_at = last_spec_change(meta)
+
+        results: dict[str, dbf.WriteResult] = {}
+        unavailable: list[str] = []
+        for target in sorted(self.ctx.targets.pools):
+            try:
+                await self.ctx.ensure_control_schema(target)
+                async with self.ctx.targets.pool(target).connection() as conn:
+                    kwargs: dict[str, Any] = {
+                        "namespace": namespace, "name": name, "uid": uid, "generation": generation, "flag": flag,
+                        "changed_by": changed_by, "changed_at": changed_at,
+                    }
+                    res = await dbf.replace(conn, self.control, **kwargs)
+                    if res.conflict is not None and not await self._flag_exists(namespace, res.conflict):
+                        res = await dbf.replace(conn, self.control, take_over=True, **kwargs)
+            except (psycopg_pool.PoolTimeout, psycopg.OperationalError):
+                unavailable.append(target)
+                continue
+            results[target] = res
+
+        if any(r.stale for r in results.values()):
+            return Outcome(False, "Stale", "a newer generation was already written", stale=True)
+        conflicts = sorted({r.conflict for r in results.values() if r.conflict is not None})
+        if conflicts:
+            return Outcome(
+                False, "Conflict",
+                f"flag key {flag.key!r} in namespace {namespace} already belongs to FeatureFlag "
+                f"{', '.join(conflicts)}; give this one another spec.key", stalled=True, definition=flag,
+                unknown_tenants=out.unknown_tenants,
+            )
+        self._changes(body, flag, results, out)
+        written = [r.stored.written_at for r in results.values() if r.stored is not None]
+        out.written_at = max(written) if written else None
+
+        out.config_map = await self._ensure_configmap(body, flag, out)
+
+        if unavailable:
+            out.ready, out.retry, out.reason = False, True, "DatabaseUnavailable"
+            out.message = (f"database target(s) {', '.join(unavailable)} unavailable; written to "
+                           f"{', '.join(sorted(results)) or 'none'}")
+        else:
+            out.message = (f"flag {flag.key!r} written to database target(s) {', '.join(sorted(results))} "
+                           f"and ConfigMap {out.config_map}")
+        return out
+
+    def _changes(
+        self, body: Mapping[str, Any], flag: FlagDefinition, results: Mapping[str, dbf.WriteResult], out: Outcome
+    ) -> None:
+        """Events and metrics for what the writes changed (once, even when several targets did)."""
+        namespace = body["metadata"]["namespace"]
+        done = [r for r in results.values() if r.operation is not None]
+        if not done:
+            return
+        repairs = [r for r in done if r.operation == "repair"]
+        for _ in repairs:
+            metrics.DRIFT_REPAIRS.labels(kind="FeatureFlag", object="rows").inc()
+        if repairs:
+            out.events.append(("Normal", "DriftRepaired",
+                               "feature_flags rows changed outside the operator were rewritten"))
+        real = [r for r in done if r.operation in ("create", "update")]
+        if not real:
+            return
+        first = real[0]
+        metrics.FEATURE_FLAG_CHANGES.labels(flag=f"{namespace}/{flag.key}").inc()
+        if first.old is None:
+            out.events.append(("Normal", "FlagCreated", f"flag {flag.key!r} published"
+                               + ("" if flag.enabled else " (disabled)")))
+        else:
+            out.events.append(("Normal", "FlagChanged", summarize(first.diff)))
+            if first.old.enabled and not flag.enabled:
+                out.events.append(("Warning", "KillSwitchThrown",
+                                   f"flag {flag.key!r} disabled: every user now gets {flag.default_variant!r}"))
+            elif not first.old.enabled and flag.enabled:
+                out.events.append(("Normal", "KillSwitchReleased", f"flag {flag.key!r} enabled again"))
+
+    # --- flagd ConfigMap ----------------------------------------------------------------------
+
+    def _configmap_body(self, body: Mapping[str, Any], flag: FlagDefinition) -> dict[str, Any]:
+        meta = body["metadata"]
+        doc = flagd_document([flag], {"namespace": meta["namespace"], "featureflag": meta["name"]})
+        return {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": configmap_name(meta["name"]),
+                "namespace": meta["namespace"],
+                "labels": {**MANAGED_BY, FLAG_LABEL: meta["name"], FLAGD_LABEL: "true"},
+                "annotations": {GENERATION_ANNOTATION: str(meta.get("generation") or 0)},
+                "ownerReferences": [{
+                    "apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"), "kind": "FeatureFlag",
+                    "name": meta["name"], "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True,
+                }],
+            },
+            "data": {FLAGD_DATA_KEY: json.dumps(doc, indent=2, sort_keys=True) + "\n"},
+        }
+
+    async def _ensure_configmap(self, body: Mapping[str, Any], flag: FlagDefinition, out: Outcome) -> str:
+        meta = body["metadata"]
+        namespace, name = meta["namespace"], configmap_name(meta["name"])
+        desired = self._configmap_body(body, flag)
+        kube = self.ctx.kube
+        try:
+            current = await kube.get_configmap(namespace, name)
+            if current is None:
+                await kube.core.create_namespaced_config_map(namespace, desired)
+                return name
+            cmeta = current.get("metadata") or {}
+            labels = cmeta.get("labels") or {}
+            ours = labels.get("app.kubernetes.io/managed-by") == "tenancy-operator"
+            if labels.get(FLAG_LABEL) != meta["name"] or not ours:
+                raise Retry("Conflict", f"ConfigMap {name} exists and is not managed by tenancy-operator "
+                                        f"for FeatureFlag {meta['name']}; delete or rename it")
+            their_generation = int((cmeta.get("annotations") or {}).get(GENERATION_ANNOTATION) or 0)
+            same_owner = _owned_by(current, meta["uid"])
+            if same_owner and their_generation > int(meta.get("generation") or 0):
+                return name  # written from a newer generation already
+            up_to_date = (
+                current.get("data") == desired["data"] and same_owner
+                and all(labels.get(k) == v for k, v in desired["metadata"]["labels"].items())
+                and their_generation == int(meta.get("generation") or 0)
+            )
+            if up_to_date:
+                return name
+            if same_owner and their_generation == int(meta.get("generation") or 0):
+                metrics.DRIFT_REPAIRS.labels(kind="FeatureFlag", object="configmap").inc()
+                out.events.append(("Normal", "DriftRepaired",
+                                   f"ConfigMap {name} changed outside the operator; rewritten"))
+            desired["metadata"]["resourceVersion"] = cmeta.get("resourceVersion")
+            await kube.core.replace_namespaced_config_map(name, namespace, desired)
+        except ApiException as exc:
+            raise Retry("KubernetesAPI", f"writing ConfigMap {name} failed: {exc.status}") from exc
+        return name
+
+    # --- deletion -----------------------------------------------------------------------------
+
+    async def finalize(self, body: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+        """Remove the flag's rows from every target (with a `delete` audit row each) and its
+        ConfigMap. Rows owned by another FeatureFlag with the same key are never touched."""
+        meta = body["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        try:
+            key = FeatureFlagSpec.model_validate(body.get("spec") or {}).effective_key(name)
+        except ValidationError:
+            key = name
+        removed = False
+        unavailable: list[str] = []
+        for target in sorted(self.ctx.targets.pools):
+            try:
+                await self.ctx.ensure_control_schema(target)
+                async with self.ctx.targets.pool(target).connection() as conn:
+                    res = await dbf.remove(
+                        conn, self.control, namespace=namespace, name=name, uid=meta.get("uid"), key=key,
+                        generation=int(meta.get("generation") or 0),
+                        changed_at=_parse_time(meta.get("deletionTimestamp")),
+                    )
+                    removed = removed or res.operation is not None
+            except (psycopg_pool.PoolTimeout, psycopg.OperationalError):
+                unavailable.append(target)
+        if unavailable:
+            raise Retry("DatabaseUnavailable", f"database target(s) {', '.join(unavailable)} unavailable")
+        try:
+            current = await self.ctx.kube.get_configmap(namespace, configmap_name(name))
+            if current is not None and (current["metadata"].get("labels") or {}).get(FLAG_LABEL) == name:
+                await self.ctx.kube.core.delete_namespaced_config_map(configmap_name(name), namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise Retry("KubernetesAPI", f"deleting ConfigMap failed: {exc.status}") from exc
+        if removed:
+            metrics.FEATURE_FLAG_CHANGES.labels(flag=f"{namespace}/{key}").inc()
+            return [("Normal", "FlagDeleted", f"flag {key!r} removed from every database target")]
+        return []
