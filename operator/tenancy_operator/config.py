@@ -37,7 +37,10 @@ class Settings(BaseSettings):
     bind_address: str = "0.0.0.0"  # noqa: S104 - a pod must be reachable by Prometheus and kubelet
     log_level: str = "INFO"
     log_format: str = Field(default="json", pattern="^(json|console)$")
-    worker_limit: int = Field(default=8, ge=1, le=256)
+    # Kopf sleeps out a retry backoff inside the object's worker, so few workers starve new objects
+    # behind failing ones; workers are cheap tasks, database concurrency is bounded by the pool.
+    worker_limit: int = Field(default=64, ge=1, le=1024)
+    consistency_timeout_seconds: float = Field(default=0.5, ge=0)
     sweep_interval_seconds: float = Field(default=300.0, gt=0)
     pool_min_size: int = Field(default=1, ge=0)
     pool_max_size: int = Field(default=10, ge=1)

@@ -7,6 +7,7 @@ import contextlib
 import os
 import secrets
 import socket
+import time
 from typing import Any
 
 import kopf
@@ -57,6 +58,11 @@ def build_registry() -> kopf.OperatorRegistry:
             prefix=STORAGE_PREFIX, key="last-handled-configuration"
         )
         settings.posting.loggers = False  # Events are for transitions, not log lines
+        # After its own patch Kopf waits until the watch shows exactly that resourceVersion. When
+        # another write lands right after (our status, quota limits), the batched worker never sees
+        # it and sleeps the whole timeout (5 s by default) per object. Our handlers are level-based
+        # and idempotent, so acting on a slightly stale body costs at most a harmless re-run.
+        settings.persistence.consistency_timeout = cfg.consistency_timeout_seconds
         settings.queueing.worker_limit = cfg.worker_limit
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
@@ -116,6 +122,19 @@ def build_registry() -> kopf.OperatorRegistry:
             await ctx.targets.ping(target)
             result[target] = "ok"
         return result
+
+    @kopf.on.probe(id="kubernetes", registry=registry)
+    async def kubernetes_probe(memo: kopf.Memo, **_: Any) -> dict[str, float]:
+        """Liveness: the API answers, and the sweep (one list per interval) keeps completing.
+        Kopf restarts silent watch streams itself (inactivity_timeout); a wedged operator loop
+        shows here as a sweep that stopped completing."""
+        ctx: OperatorContext = memo.ctx
+        await ctx.kube.version()
+        age = time.monotonic() - ctx.last_sweep_ok
+        limit = 3 * ctx.settings.sweep_interval_seconds + 60
+        if age > limit:
+            raise RuntimeError(f"the last sweep completed {age:.0f}s ago (limit {limit:.0f}s)")
+        return {"last_sweep_age_seconds": round(age, 1)}
 
     return registry
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -24,6 +25,8 @@ class OperatorContext:
         default_factory=lambda: defaultdict(asyncio.Lock)
     )
     control_ready: set[str] = field(default_factory=set)
+    # When the sweep last completed (monotonic); the liveness probe fails if it stops completing.
+    last_sweep_ok: float = field(default_factory=time.monotonic)
     # Tenant migrations running at once, process-wide (each holds a tenant login, not a pool slot).
     migration_slots: asyncio.Semaphore = field(init=False)
 

@@ -9,6 +9,7 @@ reconciles only the tenants that differ.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -59,6 +60,7 @@ class Sweeper:
             await asyncio.sleep(self.ctx.settings.sweep_interval_seconds)
             try:
                 await self.sweep_once()
+                self.ctx.last_sweep_ok = time.monotonic()
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import psycopg
@@ -53,6 +54,17 @@ class DatabaseTargets:
             )
             for name, dsn in dsns.items()
         }
+
+        # Reconciles take a slot before a connection, so waiting for capacity never times out and
+        # never looks like an unreachable database; only a real outage raises PoolTimeout.
+        self._slots = {name: asyncio.Semaphore(max_size) for name in dsns}
+
+    @contextlib.asynccontextmanager
+    async def connection(self, target: str) -> AsyncIterator[Conn]:
+        """A pooled connection to ``target``, waiting (without a deadline) for a free slot first."""
+        pool = self.pool(target)
+        async with self._slots[target], pool.connection() as conn:
+            yield conn
 
     async def open(self) -> None:
         for name, pool in self.pools.items():

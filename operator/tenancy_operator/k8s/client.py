@@ -28,6 +28,9 @@ class Kube:
             await config.load_kube_config()
         return cls(client.ApiClient())
 
+    async def version(self) -> None:
+        await client.VersionApi(self.api).get_code()
+
     async def close(self) -> None:
         await self.api.close()
 

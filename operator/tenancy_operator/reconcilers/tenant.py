@@ -9,6 +9,7 @@ out-of-band drift are done directly and counted.
 from __future__ import annotations
 
 import base64
+import contextlib
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from tenancy_operator.db import archives as archive_sql
 from tenancy_operator.db import jobs as ledger
 from tenancy_operator.db import tenant_migrations as tm
 from tenancy_operator.db import tenants as sqlt
-from tenancy_operator.db.targets import Conn, Pool, UnknownTarget
+from tenancy_operator.db.targets import Conn
 from tenancy_operator.observability import metrics
 from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.reconcilers.lifecycle import RETRY_ANNOTATION, Connector, JobFailed, JobGate, using
@@ -103,9 +104,7 @@ class TenantReconciler:
             ident = tenant_identifier(body["metadata"]["name"])
         except ValueError as exc:
             return Outcome(False, "InvalidSpec", str(exc), "Failed", stalled=True)
-        try:
-            pool = self.ctx.targets.pool(spec.database)
-        except UnknownTarget:
+        if spec.database not in self.ctx.targets.pools:
             known = ", ".join(sorted(self.ctx.targets.pools)) or "none"
             return Outcome(
                 False, "UnknownDatabase",
@@ -115,13 +114,13 @@ class TenantReconciler:
             await self.ctx.ensure_control_schema(spec.database)
             # Three phases, so that no pool connection is held while a tenant migration runs over
             # the tenant's own login: slow migrations cannot starve every other tenant of the pool.
-            async with pool.connection() as conn:
+            async with self.ctx.targets.connection(spec.database) as conn:
                 out, row, plan = await self._reconcile_in(conn, body, spec, ident)
             if row is None:
                 return out
             if plan is not None:
-                await self._run_migrations(pool, body, ident, row, plan, out)
-            async with pool.connection() as conn:
+                await self._run_migrations(spec.database, body, ident, row, plan, out)
+            async with self.ctx.targets.connection(spec.database) as conn:
                 await self._finish(conn, body, spec, ident, row, out)
             return out
         except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
@@ -420,10 +419,14 @@ class TenantReconciler:
         )
         return MigrationPlan(todo, dsn, password)
 
-    async def _run_migrations(self, pool: Pool, body: Mapping[str, Any], ident: str, row: sqlt.RegistryRow,
+    async def _run_migrations(self, target: str, body: Mapping[str, Any], ident: str, row: sqlt.RegistryRow,
                               plan: MigrationPlan, out: Outcome) -> None:
         """Apply pending migrations over the tenant's login; pool connections only for bookkeeping."""
-        gate = self._gate(pool.connection, body, row.id)
+
+        def short() -> contextlib.AbstractAsyncContextManager[Conn]:
+            return self.ctx.targets.connection(target)
+
+        gate = self._gate(short, body, row.id)
 
         async def migrate() -> list[str]:
             try:
@@ -432,12 +435,12 @@ class TenantReconciler:
                 if "authentication failed" not in str(exc):
                     raise
                 # The role's password was changed behind our back: the Secret is the truth.
-                async with pool.connection() as conn:
+                async with short() as conn:
                     await sqlt.set_password(conn, ident, plan.password)
                 out.repairs.append("password")
                 return await self._apply(plan.dsn, ident, plan.todo)
             finally:
-                async with pool.connection() as conn:
+                async with short() as conn:
                     await tm.mirror(conn, self.control, row.id, ident)
 
         try:
@@ -480,13 +483,14 @@ class TenantReconciler:
         events: list[tuple[str, str, str]] = []
         try:
             ident = tenant_identifier(name)
-            pool = self.ctx.targets.pool(spec.database)
-        except (ValueError, UnknownTarget):
+        except ValueError:
             return events  # nothing was ever provisioned for it
+        if spec.database not in self.ctx.targets.pools:
+            return events
         policy = _enum(spec.deletion_policy)
         try:
             await self.ctx.ensure_control_schema(spec.database)
-            async with pool.connection() as conn:
+            async with self.ctx.targets.connection(spec.database) as conn:
                 row = await sqlt.find_live_row(conn, self.control, ident)
                 if row is not None and (row.namespace, row.name) == (namespace, name):
                     await ledger.abandon_running(conn, self.control, row.id)
