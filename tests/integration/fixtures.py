@@ -19,7 +19,7 @@ def cluster(stack: LocalStack) -> Cluster:
 @pytest.fixture(scope="session")
 def operator(stack: LocalStack) -> Iterator[OperatorProcess]:
     """One operator process for the session, watching all namespaces, sweeping every 3 s."""
-    proc = OperatorProcess(stack, stack.workdir, sweep_interval=3.0)
+    proc = OperatorProcess(stack, stack.workdir, sweep_interval=3.0, env={"TENANCY_QUOTA_INTERVAL_SECONDS": "2"})
     proc.start()
     yield proc
     code = proc.stop()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 from datetime import datetime
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AwareDatetime, Field, WithJsonSchema, model_validator
 
@@ -27,7 +29,7 @@ from tenancy_operator.api.common import (
     parse_quantity,
     validations,
 )
-from tenancy_operator.api.tenant import TENANT_NAME_MAX_LENGTH, TENANT_NAME_PATTERN
+from tenancy_operator.api.tenant import TENANT_NAME_MAX_LENGTH, TENANT_NAME_PATTERN, Tier
 
 LimitName = Literal["storage", "connections", "requestsPerSecond", "burst", "concurrentJobs", "statementTimeout"]
 """JSON names of the limits; also the keys of status.hard, status.used and Tenant effectiveLimits."""
@@ -43,6 +45,8 @@ length bound keeps the CEL rules on it within the API server's cost budget."""
 
 CONDITION_NEAR_LIMIT = "NearLimit"
 CONDITION_EXCEEDED = "Exceeded"
+NEAR_LIMIT_RATIO = 0.9
+"""A limit is near at 90 % of its value (the seeds' "Quota exhaustion > 90%" alert)."""
 
 
 class TenantRef(ApiModel):
@@ -231,3 +235,70 @@ QUOTA = ResourceInfo(
         AGE_COLUMN,
     ),
 )
+
+
+# --- Tier defaults ---------------------------------------------------------------------------------
+
+TIERS: tuple[Tier, ...] = get_args(Tier)
+TIER_DEFAULTS: dict[str, dict[str, str]] = {
+    "free": {"storage": "1Gi", "connections": "5", "requestsPerSecond": "10", "burst": "20",
+             "concurrentJobs": "1", "statementTimeout": "30s"},
+    "starter": {"storage": "10Gi", "connections": "20", "requestsPerSecond": "50", "burst": "100",
+                "concurrentJobs": "2", "statementTimeout": "30s"},
+    "professional": {"storage": "100Gi", "connections": "50", "requestsPerSecond": "200", "burst": "400",
+                     "concurrentJobs": "5", "statementTimeout": "60s"},
+    "enterprise": {"storage": "1Ti", "connections": "200", "requestsPerSecond": "1000", "burst": "2000",
+                   "concurrentJobs": "20", "statementTimeout": "5m"},
+}
+"""Built-in limits of a tenant without a Quota; TENANCY_TIER_DEFAULTS is merged over them."""
+
+
+def tier_defaults_from_json(raw: str) -> dict[str, dict[str, str]]:
+    """The tier table: TIER_DEFAULTS with `raw` (JSON tier -> {limit: value or null}) merged over it.
+
+    Values are checked like a Quota's spec.limits (an unknown tier or limit name, or a value a Quota
+    could not hold, raises ValueError), so a typo stops the operator at start-up instead of
+    silently leaving a tier unlimited.
+    """
+    table = {tier: dict(limits) for tier, limits in TIER_DEFAULTS.items()}
+    if not raw.strip():
+        return table
+    try:
+        given: Any = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"TENANCY_TIER_DEFAULTS is not valid JSON: {exc.msg}") from None
+    if not isinstance(given, dict):
+        raise ValueError("TENANCY_TIER_DEFAULTS must be a JSON object of tier -> limits")
+    for tier, limits in given.items():
+        if tier not in TIERS:
+            raise ValueError(f"TENANCY_TIER_DEFAULTS: unknown tier {tier!r} (known: {', '.join(TIERS)})")
+        if not isinstance(limits, dict):
+            raise ValueError(f"TENANCY_TIER_DEFAULTS[{tier!r}] must be an object of limit -> value")
+        unknown = sorted(set(limits) - set(LIMIT_NAMES))
+        if unknown:
+            raise ValueError(f"TENANCY_TIER_DEFAULTS[{tier!r}]: unknown limit(s) {', '.join(unknown)}")
+        try:
+            parsed = QuotaLimits.model_validate(limits)
+        except ValueError as exc:
+            raise ValueError(f"TENANCY_TIER_DEFAULTS[{tier!r}]: {exc}") from None
+        table[tier].update(parsed.as_strings())
+        for name, value in limits.items():
+            if value is None:  # null: no default for this limit (unlimited unless a Quota sets one)
+                table[tier].pop(name, None)
+    return table
+
+
+STATEMENT_TIMEOUT_MAX_MS = 2**31 - 1
+"""PostgreSQL's statement_timeout is an int4 of milliseconds (about 24.8 days)."""
+CONNECTION_LIMIT_MAX = 2**31 - 1
+
+
+def limit_amount(limit: str, value: str) -> int:
+    """A limit's value as a number: bytes for storage, milliseconds for statementTimeout (rounded
+    up, capped at PostgreSQL's maximum), the integer itself for counts."""
+    if limit == "storage":
+        return parse_quantity(value)
+    if limit == "statementTimeout":
+        millis = math.ceil(parse_duration(value).total_seconds() * 1000)
+        return min(max(millis, 1), STATEMENT_TIMEOUT_MAX_MS)
+    return int(value)

@@ -1,17 +1,56 @@
-"""Quota handlers (not implemented yet)."""
+"""Quota handlers: thin entry points into the quota service (reconcilers/quota.py).
+
+Quotas get no finalizer: nothing must be undone before one disappears, and its deletion is seen
+as a watch event (tenant back to tier defaults at once). The periodic pass catches anything an
+event missed, so a deletion while the operator is down is handled at the next start.
+"""
 
 from __future__ import annotations
 
+import random
+from typing import Any
+
 import kopf
 
+from tenancy_operator import GROUP, VERSION
+from tenancy_operator.reconcilers.errors import Retry
+from tenancy_operator.reconcilers.quota import QuotaService
 from tenancy_operator.runtime_context import OperatorContext
 
-KIND = "Quota"
+KIND, PLURAL = "Quota", "quotas"
 
 
-def create_service(ctx: OperatorContext) -> None:
-    return None
+def create_service(ctx: OperatorContext) -> QuotaService:
+    """The quota service; its ``run_forever`` (measure, enforce, expire overrides) runs in the background."""
+    return QuotaService(ctx)
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
-    """Attach the Quota handlers to ``registry``."""
+    """Attach the Quota handlers (and a Tenant watcher for tier changes) to ``registry``."""
+
+    def service(memo: Any) -> QuotaService:
+        return memo.services[KIND]  # type: ignore[no-any-return]
+
+    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
+    @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
+    async def quota_reconcile(
+        body: kopf.Body, memo: kopf.Memo, retry: int, reason: str, **_: Any
+    ) -> None:
+        svc = service(memo)
+        if reason == kopf.Reason.RESUME.value and not svc.initial_pass_done:
+            return  # the start-up pass evaluates every tenant in bulk
+        try:
+            await svc.handle_quota(body, retry)
+        except Retry as exc:
+            delay = min(60.0, 2.0 ** min(retry, 6)) * random.uniform(0.8, 1.2)  # noqa: S311
+            raise kopf.TemporaryError(exc.message, delay=delay) from exc
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="deleted")
+    async def quota_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        if type == "DELETED":
+            await service(memo).quota_deleted(body)
+
+    @kopf.on.event(GROUP, VERSION, "tenants", registry=registry, id="quota-limits")
+    async def tenant_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        service(memo).tenant_event(type, body)

@@ -39,6 +39,11 @@ LIFECYCLE_JOB_DURATION = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
 )
 LIFECYCLE_JOBS_RUNNING = Gauge("lifecycle_jobs_running", "Lifecycle jobs running now.", ["job"])
+FEATURE_FLAG_CHANGES = Counter(
+    "feature_flag_changes_total",
+    "Feature flag changes written (create, update, delete), by flag (<namespace>/<key>: one per FeatureFlag).",
+    ["flag"],
+)
 BUILD_INFO = Info("tenancy_operator_build", "Build information.")
 
 # Bounded reasons for reconcile_failures_total.
@@ -93,3 +98,27 @@ def start_metrics_server(port: int, addr: str) -> None:
         for reason in REASONS:
             RECONCILE_FAILURES.labels(kind=kind, reason=reason)
     start_http_server(port, addr=addr)
+
+
+# Quotas. Per-tenant series (namespace, tenant) can be switched off (TENANCY_QUOTA_PER_TENANT_METRICS)
+# for very large fleets; the aggregate by resource stays.
+TENANT_QUOTA_USED = Gauge(
+    "tenant_quota_used", "Measured usage of a tenant's limit (bytes for storage).",
+    ["namespace", "tenant", "resource"],
+)
+TENANT_QUOTA_LIMIT = Gauge(
+    "tenant_quota_limit", "Effective limit of a tenant (bytes for storage, seconds for statementTimeout).",
+    ["namespace", "tenant", "resource"],
+)
+TENANT_QUOTA_TENANTS = Gauge(
+    "tenant_quota_tenants", "Tenants at 90% or more of a limit (near) or at the limit (exceeded).",
+    ["resource", "state"],
+)
+QUOTA_MEASURE_DURATION = Histogram(
+    "quota_measure_duration_seconds", "Duration of measuring every tenant of one database target.", ["target"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+QUOTA_PASS_DURATION = Histogram(
+    "quota_pass_duration_seconds", "Duration of one quota pass over all tenants (measure, enforce, report).",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)

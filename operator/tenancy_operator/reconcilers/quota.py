@@ -1,0 +1,952 @@
+"""Quota enforcement: effective limits per tenant, measured usage, role attributes, status.
+
+One code path for everything: a *subject* is one tenant key (namespace, tenant name) with its
+Tenant, the Quotas naming it and what the database says about it. ``evaluate`` (pure) turns a
+subject into a plan; ``QuotaService.apply`` carries the plan out (role attributes, registry,
+status, Events, metrics). The periodic pass measures every tenant of a target with one query
+per measure and evaluates all subjects; Kopf handlers evaluate one subject at once (edits take
+effect immediately); a scheduled wake-up evaluates the subjects whose override ends now.
+
+Level-based: role attributes and the registry are compared with the computed limits and changed
+only where they differ. Our own status is read only to avoid repeating Events across restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from kubernetes_asyncio.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from tenancy_operator import GROUP, VERSION
+from tenancy_operator.api.common import format_quantity
+from tenancy_operator.api.quota import (
+    CONDITION_EXCEEDED,
+    CONDITION_NEAR_LIMIT,
+    CONNECTION_LIMIT_MAX,
+    LIMIT_NAMES,
+    NEAR_LIMIT_RATIO,
+    ActiveOverride,
+    QuotaOverride,
+    QuotaSpec,
+    limit_amount,
+)
+from tenancy_operator.api.tenant import tenant_identifier
+from tenancy_operator.conditions import Cond, merge
+from tenancy_operator.db import quota as dbq
+from tenancy_operator.db import tenants as sqlt
+from tenancy_operator.db.quota import RoleQuotaState
+from tenancy_operator.db.targets import UnknownTarget
+from tenancy_operator.observability import metrics
+from tenancy_operator.observability.logging import get_logger
+from tenancy_operator.reconcilers.errors import Retry
+from tenancy_operator.runtime_context import OperatorContext
+
+log = get_logger(__name__)
+
+KIND = "Quota"
+QUOTAS, TENANTS = "quotas", "tenants"
+LOCK_KIND = "QuotaTenant"
+Key = tuple[str, str]
+"""(namespace, tenant name): quotas are per tenant, so is every lock and memory entry."""
+
+OK, NEAR, EXCEEDED = 0, 1, 2
+LEVEL_NAMES = {NEAR: "near", EXCEEDED: "exceeded"}
+STALE_MEASUREMENTS = 5
+"""lastMeasuredAt is refreshed with any other status change, and at least every 5 intervals, so an
+idle tenant's Quota is not rewritten every interval just to move a timestamp."""
+TRANSIENT_REASONS = ("TenantNotReady", "DatabaseUnavailable")
+"""Ready=False reasons that resolve by themselves (a tenant being provisioned): no Warning Event."""
+EXPIRY_GRACE = timedelta(milliseconds=50)
+RETRY_FAILED_PASS_SECONDS = 5.0
+"""Wake a little after an override's expiry so the evaluation sees it expired."""
+
+
+# --- Pure logic -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoleSettings:
+    """The role attributes the operator owns for quotas."""
+
+    connection_limit: int
+    """-1: unlimited."""
+    statement_timeout_ms: int | None
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the database says about one subject (or why it could not be asked)."""
+
+    state: RoleQuotaState | None = None
+    storage: int = 0
+    connections: int = 0
+    reported: Mapping[str, Decimal] = field(default_factory=dict)
+    problem: tuple[str, str] | None = None
+    """(reason, message) when the tenant's limits cannot be enforced now."""
+    target: str | None = None
+    ident: str | None = None
+
+
+@dataclass
+class Subject:
+    """One tenant key and what the API server says about it."""
+
+    namespace: str
+    name: str
+    tenant: dict[str, Any] | None
+    quotas: list[dict[str, Any]]
+    """Quotas naming the tenant, the one in force first (see ``sort_quotas``)."""
+
+    @property
+    def key(self) -> Key:
+        return (self.namespace, self.name)
+
+
+@dataclass
+class Memory:
+    """What the last evaluation of a subject found, for transition Events (in memory only)."""
+
+    uid: str
+    tier: str
+    levels: dict[str, int]
+    active: set[tuple[str, str]]
+    """(limit, expiresAt) of the overrides in force."""
+
+
+@dataclass
+class Plan:
+    """What one evaluation decided; ``QuotaService.apply`` does it."""
+
+    enforce: bool = False
+    target: str | None = None
+    ident: str | None = None
+    tenant_id: str | None = None
+    role: RoleSettings | None = None
+    role_changes: list[str] = field(default_factory=list)
+    terminate: bool = False
+    publish: dict[str, Any] | None = None
+    quota_patches: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    tenant_patch: dict[str, Any] | None = None
+    events: list[tuple[dict[str, Any], str, str, str]] = field(default_factory=list)
+    hard: dict[str, str] = field(default_factory=dict)
+    amounts_used: dict[str, Decimal] = field(default_factory=dict)
+    levels: dict[str, int] = field(default_factory=dict)
+    next_expiry: datetime | None = None
+    memory: Memory | None = None
+    expired: list[str] = field(default_factory=list)
+    """Limits whose override ended at this evaluation (for logs)."""
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def sort_quotas(quotas: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Quota in force first: the oldest (creationTimestamp, then name); later ones conflict."""
+    return sorted(quotas, key=lambda q: (q["metadata"].get("creationTimestamp") or "", q["metadata"]["name"]))
+
+
+def effective_limits(defaults: Mapping[str, str], spec: QuotaSpec | None, now: datetime) -> dict[str, str]:
+    """Tier defaults, then the Quota's limits, then its unexpired overrides."""
+    hard = dict(defaults)
+    if spec is not None:
+        hard.update(spec.effective_limits(now))
+    return {name: hard[name] for name in LIMIT_NAMES if name in hard}
+
+
+def next_expiry(spec: QuotaSpec | None, now: datetime) -> datetime | None:
+    """When the next override ends: the limits change then, so the operator wakes then."""
+    if spec is None:
+        return None
+    upcoming = [o.expires_at for o in spec.overrides if o.expires_at > now]
+    return min(upcoming) if upcoming else None
+
+
+def used_amounts(storage: int, connections: int, reported: Mapping[str, Decimal]) -> dict[str, Decimal]:
+    """Usage by limit name: measured storage and connections, platform-reported for the rest."""
+    used = {name: Decimal(value) for name, value in reported.items() if name in LIMIT_NAMES}
+    used.pop("statementTimeout", None)  # a timeout has no usage
+    used["storage"] = Decimal(storage)
+    used["connections"] = Decimal(connections)
+    return {name: used[name] for name in LIMIT_NAMES if name in used}
+
+
+def format_used(limit: str, amount: Decimal) -> str:
+    if limit == "storage":
+        return format_quantity(int(amount))
+    if amount == amount.to_integral_value():
+        return str(int(amount))
+    return format(amount.normalize(), "f")
+
+
+def usage_ratios(hard: Mapping[str, str], used: Mapping[str, Decimal]) -> dict[str, float]:
+    """used / hard for every limit that has both (1.0 = at the limit)."""
+    ratios: dict[str, float] = {}
+    for name, amount in used.items():
+        if name in hard and name != "statementTimeout":
+            ratios[name] = round(float(amount) / limit_amount(name, hard[name]), 4)
+    return ratios
+
+
+def level(ratio: float) -> int:
+    if ratio >= 1.0:
+        return EXCEEDED
+    if ratio >= NEAR_LIMIT_RATIO:
+        return NEAR
+    return OK
+
+
+def desired_role(hard: Mapping[str, str], read_only: bool) -> RoleSettings:
+    connections = hard.get("connections")
+    timeout = hard.get("statementTimeout")
+    return RoleSettings(
+        connection_limit=min(int(connections), CONNECTION_LIMIT_MAX) if connections else -1,
+        statement_timeout_ms=limit_amount("statementTimeout", timeout) if timeout else None,
+        read_only=read_only,
+    )
+
+
+def role_changes(state: RoleQuotaState, want: RoleSettings) -> list[str]:
+    """Which owned attributes differ from the catalog (a hand-made '30s' differs from 30000: it is
+    rewritten once in the operator's form)."""
+    changes = []
+    if state.connection_limit != want.connection_limit:
+        changes.append("connections")
+    current_timeout = state.statement_timeout
+    wanted_timeout = None if want.statement_timeout_ms is None else str(want.statement_timeout_ms)
+    if current_timeout != wanted_timeout:
+        changes.append("statementTimeout")
+    if state.read_only != want.read_only:
+        changes.append("readOnly")
+    return changes
+
+
+def registry_document(
+    hard: Mapping[str, str], *, enforcement: str, blocked: bool, active: Mapping[str, QuotaOverride],
+    quota: str | None,
+) -> dict[str, Any]:
+    """tenants.quotas: what the platform's rate limiter and job runner read. Counts as numbers,
+    storage and statementTimeout both as written and in bytes / milliseconds."""
+    doc: dict[str, Any] = {}
+    for name, value in hard.items():
+        if name == "storage":
+            doc["storage"] = value
+            doc["storageBytes"] = limit_amount(name, value)
+        elif name == "statementTimeout":
+            doc["statementTimeout"] = value
+            doc["statementTimeoutMs"] = limit_amount(name, value)
+        else:
+            doc[name] = int(value)
+    doc["storageEnforcement"] = enforcement
+    doc["writesBlocked"] = blocked
+    doc["overrides"] = [
+        {"limit": o.limit, "value": str(o.value), "expiresAt": iso(o.expires_at)}
+        for _, o in sorted(active.items())
+    ]
+    doc["quota"] = quota
+    return doc
+
+
+def merge_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns ``current`` into ``desired`` for the keys of
+    ``desired``; empty when nothing differs. Map entries missing from a desired map are removed
+    (``None``); lists are replaced whole."""
+    current = current or {}
+    patch: dict[str, Any] = {}
+    for k, want in desired.items():
+        have = current.get(k)
+        if isinstance(want, Mapping) and isinstance(have, Mapping):
+            sub = merge_patch(have, want)
+            for gone in set(have) - set(want):
+                sub[gone] = None
+            if sub:
+                patch[k] = sub
+        elif have != want:
+            patch[k] = want
+    return patch
+
+
+def _active_from_status(status: Mapping[str, Any]) -> set[tuple[str, str]]:
+    out = set()
+    for o in status.get("activeOverrides") or []:
+        expires = parse_time(o.get("expiresAt"))
+        if o.get("limit") and expires is not None:
+            out.add((str(o["limit"]), iso(expires)))
+    return out
+
+
+def _levels_from_status(status: Mapping[str, Any]) -> dict[str, int]:
+    return {str(k): level(float(v)) for k, v in (status.get("usageRatio") or {}).items()}
+
+
+def _ready(conditions: Sequence[Mapping[str, Any]] | None) -> Mapping[str, Any]:
+    return next((c for c in conditions or [] if c.get("type") == "Ready"), {})
+
+
+def _not_in_force(quota: dict[str, Any], reason: str, message: str, *, hard: Mapping[str, str] | None = None,
+                  keep_usage: bool = False) -> tuple[dict[str, Any], bool]:
+    """Status of a Quota that does not apply now; (patch, Ready reason changed)."""
+    status = quota.get("status") or {}
+    generation = int(quota["metadata"].get("generation") or 0)
+    desired: dict[str, Any] = {
+        "observedGeneration": generation,
+        "conditions": merge(status.get("conditions"), [Cond("Ready", "False", reason, message)], generation,
+                            drop=[CONDITION_NEAR_LIMIT, CONDITION_EXCEEDED]),
+        "hard": dict(hard or {}),
+        "activeOverrides": [],
+    }
+    if not keep_usage:
+        desired.update({"used": {}, "usageRatio": {}})
+    changed = _ready(status.get("conditions")).get("reason") != reason
+    return merge_patch(status, desired), changed
+
+
+def _describe(limit: str, used: str, hard: str, ratio: float) -> str:
+    return f"{limit} {used} of {hard} ({ratio:.0%})"
+
+
+def evaluate(
+    subject: Subject, probe: Probe | None, *, tier_limits: Mapping[str, Mapping[str, str]], now: datetime,
+    memory: Memory | None, stale_after: timedelta,
+) -> Plan:
+    """Decide everything for one subject. Pure: no I/O, so the whole policy is unit-tested."""
+    plan = Plan()
+    winner, losers = (subject.quotas[0], subject.quotas[1:]) if subject.quotas else (None, [])
+    for loser in losers:
+        message = (f"tenant {subject.name} already has Quota {winner['metadata']['name']} "  # type: ignore[index]
+                   "(the older one applies); delete one of them")
+        patch, changed = _not_in_force(loser, "Conflict", message)
+        if patch:
+            plan.quota_patches.append((loser, patch))
+        if changed:
+            plan.events.append((loser, "Warning", "Conflict", message))
+
+    tenant = subject.tenant
+    if tenant is None or tenant["metadata"].get("deletionTimestamp"):
+        if winner is not None:
+            reason = "TenantNotFound" if tenant is None else "TenantDeleting"
+            message = (f"Tenant {subject.name} not found in namespace {subject.namespace}"
+                       if tenant is None else f"Tenant {subject.name} is being deleted")
+            patch, changed = _not_in_force(winner, reason, message)
+            if patch:
+                plan.quota_patches.append((winner, patch))
+            if changed:
+                plan.events.append((winner, "Warning", reason, message))
+        return plan
+
+    tier = str((tenant.get("spec") or {}).get("tier") or "free")
+    spec: QuotaSpec | None = None
+    invalid: str | None = None
+    if winner is not None:
+        try:
+            spec = QuotaSpec.model_validate(winner.get("spec") or {})
+        except ValidationError as exc:
+            invalid = "; ".join(e["msg"] for e in exc.errors())[:512]
+    hard = effective_limits(tier_limits.get(tier, {}), spec, now)
+    plan.hard = hard
+    plan.next_expiry = next_expiry(spec, now)
+    active: dict[str, QuotaOverride] = (
+        {str(name): o for name, o in spec.active_overrides(now).items()} if spec is not None else {}
+    )
+    active_keys: set[tuple[str, str]] = {(name, iso(o.expires_at)) for name, o in active.items()}
+
+    tenant_status = tenant.get("status") or {}
+    if tenant_status.get("conditions"):  # after the Tenant's own first status (it keys off an empty one)
+        patch = merge_patch(tenant_status, {"effectiveLimits": hard})
+        if patch:
+            plan.tenant_patch = patch
+
+    uid = str(tenant["metadata"].get("uid") or "")
+    quota_status = (winner.get("status") or {}) if winner is not None else {}
+    if memory is not None and memory.uid == uid:
+        prev_levels, prev_active = memory.levels, memory.active
+    else:
+        prev_levels, prev_active = _levels_from_status(quota_status), _active_from_status(quota_status)
+    event_target = winner if winner is not None else tenant
+
+    if spec is not None:
+        by_key: dict[tuple[str, str], QuotaOverride] = {(o.limit, iso(o.expires_at)): o for o in spec.overrides}
+        for limit, expires in sorted(prev_active - active_keys):
+            override = by_key.get((limit, expires))
+            if override is None or override.expires_at > now:
+                continue  # removed by hand, not expired
+            plan.expired.append(limit)
+            plan.events.append((event_target, "Normal", "OverrideExpired",
+                                f"override of {limit} to {override.value} expired at {expires}"
+                                f"{f' ({override.reason})' if override.reason else ''}; "
+                                f"{limit} is {hard.get(limit, 'unlimited')} again"))
+
+    if invalid is not None and winner is not None:
+        patch, changed = _not_in_force(winner, "InvalidSpec", invalid)
+        if patch:
+            plan.quota_patches.append((winner, patch))
+        if changed:
+            plan.events.append((winner, "Warning", "InvalidSpec", invalid))
+        winner = None  # the tenant falls back to its tier defaults; the Quota says why
+    if probe is None or probe.problem is not None or probe.state is None:
+        reason, message = probe.problem if probe and probe.problem else ("TenantNotReady", "not measured yet")
+        if winner is not None:
+            patch, changed = _not_in_force(winner, reason, message, hard=hard, keep_usage=True)
+            if patch:
+                plan.quota_patches.append((winner, patch))
+            if changed and reason not in TRANSIENT_REASONS:
+                plan.events.append((winner, "Warning", reason, message))
+        plan.memory = Memory(uid, tier, prev_levels, active_keys)
+        return plan
+
+    state = probe.state
+    plan.enforce, plan.target, plan.ident, plan.tenant_id = True, probe.target, probe.ident, state.tenant_id
+    amounts = used_amounts(probe.storage, probe.connections, probe.reported)
+    plan.amounts_used = amounts
+    used = {name: format_used(name, amount) for name, amount in amounts.items()}
+    ratios = usage_ratios(hard, amounts)
+    levels = {name: level(r) for name, r in ratios.items()}
+    plan.levels = levels
+    enforcement = spec.enforcement.storage if spec is not None and winner is not None else "Warn"
+    blocked = enforcement == "BlockWrites" and levels.get("storage") == EXCEEDED
+    plan.role = desired_role(hard, blocked)
+    plan.role_changes = role_changes(state, plan.role)
+    plan.terminate = "readOnly" in plan.role_changes
+    doc = registry_document(hard, enforcement=enforcement, blocked=blocked, active=active,
+                            quota=winner["metadata"]["name"] if winner is not None else None)
+    if doc != state.published:
+        plan.publish = doc
+
+    for name, new in levels.items():
+        old = prev_levels.get(name, OK)
+        text = _describe(name, used[name], hard[name], ratios[name])
+        if new > old:
+            if new == EXCEEDED:
+                plan.events.append((event_target, "Warning", "QuotaExceeded", f"limit reached: {text}"))
+            else:
+                plan.events.append((event_target, "Warning", "QuotaNearLimit",
+                                    f"at {NEAR_LIMIT_RATIO:.0%} or more of the limit: {text}"))
+        elif new < old:
+            where = "under its limit" if new == NEAR else "under the near-limit threshold"
+            plan.events.append((event_target, "Normal", "QuotaBackUnderLimit", f"back {where}: {text}"))
+    if "readOnly" in plan.role_changes:
+        if blocked:
+            plan.events.append((event_target, "Warning", "WritesBlocked",
+                                f"storage over its limit ({used['storage']} of {hard['storage']}): new sessions "
+                                "of the tenant are read-only, open sessions were ended"))
+        else:
+            plan.events.append((event_target, "Normal", "WritesAllowed",
+                                "writes allowed again; sessions opened while read-only were ended"))
+    plan.memory = Memory(uid, tier, levels, active_keys)
+
+    if winner is not None:
+        generation = int(winner["metadata"].get("generation") or 0)
+        near = sorted(n for n, lv in levels.items() if lv >= NEAR)
+        over = sorted(n for n, lv in levels.items() if lv == EXCEEDED)
+        ready_message = f"limits in force on role {probe.ident}"
+        if blocked:
+            ready_message += "; writes blocked: storage over its limit"
+        conds = [
+            Cond("Ready", "True", "Enforced", ready_message),
+            Cond(CONDITION_NEAR_LIMIT, "True", "ThresholdReached",
+                 "; ".join(_describe(n, used[n], hard[n], ratios[n]) for n in near))
+            if near else Cond(CONDITION_NEAR_LIMIT, "False", "BelowThreshold",
+                              f"every limit under {NEAR_LIMIT_RATIO:.0%}"),
+            Cond(CONDITION_EXCEEDED, "True", "LimitReached",
+                 "; ".join(_describe(n, used[n], hard[n], ratios[n]) for n in over)
+                 + ("; writes blocked" if blocked else ""))
+            if over else Cond(CONDITION_EXCEEDED, "False", "WithinLimits", "every limit under its value"),
+        ]
+        desired = {
+            "observedGeneration": generation,
+            "conditions": merge(quota_status.get("conditions"), conds, generation),
+            "hard": hard,
+            "used": used,
+            "usageRatio": ratios,
+            "activeOverrides": [
+                ActiveOverride(limit=o.limit, value=o.value, expires_at=o.expires_at, reason=o.reason).to_api()
+                for _, o in sorted(active.items())
+            ],
+        }
+        patch = merge_patch(quota_status, desired)
+        last = parse_time(quota_status.get("lastMeasuredAt"))
+        if patch or last is None or now - last >= stale_after:
+            patch["lastMeasuredAt"] = iso(now.replace(microsecond=0))
+        if patch:
+            plan.quota_patches.append((winner, patch))
+    return plan
+
+
+def metric_amount(limit: str, value: str) -> float:
+    """A limit for Prometheus: bytes, seconds (statementTimeout), counts."""
+    amount = limit_amount(limit, value)
+    return amount / 1000 if limit == "statementTimeout" else float(amount)
+
+
+# --- The service --------------------------------------------------------------------------------------
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _tenant_ref(quota: Mapping[str, Any]) -> str | None:
+    ref = ((quota.get("spec") or {}).get("tenantRef") or {}).get("name")
+    return str(ref) if ref else None
+
+
+def _is_ready(body: Mapping[str, Any]) -> bool:
+    status = body.get("status") or {}
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+class QuotaService:
+    """The quota loop and the per-tenant reconcile the handlers call."""
+
+    def __init__(self, ctx: OperatorContext) -> None:
+        self.ctx = ctx
+        self.memory: dict[Key, Memory] = {}
+        self.expiries: dict[Key, datetime] = {}
+        self.epochs: defaultdict[Key, int] = defaultdict(int)
+        self.applied: dict[Key, tuple[str, str]] = {}
+        """Tenants this process enforced, with (uid, tier): a Tenant event for anything else
+        (new, re-created, tier changed) triggers an immediate evaluation."""
+        self.series: dict[Key, set[str]] = {}
+        self.initial_pass_done = False
+        self._wake: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._inflight: set[Key] = set()
+        self._rerun: set[Key] = set()
+
+    @property
+    def control(self) -> str:
+        return self.ctx.settings.control_schema
+
+    @property
+    def stale_after(self) -> timedelta:
+        return timedelta(seconds=self.ctx.settings.quota_interval_seconds * STALE_MEASUREMENTS)
+
+    # --- scheduling ----------------------------------------------------------------------------
+
+    def poke(self) -> None:
+        """Make the loop recompute when to wake (a new, earlier override expiry)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    async def run_forever(self) -> None:
+        try:
+            await self._loop()
+        finally:  # shutdown: background evaluations must not outlive the clients they use
+            for task in list(self._tasks):
+                task.cancel()
+
+    async def _loop(self) -> None:
+        self._wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        next_pass = loop.time()
+        interval = self.ctx.settings.quota_interval_seconds
+        while True:
+            if loop.time() >= next_pass:
+                wait = interval
+                try:
+                    await self.pass_once()
+                except asyncio.CancelledError:
+                    raise
+                except ApiException as exc:  # e.g. 429 while the API server starts
+                    log.warning("quota pass failed", error="KubernetesAPI", status=exc.status)
+                    wait = min(interval, RETRY_FAILED_PASS_SECONDS)
+                except Exception:
+                    log.exception("quota pass failed")
+                    wait = min(interval, RETRY_FAILED_PASS_SECONDS)
+                self.initial_pass_done = True
+                next_pass = loop.time() + wait
+            await self.expire_due()
+            delay = next_pass - loop.time()
+            upcoming = min(self.expiries.values(), default=None)
+            if upcoming is not None:
+                delay = min(delay, (upcoming + EXPIRY_GRACE - _now()).total_seconds())
+            self._wake.clear()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    async def expire_due(self) -> None:
+        """Evaluate now every tenant whose override has just ended (not at the next pass)."""
+        now = _now()
+        due = [key for key, at in self.expiries.items() if at + EXPIRY_GRACE <= now]
+        for key in due:
+            try:
+                await self.reconcile_tenant(*key, trigger="override-expiry")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # try again shortly, without spinning
+                log.warning("override expiry evaluation failed", namespace=key[0], tenant=key[1],
+                            error=type(exc).__name__)
+                self.expiries[key] = now + timedelta(seconds=5)
+
+    # --- reading the cluster --------------------------------------------------------------------
+
+    def _watched(self, namespace: str) -> bool:
+        namespaces = self.ctx.settings.namespace_list
+        return not namespaces or namespace in namespaces
+
+    async def _get_tenant(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj = await self.ctx.kube.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, TENANTS, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(obj)
+
+    async def _namespace_quotas(self, namespace: str) -> list[dict[str, Any]]:
+        result = await self.ctx.kube.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, QUOTAS)
+        return list(result.get("items", []))
+
+    # --- reading the databases ---------------------------------------------------------------------
+
+    async def probe_target(self, target: str, subjects: Sequence[Subject]) -> dict[Key, Probe]:
+        """Measure every subject of one target with one query per measure."""
+        idents: dict[Key, str] = {}
+        probes: dict[Key, Probe] = {}
+        for s in subjects:
+            try:
+                idents[s.key] = tenant_identifier(s.name)
+            except ValueError as exc:
+                probes[s.key] = Probe(problem=("TenantNotReady", str(exc)))
+        if not idents:
+            return probes
+        try:
+            pool = self.ctx.targets.pool(target)
+        except UnknownTarget:
+            known = ", ".join(sorted(self.ctx.targets.pools)) or "none"
+            problem = ("UnknownDatabase", f"database target {target!r} is not configured (known: {known})")
+            return {**probes, **{k: Probe(problem=problem) for k in idents}}
+        names = sorted(set(idents.values()))
+        try:
+            await self.ctx.ensure_control_schema(target)
+            async with pool.connection() as conn:
+                states = await dbq.observe(conn, self.control, names)
+                storage = await dbq.measure_storage(conn, names)
+                connections = await dbq.measure_connections(conn, names)
+                owned: dict[Key, RoleQuotaState] = {}
+                for key, ident in idents.items():
+                    state = states[ident]
+                    if state.tenant_id and (state.row_namespace, state.row_name) == key and state.role_exists:
+                        owned[key] = state
+                await dbq.record_usage(conn, self.control, {
+                    str(st.tenant_id): {"storage": storage.get(idents[k], 0),
+                                        "connections": connections.get(idents[k], 0)}
+                    for k, st in owned.items()
+                })
+                reported = await dbq.reported_usage(conn, self.control, [str(st.tenant_id) for st in owned.values()])
+        except (psycopg_pool.PoolTimeout, psycopg.Error) as exc:
+            if not isinstance(exc, psycopg_pool.PoolTimeout | psycopg.OperationalError):
+                log.warning("quota measurement failed", target=target, error=type(exc).__name__)
+            problem = ("DatabaseUnavailable", f"database {target!r} unavailable: {type(exc).__name__}")
+            return {**probes, **{k: Probe(problem=problem, target=target) for k in idents}}
+        for key, ident in idents.items():
+            state = states[ident]
+            if key in owned:
+                probes[key] = Probe(
+                    state=state, storage=storage.get(ident, 0), connections=connections.get(ident, 0),
+                    reported=reported.get(str(state.tenant_id), {}), target=target, ident=ident,
+                )
+            elif state.tenant_id and (state.row_namespace, state.row_name) != key:
+                probes[key] = Probe(problem=(
+                    "TenantNotReady",
+                    f"schema {ident} belongs to tenant {state.row_namespace}/{state.row_name}; limits not applied",
+                ), target=target, ident=ident)
+            else:
+                problem = ("TenantNotReady", f"tenant has no provisioned schema and role {ident} yet")
+                probes[key] = Probe(problem=problem, target=target, ident=ident)
+        return probes
+
+    # --- evaluating and applying --------------------------------------------------------------------
+
+    async def reconcile_tenant(self, namespace: str, name: str, *, trigger: str) -> Plan:
+        """Evaluate one tenant now, from fresh reads. Raises Retry for transient failures (after
+        reporting them in status)."""
+        key = (namespace, name)
+        async with self.ctx.lock(LOCK_KIND, namespace, name):
+            try:
+                tenant = await self._get_tenant(namespace, name)
+                quotas = sort_quotas([q for q in await self._namespace_quotas(namespace) if _tenant_ref(q) == name])
+            except ApiException as exc:
+                raise Retry("KubernetesAPI", f"reading Tenant/Quotas failed: {exc.status}") from exc
+            subject = Subject(namespace, name, tenant, quotas)
+            probe = None
+            if tenant is not None and not tenant["metadata"].get("deletionTimestamp"):
+                target = str((tenant.get("spec") or {}).get("database") or "default")
+                probe = (await self.probe_target(target, [subject]))[key]
+            plan = await self.apply(subject, probe, trigger=trigger)
+            self.epochs[key] += 1
+        if probe is not None and probe.problem and probe.problem[0] == "DatabaseUnavailable":
+            raise Retry(*probe.problem)
+        return plan
+
+    async def apply(self, subject: Subject, probe: Probe | None, *, trigger: str) -> Plan:
+        """Evaluate one subject and carry the plan out. Call with the subject's lock held."""
+        key = subject.key
+        memory = self.memory.get(key)
+        plan = evaluate(subject, probe, tier_limits=self.ctx.settings.tier_limits, now=_now(), memory=memory,
+                        stale_after=self.stale_after)
+        if plan.enforce and (plan.role_changes or plan.publish is not None):
+            await self._write_database(plan)
+        for body, patch in plan.quota_patches:
+            await self._patch_status(QUOTAS, body, patch)
+        if plan.tenant_patch and subject.tenant is not None:
+            await self._patch_status(TENANTS, subject.tenant, plan.tenant_patch)
+        for body, type_, reason, message in plan.events:
+            self.ctx.events.post(body, type_, reason, message)
+        if plan.memory is not None:
+            self.memory[key] = plan.memory
+        else:
+            self.memory.pop(key, None)
+        if plan.next_expiry is not None:
+            if self.expiries.get(key) != plan.next_expiry:
+                self.expiries[key] = plan.next_expiry
+                self.poke()
+        else:
+            self.expiries.pop(key, None)
+        if plan.enforce and subject.tenant is not None:
+            meta, spec = subject.tenant["metadata"], subject.tenant.get("spec") or {}
+            self.applied[key] = (str(meta.get("uid") or ""), str(spec.get("tier") or "free"))
+        elif subject.tenant is None:
+            self.applied.pop(key, None)
+        self._update_series(key, plan if subject.tenant is not None else None)
+        if plan.role_changes or plan.publish is not None or plan.expired:
+            log.info("quota applied", namespace=key[0], tenant=key[1], trigger=trigger,
+                     role_changes=plan.role_changes or None, published=plan.publish is not None,
+                     sessions_ended=plan.terminate or None, overrides_expired=plan.expired or None)
+        return plan
+
+    async def _write_database(self, plan: Plan) -> None:
+        assert plan.target
+        assert plan.ident
+        assert plan.role is not None
+        role = plan.ident
+        try:
+            async with self.ctx.targets.pool(plan.target).connection() as conn:
+                if "connections" in plan.role_changes:
+                    await dbq.set_connection_limit(conn, role, plan.role.connection_limit)
+                if "statementTimeout" in plan.role_changes:
+                    await dbq.set_statement_timeout(conn, role, plan.role.statement_timeout_ms)
+                if "readOnly" in plan.role_changes:
+                    await dbq.set_read_only(conn, role, plan.role.read_only)
+                    # Sessions keep the default they logged in with: end them so the change holds.
+                    await sqlt.terminate_sessions(conn, role)
+                if plan.publish is not None and plan.tenant_id:
+                    await dbq.publish(conn, self.control, plan.tenant_id, plan.publish)
+        except psycopg.errors.UndefinedObject:
+            log.info("role vanished while applying limits", role=role)  # dropped meanwhile: nothing to limit
+        except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
+            raise Retry("DatabaseUnavailable", f"database {plan.target!r} unavailable: {type(exc).__name__}") from exc
+
+    async def _patch_status(self, plural: str, body: Mapping[str, Any], patch: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        try:
+            await self.ctx.kube.patch_status(plural, meta["namespace"], meta["name"], patch)
+        except ApiException as exc:
+            if exc.status == 404:
+                return  # deleted meanwhile
+            raise Retry("KubernetesAPI", f"writing {plural} status failed: {exc.status}") from exc
+
+    # --- metrics -----------------------------------------------------------------------------------
+
+    def _update_series(self, key: Key, plan: Plan | None) -> None:
+        """Per-tenant gauges from an enforced plan; None removes them (the tenant is gone). A plan
+        that could not measure (database down) leaves the last values."""
+        if not self.ctx.settings.quota_per_tenant_metrics or (plan is not None and not plan.enforce):
+            return
+        labels = {"namespace": key[0], "tenant": key[1]}
+        wanted: set[str] = set()
+        if plan is not None:
+            for name, value in plan.hard.items():
+                metrics.TENANT_QUOTA_LIMIT.labels(**labels, resource=name).set(metric_amount(name, value))
+                wanted.add(f"limit:{name}")
+            for name, amount in plan.amounts_used.items():
+                metrics.TENANT_QUOTA_USED.labels(**labels, resource=name).set(float(amount))
+                wanted.add(f"used:{name}")
+        for series in self.series.get(key, set()) - wanted:
+            kind, name = series.split(":", 1)
+            gauge = metrics.TENANT_QUOTA_LIMIT if kind == "limit" else metrics.TENANT_QUOTA_USED
+            with contextlib.suppress(KeyError):
+                gauge.remove(key[0], key[1], name)
+        if wanted:
+            self.series[key] = wanted
+        else:
+            self.series.pop(key, None)
+
+    def _update_aggregates(self) -> None:
+        counts: Counter[tuple[str, int]] = Counter()
+        for mem in self.memory.values():
+            for name, lv in mem.levels.items():
+                if lv >= NEAR:
+                    counts[(name, NEAR)] += 1
+                if lv == EXCEEDED:
+                    counts[(name, EXCEEDED)] += 1
+        for name in LIMIT_NAMES:
+            for lv, state in LEVEL_NAMES.items():
+                metrics.TENANT_QUOTA_TENANTS.labels(resource=name, state=state).set(counts.get((name, lv), 0))
+
+    def forget(self, key: Key) -> None:
+        """Drop what this process remembers about a tenant key (its Tenant and Quotas are gone)."""
+        self.memory.pop(key, None)
+        self.expiries.pop(key, None)
+        self.applied.pop(key, None)
+        self.epochs.pop(key, None)
+        self._update_series(key, None)
+        lock = self.ctx.locks.get((LOCK_KIND, *key))
+        if lock is not None and not lock.locked():
+            self.ctx.locks.pop((LOCK_KIND, *key), None)
+
+    # --- the periodic pass --------------------------------------------------------------------------
+
+    async def pass_once(self) -> int:
+        """Measure and evaluate every tenant; returns how many subjects were evaluated."""
+        started = time.monotonic()
+        epochs = dict(self.epochs)
+        tenants = [t for t in await self.ctx.kube.list_objects(TENANTS) if self._watched(t["metadata"]["namespace"])]
+        quotas = [q for q in await self.ctx.kube.list_objects(QUOTAS) if self._watched(q["metadata"]["namespace"])]
+        subjects: dict[Key, Subject] = {}
+        for t in tenants:
+            key = (t["metadata"]["namespace"], t["metadata"]["name"])
+            subjects[key] = Subject(key[0], key[1], t, [])
+        for q in quotas:
+            ref = _tenant_ref(q)
+            if ref is None:
+                continue
+            key = (q["metadata"]["namespace"], ref)
+            subjects.setdefault(key, Subject(key[0], key[1], None, [])).quotas.append(q)
+        for s in subjects.values():
+            s.quotas = sort_quotas(s.quotas)
+
+        by_target: dict[str, list[Subject]] = defaultdict(list)
+        for s in subjects.values():
+            if s.tenant is not None and not s.tenant["metadata"].get("deletionTimestamp"):
+                by_target[str((s.tenant.get("spec") or {}).get("database") or "default")].append(s)
+        probes: dict[Key, Probe] = {}
+        for target, items in by_target.items():
+            with metrics.QUOTA_MEASURE_DURATION.labels(target=target).time():
+                probes.update(await self.probe_target(target, items))
+
+        sem = asyncio.Semaphore(self.ctx.settings.worker_limit)
+
+        async def one(s: Subject) -> None:
+            async with sem, self.ctx.lock(LOCK_KIND, s.namespace, s.name):
+                if self.epochs.get(s.key, 0) != epochs.get(s.key, 0):
+                    return  # a handler evaluated it from fresher reads meanwhile
+                try:
+                    await self.apply(s, probes.get(s.key), trigger="interval")
+                except Exception as exc:  # one tenant's failure never stops the pass
+                    log.warning("quota evaluation failed", namespace=s.namespace, tenant=s.name,
+                                error=type(exc).__name__, detail=str(exc)[:200])
+
+        await asyncio.gather(*(one(s) for s in subjects.values()))
+        for key in (set(self.memory) | set(self.series) | set(self.expiries)) - set(subjects):
+            self.forget(key)  # neither a Tenant nor a Quota names it any more
+        self._update_aggregates()
+        metrics.QUOTA_PASS_DURATION.observe(time.monotonic() - started)
+        return len(subjects)
+
+    # --- handler entry points -------------------------------------------------------------------------
+
+    async def handle_quota(self, body: Mapping[str, Any], retry: int = 0) -> None:
+        """create/update/resume of a Quota: evaluate its tenant now (edits take effect at once)."""
+        ref = _tenant_ref(body)
+        if ref is None:
+            return
+        namespace = body["metadata"]["namespace"]
+        pending = f"{namespace}/{body['metadata']['name']}"
+        metrics.PENDING.add(KIND, pending)
+        try:
+            with metrics.observe_reconcile(KIND):
+                await self.reconcile_tenant(namespace, ref, trigger="quota-changed")
+        except Retry as exc:
+            metrics.record_result(KIND, False, exc.reason)
+            raise
+        except Exception:
+            metrics.record_result(KIND, False, "Internal")
+            raise
+        metrics.record_result(KIND, True)
+        metrics.PENDING.discard(KIND, pending)
+        self._update_aggregates()
+
+    async def quota_deleted(self, body: Mapping[str, Any]) -> None:
+        """A deleted Quota returns its tenant to tier defaults (or lets a conflicting one apply)."""
+        metrics.PENDING.discard(KIND, f"{body['metadata']['namespace']}/{body['metadata']['name']}")
+        ref = _tenant_ref(body)
+        if ref is not None:
+            self.spawn(body["metadata"]["namespace"], ref, "quota-deleted")
+
+    def tenant_event(self, type_: str | None, body: Mapping[str, Any]) -> None:
+        """A Tenant changed: evaluate it now if this process has not enforced it as it is now
+        (new, re-created or tier changed), or if it is gone (its Quota reports TenantNotFound)."""
+        if not self.initial_pass_done:
+            return  # the first pass covers every tenant at start-up
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        if not self._watched(key[0]):
+            return
+        if type_ == "DELETED":
+            self.applied.pop(key, None)
+            self.spawn(key[0], key[1], "tenant-deleted")
+            return
+        current = (str(meta.get("uid") or ""), str((body.get("spec") or {}).get("tier") or "free"))
+        if _is_ready(body) and self.applied.get(key) != current:
+            self.spawn(key[0], key[1], "tenant-changed")
+
+    def spawn(self, namespace: str, name: str, trigger: str) -> None:
+        """Evaluate a tenant in the background, so a Kopf event handler never waits on it. Events
+        arriving while one evaluation runs fold into one more evaluation after it."""
+        key = (namespace, name)
+        if key in self._inflight:
+            self._rerun.add(key)
+            return
+        self._inflight.add(key)
+
+        async def run() -> None:
+            try:
+                while True:
+                    self._rerun.discard(key)
+                    await self._evaluate_with_retries(namespace, name, trigger)
+                    if key not in self._rerun:
+                        return
+            finally:
+                self._inflight.discard(key)
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"quota-{namespace}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _evaluate_with_retries(self, namespace: str, name: str, trigger: str) -> None:
+        for attempt in range(6):
+            try:
+                await self.reconcile_tenant(namespace, name, trigger=trigger)
+                if trigger == "tenant-deleted" and not any(
+                    _tenant_ref(q) == name for q in await self._namespace_quotas(namespace)
+                ):
+                    self.forget((namespace, name))
+                self._update_aggregates()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the periodic pass catches up if this keeps failing
+                log.warning("quota evaluation failed", namespace=namespace, tenant=name, trigger=trigger,
+                            error=type(exc).__name__, attempt=attempt + 1)
+                await asyncio.sleep(min(30.0, 2.0 ** attempt) * random.uniform(0.8, 1.2))  # noqa: S311

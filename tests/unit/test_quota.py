@@ -1,0 +1,503 @@
+"""Quota policy as pure functions: effective limits, usage levels, role settings, the registry
+document, status patches and Events, plus the loop's wake-up at an override's expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from tenancy_operator.api.quota import TIER_DEFAULTS, QuotaSpec, limit_amount, tier_defaults_from_json
+from tenancy_operator.config import Settings
+from tenancy_operator.db.quota import RoleQuotaState, is_on, role_setting
+from tenancy_operator.reconcilers.quota import (
+    EXCEEDED,
+    NEAR,
+    OK,
+    Memory,
+    Probe,
+    QuotaService,
+    RoleSettings,
+    Subject,
+    desired_role,
+    effective_limits,
+    evaluate,
+    format_used,
+    level,
+    merge_patch,
+    next_expiry,
+    registry_document,
+    role_changes,
+    sort_quotas,
+    usage_ratios,
+    used_amounts,
+)
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+NS = "acme"
+STALE = timedelta(minutes=5)
+MiB = 2**20
+
+
+def iso(t: datetime) -> str:
+    return t.isoformat().replace("+00:00", "Z")
+
+
+# --- Tier defaults -------------------------------------------------------------------------------
+
+
+def test_tier_defaults_cover_every_tier_and_limit() -> None:
+    assert set(TIER_DEFAULTS) == {"free", "starter", "professional", "enterprise"}
+    for limits in TIER_DEFAULTS.values():
+        assert set(limits) == {"storage", "connections", "requestsPerSecond", "burst", "concurrentJobs",
+                               "statementTimeout"}
+    assert tier_defaults_from_json("") == TIER_DEFAULTS
+
+
+def test_tier_defaults_merge_over_the_builtin_table() -> None:
+    table = tier_defaults_from_json('{"free": {"connections": 3, "storage": "512Mi"}, "enterprise": {"burst": null}}')
+    assert table["free"]["connections"] == "3"
+    assert table["free"]["storage"] == "512Mi"
+    assert table["free"]["burst"] == TIER_DEFAULTS["free"]["burst"]
+    assert "burst" not in table["enterprise"]  # null: no default, unlimited unless a Quota sets it
+    assert table["starter"] == TIER_DEFAULTS["starter"]
+
+
+@pytest.mark.parametrize(("raw", "fragment"), [
+    ("{not json", "not valid JSON"),
+    ("[1]", "JSON object"),
+    ('{"gold": {}}', "unknown tier 'gold'"),
+    ('{"free": {"cpu": 1}}', "unknown limit(s) cpu"),
+    ('{"free": {"connections": 0}}', "free"),
+    ('{"free": {"storage": "-1Gi"}}', "free"),
+    ('{"free": {"statementTimeout": "0s"}}', "free"),
+    ('{"free": 5}', "must be an object"),
+])
+def test_bad_tier_defaults_stop_the_operator_at_start(raw: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match="TENANCY_TIER_DEFAULTS") as info:
+        tier_defaults_from_json(raw)
+    assert fragment in str(info.value)
+    with pytest.raises(ValidationError):
+        Settings(tier_defaults=raw)
+
+
+def test_quota_settings_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("TENANCY_QUOTA_INTERVAL_SECONDS", "TENANCY_QUOTA_PER_TENANT_METRICS", "TENANCY_TIER_DEFAULTS"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = Settings()
+    assert cfg.quota_interval_seconds == 60
+    assert cfg.quota_per_tenant_metrics is True
+    assert cfg.tier_limits == TIER_DEFAULTS
+    monkeypatch.setenv("TENANCY_QUOTA_PER_TENANT_METRICS", "false")
+    monkeypatch.setenv("TENANCY_TIER_DEFAULTS", '{"starter": {"connections": 25}}')
+    cfg = Settings()
+    assert cfg.quota_per_tenant_metrics is False
+    assert cfg.tier_limits["starter"]["connections"] == "25"
+
+
+def test_limit_amounts() -> None:
+    assert limit_amount("storage", "10Gi") == 10 * 2**30
+    assert limit_amount("statementTimeout", "1.5s") == 1500
+    assert limit_amount("statementTimeout", "1m") == 60_000
+    assert limit_amount("statementTimeout", "60d") == 2**31 - 1  # PostgreSQL's maximum
+    assert limit_amount("connections", "20") == 20
+
+
+# --- Effective limits ------------------------------------------------------------------------------
+
+
+def spec(**kwargs: Any) -> QuotaSpec:
+    return QuotaSpec.model_validate({"tenantRef": {"name": "acme-corp"}, **kwargs})
+
+
+def override(limit: str, value: Any, expires: datetime, reason: str | None = None) -> dict[str, Any]:
+    return {"limit": limit, "value": value, "expiresAt": iso(expires), "reason": reason}
+
+
+def test_effective_limits_layer_defaults_quota_and_unexpired_overrides() -> None:
+    defaults = TIER_DEFAULTS["starter"]
+    assert effective_limits(defaults, None, NOW) == defaults
+    s = spec(limits={"connections": 7, "storage": "20Gi"}, overrides=[
+        override("connections", 50, NOW + timedelta(hours=1)),
+        override("burst", 999, NOW - timedelta(seconds=1)),  # expired: ignored
+        override("statementTimeout", "2m", NOW + timedelta(minutes=5)),
+    ])
+    hard = effective_limits(defaults, s, NOW)
+    assert hard == {**defaults, "storage": "20Gi", "connections": "50", "statementTimeout": "2m"}
+    assert list(hard) == ["storage", "connections", "requestsPerSecond", "burst", "concurrentJobs",
+                          "statementTimeout"]
+    # At the override's expiry the Quota's own value is back.
+    assert effective_limits(defaults, s, NOW + timedelta(hours=1))["connections"] == "7"
+
+
+def test_next_expiry_is_the_earliest_future_override() -> None:
+    s = spec(overrides=[
+        override("connections", 50, NOW + timedelta(hours=1)),
+        override("burst", 5, NOW + timedelta(minutes=3)),
+        override("storage", "1Gi", NOW - timedelta(minutes=3)),
+    ])
+    assert next_expiry(s, NOW) == NOW + timedelta(minutes=3)
+    assert next_expiry(s, NOW + timedelta(minutes=3)) == NOW + timedelta(hours=1)
+    assert next_expiry(s, NOW + timedelta(hours=2)) is None
+    assert next_expiry(None, NOW) is None
+
+
+# --- Usage -------------------------------------------------------------------------------------------
+
+
+def test_usage_ratios_and_levels() -> None:
+    used = used_amounts(9 * MiB, 2, {"concurrentJobs": Decimal(1), "statementTimeout": Decimal(5), "other": Decimal(1)})
+    assert set(used) == {"storage", "connections", "concurrentJobs"}  # no usage for a timeout, no strangers
+    hard = {"storage": "10Mi", "connections": "2", "concurrentJobs": "4", "statementTimeout": "30s"}
+    ratios = usage_ratios(hard, used)
+    assert ratios == {"storage": 0.9, "connections": 1.0, "concurrentJobs": 0.25}
+    assert [level(r) for r in (0.25, 0.9, 0.95, 1.0, 1.3)] == [OK, NEAR, NEAR, EXCEEDED, EXCEEDED]
+    assert format_used("storage", Decimal(9 * MiB)) == "9Mi"
+    assert format_used("storage", Decimal(12345)) == "12345"
+    assert format_used("requestsPerSecond", Decimal("12.50")) == "12.5"
+    assert format_used("connections", Decimal(3)) == "3"
+
+
+# --- Role settings -----------------------------------------------------------------------------------
+
+
+def state(**kw: Any) -> RoleQuotaState:
+    base: dict[str, Any] = {
+        "tenant_id": "11111111-1111-1111-1111-111111111111", "row_namespace": NS, "row_name": "acme-corp",
+        "published": {}, "role_exists": True, "connection_limit": -1, "statement_timeout": None,
+        "read_only": False,
+    }
+    base.update(kw)
+    return RoleQuotaState(**base)
+
+
+def test_role_settings_and_what_differs() -> None:
+    want = desired_role({"connections": "20", "statementTimeout": "30s"}, read_only=False)
+    assert want == RoleSettings(20, 30_000, False)
+    assert desired_role({}, read_only=True) == RoleSettings(-1, None, True)
+    assert role_changes(state(), want) == ["connections", "statementTimeout"]
+    assert role_changes(state(connection_limit=20, statement_timeout="30000"), want) == []
+    # Set by hand as '30s': rewritten once in the operator's form, then stable.
+    assert role_changes(state(connection_limit=20, statement_timeout="30s"), want) == ["statementTimeout"]
+    assert role_changes(state(connection_limit=20, statement_timeout="30000", read_only=True), want) == ["readOnly"]
+
+
+def test_rolconfig_parsing() -> None:
+    config = ["search_path=tenant_x", "statement_timeout=30000", "default_transaction_read_only=on"]
+    assert role_setting(config, "statement_timeout") == "30000"
+    assert role_setting(config, "lock_timeout") is None
+    assert role_setting(None, "statement_timeout") is None
+    assert is_on(role_setting(config, "default_transaction_read_only"))
+    assert is_on("true")
+    assert not is_on("off")
+    assert not is_on(None)
+
+
+# --- Registry document and status patches ------------------------------------------------------------
+
+
+def test_registry_document() -> None:
+    s = spec(overrides=[override("connections", 50, NOW + timedelta(hours=1), "migration")])
+    doc = registry_document({"storage": "10Gi", "connections": "50", "statementTimeout": "30s"},
+                            enforcement="BlockWrites", blocked=False, active=s.active_overrides(NOW), quota="q")
+    assert doc == {
+        "storage": "10Gi", "storageBytes": 10 * 2**30, "connections": 50, "statementTimeout": "30s",
+        "statementTimeoutMs": 30_000, "storageEnforcement": "BlockWrites", "writesBlocked": False,
+        "overrides": [{"limit": "connections", "value": "50", "expiresAt": "2026-11-22T13:00:00Z"}],
+        "quota": "q",
+    }
+
+
+def test_merge_patch_only_what_differs() -> None:
+    current = {"hard": {"storage": "1Gi", "burst": "5"}, "used": {"storage": "1Ki"}, "x": [1], "keep": 1}
+    assert merge_patch(current, {"hard": {"storage": "1Gi", "burst": "5"}, "x": [1]}) == {}
+    assert merge_patch(current, {"hard": {"storage": "2Gi"}}) == {"hard": {"storage": "2Gi", "burst": None}}
+    assert merge_patch(current, {"used": {}, "x": []}) == {"used": {"storage": None}, "x": []}
+    assert merge_patch(None, {"hard": {"a": "1"}}) == {"hard": {"a": "1"}}
+    assert merge_patch({"hard": None}, {"hard": {}}) == {"hard": {}}
+
+
+def test_the_oldest_quota_is_in_force() -> None:
+    def q(name: str, created: str) -> dict[str, Any]:
+        return {"metadata": {"name": name, "creationTimestamp": created}}
+
+    ordered = sort_quotas([q("b", "2026-01-02T00:00:00Z"), q("z", "2026-01-01T00:00:00Z"),
+                           q("a", "2026-01-02T00:00:00Z")])
+    assert [x["metadata"]["name"] for x in ordered] == ["z", "a", "b"]
+
+
+# --- evaluate: the whole policy for one tenant ---------------------------------------------------------
+
+
+def tenant_body(tier: str = "starter", *, conditions: bool = True) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "tenancy.dev/v1alpha1", "kind": "Tenant",
+        "metadata": {"name": "acme-corp", "namespace": NS, "uid": "t-uid", "generation": 1},
+        "spec": {"tier": tier},
+    }
+    if conditions:
+        body["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}
+    return body
+
+
+def quota_body(name: str = "acme-corp", created: str = "2026-01-01T00:00:00Z", **spec_: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "tenancy.dev/v1alpha1", "kind": "Quota",
+        "metadata": {"name": name, "namespace": NS, "uid": f"q-{name}", "generation": 1,
+                     "creationTimestamp": created},
+        "spec": {"tenantRef": {"name": "acme-corp"}, **spec_},
+    }
+
+
+def probe(storage: int = 0, connections: int = 0, **st: Any) -> Probe:
+    return Probe(state=state(**st), storage=storage, connections=connections, target="default",
+                 ident="tenant_acme_corp")
+
+
+def run(subject: Subject, p: Probe | None, memory: Memory | None = None, now: datetime = NOW) -> Any:
+    return evaluate(subject, p, tier_limits=TIER_DEFAULTS, now=now, memory=memory, stale_after=STALE)
+
+
+def conds(patch: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in patch["conditions"]}
+
+
+def events(plan: Any) -> list[tuple[str, str]]:
+    return [(type_, reason) for _, type_, reason, _ in plan.events]
+
+
+def applied(body: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """``body`` after the API server applied the merge ``patch`` to its status."""
+    out = copy.deepcopy(body)
+    status = out.setdefault("status", {})
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(status.get(k), dict):
+            status[k].update(v)
+            status[k] = {kk: vv for kk, vv in status[k].items() if vv is not None}
+        else:
+            status[k] = v
+    return out
+
+
+def test_missing_tenant_and_conflicting_quota() -> None:
+    first, second = quota_body("first"), quota_body("second", created="2026-02-01T00:00:00Z")
+    plan = run(Subject(NS, "acme-corp", None, [first, second]), None)
+    assert not plan.enforce
+    patches = {b["metadata"]["name"]: p for b, p in plan.quota_patches}
+    assert conds(patches["first"])["Ready"] == ("False", "TenantNotFound")
+    assert conds(patches["second"])["Ready"] == ("False", "Conflict")
+    assert ("Warning", "TenantNotFound") in events(plan)
+    assert ("Warning", "Conflict") in events(plan)
+    # Reported once: the same state again posts nothing new and writes nothing.
+    again = run(Subject(NS, "acme-corp", None, [applied(first, patches["first"]), applied(second, patches["second"])]),
+                None)
+    assert again.quota_patches == []
+    assert again.events == []
+
+
+def test_tenant_without_quota_gets_tier_defaults() -> None:
+    t = tenant_body("professional")
+    plan = run(Subject(NS, "acme-corp", t, []), probe())
+    assert plan.enforce
+    assert plan.hard == TIER_DEFAULTS["professional"]
+    assert plan.role == RoleSettings(50, 60_000, False)
+    assert plan.role_changes == ["connections", "statementTimeout"]
+    assert plan.publish is not None
+    assert plan.publish["quota"] is None
+    assert plan.tenant_patch == {"effectiveLimits": TIER_DEFAULTS["professional"]}
+    assert plan.quota_patches == []
+    # Before the Tenant's own first status, effectiveLimits waits (it keys off an empty status).
+    assert run(Subject(NS, "acme-corp", tenant_body(conditions=False), []), probe()).tenant_patch is None
+
+
+def test_storage_over_the_limit_with_block_writes() -> None:
+    q = quota_body(limits={"storage": "1Mi"}, enforcement={"storage": "BlockWrites"})
+    t = tenant_body()
+    subject = Subject(NS, "acme-corp", t, [q])
+    plan = run(subject, probe(storage=2 * MiB, connection_limit=20, statement_timeout="30000"))
+    assert plan.role == RoleSettings(20, 30_000, True)
+    assert plan.role_changes == ["readOnly"]
+    assert plan.terminate
+    assert plan.publish["writesBlocked"] is True
+    [(_, patch)] = plan.quota_patches
+    assert conds(patch) == {"Ready": ("True", "Enforced"), "NearLimit": ("True", "ThresholdReached"),
+                            "Exceeded": ("True", "LimitReached")}
+    assert patch["used"]["storage"] == "2Mi"
+    assert patch["usageRatio"]["storage"] == 2.0
+    assert "lastMeasuredAt" in patch
+    assert events(plan) == [("Warning", "QuotaExceeded"), ("Warning", "WritesBlocked")]
+
+    # Next evaluation, nothing changed: nothing to do, nothing to say.
+    q2 = applied(q, patch)
+    steady = run(Subject(NS, "acme-corp", applied(t, plan.tenant_patch), [q2]),
+                 probe(storage=2 * MiB, connection_limit=20, statement_timeout="30000", read_only=True,
+                       published=plan.publish), memory=plan.memory)
+    assert steady.role_changes == []
+    assert steady.publish is None
+    assert steady.quota_patches == []
+    assert steady.tenant_patch is None
+    assert steady.events == []
+
+    # Back under the limit: writes allowed again, with Events.
+    freed = run(Subject(NS, "acme-corp", t, [q2]),
+                probe(storage=MiB // 2, connection_limit=20, statement_timeout="30000", read_only=True,
+                      published=plan.publish), memory=plan.memory)
+    assert freed.role_changes == ["readOnly"]
+    assert freed.role.read_only is False
+    assert events(freed) == [("Normal", "QuotaBackUnderLimit"), ("Normal", "WritesAllowed")]
+    assert conds(freed.quota_patches[0][1])["Exceeded"] == ("False", "WithinLimits")
+
+
+def test_warn_enforcement_reports_but_never_blocks() -> None:
+    q = quota_body(limits={"storage": "1Mi"})
+    plan = run(Subject(NS, "acme-corp", tenant_body(), [q]), probe(storage=2 * MiB))
+    assert plan.role.read_only is False
+    assert "readOnly" not in plan.role_changes
+    assert ("Warning", "QuotaExceeded") in events(plan)
+    assert plan.publish["writesBlocked"] is False
+
+
+def test_near_limit_event_then_exceeded_after_a_restart_without_repeats() -> None:
+    q = quota_body(limits={"connections": 10})
+    t = tenant_body()
+    near = run(Subject(NS, "acme-corp", t, [q]), probe(connections=9))
+    assert events(near) == [("Warning", "QuotaNearLimit")]
+    q = applied(q, near.quota_patches[0][1])
+    # A restarted operator has no memory: the status tells it what was already reported.
+    again = run(Subject(NS, "acme-corp", t, [q]), probe(connections=9), memory=None)
+    assert again.events == []
+    over = run(Subject(NS, "acme-corp", t, [q]), probe(connections=10), memory=None)
+    assert events(over) == [("Warning", "QuotaExceeded")]
+
+
+def test_override_expiry_event_and_limit_back() -> None:
+    expires = NOW + timedelta(seconds=5)
+    q = quota_body(limits={"connections": 3},
+                   overrides=[override("connections", 8, expires, "load test")])
+    t = tenant_body()
+    before = run(Subject(NS, "acme-corp", t, [q]), probe(connection_limit=3, statement_timeout="30000"))
+    assert before.hard["connections"] == "8"
+    assert before.role_changes == ["connections"]
+    assert before.next_expiry == expires
+    patch = before.quota_patches[0][1]
+    assert patch["activeOverrides"] == [{"limit": "connections", "value": 8, "expiresAt": iso(expires),
+                                         "reason": "load test"}]
+    q = applied(q, patch)
+    after = run(Subject(NS, "acme-corp", t, [q]), probe(connection_limit=8, statement_timeout="30000"),
+                memory=before.memory, now=expires + timedelta(milliseconds=50))
+    assert after.hard["connections"] == "3"
+    assert after.role_changes == ["connections"]
+    assert after.next_expiry is None
+    assert after.expired == ["connections"]
+    [(_, type_, reason, message)] = after.events
+    assert (type_, reason) == ("Normal", "OverrideExpired")
+    assert "load test" in message
+    assert "connections is 3 again" in message
+    assert after.quota_patches[0][1]["activeOverrides"] == []
+    # After a restart the status still knows the override was in force: the Event is not lost.
+    restarted = run(Subject(NS, "acme-corp", t, [q]), probe(connection_limit=8, statement_timeout="30000"),
+                    memory=None, now=expires + timedelta(seconds=1))
+    assert ("Normal", "OverrideExpired") in events(restarted)
+
+
+def test_tenant_not_provisioned_yet_is_not_a_warning() -> None:
+    q = quota_body(limits={"connections": 3})
+    plan = run(Subject(NS, "acme-corp", tenant_body(), [q]),
+               Probe(problem=("TenantNotReady", "tenant has no provisioned schema and role yet")))
+    assert not plan.enforce
+    [(_, patch)] = plan.quota_patches
+    assert conds(patch) == {"Ready": ("False", "TenantNotReady")}
+    assert patch["hard"]["connections"] == "3"
+    assert plan.events == []
+
+
+def test_last_measured_at_is_refreshed_when_stale_only() -> None:
+    q = quota_body(limits={"connections": 10})
+    t = tenant_body()
+    first = run(Subject(NS, "acme-corp", t, [q]), probe(connections=1))
+    q = applied(q, first.quota_patches[0][1])
+    soon = run(Subject(NS, "acme-corp", t, [q]), probe(connections=1), memory=first.memory,
+               now=NOW + timedelta(minutes=1))
+    assert soon.quota_patches == []
+    stale = run(Subject(NS, "acme-corp", t, [q]), probe(connections=1), memory=first.memory,
+                now=NOW + STALE)
+    assert [list(p) for _, p in stale.quota_patches] == [["lastMeasuredAt"]]
+
+
+# --- The loop wakes at an override's expiry, not at the next interval ----------------------------------
+
+
+class RecordingService(QuotaService):
+    """The real scheduling loop; passes and evaluations are recorded instead of done."""
+
+    def __init__(self) -> None:
+        ctx = SimpleNamespace(settings=Settings(quota_interval_seconds=3600),
+                              locks=defaultdict(asyncio.Lock))
+        super().__init__(ctx)  # type: ignore[arg-type]
+        self.passes = 0
+        self.evaluated: list[tuple[str, str, str, float]] = []
+        self.seen = asyncio.Event()
+
+    async def pass_once(self) -> int:
+        self.passes += 1
+        return 0
+
+    async def reconcile_tenant(self, namespace: str, name: str, *, trigger: str) -> Any:
+        self.evaluated.append((namespace, name, trigger, time.monotonic()))
+        self.expiries.pop((namespace, name), None)
+        self.seen.set()
+
+
+async def test_loop_wakes_when_an_override_expires() -> None:
+    svc = RecordingService()
+    task = asyncio.create_task(svc.run_forever())
+    try:
+        while svc.passes == 0:  # the start-up pass
+            await asyncio.sleep(0)
+        start = time.monotonic()
+        # A handler learned of an override ending in 0.3 s; the loop sleeps for an hour otherwise.
+        svc.expiries[(NS, "acme-corp")] = datetime.now(UTC) + timedelta(seconds=0.3)
+        svc.poke()
+        await asyncio.wait_for(svc.seen.wait(), timeout=5)
+        [(ns, name, trigger, at)] = svc.evaluated
+        assert (ns, name, trigger) == (NS, "acme-corp", "override-expiry")
+        assert 0.3 <= at - start < 2.0
+        assert svc.passes == 1  # no interval pass was needed
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+# --- Metrics -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_tenant", [True, False])
+def test_per_tenant_series_can_be_switched_off(per_tenant: bool) -> None:
+    from prometheus_client import REGISTRY
+
+    svc = RecordingService()
+    svc.ctx.settings = Settings(quota_per_tenant_metrics=per_tenant)
+    tenant_name = f"metrics-{per_tenant}".lower()
+    q = quota_body(limits={"connections": 10})
+    plan = run(Subject("m", tenant_name, tenant_body(), [q]), probe(connections=9))
+    svc._update_series(("m", tenant_name), plan)
+    labels = {"namespace": "m", "tenant": tenant_name, "resource": "connections"}
+    expected = (10.0, 9.0) if per_tenant else (None, None)
+    assert (REGISTRY.get_sample_value("tenant_quota_limit", labels),
+            REGISTRY.get_sample_value("tenant_quota_used", labels)) == expected
+    assert REGISTRY.get_sample_value(
+        "tenant_quota_limit", {**labels, "resource": "statementTimeout"}) == (30.0 if per_tenant else None)
+    svc.memory[("m", tenant_name)] = plan.memory
+    svc._update_aggregates()  # always on: tenants per resource and state
+    assert REGISTRY.get_sample_value("tenant_quota_tenants", {"resource": "connections", "state": "near"}) >= 1
+    svc.forget(("m", tenant_name))  # a deleted tenant leaves no series behind
+    assert REGISTRY.get_sample_value("tenant_quota_limit", labels) is None
