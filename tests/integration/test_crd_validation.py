@@ -145,8 +145,8 @@ def stored_status(stack: LocalStack, namespace: str, kind: str, name: str, statu
     """The status the API server would store for this write (server-side dry run: an operator
     reconciling the same object cannot interfere)."""
     result = stack.kubectl(
-        "patch", kind, name, "-n", namespace, "--subresource=status", "--type=merge", "--dry-run=server",
-        "-o", "json", "-p", json.dumps({"status": status}),
+        "patch", kind, name, "-n", namespace, "--subresource=status", "--type=json", "--dry-run=server",
+        "-o", "json", "-p", json.dumps([{"op": "add", "path": "/status", "value": status}]),
     )  # fmt: skip
     return dict(json.loads(result.stdout)["status"])
 

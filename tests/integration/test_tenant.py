@@ -25,40 +25,40 @@ def provision(cluster: Cluster, namespace: str, name: str, **spec: object) -> di
 def test_tenant_gets_schema_role_and_working_credentials(
     stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
-    obj = provision(cluster, namespace, "acme-corp", tier="starter", displayName="Acme Corp")
+    obj = provision(cluster, namespace, "first-light", tier="starter", displayName="Acme Corp")
     status = obj["status"]
-    assert status["schema"] == "tenant_acme_corp"
-    assert status["role"] == "tenant_acme_corp"
-    assert status["secretName"] == "acme-corp-db"
+    assert status["schema"] == "tenant_first_light"
+    assert status["role"] == "tenant_first_light"
+    assert status["secretName"] == "first-light-db"
     assert status["phase"] == "Active"
     assert status["database"] == "default"
     assert status["schemaVersion"] == "0001_init"
     assert len(status["tenantId"]) == 36
 
     # What a user does: kubectl wait, then use the Secret.
-    stack.kubectl("wait", "--for=condition=Ready", "tenant/acme-corp", "-n", namespace, "--timeout=10s")
-    creds = cluster.secret_data(namespace, "acme-corp-db")
+    stack.kubectl("wait", "--for=condition=Ready", "tenant/first-light", "-n", namespace, "--timeout=10s")
+    creds = cluster.secret_data(namespace, "first-light-db")
     assert set(creds) == {"host", "port", "dbname", "user", "password", "schema", "uri"}
     with connect(creds["uri"]) as conn:
         conn.execute("CREATE TABLE orders (id int PRIMARY KEY, item text)")
         conn.execute("INSERT INTO orders VALUES (1, 'anvil')")
         assert conn.execute("SELECT item FROM orders").fetchall() == [("anvil",)]
-        assert conn.execute("SELECT current_schema()").fetchone() == ("tenant_acme_corp",)
+        assert conn.execute("SELECT current_schema()").fetchone() == ("tenant_first_light",)
     # The registry knows it.
     row = sql_value(
         stack.admin_dsn(),
         "SELECT state || ':' || tier || ':' || display_name FROM tenancy.tenants"
-        " WHERE namespace = %s AND name = 'acme-corp'",
+        " WHERE namespace = %s AND name = 'first-light'",
         [namespace],
     )
     assert row == "active:starter:Acme Corp"
     # Printer columns a person looks at first.
     out = stack.kubectl("get", "tenants", "-n", namespace).stdout
     assert "READY" in out
-    assert "tenant_acme_corp" in out
+    assert "tenant_first_light" in out
     assert "0001_init" in out
     assert "starter" in out
-    assert cluster.has_event(namespace, "acme-corp", "Provisioned")
+    assert cluster.has_event(namespace, "first-light", "Provisioned")
 
 
 def test_tenants_are_isolated(stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str) -> None:

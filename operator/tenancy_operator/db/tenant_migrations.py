@@ -101,6 +101,8 @@ async def apply_as_tenant(
     async with await psycopg.AsyncConnection.connect(
         tenant_dsn, autocommit=True, connect_timeout=max(1, int(connect_timeout)),
         application_name="tenancy-operator-migrate",
+        # Declared migrations still apply while a quota blocks the tenant's own writes.
+        options="-c default_transaction_read_only=off",
     ) as conn:
         await conn.execute(
             sql.SQL(
