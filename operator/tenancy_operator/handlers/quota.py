@@ -48,9 +48,11 @@ def register(registry: kopf.OperatorRegistry) -> None:
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="deleted")
     async def quota_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        service(memo).observe(PLURAL, type, body)
         if type == "DELETED":
             await service(memo).quota_deleted(body)
 
     @kopf.on.event(GROUP, VERSION, "tenants", registry=registry, id="quota-limits")
     async def tenant_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        service(memo).observe("tenants", type, body)
         service(memo).tenant_event(type, body)

@@ -531,6 +531,26 @@ class QuotaService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight: set[Key] = set()
         self._rerun: set[Key] = set()
+        # What the watch streams last showed, like an informer cache: a Tenant event must not cost
+        # a LIST of every Quota (that was O(N^2) API traffic and JSON parsing at 1000 tenants).
+        self._quotas: dict[str, dict[str, dict[str, Any]]] = {}
+        self._tenants: dict[Key, dict[str, Any]] = {}
+        self._seen_listing = {QUOTAS: False, TENANTS: False}
+
+    def observe(self, plural: str, type_: str | None, body: Mapping[str, Any]) -> None:
+        """Keep the cache of Quotas and Tenants from their watch events (Kopf's initial listing too)."""
+        meta = body["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        self._seen_listing[plural] = True
+        if plural == QUOTAS:
+            if type_ == "DELETED":
+                self._quotas.get(namespace, {}).pop(name, None)
+            else:
+                self._quotas.setdefault(namespace, {})[name] = dict(body)
+        elif type_ == "DELETED":
+            self._tenants.pop((namespace, name), None)
+        else:
+            self._tenants[(namespace, name)] = dict(body)
 
     @property
     def control(self) -> str:
@@ -605,6 +625,9 @@ class QuotaService:
         return not namespaces or namespace in namespaces
 
     async def _get_tenant(self, namespace: str, name: str) -> dict[str, Any] | None:
+        cached = self._tenants.get((namespace, name))
+        if cached is not None:
+            return cached
         try:
             obj = await self.ctx.kube.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, TENANTS, name)
         except ApiException as exc:
@@ -614,6 +637,8 @@ class QuotaService:
         return dict(obj)
 
     async def _namespace_quotas(self, namespace: str) -> list[dict[str, Any]]:
+        if self._seen_listing[QUOTAS]:
+            return list(self._quotas.get(namespace, {}).values())
         result = await self.ctx.kube.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, QUOTAS)
         return list(result.get("items", []))
 
