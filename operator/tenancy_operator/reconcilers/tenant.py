@@ -179,6 +179,7 @@ class TenantReconciler:
             recreated_at = None
         out.data_loss = out.schema_recreated or recreated_at is not None
         out.jobs = await ledger.recent(conn, self.control, row.id, limit=5)
+        _fold_first_provisioning_events(out, ident)
         for what in out.repairs:
             metrics.DRIFT_REPAIRS.labels(kind="Tenant", object=what).inc()
         if out.repairs:
@@ -566,6 +567,16 @@ async def purge_expired_archives(ctx: OperatorContext, target: str) -> list[str]
             except JobFailed:
                 continue  # counted and logged in the ledger; tried again at the next sweep
     return purged
+
+
+def _fold_first_provisioning_events(out: Outcome, ident: str) -> None:
+    """A new tenant gets one Event that says everything, not one per step (each is an API write)."""
+    if not any(reason == "Provisioned" for _, reason, _ in out.events):
+        return
+    applied = [message.removeprefix("applied ") for _, reason, message in out.events if reason == "MigrationApplied"]
+    out.events = [e for e in out.events if e[1] not in ("Provisioned", "MigrationApplied")]
+    message = f"schema and role {ident} ready" + (f"; migrations applied: {', '.join(applied)}" if applied else "")
+    out.events.insert(0, ("Normal", "Provisioned", message))
 
 
 @dataclass(frozen=True)
