@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help deps venv binaries lint crds test test-unit test-integration dev dev-up dev-down dev-status bench bench-quick clean
+.PHONY: help deps venv binaries lint helm-lint crds test test-unit test-integration dev dev-up dev-down dev-status bench bench-quick bench-soak clean
 
 help:
 	@echo "make dev        - build what is missing, start control plane + PostgreSQL + operator + examples (Ctrl-C stops)"
@@ -13,6 +13,8 @@ help:
 	@echo "make dev-down   - stop the local stack (data kept in .dev/)"
 	@echo "make test       - install what is missing, lint, type-check and run the whole test suite"
 	@echo "make crds       - regenerate crds/ from the pydantic models"
+	@echo "make bench      - benchmarks with 1000 tenants on a temporary stack (docs/benchmarks.md)"
+	@echo "make bench-quick - the converge benchmark with 200 tenants against the make dev-up stack"
 
 deps:
 	@hack/install-system-deps.sh
@@ -32,8 +34,12 @@ lint: venv
 	$(VENV)/bin/ruff check operator tests bench
 	$(VENV)/bin/mypy
 
+helm-lint: binaries
+	"$$(hack/build-control-plane.sh)/helm" lint --strict helm/tenancy-operator
+
 crds: venv
 	$(VENV)/bin/tenancy-operator crds
+	cp crds/*.yaml helm/tenancy-operator/crds/
 
 test: deps venv binaries lint
 	$(VENV)/bin/pytest -p no:cacheprovider
@@ -55,6 +61,21 @@ dev-down: venv
 
 dev-status: venv
 	$(VENV)/bin/tenancy-operator dev status
+
+# Benchmarks (not tests; docs/benchmarks.md): figures are printed and written to that file.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	@$(PY) -m pip install -q -e '.[dev,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: deps $(BENCH_STAMP) binaries
+	bench/converge --tenants 1000
+
+bench-quick: $(BENCH_STAMP) dev-up
+	bench/converge --tenants 200 --stack dev
+
+bench-soak: deps $(BENCH_STAMP) binaries
+	$(PY) -m bench.soak --minutes 30
 
 clean:
 	rm -rf $(VENV) .dev .mypy_cache .ruff_cache .pytest_cache

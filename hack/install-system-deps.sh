@@ -6,10 +6,19 @@ need=()
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || need+=(postgresql)
 command -v pg_dump >/dev/null || need+=(postgresql-client)
 command -v psql >/dev/null || need+=(postgresql-client)
+# Observability tests: promtool and a real Prometheus server; Lua for the Argo CD health check
+# (Argo CD runs Lua 5.1 semantics, so we test with 5.1 and 5.4).
+{ command -v promtool >/dev/null && command -v prometheus >/dev/null; } || need+=(prometheus)
+command -v lua5.1 >/dev/null || need+=(lua5.1)
+command -v lua5.4 >/dev/null || need+=(lua5.4)
 if [ ${#need[@]} -gt 0 ]; then
   echo "[install-system-deps] installing: ${need[*]}" >&2
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # The tests run their own Prometheus on a free port; the package's system service is not needed.
+  if [[ " ${need[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+  fi
 fi
 command -v go >/dev/null || { echo "Go >= 1.24 is required to build the test control plane (https://go.dev/dl)" >&2; exit 1; }

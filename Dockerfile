@@ -1,0 +1,35 @@
+# The operator image: `docker build -t tenancy-operator .` (the chart's image.repository/tag).
+# Slim Debian Python, the PostgreSQL client tools the operator runs (pg_dump and pg_restore for
+# archives), no compiler, non-root, and nothing written outside /tmp and the archive volume, so the
+# chart can keep the root filesystem read-only.
+ARG PYTHON_IMAGE=python:3.11-slim-trixie
+
+FROM ${PYTHON_IMAGE} AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY operator ./operator
+RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM ${PYTHON_IMAGE}
+# pg_dump refuses to dump a server of a newer major version: the client must be at least as new as
+# your PostgreSQL. trixie's postgresql-client is 17; for another version add the PGDG repository
+# and pass e.g. --build-arg POSTGRES_CLIENT_PACKAGE=postgresql-client-18.
+ARG POSTGRES_CLIENT_PACKAGE=postgresql-client
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends "${POSTGRES_CLIENT_PACKAGE}" ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 tenancy \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
+       --shell /usr/sbin/nologin tenancy \
+    && install -d -o 10001 -g 10001 -m 0750 /var/lib/tenancy/archive
+COPY --from=build /wheels /wheels
+# Byte-compiled at install time: with a read-only root filesystem Python could not write .pyc later.
+RUN python -m pip install --no-cache-dir --no-index --find-links=/wheels tenancy-operator \
+    && rm -rf /wheels
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp \
+    TENANCY_ARCHIVE_DIR=/var/lib/tenancy/archive
+USER 10001:10001
+EXPOSE 8080 8081
+ENTRYPOINT ["tenancy-operator", "run"]

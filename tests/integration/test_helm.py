@@ -1,0 +1,302 @@
+"""The Helm chart against the real API server: lint, server-side dry run of what it renders, the
+restricted Pod Security Standard, and a real `helm install` / `helm uninstall`.
+
+There is no kubelet in the test control plane: pods are never started, so we check the release and
+its objects, and RBAC separately (test_rbac.py runs the operator with the chart's ServiceAccount).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tenancy_operator.devenv.stack import LocalStack
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "tenancy-operator"
+ALL_FEATURES = [
+    "--set", "peering.enabled=true",
+    "--set", "serviceMonitor.enabled=true",
+    "--set", "prometheusRule.enabled=true",
+    "--set", "grafanaDashboard.enabled=true",
+]
+MONITORING = {"ServiceMonitor", "PrometheusRule"}  # prometheus-operator CRDs are not in the test cluster
+
+
+class Helm:
+    """The helm binary built with the control plane, with its caches in the session's workdir."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        self.stack = stack
+        home = stack.workdir / "helm-home"
+        self.env = {
+            "HELM_CACHE_HOME": str(home / "cache"),
+            "HELM_CONFIG_HOME": str(home / "config"),
+            "HELM_DATA_HOME": str(home / "data"),
+            "KUBECONFIG": str(stack.kubeconfig),
+            "HOME": str(home),  # client-go's discovery cache goes to $HOME/.kube
+            "PATH": "/usr/bin:/bin",
+        }
+
+    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(
+            [str(self.stack.bin_dir / "helm"), *args], capture_output=True, text=True, env=self.env, timeout=120
+        )
+        if check and out.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+        return out
+
+    def template(self, release: str, namespace: str, *args: str) -> list[dict[str, Any]]:
+        out = self(
+            "template", release, str(CHART), "--namespace", namespace, "--kube-version", "1.34.4", *args
+        ).stdout
+        return [d for d in yaml.safe_load_all(out) if d]
+
+
+@pytest.fixture(scope="module")
+def helm(stack: LocalStack) -> Helm:
+    return Helm(stack)
+
+
+@pytest.fixture
+def release() -> str:
+    return f"r{uuid.uuid4().hex[:8]}"
+
+
+def server_dry_run(stack: LocalStack, docs: list[dict[str, Any]]) -> str:
+    manifest = yaml.safe_dump_all(docs)
+    return stack.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest).stdout
+
+
+def test_helm_lint(helm: Helm, tmp_path: Path) -> None:
+    for args in ([], ALL_FEATURES, ["--set", "namespaces={a,b}", *ALL_FEATURES]):
+        out = helm("lint", "--strict", str(CHART), *args)
+        assert "0 chart(s) failed" in out.stdout
+    # values.schema.json is strict: a misspelt key fails instead of being silently ignored.
+    bad = helm("lint", str(CHART), "--set", "databse.existingSecret=x", check=False)
+    assert bad.returncode != 0
+    assert "databse" in bad.stdout + bad.stderr
+    assert helm("lint", str(CHART), "--set", "database.existingSecret=", check=False).returncode != 0
+
+
+def test_default_render(helm: Helm, release: str) -> None:
+    docs = helm.template(release, "tenancy-system")
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {
+        "Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service",
+        "PodDisruptionBudget", "PersistentVolumeClaim",
+    }
+    dep = kinds["Deployment"]["spec"]
+    assert dep["replicas"] == 1
+    assert dep["strategy"] == {"type": "Recreate"}
+    pod = dep["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "command" not in container and "args" not in container  # the image's `tenancy-operator run`
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TENANCY_DATABASE_TARGETS_DIR"] == "/etc/tenancy/databases"
+    assert env["TENANCY_ARCHIVE_DIR"] == "/var/lib/tenancy/archive"
+    assert "TENANCY_NAMESPACES" not in env and "TENANCY_PEERING_NAME" not in env
+    assert not any("postgresql://" in json.dumps(e) for e in container["env"])
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["databases"]["secret"]["secretName"] == "tenancy-operator-databases"
+    assert volumes["archive"]["persistentVolumeClaim"]["claimName"] == f"{release}-tenancy-operator-archive"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == {
+        "databases": "/etc/tenancy/databases", "archive": "/var/lib/tenancy/archive", "tmp": "/tmp",  # noqa: S108
+    }
+    assert kinds["PersistentVolumeClaim"]["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert kinds["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+    # Exactly what the operator uses (test_rbac.py: removing any one verb breaks it).
+    assert kinds["ClusterRole"]["rules"] == [
+        {"apiGroups": ["tenancy.dev"], "resources": ["tenants", "quotas", "featureflags"],
+         "verbs": ["get", "list", "watch", "patch"]},
+        {"apiGroups": ["tenancy.dev"], "resources": ["tenants/status", "quotas/status", "featureflags/status"],
+         "verbs": ["patch"]},
+        {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+         "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "update", "delete"]},
+        {"apiGroups": [""], "resources": ["configmaps"],
+         "verbs": ["get", "list", "watch", "create", "update", "delete"]},
+    ]
+    # An existing claim replaces the chart's PVC.
+    docs = helm.template(release, "tenancy-system", "--set", "archive.existingClaim=backups")
+    assert "PersistentVolumeClaim" not in {d["kind"] for d in docs}
+    (dep_doc,) = [d for d in docs if d["kind"] == "Deployment"]
+    vols = {v["name"]: v for v in dep_doc["spec"]["template"]["spec"]["volumes"]}
+    assert vols["archive"]["persistentVolumeClaim"]["claimName"] == "backups"
+
+
+def test_peering_render(helm: Helm, release: str) -> None:
+    docs = helm.template(release, "tenancy-system", *ALL_FEATURES)
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TENANCY_PEERING_NAME"]["value"] == f"{release}-tenancy-operator"
+    assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    (peering,) = [d for d in docs if d["kind"] == "ClusterKopfPeering"]
+    assert peering["metadata"]["name"] == f"{release}-tenancy-operator"
+    (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    assert {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"],
+            "verbs": ["get", "list", "watch", "patch"]} in role["rules"]
+    # Namespaced: one KopfPeering per watched namespace, and Kopf may follow namespaces.
+    docs = helm.template(release, "tenancy-system", "--set", "namespaces={a,b}", *ALL_FEATURES)
+    assert sorted(d["metadata"]["namespace"] for d in docs if d["kind"] == "KopfPeering") == ["a", "b"]
+    (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    assert {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]} in role["rules"]
+    assert any(r["resources"] == ["kopfpeerings"] for r in role["rules"])
+
+
+def test_rendered_prometheus_rule_is_valid_for_prometheus(helm: Helm, release: str, tmp_path: Path) -> None:
+    docs = helm.template(
+        release, "monitoring", *ALL_FEATURES,
+        "--set", "prometheusRule.runbookBaseUrl=https://wiki.example/tenancy/runbook",
+        "--set", "prometheusRule.job=tenancy",
+    )
+    (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: run hack/install-system-deps.sh"
+    out = subprocess.run([promtool, "check", "rules", str(rules_file)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert len(alerts) == 6
+    for alert in alerts:
+        assert alert["annotations"]["runbook_url"] == (
+            f"https://wiki.example/tenancy/runbook#{alert['alert'].lower()}"
+        )
+        assert 'job="tenancy-operator"' not in alert["expr"]
+    assert 'job="tenancy"' in next(a["expr"] for a in alerts if a["alert"] == "TenancyOperatorDown")
+    (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    (service,) = [d for d in docs if d["kind"] == "Service"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == service["spec"]["ports"][0]["name"]
+    assert endpoint["honorLabels"] is True
+    assert endpoint["relabelings"][0]["replacement"] == "tenancy"
+    (dashboard,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert json.loads(dashboard["data"]["tenancy-operator.json"])["title"] == "Tenancy operator"
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[], ["--set", "namespaces={NS}", *ALL_FEATURES], ALL_FEATURES],
+    ids=["defaults", "namespaced-all-features", "clusterwide-all-features"],
+)
+def test_rendered_manifests_pass_server_side_dry_run(
+    stack: LocalStack, helm: Helm, release: str, namespace: str, values: list[str]
+) -> None:
+    args = [v.replace("NS", namespace) for v in values]
+    # Helm creates the CRDs of crds/ before it renders templates: so do we (the tenancy CRDs exist
+    # already; the dry run checks the chart's copies are accepted as updates).
+    stack.kubectl("apply", "--server-side", "-f", str(CHART / "crds" / "kopf.dev_peerings.yaml"))
+    stack.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev",
+                  "crd/kopfpeerings.kopf.dev", "--timeout=30s")
+    crds = [yaml.safe_load(p.read_text()) for p in sorted((CHART / "crds").glob("tenancy.dev_*.yaml"))]
+    assert "(server dry run)" in stack.kubectl(
+        "apply", "--server-side", "--force-conflicts", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(crds)
+    ).stdout
+    docs = helm.template(release, namespace, *args)
+    out = server_dry_run(stack, [d for d in docs if d["kind"] not in MONITORING])
+    assert "(server dry run)" in out
+    assert f"deployment.apps/{release}-tenancy-operator created (server dry run)" in out
+    assert stack.kubectl("get", "deployments", "-n", namespace, "-o", "name").stdout.strip() == ""
+
+
+def test_pod_meets_the_restricted_pod_security_standard(
+    stack: LocalStack, helm: Helm, release: str, namespace: str
+) -> None:
+    stack.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    docs = helm.template(release, namespace)
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    (sa,) = [d for d in docs if d["kind"] == "ServiceAccount"]
+    stack.kubectl("apply", "-f", "-", input=yaml.safe_dump(sa))  # the ServiceAccount admission wants it
+    template = dep["spec"]["template"]
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "operator-pod", "namespace": namespace, **template["metadata"]},
+           "spec": template["spec"]}
+    out = server_dry_run(stack, [pod])
+    assert "pod/operator-pod created (server dry run)" in out
+    # The check is real: the same pod running as root with a writable root filesystem is refused.
+    pod["spec"] = json.loads(json.dumps(pod["spec"]))
+    pod["spec"].pop("securityContext")
+    pod["spec"]["containers"][0].pop("securityContext")
+    refused = stack.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(pod), check=False)
+    assert refused.returncode != 0
+    assert "violates PodSecurity" in refused.stderr
+
+
+@pytest.fixture
+def installed(stack: LocalStack, helm: Helm, release: str, namespace: str) -> Iterator[str]:
+    helm("install", release, str(CHART), "--namespace", namespace, "--set", "peering.enabled=true")
+    try:
+        yield release
+    finally:
+        helm("uninstall", release, "--namespace", namespace, "--wait", check=False)
+
+
+def test_helm_install_and_uninstall(stack: LocalStack, helm: Helm, installed: str, namespace: str) -> None:
+    release = installed
+    status = json.loads(helm("status", release, "--namespace", namespace, "-o", "json").stdout)
+    assert status["info"]["status"] == "deployed"
+    full = f"{release}-tenancy-operator"
+    for obj in (f"deployment/{full}", f"serviceaccount/{full}", f"service/{full}-metrics",
+                f"poddisruptionbudget/{full}", f"persistentvolumeclaim/{full}-archive"):
+        stack.kubectl("get", obj, "-n", namespace)
+    for obj in (f"clusterrole/{full}", f"clusterrolebinding/{full}", f"clusterkopfpeering/{full}",
+                "crd/tenants.tenancy.dev", "crd/clusterkopfpeerings.kopf.dev"):
+        stack.kubectl("get", obj)
+    dep = json.loads(stack.kubectl("get", f"deployment/{full}", "-n", namespace, "-o", "json").stdout)
+    assert dep["spec"]["replicas"] == 2
+    # What the ServiceAccount may do, as the API server's authorizer answers.
+    sa = f"system:serviceaccount:{namespace}:{full}"
+    def can(*args: str) -> bool:
+        out = stack.kubectl("auth", "can-i", *args, f"--as={sa}", check=False)
+        return out.stdout.strip() == "yes"
+    assert can("patch", "tenants.tenancy.dev", "-A")
+    assert can("create", "secrets", "-n", "anywhere")
+    assert can("patch", f"clusterkopfpeerings.kopf.dev/{full}")
+    assert not can("delete", "tenants.tenancy.dev", "-A")
+    assert not can("create", "pods", "-n", namespace)
+    assert not can("get", "nodes")
+    assert not can("update", "customresourcedefinitions")
+
+    helm("uninstall", release, "--namespace", namespace, "--wait")
+    assert stack.kubectl("get", f"clusterrole/{full}", check=False).returncode != 0
+    # Archives outlive the release.
+    stack.kubectl("get", f"persistentvolumeclaim/{full}-archive", "-n", namespace)
+
+
+def test_the_documented_kind_install_renders_and_passes_dry_run(
+    stack: LocalStack, helm: Helm, namespace: str
+) -> None:
+    """docs/operations.md's `helm install` line for kind, rendered and dry-run as written."""
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    kind_section = doc.split("## Running on a real cluster with kind", 1)[1].split("\n## ", 1)[0]
+    (line,) = [ln for ln in kind_section.splitlines() if ln.startswith("helm install tenancy-operator helm/")]
+    args = line.split()[2:]  # release, chart path, flags
+    assert args[:2] == ["tenancy-operator", "helm/tenancy-operator"]
+    flags = [a.replace("tenancy-system", namespace) for a in args[2:]]
+    docs = helm.template("tenancy-operator", namespace, *[f for f in flags if f not in ("-n", namespace)])
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "tenancy-operator:dev"
+    assert container["imagePullPolicy"] == "Never"
+    assert "(server dry run)" in server_dry_run(stack, docs)
+    # The Secret name the docs create is the chart's default.
+    assert "create secret generic tenancy-operator-databases" in kind_section

@@ -1,0 +1,151 @@
+"""A real Prometheus (Debian's package) scrapes the running operator: the failure counter is
+queryable through its HTTP API, the chart's alert rules load and evaluate, and every query of the
+Grafana dashboard is valid PromQL that Prometheus accepts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tenancy_operator.devenv.process import die_with_parent
+from tenancy_operator.devenv.stack import LocalStack
+
+from .harness import Cluster, OperatorProcess, eventually, free_port, tenant
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "tenancy-operator"
+JOB = "tenancy-operator"
+
+
+class Prometheus:
+    def __init__(self, workdir: Path, target_port: int) -> None:
+        exe = shutil.which("prometheus")
+        assert exe, "prometheus is missing: run hack/install-system-deps.sh (Debian package prometheus)"
+        self.port = free_port()
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(CHART / "files" / "alerts.yaml")],
+            "scrape_configs": [{
+                "job_name": JOB,
+                # As the chart's ServiceMonitor: tenant_quota_* keep the tenant's namespace label.
+                "honor_labels": True,
+                "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}],
+            }],
+        }
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.log = workdir / "prometheus.log"
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [exe, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h"],
+                stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
+            )
+        eventually(self.ready, timeout=60, what="Prometheus /-/ready")
+
+    def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"prometheus exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=5) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def api(self, path: str, **params: str) -> Any:
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - our own http:// URL
+                body = json.loads(r.read())
+        except urllib.error.HTTPError as exc:  # 400 for a query that does not parse
+            body = json.loads(exc.read())
+        return body
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        body = self.api("query", query=promql)
+        assert body["status"] == "success", f"{promql}: {body.get('error')}"
+        return body["data"]["result"]  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def prometheus(stack: LocalStack, operator: OperatorProcess) -> Iterator[Prometheus]:
+    prom = Prometheus(stack.workdir / "prometheus", operator.metrics_port)
+    try:
+        yield prom
+    finally:
+        prom.stop()
+    assert prom.proc.poll() is not None  # no Prometheus left behind
+
+
+def value(result: list[dict[str, Any]]) -> float:
+    return sum(float(r["value"][1]) for r in result)
+
+
+def test_the_failure_counter_is_queryable_in_prometheus(
+    prometheus: Prometheus, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    eventually(lambda: value(prometheus.query(f'up{{job="{JOB}"}}')) == 1, timeout=60, what="target up")
+    promql = f'reconcile_failures_total{{job="{JOB}", kind="Tenant", reason="UnknownDatabase"}}'
+    eventually(lambda: prometheus.query(promql), timeout=30, what="the pre-initialised series is scraped")
+    before = operator.metric("reconcile_failures_total", kind="Tenant", reason="UnknownDatabase")
+    cluster.create("tenants", namespace, tenant("unscraped", database="nowhere"))
+    cluster.wait_condition("tenants", namespace, "unscraped", status="False", reason="UnknownDatabase")
+    eventually(lambda: value(prometheus.query(promql)) >= before + 1, timeout=60,
+               what="Prometheus sees the failure")
+    # The dashboard's first panel shows it.
+    rate = f'sum by (kind, reason) (increase(reconcile_failures_total{{job="{JOB}"}}[5m])) > 0'
+    eventually(lambda: any(r["metric"].get("reason") == "UnknownDatabase" for r in prometheus.query(rate)),
+               timeout=30, what="increase() over the failure")
+    # Build info and queue depth arrive too.
+    assert prometheus.query(f'tenancy_operator_build_info{{job="{JOB}"}}')
+    assert {r["metric"]["kind"] for r in prometheus.query(f'queue_depth{{job="{JOB}"}}')} >= {
+        "Tenant", "Quota", "FeatureFlag"}
+
+
+def test_alert_rules_load_and_evaluate(prometheus: Prometheus) -> None:
+    def groups() -> list[dict[str, Any]]:
+        body = prometheus.api("rules", type="alert")
+        assert body["status"] == "success"
+        rules = [r for g in body["data"]["groups"] for r in g["rules"]]
+        assert len(rules) == 6
+        assert all(r["health"] == "ok" and r.get("lastEvaluation", "").startswith("20") for r in rules), rules
+        return rules
+
+    rules = eventually(groups, timeout=60, what="every rule evaluated without error")
+    by_name = {r["name"]: r for r in rules}
+    assert by_name["TenancyOperatorDown"]["state"] == "inactive"  # the operator is scraped and up
+    for rule in rules:
+        assert rule["annotations"]["runbook_url"].endswith(f"#{rule['name'].lower()}")
+
+
+def test_every_dashboard_query_is_valid(prometheus: Prometheus) -> None:
+    dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) > 10
+    for expr in exprs:
+        promql = expr.replace("$__rate_interval", "1m").replace("$job", JOB)
+        body = prometheus.api("query", query=promql)
+        assert body["status"] == "success", f"{expr}: {body.get('error')}"
+    failures = dashboard["panels"][1]["targets"][0]["expr"].replace("$__rate_interval", "5m").replace("$job", JOB)
+    assert "reconcile_failures_total" in failures

@@ -1,0 +1,219 @@
+"""RBAC proof: the operator runs with a token of the chart's ServiceAccount (TokenRequest), not as
+admin, and every kind reconciles, is updated and deleted without a single 403.
+
+This module starts its own control plane and PostgreSQL (about 7 s) so that only the restricted
+operator works there: the session operator watches every namespace of the session's stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tenancy_operator.devenv import ensure_binaries
+from tenancy_operator.devenv.stack import LocalStack
+
+from .harness import GROUP, VERSION, Cluster, OperatorProcess, eventually, tenant
+from .test_helm import CHART, Helm
+
+ROOT = Path(__file__).resolve().parents[2]
+OPERATOR_NS = "tenancy-system"
+FORBIDDEN = re.compile(r"(?i)forbidden|(?<![\w.:+-])403(?![\w.])")
+
+
+@pytest.fixture(scope="module")
+def rbac_stack(request: pytest.FixtureRequest) -> Iterator[LocalStack]:
+    workdir = Path(tempfile.mkdtemp(prefix="tenancy-rbac-"))
+    workdir.chmod(0o755)  # the postgres user must traverse it
+    stack = LocalStack(workdir, ("default",), detached=False, with_operator=False, bin_dir=ensure_binaries())
+    failed_before = request.session.testsfailed
+    try:
+        stack.up()
+        stack.kubectl("create", "namespace", OPERATOR_NS)
+        yield stack
+    finally:
+        stack.down()
+        if request.session.testsfailed > failed_before or os.environ.get("TENANCY_KEEP_WORKDIR") == "1":
+            print(f"\nRBAC stack workdir kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def rbac_cluster(rbac_stack: LocalStack) -> Cluster:
+    return Cluster(rbac_stack.kubeconfig)
+
+
+def service_account_kubeconfig(stack: LocalStack, release: str, *values: str) -> Path:
+    """Apply the chart's ServiceAccount, ClusterRole and binding (and peering object, if enabled)
+    as rendered, and write a kubeconfig that authenticates with a TokenRequest token of that
+    ServiceAccount."""
+    helm = Helm(stack)
+    shown = ["--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml"]
+    if "peering.enabled=true" in values:
+        stack.kubectl("apply", "--server-side", "-f", str(CHART / "crds" / "kopf.dev_peerings.yaml"))
+        stack.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev",
+                      "crd/kopfpeerings.kopf.dev", "--timeout=30s")
+        shown += ["--show-only", "templates/peering.yaml"]
+    args = [a for v in values for a in ("--set", v)]
+    docs = helm.template(release, OPERATOR_NS, *shown, *args)
+    stack.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    sa = f"{release}-tenancy-operator"
+    token = stack.kubectl("create", "token", sa, "-n", OPERATOR_NS, "--duration=2h").stdout.strip()
+    admin = yaml.safe_load(stack.kubeconfig.read_text())
+    config = {
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": admin["clusters"],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": sa, "context": {"cluster": admin["clusters"][0]["name"], "user": sa}}],
+        "current-context": sa,
+    }
+    path = stack.workdir / f"{release}.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    # The token really is the ServiceAccount, not admin.
+    who = json.loads(stack.kubectl("auth", "whoami", "-o", "json", f"--kubeconfig={path}").stdout)
+    assert who["status"]["userInfo"]["username"] == f"system:serviceaccount:{OPERATOR_NS}:{sa}"
+    return path
+
+
+def start_operator(stack: LocalStack, kubeconfig: Path, name: str, **env: str) -> OperatorProcess:
+    workdir = stack.workdir / name
+    workdir.mkdir()
+    proc = OperatorProcess(stack, workdir, sweep_interval=2.0, env={
+        "KUBECONFIG": str(kubeconfig), "TENANCY_QUOTA_INTERVAL_SECONDS": "2", **env,
+    })
+    proc.start()
+    return proc
+
+
+def assert_never_forbidden(*procs: OperatorProcess) -> None:
+    for proc in procs:
+        hits = [line for line in proc.log_text().splitlines() if FORBIDDEN.search(line)]
+        assert not hits, "the operator was refused by the API server:\n" + "\n".join(hits[:20])
+        if proc.proc is not None and proc.proc.poll() is None:
+            assert proc.metric("reconcile_failures_total", reason="KubernetesAPI") == 0
+
+
+def ready(cluster: Cluster, plural: str, namespace: str, name: str) -> None:
+    cluster.wait_condition(plural, namespace, name, timeout=90)
+
+
+def test_examples_reconcile_with_the_chart_service_account(rbac_stack: LocalStack, rbac_cluster: Cluster) -> None:
+    """Cluster-wide (the chart's default): apply examples/, rotate, delete every kind."""
+    kubeconfig = service_account_kubeconfig(rbac_stack, "clusterwide")
+    proc = start_operator(rbac_stack, kubeconfig, "clusterwide")
+    try:
+        rbac_stack.kubectl("apply", "-f", str(ROOT / "examples"))
+        # As docs/operations.md tells users to wait for them.
+        rbac_stack.kubectl("wait", "--for=condition=Ready", "tenants,quotas,featureflags", "--all", "-n", "acme",
+                           "--timeout=120s")
+        for plural, name in (("tenants", "acme-corp"), ("tenants", "globex"), ("quotas", "acme-corp"),
+                             ("featureflags", "new-dashboard")):
+            ready(rbac_cluster, plural, "acme", name)
+        flagd = rbac_cluster.core.read_namespaced_config_map("new-dashboard-flagd", "acme").data["flagd.json"]
+
+        # A flag change replaces its flagd ConfigMap.
+        rbac_cluster.patch("featureflags", "acme", "new-dashboard", {"spec": {"rollout": {"percentage": 60}}})
+        ready(rbac_cluster, "featureflags", "acme", "new-dashboard")
+        eventually(lambda: rbac_cluster.core.read_namespaced_config_map("new-dashboard-flagd", "acme")
+                   .data["flagd.json"] != flagd, timeout=60, what="flagd ConfigMap replaced")
+
+        # Rotation replaces the Secret; a template ConfigMap is read; Events are posted.
+        old = rbac_cluster.secret_data("acme", "globex-db")["password"]
+        rbac_stack.kubectl("annotate", "tenant", "globex", "-n", "acme", "tenancy.dev/rotate-credentials=1")
+        eventually(lambda: rbac_cluster.secret_data("acme", "globex-db")["password"] != old,
+                   timeout=60, what="globex password rotated")
+        assert rbac_cluster.has_event("acme", "globex", "CredentialsRotated")
+
+        # Deletion: finalizers patched away, Secrets and ConfigMaps deleted, an archive written.
+        rbac_cluster.delete("featureflags", "acme", "new-dashboard")
+        rbac_cluster.delete("quotas", "acme", "acme-corp")
+        rbac_cluster.delete("tenants", "acme", "globex")
+        rbac_cluster.delete("tenants", "acme", "acme-corp")
+        for plural, name in (("featureflags", "new-dashboard"), ("quotas", "acme-corp"), ("tenants", "globex"),
+                             ("tenants", "acme-corp")):
+            eventually(lambda p=plural, n=name: rbac_cluster.gone(p, "acme", n), timeout=120,
+                       what=f"{plural}/{name} gone")
+        secrets = rbac_cluster.core.list_namespaced_secret("acme").items
+        assert not [s for s in secrets if s.metadata.name.endswith("-db")]
+        assert_never_forbidden(proc)
+    finally:
+        proc.stop()
+
+
+def test_namespaced_operator_with_the_chart_service_account(rbac_stack: LocalStack, rbac_cluster: Cluster) -> None:
+    """With a namespace list, Kopf lists and watches namespaces: the chart adds exactly that."""
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    rbac_stack.kubectl("create", "namespace", ns)
+    kubeconfig = service_account_kubeconfig(rbac_stack, "namespaced", f"namespaces={{{ns}}}")
+    proc = start_operator(rbac_stack, kubeconfig, "namespaced", TENANCY_NAMESPACES=ns)
+    try:
+        rbac_cluster.create("tenants", ns, tenant("beta", tier="starter"))
+        ready(rbac_cluster, "tenants", ns, "beta")
+        rbac_cluster.create("quotas", ns, {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "Quota", "metadata": {"name": "beta"},
+            "spec": {"tenantRef": {"name": "beta"}, "limits": {"connections": 5}},
+        })
+        ready(rbac_cluster, "quotas", ns, "beta")
+        rbac_cluster.create("featureflags", ns, flag("dark-mode"))
+        ready(rbac_cluster, "featureflags", ns, "dark-mode")
+        for plural, name in (("featureflags", "dark-mode"), ("quotas", "beta"), ("tenants", "beta")):
+            rbac_cluster.delete(plural, ns, name)
+            eventually(lambda p=plural, n=name: rbac_cluster.gone(p, ns, n), timeout=60, what=f"{plural}/{name} gone")
+        assert_never_forbidden(proc)
+    finally:
+        proc.stop()
+
+
+def flag(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "FeatureFlag", "metadata": {"name": name},
+        "spec": {"variants": {"on": {"value": True}, "off": {"value": False}}, "defaultVariant": "off"},
+    }
+
+
+def test_active_standby_with_peering(rbac_stack: LocalStack, rbac_cluster: Cluster) -> None:
+    """Two replicas with the peering values: only the higher priority one works; when it stops,
+    the standby takes over, all with the chart's ServiceAccount."""
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    rbac_stack.kubectl("create", "namespace", ns)
+    kubeconfig = service_account_kubeconfig(rbac_stack, "peered", "peering.enabled=true")
+    peering = {"TENANCY_PEERING_NAME": "peered-tenancy-operator"}
+    active = start_operator(rbac_stack, kubeconfig, "active", TENANCY_PEERING_PRIORITY="200", **peering)
+    standby = start_operator(rbac_stack, kubeconfig, "standby", TENANCY_PEERING_PRIORITY="100", **peering)
+    try:
+        # With a peering name Kopf starts paused and resumes only where no peer outranks it.
+        eventually(lambda: "Resuming operations after the pause" in active.log_text()
+                   and "background loops resumed" in active.log_text(), timeout=30, what="the active one works")
+        rbac_cluster.create("tenants", ns, tenant("first"))
+        ready(rbac_cluster, "tenants", ns, "first")
+        assert '"name": "first"' in active.log_text()
+        standby_log = standby.log_text()
+        assert '"name": "first"' not in standby_log
+        assert "Resuming operations" not in standby_log
+        assert "background loops resumed" not in standby_log
+
+        assert_never_forbidden(active)
+        assert active.stop() == 0  # a graceful stop removes it from the peering object at once
+        eventually(lambda: "Resuming operations after the pause" in standby.log_text(), timeout=60,
+                   what="the standby takes over")
+        rbac_cluster.create("tenants", ns, tenant("second"))
+        ready(rbac_cluster, "tenants", ns, "second")
+        assert '"name": "second"' in standby.log_text()
+        eventually(lambda: "background loops resumed" in standby.log_text(), timeout=30,
+                   what="the standby's sweep runs")
+        assert_never_forbidden(active, standby)
+    finally:
+        active.stop()
+        standby.stop()
