@@ -158,7 +158,7 @@ class TenantService:
         log_fn = log.info if out.ready else log.warning
         log_fn("reconciled", kind=KIND, namespace=body["metadata"]["namespace"], name=body["metadata"]["name"],
                tenant=ident, duration_seconds=round(time.monotonic() - started, 4),
-               result="ready" if out.ready else out.reason, reason=None if out.ready else out.message,
+               result="ready" if out.ready else out.reason, message=None if out.ready else out.message,
                repairs=out.repairs or None)
         await self.write_status(body, desired_status(body, out, ident))
 
@@ -247,7 +247,11 @@ def register(registry: kopf.OperatorRegistry) -> None:
     async def tenant_delete(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
         await service(memo).delete(body, retry)
 
-    @kopf.on.event("", "v1", "configmaps", registry=registry, id="template-changed")
+    def is_used_template(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> bool:
+        # Filtered before the handler runs: other ConfigMaps cost no handler call and no log line.
+        return service(memo).uses_template(namespace or "", name)
+
+    @kopf.on.event("", "v1", "configmaps", registry=registry, id="template-changed", when=is_used_template)
     async def template_changed(type: str, body: kopf.Body, namespace: str | None, name: str,
                                memo: kopf.Memo, **_: Any) -> None:
         # type is None for the initial listing at start-up: resume handlers cover that case.

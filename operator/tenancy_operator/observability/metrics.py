@@ -54,6 +54,7 @@ REASONS = (
     "InvalidSpec",
     "MigrationFailed",
     "KubernetesAPI",
+    "ArchiveFailed",
     "Internal",
 )
 
@@ -97,6 +98,9 @@ def start_metrics_server(port: int, addr: str) -> None:
         QUEUE_DEPTH.labels(kind=kind).set(0)
         for reason in REASONS:
             RECONCILE_FAILURES.labels(kind=kind, reason=reason)
+    for job in ("provision", "migrate", "suspend", "resume", "rotate", "archive", "restore", "purge", "delete"):
+        LIFECYCLE_JOB_FAILURES.labels(job=job)  # series exist at 0, so rate() and alerts see the first failure
+        LIFECYCLE_JOBS_RUNNING.labels(job=job).set(0)
     start_http_server(port, addr=addr)
 
 
