@@ -148,9 +148,10 @@ def test_one_json_log_line_per_reconcile(cluster: Cluster, operator: OperatorPro
     assert isinstance(ok["duration_seconds"], float)
     assert ok["timestamp"].endswith("Z")
     (bad,) = eventually(lambda: lines("misplaced"), what="a reconcile line for the failing tenant")[:1]
-    assert bad["result"] == "UnknownDatabase"
+    assert bad["result"] == "failure"
+    assert bad["reason"] == "UnknownDatabase"
     assert bad["level"] in {"warning", "error"}
-    assert "nowhere" in bad["reason"]
+    assert "nowhere" in bad["message"]
 
 
 def test_no_secret_in_logs_events_status_or_metrics(

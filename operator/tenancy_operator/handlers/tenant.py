@@ -158,7 +158,8 @@ class TenantService:
         log_fn = log.info if out.ready else log.warning
         log_fn("reconciled", kind=KIND, namespace=body["metadata"]["namespace"], name=body["metadata"]["name"],
                tenant=ident, duration_seconds=round(time.monotonic() - started, 4),
-               result="ready" if out.ready else out.reason, message=None if out.ready else out.message,
+               result="ready" if out.ready else "failure", reason=None if out.ready else out.reason,
+               message=None if out.ready else out.message,
                repairs=out.repairs or None)
         await self.write_status(body, desired_status(body, out, ident))
 
