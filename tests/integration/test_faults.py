@@ -23,6 +23,11 @@ from .harness import Cluster, OperatorProcess, connect, eventually, sql_value
 PLURAL = "tenants"
 
 
+def report(fault: str, measured: str) -> None:
+    """Recovery figures for docs/reliability.md (shown with pytest -s)."""
+    print(f"\nRECOVERY {fault}: {measured}")
+
+
 class Faults:
     def __init__(self, stack: LocalStack, cluster: Cluster, operator: OperatorProcess) -> None:
         self.stack, self.cluster, self.operator = stack, cluster, operator
@@ -146,8 +151,14 @@ def test_operator_sigkilled_while_provisioning_200_tenants(faults: Faults) -> No
         admin, "SELECT count(*) FROM tenancy.tenants WHERE namespace = %s AND provisioned_at IS NOT NULL", [ns]
     )
     assert provisioned_at_kill < len(names) + len(early), "the kill came after everything was done"
+    restarted = time.monotonic()
     faults.operator.start()
     eventually(lambda: faults.all_ready(ns, names + early), timeout=420, interval=1.0, what="all 203 tenants Ready")
+    report(
+        "SIGKILL during 200-tenant provisioning",
+        f"{provisioned_at_kill} provisioned at the kill; all Ready "
+        f"{time.monotonic() - restarted:.1f} s after the restart",
+    )
     faults.check_invariants(ns, names + early, rows)
 
 
@@ -184,9 +195,11 @@ def test_postgres_down_for_30s_during_bulk_apply(faults: Faults) -> None:
         time.sleep(max(0.0, 30 - (time.monotonic() - stopped_at)))
     finally:
         faults.pg.start()
+    back = time.monotonic()
     eventually(
         lambda: faults.all_ready(ns, names + early), timeout=180, interval=1.0, what="everything converges without help"
     )
+    report("PostgreSQL down 30 s", f"all 32 Ready {time.monotonic() - back:.1f} s after PostgreSQL was back")
     eventually(
         lambda: faults.operator.metric("queue_depth", kind="Tenant") == 0, timeout=60, what="queue_depth back to 0"
     )
@@ -199,11 +212,13 @@ def test_control_plane_restart_watches_recover(faults: Faults) -> None:
     eventually(lambda: faults.all_ready(ns, ["steady"]), timeout=60, what="steady ready")
     faults.stack.control_plane.stop()
     faults.stack.control_plane.start()
+    back = time.monotonic()
     # Later changes are reconciled: a new tenant, and a suspension of the old one.
     faults.apply_many(ns, ["after-restart"])
     faults.cluster.patch(PLURAL, ns, "steady", {"spec": {"state": "Suspended"}})
     eventually(lambda: faults.all_ready(ns, ["after-restart"]), timeout=120, what="new tenant reconciled")
     faults.cluster.wait_condition(PLURAL, ns, "steady", reason="Suspended", timeout=120)
+    report("control plane restart", f"changes made after the restart reconciled {time.monotonic() - back:.1f} s later")
     assert (
         sql_value(faults.stack.admin_dsn(), "SELECT rolcanlogin FROM pg_roles WHERE rolname = 'tenant_steady'") is False
     )
@@ -231,8 +246,10 @@ def test_deletions_while_postgres_is_down_complete_once_it_returns(faults: Fault
             assert faults.cluster.get(PLURAL, ns, name)["status"]["phase"] == "Deleting"
     finally:
         faults.pg.start()
+    back = time.monotonic()
     for name in ("gone-delete", "gone-archive"):
         eventually(lambda n=name: faults.cluster.gone(PLURAL, ns, n), timeout=120, what=f"{name} deleted")
+    report("deletions while PostgreSQL down", f"both deletions done {time.monotonic() - back:.1f} s after it was back")
     admin = faults.stack.admin_dsn()
     with connect(admin) as conn:
         jobs = conn.execute(
