@@ -11,18 +11,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import psycopg_pool
 
 from tenancy_operator.api.tenant import TenantSpec, tenant_identifier
 from tenancy_operator.db import tenants as sqlt
-from tenancy_operator.handlers.tenant import TenantService
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.tenant import MANAGED_BY, TENANT_LABEL, purge_expired_archives, secret_name
 from tenancy_operator.runtime_context import OperatorContext
+
+if TYPE_CHECKING:
+    from tenancy_operator.handlers.tenant import TenantService
 
 log = get_logger(__name__)
 FINALIZER = "tenancy.dev/finalizer"

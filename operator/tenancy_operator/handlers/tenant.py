@@ -24,6 +24,7 @@ from tenancy_operator.reconcilers.tenant import (
     TenantReconciler,
     secret_name,
 )
+from tenancy_operator.resume import ResumeChecker
 from tenancy_operator.runtime_context import OperatorContext
 
 KIND, PLURAL = "Tenant", "tenants"
@@ -88,6 +89,11 @@ class TenantService:
         # a ConfigMap event costs a dict lookup. (A Kopf index would make every ConfigMap worker wait
         # for index readiness, which starved the operator at start-up with many ConfigMaps.)
         self._template_users: dict[tuple[str, str], set[str]] = {}
+        self.resume_check = ResumeChecker(ctx)
+
+    def confirm_in_sync(self, body: Mapping[str, Any]) -> None:
+        self._track_template(body)
+        metrics.record_result(KIND, True)
 
     def uses_template(self, namespace: str, template: str) -> bool:
         return bool(self._template_users.get((namespace, template)))
@@ -241,8 +247,12 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
     @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
-    async def tenant_reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
-        await service(memo).run(body, retry)
+    async def tenant_reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, reason: str, **_: Any) -> None:
+        svc = service(memo)
+        if reason == kopf.Reason.RESUME.value and retry == 0 and await svc.resume_check.in_sync(body):
+            svc.confirm_in_sync(body)  # start-up: confirmed from bulk facts, nothing to write
+            return
+        await svc.run(body, retry)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="finalize")
     async def tenant_delete(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
