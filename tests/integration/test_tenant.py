@@ -466,6 +466,8 @@ def test_restart_confirms_converged_tenants_without_writes_and_repairs_drift(
     with connect(stack.admin_dsn()) as conn:
         conn.execute("ALTER ROLE tenant_calm_2 SET search_path = public")
     versions = {n: cluster.get(PLURAL, namespace, n)["metadata"]["resourceVersion"] for n in names[:2]}
+    catalog = "SELECT xmin::text FROM pg_namespace WHERE nspname = 'tenancy'"  # changes with any DDL/GRANT on it
+    before = sql_value(stack.admin_dsn(), catalog)
     operator.start()
     eventually(
         lambda: (
@@ -477,5 +479,6 @@ def test_restart_confirms_converged_tenants_without_writes_and_repairs_drift(
         ),
         what="drift made while the operator was down is repaired at start-up",
     )
+    assert sql_value(stack.admin_dsn(), catalog) == before, "the restart changed the control schema"
     # The converged ones were confirmed, not rewritten: their objects did not change.
     assert {n: cluster.get(PLURAL, namespace, n)["metadata"]["resourceVersion"] for n in names[:2]} == versions

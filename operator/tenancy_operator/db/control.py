@@ -31,8 +31,24 @@ def checksum(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+async def _up_to_date(conn: Conn, schema: str) -> bool:
+    """Read-only: are all packaged migrations recorded with their checksums? (No DDL, no lock.)"""
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS present", [f'"{schema}".operator_migrations'])
+    row = await cur.fetchone()
+    if not row or not row["present"]:
+        return False
+    cur = await conn.execute(
+        sql.SQL("SELECT version, checksum FROM {}.operator_migrations").format(sql.Identifier(schema))
+    )
+    done = {str(r["version"]): str(r["checksum"]) for r in await cur.fetchall()}
+    return all(done.get(version) == checksum(text) for version, text in control_migrations())
+
+
 async def migrate_control_schema(conn: Conn, schema: str) -> list[str]:
-    """Apply pending control-schema migrations; returns the versions applied now."""
+    """Apply pending control-schema migrations; returns the versions applied now. A start with
+    nothing to do issues no DDL at all (restarts must be free of schema changes)."""
+    if await _up_to_date(conn, schema):
+        return []
     applied_now: list[str] = []
     ident = sql.Identifier(schema)
     async with conn.transaction():
