@@ -17,7 +17,7 @@ from tenancy_operator.conditions import Cond, merge, status_differs
 from tenancy_operator.config import Settings
 from tenancy_operator.db.tenant_migrations import ChecksumMismatch, Migration, migrations_from_data, pending
 from tenancy_operator.db.tenants import Observed, scram_sha256_verifier
-from tenancy_operator.handlers.tenant import backoff
+from tenancy_operator.handlers.common import backoff
 from tenancy_operator.sweep import drifted
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +19,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.conditions import Cond, merge, status_differs
+from tenancy_operator.handlers.common import backoff
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.featureflag import PLURAL, FeatureFlagReconciler, Outcome, Retry
@@ -75,10 +75,6 @@ def desired_status(body: Mapping[str, Any], out: Outcome) -> dict[str, Any]:
     return status
 
 
-def _delay(retry: int) -> float:
-    return min(60.0, 2.0 ** min(retry, 6)) * random.uniform(0.8, 1.2)  # noqa: S311 - jitter
-
-
 class FeatureFlagService:
     def __init__(self, ctx: OperatorContext) -> None:
         self.ctx = ctx
@@ -116,7 +112,7 @@ class FeatureFlagService:
                 except Retry as exc:
                     metrics.record_result(KIND, False, exc.reason)
                     await self._report(body, Outcome(False, exc.reason, exc.message))
-                    raise kopf.TemporaryError(exc.message, delay=_delay(retry)) from exc
+                    raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
                 except Exception:
                     metrics.record_result(KIND, False, "Internal")
                     raise
@@ -126,7 +122,7 @@ class FeatureFlagService:
         metrics.record_result(KIND, out.ready, None if out.ready else out.reason)
         await self._report(body, out)
         if out.retry:
-            raise kopf.TemporaryError(out.message, delay=_delay(retry))
+            raise kopf.TemporaryError(out.message, delay=backoff(retry))
         metrics.PENDING.discard(KIND, key)
 
     async def _report(self, body: Mapping[str, Any], out: Outcome) -> None:
@@ -156,7 +152,7 @@ class FeatureFlagService:
                 await self.write_status(body, {"conditions": merge(
                     (body.get("status") or {}).get("conditions"), [Cond("Ready", "False", exc.reason, exc.message)],
                     int(meta.get("generation") or 0))})
-                raise kopf.TemporaryError(exc.message, delay=_delay(retry)) from exc
+                raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
         for type_, reason, message in events:
             self.ctx.events.post(body, type_, reason, message)
         metrics.PENDING.discard(KIND, key)

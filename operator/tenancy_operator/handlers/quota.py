@@ -7,12 +7,12 @@ event missed, so a deletion while the operator is down is handled at the next st
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import kopf
 
 from tenancy_operator import GROUP, VERSION
+from tenancy_operator.handlers.common import backoff
 from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.reconcilers.quota import QuotaService
 from tenancy_operator.runtime_context import OperatorContext
@@ -43,8 +43,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
         try:
             await svc.handle_quota(body, retry)
         except Retry as exc:
-            delay = min(60.0, 2.0 ** min(retry, 6)) * random.uniform(0.8, 1.2)  # noqa: S311
-            raise kopf.TemporaryError(exc.message, delay=delay) from exc
+            raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="deleted")
     async def quota_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -14,6 +13,7 @@ import kopf
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.tenant import tenant_identifier
 from tenancy_operator.conditions import Cond, merge, status_differs
+from tenancy_operator.handlers.common import backoff
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import Retry
@@ -75,10 +75,6 @@ def desired_status(body: Mapping[str, Any], out: Outcome, ident: str | None) -> 
         status["recentJobs"] = [j.summary() for j in out.jobs]
     return status
 
-
-def backoff(retry: int) -> float:
-    """Exponential backoff with jitter for Kopf's retries: 1, 2, 4 ... 60 s."""
-    return min(60.0, 2.0 ** min(retry, 6)) * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
 
 
 class TenantService:
