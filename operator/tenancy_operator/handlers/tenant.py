@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+import psycopg
 
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.tenant import tenant_identifier
@@ -173,6 +174,11 @@ class TenantService:
         async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
             try:
                 evs = await self.reconciler.finalize(body)
+            except psycopg.Error as exc:
+                # E.g. "tuple concurrently updated" when the quota loop alters the same role: try
+                # again soon, not after Kopf's default minute.
+                metrics.record_result(KIND, False, "Internal")
+                raise kopf.TemporaryError(f"deletion step failed: {type(exc).__name__}", delay=backoff(retry)) from exc
             except (Retry, ArchiveBlocked) as exc:
                 reason = exc.reason if isinstance(exc, Retry) else "ArchiveFailed"
                 message = exc.message if isinstance(exc, Retry) else (

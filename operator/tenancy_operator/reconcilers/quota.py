@@ -63,8 +63,8 @@ Key = tuple[str, str]
 
 OK, NEAR, EXCEEDED = 0, 1, 2
 LEVEL_NAMES = {NEAR: "near", EXCEEDED: "exceeded"}
-STALE_MEASUREMENTS = 5
-"""lastMeasuredAt is refreshed with any other status change, and at least every 5 intervals, so an
+STALE_MEASUREMENTS = 30
+"""lastMeasuredAt is refreshed with any other status change, and at least every 30 intervals, so an
 idle tenant's Quota is not rewritten every interval just to move a timestamp."""
 TRANSIENT_REASONS = ("TenantNotReady", "DatabaseUnavailable")
 """Ready=False reasons that resolve by themselves (a tenant being provisioned): no Warning Event."""
