@@ -39,6 +39,7 @@ from bench.common import (
     Operator,
     Stack,
     flag_obj,
+    git_describe,
     is_ready,
     loadavg,
     log,
@@ -219,7 +220,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
     axes[0].plot(t, [x["rss_mb"] for x in s], color="tab:blue")
     axes[0].set_ylabel("operator RSS (MB)")
-    axes[0].set_ylim(bottom=0)
+    axes[0].set_ylim(0, 1.25 * max(x["rss_mb"] for x in s))
     axes[0].grid(alpha=0.3)
     axes[0].set_title(title, fontsize=10)
     base = s[0]
@@ -249,8 +250,9 @@ def docs_section(r: dict[str, Any]) -> str:
     return "\n".join([
         "<!-- bench:soak -->",
         f"### Soak, {s['minutes']} min — {r['when']}", "",
-        f"`{r['command']}`; {m['nproc']} cores, {m['memory']}; Python {v.get('python')}, Kopf {v.get('kopf')}, "
-        f"PostgreSQL {v.get('postgresql')}, Kubernetes {v.get('kubernetes')}. Churn every {s['period_seconds']} s "
+        f"`{r['command']}` at {r.get('git', '?')}; {m['nproc']} cores, {m['memory']}; Python {v.get('python')}, "
+        f"Kopf {v.get('kopf')}, PostgreSQL {v.get('postgresql')}, Kubernetes {v.get('kubernetes')}. "
+        f"Churn every {s['period_seconds']} s "
         f"on {s['base_tenants']} live tenants: {s['ops']}.", "",
         "| RSS start / end / max | RSS slope (2nd half) | CPU | ERROR / WARNING log lines | reconcile failures |"
         " benchmark API errors | not Ready at end (max during) |",
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.soak " + " ".join(argv if argv is not None else sys.argv[1:])
     stack = Stack.own() if args.stack == "own" else Stack.dev()
     soak = Soak(args, stack)
-    record: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command,
+    record: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command, "git": git_describe(),
                               "machine": machine(), "versions": stack.versions(),
                               "operator_env": {k: v for k, v in os.environ.items() if k.startswith("TENANCY_")}}
     try:
