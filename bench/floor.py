@@ -143,13 +143,13 @@ class Floor:
             gen = int(meta.get("generation") or 1)
             job = await ledger.start(conn, self.control, row.id, "provision", attempt=1, generation=gen,
                                      detail=f"schema and role {ident}")
-            await sqlt.create_role(conn, ident)
-            await sqlt.grant_role_to_operator(conn, ident)
-            await sqlt.create_schema(conn, ident, ident)
-            await sqlt.set_search_path(conn, ident, ident)
-            await sqlt.set_password(conn, ident, password)
+            # The operator's provisioning statements, sent the way it sends them: one round trip.
+            await sqlt.run_batch(conn, [
+                sqlt.create_role(ident), sqlt.grant_role_to_operator(ident), sqlt.create_schema(ident, ident),
+                sqlt.set_search_path(ident, ident), await sqlt.password_statement(ident, password),
+                sqlt.login_statement(ident, True),
+            ])
             await self.kube.create(ns, self._secrets._secret_body(body, spec, ident, password, ""))
-            await sqlt.set_login(conn, ident, True)
             await ledger.finish(conn, self.control, job, ok=True)
             mjob = await ledger.start(conn, self.control, row.id, "migrate", attempt=1, generation=gen,
                                       detail=", ".join(m.version for m in self.template))

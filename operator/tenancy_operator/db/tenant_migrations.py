@@ -136,11 +136,12 @@ async def apply_as_tenant(
     return done
 
 
-async def mirror(conn: Conn, control: str, tenant_id: str, schema: str) -> None:
-    """Copy the tenant's migration records into the control schema, for fleet reporting."""
+async def mirror(conn: Conn, control: str, tenant_id: str, schema: str) -> dict[str, str]:
+    """Copy the tenant's migration records into the control schema, for fleet reporting; returns
+    them (version -> checksum)."""
     done = await applied(conn, schema)
     if not done:
-        return
+        return done
     await conn.execute(
         sql.SQL(
             "INSERT INTO {}.tenant_migrations (tenant_id, version, checksum)"
@@ -149,3 +150,4 @@ async def mirror(conn: Conn, control: str, tenant_id: str, schema: str) -> None:
         ).format(sql.Identifier(control)),
         [tenant_id, list(done), list(done.values())],
     )
+    return done

@@ -7,10 +7,12 @@ the clear-text password never reaches the server, its logs or ``pg_stat_activity
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,51 +172,58 @@ async def observe(conn: Conn, names: list[str]) -> dict[str, Observed]:
     return out
 
 
-async def create_role(conn: Conn, role: str) -> None:
-    await conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+def create_role(role: str) -> sql.Composed:
+    return sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role))
 
 
-async def grant_role_to_operator(conn: Conn, role: str) -> None:
-    await conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(role)))
+def grant_role_to_operator(role: str) -> sql.Composed:
+    return sql.SQL("GRANT {} TO CURRENT_USER").format(sql.Identifier(role))
 
 
-async def create_schema(conn: Conn, schema: str, role: str) -> None:
-    await conn.execute(
-        sql.SQL("CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}").format(
-            sql.Identifier(schema), sql.Identifier(role)
-        )
+def create_schema(schema: str, role: str) -> sql.Composed:
+    return sql.SQL("CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}").format(
+        sql.Identifier(schema), sql.Identifier(role)
     )
 
 
-async def set_schema_owner(conn: Conn, schema: str, role: str) -> None:
-    await conn.execute(
-        sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(sql.Identifier(schema), sql.Identifier(role))
-    )
+def set_schema_owner(schema: str, role: str) -> sql.Composed:
+    return sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(sql.Identifier(schema), sql.Identifier(role))
 
 
-async def grant_schema(conn: Conn, schema: str, role: str) -> None:
-    await conn.execute(
-        sql.SQL("GRANT USAGE, CREATE ON SCHEMA {} TO {}").format(sql.Identifier(schema), sql.Identifier(role))
-    )
+def grant_schema(schema: str, role: str) -> sql.Composed:
+    return sql.SQL("GRANT USAGE, CREATE ON SCHEMA {} TO {}").format(sql.Identifier(schema), sql.Identifier(role))
 
 
-async def set_search_path(conn: Conn, role: str, schema: str) -> None:
-    await conn.execute(
-        sql.SQL("ALTER ROLE {} SET search_path TO {}").format(sql.Identifier(role), sql.Identifier(schema))
-    )
+def set_search_path(role: str, schema: str) -> sql.Composed:
+    return sql.SQL("ALTER ROLE {} SET search_path TO {}").format(sql.Identifier(role), sql.Identifier(schema))
+
+
+def login_statement(role: str, login: bool) -> sql.Composed:
+    keyword = sql.SQL("LOGIN" if login else "NOLOGIN")
+    return sql.SQL("ALTER ROLE {} {}").format(sql.Identifier(role), keyword)
+
+
+async def password_statement(role: str, password: str) -> sql.Composed:
+    """``ALTER ROLE ... PASSWORD <verifier>``; PBKDF2 runs in a thread, not in the event loop."""
+    verifier = await asyncio.to_thread(scram_sha256_verifier, password)
+    return sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(verifier))
+
+
+async def run_batch(conn: Conn, statements: Sequence[sql.Composable]) -> None:
+    """Run parameterless statements in one round trip (the simple query protocol).
+
+    PostgreSQL runs such a batch as one implicit transaction: a failing statement undoes the
+    ones before it, so a retried step starts from the state it observed."""
+    if statements:
+        await conn.execute(sql.SQL("; ").join(statements))
 
 
 async def set_login(conn: Conn, role: str, login: bool) -> None:
-    keyword = sql.SQL("LOGIN" if login else "NOLOGIN")
-    await conn.execute(sql.SQL("ALTER ROLE {} {}").format(sql.Identifier(role), keyword))
+    await conn.execute(login_statement(role, login))
 
 
 async def set_password(conn: Conn, role: str, password: str) -> None:
-    await conn.execute(
-        sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-            sql.Identifier(role), sql.Literal(scram_sha256_verifier(password))
-        )
-    )
+    await conn.execute(await password_statement(role, password))
 
 
 async def terminate_sessions(conn: Conn, role: str) -> int:

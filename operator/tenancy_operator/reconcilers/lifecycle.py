@@ -65,7 +65,7 @@ class JobGate:
 
     def __init__(
         self, connect: Connector, control: str, tenant_id: str, *, generation: int | None,
-        retry_token: str | None, max_attempts: int, backoff_max: float = 5.0,
+        retry_token: str | None, max_attempts: int, backoff_max: float = 5.0, no_history: bool = False,
     ) -> None:
         self.connect = connect
         self.control = control
@@ -74,10 +74,14 @@ class JobGate:
         self.retry_token = retry_token or None
         self.max_attempts = max_attempts
         self.backoff_max = backoff_max
+        self.no_history = no_history
+        """The tenant's registry row is new: no earlier attempt to look up in the ledger."""
 
     async def run(self, kind: str, step: Callable[[], Awaitable[T]], *, detail: str | None = None) -> T:
-        async with self.connect() as conn:
-            streak = await ledger.failed_streak(conn, self.control, self.tenant_id, kind)
+        streak: list[ledger.Job] = []
+        if not self.no_history:
+            async with self.connect() as conn:
+                streak = await ledger.failed_streak(conn, self.control, self.tenant_id, kind)
         note = token = None
         if len(streak) >= self.max_attempts:
             used = {j.retry_token for j in streak if j.retry_token}

@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 from kubernetes_asyncio.client.exceptions import ApiException
+from psycopg import sql
 
 from tenancy_operator import archive
 from tenancy_operator.api.common import parse_duration
@@ -67,6 +68,8 @@ class Outcome:
     # The schema was found dropped and re-created empty, now or earlier and not yet acknowledged.
     data_loss: bool = False
     jobs: list[ledger.Job] = field(default_factory=list)
+    applied: dict[str, str] | None = None
+    """The tenant's migration records (version -> checksum) as last read in this reconcile."""
 
     def fail(self, reason: str, message: str, *, stalled: bool, retry: bool = False) -> None:
         self.ready, self.reason, self.message, self.phase = False, reason, message, "Failed"
@@ -90,12 +93,12 @@ class TenantReconciler:
         return self.ctx.settings.control_schema
 
     def _gate(self, connect: Connector, body: Mapping[str, Any], tenant_id: str, *,
-              max_attempts: int | None = None) -> JobGate:
+              max_attempts: int | None = None, new_tenant: bool = False) -> JobGate:
         meta = body["metadata"]
         return JobGate(
             connect, self.control, tenant_id, generation=meta.get("generation"),
             retry_token=(meta.get("annotations") or {}).get(RETRY_ANNOTATION),
-            max_attempts=max_attempts or self.ctx.settings.job_max_attempts,
+            max_attempts=max_attempts or self.ctx.settings.job_max_attempts, no_history=new_tenant,
         )
 
     async def reconcile(self, body: Mapping[str, Any]) -> Outcome:
@@ -135,12 +138,14 @@ class TenantReconciler:
         out = Outcome(True, "Suspended" if suspended else "Provisioned", "", "Suspended" if suspended else "Active")
 
         row = await sqlt.find_live_row(conn, self.control, ident)
+        new_row = False
         if row is None:
             try:
                 row = await sqlt.insert_row(
                     conn, self.control, namespace=namespace, name=name, uid=uid, ident=ident,
                     tier=_enum(spec.tier), display_name=spec.display_name,
                 )
+                new_row = True
             except psycopg.errors.UniqueViolation:
                 row = await sqlt.find_live_row(conn, self.control, ident)
                 assert row is not None
@@ -152,10 +157,11 @@ class TenantReconciler:
                 "Failed", stalled=True,
             ), None, None
         out.tenant_id = row.id
-        await ledger.abandon_running(conn, self.control, row.id)
+        if not new_row:  # a registry row inserted just now has no jobs yet
+            await ledger.abandon_running(conn, self.control, row.id)
         plan = None
         try:
-            plan = await self._converge(conn, body, spec, ident, row, out)
+            plan = await self._converge(conn, body, spec, ident, row, out, new_row=new_row)
         except JobFailed as exc:
             _job_failed(out, exc)
         return out, row, plan
@@ -165,7 +171,9 @@ class TenantReconciler:
         meta = body["metadata"]
         uid = meta.get("uid", "")
         suspended = _enum(spec.state) == "Suspended"
-        out.schema_version = _latest(await tm.applied(conn, ident))  # what is really applied, now
+        if out.applied is None:  # not read in this reconcile yet (or a migration ran since)
+            out.applied = await tm.applied(conn, ident)
+        out.schema_version = _latest(out.applied)
         if out.ready:
             await sqlt.update_row(
                 conn, self.control, row.id, uid=uid, tier=_enum(spec.tier), display_name=spec.display_name,
@@ -191,25 +199,26 @@ class TenantReconciler:
                                "its data is gone; restore from a backup"))
 
     async def _converge(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
-                        row: sqlt.RegistryRow, out: Outcome) -> MigrationPlan | None:
+                        row: sqlt.RegistryRow, out: Outcome, *, new_row: bool) -> MigrationPlan | None:
         suspended = _enum(spec.state) == "Suspended"
         was_provisioned = row.provisioned_at is not None
         revived = row.state == "deleted"
-        gate = self._gate(using(conn), body, row.id)
+        gate = self._gate(using(conn), body, row.id, new_tenant=new_row)
         obs = (await sqlt.observe(conn, [ident]))[ident]
 
         if not was_provisioned:
-            async def provision() -> None:
-                await self._ensure_catalog(conn, ident, obs, out, drift=False)
-                await self._ensure_secret(conn, body, spec, ident, role_created=True)
-                await sqlt.set_login(conn, ident, not suspended)
-
-            await gate.run("provision", provision, detail=f"schema and role {ident}")
+            password = await gate.run("provision", lambda: self._provision(conn, body, spec, ident, obs, out),
+                                      detail=f"schema and role {ident}")
             out.events.append(("Normal", "Provisioned", f"schema and role {ident} ready"))
-            obs = (await sqlt.observe(conn, [ident]))[ident]
-        else:
-            await self._ensure_catalog(conn, ident, obs, out, drift=True)
+            if not obs.schema_exists:
+                out.applied = {}  # a schema created just now holds no migration records
+            if spec.restore_from:
+                await self._restore(conn, gate, body, spec, ident, row, out)
+            if not out.ready:
+                return None
+            return await self._plan_migrations(conn, body, spec, ident, password, out, new_tenant=new_row)
 
+        await self._ensure_catalog(conn, ident, obs, out, drift=True)
         if spec.restore_from:
             await self._restore(conn, gate, body, spec, ident, row, out)
             if not out.ready:
@@ -219,7 +228,7 @@ class TenantReconciler:
                                                      gate=gate)
         if action == "rotated":
             out.events.append(("Normal", "CredentialsRotated", "new password set; old sessions ended"))
-        elif action == "recreated" and was_provisioned and not revived:
+        elif action == "recreated" and not revived:
             out.repairs.append("secret")
 
         want_login = not suspended
@@ -234,38 +243,68 @@ class TenantReconciler:
                                   else ("Normal", "Resumed", "login enabled"))
             else:
                 await self._set_login(conn, ident, want_login)
-                if was_provisioned:
-                    out.repairs.append("login")
+                out.repairs.append("login")
 
         return await self._plan_migrations(conn, body, spec, ident, password, out)
+
+    async def _provision(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
+                         obs: sqlt.Observed, out: Outcome) -> str:
+        """A tenant's first provisioning: what is missing of role, schema, grants, password and
+        login in one round trip (one transaction), then its Secret. Returns the password."""
+        meta = body["metadata"]
+        rotation = (meta.get("annotations") or {}).get(ROTATE_ANNOTATION, "")
+        current = await self._read_secret(meta["namespace"], secret_name(meta["name"]))
+        password = ""
+        if current is not None and _rotation_of(current) == rotation:
+            password = _secret_data(current).get("password", "")  # apps already use it: keep it
+        password = password or sqlt.generate_password()
+        statements = self._catalog_statements(ident, obs, out, drift=False)
+        statements += [await sqlt.password_statement(ident, password),
+                       sqlt.login_statement(ident, _enum(spec.state) != "Suspended")]
+        await sqlt.run_batch(conn, statements)
+        desired = self._secret_body(body, spec, ident, password, rotation)
+        if current is None:
+            await self._write_secret(meta["namespace"], desired, replace=False)
+        elif desired["data"] != current.get("data") or not _owned_by(current, meta["uid"]) \
+                or _rotation_of(current) != rotation:
+            desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            await self._write_secret(meta["namespace"], desired, replace=True)
+        return password
 
     async def _set_login(self, conn: Conn, ident: str, login: bool) -> int:
         await sqlt.set_login(conn, ident, login)
         return 0 if login else await sqlt.terminate_sessions(conn, ident)
 
     async def _ensure_catalog(self, conn: Conn, ident: str, obs: sqlt.Observed, out: Outcome, *, drift: bool) -> None:
-        """Role, membership, schema, owner, grants, search_path: create what is missing."""
+        await sqlt.run_batch(conn, self._catalog_statements(ident, obs, out, drift=drift))
+
+    def _catalog_statements(self, ident: str, obs: sqlt.Observed, out: Outcome, *,
+                            drift: bool) -> list[sql.Composable]:
+        """Role, membership, schema, owner, grants, search_path: what is missing, and the repairs
+        that counts (when ``drift``: the tenant was provisioned before)."""
+        todo: list[sql.Composable] = []
         if not obs.role_exists:
-            await sqlt.create_role(conn, ident)
+            todo.append(sqlt.create_role(ident))
             out.repairs.append("role") if drift else None
         if not obs.operator_member:
-            await sqlt.grant_role_to_operator(conn, ident)
+            todo.append(sqlt.grant_role_to_operator(ident))
             out.repairs.append("membership") if drift and obs.role_exists else None
         if not obs.schema_exists:
-            await sqlt.create_schema(conn, ident, ident)
+            todo.append(sqlt.create_schema(ident, ident))
             if drift:
                 out.repairs.append("schema")
                 out.schema_recreated = True
         elif not obs.schema_owned:
-            await sqlt.set_schema_owner(conn, ident, ident)
+            todo.append(sqlt.set_schema_owner(ident, ident))
             out.repairs.append("schema-owner")
         if obs.role_exists and obs.schema_exists and not obs.schema_privileges:
-            await sqlt.grant_schema(conn, ident, ident)
+            todo.append(sqlt.grant_schema(ident, ident))
             out.repairs.append("grants")
         if obs.search_path not in (ident, f'"{ident}"'):
-            await sqlt.set_search_path(conn, ident, ident)
+            todo.append(sqlt.set_search_path(ident, ident))
             if obs.role_exists and drift:
                 out.repairs.append("search-path")
+        return todo
 
     # --- credentials -------------------------------------------------------------------------
 
@@ -308,16 +347,10 @@ class TenantReconciler:
         meta = body["metadata"]
         namespace = meta["namespace"]
         rotation = (meta.get("annotations") or {}).get(ROTATE_ANNOTATION, "")
-        kube = self.ctx.kube
-        try:
-            current = await kube.get_secret(namespace, secret_name(meta["name"]))
-        except ApiException as exc:
-            raise Retry("KubernetesAPI", f"reading Secret failed: {exc.status}") from exc
+        current = await self._read_secret(namespace, secret_name(meta["name"]))
         if current is not None:
-            data = {k: base64.b64decode(v).decode() for k, v in (current.get("data") or {}).items()}
-            had = (current["metadata"].get("annotations") or {}).get(SECRET_ROTATION_ANNOTATION, "")
-            password = data.get("password", "")
-            if had == rotation and password:
+            password = _secret_data(current).get("password", "")
+            if _rotation_of(current) == rotation and password:
                 if role_created:  # a role dropped out of band comes back with the password apps use
                     await sqlt.set_password(conn, ident, password)
                 desired = self._secret_body(body, spec, ident, password, rotation)
@@ -344,6 +377,12 @@ class TenantReconciler:
         if gate is None:
             return await rotate(), "rotated"
         return await gate.run("rotate", rotate, detail=f"{ROTATE_ANNOTATION}={rotation}"), "rotated"
+
+    async def _read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.ctx.kube.get_secret(namespace, name)
+        except ApiException as exc:
+            raise Retry("KubernetesAPI", f"reading Secret failed: {exc.status}") from exc
 
     async def _write_secret(self, namespace: str, body: dict[str, Any], *, replace: bool) -> None:
         try:
@@ -397,11 +436,14 @@ class TenantReconciler:
 
     async def _plan_migrations(
         self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, password: str, out: Outcome,
+        *, new_tenant: bool = False,
     ) -> MigrationPlan | None:
         wanted = await self._template(body, spec, out)
         if wanted is None:
             return None
-        done = await tm.applied(conn, ident)
+        if out.applied is None:
+            out.applied = await tm.applied(conn, ident)
+        done = out.applied
         try:
             todo = tm.pending(wanted, done)
         except tm.ChecksumMismatch as exc:
@@ -418,7 +460,7 @@ class TenantReconciler:
             self.ctx.targets.dsns[spec.database], user=ident, password=password,
             host=info.get("host"), port=info.get("port"),
         )
-        return MigrationPlan(todo, dsn, password)
+        return MigrationPlan(todo, dsn, password, new_tenant)
 
     async def _run_migrations(self, target: str, body: Mapping[str, Any], ident: str, row: sqlt.RegistryRow,
                               plan: MigrationPlan, out: Outcome) -> None:
@@ -427,7 +469,7 @@ class TenantReconciler:
         def short() -> contextlib.AbstractAsyncContextManager[Conn]:
             return self.ctx.targets.connection(target)
 
-        gate = self._gate(short, body, row.id)
+        gate = self._gate(short, body, row.id, new_tenant=plan.new_tenant)
 
         async def migrate() -> list[str]:
             try:
@@ -441,8 +483,9 @@ class TenantReconciler:
                 out.repairs.append("password")
                 return await self._apply(plan.dsn, ident, plan.todo)
             finally:
+                out.applied = None  # what the migrations left is read again below
                 async with short() as conn:
-                    await tm.mirror(conn, self.control, row.id, ident)
+                    out.applied = await tm.mirror(conn, self.control, row.id, ident)
 
         try:
             async with self.ctx.migration_slots:
@@ -584,6 +627,8 @@ class MigrationPlan:
     todo: list[tm.Migration]
     dsn: str
     password: str
+    new_tenant: bool = False
+    """Its registry row was inserted in this reconcile: the job ledger holds nothing of it yet."""
 
 
 def _job_failed(out: Outcome, exc: JobFailed) -> None:
@@ -599,6 +644,14 @@ class ArchiveBlocked(Exception):
 
 def _latest(done: Mapping[str, str]) -> str | None:
     return max(done) if done else None
+
+
+def _secret_data(secret: Mapping[str, Any]) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+
+
+def _rotation_of(secret: Mapping[str, Any]) -> str:
+    return str((secret["metadata"].get("annotations") or {}).get(SECRET_ROTATION_ANNOTATION, ""))
 
 
 def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
