@@ -2,8 +2,11 @@
 idempotent reconcile (reconcilers/featureflag.py).
 
 The sweep re-checks every flag every TENANCY_SWEEP_INTERVAL_SECONDS, which repairs rows or
-ConfigMaps changed behind our back; a Tenant appearing or disappearing re-checks the flags of its
-namespace at once, so `unknownTenants` follows the Tenants without waiting for the sweep.
+ConfigMaps changed behind our back; a Tenant appearing or disappearing re-checks at once the flags
+of its namespace that name it in an override, so `unknownTenants` follows the Tenants without
+waiting for the sweep. Those re-checks are gathered for a moment and list the namespace's
+Tenants once for all its flags: creating a thousand Tenants costs a few LISTs, not one per flag
+and Tenant.
 """
 
 from __future__ import annotations
@@ -26,7 +29,11 @@ from tenancy_operator.reconcilers.featureflag import PLURAL, FeatureFlagReconcil
 from tenancy_operator.runtime_context import OperatorContext
 
 KIND = "FeatureFlag"
+GATHER_SECONDS = 0.5
+"""How long Tenant changes are gathered before the flags naming them are re-checked."""
 log = get_logger(__name__)
+ALL = "*"
+"""In a nudge: every flag of the namespace, not only those naming a tenant."""
 
 
 def _iso(when: datetime.datetime) -> str:
@@ -79,7 +86,8 @@ class FeatureFlagService:
     def __init__(self, ctx: OperatorContext) -> None:
         self.ctx = ctx
         self.reconciler = FeatureFlagReconciler(ctx)
-        self._nudged: set[str] = set()
+        self._nudged: dict[str, set[str]] = {}
+        """namespace -> names of Tenants that appeared or went away (ALL: re-check every flag)."""
         self._wake = asyncio.Event()
 
     async def write_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
@@ -92,7 +100,7 @@ class FeatureFlagService:
                 patch["variantShares"] = {**status["variantShares"], **gone}
             await self.ctx.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch)
 
-    async def run(self, body: Mapping[str, Any], retry: int = 0) -> None:
+    async def run(self, body: Mapping[str, Any], retry: int = 0, tenants: set[str] | None = None) -> None:
         """One reconcile with its reporting. Raises kopf.TemporaryError to be retried."""
         meta = body["metadata"]
         key = f"{meta['namespace']}/{meta['name']}"
@@ -108,7 +116,7 @@ class FeatureFlagService:
         async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
             with metrics.observe_reconcile(KIND):
                 try:
-                    out = await self.reconciler.reconcile(body)
+                    out = await self.reconciler.reconcile(body, tenants)
                 except Retry as exc:
                     metrics.record_result(KIND, False, exc.reason)
                     await self._report(body, Outcome(False, exc.reason, exc.message))
@@ -161,9 +169,10 @@ class FeatureFlagService:
 
     # --- sweep and Tenant changes ---------------------------------------------------------------
 
-    def nudge(self, namespace: str) -> None:
-        """A Tenant appeared or went away in `namespace`: re-check its flags soon."""
-        self._nudged.add(namespace)
+    def nudge(self, namespace: str, tenant: str = ALL) -> None:
+        """Tenant `tenant` appeared or went away in `namespace`: re-check soon the flags naming it
+        (every flag of the namespace without a tenant)."""
+        self._nudged.setdefault(namespace, set()).add(tenant)
         self._wake.set()
 
     async def run_forever(self) -> None:
@@ -173,13 +182,15 @@ class FeatureFlagService:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, next_sweep - loop.time()))
-            self._wake.clear()
-            namespaces, self._nudged = self._nudged, set()
             full = loop.time() >= next_sweep
+            if not full:  # gather the other Tenant changes of a burst
+                await asyncio.sleep(GATHER_SECONDS)
+            self._wake.clear()
+            nudged, self._nudged = self._nudged, {}
             if full:
                 next_sweep = loop.time() + interval
             try:
-                await self.sweep_once(None if full else namespaces)
+                await self.sweep_once(None if full else nudged)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -199,19 +210,28 @@ class FeatureFlagService:
             items += result.get("items", [])
         return items
 
-    async def sweep_once(self, namespaces: set[str] | None = None) -> int:
-        """Reconcile every flag (or those of `namespaces`); returns how many were checked.
+    async def sweep_once(self, nudged: Mapping[str, set[str]] | None = None) -> int:
+        """Reconcile every flag (or, for `nudged` namespaces, the flags naming one of its tenants);
+        returns how many were checked.
 
         Each flag is re-read inside its lock-protected reconcile; a flag that changes meanwhile is
         protected by the generation check in the database write (an older body never wins)."""
         checked = 0
-        for item in await self._list(namespaces):
+        tenants: dict[str, set[str]] = {}
+        for item in await self._list(None if nudged is None else set(nudged)):
             meta = item["metadata"]
             if meta.get("deletionTimestamp") or "tenancy.dev/finalizer" not in (meta.get("finalizers") or []):
                 continue  # not taken over by the handlers yet, or being deleted: theirs to do
+            namespace = meta["namespace"]
+            if nudged is not None:
+                changed = nudged.get(namespace, set())
+                if ALL not in changed and not changed & _named_tenants(item):
+                    continue  # none of the Tenants that changed matters to this flag
             try:
-                await self.run(item)
-            except kopf.TemporaryError:
+                if namespace not in tenants:
+                    tenants[namespace] = await self.reconciler.tenant_names(namespace)
+                await self.run(item, tenants=tenants[namespace])
+            except (kopf.TemporaryError, Retry):
                 pass  # reported in status; the handler's own retries or the next sweep go on
             except ApiException as exc:
                 log.warning("featureflag sweep: API error", name=meta["name"], status=exc.status)
@@ -219,6 +239,13 @@ class FeatureFlagService:
                 log.warning("featureflag sweep: reconcile failed", name=meta["name"], error=type(exc).__name__)
             checked += 1
         return checked
+
+
+def _named_tenants(item: Mapping[str, Any]) -> set[str]:
+    """Tenant names a FeatureFlag's overrides mention (read leniently: the spec may be invalid)."""
+    spec = item.get("spec") or {}
+    overrides = [*(spec.get("tenants") or []), *(spec.get("users") or [])]
+    return {str(o["tenant"]) for o in overrides if isinstance(o, Mapping) and o.get("tenant")}
 
 
 def create_service(ctx: OperatorContext) -> FeatureFlagService:
@@ -244,4 +271,4 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.event(GROUP, VERSION, "tenants", registry=registry, id="featureflag-tenants")
     async def tenant_seen(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         if type in ("ADDED", "DELETED") and hasattr(memo, "services"):
-            service(memo).nudge(str(body["metadata"]["namespace"]))
+            service(memo).nudge(str(body["metadata"]["namespace"]), str(body["metadata"]["name"]))

@@ -151,7 +151,9 @@ class FeatureFlagReconciler:
 
     # --- reconcile ----------------------------------------------------------------------------
 
-    async def reconcile(self, body: Mapping[str, Any]) -> Outcome:
+    async def reconcile(self, body: Mapping[str, Any], tenants: set[str] | None = None) -> Outcome:
+        """``tenants``: the Tenant names of the flag's namespace when the caller listed them
+        already (a sweep lists once for all the flags of a namespace)."""
         meta = body["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid", "")
         generation = int(meta.get("generation") or 0)
@@ -160,7 +162,7 @@ class FeatureFlagReconciler:
         except ValidationError as exc:
             return Outcome(False, "InvalidSpec", str(exc).splitlines()[0], stalled=True)
         flag = FlagDefinition.from_spec(spec, name)
-        existing = await self.tenant_names(namespace)
+        existing = tenants if tenants is not None else await self.tenant_names(namespace)
         out = Outcome(True, "Published", "", definition=flag,
                       unknown_tenants=sorted(flag.tenant_names() - existing))
         changed_by, changed_at = last_spec_change(meta)
