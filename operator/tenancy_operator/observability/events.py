@@ -14,6 +14,7 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
+from tenancy_operator.k8s.client import raw
 from tenancy_operator.observability.logging import get_logger
 
 log = get_logger(__name__)
@@ -62,7 +63,7 @@ class EventRecorder:
             "count": 1,
         }
         try:
-            await self.core.create_namespaced_event(meta["namespace"], event)
+            await raw(self.core.create_namespaced_event, meta["namespace"], event)
         except Exception as exc:  # an Event is a courtesy: never let it break a reconcile
             log.warning("posting event failed", reason=reason, error=type(exc).__name__)
 
