@@ -7,6 +7,7 @@ import asyncio
 import copy
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from types import SimpleNamespace
@@ -450,7 +451,8 @@ class RecordingService(QuotaService):
         self.passes += 1
         return 0
 
-    async def reconcile_tenant(self, namespace: str, name: str, *, trigger: str) -> Any:
+    async def reconcile_tenant(self, namespace: str, name: str, *, trigger: str,
+                               wanted: Callable[[], bool] | None = None) -> Any:
         self.evaluated.append((namespace, name, trigger, time.monotonic()))
         self.expiries.pop((namespace, name), None)
         self.seen.set()
@@ -501,3 +503,130 @@ def test_per_tenant_series_can_be_switched_off(per_tenant: bool) -> None:
     assert REGISTRY.get_sample_value("tenant_quota_tenants", {"resource": "connections", "state": "near"}) >= 1
     svc.forget(("m", tenant_name))  # a deleted tenant leaves no series behind
     assert REGISTRY.get_sample_value("tenant_quota_limit", labels) is None
+
+
+# --- Fewer evaluations and writes during a mass creation -----------------------------------------------
+
+
+class CountingService(QuotaService):
+    """The real scheduling and skipping logic over the watch cache; evaluations are counted, not done."""
+
+    def __init__(self) -> None:
+        locks: defaultdict[tuple[str, str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        ctx = SimpleNamespace(settings=Settings(), locks=locks,
+                              lock=lambda kind, namespace, name: locks[(kind, namespace, name)])
+        super().__init__(ctx)  # type: ignore[arg-type]
+        self.initial_pass_done = True
+        self._seen_listing = {"quotas": True, "tenants": True}  # as after Kopf's initial listing
+        self.evaluations: list[str] = []
+
+    async def apply(self, subject: Subject, probe: Probe | None, *, trigger: str) -> Any:
+        self.evaluations.append(trigger)
+        if subject.tenant is not None:  # as if enforced
+            self.applied[subject.key] = (subject.tenant["metadata"]["uid"], subject.tenant["spec"]["tier"])
+            self.enforced_quotas[subject.key] = {(q["metadata"]["uid"], q["metadata"]["generation"])
+                                                 for q in subject.quotas}
+        return None
+
+    async def probe_target(self, target: str, subjects: Any) -> dict[Any, Probe]:
+        return {s.key: probe() for s in subjects}
+
+
+def cached(svc: QuotaService, plural: str, body: dict[str, Any], rv: int) -> dict[str, Any]:
+    body = copy.deepcopy(body)
+    body["metadata"]["resourceVersion"] = str(rv)
+    body["metadata"]["creationTimestamp"] = iso(datetime.now(UTC).replace(microsecond=0))
+    svc.observe(plural, "MODIFIED", body)
+    return body
+
+
+async def settle(svc: QuotaService) -> None:
+    while svc._tasks:
+        await asyncio.gather(*list(svc._tasks))
+
+
+def test_the_cache_never_goes_back_to_an_older_version() -> None:
+    svc = CountingService()
+    cached(svc, "quotas", quota_body(), 10)
+    older = quota_body()
+    older["status"] = {"stale": True}
+    cached(svc, "quotas", older, 9)  # e.g. the watch event of a write older than our own patch's answer
+    assert "status" not in svc._quotas[NS]["acme-corp"]
+    cached(svc, "quotas", older, 11)
+    assert svc._quotas[NS]["acme-corp"]["status"] == {"stale": True}
+
+
+async def test_a_quota_handler_for_an_enforced_version_evaluates_nothing() -> None:
+    svc = CountingService()
+    t = cached(svc, "tenants", tenant_body(), 1)
+    q = cached(svc, "quotas", quota_body(limits={"connections": 3}), 2)
+    svc.tenant_event("MODIFIED", t)  # Ready: evaluated at once, the Quota from the cache included
+    await settle(svc)
+    assert svc.evaluations == ["tenant-changed"]
+    await svc.handle_quota(q, created=True)  # its create handler comes later: nothing new to do
+    assert svc.evaluations == ["tenant-changed"]
+    edited = copy.deepcopy(q)
+    edited["metadata"]["generation"] = 2
+    svc.observe("quotas", "MODIFIED", edited)
+    await svc.handle_quota(edited)  # an edit takes effect at once
+    assert svc.evaluations == ["tenant-changed", "quota-changed"]
+
+
+async def test_tenant_events_during_an_evaluation_rerun_it_only_if_still_needed() -> None:
+    svc = CountingService()
+    t = cached(svc, "tenants", tenant_body(), 1)
+    svc.tenant_event("MODIFIED", t)
+    svc.tenant_event("MODIFIED", t)  # e.g. our own effectiveLimits write, while the first one runs
+    await settle(svc)
+    assert svc.evaluations == ["tenant-changed"]
+    svc.spawn(NS, "acme-corp", "quota-deleted")
+    svc.spawn(NS, "acme-corp", "quota-deleted")  # other triggers always rerun
+    await settle(svc)
+    assert svc.evaluations == ["tenant-changed", "quota-deleted", "quota-deleted"]
+    retiered = copy.deepcopy(t)
+    retiered["spec"]["tier"] = "enterprise"
+    svc.tenant_event("MODIFIED", cached(svc, "tenants", retiered, 2))
+    await settle(svc)
+    assert svc.evaluations[-1] == "tenant-changed"
+
+
+async def test_a_new_quota_waits_for_its_tenants_first_provisioning() -> None:
+    svc = CountingService()
+    provisioning = cached(svc, "tenants", tenant_body(conditions=False), 1)
+    q = cached(svc, "quotas", quota_body(), 2)
+    await svc.handle_quota(q, created=True)
+    assert svc.evaluations == []  # no TenantNotReady status that Ready replaces seconds later
+    ready = cached(svc, "tenants", tenant_body(), 3)
+    svc.tenant_event("MODIFIED", ready)
+    await settle(svc)
+    assert svc.evaluations == ["tenant-changed"]  # one evaluation, one status write
+
+    # A Tenant whose provisioning stalls: its Quota says TenantNotReady as soon as its status does.
+    svc = CountingService()
+    cached(svc, "tenants", provisioning, 1)
+    cached(svc, "quotas", q, 2)
+    await svc.handle_quota(q, created=True)
+    retrying = copy.deepcopy(provisioning)
+    retrying["status"] = {"conditions": [{"type": "Ready", "status": "False"},
+                                         {"type": "Reconciling", "status": "True"}]}
+    svc.tenant_event("MODIFIED", cached(svc, "tenants", retrying, 3))  # still its first provisioning
+    await settle(svc)
+    assert svc.evaluations == []
+    stalled = copy.deepcopy(provisioning)
+    stalled["status"] = {"conditions": [{"type": "Ready", "status": "False"},
+                                        {"type": "Stalled", "status": "True"}]}
+    svc.tenant_event("MODIFIED", cached(svc, "tenants", stalled, 4))
+    await settle(svc)
+    assert svc.evaluations == ["tenant-settled"]
+
+    # An edit is evaluated at once; so is a new Quota of a Tenant provisioning for too long.
+    svc = CountingService()
+    cached(svc, "tenants", provisioning, 1)
+    await svc.handle_quota(cached(svc, "quotas", q, 2))
+    assert svc.evaluations == ["quota-changed"]
+    svc = CountingService()
+    old = cached(svc, "tenants", provisioning, 1)
+    old["metadata"]["creationTimestamp"] = iso(datetime.now(UTC) - timedelta(hours=1))
+    svc.observe("tenants", "MODIFIED", old)
+    await svc.handle_quota(cached(svc, "quotas", q, 2), created=True)
+    assert svc.evaluations == ["quota-changed"]

@@ -1,7 +1,8 @@
 """SQL for quotas: bulk usage measurement, the role attributes the operator enforces, the registry.
 
-Every measurement takes all tenants of a target in one statement (``unnest`` of their identifiers),
-so the cost of a measurement pass grows with the catalog, not with round trips. Identifiers go
+A measurement takes all tenants of a target at once (``unnest`` of their identifiers), so its cost
+grows with the catalog, not with round trips: one statement reads the registry, the roles, storage
+and sessions; one more records the measurements and reads the platform's usage back. Identifiers go
 through ``sql.Identifier``; ``ALTER ROLE`` accepts no bind parameters, so its numbers are
 ``sql.Literal`` of Python ints (never text from a spec).
 """
@@ -61,25 +62,63 @@ def is_on(value: str | None) -> bool:
     return value is not None and value.strip().lower() in _TRUE
 
 
-async def observe(conn: Conn, control: str, idents: list[str]) -> dict[str, RoleQuotaState]:
-    """Registry row and role attributes of every identifier, in one query."""
+@dataclass(frozen=True)
+class Measured:
+    """Usage of one identifier as the catalog shows it now."""
+
+    storage: int
+    """Bytes of the schema's relations (0: no schema, or an empty one)."""
+    connections: int
+    """Open sessions of the role on the whole server."""
+
+
+async def observe(
+    conn: Conn, control: str, idents: list[str]
+) -> tuple[dict[str, RoleQuotaState], dict[str, Measured]]:
+    """Registry row and role attributes of every identifier and, for those that have both a live
+    registry row and a role (only they can be enforced), storage and sessions: one statement.
+
+    Storage is ``sum(pg_total_relation_size)`` over the schema's tables, partitioned tables,
+    materialized views and sequences (with their indexes and TOAST); sessions are counted in
+    ``pg_stat_activity`` (the whole server, like CONNECTION LIMIT). Identifiers without a row or
+    a role are not measured at all: a tenant being provisioned costs no catalog scan."""
     cur = await conn.execute(
         sql.SQL(
             """
-            SELECT want.name AS ident, t.id::text AS tenant_id, t.namespace, t.name, t.quotas,
-                   r.oid IS NOT NULL AS role_exists, coalesce(r.rolconnlimit, -1) AS connlimit,
-                   r.rolconfig AS rolconfig
-              FROM unnest(%s::text[]) AS want(name)
-              LEFT JOIN {} t ON t.schema_name = want.name AND t.state <> ALL(%s)
-              LEFT JOIN pg_roles r ON r.rolname = want.name
+            WITH subject AS (
+                SELECT want.name AS ident, t.id::text AS tenant_id, t.namespace, t.name, t.quotas,
+                       r.oid IS NOT NULL AS role_exists, coalesce(r.rolconnlimit, -1) AS connlimit,
+                       r.rolconfig AS rolconfig,
+                       t.id IS NOT NULL AND r.oid IS NOT NULL AS measure
+                  FROM unnest(%(idents)s::text[]) AS want(name)
+                  LEFT JOIN {tenants} t ON t.schema_name = want.name AND t.state <> ALL(%(gone)s::text[])
+                  LEFT JOIN pg_roles r ON r.rolname = want.name
+            ), storage AS (
+                SELECT n.nspname AS ident, coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint AS bytes
+                  FROM pg_namespace n
+                  LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relkind IN ('r', 'm', 'p', 'S')
+                 WHERE n.nspname IN (SELECT ident FROM subject WHERE measure)
+                 GROUP BY n.nspname
+            ), sessions AS (
+                SELECT usename AS ident, count(*)::int AS n
+                  FROM pg_stat_activity
+                 WHERE usename IN (SELECT ident FROM subject WHERE measure)
+                 GROUP BY usename
+            )
+            SELECT s.*, coalesce(st.bytes, 0) AS bytes, coalesce(se.n, 0) AS sessions
+              FROM subject s
+              LEFT JOIN storage st ON st.ident = s.ident
+              LEFT JOIN sessions se ON se.ident = s.ident
             """
-        ).format(_t(control, "tenants")),
-        [idents, ["dropped", "archived"]],
+        ).format(tenants=_t(control, "tenants")),
+        {"idents": idents, "gone": ["dropped", "archived"]},
     )
-    out: dict[str, RoleQuotaState] = {}
+    states: dict[str, RoleQuotaState] = {}
+    measured: dict[str, Measured] = {}
     for row in await cur.fetchall():
+        ident = str(row["ident"])
         config: list[str] | None = row["rolconfig"]  # type: ignore[assignment]
-        out[str(row["ident"])] = RoleQuotaState(
+        states[ident] = RoleQuotaState(
             tenant_id=row["tenant_id"],  # type: ignore[arg-type]
             row_namespace=row["namespace"],  # type: ignore[arg-type]
             row_name=row["name"],  # type: ignore[arg-type]
@@ -89,38 +128,18 @@ async def observe(conn: Conn, control: str, idents: list[str]) -> dict[str, Role
             statement_timeout=role_setting(config, "statement_timeout"),
             read_only=is_on(role_setting(config, "default_transaction_read_only")),
         )
-    return out
+        if row["measure"]:
+            measured[ident] = Measured(storage=int(row["bytes"]),  # type: ignore[call-overload]
+                                       connections=int(row["sessions"]))  # type: ignore[call-overload]
+    return states, measured
 
 
-async def measure_storage(conn: Conn, schemas: list[str]) -> dict[str, int]:
-    """Bytes of every schema's relations (tables, materialized views, sequences, with their
-    indexes and TOAST), in one query. A schema that does not exist is missing from the result."""
-    cur = await conn.execute(
-        """
-        SELECT n.nspname AS schema,
-               coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint AS bytes
-          FROM pg_namespace n
-          LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relkind IN ('r', 'm', 'p', 'S')
-         WHERE n.nspname = ANY(%s::text[])
-         GROUP BY n.nspname
-        """,
-        [schemas],
-    )
-    return {str(r["schema"]): int(r["bytes"]) for r in await cur.fetchall()}  # type: ignore[call-overload]
-
-
-async def measure_connections(conn: Conn, roles: list[str]) -> dict[str, int]:
-    """Open sessions of every role (on the whole server, like CONNECTION LIMIT), in one query."""
-    cur = await conn.execute(
-        "SELECT usename AS role, count(*)::int AS n FROM pg_stat_activity"
-        " WHERE usename = ANY(%s::text[]) GROUP BY usename",
-        [roles],
-    )
-    return {str(r["role"]): int(r["n"]) for r in await cur.fetchall()}  # type: ignore[call-overload]
-
-
-async def record_usage(conn: Conn, control: str, rows: Mapping[str, Mapping[str, int]]) -> None:
-    """Upsert the operator's measurements (tenant id -> resource -> amount) in one statement."""
+async def record_usage(
+    conn: Conn, control: str, rows: Mapping[str, Mapping[str, int]]
+) -> dict[str, dict[str, Decimal]]:
+    """Upsert the operator's measurements (tenant id -> resource -> amount) and read back the
+    usage the platform reported for the same tenants (every other resource), in one statement.
+    Returns tenant id -> resource -> amount of the platform's rows."""
     ids: list[str] = []
     resources: list[str] = []
     amounts: list[int] = []
@@ -129,29 +148,26 @@ async def record_usage(conn: Conn, control: str, rows: Mapping[str, Mapping[str,
             ids.append(tenant_id)
             resources.append(resource)
             amounts.append(amount)
-    if not ids:
-        return
-    await conn.execute(
-        sql.SQL(
-            "INSERT INTO {} AS u (tenant_id, resource, used, measured_at, source)"
-            " SELECT i, r, a, now(), %s FROM unnest(%s::uuid[], %s::text[], %s::numeric[]) AS x(i, r, a)"
-            " ON CONFLICT (tenant_id, resource) DO UPDATE"
-            " SET used = EXCLUDED.used, measured_at = EXCLUDED.measured_at, source = EXCLUDED.source"
-        ).format(_t(control, "tenant_quota_usage")),
-        [OPERATOR_SOURCE, ids, resources, amounts],
-    )
-
-
-async def reported_usage(conn: Conn, control: str, tenant_ids: list[str]) -> dict[str, dict[str, Decimal]]:
-    """Usage rows the platform wrote (anything but what the operator measures), by tenant id."""
-    if not tenant_ids:
+    if not rows:
         return {}
+    # The SELECT sees the table as it was before the upsert, which is what it asks for: only rows
+    # the upsert does not touch (resources the operator does not measure).
     cur = await conn.execute(
         sql.SQL(
-            "SELECT tenant_id::text AS id, resource, used FROM {}"
-            " WHERE tenant_id = ANY(%s::uuid[]) AND NOT (resource = ANY(%s::text[]))"
-        ).format(_t(control, "tenant_quota_usage")),
-        [tenant_ids, list(MEASURED)],
+            """
+            WITH recorded AS (
+                INSERT INTO {usage} AS u (tenant_id, resource, used, measured_at, source)
+                SELECT i, r, a, now(), %(source)s
+                  FROM unnest(%(ids)s::uuid[], %(resources)s::text[], %(amounts)s::numeric[]) AS x(i, r, a)
+                ON CONFLICT (tenant_id, resource) DO UPDATE
+                   SET used = EXCLUDED.used, measured_at = EXCLUDED.measured_at, source = EXCLUDED.source
+            )
+            SELECT tenant_id::text AS id, resource, used FROM {usage}
+             WHERE tenant_id = ANY(%(tenants)s::uuid[]) AND NOT (resource = ANY(%(measured)s::text[]))
+            """
+        ).format(usage=_t(control, "tenant_quota_usage")),
+        {"source": OPERATOR_SOURCE, "ids": ids, "resources": resources, "amounts": amounts,
+         "tenants": list(rows), "measured": list(MEASURED)},
     )
     out: dict[str, dict[str, Decimal]] = {}
     for r in await cur.fetchall():

@@ -41,7 +41,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
         if reason == kopf.Reason.RESUME.value and not svc.initial_pass_done:
             return  # the start-up pass evaluates every tenant in bulk
         try:
-            await svc.handle_quota(body, retry)
+            await svc.handle_quota(body, retry, created=reason == kopf.Reason.CREATE.value)
         except Retry as exc:
             raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
 

@@ -18,7 +18,7 @@ import contextlib
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -48,6 +48,7 @@ from tenancy_operator.db import quota as dbq
 from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.quota import RoleQuotaState
 from tenancy_operator.db.targets import UnknownTarget
+from tenancy_operator.k8s.client import MERGE_PATCH
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import Retry
@@ -70,6 +71,10 @@ TRANSIENT_REASONS = ("TenantNotReady", "DatabaseUnavailable")
 """Ready=False reasons that resolve by themselves (a tenant being provisioned): no Warning Event."""
 EXPIRY_GRACE = timedelta(milliseconds=50)
 RETRY_FAILED_PASS_SECONDS = 5.0
+FIRST_PROVISIONING_GRACE = timedelta(minutes=10)
+"""A tenant in its first provisioning is evaluated when its Tenant reports Ready (or Stalled), not
+before: its Quota's first status is then the final one instead of a TenantNotReady that Ready
+replaces seconds later. Past this age the periodic pass evaluates it anyway."""
 """Wake a little after an override's expiry so the evaluation sees it expired."""
 
 
@@ -509,6 +514,43 @@ def _tenant_ref(quota: Mapping[str, Any]) -> str | None:
     return str(ref) if ref else None
 
 
+def _tenant_state(tenant: Mapping[str, Any]) -> tuple[str, str]:
+    """What a Tenant's limits depend on: (uid, tier)."""
+    return (str(tenant["metadata"].get("uid") or ""), str((tenant.get("spec") or {}).get("tier") or "free"))
+
+
+def _quota_version(quota: Mapping[str, Any]) -> tuple[str, int]:
+    """What a Quota's evaluation depends on: (uid, generation); status and metadata edits do not count."""
+    return (str(quota["metadata"].get("uid") or ""), int(quota["metadata"].get("generation") or 0))
+
+
+def _first_provisioning(tenant: Mapping[str, Any], now: datetime) -> bool:
+    """The Tenant's own status says its first provisioning is under way: no status yet, or
+    Reconciling without ever having been provisioned (no tenantId) and neither Ready nor Stalled;
+    and it was created less than FIRST_PROVISIONING_GRACE ago (past that, its Quota is evaluated
+    anyway and says TenantNotReady)."""
+    meta = tenant["metadata"]
+    created = parse_time(meta.get("creationTimestamp"))
+    if meta.get("deletionTimestamp") or created is None or now - created > FIRST_PROVISIONING_GRACE:
+        return False
+    status = tenant.get("status") or {}
+    conds = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    if not conds:
+        return True
+    return (not status.get("tenantId") and conds.get("Reconciling") == "True"
+            and conds.get("Ready") != "True" and conds.get("Stalled") != "True")
+
+
+def _older(meta: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
+    """``meta`` is an older version of the same object than ``than``. resourceVersions are opaque
+    by contract; the API server's are etcd revisions (integers that grow), anything else is never
+    considered older."""
+    if meta.get("uid") != than.get("uid"):
+        return False
+    mine, theirs = str(meta.get("resourceVersion") or ""), str(than.get("resourceVersion") or "")
+    return mine.isdigit() and theirs.isdigit() and int(mine) < int(theirs)
+
+
 def _is_ready(body: Mapping[str, Any]) -> bool:
     status = body.get("status") or {}
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
@@ -525,12 +567,17 @@ class QuotaService:
         self.applied: dict[Key, tuple[str, str]] = {}
         """Tenants this process enforced, with (uid, tier): a Tenant event for anything else
         (new, re-created, tier changed) triggers an immediate evaluation."""
+        self.enforced_quotas: dict[Key, set[tuple[str, int]]] = {}
+        """(uid, generation) of the Quotas naming a tenant at its last enforced evaluation: a Quota
+        handler for a version already enforced has nothing to change (the pass re-measures)."""
         self.series: dict[Key, set[str]] = {}
         self.initial_pass_done = False
         self._wake: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight: set[Key] = set()
-        self._rerun: set[Key] = set()
+        self._rerun: dict[Key, set[str]] = {}
+        self._deferred: set[Key] = set()
+        """Tenants whose new Quota waits for the end of their first provisioning (see reconcile_tenant)."""
         # What the watch streams last showed, like an informer cache: a Tenant event must not cost
         # a LIST of every Quota (that was O(N^2) API traffic and JSON parsing at 1000 tenants).
         self._quotas: dict[str, dict[str, dict[str, Any]]] = {}
@@ -542,13 +589,31 @@ class QuotaService:
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         self._seen_listing[plural] = True
-        if plural == QUOTAS:
-            if type_ == "DELETED":
+        if type_ == "DELETED":
+            if plural == QUOTAS:
                 self._quotas.get(namespace, {}).pop(name, None)
             else:
-                self._quotas.setdefault(namespace, {})[name] = dict(body)
-        elif type_ == "DELETED":
-            self._tenants.pop((namespace, name), None)
+                self._tenants.pop((namespace, name), None)
+            return
+        self._store(plural, body)
+
+    def _cached(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        if plural == QUOTAS:
+            return self._quotas.get(namespace, {}).get(name)
+        return self._tenants.get((namespace, name))
+
+    def _store(self, plural: str, body: Mapping[str, Any]) -> None:
+        """Cache ``body`` unless the cache already holds a newer version of the object: the answer
+        to our own status patch is cached at once, and its watch event, or an older one still in
+        flight, must not take the cache back (an evaluation from a stale status would write the
+        same status again)."""
+        meta = body["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        cached = self._cached(plural, namespace, name)
+        if cached is not None and _older(meta, cached["metadata"]):
+            return
+        if plural == QUOTAS:
+            self._quotas.setdefault(namespace, {})[name] = dict(body)
         else:
             self._tenants[(namespace, name)] = dict(body)
 
@@ -665,20 +730,21 @@ class QuotaService:
         try:
             await self.ctx.ensure_control_schema(target)
             async with pool.connection() as conn:
-                states = await dbq.observe(conn, self.control, names)
-                storage = await dbq.measure_storage(conn, names)
-                connections = await dbq.measure_connections(conn, names)
+                # Registry, roles and (only where a row and a role exist) usage: one statement. The
+                # usage upsert and the platform's rows: one more, and only for subjects we enforce,
+                # so a tenant still being provisioned costs a single statement.
+                states, measured = await dbq.observe(conn, self.control, names)
                 owned: dict[Key, RoleQuotaState] = {}
                 for key, ident in idents.items():
                     state = states[ident]
-                    if state.tenant_id and (state.row_namespace, state.row_name) == key and state.role_exists:
+                    if (state.tenant_id and (state.row_namespace, state.row_name) == key and state.role_exists
+                            and ident in measured):
                         owned[key] = state
-                await dbq.record_usage(conn, self.control, {
-                    str(st.tenant_id): {"storage": storage.get(idents[k], 0),
-                                        "connections": connections.get(idents[k], 0)}
+                reported = await dbq.record_usage(conn, self.control, {
+                    str(st.tenant_id): {"storage": measured[idents[k]].storage,
+                                        "connections": measured[idents[k]].connections}
                     for k, st in owned.items()
                 })
-                reported = await dbq.reported_usage(conn, self.control, [str(st.tenant_id) for st in owned.values()])
         except (psycopg_pool.PoolTimeout, psycopg.Error) as exc:
             if not isinstance(exc, psycopg_pool.PoolTimeout | psycopg.OperationalError):
                 log.warning("quota measurement failed", target=target, error=type(exc).__name__)
@@ -688,7 +754,7 @@ class QuotaService:
             state = states[ident]
             if key in owned:
                 probes[key] = Probe(
-                    state=state, storage=storage.get(ident, 0), connections=connections.get(ident, 0),
+                    state=state, storage=measured[ident].storage, connections=measured[ident].connections,
                     reported=reported.get(str(state.tenant_id), {}), target=target, ident=ident,
                 )
             elif state.tenant_id and (state.row_namespace, state.row_name) != key:
@@ -703,13 +769,30 @@ class QuotaService:
 
     # --- evaluating and applying --------------------------------------------------------------------
 
-    async def reconcile_tenant(self, namespace: str, name: str, *, trigger: str) -> Plan:
+    async def reconcile_tenant(
+        self, namespace: str, name: str, *, trigger: str, wanted: Callable[[], bool] | None = None,
+        defer_first_provisioning: bool = False,
+    ) -> Plan | None:
         """Evaluate one tenant now, from fresh reads. Raises Retry for transient failures (after
-        reporting them in status)."""
+        reporting them in status). None is returned when no evaluation was needed: ``wanted``, asked
+        once the tenant's lock is held, found another evaluation did it meanwhile, or, with
+        ``defer_first_provisioning``, the Tenant is being provisioned for the first time (its Ready
+        or Stalled status triggers the evaluation, which writes the Quota's status once)."""
         key = (namespace, name)
         async with self.ctx.lock(LOCK_KIND, namespace, name):
+            if wanted is not None and not wanted():
+                log.debug("quota evaluation not needed", namespace=namespace, tenant=name, trigger=trigger)
+                return None
             try:
                 tenant = await self._get_tenant(namespace, name)
+                # The watch cache may have seen more than a GET that just returned (a Stalled status).
+                latest = self._tenants.get(key) or tenant
+                if (defer_first_provisioning and latest is not None and key not in self.applied
+                        and _first_provisioning(latest, _now())):
+                    self._deferred.add(key)
+                    log.debug("quota evaluation deferred until the tenant is provisioned",
+                              namespace=namespace, tenant=name, trigger=trigger)
+                    return None
                 quotas = sort_quotas([q for q in await self._namespace_quotas(namespace) if _tenant_ref(q) == name])
             except ApiException as exc:
                 raise Retry("KubernetesAPI", f"reading Tenant/Quotas failed: {exc.status}") from exc
@@ -727,6 +810,7 @@ class QuotaService:
     async def apply(self, subject: Subject, probe: Probe | None, *, trigger: str) -> Plan:
         """Evaluate one subject and carry the plan out. Call with the subject's lock held."""
         key = subject.key
+        self._deferred.discard(key)
         memory = self.memory.get(key)
         plan = evaluate(subject, probe, tier_limits=self.ctx.settings.tier_limits, now=_now(), memory=memory,
                         stale_after=self.stale_after)
@@ -748,11 +832,15 @@ class QuotaService:
                 self.poke()
         else:
             self.expiries.pop(key, None)
-        if plan.enforce and subject.tenant is not None:
-            meta, spec = subject.tenant["metadata"], subject.tenant.get("spec") or {}
-            self.applied[key] = (str(meta.get("uid") or ""), str(spec.get("tier") or "free"))
-        elif subject.tenant is None:
-            self.applied.pop(key, None)
+        if plan.enforce and subject.tenant is not None and (subject.tenant.get("status") or {}).get("conditions"):
+            self.applied[key] = _tenant_state(subject.tenant)
+            self.enforced_quotas[key] = {_quota_version(q) for q in subject.quotas}
+        else:
+            # Not enforced, or enforced before the Tenant's first status (which effectiveLimits
+            # waits for): its next Ready event evaluates it again.
+            self.enforced_quotas.pop(key, None)
+            if subject.tenant is None or plan.enforce:
+                self.applied.pop(key, None)
         self._update_series(key, plan if subject.tenant is not None else None)
         if plan.role_changes or plan.publish is not None or plan.expired:
             log.info("quota applied", namespace=key[0], tenant=key[1], trigger=trigger,
@@ -785,11 +873,17 @@ class QuotaService:
     async def _patch_status(self, plural: str, body: Mapping[str, Any], patch: dict[str, Any]) -> None:
         meta = body["metadata"]
         try:
-            await self.ctx.kube.patch_status(plural, meta["namespace"], meta["name"], patch)
+            written = await self.ctx.kube.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], plural, meta["name"], {"status": patch},
+                _content_type=MERGE_PATCH,
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return  # deleted meanwhile
             raise Retry("KubernetesAPI", f"writing {plural} status failed: {exc.status}") from exc
+        # The next evaluation compares with what we just wrote, even before its watch event arrives.
+        if isinstance(written, Mapping) and self._cached(plural, meta["namespace"], meta["name"]) is not None:
+            self._store(plural, written)
 
     # --- metrics -----------------------------------------------------------------------------------
 
@@ -834,6 +928,8 @@ class QuotaService:
         self.memory.pop(key, None)
         self.expiries.pop(key, None)
         self.applied.pop(key, None)
+        self.enforced_quotas.pop(key, None)
+        self._deferred.discard(key)
         self.epochs.pop(key, None)
         self._update_series(key, None)
         lock = self.ctx.locks.get((LOCK_KIND, *key))
@@ -861,9 +957,15 @@ class QuotaService:
         for s in subjects.values():
             s.quotas = sort_quotas(s.quotas)
 
+        # Tenants in their first provisioning wait for their Ready (or Stalled) event, like a new
+        # Quota's handler does: measuring them now would only write a status replaced seconds later.
+        now = _now()
+        waiting = {k for k, s in subjects.items()
+                   if s.tenant is not None and k not in self.applied and _first_provisioning(s.tenant, now)}
+        self._deferred |= waiting
         by_target: dict[str, list[Subject]] = defaultdict(list)
-        for s in subjects.values():
-            if s.tenant is not None and not s.tenant["metadata"].get("deletionTimestamp"):
+        for k, s in subjects.items():
+            if k not in waiting and s.tenant is not None and not s.tenant["metadata"].get("deletionTimestamp"):
                 by_target[str((s.tenant.get("spec") or {}).get("database") or "default")].append(s)
         probes: dict[Key, Probe] = {}
         for target, items in by_target.items():
@@ -882,7 +984,7 @@ class QuotaService:
                     log.warning("quota evaluation failed", namespace=s.namespace, tenant=s.name,
                                 error=type(exc).__name__, detail=str(exc)[:200])
 
-        await asyncio.gather(*(one(s) for s in subjects.values()))
+        await asyncio.gather(*(one(s) for k, s in subjects.items() if k not in waiting))
         for key in (set(self.memory) | set(self.series) | set(self.expiries)) - set(subjects):
             self.forget(key)  # neither a Tenant nor a Quota names it any more
         self._update_aggregates()
@@ -891,17 +993,34 @@ class QuotaService:
 
     # --- handler entry points -------------------------------------------------------------------------
 
-    async def handle_quota(self, body: Mapping[str, Any], retry: int = 0) -> None:
-        """create/update/resume of a Quota: evaluate its tenant now (edits take effect at once)."""
+    async def handle_quota(self, body: Mapping[str, Any], retry: int = 0, *, created: bool = False) -> None:
+        """create/update/resume of a Quota: evaluate its tenant now (edits take effect at once).
+        A new Quota of a Tenant still being provisioned for the first time waits for the Tenant's
+        Ready (or Stalled) status instead of reporting TenantNotReady for a few seconds: one status
+        write instead of two. The periodic pass reports TenantNotReady if provisioning takes longer."""
         ref = _tenant_ref(body)
         if ref is None:
             return
         namespace = body["metadata"]["namespace"]
         pending = f"{namespace}/{body['metadata']['name']}"
+        key, version = (namespace, ref), _quota_version(body)
+
+        def wanted() -> bool:
+            # Already enforced with this very spec (a tenant-changed evaluation that saw the new
+            # Quota in the watch cache, or a rerun): measuring again cannot change anything.
+            tenant = self._tenants.get(key)
+            return not (
+                version in self.enforced_quotas.get(key, ())
+                and tenant is not None
+                and not tenant["metadata"].get("deletionTimestamp")
+                and self.applied.get(key) == _tenant_state(tenant)
+            )
+
         metrics.PENDING.add(KIND, pending)
         try:
             with metrics.observe_reconcile(KIND):
-                await self.reconcile_tenant(namespace, ref, trigger="quota-changed")
+                await self.reconcile_tenant(namespace, ref, trigger="quota-changed", wanted=wanted,
+                                            defer_first_provisioning=created)
         except Retry as exc:
             metrics.record_result(KIND, False, exc.reason)
             raise
@@ -932,25 +1051,39 @@ class QuotaService:
             self.applied.pop(key, None)
             self.spawn(key[0], key[1], "tenant-deleted")
             return
-        current = (str(meta.get("uid") or ""), str((body.get("spec") or {}).get("tier") or "free"))
-        if _is_ready(body) and self.applied.get(key) != current:
+        if self._tenant_changed(key, body):
             self.spawn(key[0], key[1], "tenant-changed")
+        elif key in self._deferred and not _first_provisioning(body, _now()):
+            self._deferred.discard(key)  # not Ready, but no longer provisioning (e.g. Stalled)
+            self.spawn(key[0], key[1], "tenant-settled")
+
+    def _tenant_changed(self, key: Key, body: Mapping[str, Any] | None) -> bool:
+        """A Ready Tenant this process has not enforced as it is now (new, re-created, new tier)."""
+        return body is not None and _is_ready(body) and self.applied.get(key) != _tenant_state(body)
 
     def spawn(self, namespace: str, name: str, trigger: str) -> None:
         """Evaluate a tenant in the background, so a Kopf event handler never waits on it. Events
-        arriving while one evaluation runs fold into one more evaluation after it."""
+        arriving while one evaluation runs fold into one more evaluation after it. A
+        ``tenant-changed`` evaluation is skipped when, by the time it holds the tenant's lock, the
+        cached Tenant is enforced as it is (another evaluation did it: a Quota handler, or the
+        one before a rerun, whose own Tenant status write caused the event)."""
         key = (namespace, name)
         if key in self._inflight:
-            self._rerun.add(key)
+            self._rerun.setdefault(key, set()).add(trigger)
             return
         self._inflight.add(key)
 
         async def run() -> None:
+            triggers = {trigger}
             try:
                 while True:
-                    self._rerun.discard(key)
-                    await self._evaluate_with_retries(namespace, name, trigger)
-                    if key not in self._rerun:
+                    only_changed = triggers == {"tenant-changed"}
+                    await self._evaluate_with_retries(
+                        namespace, name, ",".join(sorted(triggers)),
+                        wanted=(lambda: self._tenant_changed(key, self._tenants.get(key))) if only_changed else None,
+                    )
+                    triggers = self._rerun.pop(key, set())
+                    if not triggers:
                         return
             finally:
                 self._inflight.discard(key)
@@ -959,11 +1092,13 @@ class QuotaService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _evaluate_with_retries(self, namespace: str, name: str, trigger: str) -> None:
+    async def _evaluate_with_retries(
+        self, namespace: str, name: str, trigger: str, wanted: Callable[[], bool] | None = None
+    ) -> None:
         for attempt in range(6):
             try:
-                await self.reconcile_tenant(namespace, name, trigger=trigger)
-                if trigger == "tenant-deleted" and not any(
+                await self.reconcile_tenant(namespace, name, trigger=trigger, wanted=wanted)
+                if "tenant-deleted" in trigger.split(",") and not any(
                     _tenant_ref(q) == name for q in await self._namespace_quotas(namespace)
                 ):
                     self.forget((namespace, name))
