@@ -82,6 +82,15 @@ def desired_status(body: Mapping[str, Any], out: Outcome, ident: str | None) -> 
 
 
 
+class _FirstStatus:
+    """Orders a first reconcile's two possible status writes: a "Provisioning" one (only while
+    the result is not written) and the result's."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.result_written = False
+
+
 class TenantService:
     def __init__(self, ctx: OperatorContext) -> None:
         self.ctx = ctx
@@ -117,14 +126,15 @@ class TenantService:
         """One reconcile with its reporting. Raises kopf.TemporaryError to be retried."""
         metrics.PENDING.add(KIND, _key(body))
         self._track_template(body)
-        first_status = asyncio.Lock()  # the result's status is written after the first one, never before
+        first_status = _FirstStatus()
         work = asyncio.ensure_future(self._run(body, retry, first_status))
         try:
             if not body.get("status"):  # first sight: tell GitOps tools if it takes a while
                 done, _ = await asyncio.wait({work}, timeout=FIRST_STATUS_AFTER)
                 if not done:
-                    async with first_status:
-                        await self._write_provisioning(body)
+                    async with first_status.lock:
+                        if not first_status.result_written:
+                            await self._write_provisioning(body)
             return await work
         finally:
             if not work.done():  # cancelled (shutdown): the reconcile must not go on alone
@@ -143,7 +153,7 @@ class TenantService:
             log.warning("could not write the first status", kind=KIND, name=body["metadata"]["name"],
                         status=exc.status)
 
-    async def _run(self, body: Mapping[str, Any], retry: int, first_status: asyncio.Lock) -> Outcome:
+    async def _run(self, body: Mapping[str, Any], retry: int, first_status: _FirstStatus) -> Outcome:
         meta = body["metadata"]
         key = _key(body)
         started = time.monotonic()
@@ -169,7 +179,7 @@ class TenantService:
         metrics.PENDING.discard(KIND, key)
         return out
 
-    async def _report(self, body: Mapping[str, Any], out: Outcome, started: float, first_status: asyncio.Lock) -> None:
+    async def _report(self, body: Mapping[str, Any], out: Outcome, started: float, first_status: _FirstStatus) -> None:
         try:
             ident: str | None = tenant_identifier(body["metadata"]["name"])
         except ValueError:
@@ -187,7 +197,8 @@ class TenantService:
                result="ready" if out.ready else "failure", reason=None if out.ready else out.reason,
                message=None if out.ready else out.message,
                repairs=out.repairs or None)
-        async with first_status:
+        async with first_status.lock:
+            first_status.result_written = True  # from now on a "Provisioning" status would be stale
             await self.write_status(body, desired_status(body, out, ident))
 
     async def delete(self, body: Mapping[str, Any], retry: int = 0) -> None:
