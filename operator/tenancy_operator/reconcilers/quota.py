@@ -70,12 +70,12 @@ idle tenant's Quota is not rewritten every interval just to move a timestamp."""
 TRANSIENT_REASONS = ("TenantNotReady", "DatabaseUnavailable")
 """Ready=False reasons that resolve by themselves (a tenant being provisioned): no Warning Event."""
 EXPIRY_GRACE = timedelta(milliseconds=50)
+"""Wake a little after an override's expiry so the evaluation sees it expired."""
 RETRY_FAILED_PASS_SECONDS = 5.0
 FIRST_PROVISIONING_GRACE = timedelta(minutes=10)
 """A tenant in its first provisioning is evaluated when its Tenant reports Ready (or Stalled), not
 before: its Quota's first status is then the final one instead of a TenantNotReady that Ready
 replaces seconds later. Past this age the periodic pass evaluates it anyway."""
-"""Wake a little after an override's expiry so the evaluation sees it expired."""
 
 
 # --- Pure logic -------------------------------------------------------------------------------------
