@@ -113,12 +113,15 @@ class TenantReconciler:
                 False, "UnknownDatabase",
                 f"database target {spec.database!r} is not configured (known: {known})", "Failed", stalled=True,
             )
+        # Kubernetes reads first, so that the pooled connection below is not held while they wait
+        # on the API server (with a busy API server the pool was what limited the throughput).
+        reads = await self._read_kubernetes(body, spec)
         try:
             await self.ctx.ensure_control_schema(spec.database)
             # Three phases, so that no pool connection is held while a tenant migration runs over
             # the tenant's own login: slow migrations cannot starve every other tenant of the pool.
             async with self.ctx.targets.connection(spec.database) as conn:
-                out, row, plan = await self._reconcile_in(conn, body, spec, ident)
+                out, row, plan = await self._reconcile_in(conn, body, spec, ident, reads)
             if row is None:
                 return out
             if plan is not None:
@@ -129,8 +132,22 @@ class TenantReconciler:
         except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
             raise Retry("DatabaseUnavailable", f"database {spec.database!r} unavailable: {type(exc).__name__}") from exc
 
+    async def _read_kubernetes(self, body: Mapping[str, Any], spec: TenantSpec) -> KubeReads:
+        meta = body["metadata"]
+        # A Tenant without any status is almost always new: its provisioning creates the Secret
+        # without reading it first (an existing one answers 409 and is read then).
+        secret_read = bool(body.get("status"))
+        secret = await self._read_secret(meta["namespace"], secret_name(meta["name"])) if secret_read else None
+        if not spec.schema_template:
+            return KubeReads(secret, tm.default_migrations(), secret_read)
+        try:
+            cm = await self.ctx.kube.get_configmap(meta["namespace"], spec.schema_template)
+        except ApiException as exc:
+            raise Retry("KubernetesAPI", f"reading ConfigMap failed: {exc.status}") from exc
+        return KubeReads(secret, None if cm is None else tm.migrations_from_data(cm.get("data") or {}), secret_read)
+
     async def _reconcile_in(
-        self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str
+        self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, reads: KubeReads,
     ) -> tuple[Outcome, sqlt.RegistryRow | None, MigrationPlan | None]:
         meta = body["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid", "")
@@ -161,7 +178,7 @@ class TenantReconciler:
             await ledger.abandon_running(conn, self.control, row.id)
         plan = None
         try:
-            plan = await self._converge(conn, body, spec, ident, row, out, new_row=new_row)
+            plan = await self._converge(conn, body, spec, ident, row, out, reads, new_row=new_row)
         except JobFailed as exc:
             _job_failed(out, exc)
         return out, row, plan
@@ -199,7 +216,8 @@ class TenantReconciler:
                                "its data is gone; restore from a backup"))
 
     async def _converge(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
-                        row: sqlt.RegistryRow, out: Outcome, *, new_row: bool) -> MigrationPlan | None:
+                        row: sqlt.RegistryRow, out: Outcome, reads: KubeReads, *,
+                        new_row: bool) -> MigrationPlan | None:
         suspended = _enum(spec.state) == "Suspended"
         was_provisioned = row.provisioned_at is not None
         revived = row.state == "deleted"
@@ -207,8 +225,10 @@ class TenantReconciler:
         obs = (await sqlt.observe(conn, [ident]))[ident]
 
         if not was_provisioned:
-            password = await gate.run("provision", lambda: self._provision(conn, body, spec, ident, obs, out),
-                                      detail=f"schema and role {ident}")
+            password = await gate.run(
+                "provision", lambda: self._provision(conn, body, spec, ident, obs, out, reads),
+                detail=f"schema and role {ident}",
+            )
             out.events.append(("Normal", "Provisioned", f"schema and role {ident} ready"))
             if not obs.schema_exists:
                 out.applied = {}  # a schema created just now holds no migration records
@@ -216,7 +236,7 @@ class TenantReconciler:
                 await self._restore(conn, gate, body, spec, ident, row, out)
             if not out.ready:
                 return None
-            return await self._plan_migrations(conn, body, spec, ident, password, out, new_tenant=new_row)
+            return await self._plan_migrations(conn, body, spec, ident, password, out, reads, new_tenant=new_row)
 
         await self._ensure_catalog(conn, ident, obs, out, drift=True)
         if spec.restore_from:
@@ -224,8 +244,11 @@ class TenantReconciler:
             if not out.ready:
                 return None
 
-        password, action = await self._ensure_secret(conn, body, spec, ident, role_created=not obs.role_exists,
-                                                     gate=gate)
+        meta = body["metadata"]
+        current = reads.secret if reads.secret_read else await self._read_secret(
+            meta["namespace"], secret_name(meta["name"]))
+        password, action = await self._ensure_secret(conn, body, spec, ident, current,
+                                                     role_created=not obs.role_exists, gate=gate)
         if action == "rotated":
             out.events.append(("Normal", "CredentialsRotated", "new password set; old sessions ended"))
         elif action == "recreated" and not revived:
@@ -245,23 +268,31 @@ class TenantReconciler:
                 await self._set_login(conn, ident, want_login)
                 out.repairs.append("login")
 
-        return await self._plan_migrations(conn, body, spec, ident, password, out)
+        return await self._plan_migrations(conn, body, spec, ident, password, out, reads)
 
     async def _provision(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
-                         obs: sqlt.Observed, out: Outcome) -> str:
+                         obs: sqlt.Observed, out: Outcome, reads: KubeReads) -> str:
         """A tenant's first provisioning: what is missing of role, schema, grants, password and
-        login in one round trip (one transaction), then its Secret. Returns the password."""
+        login in one round trip (one transaction), and its Secret. Returns the password."""
         meta = body["metadata"]
         rotation = (meta.get("annotations") or {}).get(ROTATE_ANNOTATION, "")
-        current = await self._read_secret(meta["namespace"], secret_name(meta["name"]))
+        statements = self._catalog_statements(ident, obs, out, drift=False)
+
+        async def provision(password: str) -> str:
+            await sqlt.run_batch(conn, [*statements, await sqlt.password_statement(ident, password),
+                                        sqlt.login_statement(ident, _enum(spec.state) != "Suspended")])
+            return password
+
+        current = reads.secret
+        if not reads.secret_read:
+            password = sqlt.generate_password()
+            if await self._create_secret(meta["namespace"], self._secret_body(body, spec, ident, password, rotation)):
+                return await provision(password)
+            current = await self._read_secret(meta["namespace"], secret_name(meta["name"]))
         password = ""
         if current is not None and _rotation_of(current) == rotation:
             password = _secret_data(current).get("password", "")  # apps already use it: keep it
-        password = password or sqlt.generate_password()
-        statements = self._catalog_statements(ident, obs, out, drift=False)
-        statements += [await sqlt.password_statement(ident, password),
-                       sqlt.login_statement(ident, _enum(spec.state) != "Suspended")]
-        await sqlt.run_batch(conn, statements)
+        password = await provision(password or sqlt.generate_password())
         desired = self._secret_body(body, spec, ident, password, rotation)
         if current is None:
             await self._write_secret(meta["namespace"], desired, replace=False)
@@ -340,14 +371,13 @@ class TenantReconciler:
         }
 
     async def _ensure_secret(
-        self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, *, role_created: bool,
-        gate: JobGate | None = None,
+        self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, current: dict[str, Any] | None,
+        *, role_created: bool, gate: JobGate | None = None,
     ) -> tuple[str, str]:
         """Returns (password, what happened: "", "rotated" or "recreated")."""
         meta = body["metadata"]
         namespace = meta["namespace"]
         rotation = (meta.get("annotations") or {}).get(ROTATE_ANNOTATION, "")
-        current = await self._read_secret(namespace, secret_name(meta["name"]))
         if current is not None:
             password = _secret_data(current).get("password", "")
             if _rotation_of(current) == rotation and password:
@@ -383,6 +413,16 @@ class TenantReconciler:
             return await self.ctx.kube.get_secret(namespace, name)
         except ApiException as exc:
             raise Retry("KubernetesAPI", f"reading Secret failed: {exc.status}") from exc
+
+    async def _create_secret(self, namespace: str, body: dict[str, Any]) -> bool:
+        """Create the Secret; False when one exists already."""
+        try:
+            await self.ctx.kube.create_secret(namespace, body)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise Retry("KubernetesAPI", f"writing Secret failed: {exc.status}") from exc
+        return True
 
     async def _write_secret(self, namespace: str, body: dict[str, Any], *, replace: bool) -> None:
         try:
@@ -436,10 +476,13 @@ class TenantReconciler:
 
     async def _plan_migrations(
         self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, password: str, out: Outcome,
-        *, new_tenant: bool = False,
+        reads: KubeReads, *, new_tenant: bool = False,
     ) -> MigrationPlan | None:
-        wanted = await self._template(body, spec, out)
+        wanted = reads.template
         if wanted is None:
+            namespace = body["metadata"]["namespace"]
+            out.fail("TemplateNotFound", f"schema template ConfigMap {namespace}/{spec.schema_template} not found",
+                     stalled=True)
             return None
         if out.applied is None:
             out.applied = await tm.applied(conn, ident)
@@ -502,20 +545,6 @@ class TenantReconciler:
             statement_timeout=self.ctx.settings.migration_statement_timeout,
             connect_timeout=self.ctx.settings.db_connect_timeout_seconds,
         )
-
-    async def _template(self, body: Mapping[str, Any], spec: TenantSpec, out: Outcome) -> list[tm.Migration] | None:
-        if not spec.schema_template:
-            return tm.default_migrations()
-        namespace = body["metadata"]["namespace"]
-        try:
-            cm = await self.ctx.kube.get_configmap(namespace, spec.schema_template)
-        except ApiException as exc:
-            raise Retry("KubernetesAPI", f"reading ConfigMap failed: {exc.status}") from exc
-        if cm is None:
-            out.fail("TemplateNotFound", f"schema template ConfigMap {namespace}/{spec.schema_template} not found",
-                     stalled=True)
-            return None
-        return tm.migrations_from_data(cm.get("data") or {})
 
     # --- deletion ----------------------------------------------------------------------------
 
@@ -620,6 +649,17 @@ def _fold_first_provisioning_events(out: Outcome, ident: str) -> None:
     out.events = [e for e in out.events if e[1] not in ("Provisioned", "MigrationApplied")]
     message = f"schema and role {ident} ready" + (f"; migrations applied: {', '.join(applied)}" if applied else "")
     out.events.insert(0, ("Normal", "Provisioned", message))
+
+
+@dataclass(frozen=True)
+class KubeReads:
+    """What a reconcile reads from Kubernetes, read before it takes a database connection."""
+
+    secret: dict[str, Any] | None
+    template: list[tm.Migration] | None
+    """The migrations the Tenant's template declares (None: its ConfigMap does not exist)."""
+    secret_read: bool = True
+    """False: the Secret was not read (a new Tenant); ``secret`` says nothing."""
 
 
 @dataclass(frozen=True)
