@@ -5,13 +5,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 from tenancy_operator.config import Settings
 from tenancy_operator.db.control import migrate_control_schema
 from tenancy_operator.db.targets import DatabaseTargets
 from tenancy_operator.k8s.client import Kube
 from tenancy_operator.observability.events import EventRecorder
+
+
+@runtime_checkable
+class TenantWatcher(Protocol):
+    """A service that follows Tenant watch events (Kopf's initial listing has type None)."""
+
+    def tenant_changed(self, type_: str | None, body: Mapping[str, Any]) -> None: ...
 
 
 @dataclass

@@ -169,6 +169,11 @@ class FeatureFlagService:
 
     # --- sweep and Tenant changes ---------------------------------------------------------------
 
+    def tenant_changed(self, type_: str | None, body: Mapping[str, Any]) -> None:
+        """A Tenant watch event (TenantWatcher): one appearing or going away may resolve overrides."""
+        if type_ in ("ADDED", "DELETED"):
+            self.nudge(str(body["metadata"]["namespace"]), str(body["metadata"]["name"]))
+
     def nudge(self, namespace: str, tenant: str = ALL) -> None:
         """Tenant `tenant` appeared or went away in `namespace`: re-check soon the flags naming it
         (every flag of the namespace without a tenant)."""
@@ -267,8 +272,3 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="finalize")
     async def featureflag_delete(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
         await service(memo).delete(body, retry)
-
-    @kopf.on.event(GROUP, VERSION, "tenants", registry=registry, id="featureflag-tenants")
-    async def tenant_seen(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        if type in ("ADDED", "DELETED") and hasattr(memo, "services"):
-            service(memo).nudge(str(body["metadata"]["namespace"]), str(body["metadata"]["name"]))

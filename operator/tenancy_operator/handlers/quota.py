@@ -13,6 +13,7 @@ import kopf
 
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.handlers.common import backoff
+from tenancy_operator.observability.logging import WATCH_HANDLER_ID
 from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.reconcilers.quota import QuotaService
 from tenancy_operator.runtime_context import OperatorContext
@@ -26,7 +27,8 @@ def create_service(ctx: OperatorContext) -> QuotaService:
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
-    """Attach the Quota handlers (and a Tenant watcher for tier changes) to ``registry``."""
+    """Attach the Quota handlers to ``registry`` (Tenant events reach the service through the
+    Tenant handlers' watch: QuotaService.tenant_changed)."""
 
     def service(memo: Any) -> QuotaService:
         return memo.services[KIND]  # type: ignore[no-any-return]
@@ -45,13 +47,8 @@ def register(registry: kopf.OperatorRegistry) -> None:
         except Retry as exc:
             raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
 
-    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="deleted")
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id=WATCH_HANDLER_ID)
     async def quota_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         service(memo).observe(PLURAL, type, body)
         if type == "DELETED":
             await service(memo).quota_deleted(body)
-
-    @kopf.on.event(GROUP, VERSION, "tenants", registry=registry, id="quota-limits")
-    async def tenant_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        service(memo).observe("tenants", type, body)
-        service(memo).tenant_event(type, body)

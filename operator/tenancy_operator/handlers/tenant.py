@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
@@ -17,7 +17,7 @@ from tenancy_operator.api.tenant import tenant_identifier
 from tenancy_operator.conditions import Cond, merge, status_differs
 from tenancy_operator.handlers.common import backoff
 from tenancy_operator.observability import metrics
-from tenancy_operator.observability.logging import get_logger
+from tenancy_operator.observability.logging import WATCH_HANDLER_ID, get_logger
 from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.reconcilers.tenant import (
     ACK_SCHEMA_RECREATED_ANNOTATION,
@@ -27,7 +27,7 @@ from tenancy_operator.reconcilers.tenant import (
     secret_name,
 )
 from tenancy_operator.resume import ResumeChecker
-from tenancy_operator.runtime_context import OperatorContext
+from tenancy_operator.runtime_context import OperatorContext, TenantWatcher
 
 KIND, PLURAL = "Tenant", "tenants"
 FIRST_STATUS_AFTER = 2.0
@@ -40,7 +40,8 @@ def _key(body: Mapping[str, Any]) -> str:
     return f"{body['metadata']['namespace']}/{body['metadata']['name']}"
 
 
-def desired_status(body: Mapping[str, Any], out: Outcome, ident: str | None) -> dict[str, Any]:
+def desired_status(body: Mapping[str, Any], out: Outcome, ident: str | None,
+                   limits: Mapping[str, str] | None = None) -> dict[str, Any]:
     meta, spec = body["metadata"], body.get("spec") or {}
     generation = int(meta.get("generation") or 0)
     old = (body.get("status") or {}).get("conditions")
@@ -73,6 +74,8 @@ def desired_status(body: Mapping[str, Any], out: Outcome, ident: str | None) -> 
                        "secretName": secret_name(meta["name"])})
     if out.schema_version:
         status["schemaVersion"] = out.schema_version
+    if limits and out.ready and not (body.get("status") or {}).get("effectiveLimits"):
+        status["effectiveLimits"] = dict(limits)  # the quota service keeps them up to date from here
     if out.jobs:
         latest = out.jobs[0]
         # currentJob: the job still needing attention (failed, awaiting a retry or an admin); else none.
@@ -100,6 +103,8 @@ class TenantService:
         # for index readiness, which starved the operator at start-up with many ConfigMaps.)
         self._template_users: dict[tuple[str, str], set[str]] = {}
         self.resume_check = ResumeChecker(ctx)
+        self.limits: Callable[[Mapping[str, Any]], Mapping[str, str] | None] | None = None
+        """The quota service's expected_limits (wired at start-up), for the first Ready status."""
 
     def confirm_in_sync(self, body: Mapping[str, Any]) -> None:
         self._track_template(body)
@@ -199,7 +204,8 @@ class TenantService:
                repairs=out.repairs or None)
         async with first_status.lock:
             first_status.result_written = True  # from now on a "Provisioning" status would be stale
-            await self.write_status(body, desired_status(body, out, ident))
+            limits = self.limits(body) if self.limits is not None and out.ready else None
+            await self.write_status(body, desired_status(body, out, ident, limits))
 
     async def delete(self, body: Mapping[str, Any], retry: int = 0) -> None:
         key = _key(body)
@@ -290,6 +296,14 @@ def register(registry: kopf.OperatorRegistry) -> None:
             svc.confirm_in_sync(body)  # start-up: confirmed from bulk facts, nothing to write
             return
         await svc.run(body, retry)
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id=WATCH_HANDLER_ID)
+    async def tenant_watch(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        # One watch handler for every service that follows Tenants (quotas, flag overrides): one
+        # handler call per Tenant event instead of one per service.
+        for svc in getattr(memo, "services", {}).values():
+            if isinstance(svc, TenantWatcher):
+                svc.tenant_changed(type, body)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="finalize")
     async def tenant_delete(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:

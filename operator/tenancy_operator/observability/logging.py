@@ -29,6 +29,20 @@ def _kopf_object_ref(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> M
     return event_dict
 
 
+WATCH_HANDLER_ID = "watch"
+"""Id of every Kopf on.event handler: they run for each watch event of their kind."""
+
+
+class _QuietWatchHandlers(logging.Filter):
+    """Drops Kopf's "Handler 'watch' succeeded." lines: one per watch event and kind, thousands
+    per minute with a big fleet, and they say nothing (a failure is still logged)."""
+
+    quiet = f"Handler {WATCH_HANDLER_ID!r} succeeded."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != self.quiet
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -61,6 +75,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.getLogger("kopf.objects").addFilter(_QuietWatchHandlers())
     # Kopf's and aiohttp's chatter at DEBUG is not useful at INFO.
     for noisy in ("aiohttp.access", "kubernetes_asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

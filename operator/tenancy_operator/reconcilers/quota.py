@@ -72,6 +72,8 @@ TRANSIENT_REASONS = ("TenantNotReady", "DatabaseUnavailable")
 EXPIRY_GRACE = timedelta(milliseconds=50)
 """Wake a little after an override's expiry so the evaluation sees it expired."""
 RETRY_FAILED_PASS_SECONDS = 5.0
+RELIST_EVERY = 10
+"""Every how many periodic passes Tenants and Quotas are LISTed instead of read from the watch cache."""
 FIRST_PROVISIONING_GRACE = timedelta(minutes=10)
 """A tenant in its first provisioning is evaluated when its Tenant reports Ready (or Stalled), not
 before: its Quota's first status is then the final one instead of a TenantNotReady that Ready
@@ -583,6 +585,7 @@ class QuotaService:
         self._quotas: dict[str, dict[str, dict[str, Any]]] = {}
         self._tenants: dict[Key, dict[str, Any]] = {}
         self._seen_listing = {QUOTAS: False, TENANTS: False}
+        self._passes = 0
 
     def observe(self, plural: str, type_: str | None, body: Mapping[str, Any]) -> None:
         """Keep the cache of Quotas and Tenants from their watch events (Kopf's initial listing too)."""
@@ -938,12 +941,36 @@ class QuotaService:
 
     # --- the periodic pass --------------------------------------------------------------------------
 
+    async def _every(self, plural: str, relist: bool) -> list[dict[str, Any]]:
+        """Every Tenant or Quota, from the watch cache; from a LIST (which then refreshes the
+        cache) when ``relist`` or before any watch event came. Parsing 2000 objects every minute
+        cost a second of the event loop at 1000 tenants; the periodic LIST still drops what a
+        watch re-list may have missed (a deletion while the stream was down)."""
+        if self._seen_listing[plural] and not relist:
+            if plural == QUOTAS:
+                return [q for by_name in self._quotas.values() for q in by_name.values()]
+            return list(self._tenants.values())
+        items = await self.ctx.kube.list_objects(plural)
+        listed = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in items}
+        if plural == QUOTAS:
+            for namespace, by_name in self._quotas.items():
+                for name in [n for n in by_name if (namespace, n) not in listed]:
+                    del by_name[name]
+        else:
+            for key in [k for k in self._tenants if k not in listed]:
+                del self._tenants[key]
+        for obj in items:
+            self._store(plural, obj)
+        return items
+
     async def pass_once(self) -> int:
         """Measure and evaluate every tenant; returns how many subjects were evaluated."""
         started = time.monotonic()
         epochs = dict(self.epochs)
-        tenants = [t for t in await self.ctx.kube.list_objects(TENANTS) if self._watched(t["metadata"]["namespace"])]
-        quotas = [q for q in await self.ctx.kube.list_objects(QUOTAS) if self._watched(q["metadata"]["namespace"])]
+        relist = self._passes % RELIST_EVERY == 0
+        self._passes += 1
+        tenants = [t for t in await self._every(TENANTS, relist) if self._watched(t["metadata"]["namespace"])]
+        quotas = [q for q in await self._every(QUOTAS, relist) if self._watched(q["metadata"]["namespace"])]
         subjects: dict[Key, Subject] = {}
         for t in tenants:
             key = (t["metadata"]["namespace"], t["metadata"]["name"])
@@ -1037,6 +1064,28 @@ class QuotaService:
         ref = _tenant_ref(body)
         if ref is not None:
             self.spawn(body["metadata"]["namespace"], ref, "quota-deleted")
+
+    def expected_limits(self, tenant: Mapping[str, Any]) -> dict[str, str] | None:
+        """The effective limits this Tenant's next evaluation will publish, from the watch cache:
+        the Tenant's own first status carries them, so the evaluation right after it has nothing
+        to write there (one status PATCH and one watch event fewer per new tenant). None before
+        any Quota was seen."""
+        if not self._seen_listing[QUOTAS]:
+            return None
+        meta = tenant["metadata"]
+        quotas = sort_quotas([q for q in self._quotas.get(meta["namespace"], {}).values()
+                              if _tenant_ref(q) == meta["name"]])
+        spec: QuotaSpec | None = None
+        if quotas:
+            with contextlib.suppress(ValidationError):
+                spec = QuotaSpec.model_validate(quotas[0].get("spec") or {})
+        tier = str((tenant.get("spec") or {}).get("tier") or "free")
+        return effective_limits(self.ctx.settings.tier_limits.get(tier, {}), spec, _now())
+
+    def tenant_changed(self, type_: str | None, body: Mapping[str, Any]) -> None:
+        """A Tenant watch event (TenantWatcher): keep the cache, evaluate if needed."""
+        self.observe(TENANTS, type_, body)
+        self.tenant_event(type_, body)
 
     def tenant_event(self, type_: str | None, body: Mapping[str, Any]) -> None:
         """A Tenant changed: evaluate it now if this process has not enforced it as it is now
