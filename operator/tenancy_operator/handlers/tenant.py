@@ -30,9 +30,6 @@ from tenancy_operator.resume import ResumeChecker
 from tenancy_operator.runtime_context import OperatorContext, TenantWatcher
 
 KIND, PLURAL = "Tenant", "tenants"
-FIRST_STATUS_AFTER = 2.0
-"""Seconds a first reconcile may take before a "Provisioning" status says it is under way. Most
-finish sooner and write their result directly: one status write and one watch event fewer each."""
 log = get_logger(__name__)
 
 
@@ -85,15 +82,6 @@ def desired_status(body: Mapping[str, Any], out: Outcome, ident: str | None,
 
 
 
-class _FirstStatus:
-    """Orders a first reconcile's two possible status writes: a "Provisioning" one (only while
-    the result is not written) and the result's."""
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.result_written = False
-
-
 class TenantService:
     def __init__(self, ctx: OperatorContext) -> None:
         self.ctx = ctx
@@ -131,19 +119,12 @@ class TenantService:
         """One reconcile with its reporting. Raises kopf.TemporaryError to be retried."""
         metrics.PENDING.add(KIND, _key(body))
         self._track_template(body)
-        first_status = _FirstStatus()
-        work = asyncio.ensure_future(self._run(body, retry, first_status))
-        try:
-            if not body.get("status"):  # first sight: tell GitOps tools if it takes a while
-                done, _ = await asyncio.wait({work}, timeout=FIRST_STATUS_AFTER)
-                if not done:
-                    async with first_status.lock:
-                        if not first_status.result_written:
-                            await self._write_provisioning(body)
-            return await work
-        finally:
-            if not work.done():  # cancelled (shutdown): the reconcile must not go on alone
-                work.cancel()
+        if not body.get("status"):
+            # First sight: without a status, kstatus (Flux, kubectl wait) calls an object Current,
+            # so "Reconciling" must be there before anything else; it costs a write and a watch
+            # event per new tenant, measured and kept (docs/benchmarks.md).
+            await self._write_provisioning(body)
+        return await self._run(body, retry)
 
     async def _write_provisioning(self, body: Mapping[str, Any]) -> None:
         generation = int(body["metadata"].get("generation") or 0)
@@ -158,7 +139,7 @@ class TenantService:
             log.warning("could not write the first status", kind=KIND, name=body["metadata"]["name"],
                         status=exc.status)
 
-    async def _run(self, body: Mapping[str, Any], retry: int, first_status: _FirstStatus) -> Outcome:
+    async def _run(self, body: Mapping[str, Any], retry: int) -> Outcome:
         meta = body["metadata"]
         key = _key(body)
         started = time.monotonic()
@@ -170,7 +151,7 @@ class TenantService:
                     metrics.record_result(KIND, False, exc.reason)
                     out = Outcome(False, exc.reason, exc.message, "Provisioning"
                                   if not (body.get("status") or {}).get("tenantId") else "Failed")
-                    await self._report(body, out, started, first_status)
+                    await self._report(body, out, started)
                     raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
                 except Exception:
                     metrics.record_result(KIND, False, "Internal")
@@ -178,13 +159,13 @@ class TenantService:
                                   result="Internal")
                     raise
         metrics.record_result(KIND, out.ready, None if out.ready else out.reason)
-        await self._report(body, out, started, first_status)
+        await self._report(body, out, started)
         if out.retry:  # a job attempt failed; the next one comes after a backoff
             raise kopf.TemporaryError(out.message, delay=backoff(retry))
         metrics.PENDING.discard(KIND, key)
         return out
 
-    async def _report(self, body: Mapping[str, Any], out: Outcome, started: float, first_status: _FirstStatus) -> None:
+    async def _report(self, body: Mapping[str, Any], out: Outcome, started: float) -> None:
         try:
             ident: str | None = tenant_identifier(body["metadata"]["name"])
         except ValueError:
@@ -202,10 +183,8 @@ class TenantService:
                result="ready" if out.ready else "failure", reason=None if out.ready else out.reason,
                message=None if out.ready else out.message,
                repairs=out.repairs or None)
-        async with first_status.lock:
-            first_status.result_written = True  # from now on a "Provisioning" status would be stale
-            limits = self.limits(body) if self.limits is not None and out.ready else None
-            await self.write_status(body, desired_status(body, out, ident, limits))
+        limits = self.limits(body) if self.limits is not None and out.ready else None
+        await self.write_status(body, desired_status(body, out, ident, limits))
 
     async def delete(self, body: Mapping[str, Any], retry: int = 0) -> None:
         key = _key(body)
@@ -316,6 +295,11 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.event("", "v1", "configmaps", registry=registry, id="template-changed", when=is_used_template)
     async def template_changed(type: str, body: kopf.Body, namespace: str | None, name: str,
                                memo: kopf.Memo, **_: Any) -> None:
+        templates = service(memo).reconciler.templates
+        if type == "DELETED":
+            templates.deleted(namespace or "", name)
+        else:
+            templates.seen(body)
         # type is None for the initial listing at start-up: resume handlers cover that case.
         if type not in ("ADDED", "MODIFIED") or not service(memo).uses_template(namespace or "", name):
             return
