@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from tenancy_operator.db import jobs as ledger
 from tenancy_operator.db import tenant_migrations as tm
 from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.targets import Conn
+from tenancy_operator.k8s.client import Kube
 from tenancy_operator.observability import metrics
 from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.reconcilers.lifecycle import RETRY_ANNOTATION, Connector, JobFailed, JobGate, using
@@ -37,6 +39,7 @@ from tenancy_operator.runtime_context import OperatorContext
 ROTATE_ANNOTATION = "tenancy.dev/rotate-credentials"
 ACK_SCHEMA_RECREATED_ANNOTATION = "tenancy.dev/acknowledge-schema-recreated"
 SECRET_ROTATION_ANNOTATION = "tenancy.dev/rotated-for"  # noqa: S105 - an annotation key
+TEMPLATE_TTL = 30.0
 MANAGED_BY = {"app.kubernetes.io/managed-by": "tenancy-operator"}
 TENANT_LABEL = "tenancy.dev/tenant"
 JOB_REASONS = {
@@ -84,9 +87,45 @@ def _enum(v: Any) -> str:
     return str(getattr(v, "value", v))
 
 
+class TemplateCache:
+    """Template ConfigMaps as last read or seen in a watch event, for TEMPLATE_TTL seconds: a
+    thousand Tenants sharing a template cost one GET, not one each. The template handler puts
+    every event of a used template here before it migrates the fleet; the TTL bounds how long a
+    change the watch missed (a deletion while the stream was down) can go unseen."""
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        self._entries: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        hit = self._entries.get((namespace, name))
+        if hit is not None and time.monotonic() - hit[0] < TEMPLATE_TTL:
+            return hit[1]
+        try:
+            cm = await self.kube.get_configmap(namespace, name)
+        except ApiException as exc:
+            raise Retry("KubernetesAPI", f"reading ConfigMap failed: {exc.status}") from exc
+        if cm is not None:
+            self.seen(cm)
+        return cm
+
+    def seen(self, cm: Mapping[str, Any]) -> None:
+        """A watch event or a read of a template ConfigMap; an older version never replaces a newer one."""
+        meta = cm["metadata"]
+        key = (meta["namespace"], meta["name"])
+        hit = self._entries.get(key)
+        if hit is not None and hit[1] is not None and _older(meta, hit[1]["metadata"]):
+            return
+        self._entries[key] = (time.monotonic(), dict(cm))
+
+    def deleted(self, namespace: str, name: str) -> None:
+        self._entries.pop((namespace, name), None)
+
+
 class TenantReconciler:
     def __init__(self, ctx: OperatorContext) -> None:
         self.ctx = ctx
+        self.templates = TemplateCache(ctx.kube)
 
     @property
     def control(self) -> str:
@@ -140,10 +179,7 @@ class TenantReconciler:
         secret = await self._read_secret(meta["namespace"], secret_name(meta["name"])) if secret_read else None
         if not spec.schema_template:
             return KubeReads(secret, tm.default_migrations(), secret_read)
-        try:
-            cm = await self.ctx.kube.get_configmap(meta["namespace"], spec.schema_template)
-        except ApiException as exc:
-            raise Retry("KubernetesAPI", f"reading ConfigMap failed: {exc.status}") from exc
+        cm = await self.templates.get(meta["namespace"], spec.schema_template)
         return KubeReads(secret, None if cm is None else tm.migrations_from_data(cm.get("data") or {}), secret_read)
 
     async def _reconcile_in(
@@ -692,6 +728,12 @@ def _secret_data(secret: Mapping[str, Any]) -> dict[str, str]:
 
 def _rotation_of(secret: Mapping[str, Any]) -> str:
     return str((secret["metadata"].get("annotations") or {}).get(SECRET_ROTATION_ANNOTATION, ""))
+
+
+def _older(meta: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
+    """``meta`` is an older version of the same object (resourceVersions are etcd revisions)."""
+    mine, theirs = str(meta.get("resourceVersion") or ""), str(than.get("resourceVersion") or "")
+    return meta.get("uid") == than.get("uid") and mine.isdigit() and theirs.isdigit() and int(mine) < int(theirs)
 
 
 def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
