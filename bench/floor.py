@@ -217,10 +217,11 @@ class Floor:
 
 @dataclass
 class _Ctx:
-    """The two attributes ``_secret_body`` reads from the operator's context."""
+    """What ``TenantReconciler`` reads from the operator's context to build a Secret body."""
 
     settings: Settings
     dsn: str
+    kube: Any = None
 
     @property
     def targets(self) -> Any:
