@@ -99,7 +99,10 @@ def section(r: dict[str, Any]) -> tuple[str, str]:
     if flags and "error" not in flags:
         lat = flags.get("latency", {})
         out.append(f"| flag propagation | p50 {_f(lat.get('p50'), 3)} s, p95 {_f(lat.get('p95'), 3)} s, max "
-                   f"{_f(lat.get('max'), 3)} s over {flags.get('edits')} edits | p95 < 1 s | "
+                   f"{_f(lat.get('max'), 3)} s over {flags.get('edits')} edits"
+                   + (f" (after the operator was quiet: {_f(flags['waited_for_quiet_seconds'], 1)} s)"
+                      if flags.get("waited_for_quiet_seconds") is not None else "")
+                   + " | p95 < 1 s | "
                    f"{_ok(lat.get('p95'), 1)} | {flags.get('load_before_after', '')} |")
     for name in ("restart", "idle", "fleet", "flags"):
         if "error" in s.get(name, {}):

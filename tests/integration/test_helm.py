@@ -119,8 +119,9 @@ def test_default_render(helm: Helm, release: str) -> None:
     assert kinds["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
     # Exactly what the operator uses (test_rbac.py: removing any one verb breaks it).
     assert kinds["ClusterRole"]["rules"] == [
-        {"apiGroups": ["tenancy.dev"], "resources": ["tenants", "quotas", "featureflags"],
+        {"apiGroups": ["tenancy.dev"], "resources": ["tenants", "featureflags"],
          "verbs": ["get", "list", "watch", "patch"]},
+        {"apiGroups": ["tenancy.dev"], "resources": ["quotas"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["tenancy.dev"], "resources": ["tenants/status", "quotas/status", "featureflags/status"],
          "verbs": ["patch"]},
         {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],

@@ -91,8 +91,18 @@ class TenantService:
         # for index readiness, which starved the operator at start-up with many ConfigMaps.)
         self._template_users: dict[tuple[str, str], set[str]] = {}
         self.resume_check = ResumeChecker(ctx)
+        self._deleting: set[str] = set()
+        """Tenants whose deletion has begun, from the watch (TenantWatcher)."""
         self.limits: Callable[[Mapping[str, Any]], Mapping[str, str] | None] | None = None
         """The quota service's expected_limits (wired at start-up), for the first Ready status."""
+
+    def tenant_changed(self, type_: str | None, body: Mapping[str, Any]) -> None:
+        key = _key(body)
+        if type_ == "DELETED":
+            self._deleting.discard(key)
+            metrics.PENDING.discard(KIND, key)  # whatever was waiting for it will not come
+        elif body["metadata"].get("deletionTimestamp"):
+            self._deleting.add(key)
 
     def confirm_in_sync(self, body: Mapping[str, Any]) -> None:
         self._track_template(body)
@@ -123,27 +133,33 @@ class TenantService:
             # First sight: without a status, kstatus (Flux, kubectl wait) calls an object Current,
             # so "Reconciling" must be there before anything else; it costs a write and a watch
             # event per new tenant, measured and kept (docs/benchmarks.md).
-            await self._write_provisioning(body)
+            try:
+                await self._write_provisioning(body)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                metrics.PENDING.discard(KIND, _key(body))  # deleted already: nothing to provision
+                return Outcome(False, "NotFound", "the Tenant was deleted before it was provisioned", "Deleting")
         return await self._run(body, retry)
 
     async def _write_provisioning(self, body: Mapping[str, Any]) -> None:
         generation = int(body["metadata"].get("generation") or 0)
-        try:
-            await self.write_status(body, {
-                "observedGeneration": generation, "phase": "Provisioning",
-                "conditions": merge(None, [Cond("Ready", "Unknown", "Provisioning", "provisioning started"),
-                                           Cond("Reconciling", "True", "Provisioning", "provisioning started")],
-                                    generation),
-            })
-        except ApiException as exc:  # informative only: the reconcile's own result follows
-            log.warning("could not write the first status", kind=KIND, name=body["metadata"]["name"],
-                        status=exc.status)
+        await self.write_status(body, {
+            "observedGeneration": generation, "phase": "Provisioning",
+            "conditions": merge(None, [Cond("Ready", "Unknown", "Provisioning", "provisioning started"),
+                                       Cond("Reconciling", "True", "Provisioning", "provisioning started")],
+                                generation),
+        })
 
     async def _run(self, body: Mapping[str, Any], retry: int) -> Outcome:
         meta = body["metadata"]
         key = _key(body)
         started = time.monotonic()
         async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
+            if key in self._deleting:
+                # A sweep or fleet migration listed it before its deletion began: the deletion
+                # handler owns it now, and its status must not be overwritten by this reconcile.
+                return Outcome(False, "Deleting", "the tenant is being deleted", "Deleting")
             with metrics.observe_reconcile(KIND):
                 try:
                     out = await self.reconciler.reconcile(body)

@@ -1021,7 +1021,7 @@ class QuotaService:
     # --- handler entry points -------------------------------------------------------------------------
 
     async def handle_quota(self, body: Mapping[str, Any], retry: int = 0, *, created: bool = False) -> None:
-        """create/update/resume of a Quota: evaluate its tenant now (edits take effect at once).
+        """A new or changed Quota: evaluate its tenant now (edits take effect at once).
         A new Quota of a Tenant still being provisioned for the first time waits for the Tenant's
         Ready (or Stalled) status instead of reporting TenantNotReady for a few seconds: one status
         write instead of two. The periodic pass reports TenantNotReady if provisioning takes longer."""
@@ -1033,15 +1033,7 @@ class QuotaService:
         key, version = (namespace, ref), _quota_version(body)
 
         def wanted() -> bool:
-            # Already enforced with this very spec (a tenant-changed evaluation that saw the new
-            # Quota in the watch cache, or a rerun): measuring again cannot change anything.
-            tenant = self._tenants.get(key)
-            return not (
-                version in self.enforced_quotas.get(key, ())
-                and tenant is not None
-                and not tenant["metadata"].get("deletionTimestamp")
-                and self.applied.get(key) == _tenant_state(tenant)
-            )
+            return not self._quota_enforced(key, version)
 
         metrics.PENDING.add(KIND, pending)
         try:
@@ -1057,6 +1049,54 @@ class QuotaService:
         metrics.record_result(KIND, True)
         metrics.PENDING.discard(KIND, pending)
         self._update_aggregates()
+
+    def _quota_enforced(self, key: Key, version: tuple[str, int]) -> bool:
+        """This version of a Quota is enforced on the tenant as the cache shows it (a tenant-changed
+        evaluation that saw the new Quota, a rerun, or our own status write's event): measuring
+        again cannot change anything."""
+        tenant = self._tenants.get(key)
+        return (
+            version in self.enforced_quotas.get(key, ())
+            and tenant is not None
+            and not tenant["metadata"].get("deletionTimestamp")
+            and self.applied.get(key) == _tenant_state(tenant)
+        )
+
+    def quota_changed(self, type_: str | None, body: Mapping[str, Any]) -> None:
+        """A Quota watch event: evaluate its tenant in the background unless this version of the
+        Quota is enforced already.
+
+        This replaces Kopf's create/update/resume handlers, which stored a last-handled annotation
+        on every Quota after each evaluation: one PATCH and one more watch event per Quota, for a
+        decision the generation makes as well (the evaluation reads the newest Quota from the
+        cache, so events handled out of order cannot apply an older spec)."""
+        if not self.initial_pass_done:
+            return  # the start-up pass evaluates every tenant in bulk
+        ref = _tenant_ref(body)
+        if ref is None:
+            return
+        key = (body["metadata"]["namespace"], ref)
+        if self._quota_enforced(key, _quota_version(body)):
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._handle_quota_with_retries(dict(body), created=type_ == "ADDED"),
+            name=f"quota-changed-{key[0]}-{body['metadata']['name']}",
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle_quota_with_retries(self, body: dict[str, Any], *, created: bool) -> None:
+        for attempt in range(8):
+            try:
+                await self.handle_quota(body, attempt, created=created)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # reported in status and metrics; the periodic pass catches up
+                log.warning("quota evaluation failed", namespace=body["metadata"]["namespace"],
+                            quota=body["metadata"]["name"], trigger="quota-changed", error=type(exc).__name__,
+                            attempt=attempt + 1)
+                await asyncio.sleep(min(30.0, 2.0 ** attempt) * random.uniform(0.8, 1.2))  # noqa: S311
 
     async def quota_deleted(self, body: Mapping[str, Any]) -> None:
         """A deleted Quota returns its tenant to tier defaults (or lets a conflicting one apply)."""
