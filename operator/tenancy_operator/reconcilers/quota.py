@@ -981,6 +981,11 @@ class QuotaService:
                 continue
             key = (q["metadata"]["namespace"], ref)
             subjects.setdefault(key, Subject(key[0], key[1], None, [])).quotas.append(q)
+        if not relist:
+            # A Quota whose Tenant the cache has not seen may name a Tenant that Kopf has not
+            # delivered yet (thousands created at once): only a LIST may conclude TenantNotFound.
+            # Its own events judge it meanwhile (a Quota event reads a missing Tenant with a GET).
+            subjects = {k: s for k, s in subjects.items() if s.tenant is not None or k in self.memory}
         for s in subjects.values():
             s.quotas = sort_quotas(s.quotas)
 
