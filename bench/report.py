@@ -77,7 +77,7 @@ def section(r: dict[str, Any]) -> tuple[str, str]:
     if rs and "error" not in rs:
         done = rs.get("seconds_to_resumed", rs.get("seconds_to_idle"))
         quiet = rs.get("seconds_to_quiet", done)
-        out.append(f"| restart | every object resumed {_f(done, 1)} s after start (healthy after "
+        out.append(f"| restart | all resumed {_f(done, 1)} s after start (healthy after "
                    f"{_f(rs.get('seconds_to_healthy'), 1)} s; "
                    + (f"quiet (< 3 % CPU for 3 s) after {_f(quiet, 1)} s" if quiet is not None
                       else "**never quiet** within 30 s more")
