@@ -16,7 +16,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
 import psycopg
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from tenancy_operator.db import jobs as ledger
 from tenancy_operator.db.targets import Conn
@@ -32,6 +32,16 @@ TRANSIENT = (
     psycopg.errors.DeadlockDetected,
     psycopg.errors.LockNotAvailable,
 )
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth another try at once. Besides the TRANSIENT classes: two sessions altering the same
+    role at once (a rotation and the quota service's connection limit) make PostgreSQL answer
+    XX000 "tuple concurrently updated"; the next try succeeds (seen in the 30-minute soak)."""
+    if isinstance(exc, TRANSIENT):
+        return True
+    return (isinstance(exc, psycopg.errors.InternalError_)
+            and "tuple concurrently updated" in (exc.diag.message_primary or ""))
 
 
 class JobFailed(Exception):
@@ -97,7 +107,7 @@ class JobGate:
         started = time.monotonic()
         try:
             async for try_ in AsyncRetrying(
-                retry=retry_if_exception_type(TRANSIENT), stop=stop_after_attempt(4),
+                retry=retry_if_exception(is_transient), stop=stop_after_attempt(4),
                 wait=wait_exponential_jitter(initial=0.2, max=self.backoff_max), reraise=True,
             ):
                 with try_:

@@ -28,6 +28,7 @@ import psycopg
 import psycopg_pool
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.common import format_quantity
@@ -52,6 +53,7 @@ from tenancy_operator.k8s.client import MERGE_PATCH
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import Retry
+from tenancy_operator.reconcilers.lifecycle import is_transient
 from tenancy_operator.runtime_context import OperatorContext
 
 log = get_logger(__name__)
@@ -857,19 +859,24 @@ class QuotaService:
         assert plan.target
         assert plan.ident
         assert plan.role is not None
-        role = plan.ident
+        role, want = plan.ident, plan.role
         try:
-            async with self.ctx.targets.pool(plan.target).connection() as conn:
-                if "connections" in plan.role_changes:
-                    await dbq.set_connection_limit(conn, role, plan.role.connection_limit)
-                if "statementTimeout" in plan.role_changes:
-                    await dbq.set_statement_timeout(conn, role, plan.role.statement_timeout_ms)
-                if "readOnly" in plan.role_changes:
-                    await dbq.set_read_only(conn, role, plan.role.read_only)
-                    # Sessions keep the default they logged in with: end them so the change holds.
-                    await sqlt.terminate_sessions(conn, role)
-                if plan.publish is not None and plan.tenant_id:
-                    await dbq.publish(conn, self.control, plan.tenant_id, plan.publish)
+            # Every step is idempotent: a try that met a concurrent change of the same role
+            # (a rotation, a deletion) is simply made again.
+            async for attempt in AsyncRetrying(retry=retry_if_exception(is_transient), stop=stop_after_attempt(4),
+                                               wait=wait_exponential_jitter(initial=0.1, max=1.0), reraise=True):
+                with attempt:
+                    async with self.ctx.targets.pool(plan.target).connection() as conn:
+                        if "connections" in plan.role_changes:
+                            await dbq.set_connection_limit(conn, role, want.connection_limit)
+                        if "statementTimeout" in plan.role_changes:
+                            await dbq.set_statement_timeout(conn, role, want.statement_timeout_ms)
+                        if "readOnly" in plan.role_changes:
+                            await dbq.set_read_only(conn, role, want.read_only)
+                            # Sessions keep the default they logged in with: end them so the change holds.
+                            await sqlt.terminate_sessions(conn, role)
+                        if plan.publish is not None and plan.tenant_id:
+                            await dbq.publish(conn, self.control, plan.tenant_id, plan.publish)
         except psycopg.errors.UndefinedObject:
             log.info("role vanished while applying limits", role=role)  # dropped meanwhile: nothing to limit
         except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
