@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from kubernetes_asyncio import client, config
@@ -19,6 +19,16 @@ from kubernetes_asyncio.client.rest import RESTResponse
 from tenancy_operator import GROUP, VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
+
+
+def older_version(meta: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
+    """``meta`` is an older version of the same object than ``than``. resourceVersions are opaque
+    by contract; the API server's are etcd revisions (integers that grow), anything else is never
+    considered older."""
+    if meta.get("uid") != than.get("uid"):
+        return False
+    mine, theirs = str(meta.get("resourceVersion") or ""), str(than.get("resourceVersion") or "")
+    return mine.isdigit() and theirs.isdigit() and int(mine) < int(theirs)
 
 
 async def raw(call: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> bytes:

@@ -49,7 +49,7 @@ from tenancy_operator.db import quota as dbq
 from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.quota import RoleQuotaState
 from tenancy_operator.db.targets import UnknownTarget
-from tenancy_operator.k8s.client import MERGE_PATCH
+from tenancy_operator.k8s.client import MERGE_PATCH, older_version
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import Retry
@@ -547,16 +547,6 @@ def _first_provisioning(tenant: Mapping[str, Any], now: datetime) -> bool:
             and conds.get("Ready") != "True" and conds.get("Stalled") != "True")
 
 
-def _older(meta: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
-    """``meta`` is an older version of the same object than ``than``. resourceVersions are opaque
-    by contract; the API server's are etcd revisions (integers that grow), anything else is never
-    considered older."""
-    if meta.get("uid") != than.get("uid"):
-        return False
-    mine, theirs = str(meta.get("resourceVersion") or ""), str(than.get("resourceVersion") or "")
-    return mine.isdigit() and theirs.isdigit() and int(mine) < int(theirs)
-
-
 def _is_ready(body: Mapping[str, Any]) -> bool:
     status = body.get("status") or {}
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
@@ -617,7 +607,7 @@ class QuotaService:
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         cached = self._cached(plural, namespace, name)
-        if cached is not None and _older(meta, cached["metadata"]):
+        if cached is not None and older_version(meta, cached["metadata"]):
             return
         if plural == QUOTAS:
             self._quotas.setdefault(namespace, {})[name] = dict(body)

@@ -30,7 +30,7 @@ from tenancy_operator.db import jobs as ledger
 from tenancy_operator.db import tenant_migrations as tm
 from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.targets import Conn
-from tenancy_operator.k8s.client import Kube
+from tenancy_operator.k8s.client import Kube, older_version
 from tenancy_operator.observability import metrics
 from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.reconcilers.lifecycle import RETRY_ANNOTATION, Connector, JobFailed, JobGate, using
@@ -114,7 +114,7 @@ class TemplateCache:
         meta = cm["metadata"]
         key = (meta["namespace"], meta["name"])
         hit = self._entries.get(key)
-        if hit is not None and hit[1] is not None and _older(meta, hit[1]["metadata"]):
+        if hit is not None and hit[1] is not None and older_version(meta, hit[1]["metadata"]):
             return
         self._entries[key] = (time.monotonic(), dict(cm))
 
@@ -728,12 +728,6 @@ def _secret_data(secret: Mapping[str, Any]) -> dict[str, str]:
 
 def _rotation_of(secret: Mapping[str, Any]) -> str:
     return str((secret["metadata"].get("annotations") or {}).get(SECRET_ROTATION_ANNOTATION, ""))
-
-
-def _older(meta: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
-    """``meta`` is an older version of the same object (resourceVersions are etcd revisions)."""
-    mine, theirs = str(meta.get("resourceVersion") or ""), str(than.get("resourceVersion") or "")
-    return meta.get("uid") == than.get("uid") and mine.isdigit() and theirs.isdigit() and int(mine) < int(theirs)
 
 
 def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
