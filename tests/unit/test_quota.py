@@ -556,6 +556,20 @@ def test_the_cache_never_goes_back_to_an_older_version() -> None:
     assert svc._quotas[NS]["acme-corp"]["status"] == {"stale": True}
 
 
+async def test_a_tenants_quotas_come_from_the_cache_by_tenant() -> None:
+    svc = CountingService()
+    q = cached(svc, "quotas", quota_body(), 1)
+    assert [x["metadata"]["name"] for x in await svc._tenant_quotas(NS, "acme-corp")] == ["acme-corp"]
+    moved = copy.deepcopy(q)
+    moved["spec"]["tenantRef"]["name"] = "globex"
+    cached(svc, "quotas", moved, 2)  # its tenantRef edited: it now counts for the other tenant only
+    assert await svc._tenant_quotas(NS, "acme-corp") == []
+    assert [x["metadata"]["resourceVersion"] for x in await svc._tenant_quotas(NS, "globex")] == ["2"]
+    svc.observe("quotas", "DELETED", moved)
+    assert await svc._tenant_quotas(NS, "globex") == []
+    assert svc._quota_refs == {}
+
+
 async def test_a_quota_handler_for_an_enforced_version_evaluates_nothing() -> None:
     svc = CountingService()
     t = cached(svc, "tenants", tenant_body(), 1)

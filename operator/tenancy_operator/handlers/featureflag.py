@@ -34,6 +34,8 @@ GATHER_SECONDS = 0.5
 log = get_logger(__name__)
 ALL = "*"
 """In a nudge: every flag of the namespace, not only those naming a tenant."""
+NAMES_TTL_SECONDS = 30.0
+"""How long a LIST of a namespace's Tenant names serves nudged re-checks, kept current by the watch."""
 
 
 def _iso(when: datetime.datetime) -> str:
@@ -89,6 +91,11 @@ class FeatureFlagService:
         self._nudged: dict[str, set[str]] = {}
         """namespace -> names of Tenants that appeared or went away (ALL: re-check every flag)."""
         self._wake = asyncio.Event()
+        self._names: dict[str, tuple[float, set[str]]] = {}
+        """namespace -> (when LISTed, its Tenant names, kept current by the Tenant watch since): a
+        burst of new Tenants re-checks flags without a LIST of every Tenant each half second."""
+        self._listing: dict[str, list[tuple[str | None, str]]] = {}
+        """Tenant events that arrived while a namespace's LIST was in flight, applied after it."""
 
     async def write_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
         current = body.get("status") or {}
@@ -171,8 +178,33 @@ class FeatureFlagService:
 
     def tenant_changed(self, type_: str | None, body: Mapping[str, Any]) -> None:
         """A Tenant watch event (TenantWatcher): one appearing or going away may resolve overrides."""
+        namespace, name = str(body["metadata"]["namespace"]), str(body["metadata"]["name"])
+        if namespace in self._listing:
+            self._listing[namespace].append((type_, name))
+        self._note_tenant(namespace, type_, name)
         if type_ in ("ADDED", "DELETED"):
-            self.nudge(str(body["metadata"]["namespace"]), str(body["metadata"]["name"]))
+            self.nudge(namespace, name)
+
+    def _note_tenant(self, namespace: str, type_: str | None, name: str) -> None:
+        entry = self._names.get(namespace)
+        if entry is not None:
+            (entry[1].discard if type_ == "DELETED" else entry[1].add)(name)
+
+    async def tenant_names(self, namespace: str, *, fresh: bool) -> set[str]:
+        """The Tenant names of a namespace: LISTed when ``fresh`` or older than NAMES_TTL_SECONDS."""
+        loop = asyncio.get_running_loop()
+        entry = self._names.get(namespace)
+        if fresh or entry is None or loop.time() - entry[0] > NAMES_TTL_SECONDS:
+            during = self._listing.setdefault(namespace, [])
+            try:
+                entry = (loop.time(), await self.reconciler.tenant_names(namespace))
+                self._names[namespace] = entry
+                for type_, name in during:
+                    self._note_tenant(namespace, type_, name)
+            finally:
+                if self._listing.get(namespace) is during:
+                    del self._listing[namespace]
+        return set(entry[1])
 
     def nudge(self, namespace: str, tenant: str = ALL) -> None:
         """Tenant `tenant` appeared or went away in `namespace`: re-check soon the flags naming it
@@ -234,7 +266,7 @@ class FeatureFlagService:
                     continue  # none of the Tenants that changed matters to this flag
             try:
                 if namespace not in tenants:
-                    tenants[namespace] = await self.reconciler.tenant_names(namespace)
+                    tenants[namespace] = await self.tenant_names(namespace, fresh=nudged is None)
                 await self.run(item, tenants=tenants[namespace])
             except (kopf.TemporaryError, Retry):
                 pass  # reported in status; the handler's own retries or the next sweep go on

@@ -75,9 +75,11 @@ EXPIRY_GRACE = timedelta(milliseconds=50)
 """Wake a little after an override's expiry so the evaluation sees it expired."""
 RETRY_FAILED_PASS_SECONDS = 5.0
 RELIST_EVERY = 10
+"""Every how many periodic passes Tenants and Quotas are LISTed instead of read from the watch cache."""
 PASS_SLICE = 32
 """Tenants a periodic pass evaluates per turn of the event loop."""
-"""Every how many periodic passes Tenants and Quotas are LISTed instead of read from the watch cache."""
+AGGREGATES_DELAY_SECONDS = 1.0
+"""The tenants-per-state gauges are recounted at most this often."""
 FIRST_PROVISIONING_GRACE = timedelta(minutes=10)
 """A tenant in its first provisioning is evaluated when its Tenant reports Ready (or Stalled), not
 before: its Quota's first status is then the final one instead of a TenantNotReady that Ready
@@ -578,7 +580,12 @@ class QuotaService:
         # a LIST of every Quota (that was O(N^2) API traffic and JSON parsing at 1000 tenants).
         self._quotas: dict[str, dict[str, dict[str, Any]]] = {}
         self._tenants: dict[Key, dict[str, Any]] = {}
+        # The cached Quotas by the tenant they name: one tenant's evaluation must not scan every
+        # Quota of its namespace (that made a mass creation quadratic).
+        self._quotas_by_tenant: dict[Key, dict[str, dict[str, Any]]] = {}
+        self._quota_refs: dict[Key, str] = {}
         self._seen_listing = {QUOTAS: False, TENANTS: False}
+        self._aggregates_due = False
         self._passes = 0
 
     def observe(self, plural: str, type_: str | None, body: Mapping[str, Any]) -> None:
@@ -589,6 +596,7 @@ class QuotaService:
         if type_ == "DELETED":
             if plural == QUOTAS:
                 self._quotas.get(namespace, {}).pop(name, None)
+                self._index_quota(namespace, name, None)
             else:
                 self._tenants.pop((namespace, name), None)
             return
@@ -610,9 +618,22 @@ class QuotaService:
         if cached is not None and older_version(meta, cached["metadata"]):
             return
         if plural == QUOTAS:
-            self._quotas.setdefault(namespace, {})[name] = dict(body)
+            stored = self._quotas.setdefault(namespace, {})[name] = dict(body)
+            self._index_quota(namespace, name, stored)
         else:
             self._tenants[(namespace, name)] = dict(body)
+
+    def _index_quota(self, namespace: str, name: str, body: dict[str, Any] | None) -> None:
+        old = self._quota_refs.pop((namespace, name), None)
+        if old is not None:
+            by_name = self._quotas_by_tenant.get((namespace, old), {})
+            by_name.pop(name, None)
+            if not by_name:
+                self._quotas_by_tenant.pop((namespace, old), None)
+        ref = _tenant_ref(body) if body is not None else None
+        if body is not None and ref is not None:
+            self._quota_refs[(namespace, name)] = ref
+            self._quotas_by_tenant.setdefault((namespace, ref), {})[name] = body
 
     @property
     def control(self) -> str:
@@ -698,11 +719,12 @@ class QuotaService:
             raise
         return dict(obj)
 
-    async def _namespace_quotas(self, namespace: str) -> list[dict[str, Any]]:
+    async def _tenant_quotas(self, namespace: str, tenant: str) -> list[dict[str, Any]]:
+        """The Quotas naming ``tenant``: from the watch cache, from a LIST before it filled."""
         if self._seen_listing[QUOTAS]:
-            return list(self._quotas.get(namespace, {}).values())
+            return list(self._quotas_by_tenant.get((namespace, tenant), {}).values())
         result = await self.ctx.kube.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, QUOTAS)
-        return list(result.get("items", []))
+        return [q for q in result.get("items", []) if _tenant_ref(q) == tenant]
 
     # --- reading the databases ---------------------------------------------------------------------
 
@@ -790,7 +812,7 @@ class QuotaService:
                     log.debug("quota evaluation deferred until the tenant is provisioned",
                               namespace=namespace, tenant=name, trigger=trigger)
                     return None
-                quotas = sort_quotas([q for q in await self._namespace_quotas(namespace) if _tenant_ref(q) == name])
+                quotas = sort_quotas(await self._tenant_quotas(namespace, name))
             except ApiException as exc:
                 raise Retry("KubernetesAPI", f"reading Tenant/Quotas failed: {exc.status}") from exc
             subject = Subject(namespace, name, tenant, quotas)
@@ -914,6 +936,19 @@ class QuotaService:
             self.series.pop(key, None)
 
     def _update_aggregates(self) -> None:
+        """Recount the per-state gauges soon, at most once a second: a count over every tenant
+        after each evaluation made a mass creation quadratic."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._recount_aggregates()
+            return
+        if not self._aggregates_due:
+            self._aggregates_due = True
+            loop.call_later(AGGREGATES_DELAY_SECONDS, self._recount_aggregates)
+
+    def _recount_aggregates(self) -> None:
+        self._aggregates_due = False
         counts: Counter[tuple[str, int]] = Counter()
         for mem in self.memory.values():
             for name, lv in mem.levels.items():
@@ -955,6 +990,7 @@ class QuotaService:
             for namespace, by_name in self._quotas.items():
                 for name in [n for n in by_name if (namespace, n) not in listed]:
                     del by_name[name]
+                    self._index_quota(namespace, name, None)
         else:
             for key in [k for k in self._tenants if k not in listed]:
                 del self._tenants[key]
@@ -1123,8 +1159,7 @@ class QuotaService:
         if not self._seen_listing[QUOTAS]:
             return None
         meta = tenant["metadata"]
-        quotas = sort_quotas([q for q in self._quotas.get(meta["namespace"], {}).values()
-                              if _tenant_ref(q) == meta["name"]])
+        quotas = sort_quotas(list(self._quotas_by_tenant.get((meta["namespace"], meta["name"]), {}).values()))
         spec: QuotaSpec | None = None
         if quotas:
             with contextlib.suppress(ValidationError):
@@ -1197,9 +1232,7 @@ class QuotaService:
         for attempt in range(6):
             try:
                 await self.reconcile_tenant(namespace, name, trigger=trigger, wanted=wanted)
-                if "tenant-deleted" in trigger.split(",") and not any(
-                    _tenant_ref(q) == name for q in await self._namespace_quotas(namespace)
-                ):
+                if "tenant-deleted" in trigger.split(",") and not await self._tenant_quotas(namespace, name):
                     self.forget((namespace, name))
                 self._update_aggregates()
                 return

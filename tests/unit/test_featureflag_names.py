@@ -1,0 +1,57 @@
+"""The Tenant names a burst of flag re-checks uses: one LIST, kept current by the Tenant watch."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from tenancy_operator.handlers.featureflag import FeatureFlagService
+
+
+def tenant(name: str) -> dict[str, Any]:
+    return {"metadata": {"namespace": "ns", "name": name}}
+
+
+class Listing:
+    """Stands in for the LIST: returns what the API server held when it answered."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names, self.calls = names, 0
+        self.asked, self.answered = asyncio.Event(), asyncio.Event()
+
+    async def __call__(self, namespace: str) -> set[str]:
+        self.calls += 1
+        self.asked.set()
+        await self.answered.wait()
+        return set(self.names)
+
+
+def service(listing: Listing) -> FeatureFlagService:
+    svc = FeatureFlagService(SimpleNamespace())  # type: ignore[arg-type]
+    svc.reconciler = SimpleNamespace(tenant_names=listing)  # type: ignore[assignment]
+    return svc
+
+
+async def test_names_are_listed_once_then_follow_the_watch() -> None:
+    listing = Listing({"acme", "globex"})
+    listing.answered.set()
+    svc = service(listing)
+    assert await svc.tenant_names("ns", fresh=False) == {"acme", "globex"}
+    svc.tenant_changed("ADDED", tenant("initech"))
+    svc.tenant_changed("DELETED", tenant("globex"))
+    assert await svc.tenant_names("ns", fresh=False) == {"acme", "initech"}
+    assert listing.calls == 1
+    assert await svc.tenant_names("ns", fresh=True) == {"acme", "globex"}  # a full sweep reads again
+    assert listing.calls == 2
+
+
+async def test_a_deletion_seen_while_the_list_is_in_flight_is_not_lost() -> None:
+    listing = Listing({"acme", "globex"})  # answered before globex's deletion
+    svc = service(listing)
+    pending = asyncio.ensure_future(svc.tenant_names("ns", fresh=False))
+    await listing.asked.wait()  # the LIST is in flight
+    svc.tenant_changed("DELETED", tenant("globex"))
+    listing.answered.set()
+    assert await pending == {"acme"}
+    assert await svc.tenant_names("ns", fresh=False) == {"acme"}
