@@ -205,7 +205,8 @@ class Operator:
             except (json.JSONDecodeError, AttributeError):
                 self._levels["unparsed"] += 1
                 continue
-            if str(rec.get("event", "")).startswith("Resuming is processed"):
+            # Kopf's handling state lives in memory, so after a restart every object is a creation.
+            if str(rec.get("event", "")).startswith(("Resuming is processed", "Creation is processed")):
                 self.resumed.add((str(rec.get("kind")), str(rec.get("namespace")), str(rec.get("name"))))
         return Counter(self._levels)
 

@@ -17,6 +17,7 @@ from tenancy_operator.db.targets import DatabaseTargets
 from tenancy_operator.handlers import featureflag as featureflag_handlers
 from tenancy_operator.handlers import quota as quota_handlers
 from tenancy_operator.handlers import tenant as tenant_handlers
+from tenancy_operator.handlers.common import MemoryDiffBaseStorage
 from tenancy_operator.k8s.client import Kube
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.events import EventRecorder
@@ -54,9 +55,10 @@ def build_registry() -> kopf.OperatorRegistry:
         # Our own storage keys: changing them later would re-run handlers on every object.
         settings.persistence.finalizer = FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=STORAGE_PREFIX)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=STORAGE_PREFIX, key="last-handled-configuration"
-        )
+        # Kopf's last-handled state in memory, not in an annotation per object: one PATCH and one
+        # watch event fewer per change (handlers/common.py); objects with the annotation from
+        # earlier versions keep it, ignored.
+        memo.diffbase = settings.persistence.diffbase_storage = MemoryDiffBaseStorage(ignored_prefix=STORAGE_PREFIX)
         settings.posting.loggers = False  # Events are for transitions, not log lines
         # After its own patch Kopf waits until the watch shows exactly that resourceVersion. When
         # another write lands right after (our status, quota limits), the batched worker never sees

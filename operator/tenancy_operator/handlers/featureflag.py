@@ -304,3 +304,5 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="finalize")
     async def featureflag_delete(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
         await service(memo).delete(body, retry)
+        if hasattr(memo, "diffbase"):
+            memo.diffbase.forget(body.metadata.uid)  # Kopf's last-handled state of the flag

@@ -30,6 +30,7 @@ from tenancy_operator.resume import ResumeChecker
 from tenancy_operator.runtime_context import OperatorContext, TenantWatcher
 
 KIND, PLURAL = "Tenant", "tenants"
+_FIRST_SIGHT = (kopf.Reason.CREATE.value, kopf.Reason.RESUME.value)
 log = get_logger(__name__)
 
 
@@ -287,8 +288,11 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
     async def tenant_reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, reason: str, **_: Any) -> None:
         svc = service(memo)
-        if reason == kopf.Reason.RESUME.value and retry == 0 and await svc.resume_check.in_sync(body):
-            svc.confirm_in_sync(body)  # start-up: confirmed from bulk facts, nothing to write
+        # Kopf keeps its last-handled state in memory (handlers/common.py), so after a restart
+        # every Tenant comes as a creation: confirmed from bulk facts, nothing to write. (A new
+        # Tenant has no status yet and is not in sync: that check costs nothing.)
+        if reason in _FIRST_SIGHT and retry == 0 and await svc.resume_check.in_sync(body):
+            svc.confirm_in_sync(body)
             return
         await svc.run(body, retry)
 
@@ -299,6 +303,8 @@ def register(registry: kopf.OperatorRegistry) -> None:
         for svc in getattr(memo, "services", {}).values():
             if isinstance(svc, TenantWatcher):
                 svc.tenant_changed(type, body)
+        if type == "DELETED" and hasattr(memo, "diffbase"):
+            memo.diffbase.forget(body.metadata.uid)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="finalize")
     async def tenant_delete(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:

@@ -1,0 +1,43 @@
+"""Kopf's last-handled state kept in memory: what counts as a change, and what is forgotten."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from tenancy_operator.handlers.common import MemoryDiffBaseStorage
+
+
+def body(**annotations: str) -> kopf.Body:
+    raw: dict[str, Any] = {
+        "apiVersion": "tenancy.dev/v1alpha1", "kind": "Tenant",
+        "metadata": {"name": "acme", "namespace": "ns", "uid": "u-1", "resourceVersion": "7",
+                     "annotations": annotations},
+        "spec": {"tier": "pro"},
+        "status": {"phase": "Active"},
+    }
+    return kopf.Body(raw)  # type: ignore[arg-type]
+
+
+def test_the_state_is_remembered_per_object_and_forgotten_with_it() -> None:
+    storage = MemoryDiffBaseStorage(ignored_prefix="kopf.tenancy.dev")
+    b = body()
+    assert storage.fetch(body=b) is None  # never handled by this process: a creation for Kopf
+    essence = storage.build(body=b)
+    patch = kopf.Patch()
+    storage.store(body=b, patch=patch, essence=essence)
+    assert not patch  # nothing written to the object
+    assert storage.fetch(body=b) == {"spec": {"tier": "pro"}}
+    storage.forget("u-1")
+    assert storage.fetch(body=b) is None and len(storage) == 0
+
+
+def test_kopfs_own_annotations_are_not_changes_but_the_users_are() -> None:
+    storage = MemoryDiffBaseStorage(ignored_prefix="kopf.tenancy.dev")
+    plain = storage.build(body=body())
+    assert storage.build(body=body(**{
+        "kopf.tenancy.dev/last-handled-configuration": "{}",  # written by earlier versions
+        "kopf.tenancy.dev/reconcile": '{"retries": 1}',
+    })) == plain
+    assert storage.build(body=body(**{"tenancy.dev/rotate-credentials": "1"})) != plain
