@@ -437,6 +437,7 @@ class SqlCounts:
     ddl_texts: Counter[str]  # DDL statement shapes (identifiers masked) -> calls
     xacts: int  # xact_commit + xact_rollback of the tenancy database (all roles)
     top: Counter[str] = field(default_factory=Counter)  # "role: statement shape" -> calls
+    top_ms: Counter[str] = field(default_factory=Counter)  # "role: statement shape" -> server time (ms)
 
     def total(self, role: str | None = None, kind: str | None = None) -> int:
         return sum(v for (r, k), v in self.by_role_kind.items()
@@ -486,13 +487,15 @@ class PgMeter:
         by: Counter[tuple[str, str]] = Counter()
         ddl: Counter[str] = Counter()
         top: Counter[str] = Counter()
+        top_ms: Counter[str] = Counter()
         with self._conn() as conn:
             rows = conn.execute(
-                "SELECT r.rolname, s.query, s.calls FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid"
+                "SELECT r.rolname, s.query, s.calls, s.total_plan_time + s.total_exec_time"
+                " FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid"
                 " JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = current_database()"
             ).fetchall()
             xacts = self._xacts(conn) - self._xacts0
-        for rolname, query, calls in rows:
+        for rolname, query, calls, ms in rows:
             role = ("operator" if rolname == self.operator_role else
                     "tenant" if str(rolname).startswith("tenant_") else "other")
             kind = statement_kind(str(query))
@@ -500,8 +503,10 @@ class PgMeter:
             if kind == "DDL" and role != "other":
                 ddl[_mask(str(query))] += int(calls)
             if role != "other":
-                top[f"{role}: {_mask(' '.join(str(query).split()))}"] += int(calls)
-        return SqlCounts(by, ddl, xacts, top)
+                shape = f"{role}: {_mask(' '.join(str(query).split()))}"
+                top[shape] += int(calls)
+                top_ms[shape] += round(float(ms or 0))
+        return SqlCounts(by, ddl, xacts, top, top_ms)
 
     def statements(self) -> list[tuple[str, str, int]]:
         """(role, query, calls) of everything but the admin's own statements."""

@@ -132,6 +132,7 @@ def sql_dict(c: SqlCounts, n: int) -> dict[str, Any]:
         "xacts": c.xacts, "xacts_per_tenant": round(c.xacts / n, 2) if n else None,
         "ddl_shapes": dict(c.ddl_texts.most_common(12)),
         "top_statements": dict(c.top.most_common(30)),
+        "top_statements_ms": dict(c.top_ms.most_common(20)),
     }
 
 

@@ -3,7 +3,7 @@
 A minimal asyncio program that issues, for each Tenant the benchmark applies, the same writes the
 operator makes on first provisioning, and nothing else: no reads to check the current state (it
 knows everything is new), no Kopf bookkeeping (finalizer, annotations), no Events, no
-intermediate status. Same concurrency as the operator's defaults: ``worker_limit`` objects at
+intermediate status. Same concurrency as the operator's defaults: ``reconcile_concurrency`` objects at
 once, a pool of ``pool_max_size`` connections, ``migration_concurrency`` tenant logins at once.
 
 Per tenant (statements through the operator's own SQL helpers, so the text is identical):
@@ -113,7 +113,7 @@ class Floor:
             self.queue.put_nowait(obj)
 
     async def run(self, expected: int) -> None:
-        """Process ``expected`` Tenant/FeatureFlag objects with ``worker_limit`` workers."""
+        """Process ``expected`` Tenant/FeatureFlag objects with ``reconcile_concurrency`` workers."""
         remaining = [expected]
 
         async def worker() -> None:
@@ -128,7 +128,7 @@ class Floor:
                 except Exception as exc:  # counted and shown; the benchmark then waits in vain
                     self.stats.errors.append(f"{obj['metadata']['name']}: {type(exc).__name__}: {exc}")
 
-        await asyncio.gather(*(worker() for _ in range(self.settings.worker_limit)))
+        await asyncio.gather(*(worker() for _ in range(self.settings.reconcile_concurrency)))
 
     async def tenant(self, body: dict[str, Any]) -> None:
         assert self.pool is not None

@@ -37,9 +37,14 @@ class Settings(BaseSettings):
     bind_address: str = "0.0.0.0"  # noqa: S104 - a pod must be reachable by Prometheus and kubelet
     log_level: str = "INFO"
     log_format: str = Field(default="json", pattern="^(json|console)$")
-    # Kopf sleeps out a retry backoff inside the object's worker, so few workers starve new objects
-    # behind failing ones; workers are cheap tasks, database concurrency is bounded by the pool.
-    worker_limit: int = Field(default=64, ge=1, le=1024)
+    # Kopf's per-object workers (one per object with events to handle) mostly wait: with few of
+    # them a burst of new objects queued behind busy ones, and every watch handler with them (the
+    # quota service then read unseen Tenants with a GET each). The work is bounded by
+    # reconcile_concurrency, the pool and migration_concurrency instead.
+    worker_limit: int = Field(default=2048, ge=1, le=100_000)
+    reconcile_concurrency: int = Field(
+        default=64, ge=1, le=4096, description="Tenant reconciles and deletions at once, process-wide."
+    )
     consistency_timeout_seconds: float = Field(default=0.5, ge=0)
     sweep_interval_seconds: float = Field(default=300.0, gt=0)
     pool_min_size: int = Field(default=1, ge=0)

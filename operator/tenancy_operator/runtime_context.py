@@ -38,9 +38,12 @@ class OperatorContext:
     last_sweep_ok: float = field(default_factory=time.monotonic)
     # Tenant migrations running at once, process-wide (each holds a tenant login, not a pool slot).
     migration_slots: asyncio.Semaphore = field(init=False)
+    # Tenant reconciles and deletions at once, process-wide (Kopf's workers are many more).
+    reconcile_slots: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
         self.migration_slots = asyncio.Semaphore(self.settings.migration_concurrency)
+        self.reconcile_slots = asyncio.Semaphore(self.settings.reconcile_concurrency)
 
     async def ensure_control_schema(self, target: str) -> None:
         """Migrate a target's control schema once per process, lazily: a target that was down

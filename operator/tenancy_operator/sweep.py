@@ -112,7 +112,7 @@ class Sweeper:
             for body, spec, ident in items:
                 if drifted(spec, ident, observed[ident]):
                     todo.append(body)
-        sem = asyncio.Semaphore(self.ctx.settings.worker_limit)
+        sem = asyncio.Semaphore(self.ctx.settings.reconcile_concurrency)
 
         async def one(body: dict[str, Any]) -> None:
             async with sem:

@@ -156,7 +156,7 @@ class TenantService:
         meta = body["metadata"]
         key = _key(body)
         started = time.monotonic()
-        async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
+        async with self.ctx.lock(KIND, meta["namespace"], meta["name"]), self.ctx.reconcile_slots:
             if key in self._deleting:
                 # A sweep or fleet migration listed it before its deletion began: the deletion
                 # handler owns it now, and its status must not be overwritten by this reconcile.
@@ -208,7 +208,7 @@ class TenantService:
         metrics.PENDING.add(KIND, key)
         meta = body["metadata"]
         generation = int(meta.get("generation") or 0)
-        async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
+        async with self.ctx.lock(KIND, meta["namespace"], meta["name"]), self.ctx.reconcile_slots:
             try:
                 evs = await self.reconciler.finalize(body)
             except psycopg.Error as exc:

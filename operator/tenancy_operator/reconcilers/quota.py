@@ -1039,7 +1039,7 @@ class QuotaService:
             with metrics.QUOTA_MEASURE_DURATION.labels(target=target).time():
                 probes.update(await self.probe_target(target, items))
 
-        sem = asyncio.Semaphore(self.ctx.settings.worker_limit)
+        sem = asyncio.Semaphore(self.ctx.settings.reconcile_concurrency)
 
         async def one(s: Subject) -> None:
             async with sem, self.ctx.lock(LOCK_KIND, s.namespace, s.name):
