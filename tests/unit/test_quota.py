@@ -604,6 +604,37 @@ async def test_tenant_events_during_an_evaluation_rerun_it_only_if_still_needed(
     assert svc.evaluations[-1] == "tenant-changed"
 
 
+async def test_a_new_quota_of_a_tenant_not_seen_yet_waits_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tenancy_operator.reconcilers import quota as quota_module
+
+    monkeypatch.setattr(quota_module, "UNSEEN_TENANT_GRACE_SECONDS", 0.05)
+    svc = CountingService()
+    reads: list[str] = []
+
+    async def get_tenant(namespace: str, name: str) -> dict[str, Any] | None:
+        if (namespace, name) in svc._tenants:
+            return svc._tenants[(namespace, name)]
+        reads.append(name)  # stands for the GET of a Tenant the cache has not seen
+        return None
+
+    svc._get_tenant = get_tenant  # type: ignore[method-assign]
+    await svc.handle_quota(cached(svc, "quotas", quota_body(), 1), created=True)
+    assert svc.evaluations == [] and reads == []  # created together with its Tenant: no GET
+    svc.tenant_event("MODIFIED", cached(svc, "tenants", tenant_body(), 2))  # it shows up, Ready
+    await settle(svc)
+    assert svc.evaluations == ["tenant-changed"]
+
+    typo = quota_body("typo")
+    typo["spec"]["tenantRef"]["name"] = "nobody"
+    await svc.handle_quota(cached(svc, "quotas", typo, 3), created=True)
+    deadline = time.monotonic() + 10
+    while "tenant-unseen" not in svc.evaluations and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await settle(svc)
+    assert svc.evaluations == ["tenant-changed", "tenant-unseen"]  # read after the grace: TenantNotFound
+    assert reads == ["nobody"]
+
+
 async def test_a_new_quota_waits_for_its_tenants_first_provisioning() -> None:
     svc = CountingService()
     provisioning = cached(svc, "tenants", tenant_body(conditions=False), 1)

@@ -93,9 +93,11 @@ def pending(wanted: list[Migration], done: dict[str, str]) -> list[Migration]:
 
 async def apply_as_tenant(
     tenant_dsn: str, schema: str, todo: list[Migration], *, lock_timeout: str, statement_timeout: str,
-    connect_timeout: float,
+    connect_timeout: float, records: dict[str, str] | None = None,
 ) -> list[str]:
-    """Apply ``todo`` in order, each in its own transaction; stops at the first failure."""
+    """Apply ``todo`` in order, each in its own transaction; stops at the first failure. Returns
+    the versions applied; ``records``, when given, receives every record the schema holds after
+    a successful run, read over the same login (the caller need not read them again)."""
     done: list[str] = []
     record = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(RECORD_TABLE))
     async with await psycopg.AsyncConnection.connect(
@@ -133,13 +135,17 @@ async def apply_as_tenant(
                     raise  # worth retrying as is
                 raise MigrationFailed(m.version, exc.diag.message_primary or type(exc).__name__) from exc
             done.append(m.version)
+        if records is not None:
+            cur = await conn.execute(sql.SQL("SELECT version, checksum FROM {}").format(record))
+            records.update({str(v): str(c) for v, c in await cur.fetchall()})
     return done
 
 
-async def mirror(conn: Conn, control: str, tenant_id: str, schema: str) -> dict[str, str]:
-    """Copy the tenant's migration records into the control schema, for fleet reporting; returns
-    them (version -> checksum)."""
-    done = await applied(conn, schema)
+async def mirror(conn: Conn, control: str, tenant_id: str, schema: str,
+                 records: dict[str, str] | None = None) -> dict[str, str]:
+    """Copy the tenant's migration records (read now unless given) into the control schema, for
+    fleet reporting; returns them (version -> checksum)."""
+    done = records if records is not None else await applied(conn, schema)
     if not done:
         return done
     await conn.execute(

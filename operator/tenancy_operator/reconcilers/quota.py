@@ -80,6 +80,8 @@ PASS_SLICE = 32
 """Tenants a periodic pass evaluates per turn of the event loop."""
 AGGREGATES_DELAY_SECONDS = 1.0
 """The tenants-per-state gauges are recounted at most this often."""
+UNSEEN_TENANT_GRACE_SECONDS = 10.0
+"""How long a new Quota waits for its Tenant to show in the watch before reading it with a GET."""
 FIRST_PROVISIONING_GRACE = timedelta(minutes=10)
 """A tenant in its first provisioning is evaluated when its Tenant reports Ready (or Stalled), not
 before: its Quota's first status is then the final one instead of a TenantNotReady that Ready
@@ -802,6 +804,13 @@ class QuotaService:
             if wanted is not None and not wanted():
                 log.debug("quota evaluation not needed", namespace=namespace, tenant=name, trigger=trigger)
                 return None
+            if defer_first_provisioning and key not in self._tenants and self._seen_listing[TENANTS]:
+                # A new Quota whose Tenant the watch has not shown yet: in a bulk creation, the
+                # Tenant created just before it. The Tenant's own events evaluate it (at its first
+                # Ready); only if it stays unseen is it read (a GET each cost ~1000 per 1000 tenants).
+                self._deferred.add(key)
+                asyncio.get_running_loop().call_later(UNSEEN_TENANT_GRACE_SECONDS, self._still_unseen, key)
+                return None
             try:
                 tenant = await self._get_tenant(namespace, name)
                 # The watch cache may have seen more than a GET that just returned (a Stalled status).
@@ -1190,6 +1199,11 @@ class QuotaService:
         elif key in self._deferred and not _first_provisioning(body, _now()):
             self._deferred.discard(key)  # not Ready, but no longer provisioning (e.g. Stalled)
             self.spawn(key[0], key[1], "tenant-settled")
+
+    def _still_unseen(self, key: Key) -> None:
+        if key not in self._tenants and key in self._deferred:
+            self._deferred.discard(key)
+            self.spawn(key[0], key[1], "tenant-unseen")  # reads it: TenantNotFound, or evaluated
 
     def _tenant_changed(self, key: Key, body: Mapping[str, Any] | None) -> bool:
         """A Ready Tenant this process has not enforced as it is now (new, re-created, new tier)."""

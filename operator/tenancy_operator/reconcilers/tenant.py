@@ -551,20 +551,26 @@ class TenantReconciler:
         gate = self._gate(short, body, row.id, new_tenant=plan.new_tenant)
 
         async def migrate() -> list[str]:
+            records: dict[str, str] = {}
+            ok = False
             try:
-                return await self._apply(plan.dsn, ident, plan.todo)
-            except psycopg.OperationalError as exc:
-                if "authentication failed" not in str(exc):
-                    raise
-                # The role's password was changed behind our back: the Secret is the truth.
-                async with short() as conn:
-                    await sqlt.set_password(conn, ident, plan.password)
-                out.repairs.append("password")
-                return await self._apply(plan.dsn, ident, plan.todo)
+                try:
+                    done = await self._apply(plan.dsn, ident, plan.todo, records)
+                except psycopg.OperationalError as exc:
+                    if "authentication failed" not in str(exc):
+                        raise
+                    # The role's password was changed behind our back: the Secret is the truth.
+                    async with short() as conn:
+                        await sqlt.set_password(conn, ident, plan.password)
+                    out.repairs.append("password")
+                    done = await self._apply(plan.dsn, ident, plan.todo, records)
+                ok = True
+                return done
             finally:
-                out.applied = None  # what the migrations left is read again below
+                # What the migrations left: read by the run itself when it succeeded, else here.
+                out.applied = None
                 async with short() as conn:
-                    out.applied = await tm.mirror(conn, self.control, row.id, ident)
+                    out.applied = await tm.mirror(conn, self.control, row.id, ident, records if ok else None)
 
         try:
             async with self.ctx.migration_slots:
@@ -575,11 +581,12 @@ class TenantReconciler:
         for v in applied:
             out.events.append(("Normal", "MigrationApplied", f"applied {v}"))
 
-    async def _apply(self, dsn: str, ident: str, todo: list[tm.Migration]) -> list[str]:
+    async def _apply(self, dsn: str, ident: str, todo: list[tm.Migration],
+                     records: dict[str, str] | None = None) -> list[str]:
         return await tm.apply_as_tenant(
             dsn, ident, todo, lock_timeout=self.ctx.settings.migration_lock_timeout,
             statement_timeout=self.ctx.settings.migration_statement_timeout,
-            connect_timeout=self.ctx.settings.db_connect_timeout_seconds,
+            connect_timeout=self.ctx.settings.db_connect_timeout_seconds, records=records,
         )
 
     # --- deletion ----------------------------------------------------------------------------
