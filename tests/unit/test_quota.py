@@ -635,6 +635,29 @@ async def test_a_new_quota_of_a_tenant_not_seen_yet_waits_for_it(monkeypatch: py
     assert reads == ["nobody"]
 
 
+async def test_evaluations_starting_together_share_one_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tenancy_operator.reconcilers import quota as quota_module
+
+    monkeypatch.setattr(quota_module, "PROBE_GATHER_SECONDS", 0.5)  # generous: the loop may be slow
+    svc = CountingService()
+    batches: list[list[str]] = []
+    probe_all = svc.probe_target
+
+    async def counting_probe(target: str, subjects: Any) -> dict[Any, Probe]:
+        batches.append(sorted(s.name for s in subjects))
+        return await probe_all(target, subjects)
+
+    svc.probe_target = counting_probe  # type: ignore[method-assign]
+    names = [f"t{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        body = tenant_body()
+        body["metadata"].update(name=name, uid=f"u-{name}")
+        svc.tenant_event("MODIFIED", cached(svc, "tenants", body, i + 1))  # a burst of new Ready tenants
+    await settle(svc)
+    assert sorted(svc.evaluations) == ["tenant-changed"] * 5
+    assert batches == [names]  # one probe query for the five
+
+
 async def test_a_new_quota_waits_for_its_tenants_first_provisioning() -> None:
     svc = CountingService()
     provisioning = cached(svc, "tenants", tenant_body(conditions=False), 1)

@@ -81,6 +81,8 @@ PASS_SLICE = 32
 AGGREGATES_DELAY_SECONDS = 1.0
 """The tenants-per-state gauges are recounted at most this often."""
 UNSEEN_TENANT_GRACE_SECONDS = 10.0
+PROBE_GATHER_SECONDS = 0.02
+"""Evaluations starting within this window share one probe query (see QuotaService._probe_one)."""
 """How long a new Quota waits for its Tenant to show in the watch before reading it with a GET."""
 FIRST_PROVISIONING_GRACE = timedelta(minutes=10)
 """A tenant in its first provisioning is evaluated when its Tenant reports Ready (or Stalled), not
@@ -588,6 +590,7 @@ class QuotaService:
         self._quota_refs: dict[Key, str] = {}
         self._seen_listing = {QUOTAS: False, TENANTS: False}
         self._aggregates_due = False
+        self._probe_batches: dict[str, list[tuple[Subject, asyncio.Future[Probe]]]] = {}
         self._passes = 0
 
     def observe(self, plural: str, type_: str | None, body: Mapping[str, Any]) -> None:
@@ -790,6 +793,38 @@ class QuotaService:
 
     # --- evaluating and applying --------------------------------------------------------------------
 
+    async def _probe_one(self, target: str, subject: Subject) -> Probe:
+        """Measure one tenant together with the others whose evaluations start meanwhile: a burst
+        of new tenants becomes one probe query per few dozen tenants instead of one each (its
+        planning and catalog scans cost about the same for 1 tenant as for 30)."""
+        loop = asyncio.get_running_loop()
+        batch = self._probe_batches.get(target)
+        if batch is None:
+            batch = self._probe_batches[target] = []
+            loop.call_later(PROBE_GATHER_SECONDS, self._probe_batch, target)
+        future: asyncio.Future[Probe] = loop.create_future()
+        batch.append((subject, future))
+        return await future
+
+    def _probe_batch(self, target: str) -> None:
+        batch = self._probe_batches.pop(target, [])
+
+        async def run() -> None:
+            try:
+                probes = await self.probe_target(target, [s for s, _ in batch])
+            except Exception as exc:  # every waiter's evaluation fails with it (and is retried)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            for s, future in batch:
+                if not future.done():
+                    future.set_result(probes[s.key])
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"quota-probe-{target}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def reconcile_tenant(
         self, namespace: str, name: str, *, trigger: str, wanted: Callable[[], bool] | None = None,
         defer_first_provisioning: bool = False,
@@ -828,7 +863,7 @@ class QuotaService:
             probe = None
             if tenant is not None and not tenant["metadata"].get("deletionTimestamp"):
                 target = str((tenant.get("spec") or {}).get("database") or "default")
-                probe = (await self.probe_target(target, [subject]))[key]
+                probe = await self._probe_one(target, subject)
             plan = await self.apply(subject, probe, trigger=trigger)
             self.epochs[key] += 1
         if probe is not None and probe.problem and probe.problem[0] == "DatabaseUnavailable":
