@@ -348,4 +348,6 @@ def test_usage_the_platform_reports_is_read_back(
     labels = {"namespace": namespace, "tenant": "worker", "resource": "concurrentJobs"}
     eventually(lambda: operator.metric("tenant_quota_used", **labels) == 2, timeout=10)
     assert operator.metric("tenant_quota_limit", **labels) == 2
-    assert operator.metric("tenant_quota_tenants", resource="concurrentJobs", state="exceeded") >= 1
+    # The tenants-per-state gauges are recounted at most once a second.
+    eventually(lambda: operator.metric("tenant_quota_tenants", resource="concurrentJobs", state="exceeded") >= 1,
+               timeout=10)
