@@ -203,9 +203,9 @@ def login_statement(role: str, login: bool) -> sql.Composed:
     return sql.SQL("ALTER ROLE {} {}").format(sql.Identifier(role), keyword)
 
 
-async def password_statement(role: str, password: str) -> sql.Composed:
+async def password_statement(role: str, password: str, iterations: int) -> sql.Composed:
     """``ALTER ROLE ... PASSWORD <verifier>``; PBKDF2 runs in a thread, not in the event loop."""
-    verifier = await asyncio.to_thread(scram_sha256_verifier, password)
+    verifier = await asyncio.to_thread(scram_sha256_verifier, password, iterations)
     return sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(verifier))
 
 
@@ -222,8 +222,8 @@ async def set_login(conn: Conn, role: str, login: bool) -> None:
     await conn.execute(login_statement(role, login))
 
 
-async def set_password(conn: Conn, role: str, password: str) -> None:
-    await conn.execute(await password_statement(role, password))
+async def set_password(conn: Conn, role: str, password: str, iterations: int) -> None:
+    await conn.execute(await password_statement(role, password, iterations))
 
 
 async def terminate_sessions(conn: Conn, role: str) -> int:

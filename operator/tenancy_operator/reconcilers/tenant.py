@@ -131,6 +131,10 @@ class TenantReconciler:
     def control(self) -> str:
         return self.ctx.settings.control_schema
 
+    @property
+    def _iterations(self) -> int:
+        return self.ctx.settings.scram_iterations
+
     def _gate(self, connect: Connector, body: Mapping[str, Any], tenant_id: str, *,
               max_attempts: int | None = None, new_tenant: bool = False) -> JobGate:
         meta = body["metadata"]
@@ -315,7 +319,7 @@ class TenantReconciler:
         statements = self._catalog_statements(ident, obs, out, drift=False)
 
         async def provision(password: str) -> str:
-            await sqlt.run_batch(conn, [*statements, await sqlt.password_statement(ident, password),
+            await sqlt.run_batch(conn, [*statements, await sqlt.password_statement(ident, password, self._iterations),
                                         sqlt.login_statement(ident, _enum(spec.state) != "Suspended")])
             return password
 
@@ -418,7 +422,7 @@ class TenantReconciler:
             password = _secret_data(current).get("password", "")
             if _rotation_of(current) == rotation and password:
                 if role_created:  # a role dropped out of band comes back with the password apps use
-                    await sqlt.set_password(conn, ident, password)
+                    await sqlt.set_password(conn, ident, password, self._iterations)
                 desired = self._secret_body(body, spec, ident, password, rotation)
                 if desired["data"] != current.get("data") or not _owned_by(current, meta["uid"]):
                     desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
@@ -427,13 +431,13 @@ class TenantReconciler:
         # No Secret (first time, deleted out of band, or re-applied): a new password.
         if current is None:
             password = sqlt.generate_password()
-            await sqlt.set_password(conn, ident, password)
+            await sqlt.set_password(conn, ident, password, self._iterations)
             await self._write_secret(namespace, self._secret_body(body, spec, ident, password, rotation), replace=False)
             return password, "recreated"
 
         async def rotate() -> str:
             new = sqlt.generate_password()
-            await sqlt.set_password(conn, ident, new)
+            await sqlt.set_password(conn, ident, new, self._iterations)
             desired = self._secret_body(body, spec, ident, new, rotation)
             desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
             await self._write_secret(namespace, desired, replace=True)
@@ -561,7 +565,7 @@ class TenantReconciler:
                         raise
                     # The role's password was changed behind our back: the Secret is the truth.
                     async with short() as conn:
-                        await sqlt.set_password(conn, ident, plan.password)
+                        await sqlt.set_password(conn, ident, plan.password, self._iterations)
                     out.repairs.append("password")
                     done = await self._apply(plan.dsn, ident, plan.todo, records)
                 ok = True
