@@ -922,7 +922,9 @@ class QuotaService:
             async for attempt in AsyncRetrying(retry=retry_if_exception(is_transient), stop=stop_after_attempt(4),
                                                wait=wait_exponential_jitter(initial=0.1, max=1.0), reraise=True):
                 with attempt:
-                    async with self.ctx.targets.pool(plan.target).connection() as conn:
+                    # Pipeline mode: the statements go in one round trip (an error skips the rest,
+                    # and the whole attempt is made again).
+                    async with self.ctx.targets.pool(plan.target).connection() as conn, conn.pipeline():
                         if "connections" in plan.role_changes:
                             await dbq.set_connection_limit(conn, role, want.connection_limit)
                         if "statementTimeout" in plan.role_changes:

@@ -231,19 +231,21 @@ class TenantReconciler:
         if out.applied is None:  # not read in this reconcile yet (or a migration ran since)
             out.applied = await tm.applied(conn, ident)
         out.schema_version = _latest(out.applied)
-        if out.ready:
-            await sqlt.update_row(
-                conn, self.control, row.id, uid=uid, tier=_enum(spec.tier), display_name=spec.display_name,
-                state="suspended" if suspended else "active", provisioned=True,
-                schema_recreated=out.schema_recreated,
-            )
         recreated_at = row.schema_recreated_at
-        ack = (meta.get("annotations") or {}).get(ACK_SCHEMA_RECREATED_ANNOTATION)
-        if recreated_at is not None and not out.schema_recreated and ack and ack != row.schema_recreated_ack:
-            await sqlt.acknowledge_schema_recreated(conn, self.control, row.id, ack)
-            recreated_at = None
+        # Pipeline mode: the writes go with the ledger read in one round trip.
+        async with conn.pipeline():
+            if out.ready:
+                await sqlt.update_row(
+                    conn, self.control, row.id, uid=uid, tier=_enum(spec.tier), display_name=spec.display_name,
+                    state="suspended" if suspended else "active", provisioned=True,
+                    schema_recreated=out.schema_recreated,
+                )
+            ack = (meta.get("annotations") or {}).get(ACK_SCHEMA_RECREATED_ANNOTATION)
+            if recreated_at is not None and not out.schema_recreated and ack and ack != row.schema_recreated_ack:
+                await sqlt.acknowledge_schema_recreated(conn, self.control, row.id, ack)
+                recreated_at = None
+            out.jobs = await ledger.recent(conn, self.control, row.id, limit=5)
         out.data_loss = out.schema_recreated or recreated_at is not None
-        out.jobs = await ledger.recent(conn, self.control, row.id, limit=5)
         _fold_first_provisioning_events(out, ident)
         for what in out.repairs:
             metrics.DRIFT_REPAIRS.labels(kind="Tenant", object=what).inc()
