@@ -104,7 +104,7 @@ class Sweeper:
                 by_target[spec.database].append((body, spec, ident))
         for target, items in by_target.items():
             try:
-                async with self.ctx.targets.pool(target).connection() as conn:
+                async with self.ctx.targets.connection(target) as conn:
                     observed = await sqlt.observe(conn, [ident for _, _, ident in items])
             except (psycopg_pool.PoolTimeout, psycopg.OperationalError, LookupError):
                 todo.extend(body for body, _, _ in items)  # the reconcile reports why

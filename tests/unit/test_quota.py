@@ -556,6 +556,15 @@ def test_the_cache_never_goes_back_to_an_older_version() -> None:
     assert svc._quotas[NS]["acme-corp"]["status"] == {"stale": True}
 
 
+def test_the_cache_keeps_no_managed_fields() -> None:
+    svc = CountingService()
+    body = quota_body()
+    body["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
+    cached(svc, "quotas", body, 1)
+    assert "managedFields" not in svc._quotas[NS]["acme-corp"]["metadata"]
+    assert "managedFields" in body["metadata"]  # the event's own body is left as it was
+
+
 async def test_a_tenants_quotas_come_from_the_cache_by_tenant() -> None:
     svc = CountingService()
     q = cached(svc, "quotas", quota_body(), 1)

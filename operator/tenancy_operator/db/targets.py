@@ -95,5 +95,11 @@ class DatabaseTargets:
             )
 
     async def ping(self, target: str, wait_seconds: float = 3.0) -> None:
-        async with self.pool(target).connection(timeout=wait_seconds) as conn:
+        """The target accepts a new connection and answers. Not through the pool: under a burst
+        every pooled connection is busy with work, and a liveness probe that queued behind it
+        failed (seen at 5000 new tenants), which would have had the pod restarted mid-burst."""
+        async with await psycopg.AsyncConnection.connect(
+            self.dsns[target], autocommit=True, connect_timeout=max(1, int(wait_seconds)),
+            application_name="tenancy-operator-probe",
+        ) as conn:
             await conn.execute("SELECT 1")

@@ -172,7 +172,7 @@ class FeatureFlagReconciler:
         for target in sorted(self.ctx.targets.pools):
             try:
                 await self.ctx.ensure_control_schema(target)
-                async with self.ctx.targets.pool(target).connection() as conn:
+                async with self.ctx.targets.connection(target) as conn:
                     kwargs: dict[str, Any] = {
                         "namespace": namespace, "name": name, "uid": uid, "generation": generation, "flag": flag,
                         "changed_by": changed_by, "changed_at": changed_at,
@@ -314,7 +314,7 @@ class FeatureFlagReconciler:
         for target in sorted(self.ctx.targets.pools):
             try:
                 await self.ctx.ensure_control_schema(target)
-                async with self.ctx.targets.pool(target).connection() as conn:
+                async with self.ctx.targets.connection(target) as conn:
                     res = await dbf.remove(
                         conn, self.control, namespace=namespace, name=name, uid=meta.get("uid"), key=key,
                         generation=int(meta.get("generation") or 0),

@@ -521,6 +521,16 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the cache keeps of an object: not its managedFields, never read here and often its
+    largest part (idle RSS was 592 MB at 5000 tenants, about 90 MB per 1000)."""
+    out = dict(body)
+    meta = dict(out.get("metadata") or {})
+    meta.pop("managedFields", None)
+    out["metadata"] = meta
+    return out
+
+
 def _tenant_ref(quota: Mapping[str, Any]) -> str | None:
     ref = ((quota.get("spec") or {}).get("tenantRef") or {}).get("name")
     return str(ref) if ref else None
@@ -623,10 +633,10 @@ class QuotaService:
         if cached is not None and older_version(meta, cached["metadata"]):
             return
         if plural == QUOTAS:
-            stored = self._quotas.setdefault(namespace, {})[name] = dict(body)
+            stored = self._quotas.setdefault(namespace, {})[name] = _slim(body)
             self._index_quota(namespace, name, stored)
         else:
-            self._tenants[(namespace, name)] = dict(body)
+            self._tenants[(namespace, name)] = _slim(body)
 
     def _index_quota(self, namespace: str, name: str, body: dict[str, Any] | None) -> None:
         old = self._quota_refs.pop((namespace, name), None)
@@ -745,7 +755,7 @@ class QuotaService:
         if not idents:
             return probes
         try:
-            pool = self.ctx.targets.pool(target)
+            self.ctx.targets.pool(target)
         except UnknownTarget:
             known = ", ".join(sorted(self.ctx.targets.pools)) or "none"
             problem = ("UnknownDatabase", f"database target {target!r} is not configured (known: {known})")
@@ -753,7 +763,7 @@ class QuotaService:
         names = sorted(set(idents.values()))
         try:
             await self.ctx.ensure_control_schema(target)
-            async with pool.connection() as conn:
+            async with self.ctx.targets.connection(target) as conn:
                 # Registry, roles and (only where a row and a role exist) usage: one statement. The
                 # usage upsert and the platform's rows: one more, and only for subjects we enforce,
                 # so a tenant still being provisioned costs a single statement.
@@ -924,7 +934,7 @@ class QuotaService:
                 with attempt:
                     # Pipeline mode: the statements go in one round trip (an error skips the rest,
                     # and the whole attempt is made again).
-                    async with self.ctx.targets.pool(plan.target).connection() as conn, conn.pipeline():
+                    async with self.ctx.targets.connection(plan.target) as conn, conn.pipeline():
                         if "connections" in plan.role_changes:
                             await dbq.set_connection_limit(conn, role, want.connection_limit)
                         if "statementTimeout" in plan.role_changes:
