@@ -35,7 +35,7 @@ log = get_logger(__name__)
 ALL = "*"
 """In a nudge: every flag of the namespace, not only those naming a tenant."""
 NAMES_TTL_SECONDS = 30.0
-"""How long a LIST of a namespace's Tenant names serves nudged re-checks, kept current by the watch."""
+"""How long a LIST of a namespace's Tenant names serves flag edits and re-checks, kept current by the watch."""
 
 
 def _iso(when: datetime.datetime) -> str:
