@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     # PBKDF2 rounds of the SCRAM verifiers of tenant passwords. Key stretching protects guessable
     # human passwords; ours are 192 random bits, which no number of guesses reaches, while every
     # login (the operator's migrations, the tenant's applications) pays the rounds on its CPU:
-    # 3.5 ms per connection at PostgreSQL's default of 4096 (docs/reliability.md, Security).
+    # 4.9 ms of client CPU per connection at PostgreSQL's default of 4096 (docs/reliability.md).
     scram_iterations: int = Field(default=512, ge=1, le=10_000_000)
     # Host and port written into tenant Secrets; default: those of the target's DSN.
     secret_host_override: str | None = None
