@@ -29,7 +29,7 @@ class Track:
     sent: float = 0.0  # create request sent
     created: float = 0.0  # create answered
     finalizer: float = 0.0  # first seen with the operator's finalizer
-    first_status: float = 0.0  # first seen with any status
+    first_status: float = 0.0  # first seen with a status the operator wrote
     ready: float = 0.0  # first seen Ready for its current generation
     modified: int = 0  # MODIFIED events seen
     generation: int = 0
@@ -250,7 +250,7 @@ class Watcher:
             t.modified += 1
         if not t.finalizer and FINALIZER in (obj["metadata"].get("finalizers") or []):
             t.finalizer = now
-        if not t.first_status and obj.get("status"):
+        if not t.first_status and (obj.get("status") or {}).get("observedGeneration"):  # not the CRD default
             t.first_status = now
         if is_ready(obj) and not t.ready:
             t.ready = now

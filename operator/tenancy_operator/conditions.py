@@ -20,6 +20,12 @@ class Cond:
     message: str = ""
 
 
+def reported(body: Mapping[str, Any]) -> bool:
+    """Whether the operator has written this object's status: until then the API server serves
+    the CRD's default, `observedGeneration: 0` (api/common.py, ResourceInfo.initial_status)."""
+    return bool((body.get("status") or {}).get("observedGeneration"))
+
+
 def now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 

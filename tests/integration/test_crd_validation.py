@@ -199,6 +199,24 @@ def test_status_written_by_the_models_is_stored_unchanged(stack: LocalStack, nam
         assert stored_status(stack, namespace, kind, name, status) == status
 
 
+def test_new_objects_read_as_in_progress_until_the_operator_reports(stack: LocalStack, namespace: str) -> None:
+    """The API server itself gives a new object the CRD's default status, observedGeneration 0:
+    kstatus (Flux, `kubectl wait`) and the Argo CD health check read that as in progress, so the
+    operator needs no first "Reconciling" write. The create call's answer is the stored object,
+    before any operator could have written to it."""
+    manifests = {
+        "Tenant": obj("Tenant", "fresh", {}),
+        "Quota": obj("Quota", "fresh", {"tenantRef": {"name": "fresh"}}),
+        "FeatureFlag": obj("FeatureFlag", "fresh", {}),
+    }
+    for info in RESOURCES:
+        created = json.loads(stack.kubectl("create", "-n", namespace, "-o", "json", "-f", "-",
+                                           input=json.dumps(manifests[info.kind])).stdout)
+        assert created["status"] == info.initial_status, info.kind
+        assert created["status"]["observedGeneration"] < created["metadata"]["generation"]
+    assert get(stack, namespace, "tenant", "fresh")["status"].get("phase") in ("Provisioning", "Active")
+
+
 def test_printer_columns_show_the_status(stack: LocalStack, namespace: str) -> None:
     """Whatever status the object has (an operator may be writing it), the table shows it."""
     assert_accepted(apply(stack, namespace, obj("Tenant", "acme", {"tier": "starter"})))

@@ -73,6 +73,8 @@ def obj(kind: str = "Tenant", generation: int = 3, status: dict[str, Any] | None
 READY = cond("Ready", "True", "Provisioned", "tenant is Active", 3)
 CASES: list[tuple[str, dict[str, Any], str, str]] = [
     ("no status yet", obj(), "Progressing", "Waiting for the operator"),
+    ("the CRD's default status", obj(status={"observedGeneration": 0, "phase": "Provisioning"}),
+     "Progressing", "generation 3"),
     ("status of an older generation", obj(status={"observedGeneration": 2, "conditions": [READY]}),
      "Progressing", "generation 3"),
     ("condition of an older generation", obj(status={

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tenancy_operator.api.tenant import TenantSpec
+from tenancy_operator.api.tenant import TENANT, TenantSpec
 from tenancy_operator.archive import pg_env
-from tenancy_operator.conditions import Cond, merge, status_differs
+from tenancy_operator.conditions import Cond, merge, reported, status_differs
 from tenancy_operator.config import Settings
 from tenancy_operator.db.tenant_migrations import ChecksumMismatch, Migration, migrations_from_data, pending
 from tenancy_operator.db.tenants import Observed, scram_sha256_verifier
@@ -150,3 +150,10 @@ def test_backoff_grows_and_is_capped(retry: int) -> None:
     delay = backoff(retry)
     assert 0.8 <= delay <= 72.0
     assert delay <= min(60.0, 2.0 ** min(retry, 6)) * 1.2
+
+
+def test_the_crd_default_status_is_not_a_report() -> None:
+    assert not reported({"metadata": {}})
+    assert not reported({"status": TENANT.initial_status})
+    assert not reported({"status": {"effectiveLimits": {"connections": "5"}}})  # the quota service's, alone
+    assert reported({"status": {"observedGeneration": 1, "phase": "Provisioning"}})

@@ -12,7 +12,8 @@ models, untyped nodes) instead of writing a CRD the API server would reject or m
   the keys; `additionalProperties: true` and `{}` (Any) become `x-kubernetes-preserve-unknown-fields`;
 - `uniqueItems` becomes `x-kubernetes-list-type: set`;
 - defaults are kept in spec (the API server applies them, so stored objects say what is in force)
-  and dropped from status (the operator owns status and writes what it means).
+  and dropped from status (the operator owns status and writes what it means); `status` itself
+  defaults to `ResourceInfo.initial_status`, what an object shows until the operator reports.
 
 We chose this over the `kube-custom-resource` package: it needs its own base classes and type
 wrappers on every field, ships no type information for mypy, and leaves CEL rules and list types to
@@ -189,7 +190,7 @@ def crd_schema(info: ResourceInfo) -> JsonDict:
             "kind": {"description": "REST resource this object represents.", "type": "string"},
             "metadata": {"type": "object"},
             "spec": model_schema(info.spec_model),
-            "status": model_schema(info.status_model, keep_defaults=False),
+            "status": {**model_schema(info.status_model, keep_defaults=False), "default": info.initial_status},
         },
     }
     if info.root_validations:

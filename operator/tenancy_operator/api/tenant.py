@@ -179,6 +179,7 @@ TENANT = ResourceInfo(
         PrinterColumn("Version", "string", ".status.schemaVersion", "Latest schema migration applied"),
         AGE_COLUMN,
     ),
+    initial_phase="Provisioning",
     root_validations=(
         cel(
             f"self.metadata.name.size() <= {TENANT_NAME_MAX_LENGTH}",

@@ -127,30 +127,15 @@ class TenantService:
             await self.ctx.kube.patch_status(PLURAL, meta["namespace"], meta["name"], status)
 
     async def run(self, body: Mapping[str, Any], retry: int = 0) -> Outcome:
-        """One reconcile with its reporting. Raises kopf.TemporaryError to be retried."""
+        """One reconcile with its reporting. Raises kopf.TemporaryError to be retried.
+
+        No "Reconciling" status is written first: until the operator reports, the API server
+        serves the CRD's default status (observedGeneration 0), which kstatus, `kubectl wait` and
+        the Argo CD health check already read as in progress.
+        """
         metrics.PENDING.add(KIND, _key(body))
         self._track_template(body)
-        if not body.get("status"):
-            # First sight: without a status, kstatus (Flux, kubectl wait) calls an object Current,
-            # so "Reconciling" must be there before anything else; it costs a write and a watch
-            # event per new tenant, measured and kept (docs/benchmarks.md).
-            try:
-                await self._write_provisioning(body)
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
-                metrics.PENDING.discard(KIND, _key(body))  # deleted already: nothing to provision
-                return Outcome(False, "NotFound", "the Tenant was deleted before it was provisioned", "Deleting")
         return await self._run(body, retry)
-
-    async def _write_provisioning(self, body: Mapping[str, Any]) -> None:
-        generation = int(body["metadata"].get("generation") or 0)
-        await self.write_status(body, {
-            "observedGeneration": generation, "phase": "Provisioning",
-            "conditions": merge(None, [Cond("Ready", "Unknown", "Provisioning", "provisioning started"),
-                                       Cond("Reconciling", "True", "Provisioning", "provisioning started")],
-                                generation),
-        })
 
     async def _run(self, body: Mapping[str, Any], retry: int) -> Outcome:
         meta = body["metadata"]
@@ -201,7 +186,14 @@ class TenantService:
                message=None if out.ready else out.message,
                repairs=out.repairs or None)
         limits = self.limits(body) if self.limits is not None and out.ready else None
-        await self.write_status(body, desired_status(body, out, ident, limits))
+        try:
+            await self.write_status(body, desired_status(body, out, ident, limits))
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            # Gone (its finalizer removed by hand): nothing left to report on or to retry.
+            log.warning("tenant gone before its status was written", kind=KIND,
+                        namespace=body["metadata"]["namespace"], name=body["metadata"]["name"])
 
     async def delete(self, body: Mapping[str, Any], retry: int = 0) -> None:
         key = _key(body)

@@ -390,7 +390,7 @@ def evaluate(
     active_keys: set[tuple[str, str]] = {(name, iso(o.expires_at)) for name, o in active.items()}
 
     tenant_status = tenant.get("status") or {}
-    if tenant_status.get("conditions"):  # after the Tenant's own first status (it keys off an empty one)
+    if tenant_status.get("conditions"):  # before the Tenant's first status, that status carries them
         patch = merge_patch(tenant_status, {"effectiveLimits": hard})
         if patch:
             plan.tenant_patch = patch

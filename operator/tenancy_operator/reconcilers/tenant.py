@@ -25,6 +25,7 @@ from psycopg import sql
 from tenancy_operator import archive
 from tenancy_operator.api.common import parse_duration
 from tenancy_operator.api.tenant import TenantSpec, tenant_identifier
+from tenancy_operator.conditions import reported
 from tenancy_operator.db import archives as archive_sql
 from tenancy_operator.db import jobs as ledger
 from tenancy_operator.db import tenant_migrations as tm
@@ -177,9 +178,9 @@ class TenantReconciler:
 
     async def _read_kubernetes(self, body: Mapping[str, Any], spec: TenantSpec) -> KubeReads:
         meta = body["metadata"]
-        # A Tenant without any status is almost always new: its provisioning creates the Secret
-        # without reading it first (an existing one answers 409 and is read then).
-        secret_read = bool(body.get("status"))
+        # A Tenant the operator never reported on is almost always new: its provisioning creates
+        # the Secret without reading it first (an existing one answers 409 and is read then).
+        secret_read = reported(body)
         secret = await self._read_secret(meta["namespace"], secret_name(meta["name"])) if secret_read else None
         if not spec.schema_template:
             return KubeReads(secret, tm.default_migrations(), secret_read)
