@@ -145,7 +145,7 @@ class Floor:
                                      detail=f"schema and role {ident}")
             # The operator's provisioning statements, sent the way it sends them: one round trip.
             await sqlt.run_batch(conn, [
-                sqlt.create_role(ident), sqlt.grant_role_to_operator(ident), sqlt.create_schema(ident, ident),
+                sqlt.create_role(ident), *sqlt.membership_statements(ident, [sqlt.create_schema(ident, ident)]),
                 sqlt.set_search_path(ident, ident),
                 await sqlt.password_statement(ident, password, self.settings.scram_iterations),
                 sqlt.login_statement(ident, True),

@@ -42,7 +42,6 @@ def drifted(spec: TenantSpec, ident: str, obs: sqlt.Observed) -> list[str]:
     want_login = str(getattr(spec.state, "value", spec.state)) != "Suspended"
     checks = {
         "role": obs.role_exists,
-        "membership": obs.operator_member,
         "schema": obs.schema_exists,
         "schema-owner": obs.schema_owned,
         "grants": obs.schema_privileges,

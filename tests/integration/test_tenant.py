@@ -9,7 +9,9 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg import sql
 
+from tenancy_operator.devenv.postgres import OPERATOR_ROLE
 from tenancy_operator.devenv.stack import LocalStack
 
 from .harness import Cluster, OperatorProcess, connect, eventually, sql_value, tenant
@@ -59,6 +61,26 @@ def test_tenant_gets_schema_role_and_working_credentials(
     assert "0001_init" in out
     assert "starter" in out
     assert cluster.has_event(namespace, "first-light", "Provisioned")
+
+
+def test_operator_keeps_no_membership_in_tenant_roles(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """Membership is granted for the statements that need it and revoked with them (standing
+    membership in every tenant role made each new tenant cost O(N²) on PostgreSQL 15); one left by
+    an earlier version goes at the tenant's next reconcile."""
+    memberships = (
+        "SELECT count(*)::int FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid"
+        " JOIN pg_roles o ON o.oid = m.member WHERE r.rolname = 'tenant_no_standing' AND o.rolname = %s"
+    )
+    provision(cluster, namespace, "no-standing")
+    assert sql_value(stack.admin_dsn(), memberships, [OPERATOR_ROLE]) == 0
+    with connect(stack.admin_dsn()) as conn:  # what earlier versions left
+        conn.execute(sql.SQL("GRANT tenant_no_standing TO {}").format(sql.Identifier(OPERATOR_ROLE)))
+    cluster.patch(PLURAL, namespace, "no-standing", {"spec": {"displayName": "No Standing"}})
+    eventually(lambda: sql_value(stack.admin_dsn(), memberships, [OPERATOR_ROLE]) == 0, timeout=30,
+               what="the standing membership revoked")
+    cluster.wait_condition(PLURAL, namespace, "no-standing")
 
 
 def test_tenants_are_isolated(stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 from pathlib import Path
@@ -86,7 +87,7 @@ GOOD = Observed(
     schema_exists=True,
     schema_owned=True,
     schema_privileges=True,
-    operator_member=True,
+    operator_member=False,
 )
 
 
@@ -106,13 +107,18 @@ def test_drift_detection_names_what_differs() -> None:
     )
     assert drifted(active, "tenant_x", broken) == [
         "role",
-        "membership",
         "schema",
         "schema-owner",
         "grants",
         "search-path",
         "login",
     ]
+
+
+def test_a_standing_membership_is_not_drift() -> None:
+    """Earlier versions kept one in every tenant role; a reconcile revokes it, the sweep does not
+    call it a repair (an upgrade would otherwise report every tenant as drifted)."""
+    assert drifted(TenantSpec.model_validate({}), "tenant_x", dataclasses.replace(GOOD, operator_member=True)) == []
 
 
 def test_targets_from_json_and_directory(tmp_path: Path) -> None:

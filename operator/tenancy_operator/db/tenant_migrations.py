@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 
 from tenancy_operator.db.targets import Conn
+from tenancy_operator.db.tenants import acting_for
 
 RECORD_TABLE = "tenancy_schema_migrations"
 # Errors a later try usually gets past: lock waits cut short by lock_timeout, conflicts.
@@ -65,18 +66,20 @@ def default_migrations() -> list[Migration]:
 
 
 async def applied(conn: Conn, schema: str) -> dict[str, str]:
-    """version -> checksum applied in the tenant's schema (the operator inherits the tenant role)."""
-    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS present",
-                             [f'"{schema}"."{RECORD_TABLE}"'])
-    row = await cur.fetchone()
-    if not row or not row["present"]:
-        return {}
-    cur = await conn.execute(
-        sql.SQL("SELECT version, checksum FROM {}.{}").format(
-            sql.Identifier(schema), sql.Identifier(RECORD_TABLE)
+    """version -> checksum applied in the tenant's schema, read with the tenant role's rights
+    (granted for this transaction only; the role and its schema share one name)."""
+    async with acting_for(conn, schema):
+        cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS present",
+                                 [f'"{schema}"."{RECORD_TABLE}"'])
+        row = await cur.fetchone()
+        if not row or not row["present"]:
+            return {}
+        cur = await conn.execute(
+            sql.SQL("SELECT version, checksum FROM {}.{}").format(
+                sql.Identifier(schema), sql.Identifier(RECORD_TABLE)
+            )
         )
-    )
-    return {str(r["version"]): str(r["checksum"]) for r in await cur.fetchall()}
+        return {str(r["version"]): str(r["checksum"]) for r in await cur.fetchall()}
 
 
 def pending(wanted: list[Migration], done: dict[str, str]) -> list[Migration]:

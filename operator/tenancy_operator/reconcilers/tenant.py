@@ -354,26 +354,29 @@ class TenantReconciler:
 
     def _catalog_statements(self, ident: str, obs: sqlt.Observed, out: Outcome, *,
                             drift: bool) -> list[sql.Composable]:
-        """Role, membership, schema, owner, grants, search_path: what is missing, and the repairs
-        that counts (when ``drift``: the tenant was provisioned before)."""
+        """Role, schema, owner, grants, search_path: what is missing, and the repairs that counts
+        (when ``drift``: the tenant was provisioned before). The statements that take the role's
+        rights run inside a membership granted and revoked in the same batch."""
         todo: list[sql.Composable] = []
         if not obs.role_exists:
             todo.append(sqlt.create_role(ident))
             out.repairs.append("role") if drift else None
-        if not obs.operator_member:
-            todo.append(sqlt.grant_role_to_operator(ident))
-            out.repairs.append("membership") if drift and obs.role_exists else None
+        as_role: list[sql.Composable] = []
         if not obs.schema_exists:
-            todo.append(sqlt.create_schema(ident, ident))
+            as_role.append(sqlt.create_schema(ident, ident))
             if drift:
                 out.repairs.append("schema")
                 out.schema_recreated = True
         elif not obs.schema_owned:
-            todo.append(sqlt.set_schema_owner(ident, ident))
+            as_role.append(sqlt.set_schema_owner(ident, ident))
             out.repairs.append("schema-owner")
         if obs.role_exists and obs.schema_exists and not obs.schema_privileges:
-            todo.append(sqlt.grant_schema(ident, ident))
+            as_role.append(sqlt.grant_schema(ident, ident))
             out.repairs.append("grants")
+        if as_role:
+            todo += sqlt.membership_statements(ident, as_role)
+        elif obs.operator_member:  # standing, from an earlier version or an interrupted archive
+            todo.append(sqlt.revoke_role_from_operator(ident))
         if obs.search_path not in (ident, f'"{ident}"'):
             todo.append(sqlt.set_search_path(ident, ident))
             if obs.role_exists and drift:
@@ -504,10 +507,11 @@ class TenantReconciler:
 
         async def restore() -> None:
             try:
-                await archive.restore_schema(
-                    self.ctx.targets.conninfo(spec.database), path=Path(found.path), sha256=found.sha256,
-                    schema=ident, role=ident, workdir=self.ctx.settings.archive_dir,
-                )
+                async with sqlt.lent_membership(conn, ident):  # pg_restore --role
+                    await archive.restore_schema(
+                        self.ctx.targets.conninfo(spec.database), path=Path(found.path), sha256=found.sha256,
+                        schema=ident, role=ident, workdir=self.ctx.settings.archive_dir,
+                    )
             except (archive.ArchiveCorrupt, archive.ArchiveUnavailable) as exc:
                 raise StepFailed(str(exc)) from exc
 
@@ -649,10 +653,11 @@ class TenantReconciler:
 
         async def dump() -> archive.Archive:
             try:
-                made = await archive.dump_schema(
-                    self.ctx.targets.conninfo(spec.database), directory=self.ctx.settings.archive_dir,
-                    namespace=meta["namespace"], name=meta["name"], schema=ident, role=ident,
-                )
+                async with sqlt.lent_membership(conn, ident):  # pg_dump --role
+                    made = await archive.dump_schema(
+                        self.ctx.targets.conninfo(spec.database), directory=self.ctx.settings.archive_dir,
+                        namespace=meta["namespace"], name=meta["name"], schema=ident, role=ident,
+                    )
             except archive.ArchiveUnavailable as exc:
                 raise StepFailed(str(exc)) from exc
             await archive_sql.record(
