@@ -8,8 +8,8 @@ The operator holds no standing membership in tenant roles: it is granted one for
 that need it (a schema owned by the role, the role's sessions, its tables, dropping it) and revoked
 in the same transaction (``membership_statements``, ``acting_for``). Standing membership in N roles
 made every new tenant cost O(N²) on PostgreSQL 15: each membership check walks the whole list of
-the operator's memberships, and every CREATE/ALTER ROLE resets the cache of it (0.5 ms per new
-tenant at 100 tenants, 65 ms at 5000; docs/benchmarks.md). It is also less privilege held.
+the operator's memberships, and every CREATE/ALTER ROLE resets the cache of it (0.57 ms per new
+tenant at 100 tenants, 69 ms at 5000; bench/membership.py). It is also less privilege held.
 """
 
 from __future__ import annotations
