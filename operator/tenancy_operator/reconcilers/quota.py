@@ -48,7 +48,6 @@ from tenancy_operator.conditions import Cond, merge
 from tenancy_operator.db import quota as dbq
 from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.quota import RoleQuotaState
-from tenancy_operator.db.targets import UnknownTarget
 from tenancy_operator.k8s.client import MERGE_PATCH, older_version
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
@@ -757,9 +756,7 @@ class QuotaService:
                 probes[s.key] = Probe(problem=("TenantNotReady", str(exc)))
         if not idents:
             return probes
-        try:
-            self.ctx.targets.pool(target)
-        except UnknownTarget:
+        if target not in self.ctx.targets.pools:
             known = ", ".join(sorted(self.ctx.targets.pools)) or "none"
             problem = ("UnknownDatabase", f"database target {target!r} is not configured (known: {known})")
             return {**probes, **{k: Probe(problem=problem) for k in idents}}
