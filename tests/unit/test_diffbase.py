@@ -6,7 +6,7 @@ from typing import Any
 
 import kopf
 
-from tenancy_operator.handlers.common import MemoryDiffBaseStorage
+from tenancy_operator.handlers.common import MemoryDiffBaseStorage, Tombstones
 
 
 def body(**annotations: str) -> kopf.Body:
@@ -41,3 +41,15 @@ def test_kopfs_own_annotations_are_not_changes_but_the_users_are() -> None:
         "kopf.tenancy.dev/reconcile": '{"retries": 1}',
     })) == plain
     assert storage.build(body=body(**{"tenancy.dev/rotate-credentials": "1"})) != plain
+
+
+def test_tombstones_remember_the_newest_deletions_only() -> None:
+    gone = Tombstones(limit=2)
+    gone.add("a")
+    gone.add(None)  # an object without a uid is never remembered
+    gone.add("b")
+    gone.add("a")  # seen again: the newest now
+    gone.add("c")
+    assert "a" in gone and "c" in gone
+    assert "b" not in gone
+    assert len(gone) == 2

@@ -22,7 +22,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.conditions import Cond, merge, status_differs
-from tenancy_operator.handlers.common import backoff
+from tenancy_operator.handlers.common import Tombstones, backoff
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.featureflag import PLURAL, FeatureFlagReconciler, Outcome, Retry
@@ -96,6 +96,8 @@ class FeatureFlagService:
         burst of new Tenants re-checks flags without a LIST of every Tenant each half second."""
         self._listing: dict[str, list[tuple[str | None, str]]] = {}
         """Tenant events that arrived while a namespace's LIST was in flight, applied after it."""
+        self._gone = Tombstones()
+        """Flags finalized: the sweep's LISTed snapshot of one must not write its rows again."""
 
     async def write_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
         current = body.get("status") or {}
@@ -129,6 +131,9 @@ class FeatureFlagService:
             except Retry:
                 tenants = None  # the reconcile reads them itself and reports what fails
         async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
+            if meta.get("uid") in self._gone:  # a sweep's snapshot of a flag deleted meanwhile
+                metrics.PENDING.discard(KIND, key)
+                return
             with metrics.observe_reconcile(KIND):
                 try:
                     out = await self.reconciler.reconcile(body, tenants)
@@ -161,7 +166,14 @@ class FeatureFlagService:
         (log.debug if quiet else log.info)(
             "reconciled", kind=KIND, namespace=body["metadata"]["namespace"], name=body["metadata"]["name"],
             result="ready" if out.ready else out.reason)
-        await self.write_status(body, status)
+        try:
+            await self.write_status(body, status)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            # Gone (its finalizer removed by hand): nothing left to report on or to retry.
+            log.warning("featureflag gone before its status was written", kind=KIND,
+                        namespace=body["metadata"]["namespace"], name=body["metadata"]["name"])
 
     async def delete(self, body: Mapping[str, Any], retry: int = 0) -> None:
         meta = body["metadata"]
@@ -176,6 +188,7 @@ class FeatureFlagService:
                     (body.get("status") or {}).get("conditions"), [Cond("Ready", "False", exc.reason, exc.message)],
                     int(meta.get("generation") or 0))})
                 raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
+            self._gone.add(meta.get("uid"))  # before the lock is released to a waiting snapshot
         for type_, reason, message in events:
             self.ctx.events.post(body, type_, reason, message)
         metrics.PENDING.discard(KIND, key)

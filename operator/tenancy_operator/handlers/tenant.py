@@ -15,7 +15,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.tenant import tenant_identifier
 from tenancy_operator.conditions import Cond, merge, status_differs
-from tenancy_operator.handlers.common import backoff
+from tenancy_operator.handlers.common import Tombstones, backoff
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import WATCH_HANDLER_ID, get_logger
 from tenancy_operator.reconcilers.errors import Retry
@@ -94,16 +94,34 @@ class TenantService:
         self.resume_check = ResumeChecker(ctx)
         self._deleting: set[str] = set()
         """Tenants whose deletion has begun, from the watch (TenantWatcher)."""
+        self._seen: dict[str, tuple[str, int]] = {}
+        """key -> (uid, generation) of the newest version the watch delivered."""
+        self._gone = Tombstones()
+        """Tenants finalized or deleted: a LISTed snapshot of one must not provision it again."""
         self.limits: Callable[[Mapping[str, Any]], Mapping[str, str] | None] | None = None
         """The quota service's expected_limits (wired at start-up), for the first Ready status."""
 
     def tenant_changed(self, type_: str | None, body: Mapping[str, Any]) -> None:
-        key = _key(body)
+        key, meta = _key(body), body["metadata"]
         if type_ == "DELETED":
             self._deleting.discard(key)
+            self._seen.pop(key, None)
+            self._gone.add(meta.get("uid"))
             metrics.PENDING.discard(KIND, key)  # whatever was waiting for it will not come
-        elif body["metadata"].get("deletionTimestamp"):
+            return
+        self._seen[key] = (str(meta.get("uid") or ""), int(meta.get("generation") or 0))
+        if meta.get("deletionTimestamp"):
             self._deleting.add(key)
+
+    def _superseded(self, body: Mapping[str, Any]) -> bool:
+        """A LISTed snapshot that must not be reconciled: its Tenant is gone, or the watch has
+        delivered a newer generation (or a new Tenant of the same name), whose handler acts on it."""
+        meta = body["metadata"]
+        uid = str(meta.get("uid") or "")
+        if uid in self._gone:
+            return True
+        seen = self._seen.get(_key(body))
+        return seen is not None and (seen[0] != uid or seen[1] > int(meta.get("generation") or 0))
 
     def confirm_in_sync(self, body: Mapping[str, Any]) -> None:
         self._track_template(body)
@@ -135,16 +153,29 @@ class TenantService:
         """
         metrics.PENDING.add(KIND, _key(body))
         self._track_template(body)
-        return await self._run(body, retry)
+        out = await self._run(body, retry, listed=False)
+        assert out is not None  # only a listed snapshot is ever skipped
+        return out
 
-    async def _run(self, body: Mapping[str, Any], retry: int) -> Outcome:
+    async def run_listed(self, body: Mapping[str, Any]) -> Outcome | None:
+        """A reconcile of a LISTed snapshot (the sweep's, a fleet migration's). None when, by the
+        time the Tenant's lock is ours, the snapshot is out of date: the Tenant is being deleted
+        or is gone (reconciling it would provision a deleted tenant again, with nothing left to
+        drop it), or a newer generation has come (reconciling the old one would undo the edit)."""
+        return await self._run(body, 0, listed=True)
+
+    async def _run(self, body: Mapping[str, Any], retry: int, *, listed: bool) -> Outcome | None:
         meta = body["metadata"]
         key = _key(body)
         started = time.monotonic()
         async with self.ctx.lock(KIND, meta["namespace"], meta["name"]), self.ctx.reconcile_slots:
-            if key in self._deleting:
-                # A sweep or fleet migration listed it before its deletion began: the deletion
-                # handler owns it now, and its status must not be overwritten by this reconcile.
+            if listed:
+                if key in self._deleting or self._superseded(body):
+                    return None
+                metrics.PENDING.add(KIND, key)
+                self._track_template(body)
+            elif key in self._deleting:
+                # The deletion handler owns it now; its status must not be overwritten here.
                 return Outcome(False, "Deleting", "the tenant is being deleted", "Deleting")
             with metrics.observe_reconcile(KIND):
                 try:
@@ -222,6 +253,7 @@ class TenantService:
                     "conditions": merge(old, [Cond("Ready", "False", reason, message)], generation),
                 })
                 raise kopf.TemporaryError(message, delay=backoff(retry)) from exc
+            self._gone.add(meta.get("uid"))  # before the lock is released to a waiting snapshot
         for type_, reason, message in evs:
             self.ctx.events.post(body, type_, reason, message)
         self._track_template(body, deleted=True)
@@ -246,7 +278,9 @@ class TenantService:
             async with sem:
                 name = body["metadata"]["name"]
                 try:
-                    out = await self.run(body)
+                    out = await self.run_listed(body)
+                    if out is None:
+                        return  # deleted or edited meanwhile: not this migration's to report
                     results[name] = out.schema_version or "-" if out.ready else f"failed ({out.reason})"
                 except kopf.TemporaryError as exc:
                     results[name] = f"failed ({str(exc)[:80]})"
