@@ -65,6 +65,17 @@ def deleting(obj: dict[str, Any]) -> dict[str, Any]:
     return gone
 
 
+async def provisioned(ctx: OperatorContext, namespace: str, name: str, *,
+                      watched: bool = True) -> tuple[TenantService, dict[str, Any]]:
+    """A Tenant provisioned by Kopf's create handler, and the snapshot a sweep listed of it."""
+    svc = TenantService(ctx)
+    listed = body("Tenant", namespace, name, {"deletionPolicy": "Delete"})
+    if watched:
+        svc.tenant_changed("ADDED", listed)
+    assert (await svc.run(listed)).ready
+    return svc, listed
+
+
 def role_count(stack: LocalStack, role: str) -> int:
     return int(sql_value(stack.admin_dsn(), "SELECT count(*) FROM pg_roles WHERE rolname = %s", [role]))
 
@@ -72,10 +83,7 @@ def role_count(stack: LocalStack, role: str) -> int:
 async def test_a_tenant_deleted_after_the_sweep_listed_it_is_not_provisioned_again(
     stack: LocalStack, ctx: OperatorContext, namespace: str
 ) -> None:
-    svc = TenantService(ctx)
-    listed = body("Tenant", namespace, "lapsed", {"deletionPolicy": "Delete"})
-    svc.tenant_changed("ADDED", listed)
-    assert (await svc.run(listed)).ready  # Kopf's create handler
+    svc, listed = await provisioned(ctx, namespace, "lapsed")
     assert role_count(stack, "tenant_lapsed") == 1
     # The sweep lists it here; then the user deletes it, and the deletion runs to its end.
     svc.tenant_changed("MODIFIED", deleting(listed))
@@ -96,9 +104,7 @@ async def test_a_tenant_finalized_before_the_watch_shows_it_gone_is_not_provisio
     stack: LocalStack, ctx: OperatorContext, namespace: str
 ) -> None:
     """No watch event at all (the stream was down): the finalizer's run alone is remembered."""
-    svc = TenantService(ctx)
-    listed = body("Tenant", namespace, "unseen", {"deletionPolicy": "Delete"})
-    await svc.run(listed)
+    svc, listed = await provisioned(ctx, namespace, "unseen", watched=False)
     await svc.delete(deleting(listed))
     assert await svc.run_listed(listed) is None
     assert role_count(stack, "tenant_unseen") == 0
@@ -107,10 +113,7 @@ async def test_a_tenant_finalized_before_the_watch_shows_it_gone_is_not_provisio
 async def test_an_older_listed_generation_does_not_undo_an_edit(
     stack: LocalStack, ctx: OperatorContext, namespace: str
 ) -> None:
-    svc = TenantService(ctx)
-    listed = body("Tenant", namespace, "edited", {"deletionPolicy": "Delete"})
-    svc.tenant_changed("ADDED", listed)
-    await svc.run(listed)
+    svc, listed = await provisioned(ctx, namespace, "edited")
     suspended = copy.deepcopy(listed)
     suspended["metadata"]["generation"] = 2
     suspended["spec"]["state"] = "Suspended"
