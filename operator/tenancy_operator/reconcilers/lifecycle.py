@@ -108,7 +108,7 @@ class JobGate:
         try:
             async for try_ in AsyncRetrying(
                 retry=retry_if_exception(is_transient), stop=stop_after_attempt(4),
-                wait=wait_exponential_jitter(initial=0.2, max=self.backoff_max), reraise=True,
+                wait=wait_exponential_jitter(multiplier=0.2, max=self.backoff_max), reraise=True,
             ):
                 with try_:
                     result = await step()

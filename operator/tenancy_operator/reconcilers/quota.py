@@ -930,7 +930,7 @@ class QuotaService:
             # Every step is idempotent: a try that met a concurrent change of the same role
             # (a rotation, a deletion) is simply made again.
             async for attempt in AsyncRetrying(retry=retry_if_exception(is_transient), stop=stop_after_attempt(4),
-                                               wait=wait_exponential_jitter(initial=0.1, max=1.0), reraise=True):
+                                               wait=wait_exponential_jitter(multiplier=0.1, max=1.0), reraise=True):
                 with attempt:
                     # Pipeline mode: the statements go in one round trip (an error skips the rest,
                     # and the whole attempt is made again).
