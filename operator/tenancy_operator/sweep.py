@@ -116,7 +116,7 @@ class Sweeper:
         async def one(body: dict[str, Any]) -> None:
             async with sem:
                 try:
-                    await self.tenants.run_listed(body)
+                    await self.tenants.run_listed(body, unless_in_flight=True)
                 except Exception as exc:  # the handler's retry will report; keep sweeping
                     log.warning("sweep reconcile failed", namespace=body["metadata"]["namespace"],
                                 name=body["metadata"]["name"], error=type(exc).__name__)

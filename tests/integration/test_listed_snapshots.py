@@ -8,6 +8,7 @@ the session's operator process never acts on them: no timing decides the outcome
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import datetime
 import json
@@ -24,6 +25,7 @@ from tenancy_operator.devenv.stack import LocalStack
 from tenancy_operator.handlers.featureflag import FeatureFlagService
 from tenancy_operator.handlers.tenant import TenantService
 from tenancy_operator.k8s.client import Kube
+from tenancy_operator.observability import metrics
 from tenancy_operator.observability.events import EventRecorder
 from tenancy_operator.reconcilers.featureflag import configmap_name
 from tenancy_operator.runtime_context import OperatorContext
@@ -143,3 +145,27 @@ async def test_a_flag_deleted_after_the_sweep_listed_it_is_not_written_again(
 
     assert sql_value(stack.admin_dsn(), rows, [namespace]) == 0
     assert await ctx.kube.get_configmap(namespace, configmap_name("retired")) is None
+
+
+async def test_the_sweep_leaves_a_tenant_to_the_handler_reconcile_in_flight(
+    stack: LocalStack, ctx: OperatorContext, namespace: str
+) -> None:
+    """During a burst longer than the sweep interval, Tenants still queued were reconciled twice."""
+    svc = TenantService(ctx)
+    listed = body("Tenant", namespace, "queued", {"deletionPolicy": "Delete"})
+    svc.tenant_changed("ADDED", listed)
+    queued = metrics.PENDING.count("Tenant") + 1
+    async with ctx.lock("Tenant", namespace, "queued"):  # whatever holds it, the handler waits
+        handler = asyncio.create_task(svc.run(listed))  # Kopf's create handler
+        deadline = asyncio.get_running_loop().time() + 30
+        while metrics.PENDING.count("Tenant") < queued:  # queue_depth shows it waiting
+            assert asyncio.get_running_loop().time() < deadline, "the handler's reconcile never queued"
+            await asyncio.sleep(0.01)
+        # The sweep's turn: it returns at once, without waiting for the lock this test holds.
+        assert await asyncio.wait_for(svc.run_listed(listed, unless_in_flight=True), timeout=30) is None
+    assert (await handler).ready
+    # Nothing in flight: the sweep reconciles (here: finds it in sync).
+    out = await svc.run_listed(listed, unless_in_flight=True)
+    assert out is not None and out.ready
+    await svc.delete(deleting(listed))
+    assert role_count(stack, "tenant_queued") == 0

@@ -98,6 +98,8 @@ class TenantService:
         """key -> (uid, generation) of the newest version the watch delivered."""
         self._gone = Tombstones()
         """Tenants finalized or deleted: a LISTed snapshot of one must not provision it again."""
+        self._in_flight: Counter[str] = Counter()
+        """Tenants with a handler's reconcile waiting or running."""
         self.limits: Callable[[Mapping[str, Any]], Mapping[str, str] | None] | None = None
         """The quota service's expected_limits (wired at start-up), for the first Ready status."""
 
@@ -151,17 +153,31 @@ class TenantService:
         serves the CRD's default status (observedGeneration 0), which kstatus, `kubectl wait` and
         the Argo CD health check already read as in progress.
         """
-        metrics.PENDING.add(KIND, _key(body))
+        key = _key(body)
+        metrics.PENDING.add(KIND, key)
         self._track_template(body)
-        out = await self._run(body, retry, listed=False)
+        self._in_flight[key] += 1
+        try:
+            out = await self._run(body, retry, listed=False)
+        finally:
+            self._in_flight[key] -= 1
+            if not self._in_flight[key]:
+                del self._in_flight[key]
         assert out is not None  # only a listed snapshot is ever skipped
         return out
 
-    async def run_listed(self, body: Mapping[str, Any]) -> Outcome | None:
+    async def run_listed(self, body: Mapping[str, Any], *, unless_in_flight: bool = False) -> Outcome | None:
         """A reconcile of a LISTed snapshot (the sweep's, a fleet migration's). None when, by the
         time the Tenant's lock is ours, the snapshot is out of date: the Tenant is being deleted
         or is gone (reconciling it would provision a deleted tenant again, with nothing left to
-        drop it), or a newer generation has come (reconciling the old one would undo the edit)."""
+        drop it), or a newer generation has come (reconciling the old one would undo the edit).
+
+        ``unless_in_flight`` (the sweep): also None when a handler's reconcile of it is waiting
+        or running, which does the same work and reports it. During a burst longer than the sweep
+        interval, that was every Tenant still queued, reconciled twice. (A fleet migration must
+        not skip: a reconcile already running may have read the template before it changed.)"""
+        if unless_in_flight and self._in_flight.get(_key(body)):
+            return None
         return await self._run(body, 0, listed=True)
 
     async def _run(self, body: Mapping[str, Any], retry: int, *, listed: bool) -> Outcome | None:
