@@ -112,12 +112,16 @@ class Sweeper:
                 if drifted(spec, ident, observed[ident]):
                     todo.append(body)
         sem = asyncio.Semaphore(self.ctx.settings.reconcile_concurrency)
+        reconciled = 0
 
         async def one(body: dict[str, Any]) -> None:
+            nonlocal reconciled
             async with sem:
                 try:
-                    await self.tenants.run_listed(body, unless_in_flight=True)
+                    if await self.tenants.run_listed(body, unless_in_flight=True) is not None:
+                        reconciled += 1
                 except Exception as exc:  # the handler's retry will report; keep sweeping
+                    reconciled += 1
                     log.warning("sweep reconcile failed", namespace=body["metadata"]["namespace"],
                                 name=body["metadata"]["name"], error=type(exc).__name__)
 
@@ -130,6 +134,7 @@ class Sweeper:
                 continue
             if purged:
                 log.info("archives purged", target=target, archives=purged)
-        if todo:
-            log.info("sweep repaired", tenants=len(todo))
-        return len(todo)
+        if reconciled:
+            # Listed ones left out: deleted or edited meanwhile, or their handler's reconcile in flight.
+            log.info("sweep repaired", tenants=reconciled, listed=len(todo))
+        return reconciled
