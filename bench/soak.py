@@ -6,14 +6,17 @@ sampling its memory and error counts over time.
 
 Every ``--period`` seconds: one new Tenant (with its Quota), one update of an existing Tenant
 (tier or display name; every 10th a credentials rotation), one deletion of the oldest churned
-Tenant (deletionPolicy Delete: schema and role dropped), and every 3rd period one FeatureFlag edit.
+Tenant (deletionPolicy Delete: schema and role dropped), every 2nd period one Tenant created and
+deleted at once, and every 3rd period one FeatureFlag edit.
 The population stays at ``--base``. Every 5 s: the operator's RSS and CPU, its log lines by level,
 ``reconcile_failures_total``, the benchmark's own API errors and how many Tenants are not Ready.
 
 Writes docs/soak.png (RSS and errors over time), a JSON record in bench/results/, a section of
 docs/benchmarks.md, and ends with:
 
-    soak minutes=M rss_start_mb=A rss_end_mb=B rss_slope_mb_per_hour=S errors=E
+    soak minutes=M rss_start_mb=A rss_end_mb=B rss_slope_mb_per_hour=S errors=E leftovers=L
+
+L: roles, schemas and live registry rows of deleted tenants still there at the end (should be 0).
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ from bench.common import (
     tenant_obj,
 )
 from bench.kube import Kube, Watcher, apply_all
+from tenancy_operator.api.tenant import tenant_identifier
 
 SAMPLE_SECONDS = 5.0
+LEFTOVER_DEADLINE_SECONDS = 120.0
 FLAGS = 3
 
 
@@ -79,9 +84,10 @@ class Soak:
         self.operator = Operator(stack.kubeconfig, stack.operator_dsn, self.workdir)
         self.samples: list[dict[str, Any]] = []
         self.driver_errors = 0
-        self.ops = {"create": 0, "update": 0, "delete": 0, "flag": 0, "rotate": 0}
+        self.ops = {"create": 0, "update": 0, "delete": 0, "blink": 0, "flag": 0, "rotate": 0}
         self.live: list[str] = []
         self.next_index = 0
+        self.leftovers: dict[str, int] = {}
 
     async def run(self) -> dict[str, Any]:
         kube = self.kube = await Kube.connect(self.stack.kubeconfig)
@@ -113,6 +119,7 @@ class Soak:
             with contextlib.suppress(TimeoutError):
                 await w.wait_for(lambda: self._not_ready() == 0, 600, "all live tenants Ready")
             await self._sample()
+            self.leftovers = await self._wait_for_leftovers()
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
@@ -155,6 +162,11 @@ class Soak:
             await kube.delete(ns, "quotas", old)
             await kube.delete(ns, "tenants", old)
             self.ops["delete"] += 1
+            if period % 2 == 0:  # created and deleted at once: a GitOps change reverted
+                blink = self._new_name()
+                await kube.create(ns, self._tenant(blink)[0])
+                await kube.delete(ns, "tenants", blink)
+                self.ops["blink"] += 1
             if period % 3 == 0:
                 flag = f"bench-flag-{period % FLAGS}"
                 await kube.patch(ns, "featureflags", flag, {"spec": {"rollout": {"percentage": period % 100}}})
@@ -162,6 +174,31 @@ class Soak:
         except ApiException as exc:
             self.driver_errors += 1
             log(f"soak: API error {exc.status} {exc.reason}")
+
+    def _leftovers(self) -> dict[str, int]:
+        """What the deleted tenants left in PostgreSQL (all 0 when every deletion ran to its end,
+        and nothing, such as a sweep's stale snapshot, provisioned one again)."""
+        live = set(self.live)
+        gone = [tenant_identifier(n) for n in (tenant_name("s", i) for i in range(self.next_index)) if n not in live]
+        with self.stack.admin() as conn:
+            def count(query: str, *params: Any) -> int:
+                row = conn.execute(query, params).fetchone()
+                return int(row[0]) if row else 0
+            return {
+                "roles": count("SELECT count(*) FROM pg_roles WHERE rolname = ANY(%s)", gone),
+                "schemas": count("SELECT count(*) FROM pg_namespace WHERE nspname = ANY(%s)", gone),
+                "registry_rows": count("SELECT count(*) FROM tenancy.tenants WHERE namespace = %s"
+                                       " AND schema_name = ANY(%s) AND state <> 'dropped'", self.ns, gone),
+            }
+
+    async def _wait_for_leftovers(self) -> dict[str, int]:
+        """The last deletions may still be running when the live tenants are Ready: poll with a deadline."""
+        deadline = time.monotonic() + LEFTOVER_DEADLINE_SECONDS
+        while True:
+            found = await asyncio.to_thread(self._leftovers)
+            if not any(found.values()) or time.monotonic() > deadline:
+                return found
+            await asyncio.sleep(1.0)  # polling interval
 
     def _not_ready(self) -> int:
         live = set(self.live)
@@ -204,7 +241,7 @@ class Soak:
             "log_warnings": s[-1]["log_warnings"] - s[0]["log_warnings"],
             "reconcile_failures": s[-1]["reconcile_failures"] - s[0]["reconcile_failures"],
             "driver_errors": self.driver_errors, "not_ready_at_end": s[-1]["not_ready"],
-            "max_not_ready": max(x["not_ready"] for x in s), "samples": s,
+            "max_not_ready": max(x["not_ready"] for x in s), "leftovers_of_deleted": self.leftovers, "samples": s,
             "operator_log": str(self.operator.log_path),
         }
 
@@ -253,16 +290,23 @@ def docs_section(r: dict[str, Any]) -> str:
         f"`{r['command']}` at {r.get('git', '?')}; {m['nproc']} cores, {m['memory']}; Python {v.get('python')}, "
         f"Kopf {v.get('kopf')}, PostgreSQL {v.get('postgresql')}, Kubernetes {v.get('kubernetes')}. "
         f"Churn every {s['period_seconds']} s "
-        f"on {s['base_tenants']} live tenants: {s['ops']}.", "",
+        f"on {s['base_tenants']} live tenants: {s['ops']}."
+        + (f" Operator settings from the environment: {r['operator_env']}." if r.get("operator_env") else ""), "",
         "| RSS start / end / max | RSS slope (2nd half) | CPU | ERROR / WARNING log lines | reconcile failures |"
-        " benchmark API errors | not Ready at end (max during) |",
-        "|---|---|---|---|---|---|---|",
+        " benchmark API errors | not Ready at end (max during) | left by deleted tenants |",
+        "|---|---|---|---|---|---|---|---|",
         f"| {s['rss_start_mb']:.1f} / {s['rss_end_mb']:.1f} / {s['rss_max_mb']:.1f} MB | "
         f"{s['rss_slope_mb_per_hour_second_half']:+.1f} MB/h | {s['cpu_percent']:.1f} % | {s['log_errors']} / "
         f"{s['log_warnings']} | {s['reconcile_failures']:.0f} | {s['driver_errors']} | {s['not_ready_at_end']} "
-        f"({s['max_not_ready']}) |", "",
+        f"({s['max_not_ready']}) | {_leftover_text(s.get('leftovers_of_deleted'))} |", "",
         "![soak: RSS and errors over time](soak.png)", "",
         "<!-- /bench:soak -->", ""])
+
+
+def _leftover_text(found: dict[str, int] | None) -> str:
+    if found is None:
+        return "not measured"
+    return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in found.items())
 
 
 def update_docs(path: Path, section: str) -> None:
@@ -306,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"soak: results {out}, plot {args.png}")
     print(f"soak minutes={s['minutes']} rss_start_mb={s['rss_start_mb']:.1f} rss_end_mb={s['rss_end_mb']:.1f} "
           f"rss_slope_mb_per_hour={s['rss_slope_mb_per_hour_second_half']:.1f} "
-          f"errors={s['log_errors'] + s['driver_errors']}", flush=True)
+          f"errors={s['log_errors'] + s['driver_errors']} "
+          f"leftovers={sum(s['leftovers_of_deleted'].values())}", flush=True)
     return 0
 
 
