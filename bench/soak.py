@@ -16,7 +16,7 @@ docs/benchmarks.md, and ends with:
 
     soak minutes=M rss_start_mb=A rss_end_mb=B rss_slope_mb_per_hour=S errors=E leftovers=L
 
-L: roles, schemas and live registry rows of deleted tenants still there at the end (should be 0).
+L: roles, schemas and live registry rows of deleted tenants still there at the end (all should be 0).
 """
 
 from __future__ import annotations
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"soak minutes={s['minutes']} rss_start_mb={s['rss_start_mb']:.1f} rss_end_mb={s['rss_end_mb']:.1f} "
           f"rss_slope_mb_per_hour={s['rss_slope_mb_per_hour_second_half']:.1f} "
           f"errors={s['log_errors'] + s['driver_errors']} "
-          f"leftovers={sum(s['leftovers_of_deleted'].values())}", flush=True)
+          "leftovers=" + ",".join(f"{k}:{v}" for k, v in s["leftovers_of_deleted"].items()), flush=True)
     return 0
 
 

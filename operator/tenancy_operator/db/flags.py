@@ -237,13 +237,14 @@ async def replace(
 
 async def remove(
     conn: Conn, control: str, *, namespace: str, name: str, uid: str | None, key: str, generation: int | None,
-    changed_at: datetime.datetime | None,
+    changed_at: datetime.datetime | None, same_uid: bool = False,
 ) -> WriteResult:
-    """Delete the flag's rows if this FeatureFlag owns them, with a `delete` audit row."""
+    """Delete the flag's rows if this FeatureFlag owns them, with a `delete` audit row.
+    ``same_uid``: only if they were written for this very object (not a newer one of its name)."""
     async with conn.transaction():
         await _lock(conn, namespace, key)
         current = await load(conn, control, namespace, key)
-        if current is None or current.name != name:
+        if current is None or current.name != name or (same_uid and current.uid != uid):
             return WriteResult()
         await conn.execute(
             sql.SQL("DELETE FROM {} WHERE namespace = %s AND flag_key = %s").format(_t(control, "feature_flags")),

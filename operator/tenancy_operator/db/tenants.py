@@ -42,6 +42,7 @@ class RegistryRow:
     provisioned_at: Any
     schema_recreated_at: Any
     schema_recreated_ack: str | None
+    k8s_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ async def find_live_row(conn: Conn, control: str, schema_name: str) -> RegistryR
     cur = await conn.execute(
         sql.SQL(
             "SELECT id::text, namespace, name, schema_name, role_name, state, provisioned_at,"
-            " schema_recreated_at, schema_recreated_ack FROM {} WHERE schema_name = %s AND state <> ALL(%s)"
+            " schema_recreated_at, schema_recreated_ack, k8s_uid FROM {} WHERE schema_name = %s AND state <> ALL(%s)"
         ).format(_t(control, "tenants")),
         [schema_name, ["dropped", "archived"]],
     )
@@ -99,7 +100,7 @@ async def insert_row(
             "INSERT INTO {} (namespace, name, k8s_uid, schema_name, role_name, tier, display_name, state)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, 'provisioning')"
             " RETURNING id::text, namespace, name, schema_name, role_name, state, provisioned_at,"
-            " schema_recreated_at, schema_recreated_ack"
+            " schema_recreated_at, schema_recreated_ack, k8s_uid"
         ).format(_t(control, "tenants")),
         [namespace, name, uid, ident, ident, tier, display_name],
     )

@@ -134,26 +134,33 @@ class FeatureFlagService:
             if meta.get("uid") in self._gone:  # a sweep's snapshot of a flag deleted meanwhile
                 metrics.PENDING.discard(KIND, key)
                 return
+            failed: Retry | None = None
             with metrics.observe_reconcile(KIND):
                 try:
                     out = await self.reconciler.reconcile(body, tenants)
                 except Retry as exc:
                     metrics.record_result(KIND, False, exc.reason)
-                    await self._report(body, Outcome(False, exc.reason, exc.message))
-                    raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
+                    failed, out = exc, Outcome(False, exc.reason, exc.message)
                 except Exception:
                     metrics.record_result(KIND, False, "Internal")
                     raise
         if out.stale:
             metrics.PENDING.discard(KIND, key)
             return
-        metrics.record_result(KIND, out.ready, None if out.ready else out.reason)
-        await self._report(body, out)
+        if failed is None:
+            metrics.record_result(KIND, out.ready, None if out.ready else out.reason)
+        if not await self._report(body, out):
+            metrics.PENDING.discard(KIND, key)
+            await self._clean_up_gone(body)  # nothing left to report on or to retry
+            return
+        if failed is not None:
+            raise kopf.TemporaryError(failed.message, delay=backoff(retry)) from failed
         if out.retry:
             raise kopf.TemporaryError(out.message, delay=backoff(retry))
         metrics.PENDING.discard(KIND, key)
 
-    async def _report(self, body: Mapping[str, Any], out: Outcome) -> None:
+    async def _report(self, body: Mapping[str, Any], out: Outcome) -> bool:
+        """Events, the log line and the status; False when the FeatureFlag is gone."""
         for type_, reason, message in out.events:
             self.ctx.events.post(body, type_, reason, message)
         old_ready: dict[str, Any] = next((c for c in (body.get("status") or {}).get("conditions") or []
@@ -171,9 +178,27 @@ class FeatureFlagService:
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            # Gone (its finalizer removed by hand): nothing left to report on or to retry.
-            log.warning("featureflag gone before its status was written", kind=KIND,
-                        namespace=body["metadata"]["namespace"], name=body["metadata"]["name"])
+            return False
+        return True
+
+    async def _clean_up_gone(self, body: Mapping[str, Any]) -> None:
+        """The FeatureFlag vanished while it was reconciled, and its finalizer never ran (the API
+        server's race between a delete and the finalizer's patch, kubernetes/kubernetes#77988, or
+        the finalizer removed by hand): the rows and ConfigMap written for it go, as its deletion
+        would have removed them."""
+        meta = body["metadata"]
+        async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
+            if meta.get("uid") in self._gone:
+                return
+            try:
+                await self.reconciler.finalize(body, same_uid=True)
+            except Retry as exc:
+                log.error("featureflag gone without its deletion: its rows are left in the database",
+                          kind=KIND, namespace=meta["namespace"], name=meta["name"], reason=exc.reason)
+                return
+            self._gone.add(meta.get("uid"))
+        log.warning("featureflag gone without its deletion: its rows were removed", kind=KIND,
+                    namespace=meta["namespace"], name=meta["name"])
 
     async def delete(self, body: Mapping[str, Any], retry: int = 0) -> None:
         meta = body["metadata"]

@@ -200,21 +200,50 @@ class TenantService:
                     metrics.record_result(KIND, False, exc.reason)
                     out = Outcome(False, exc.reason, exc.message, "Provisioning"
                                   if not (body.get("status") or {}).get("tenantId") else "Failed")
-                    await self._report(body, out, started)
-                    raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
+                    if await self._report(body, out, started):
+                        raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
+                    await self._clean_up_gone(body)  # nothing left to retry for
+                    return out
                 except Exception:
                     metrics.record_result(KIND, False, "Internal")
                     log.exception("reconcile crashed", kind=KIND, namespace=meta["namespace"], name=meta["name"],
                                   result="Internal")
                     raise
         metrics.record_result(KIND, out.ready, None if out.ready else out.reason)
-        await self._report(body, out, started)
+        if not await self._report(body, out, started):
+            async with self.ctx.lock(KIND, meta["namespace"], meta["name"]), self.ctx.reconcile_slots:
+                await self._clean_up_gone(body)
+            return out
         if out.retry:  # a job attempt failed; the next one comes after a backoff
             raise kopf.TemporaryError(out.message, delay=backoff(retry))
         metrics.PENDING.discard(KIND, key)
         return out
 
-    async def _report(self, body: Mapping[str, Any], out: Outcome, started: float) -> None:
+    async def _clean_up_gone(self, body: Mapping[str, Any]) -> None:
+        """The Tenant vanished while it was reconciled, and its finalizer never ran. The API server
+        can delete an object whose finalizer is being added at that very moment
+        (kubernetes/kubernetes#77988): a Tenant deleted right after its creation, with Kopf's
+        create handler run on the body its finalizer patch returned. What the reconcile provisioned
+        must not outlive it: the deletion policy applies now, to the registry row that is still
+        this object's. Called with the Tenant's lock and a reconcile slot held."""
+        meta = body["metadata"]
+        key = _key(body)
+        metrics.PENDING.discard(KIND, key)
+        if meta.get("uid") in self._gone:
+            return  # finalized meanwhile
+        try:
+            events = await self.reconciler.finalize(body, same_uid=True)
+        except (psycopg.Error, Retry, ArchiveBlocked) as exc:
+            log.error("tenant gone without its deletion: what it was given is left in the database",
+                      kind=KIND, namespace=meta["namespace"], name=meta["name"], error=type(exc).__name__)
+            return
+        self._gone.add(meta.get("uid"))
+        self._track_template(body, deleted=True)
+        log.warning("tenant gone without its deletion: its deletion policy was applied", kind=KIND,
+                    namespace=meta["namespace"], name=meta["name"], done=[r for _, r, _ in events] or None)
+
+    async def _report(self, body: Mapping[str, Any], out: Outcome, started: float) -> bool:
+        """Events, the log line and the status; False when the Tenant is gone."""
         try:
             ident: str | None = tenant_identifier(body["metadata"]["name"])
         except ValueError:
@@ -238,9 +267,8 @@ class TenantService:
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            # Gone (its finalizer removed by hand): nothing left to report on or to retry.
-            log.warning("tenant gone before its status was written", kind=KIND,
-                        namespace=body["metadata"]["namespace"], name=body["metadata"]["name"])
+            return False
+        return True
 
     async def delete(self, body: Mapping[str, Any], retry: int = 0) -> None:
         key = _key(body)

@@ -300,9 +300,10 @@ class FeatureFlagReconciler:
 
     # --- deletion -----------------------------------------------------------------------------
 
-    async def finalize(self, body: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    async def finalize(self, body: Mapping[str, Any], *, same_uid: bool = False) -> list[tuple[str, str, str]]:
         """Remove the flag's rows from every target (with a `delete` audit row each) and its
-        ConfigMap. Rows owned by another FeatureFlag with the same key are never touched."""
+        ConfigMap. Rows owned by another FeatureFlag with the same key are never touched.
+        ``same_uid``: the FeatureFlag is gone; only what was written for this very object."""
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         try:
@@ -318,7 +319,7 @@ class FeatureFlagReconciler:
                     res = await dbf.remove(
                         conn, self.control, namespace=namespace, name=name, uid=meta.get("uid"), key=key,
                         generation=int(meta.get("generation") or 0),
-                        changed_at=_parse_time(meta.get("deletionTimestamp")),
+                        changed_at=_parse_time(meta.get("deletionTimestamp")), same_uid=same_uid,
                     )
                     removed = removed or res.operation is not None
             except (psycopg_pool.PoolTimeout, psycopg.OperationalError):
@@ -327,7 +328,8 @@ class FeatureFlagReconciler:
             raise Retry("DatabaseUnavailable", f"database target(s) {', '.join(unavailable)} unavailable")
         try:
             current = await self.ctx.kube.get_configmap(namespace, configmap_name(name))
-            if current is not None and (current["metadata"].get("labels") or {}).get(FLAG_LABEL) == name:
+            if current is not None and (current["metadata"].get("labels") or {}).get(FLAG_LABEL) == name \
+                    and (not same_uid or _owned_by(current, str(meta.get("uid") or ""))):
                 await self.ctx.kube.core.delete_namespaced_config_map(configmap_name(name), namespace)
         except ApiException as exc:
             if exc.status != 404:

@@ -602,8 +602,11 @@ class TenantReconciler:
 
     # --- deletion ----------------------------------------------------------------------------
 
-    async def finalize(self, body: Mapping[str, Any]) -> list[tuple[str, str, str]]:
-        """Apply the deletion policy. Safe to repeat; never touches another tenant's data."""
+    async def finalize(self, body: Mapping[str, Any], *, same_uid: bool = False) -> list[tuple[str, str, str]]:
+        """Apply the deletion policy. Safe to repeat; never touches another tenant's data.
+
+        ``same_uid``: only if the registry row is still this object's (the Tenant is gone, and a
+        new one of the same name may own the row by now)."""
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         spec = TenantSpec.model_validate(body.get("spec") or {})
@@ -619,6 +622,8 @@ class TenantReconciler:
             await self.ctx.ensure_control_schema(spec.database)
             async with self.ctx.targets.connection(spec.database) as conn:
                 row = await sqlt.find_live_row(conn, self.control, ident)
+                if same_uid and (row is None or row.k8s_uid != meta.get("uid")):
+                    return events
                 if row is not None and (row.namespace, row.name) == (namespace, name):
                     await ledger.abandon_running(conn, self.control, row.id)
                     # Deletion keeps trying on its own (until it can), so no stall here.
