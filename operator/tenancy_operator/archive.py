@@ -44,7 +44,9 @@ def pg_env(conninfo: dict[str, Any]) -> dict[str, str]:
 
 
 async def _run(argv: list[str], env: dict[str, str]) -> str:
-    tool = shutil.which(argv[0])
+    # TENANCY_PG_BIN_DIR (config.Settings.pg_bin_dir) first: pg_dump refuses a server of a newer major.
+    search = [os.environ.get("TENANCY_PG_BIN_DIR", ""), os.environ.get("PATH", os.defpath)]
+    tool = shutil.which(argv[0], path=os.pathsep.join(p for p in search if p))
     if tool is None:
         raise ArchiveUnavailable(f"{argv[0]} not found: the operator image must contain the PostgreSQL client tools")
     proc = await asyncio.create_subprocess_exec(

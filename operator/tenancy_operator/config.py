@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     migration_statement_timeout: str = "60s"
     job_max_attempts: int = Field(default=3, ge=1, description="Failed attempts before a job stalls.")
     archive_dir: Path = Field(default=Path("/var/lib/tenancy/archive"), description="Where Archive dumps go.")
+    # pg_dump refuses a server of a newer major: archive.py looks for pg_dump and pg_restore here
+    # first, then on PATH. The tools find their libraries themselves (RPATH or the system's).
+    pg_bin_dir: Path | None = Field(
+        default=None, description="Directory searched first for pg_dump and pg_restore; unset: PATH only."
+    )
     migration_concurrency: int = Field(default=4, ge=1, le=64, description="Tenants migrated at once.")
     # PBKDF2 rounds of the SCRAM verifiers of tenant passwords. Key stretching protects guessable
     # human passwords; ours are 192 random bits, which no number of guesses reaches, while every
