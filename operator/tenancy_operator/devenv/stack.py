@@ -27,7 +27,9 @@ MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
 class LocalStack:
     """``detached`` processes outlive this Python process (``dev up``); otherwise they are killed
-    with it (tests, ``dev run``). ``with_operator`` also starts the operator and applies examples/."""
+    with it (tests, ``dev run``). ``with_operator`` also starts the operator and applies examples/.
+    ``pg_bindir`` picks the PostgreSQL (binaries.postgres_bindir); default: the one recorded by an
+    earlier ``up``, else the newest of Debian's."""
 
     def __init__(
         self,
@@ -37,6 +39,7 @@ class LocalStack:
         *,
         with_operator: bool = True,
         bin_dir: Path | None = None,
+        pg_bindir: Path | None = None,
         operator_timeout: float = 60.0,
     ) -> None:
         self.workdir = workdir.resolve()
@@ -65,13 +68,15 @@ class LocalStack:
         )
         self.metrics_port: int = state.get("metrics_port", ports[3])
         self.health_port: int = state.get("health_port", ports[4])
-        pg_bindir = Path(state["pg_bindir"]) if state.get("pg_bindir") else None
+        if pg_bindir is None and state.get("pg_bindir"):
+            pg_bindir = Path(state["pg_bindir"])
+        self.pg_bindir = pg_bindir or postgres_bindir()
         self.postgres: dict[str, PostgresCluster] = {}
         for target, spare_port in zip(self.targets, ports[5:], strict=True):
             saved = state.get("postgres", {}).get(target, {})
             self.postgres[target] = PostgresCluster(
                 self.workdir,
-                pg_bindir or postgres_bindir(),
+                self.pg_bindir,
                 saved.get("port", spare_port),
                 name="postgres" if target == DEFAULT_TARGET else f"postgres-{target}",
                 detached=detached,
@@ -157,6 +162,7 @@ class LocalStack:
                 "TENANCY_BIND_ADDRESS": "127.0.0.1",
                 "TENANCY_LOG_FORMAT": "console",
                 "TENANCY_ARCHIVE_DIR": str(self.workdir / "archive"),
+                "TENANCY_PG_BIN_DIR": str(self.pg_bindir),  # pg_dump of the server's major
                 **os.environ,
                 "KUBECONFIG": str(self.kubeconfig),
                 "TENANCY_DATABASE_TARGETS": json.dumps(targets),
@@ -188,7 +194,7 @@ class LocalStack:
         ]
         if self.with_operator:
             lines.append(f"export TENANCY_METRICS_URL={shlex.quote(self.metrics_url)}")
-        lines.append(f'export PATH={shlex.quote(str(self.bin_dir))}:"$PATH"')
+        lines.append(f'export PATH={shlex.quote(str(self.bin_dir))}:{shlex.quote(str(self.pg_bindir))}:"$PATH"')
         self.env_file.write_text("\n".join(lines) + "\n")
 
     def _main_target(self) -> str:
@@ -204,7 +210,7 @@ class LocalStack:
     def _save_state(self) -> None:
         state = {
             "bin_dir": str(self.bin_dir),
-            "pg_bindir": str(next(iter(self.postgres.values())).bindir) if self.postgres else None,
+            "pg_bindir": str(self.pg_bindir),
             "etcd_port": self.control_plane.etcd_port,
             "etcd_peer_port": self.control_plane.etcd_peer_port,
             "apiserver_port": self.control_plane.apiserver_port,
