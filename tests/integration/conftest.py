@@ -1,4 +1,9 @@
-"""A real control plane and two PostgreSQL clusters, started once per test session."""
+"""A real control plane and two PostgreSQL clusters, started once per test session.
+
+``TENANCY_TEST_PG_MAJOR`` (e.g. 15 or 17; `make test` runs the suite once on each) picks the
+PostgreSQL major of both clusters and of the operator's pg_dump/pg_restore; unset: the newest of
+Debian's packages.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +18,19 @@ from pathlib import Path
 
 import pytest
 
-from tenancy_operator.devenv import ensure_binaries
+from tenancy_operator.devenv import ensure_binaries, postgres_bindir
 from tenancy_operator.devenv.stack import LocalStack
 
 from .fixtures import cluster, operator  # noqa: F401 - fixtures for every integration test
+from .harness import sql_value
 
 HERE = Path(__file__).parent
 TARGETS = ("default", "second")
+PG_MAJOR = int(os.environ["TENANCY_TEST_PG_MAJOR"]) if os.environ.get("TENANCY_TEST_PG_MAJOR") else None
+
+
+def pytest_report_header() -> str:
+    return f"PostgreSQL: {PG_MAJOR or 'newest of Debian'} (TENANCY_TEST_PG_MAJOR)"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -40,9 +51,14 @@ def stack(request: pytest.FixtureRequest) -> Iterator[LocalStack]:
     # Not under pytest's 0700 basetemp: the postgres user must be able to traverse the path.
     workdir = Path(tempfile.mkdtemp(prefix="tenancy-it-"))
     workdir.chmod(0o755)
-    local = LocalStack(workdir, TARGETS, detached=False, with_operator=False, bin_dir=bin_dir)
+    local = LocalStack(
+        workdir, TARGETS, detached=False, with_operator=False, bin_dir=bin_dir, pg_bindir=postgres_bindir(PG_MAJOR)
+    )
     try:
         local.up()
+        for target in TARGETS:
+            major = sql_value(local.admin_dsn(target), "SELECT current_setting('server_version_num')::int / 10000")
+            assert PG_MAJOR in (None, major), f"TENANCY_TEST_PG_MAJOR={PG_MAJOR} but {target} runs PostgreSQL {major}"
         yield local
     finally:
         local.down()

@@ -79,6 +79,7 @@ class OperatorProcess:
             "TENANCY_BIND_ADDRESS": "127.0.0.1",
             "TENANCY_SWEEP_INTERVAL_SECONDS": str(self.sweep_interval),
             "TENANCY_ARCHIVE_DIR": str(self.workdir / "archive"),
+            "TENANCY_PG_BIN_DIR": str(self.stack.pg_bindir),  # pg_dump/pg_restore of the server's major
             "TENANCY_LOG_LEVEL": os.environ.get("TENANCY_TEST_LOG_LEVEL", "INFO"),
             **self.extra_env,
         }
