@@ -36,6 +36,11 @@ PREFIX = "tenancy.dev"
 STORAGE_PREFIX = "kopf.tenancy.dev"
 
 
+def exact_namespace(name: str) -> bool:
+    """A namespace name, not one of Kopf's glob patterns or negations."""
+    return not any(c in name for c in "*?[]!")
+
+
 def build_registry() -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     for module in HANDLER_MODULES:
@@ -74,8 +79,13 @@ def build_registry() -> kopf.OperatorRegistry:
         settings.watching.inactivity_timeout = 70
         settings.networking.request_timeout = 30
         settings.execution.max_workers = 4
+        # Given exact namespaces, Kopf watches just those and discovers our CRDs once at start
+        # (discovery, which every authenticated client may read): it neither lists namespaces nor
+        # watches CRDs cluster-wide, so the chart's namespaced mode needs no cluster-scoped grant.
+        if cfg.namespace_list and all(exact_namespace(n) for n in cfg.namespace_list):
+            settings.scanning.disabled = True
 
-        kube = await Kube.connect()
+        kube = await Kube.connect(cfg.namespace_list)
         ctx = OperatorContext(
             settings=cfg,
             targets=DatabaseTargets(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from kubernetes_asyncio import client, config
@@ -45,14 +45,18 @@ async def raw(call: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) ->
 
 
 class Kube:
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, namespaces: Sequence[str] = ()) -> None:
         self.api = api
+        # The watched namespaces (TENANCY_NAMESPACES); empty: all. With a list, the lists below
+        # ask each namespace, never the whole cluster: the chart's namespaced mode grants nothing
+        # cluster-wide (helm/tenancy-operator/templates/rbac.yaml).
+        self.namespaces = tuple(namespaces)
         # The generated stubs want model classes; the client accepts plain dicts, which we use.
         self.core: Any = client.CoreV1Api(api)
         self.custom: Any = client.CustomObjectsApi(api)
 
     @classmethod
-    async def connect(cls) -> Kube:
+    async def connect(cls, namespaces: Sequence[str] = ()) -> Kube:
         if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
             config.load_incluster_config()  # type: ignore[no-untyped-call]
         else:
@@ -62,7 +66,7 @@ class Kube:
         # proxy variables in a thread for every request: two thread hops and a file read each
         # (visible in the profile at 1000 tenants). Kopf's own client does not; neither do we.
         api.rest_client.pool_manager._trust_env = False
-        return cls(api)
+        return cls(api, namespaces)
 
     async def version(self) -> None:
         await client.VersionApi(self.api).get_code()
@@ -92,8 +96,15 @@ class Kube:
                 raise
 
     async def list_secrets(self, label_selector: str) -> list[dict[str, Any]]:
-        result = json.loads(await raw(self.core.list_secret_for_all_namespaces, label_selector=label_selector))
-        return list(result.get("items") or [])
+        """Secrets matching ``label_selector`` in every watched namespace."""
+        if not self.namespaces:
+            result = json.loads(await raw(self.core.list_secret_for_all_namespaces, label_selector=label_selector))
+            return list(result.get("items") or [])
+        items: list[dict[str, Any]] = []
+        for namespace in self.namespaces:
+            result = json.loads(await raw(self.core.list_namespaced_secret, namespace, label_selector=label_selector))
+            items += result.get("items") or []
+        return items
 
     async def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -108,8 +119,12 @@ class Kube:
                   GROUP, VERSION, namespace, plural, name, {"status": status}, _content_type=MERGE_PATCH)
 
     async def list_objects(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
-        if namespace is None:
+        """Our objects of one kind in ``namespace``; None: in every watched namespace."""
+        if namespace is None and not self.namespaces:
             result = await self.custom.list_cluster_custom_object(GROUP, VERSION, plural)
-        else:
-            result = await self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
-        return list(result.get("items", []))
+            return list(result.get("items", []))
+        items: list[dict[str, Any]] = []
+        for ns in (namespace,) if namespace is not None else self.namespaces:
+            result = await self.custom.list_namespaced_custom_object(GROUP, VERSION, ns, plural)
+            items += result.get("items", [])
+        return items
