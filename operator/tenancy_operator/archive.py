@@ -1,8 +1,13 @@
 """Tenant archives: pg_dump of one schema to a directory, verified before anything is dropped.
 
 Connection details reach pg_dump/pg_restore through PG* environment variables, never argv, so no
-password shows in ``ps``. A dump counts only once it is complete on disk: written to a partial
-file, fsynced, checksummed, read back in full by ``pg_restore``, then renamed into place.
+password shows in ``ps``. Both tools log in as a temporary login that holds only the tenant role's
+rights (``db.tenants.delegate_login``): a dump or restore touches objects the tenant defined, and
+their code runs with the rights of the login user, which ``--role`` alone does not bound. Each run
+has a wall-clock deadline; the tool is killed past it (and its session ends with the login).
+
+A dump counts only once it is complete on disk: written to a partial file, fsynced, checksummed,
+read back in full by ``pg_restore``, then renamed into place.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ def pg_env(conninfo: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-async def _run(argv: list[str], env: dict[str, str]) -> str:
+async def _run(argv: list[str], env: dict[str, str], deadline: float = 3600.0) -> str:
     # TENANCY_PG_BIN_DIR (config.Settings.pg_bin_dir) first: pg_dump refuses a server of a newer major.
     search = [os.environ.get("TENANCY_PG_BIN_DIR", ""), os.environ.get("PATH", os.defpath)]
     tool = shutil.which(argv[0], path=os.pathsep.join(p for p in search if p))
@@ -52,7 +57,13 @@ async def _run(argv: list[str], env: dict[str, str]) -> str:
     proc = await asyncio.create_subprocess_exec(
         tool, *argv[1:], env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    out, err = await proc.communicate()
+    try:
+        async with asyncio.timeout(deadline):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise ArchiveUnavailable(f"{argv[0]} ran past its {deadline:g} s deadline and was stopped") from None
     if proc.returncode != 0:
         raise ArchiveUnavailable(f"{argv[0]} failed ({proc.returncode}): {err.decode(errors='replace').strip()[:500]}")
     return out.decode(errors="replace")
@@ -80,7 +91,8 @@ def new_archive_id(name: str) -> str:
 
 
 async def dump_schema(conninfo: dict[str, Any], *, directory: Path, namespace: str, name: str, schema: str,
-                      role: str) -> Archive:
+                      role: str, deadline: float = 3600.0) -> Archive:
+    """``conninfo`` logs in as a login with the tenant's rights only (``delegate_login``)."""
     archive_id = new_archive_id(name)
     folder = directory / namespace / name
     try:
@@ -94,11 +106,11 @@ async def dump_schema(conninfo: dict[str, Any], *, directory: Path, namespace: s
     env = pg_env(conninfo)
     try:
         await _run(["pg_dump", "--format=custom", f"--schema={schema}", "--no-owner", "--no-acl",
-                    f"--role={role}", f"--file={partial}"], env)
+                    "--lock-wait-timeout=30000", f"--role={role}", f"--file={partial}"], env, deadline)
         await asyncio.to_thread(_fsync, partial)
         sha = await asyncio.to_thread(_sha256, partial)
         # Read every byte back: a truncated or unreadable dump fails here, before any drop.
-        await _run(["pg_restore", "--file=/dev/null", str(partial)], env)
+        await _run(["pg_restore", "--file=/dev/null", str(partial)], env, deadline)
         size = (await asyncio.to_thread(partial.stat)).st_size
         await asyncio.to_thread(partial.rename, final)
         meta = {"id": archive_id, "namespace": namespace, "name": name, "schema": schema, "sha256": sha,
@@ -116,8 +128,9 @@ async def dump_schema(conninfo: dict[str, Any], *, directory: Path, namespace: s
 
 
 async def restore_schema(conninfo: dict[str, Any], *, path: Path, sha256: str, schema: str, role: str,
-                         workdir: Path) -> None:
-    """Restore a dump into an existing, empty ``schema`` as ``role``, in one transaction."""
+                         workdir: Path, deadline: float = 3600.0) -> None:
+    """Restore a dump into an existing, empty ``schema`` as ``role``, in one transaction.
+    ``conninfo`` logs in as a login with the tenant's rights only (``delegate_login``)."""
     if not await asyncio.to_thread(path.exists):
         raise ArchiveCorrupt(f"archive file {path} is missing")
     actual = await asyncio.to_thread(_sha256, path)
@@ -132,7 +145,7 @@ async def restore_schema(conninfo: dict[str, Any], *, path: Path, sha256: str, s
     try:
         await _run(["pg_restore", "--no-owner", "--no-acl", f"--role={role}", "--exit-on-error",
                     "--single-transaction", f"--use-list={listing}", f"--dbname={conninfo.get('dbname', '')}",
-                    str(path)], env)
+                    str(path)], env, deadline)
     finally:
         listing.unlink(missing_ok=True)
 

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tenancy_operator.api.quota import tier_defaults_from_json
 
+PG_DURATION = r"^[0-9]{1,9}(us|ms|s|min|h|d)?$"
 TARGET_NAME = re.compile(r"^[a-z]([a-z0-9_-]{0,61}[a-z0-9])?$")
 
 
@@ -50,8 +51,18 @@ class Settings(BaseSettings):
     pool_min_size: int = Field(default=1, ge=0)
     pool_max_size: int = Field(default=10, ge=1)
     db_connect_timeout_seconds: float = Field(default=5.0, gt=0)
-    migration_lock_timeout: str = "5s"
-    migration_statement_timeout: str = "60s"
+    migration_lock_timeout: str = Field(default="5s", pattern=PG_DURATION)
+    migration_statement_timeout: str = Field(default="60s", pattern=PG_DURATION)
+    # Server-side timeouts are advice to a tenant (SET LOCAL statement_timeout = 0 lifts them);
+    # this client-side deadline is not: past it the migration's session is ended.
+    migration_deadline_seconds: float = Field(default=600.0, gt=0, le=86_400)
+    # pg_dump / pg_restore of one tenant: killed past this deadline.
+    archive_deadline_seconds: float = Field(default=3600.0, gt=0, le=7 * 86_400)
+    # Every operator session: no statement of ours waits on a tenant's lock, or runs, for longer.
+    db_lock_timeout: str = Field(default="10s", pattern=PG_DURATION)
+    db_statement_timeout: str = Field(default="120s", pattern=PG_DURATION)
+    # Set on every tenant role: an idle transaction cannot hold its locks for longer.
+    tenant_idle_in_transaction_timeout: str = Field(default="5min", pattern=PG_DURATION)
     job_max_attempts: int = Field(default=3, ge=1, description="Failed attempts before a job stalls.")
     archive_dir: Path = Field(default=Path("/var/lib/tenancy/archive"), description="Where Archive dumps go.")
     # pg_dump refuses a server of a newer major: archive.py looks for pg_dump and pg_restore here
@@ -59,7 +70,9 @@ class Settings(BaseSettings):
     pg_bin_dir: Path | None = Field(
         default=None, description="Directory searched first for pg_dump and pg_restore; unset: PATH only."
     )
-    migration_concurrency: int = Field(default=4, ge=1, le=64, description="Tenants migrated at once.")
+    # Shared fairly: one namespace holds at most all but a quarter of them (at least one is kept
+    # for the others), so a namespace whose migrations hang cannot stop the rest of the fleet.
+    migration_concurrency: int = Field(default=5, ge=1, le=64, description="Tenants migrated at once.")
     # PBKDF2 rounds of the SCRAM verifiers of tenant passwords. Key stretching protects guessable
     # human passwords; ours are 192 random bits, which no number of guesses reaches, while every
     # login (the operator's migrations, the tenant's applications) pays the rounds on its CPU:

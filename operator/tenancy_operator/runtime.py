@@ -91,6 +91,7 @@ def build_registry() -> kopf.OperatorRegistry:
             targets=DatabaseTargets(
                 cfg.targets, min_size=cfg.pool_min_size, max_size=cfg.pool_max_size,
                 connect_timeout=cfg.db_connect_timeout_seconds,
+                lock_timeout=cfg.db_lock_timeout, statement_timeout=cfg.db_statement_timeout,
             ),
             kube=kube,
             events=EventRecorder(kube.api),

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import time
-from collections import defaultdict
-from collections.abc import Mapping
+from collections import Counter, defaultdict, deque
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,6 +25,66 @@ class TenantWatcher(Protocol):
     def tenant_changed(self, type_: str | None, body: Mapping[str, Any]) -> None: ...
 
 
+class FairSlots:
+    """At most ``capacity`` holders at once, shared fairly between keys (namespaces): one key holds
+    at most ``per_key`` (all but a quarter, at least one slot is kept for the others), and a freed
+    slot goes to the waiting key that holds the fewest, its oldest waiter first. So a namespace whose
+    work hangs (a migration that sleeps until its deadline) cannot hold every slot, and a namespace
+    that just arrived is served before one that already holds many."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.per_key = capacity - max(1, capacity // 4) if capacity > 1 else 1
+        self.held: Counter[str] = Counter()
+        self.total = 0
+        self._waiters: defaultdict[str, deque[tuple[int, asyncio.Future[None]]]] = defaultdict(deque)
+        self._seq = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[key].append((next(self._seq), fut))
+        self._grant()
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._release(key)  # granted just as it was cancelled
+            else:
+                fut.cancel()
+            raise
+        try:
+            yield
+        finally:
+            self._release(key)
+
+    def _release(self, key: str) -> None:
+        self.held[key] -= 1
+        if self.held[key] <= 0:
+            del self.held[key]
+        self.total -= 1
+        self._grant()
+
+    def _grant(self) -> None:
+        while self.total < self.capacity:
+            best: tuple[int, int, str] | None = None
+            for key, queue in list(self._waiters.items()):
+                while queue and queue[0][1].done():
+                    queue.popleft()  # cancelled while waiting
+                if not queue:
+                    del self._waiters[key]
+                    continue
+                if self.held[key] < self.per_key and (best is None or (self.held[key], queue[0][0]) < best[:2]):
+                    best = (self.held[key], queue[0][0], key)
+            if best is None:
+                return
+            _, _, key = best
+            _, fut = self._waiters[key].popleft()
+            self.held[key] += 1
+            self.total += 1
+            fut.set_result(None)
+
+
 @dataclass
 class OperatorContext:
     settings: Settings
@@ -36,14 +98,16 @@ class OperatorContext:
     control_ready: set[str] = field(default_factory=set)
     # When the sweep last completed (monotonic); the liveness probe fails if it stops completing.
     last_sweep_ok: float = field(default_factory=time.monotonic)
-    # Tenant migrations running at once, process-wide (each holds a tenant login, not a pool slot).
-    migration_slots: asyncio.Semaphore = field(init=False)
-    # Tenant reconciles and deletions at once, process-wide (Kopf's workers are many more).
-    reconcile_slots: asyncio.Semaphore = field(init=False)
+    # Tenant migrations running at once, process-wide (each holds a tenant login, not a pool
+    # slot), shared fairly between namespaces.
+    migration_slots: FairSlots = field(init=False)
+    # Tenant reconciles and deletions at once, process-wide (Kopf's workers are many more), shared
+    # fairly between namespaces.
+    reconcile_slots: FairSlots = field(init=False)
 
     def __post_init__(self) -> None:
-        self.migration_slots = asyncio.Semaphore(self.settings.migration_concurrency)
-        self.reconcile_slots = asyncio.Semaphore(self.settings.reconcile_concurrency)
+        self.migration_slots = FairSlots(self.settings.migration_concurrency)
+        self.reconcile_slots = FairSlots(self.settings.reconcile_concurrency)
 
     async def ensure_control_schema(self, target: str) -> None:
         """Migrate a target's control schema once per process, lazily: a target that was down

@@ -44,7 +44,9 @@ async def record(conn: Conn, control: str, *, archive_id: str, tenant_id: str, n
 
 
 async def find(conn: Conn, control: str, namespace: str, name: str, ref: str) -> ArchiveRow | None:
-    """An unpurged archive by id, or the newest one of ``namespace/name`` for ``latest``."""
+    """An unpurged archive of ``namespace/name``: by id, or the newest one for ``latest``. An
+    archive restores only into the namespace and name it came from: another namespace's Tenant
+    naming its id finds nothing (and learns nothing of whether it exists)."""
     if ref == "latest":
         query = sql.SQL(
             "SELECT {c} FROM {t} WHERE namespace = %s AND name = %s AND purged_at IS NULL"
@@ -52,8 +54,10 @@ async def find(conn: Conn, control: str, namespace: str, name: str, ref: str) ->
         ).format(c=_COLS, t=_t(control))
         params: list[Any] = [namespace, name]
     else:
-        query = sql.SQL("SELECT {c} FROM {t} WHERE id = %s AND purged_at IS NULL").format(c=_COLS, t=_t(control))
-        params = [ref]
+        query = sql.SQL(
+            "SELECT {c} FROM {t} WHERE id = %s AND namespace = %s AND name = %s AND purged_at IS NULL"
+        ).format(c=_COLS, t=_t(control))
+        params = [ref, namespace, name]
     cur = await conn.execute(query, params)
     row = await cur.fetchone()
     return ArchiveRow(**row) if row else None  # type: ignore[arg-type]

@@ -31,7 +31,8 @@ Pool = AsyncConnectionPool[Conn]
 
 class DatabaseTargets:
     def __init__(
-        self, dsns: Mapping[str, str], *, min_size: int, max_size: int, connect_timeout: float
+        self, dsns: Mapping[str, str], *, min_size: int, max_size: int, connect_timeout: float,
+        lock_timeout: str = "10s", statement_timeout: str = "120s",
     ) -> None:
         self.dsns = dict(dsns)
         self.max_size = max_size
@@ -47,6 +48,9 @@ class DatabaseTargets:
                     "row_factory": dict_row,
                     "connect_timeout": max(1, int(connect_timeout)),
                     "application_name": "tenancy-operator",
+                    # No statement of the operator waits on a tenant's lock, or runs, for longer:
+                    # a tenant holding ACCESS EXCLUSIVE on its table delays its own work only.
+                    "options": f"-c lock_timeout={lock_timeout} -c statement_timeout={statement_timeout}",
                 },
                 connection_class=psycopg.AsyncConnection,
                 name=f"tenancy-{name}",

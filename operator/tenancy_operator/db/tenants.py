@@ -43,6 +43,8 @@ class RegistryRow:
     schema_recreated_at: Any
     schema_recreated_ack: str | None
     k8s_uid: str | None = None
+    secret_uid: str | None = None
+    """metadata.uid of the credentials Secret the operator created (a Secret of another uid is not ours)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class Observed:
     schema_privileges: bool
     operator_member: bool
     """A standing membership of the operator in the role (earlier versions kept one): revoked."""
+    owner_marker: str | None = None
+    """The role's comment: the operator marks each role it creates with its owner (``owner_marker``)."""
+    idle_timeout: str | None = None
+    """The role's idle_in_transaction_session_timeout setting, if any."""
 
 
 def generate_password() -> str:
@@ -83,7 +89,8 @@ async def find_live_row(conn: Conn, control: str, schema_name: str) -> RegistryR
     cur = await conn.execute(
         sql.SQL(
             "SELECT id::text, namespace, name, schema_name, role_name, state, provisioned_at,"
-            " schema_recreated_at, schema_recreated_ack, k8s_uid FROM {} WHERE schema_name = %s AND state <> ALL(%s)"
+            " schema_recreated_at, schema_recreated_ack, k8s_uid, secret_uid FROM {}"
+            " WHERE schema_name = %s AND state <> ALL(%s)"
         ).format(_t(control, "tenants")),
         [schema_name, ["dropped", "archived"]],
     )
@@ -100,7 +107,7 @@ async def insert_row(
             "INSERT INTO {} (namespace, name, k8s_uid, schema_name, role_name, tier, display_name, state)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, 'provisioning')"
             " RETURNING id::text, namespace, name, schema_name, role_name, state, provisioned_at,"
-            " schema_recreated_at, schema_recreated_ack, k8s_uid"
+            " schema_recreated_at, schema_recreated_ack, k8s_uid, secret_uid"
         ).format(_t(control, "tenants")),
         [namespace, name, uid, ident, ident, tier, display_name],
     )
@@ -128,6 +135,14 @@ async def update_row(
             "id": tenant_id, "uid": uid, "tier": tier, "display": display_name, "state": state,
             "provisioned": provisioned, "recreated": schema_recreated,
         },
+    )
+
+
+async def set_secret_uid(conn: Conn, control: str, tenant_id: str, uid: str) -> None:
+    await conn.execute(
+        sql.SQL("UPDATE {} SET secret_uid = %s WHERE id = %s AND secret_uid IS DISTINCT FROM %s").format(
+            _t(control, "tenants")),
+        [uid, tenant_id, uid],
     )
 
 
@@ -164,7 +179,10 @@ OBSERVE = sql.SQL(
                      AND has_schema_privilege(r.oid, n.oid, 'CREATE')
                 ELSE false END AS schema_privileges,
            CASE WHEN r.oid IS NOT NULL THEN pg_has_role(current_user, r.oid, 'USAGE')
-                ELSE false END AS operator_member
+                ELSE false END AS operator_member,
+           shobj_description(r.oid, 'pg_authid') AS owner_marker,
+           (SELECT substr(c, length('idle_in_transaction_session_timeout=') + 1) FROM unnest(r.rolconfig) AS c
+             WHERE c LIKE 'idle_in_transaction_session_timeout=%%' LIMIT 1) AS idle_timeout
       FROM unnest(%s::text[]) AS want(name)
       LEFT JOIN pg_roles r ON r.rolname = want.name
       LEFT JOIN pg_namespace n ON n.nspname = want.name
@@ -182,8 +200,29 @@ async def observe(conn: Conn, names: list[str]) -> dict[str, Observed]:
     return out
 
 
-def create_role(role: str) -> sql.Composed:
-    return sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role))
+MARKER_PREFIX = "tenancy-operator tenant "
+
+
+def owner_marker(database: str, namespace: str, name: str) -> str:
+    """What the operator writes as the comment of a tenant role it creates. Roles belong to the
+    whole server, not to one database: two targets on one server share them, and the marker
+    (which a tenant cannot change: COMMENT ON ROLE takes CREATEROLE) says whose a role is."""
+    return f"{MARKER_PREFIX}{namespace}/{name} in database {database}"
+
+
+def create_role(role: str, marker: str) -> list[sql.Composed]:
+    return [sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)), mark_role(role, marker)]
+
+
+def mark_role(role: str, marker: str) -> sql.Composed:
+    return sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(role), sql.Literal(marker))
+
+
+def set_idle_timeout(role: str, timeout: str) -> sql.Composed:
+    """A tenant's idle transaction cannot hold its locks (and block the operator's work) forever.
+    The tenant may change its own role's defaults; drift repair sets it again."""
+    return sql.SQL("ALTER ROLE {} SET idle_in_transaction_session_timeout TO {}").format(
+        sql.Identifier(role), sql.Literal(timeout))
 
 
 def grant_role_to_operator(role: str) -> sql.Composed:
@@ -206,17 +245,6 @@ async def acting_for(conn: Conn, role: str) -> AsyncIterator[None]:
     async with conn.transaction():
         await conn.execute(grant_role_to_operator(role))
         yield
-        await conn.execute(revoke_role_from_operator(role))
-
-
-@contextlib.asynccontextmanager
-async def lent_membership(conn: Conn, role: str) -> AsyncIterator[None]:
-    """Committed membership in ``role`` while another process (pg_dump, pg_restore) acts as it.
-    If the operator dies meanwhile, the tenant's next reconcile revokes it (``operator_member``)."""
-    await conn.execute(grant_role_to_operator(role))
-    try:
-        yield
-    finally:
         await conn.execute(revoke_role_from_operator(role))
 
 
@@ -266,6 +294,66 @@ async def set_password(conn: Conn, role: str, password: str, iterations: int) ->
     await conn.execute(await password_statement(role, password, iterations))
 
 
+async def terminate_backend(conn: Conn, role: str, pid: int) -> None:
+    """End one session of ``role`` (a migration past its deadline), whatever it is doing."""
+    async with acting_for(conn, role):
+        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s AND usename = %s",
+                           [pid, role])
+
+
+@contextlib.asynccontextmanager
+async def delegate_login(conn: Conn, role: str, iterations: int) -> AsyncIterator[tuple[str, str]]:
+    """A temporary login that holds the tenant role's rights and nothing else: (user, password).
+
+    Restoring or dumping a tenant's schema touches objects the tenant defined (a function in a
+    default, a check, a view), and such code runs with the rights of the session's login user;
+    ``SET ROLE`` is no bound, since tenant code can ``RESET ROLE``. So these tools log in as a role
+    whose only privilege is membership of the tenant role (the tenant's own login may be disabled
+    at that moment, and its password is the application's). Dropped when the block ends; the
+    sweep drops any a crash left behind (``DELEGATE_PREFIX``)."""
+    user = f"{DELEGATE_PREFIX}{secrets.token_hex(8)}"
+    _LIVE_DELEGATES.add(user)
+    password = generate_password()
+    verifier = await asyncio.to_thread(scram_sha256_verifier, password, iterations)
+    ident = sql.Identifier(user)
+    await run_batch(conn, [
+        sql.SQL("CREATE ROLE {} LOGIN INHERIT CONNECTION LIMIT 4 PASSWORD {}").format(ident, sql.Literal(verifier)),
+        mark_role(user, f"tenancy-operator temporary login for {role}"),
+        sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), ident),
+    ])
+    try:
+        yield user, password
+    finally:
+        try:
+            await drop_delegate(conn, user)
+        finally:
+            _LIVE_DELEGATES.discard(user)
+
+
+DELEGATE_PREFIX = "tenancy_delegate_"
+_LIVE_DELEGATES: set[str] = set()
+
+
+async def drop_delegate(conn: Conn, user: str) -> None:
+    async with acting_for(conn, user):
+        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [user])
+    ident = sql.Identifier(user)
+    await run_batch(conn, [grant_role_to_operator(user), sql.SQL("DROP OWNED BY {}").format(ident),
+                           sql.SQL("DROP ROLE {}").format(ident)])
+
+
+async def stale_delegates(conn: Conn) -> list[str]:
+    """Temporary logins that no block holds any more (a crash in the middle of a dump): they
+    have no session and were created by this operator (their comment says so)."""
+    cur = await conn.execute(
+        "SELECT r.rolname FROM pg_roles r WHERE starts_with(r.rolname, %s)"
+        " AND shobj_description(r.oid, 'pg_authid') LIKE 'tenancy-operator temporary login for %%'"
+        " AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.usename = r.rolname)",
+        [DELEGATE_PREFIX],
+    )
+    return [str(r["rolname"]) for r in await cur.fetchall() if r["rolname"] not in _LIVE_DELEGATES]
+
+
 async def terminate_sessions(conn: Conn, role: str) -> int:
     async with acting_for(conn, role):  # signalling a role's backends takes its privileges
         cur = await conn.execute(
@@ -277,11 +365,12 @@ async def terminate_sessions(conn: Conn, role: str) -> int:
     return int(row["n"]) if row else 0  # type: ignore[call-overload]
 
 
-async def drop_tenant_objects(conn: Conn, schema: str, role: str) -> None:
-    """Drop the schema, everything the role owns, and the role. Safe to repeat."""
+async def drop_tenant_objects(conn: Conn, schema: str, role: str, *, role_too: bool = True) -> None:
+    """Drop the schema, everything the role owns, and the role (with ``role_too``: the role is the
+    operator's for this tenant). Safe to repeat."""
     drop_schema = sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
     cur = await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role])
-    if not await cur.fetchone():
+    if not role_too or not await cur.fetchone():
         await conn.execute(drop_schema)
         return
     # One transaction; dropping the role ends the membership granted for it.

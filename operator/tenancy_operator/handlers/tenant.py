@@ -184,7 +184,8 @@ class TenantService:
         meta = body["metadata"]
         key = _key(body)
         started = time.monotonic()
-        async with self.ctx.lock(KIND, meta["namespace"], meta["name"]), self.ctx.reconcile_slots:
+        async with (self.ctx.lock(KIND, meta["namespace"], meta["name"]),
+                    self.ctx.reconcile_slots.hold(meta["namespace"])):
             if listed:
                 if key in self._deleting or self._superseded(body):
                     return None
@@ -211,7 +212,8 @@ class TenantService:
                     raise
         metrics.record_result(KIND, out.ready, None if out.ready else out.reason)
         if not await self._report(body, out, started):
-            async with self.ctx.lock(KIND, meta["namespace"], meta["name"]), self.ctx.reconcile_slots:
+            async with (self.ctx.lock(KIND, meta["namespace"], meta["name"]),
+                        self.ctx.reconcile_slots.hold(meta["namespace"])):
                 await self._clean_up_gone(body)
             return out
         if out.retry:  # a job attempt failed; the next one comes after a backoff
@@ -275,7 +277,8 @@ class TenantService:
         metrics.PENDING.add(KIND, key)
         meta = body["metadata"]
         generation = int(meta.get("generation") or 0)
-        async with self.ctx.lock(KIND, meta["namespace"], meta["name"]), self.ctx.reconcile_slots:
+        async with (self.ctx.lock(KIND, meta["namespace"], meta["name"]),
+                    self.ctx.reconcile_slots.hold(meta["namespace"])):
             try:
                 evs = await self.reconciler.finalize(body)
             except psycopg.Error as exc:

@@ -82,17 +82,23 @@ class Kube:
                 return None
             raise
 
-    async def create_secret(self, namespace: str, body: dict[str, Any]) -> None:
-        await raw(self.core.create_namespaced_secret, namespace, body)
+    async def create_secret(self, namespace: str, body: dict[str, Any]) -> str:
+        """Returns the new Secret's uid."""
+        created = json.loads(await raw(self.core.create_namespaced_secret, namespace, body))
+        return str(created["metadata"]["uid"])
 
-    async def replace_secret(self, namespace: str, name: str, body: dict[str, Any]) -> None:
-        await raw(self.core.replace_namespaced_secret, name, namespace, body)
+    async def replace_secret(self, namespace: str, name: str, body: dict[str, Any]) -> str:
+        """Returns the Secret's uid (a replace never changes it)."""
+        replaced = json.loads(await raw(self.core.replace_namespaced_secret, name, namespace, body))
+        return str(replaced["metadata"]["uid"])
 
-    async def delete_secret(self, namespace: str, name: str) -> None:
+    async def delete_secret(self, namespace: str, name: str, uid: str | None = None) -> None:
+        """Delete a Secret; with ``uid``, only that very object (not one re-created meanwhile)."""
+        options = {"preconditions": {"uid": uid}} if uid else None
         try:
-            await self.core.delete_namespaced_secret(name, namespace)
+            await self.core.delete_namespaced_secret(name, namespace, body=options)
         except ApiException as exc:
-            if exc.status != 404:
+            if exc.status not in (404, 409):  # gone, or another object of that name now
                 raise
 
     async def list_secrets(self, label_selector: str) -> list[dict[str, Any]]:

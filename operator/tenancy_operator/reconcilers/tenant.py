@@ -230,7 +230,7 @@ class TenantReconciler:
         uid = meta.get("uid", "")
         suspended = _enum(spec.state) == "Suspended"
         if out.applied is None:  # not read in this reconcile yet (or a migration ran since)
-            out.applied = await tm.applied(conn, ident)
+            out.applied = await tm.applied(conn, self.control, row.id)
         out.schema_version = _latest(out.applied)
         recreated_at = row.schema_recreated_at
         # Pipeline mode: the writes go with the ledger read in one round trip.
@@ -266,10 +266,18 @@ class TenantReconciler:
         revived = row.state == "deleted"
         gate = self._gate(using(conn), body, row.id, new_tenant=new_row)
         obs = (await sqlt.observe(conn, [ident]))[ident]
+        marker = sqlt.owner_marker(self._dbname(spec), body["metadata"]["namespace"], body["metadata"]["name"])
+        try:
+            self._check_ownership(ident, obs, marker, was_provisioned)
+            if not was_provisioned:
+                claim = await self._claim_secret(conn, body, spec, ident, row, reads)
+        except OwnershipConflict as exc:
+            out.fail("Conflict", str(exc), stalled=True)
+            return None
 
         if not was_provisioned:
             password = await gate.run(
-                "provision", lambda: self._provision(conn, body, spec, ident, obs, out, reads),
+                "provision", lambda: self._provision(conn, body, spec, ident, obs, out, claim, marker),
                 detail=f"schema and role {ident}",
             )
             out.events.append(("Normal", "Provisioned", f"schema and role {ident} ready"))
@@ -279,9 +287,13 @@ class TenantReconciler:
                 await self._restore(conn, gate, body, spec, ident, row, out)
             if not out.ready:
                 return None
-            return await self._plan_migrations(conn, body, spec, ident, password, out, reads, new_tenant=new_row)
+            return await self._plan_migrations(conn, body, spec, ident, row, password, out, reads, new_tenant=new_row)
 
-        await self._ensure_catalog(conn, ident, obs, out, drift=True)
+        statements = self._catalog_statements(ident, obs, out, marker, drift=True)
+        if out.schema_recreated:  # forgotten first: a crash after the re-creation must not skip them
+            await tm.forget(conn, self.control, row.id)
+            out.applied = {}
+        await sqlt.run_batch(conn, statements)
         if spec.restore_from:
             await self._restore(conn, gate, body, spec, ident, row, out)
             if not out.ready:
@@ -290,8 +302,12 @@ class TenantReconciler:
         meta = body["metadata"]
         current = reads.secret if reads.secret_read else await self._read_secret(
             meta["namespace"], secret_name(meta["name"]))
-        password, action = await self._ensure_secret(conn, body, spec, ident, current,
-                                                     role_created=not obs.role_exists, gate=gate)
+        try:
+            password, action = await self._ensure_secret(conn, body, spec, ident, row, current,
+                                                         role_created=not obs.role_exists, gate=gate)
+        except OwnershipConflict as exc:
+            out.fail("Conflict", str(exc), stalled=True)
+            return None
         if action == "rotated":
             out.events.append(("Normal", "CredentialsRotated", "new password set; old sessions ended"))
         elif action == "recreated" and not revived:
@@ -311,56 +327,91 @@ class TenantReconciler:
                 await self._set_login(conn, ident, want_login)
                 out.repairs.append("login")
 
-        return await self._plan_migrations(conn, body, spec, ident, password, out, reads)
+        return await self._plan_migrations(conn, body, spec, ident, row, password, out, reads)
+
+    async def _claim_secret(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
+                            row: sqlt.RegistryRow, reads: KubeReads) -> SecretClaim:
+        """The credentials Secret for a first provisioning: created now (with a new password), or
+        the one this very Tenant's earlier attempt created. A Secret of that name that anyone
+        else created is never taken over: OwnershipConflict."""
+        meta = body["metadata"]
+        rotation = (meta.get("annotations") or {}).get(ROTATE_ANNOTATION, "")
+        current = reads.secret
+        if not reads.secret_read or current is None:
+            password = sqlt.generate_password()
+            uid = await self._create_secret(meta["namespace"], self._secret_body(body, spec, ident, password, rotation))
+            if uid is not None:
+                await sqlt.set_secret_uid(conn, self.control, row.id, uid)
+                return SecretClaim(password, None)
+            current = await self._read_secret(meta["namespace"], secret_name(meta["name"]))
+            if current is None:
+                raise Retry("KubernetesAPI", "the Secret was deleted while it was created; trying again")
+        self._check_secret(current, row, meta)
+        password = ""
+        if _rotation_of(current) == rotation:
+            password = _secret_data(current).get("password", "")  # apps already use it: keep it
+        return SecretClaim(password or sqlt.generate_password(), current)
 
     async def _provision(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
-                         obs: sqlt.Observed, out: Outcome, reads: KubeReads) -> str:
+                         obs: sqlt.Observed, out: Outcome, claim: SecretClaim, marker: str) -> str:
         """A tenant's first provisioning: what is missing of role, schema, grants, password and
         login in one round trip (one transaction), and its Secret. Returns the password."""
         meta = body["metadata"]
         rotation = (meta.get("annotations") or {}).get(ROTATE_ANNOTATION, "")
-        statements = self._catalog_statements(ident, obs, out, drift=False)
-
-        async def provision(password: str) -> str:
-            await sqlt.run_batch(conn, [*statements, await sqlt.password_statement(ident, password, self._iterations),
-                                        sqlt.login_statement(ident, _enum(spec.state) != "Suspended")])
-            return password
-
-        current = reads.secret
-        if not reads.secret_read:
-            password = sqlt.generate_password()
-            if await self._create_secret(meta["namespace"], self._secret_body(body, spec, ident, password, rotation)):
-                return await provision(password)
-            current = await self._read_secret(meta["namespace"], secret_name(meta["name"]))
-        password = ""
-        if current is not None and _rotation_of(current) == rotation:
-            password = _secret_data(current).get("password", "")  # apps already use it: keep it
-        password = await provision(password or sqlt.generate_password())
-        desired = self._secret_body(body, spec, ident, password, rotation)
+        statements = self._catalog_statements(ident, obs, out, marker, drift=False)
+        password = claim.password
+        await sqlt.run_batch(conn, [*statements, await sqlt.password_statement(ident, password, self._iterations),
+                                    sqlt.login_statement(ident, _enum(spec.state) != "Suspended")])
+        current = claim.current
         if current is None:
-            await self._write_secret(meta["namespace"], desired, replace=False)
-        elif desired["data"] != current.get("data") or not _owned_by(current, meta["uid"]) \
+            return password
+        desired = self._secret_body(body, spec, ident, password, rotation)
+        if desired["data"] != current.get("data") or not _owned_by(current, meta["uid"]) \
                 or _rotation_of(current) != rotation:
             desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
             await self._write_secret(meta["namespace"], desired, replace=True)
         return password
 
+    def _check_ownership(self, ident: str, obs: sqlt.Observed, marker: str, was_provisioned: bool) -> None:
+        """The role and schema are this Tenant's, or missing. Roles belong to the whole server: a
+        role of this name may be another database's tenant (two targets on one server) or a role
+        somebody else made; a schema may exist before the operator ever provisioned the tenant."""
+        if obs.role_exists and obs.owner_marker != marker:
+            theirs = obs.owner_marker or ""
+            if theirs.startswith(sqlt.MARKER_PREFIX):
+                raise OwnershipConflict(
+                    f"role {ident} belongs to {theirs.removeprefix(sqlt.MARKER_PREFIX)} (database targets that share "
+                    "a PostgreSQL server share its roles); rename this Tenant or use another server")
+            if not was_provisioned:  # provisioned before: a role of an earlier version, unmarked
+                raise OwnershipConflict(
+                    f"role {ident} exists and was not created by the operator for this Tenant; "
+                    "drop or rename that role, or rename this Tenant")
+        if not was_provisioned and not obs.role_exists and obs.schema_exists:
+            raise OwnershipConflict(
+                f"schema {ident} exists and was not created by the operator for this Tenant; "
+                "drop or rename that schema, or rename this Tenant")
+
+    def _dbname(self, spec: TenantSpec) -> str:
+        return str(self.ctx.targets.conninfo(spec.database).get("dbname") or "postgres")
+
     async def _set_login(self, conn: Conn, ident: str, login: bool) -> int:
         await sqlt.set_login(conn, ident, login)
         return 0 if login else await sqlt.terminate_sessions(conn, ident)
 
-    async def _ensure_catalog(self, conn: Conn, ident: str, obs: sqlt.Observed, out: Outcome, *, drift: bool) -> None:
-        await sqlt.run_batch(conn, self._catalog_statements(ident, obs, out, drift=drift))
-
-    def _catalog_statements(self, ident: str, obs: sqlt.Observed, out: Outcome, *,
+    def _catalog_statements(self, ident: str, obs: sqlt.Observed, out: Outcome, marker: str, *,
                             drift: bool) -> list[sql.Composable]:
         """Role, schema, owner, grants, search_path: what is missing, and the repairs that counts
         (when ``drift``: the tenant was provisioned before). The statements that take the role's
         rights run inside a membership granted and revoked in the same batch."""
         todo: list[sql.Composable] = []
         if not obs.role_exists:
-            todo.append(sqlt.create_role(ident))
+            todo += sqlt.create_role(ident, marker)
             out.repairs.append("role") if drift else None
+        elif obs.owner_marker != marker:  # checked: an unmarked role of this tenant from an earlier version
+            todo.append(sqlt.mark_role(ident, marker))
+        idle = self.ctx.settings.tenant_idle_in_transaction_timeout
+        if not obs.role_exists or obs.idle_timeout != idle:
+            todo.append(sqlt.set_idle_timeout(ident, idle))
         as_role: list[sql.Composable] = []
         if not obs.schema_exists:
             as_role.append(sqlt.create_schema(ident, ident))
@@ -417,14 +468,18 @@ class TenantReconciler:
         }
 
     async def _ensure_secret(
-        self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, current: dict[str, Any] | None,
-        *, role_created: bool, gate: JobGate | None = None,
+        self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, row: sqlt.RegistryRow,
+        current: dict[str, Any] | None, *, role_created: bool, gate: JobGate | None = None,
     ) -> tuple[str, str]:
-        """Returns (password, what happened: "", "rotated" or "recreated")."""
+        """Returns (password, what happened: "", "rotated" or "recreated"). A Secret the operator
+        did not create for this Tenant is never used: OwnershipConflict."""
         meta = body["metadata"]
         namespace = meta["namespace"]
         rotation = (meta.get("annotations") or {}).get(ROTATE_ANNOTATION, "")
         if current is not None:
+            self._check_secret(current, row, meta)
+            if row.secret_uid is None:  # an earlier version's Secret, owned by this Tenant: recorded now
+                await sqlt.set_secret_uid(conn, self.control, row.id, current["metadata"]["uid"])
             password = _secret_data(current).get("password", "")
             if _rotation_of(current) == rotation and password:
                 if role_created:  # a role dropped out of band comes back with the password apps use
@@ -438,7 +493,9 @@ class TenantReconciler:
         if current is None:
             password = sqlt.generate_password()
             await sqlt.set_password(conn, ident, password, self._iterations)
-            await self._write_secret(namespace, self._secret_body(body, spec, ident, password, rotation), replace=False)
+            uid = await self._write_secret(namespace, self._secret_body(body, spec, ident, password, rotation),
+                                           replace=False)
+            await sqlt.set_secret_uid(conn, self.control, row.id, uid)
             return password, "recreated"
 
         async def rotate() -> str:
@@ -460,24 +517,37 @@ class TenantReconciler:
         except ApiException as exc:
             raise Retry("KubernetesAPI", f"reading Secret failed: {exc.status}") from exc
 
-    async def _create_secret(self, namespace: str, body: dict[str, Any]) -> bool:
-        """Create the Secret; False when one exists already."""
+    async def _create_secret(self, namespace: str, body: dict[str, Any]) -> str | None:
+        """Create the Secret and return its uid; None when one exists already."""
         try:
-            await self.ctx.kube.create_secret(namespace, body)
+            return await self.ctx.kube.create_secret(namespace, body)
         except ApiException as exc:
             if exc.status == 409:
-                return False
+                return None
             raise Retry("KubernetesAPI", f"writing Secret failed: {exc.status}") from exc
-        return True
 
-    async def _write_secret(self, namespace: str, body: dict[str, Any], *, replace: bool) -> None:
+    async def _write_secret(self, namespace: str, body: dict[str, Any], *, replace: bool) -> str:
+        """Replace or create the Secret; returns its uid."""
         try:
             if replace:
-                await self.ctx.kube.replace_secret(namespace, body["metadata"]["name"], body)
-            else:
-                await self.ctx.kube.create_secret(namespace, body)
+                return await self.ctx.kube.replace_secret(namespace, body["metadata"]["name"], body)
+            return await self.ctx.kube.create_secret(namespace, body)
         except ApiException as exc:
             raise Retry("KubernetesAPI", f"writing Secret failed: {exc.status}") from exc
+
+    @staticmethod
+    def _check_secret(current: Mapping[str, Any], row: sqlt.RegistryRow, meta: Mapping[str, Any]) -> None:
+        """The Secret is the one the operator created for this Tenant: the uid it recorded, or, for
+        a tenant provisioned by an earlier version (no uid recorded), owned by this Tenant."""
+        uid = current["metadata"].get("uid")
+        if row.secret_uid is not None:
+            ours = uid == row.secret_uid
+        else:
+            ours = row.provisioned_at is not None and _owned_by(current, meta["uid"])
+        if not ours:
+            raise OwnershipConflict(
+                f"Secret {meta['namespace']}/{current['metadata']['name']} exists and was not created by the operator "
+                "for this Tenant; it is left as it is: delete or rename it, and the operator creates its own")
 
     # --- restore ---------------------------------------------------------------------------
 
@@ -505,34 +575,50 @@ class TenantReconciler:
             out.fail("RestoreRefused", f"schema {ident} already holds data; refusing to restore over it", stalled=True)
             return
 
-        async def restore() -> None:
+        async def restore() -> dict[str, str]:
+            settings = self.ctx.settings
             try:
-                async with sqlt.lent_membership(conn, ident):  # pg_restore --role
+                async with sqlt.delegate_login(conn, ident, self._iterations) as (user, password):
+                    login = {**self.ctx.targets.conninfo(spec.database), "user": user, "password": password}
                     await archive.restore_schema(
-                        self.ctx.targets.conninfo(spec.database), path=Path(found.path), sha256=found.sha256,
-                        schema=ident, role=ident, workdir=self.ctx.settings.archive_dir,
+                        login, path=Path(found.path), sha256=found.sha256, schema=ident, role=ident,
+                        workdir=settings.archive_dir, deadline=settings.archive_deadline_seconds,
+                    )
+                    # The archive brought the tenant's migration records along: read with its rights.
+                    return await tm.read_records(
+                        psycopg.conninfo.make_conninfo(**login), ident,
+                        connect_timeout=settings.db_connect_timeout_seconds,
+                        deadline=settings.migration_deadline_seconds,
                     )
             except (archive.ArchiveCorrupt, archive.ArchiveUnavailable) as exc:
                 raise StepFailed(str(exc)) from exc
 
-        await gate.run("restore", restore, detail=f"from archive {found.id}")
-        await tm.mirror(conn, self.control, row.id, ident)
+        records = await gate.run("restore", restore, detail=f"from archive {found.id}")
+        await tm.forget(conn, self.control, row.id)
+        await tm.mirror(conn, self.control, row.id, records)
+        out.applied = None
         out.events.append(("Normal", "Restored", f"restored from archive {found.id} (checksum verified)"))
 
     # --- migrations ------------------------------------------------------------------------
 
     async def _plan_migrations(
-        self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, password: str, out: Outcome,
-        reads: KubeReads, *, new_tenant: bool = False,
+        self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, row: sqlt.RegistryRow,
+        password: str, out: Outcome, reads: KubeReads, *, new_tenant: bool = False,
     ) -> MigrationPlan | None:
         wanted = reads.template
+        namespace = body["metadata"]["namespace"]
         if wanted is None:
-            namespace = body["metadata"]["namespace"]
             out.fail("TemplateNotFound", f"schema template ConfigMap {namespace}/{spec.schema_template} not found",
                      stalled=True)
             return None
+        try:
+            tm.check_template(wanted)
+        except tm.InvalidTemplate as exc:
+            out.fail("InvalidTemplate", f"schema template ConfigMap {namespace}/{spec.schema_template}: {exc}",
+                     stalled=True)
+            return None
         if out.applied is None:
-            out.applied = await tm.applied(conn, ident)
+            out.applied = await tm.applied(conn, self.control, row.id)
         done = out.applied
         try:
             todo = tm.pending(wanted, done)
@@ -563,10 +649,9 @@ class TenantReconciler:
 
         async def migrate() -> list[str]:
             records: dict[str, str] = {}
-            ok = False
             try:
                 try:
-                    done = await self._apply(plan.dsn, ident, plan.todo, records)
+                    return await self._apply(target, plan.dsn, ident, plan.todo, records)
                 except psycopg.OperationalError as exc:
                     if "authentication failed" not in str(exc):
                         raise
@@ -574,17 +659,15 @@ class TenantReconciler:
                     async with short() as conn:
                         await sqlt.set_password(conn, ident, plan.password, self._iterations)
                     out.repairs.append("password")
-                    done = await self._apply(plan.dsn, ident, plan.todo, records)
-                ok = True
-                return done
+                    return await self._apply(target, plan.dsn, ident, plan.todo, records)
             finally:
-                # What the migrations left: read by the run itself when it succeeded, else here.
+                # What the schema now holds, also when a later migration failed: the operator's record.
                 out.applied = None
                 async with short() as conn:
-                    out.applied = await tm.mirror(conn, self.control, row.id, ident, records if ok else None)
+                    await tm.mirror(conn, self.control, row.id, records)
 
         try:
-            async with self.ctx.migration_slots:
+            async with self.ctx.migration_slots.hold(body["metadata"]["namespace"]):
                 applied = await gate.run("migrate", migrate, detail=", ".join(m.version for m in plan.todo))
         except JobFailed as exc:
             _job_failed(out, exc)
@@ -592,12 +675,17 @@ class TenantReconciler:
         for v in applied:
             out.events.append(("Normal", "MigrationApplied", f"applied {v}"))
 
-    async def _apply(self, dsn: str, ident: str, todo: list[tm.Migration],
-                     records: dict[str, str] | None = None) -> list[str]:
+    async def _apply(self, target: str, dsn: str, ident: str, todo: list[tm.Migration],
+                     records: dict[str, str]) -> list[str]:
+        async def end_backend(pid: int) -> None:
+            async with self.ctx.targets.connection(target) as conn:
+                await sqlt.terminate_backend(conn, ident, pid)
+
         return await tm.apply_as_tenant(
             dsn, ident, todo, lock_timeout=self.ctx.settings.migration_lock_timeout,
             statement_timeout=self.ctx.settings.migration_statement_timeout,
-            connect_timeout=self.ctx.settings.db_connect_timeout_seconds, records=records,
+            connect_timeout=self.ctx.settings.db_connect_timeout_seconds,
+            deadline=self.ctx.settings.migration_deadline_seconds, end_backend=end_backend, records=records,
         )
 
     # --- deletion ----------------------------------------------------------------------------
@@ -624,19 +712,28 @@ class TenantReconciler:
                 row = await sqlt.find_live_row(conn, self.control, ident)
                 if same_uid and (row is None or row.k8s_uid != meta.get("uid")):
                     return events
+                secret_uid: str | None = None
                 if row is not None and (row.namespace, row.name) == (namespace, name):
+                    secret_uid = row.secret_uid
                     await ledger.abandon_running(conn, self.control, row.id)
                     # Deletion keeps trying on its own (until it can), so no stall here.
                     gate = self._gate(using(conn), body, row.id, max_attempts=1_000_000)
                     obs = (await sqlt.observe(conn, [ident]))[ident]
-                    if obs.role_exists:
+                    provisioned = row.provisioned_at is not None
+                    marker = sqlt.owner_marker(self._dbname(spec), namespace, name)
+                    # Only what the operator made for this Tenant: a Tenant that never got past a
+                    # Conflict owns neither the role (another database's, or nobody's) nor the schema.
+                    role_ours = obs.role_exists and (obs.owner_marker == marker
+                                                     or (provisioned and obs.owner_marker is None))
+                    if role_ours:
                         await sqlt.set_login(conn, ident, False)
                         await sqlt.terminate_sessions(conn, ident)
-                    if policy == "Archive":
+                    if policy == "Archive" and role_ours and provisioned:
                         events += await self._archive(conn, gate, body, spec, ident, row.id)
-                    if policy in ("Delete", "Archive"):
-                        await gate.run("delete", lambda: sqlt.drop_tenant_objects(conn, ident, ident),
-                                       detail=f"drop schema and role {ident}")
+                    if policy in ("Delete", "Archive") and (role_ours or provisioned):
+                        await gate.run(
+                            "delete", lambda: sqlt.drop_tenant_objects(conn, ident, ident, role_too=role_ours),
+                            detail=f"drop schema and role {ident}")
                         await sqlt.mark_deleted(conn, self.control, row.id,
                                                 "archived" if policy == "Archive" else "dropped")
                         events.append(("Normal", "Dropped", f"schema and role {ident} dropped"))
@@ -646,11 +743,20 @@ class TenantReconciler:
                                        f"schema {ident} kept, login disabled; re-apply the Tenant to restore"))
         except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
             raise Retry("DatabaseUnavailable", f"database {spec.database!r} unavailable: {type(exc).__name__}") from exc
+        await self._delete_own_secret(meta, secret_uid)
+        return events
+
+    async def _delete_own_secret(self, meta: Mapping[str, Any], secret_uid: str | None) -> None:
+        """The credentials Secret goes with the Tenant, if it is the one the operator created for it."""
         try:
-            await self.ctx.kube.delete_secret(namespace, secret_name(name))
+            if secret_uid is None:  # recorded by no version before this one: ours if this Tenant owns it
+                current = await self.ctx.kube.get_secret(meta["namespace"], secret_name(meta["name"]))
+                if current is None or not _owned_by(current, meta["uid"]):
+                    return
+                secret_uid = current["metadata"]["uid"]
+            await self.ctx.kube.delete_secret(meta["namespace"], secret_name(meta["name"]), uid=secret_uid)
         except ApiException as exc:
             raise Retry("KubernetesAPI", f"deleting Secret failed: {exc.status}") from exc
-        return events
 
     async def _archive(self, conn: Conn, gate: JobGate, body: Mapping[str, Any], spec: TenantSpec, ident: str,
                        tenant_id: str) -> list[tuple[str, str, str]]:
@@ -658,10 +764,11 @@ class TenantReconciler:
 
         async def dump() -> archive.Archive:
             try:
-                async with sqlt.lent_membership(conn, ident):  # pg_dump --role
+                async with sqlt.delegate_login(conn, ident, self._iterations) as (user, password):
                     made = await archive.dump_schema(
-                        self.ctx.targets.conninfo(spec.database), directory=self.ctx.settings.archive_dir,
-                        namespace=meta["namespace"], name=meta["name"], schema=ident, role=ident,
+                        {**self.ctx.targets.conninfo(spec.database), "user": user, "password": password},
+                        directory=self.ctx.settings.archive_dir, namespace=meta["namespace"], name=meta["name"],
+                        schema=ident, role=ident, deadline=self.ctx.settings.archive_deadline_seconds,
                     )
             except archive.ArchiveUnavailable as exc:
                 raise StepFailed(str(exc)) from exc
@@ -732,10 +839,24 @@ class MigrationPlan:
 
 
 def _job_failed(out: Outcome, exc: JobFailed) -> None:
-    out.fail(JOB_REASONS[exc.kind], str(exc) if not exc.stalled else
+    reason = JOB_REASONS[exc.kind]
+    if exc.kind == "migrate" and tm.MigrationTimeout.MARK in exc.error:
+        reason = "MigrationTimeout"
+    out.fail(reason, str(exc) if not exc.stalled else
              f"{exc.kind} failed {exc.attempt} time(s), not retrying on its own: {exc.error}. "
              f"Fix the cause, then annotate {RETRY_ANNOTATION}=<new value> to retry once.",
              stalled=exc.stalled, retry=not exc.stalled)
+
+
+class OwnershipConflict(Exception):
+    """An object the Tenant needs exists and is not the operator's for this very Tenant."""
+
+
+@dataclass(frozen=True)
+class SecretClaim:
+    password: str
+    current: dict[str, Any] | None
+    """The existing Secret (this Tenant's own, from an earlier attempt); None: created just now."""
 
 
 class ArchiveBlocked(Exception):
