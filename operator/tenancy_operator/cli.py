@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,6 +38,86 @@ def _crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_dsns(args: argparse.Namespace) -> dict[str, str]:
+    """Target name -> DSN: --dsn; else the configured targets (TENANCY_DATABASE_TARGETS[_DIR]),
+    all of them or --target; else $TENANCY_DATABASE_URL."""
+    import os
+
+    from tenancy_operator.config import Settings
+
+    if args.dsn:
+        return {args.target or "default": args.dsn}
+    targets = Settings().targets
+    if targets:
+        if args.target is None:
+            return dict(targets)
+        if args.target not in targets:
+            raise ValueError(f"no database target {args.target!r}; configured: {', '.join(sorted(targets))}")
+        return {args.target: targets[args.target]}
+    if os.environ.get("TENANCY_DATABASE_URL"):
+        return {args.target or "default": os.environ["TENANCY_DATABASE_URL"]}
+    raise ValueError("no database: pass --dsn, or set TENANCY_DATABASE_TARGETS or TENANCY_DATABASE_URL")
+
+
+async def _audit_target(dsn: str, args: argparse.Namespace) -> Any:
+    import psycopg
+    from psycopg.rows import dict_row
+
+    from tenancy_operator.db import audit
+
+    async with await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, row_factory=dict_row, connect_timeout=10, application_name="tenancy-operator-audit",
+    ) as conn:
+        tenants = await audit.live_tenants(conn, args.control_schema, args.namespace or ())
+        if args.tenant:
+            tenants = {r: t for r, t in tenants.items() if t.name == args.tenant}
+        return await audit.audit(conn, args.control_schema, fix=args.fix, tenants=tenants)
+
+
+def _audit(argv: list[str]) -> int:
+    """``tenancy-operator audit``: the sweep's isolation audit on demand, one line per finding."""
+    import os
+
+    import psycopg
+
+    from tenancy_operator.db.audit import Report
+
+    parser = argparse.ArgumentParser(
+        prog="tenancy-operator audit",
+        description="List what tenant roles hold beyond their own schemas (catalog reads only); with --fix,"
+                    " revoke what the login can. Exit codes: 0 nothing found, 1 findings, 2 usage or"
+                    " connection error.")
+    parser.add_argument("--target", help="database target (default: every configured target)")
+    parser.add_argument("--dsn", help="database to audit (default: the targets' DSNs, else $TENANCY_DATABASE_URL)")
+    parser.add_argument("--control-schema", default=os.environ.get("TENANCY_CONTROL_SCHEMA", "tenancy"))
+    parser.add_argument("-n", "--namespace", action="append", help="only tenants of this namespace (repeatable)")
+    parser.add_argument("--tenant", help="only the Tenant of this name")
+    parser.add_argument("--fix", action="store_true", help="revoke what is found (default: read only)")
+    args = parser.parse_args(argv)
+    try:
+        dsns = _audit_dsns(args)
+    except ValueError as exc:
+        print(f"tenancy-operator audit: {exc}", file=sys.stderr)
+        return 2
+    found = failed = 0
+    for target, dsn in dsns.items():
+        try:
+            report: Report = asyncio.run(_audit_target(dsn, args))
+        except psycopg.Error as exc:
+            print(f"{target}: cannot audit: {type(exc).__name__}: {str(exc).strip()[:200]}", file=sys.stderr)
+            failed += 1
+            continue
+        for f in report.findings:
+            ref = report.tenants[f.role]
+            print(f"{target}\t{ref.namespace}/{ref.name}\t{f.role}\t{f.kind.value}\t{f.describe()}"
+                  f"\t{report.outcome(f)}")
+        found += len(report.findings)
+        roles = len({f.role for f in report.findings})
+        print(f"{target}: {len(report.findings)} finding(s) for {roles} of {len(report.tenants)} tenant role(s)"
+              + (f", {len(report.revoked)} revoked" if report.fixed else ""), file=sys.stderr)
+    return 1 if found else 2 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["jobs"]:
@@ -47,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         from tenancy_operator.devenv.cli import main as dev_main
 
         return dev_main(argv[1:])
+    if argv[:1] == ["audit"]:
+        return _audit(argv[1:])
     if argv[:1] == ["flags"]:
         from tenancy_operator.flags.cli import main as flags_main
 
@@ -57,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("dev", help="local stack: dev up | down | run | status")
     sub.add_parser("flags", help="feature flags in Postgres: flags eval | export | history")
     sub.add_parser("jobs", help="a tenant's lifecycle job history: jobs <tenant> [-n namespace]")
+    sub.add_parser("audit", help="what tenant roles hold beyond their schemas: audit [--target NAME] [--fix]")
     crds = sub.add_parser("crds", help="write the CRD YAML generated from the API models")
     crds.add_argument("--output", default=str(REPO_ROOT / "crds"))
     args = parser.parse_args(argv)

@@ -4,6 +4,10 @@ Kopf's handlers fire on changes to Tenants; nothing tells us when someone drops 
 Secret behind our back. Instead of one Kopf timer per object (a task and a finalizer each), one
 loop checks every tenant of a target with a few bulk catalog queries and one Secret list, then
 reconciles only the tenants that differ.
+
+Each sweep also audits isolation (db/audit.py): whatever a tenant role holds beyond its own schema
+is revoked, and reported with a Warning Event ``IsolationViolation``, the Tenant's
+``IsolationBreach`` condition, ``isolation_violations_total`` and a warning log line.
 """
 
 from __future__ import annotations
@@ -15,9 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import psycopg_pool
+from kubernetes_asyncio.client.exceptions import ApiException
 
+from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.tenant import TenantSpec, tenant_identifier
+from tenancy_operator.conditions import Cond, merge
+from tenancy_operator.db import audit
 from tenancy_operator.db import tenants as sqlt
+from tenancy_operator.k8s.client import MERGE_PATCH, raw
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.tenant import MANAGED_BY, TENANT_LABEL, purge_expired_archives, secret_name
@@ -28,6 +37,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 FINALIZER = "tenancy.dev/finalizer"
+BREACH = "IsolationBreach"
 
 
 def _ready(body: dict[str, Any]) -> bool:
@@ -55,6 +65,11 @@ class Sweeper:
     def __init__(self, ctx: OperatorContext, tenants: TenantService) -> None:
         self.ctx = ctx
         self.tenants = tenants
+        self._held: dict[tuple[str, str], frozenset[tuple[Any, ...]]] = {}
+        """(target, role) -> keys of the findings still held after the last audit: reported already."""
+        for kind in audit.Kind:
+            metrics.ISOLATION_VIOLATIONS.labels(kind=kind.value)  # series at 0, so increase() sees the first
+            metrics.ISOLATION_VIOLATIONS_HELD.labels(kind=kind.value).set(0)
 
     async def run_forever(self) -> None:
         while True:
@@ -134,7 +149,103 @@ class Sweeper:
                 continue
             if purged:
                 log.info("archives purged", target=target, archives=purged)
+        await self.audit_isolation(bodies)
         if reconciled:
             # Listed ones left out: deleted or edited meanwhile, or their handler's reconcile in flight.
             log.info("sweep repaired", tenants=reconciled, listed=len(todo))
         return reconciled
+
+    async def audit_isolation(self, bodies: list[dict[str, Any]]) -> int:
+        """Audit every target, revoke what tenant roles hold beyond their schemas, report it.
+        Returns the number of findings still held."""
+        tenants = {(b["metadata"]["namespace"], b["metadata"]["name"]): b for b in bodies}
+        held: Counter[str] = Counter()
+        for target in self.ctx.targets.pools:
+            try:
+                async with self.ctx.targets.connection(target) as conn:
+                    report = await audit.audit(conn, self.ctx.settings.control_schema, fix=True,
+                                               namespaces=self.ctx.settings.namespace_list)
+            except (psycopg_pool.PoolTimeout, psycopg.Error) as exc:
+                log.warning("isolation audit failed", target=target, error=type(exc).__name__)
+                continue
+            by_role = report.by_role()
+            for role, ref in report.tenants.items():
+                body = tenants.get((ref.namespace, ref.name))
+                if body is not None and ref.k8s_uid and body["metadata"].get("uid") != ref.k8s_uid:
+                    body = None  # a Tenant of the same name, not the one this role is for
+                findings = by_role.get(role, [])
+                held.update(f.kind.value for f in report.remaining(role))
+                try:
+                    await self._report_isolation(target, ref, body, report, findings)
+                except ApiException as exc:
+                    log.warning("isolation report failed", target=target, namespace=ref.namespace, name=ref.name,
+                                error=f"ApiException {exc.status}")
+            for key in [k for k in self._held if k[0] == target and k[1] not in report.tenants]:
+                del self._held[key]
+        for kind in audit.Kind:
+            metrics.ISOLATION_VIOLATIONS_HELD.labels(kind=kind.value).set(held.get(kind.value, 0))
+        return sum(held.values())
+
+    async def _report_isolation(self, target: str, ref: audit.TenantRef, body: dict[str, Any] | None,
+                                report: audit.Report, findings: list[audit.Finding]) -> None:
+        previously = self._held.get((target, ref.role), frozenset())
+        self._held[(target, ref.role)] = frozenset(f.key for f in report.remaining(ref.role))
+        new = [f for f in findings if f.key not in previously]
+        if new:
+            for f in new:
+                metrics.ISOLATION_VIOLATIONS.labels(kind=f.kind.value).inc()
+            revoked = [f.describe() for f in new if report.outcome(f) == "revoked"]
+            kept = [f"{f.describe()} ({report.outcome(f)})" for f in new if report.outcome(f) != "revoked"]
+            log.warning("isolation violation", target=target, namespace=ref.namespace, name=ref.name,
+                        role=ref.role, revoked=revoked or None, not_revoked=kept or None)
+            if body is not None:
+                self.ctx.events.warning(body, "IsolationViolation", _summary(ref.role, report, new))
+        if body is None:
+            return
+        if findings:
+            all_revoked = all(report.outcome(f) == "revoked" for f in findings)
+            cond = Cond(BREACH, "True", "PrivilegesRevoked" if all_revoked else "PrivilegesHeld",
+                        _summary(ref.role, report, findings))
+        else:
+            cond = Cond(BREACH, "False", "NoneFound",
+                        "the last isolation audit found nothing the role holds beyond its schema")
+        await self._set_condition(body, cond)
+
+    async def _set_condition(self, body: dict[str, Any], cond: Cond) -> None:
+        """Write one condition over the Tenant's newest status (read now, written only if that is
+        still the newest: a reconcile's status written meanwhile is never overwritten)."""
+        meta = body["metadata"]
+        for _ in range(3):
+            try:
+                fresh = await self.ctx.kube.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, meta["namespace"], "tenants", meta["name"])
+            except ApiException as exc:
+                if exc.status == 404:
+                    return
+                raise
+            if fresh["metadata"].get("uid") != meta.get("uid"):
+                return
+            old = (fresh.get("status") or {}).get("conditions") or []
+            current = next((c for c in old if c.get("type") == cond.type), None)
+            if current is None and cond.status == "False":
+                return  # never breached: no condition at all
+            if current is not None and (current.get("status"), current.get("reason"), current.get("message")) == (
+                    cond.status, cond.reason, cond.message):
+                return
+            generation = int(fresh["metadata"].get("generation") or 0)
+            patch = {"metadata": {"resourceVersion": fresh["metadata"]["resourceVersion"]},
+                     "status": {"conditions": merge(old, [cond], generation)}}
+            try:
+                await raw(self.ctx.kube.custom.patch_namespaced_custom_object_status, GROUP, VERSION,
+                          meta["namespace"], "tenants", meta["name"], patch, _content_type=MERGE_PATCH)
+                return
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+
+
+def _summary(role: str, report: audit.Report, findings: list[audit.Finding], limit: int = 900) -> str:
+    """What the audit found for one role and what became of it; catalog names made printable."""
+    parts = [f"{f.describe()}: {report.outcome(f)}" for f in findings]
+    text = f"role {role} held {len(findings)} privilege(s) beyond its schema: " + "; ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

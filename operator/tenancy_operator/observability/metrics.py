@@ -126,3 +126,16 @@ QUOTA_PASS_DURATION = Histogram(
     "quota_pass_duration_seconds", "Duration of one quota pass over all tenants (measure, enforce, report).",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+
+# The isolation audit (db/audit.py): privileges a tenant role holds beyond its own schema. kind is
+# db.audit.Kind (membership, attribute, schema, relation, routine, database, parameter, ownership).
+ISOLATION_VIOLATIONS = Counter(
+    "isolation_violations_total",
+    "Privileges found held by a tenant role beyond its own schema, each counted when first found.",
+    ["kind"],
+)
+ISOLATION_VIOLATIONS_HELD = Gauge(
+    "isolation_violations_held",
+    "Privileges a tenant role still holds beyond its own schema after the last audit (not revocable by the operator).",
+    ["kind"],
+)
