@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tenancy_operator.db.audit import Finding, Kind, Report, acting_as, clean, findings_from_rows, revoke_statement
@@ -16,7 +18,7 @@ def sql_text(f: Finding, version: int = PG15) -> str | None:
 
 
 def test_rows_become_typed_findings_merged_and_ordered() -> None:
-    rows = {
+    rows: dict[str, list[dict[str, Any]]] = {
         "attributes": [{"role": "tenant_a", "rolsuper": True, "rolcreaterole": False, "rolcreatedb": True,
                         "rolreplication": False, "rolbypassrls": False},
                        {"role": "tenant_b", "rolsuper": False, "rolcreaterole": False, "rolcreatedb": False,
