@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from tenancy_operator.cli import main
 from tenancy_operator.db.audit import Finding, Kind, Report, acting_as, clean, findings_from_rows, revoke_statement
 from tenancy_operator.sweep import _summary
 
@@ -111,3 +112,13 @@ def test_summary_says_what_was_revoked_and_what_was_not() -> None:
         " CREATE on database tenancy: not revoked: InsufficientPrivilege (42501)")
     long = [Finding("tenant_a", Kind.RELATION, "table", f"t{i:03}", "tenant_b", ("SELECT",)) for i in range(100)]
     assert len(_summary("tenant_a", Report({}, long), long)) <= 900
+
+
+def test_cli_needs_a_database(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    for var in ("TENANCY_DATABASE_TARGETS", "TENANCY_DATABASE_TARGETS_DIR", "TENANCY_DATABASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["audit"]) == 2
+    assert "no database" in capsys.readouterr().err
+    monkeypatch.setenv("TENANCY_DATABASE_TARGETS", '{"default": "postgresql://x@127.0.0.1:1/x"}')
+    assert main(["audit", "--target", "other"]) == 2
+    assert "no database target 'other'" in capsys.readouterr().err
