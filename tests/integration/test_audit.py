@@ -117,9 +117,13 @@ def test_cross_tenant_grants_are_revoked_and_reported(
     assert "CREATE on database tenancy: not revoked" in cond["message"]
     assert thief["password"] not in cond["message"]
     # ... the metric and a warning log line; the victim was never flagged.
-    for kind, n in {"membership": 2, "schema": 2, "relation": 1, "database": 1}.items():
-        assert operator.metric("isolation_violations_total", kind=kind) >= before[kind] + n, kind
-    assert operator.metric("isolation_violations_held", kind="database") >= 1
+    def counted() -> bool:
+        for kind, n in {"membership": 2, "schema": 2, "relation": 1, "database": 1}.items():
+            assert operator.metric("isolation_violations_total", kind=kind) >= before[kind] + n, kind
+        assert operator.metric("isolation_violations_held", kind="database") >= 1
+        return True
+
+    eventually(counted, timeout=30, what="isolation_violations_total and _held")
     assert '"isolation violation"' in operator.log_text() and THIEF_ROLE in operator.log_text()
     assert not event_messages(cluster, namespace, VICTIM)
     assert cluster.condition(PLURAL, namespace, VICTIM, "IsolationBreach") == {}
