@@ -1,7 +1,9 @@
 """Status conditions as kstatus, Flux and ``kubectl wait`` expect them.
 
 One entry per type; ``lastTransitionTime`` only moves when the status flips, so re-running a
-reconcile that finds nothing new produces an identical status and no write at all.
+reconcile that finds nothing new produces an identical status and no write at all. Every message
+goes through ``clean_message`` here, the one place conditions are built (it often carries text a
+tenant wrote, such as a PostgreSQL error from its migration).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import datetime
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from tenancy_operator.observability.text import clean_message
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ def merge(
             "observedGeneration": generation,
             "lastTransitionTime": now_iso() if changed or prev is None else prev.get("lastTransitionTime"),
             "reason": c.reason,
-            "message": c.message,
+            "message": clean_message(c.message),
         }
     order = ["Ready", "Reconciling", "Stalled"]
     return sorted(by_type.values(), key=lambda c: (order.index(c["type"]) if c["type"] in order else 9, c["type"]))

@@ -13,6 +13,7 @@ from typing import Any
 from psycopg import sql
 
 from tenancy_operator.db.targets import Conn
+from tenancy_operator.observability.text import clean_message
 
 KINDS = ("provision", "migrate", "suspend", "resume", "rotate", "archive", "restore", "purge", "delete")
 
@@ -40,7 +41,7 @@ class Job:
             out["finishedAt"] = self.finished_at.isoformat()
         message = self.error or self.note or self.detail
         if message:
-            out["message"] = message[:1024]
+            out["message"] = clean_message(message)  # often a tenant's own error text
         return out
 
 

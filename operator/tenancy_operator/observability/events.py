@@ -1,7 +1,9 @@
 """Kubernetes Events for user-relevant transitions, with reasons a person can grep.
 
 Posted with our own client rather than ``kopf.event()``, which only works inside Kopf's handler
-context: the drift sweep reports repairs too. Posting never blocks or fails a reconcile.
+context: the drift sweep reports repairs too. Posting never blocks or fails a reconcile. Every
+message goes through ``clean_message`` (bounded, no control characters): many carry text a tenant
+or namespace user wrote.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from kubernetes_asyncio import client
 
 from tenancy_operator.k8s.client import raw
 from tenancy_operator.observability.logging import get_logger
+from tenancy_operator.observability.text import clean_message
 
 log = get_logger(__name__)
 COMPONENT = "tenancy-operator"
@@ -35,7 +38,7 @@ class EventRecorder:
     def post(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         if self.core is None:
             return
-        task = asyncio.get_running_loop().create_task(self._post(body, type_, reason, message[:1024]))
+        task = asyncio.get_running_loop().create_task(self._post(body, type_, reason, clean_message(message)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
