@@ -130,6 +130,11 @@ class Floor:
 
         await asyncio.gather(*(worker() for _ in range(self.settings.reconcile_concurrency)))
 
+    async def _end(self, pid: int) -> None:
+        """A migration past its deadline (the floor's template never runs that long)."""
+        async with self.pool.connection() as conn:
+            await conn.execute("SELECT pg_terminate_backend(%s)", [pid])
+
     async def tenant(self, body: dict[str, Any]) -> None:
         assert self.pool is not None
         meta, spec = body["metadata"], TenantSpec.model_validate(body.get("spec") or {})
@@ -145,7 +150,9 @@ class Floor:
                                      detail=f"schema and role {ident}")
             # The operator's provisioning statements, sent the way it sends them: one round trip.
             await sqlt.run_batch(conn, [
-                sqlt.create_role(ident), *sqlt.membership_statements(ident, [sqlt.create_schema(ident, ident)]),
+                *sqlt.create_role(ident, sqlt.owner_marker("bench", ns, name)),
+                sqlt.set_idle_timeout(ident, self.settings.tenant_idle_in_transaction_timeout),
+                *sqlt.membership_statements(ident, [sqlt.create_schema(ident, ident)]),
                 sqlt.set_search_path(ident, ident),
                 await sqlt.password_statement(ident, password, self.settings.scram_iterations),
                 sqlt.login_statement(ident, True),
@@ -158,7 +165,8 @@ class Floor:
         async with self.migration_slots:
             await tm.apply_as_tenant(dsn, ident, self.template, lock_timeout=self.settings.migration_lock_timeout,
                                      statement_timeout=self.settings.migration_statement_timeout,
-                                     connect_timeout=self.settings.db_connect_timeout_seconds)
+                                     connect_timeout=self.settings.db_connect_timeout_seconds,
+                                     deadline=self.settings.migration_deadline_seconds, end_backend=self._end)
         async with self.pool.connection() as conn:
             await ledger.finish(conn, self.control, mjob, ok=True)
             await conn.execute(

@@ -32,9 +32,11 @@ SAMPLE = 50  # tenants timed at each size
 def batch(ident: str, standing: bool) -> sql.Composed:
     """The first provisioning's catalog batch, as the operator sends it (before/after)."""
     if standing:  # earlier versions: GRANT kept for good
-        statements = [sqlt.create_role(ident), sqlt.grant_role_to_operator(ident), sqlt.create_schema(ident, ident)]
+        statements = [*sqlt.create_role(ident, "bench"), sqlt.grant_role_to_operator(ident),
+                      sqlt.create_schema(ident, ident)]
     else:
-        statements = [sqlt.create_role(ident), *sqlt.membership_statements(ident, [sqlt.create_schema(ident, ident)])]
+        statements = [*sqlt.create_role(ident, "bench"),
+                      *sqlt.membership_statements(ident, [sqlt.create_schema(ident, ident)])]
     return sql.SQL("; ").join([*statements, sqlt.set_search_path(ident, ident)])
 
 

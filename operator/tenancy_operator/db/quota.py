@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
@@ -81,7 +82,31 @@ async def observe(
     Storage is ``sum(pg_total_relation_size)`` over the schema's tables, partitioned tables,
     materialized views and sequences (with their indexes and TOAST); sessions are counted in
     ``pg_stat_activity`` (the whole server, like CONNECTION LIMIT). Identifiers without a row or
-    a role are not measured at all: a tenant being provisioned costs no catalog scan."""
+    a role are not measured at all: a tenant being provisioned costs no catalog scan.
+
+    A tenant's lock must not stop the measurement of every tenant: sizing a relation opens it,
+    which waits behind an ACCESS EXCLUSIVE lock. A relation locked so is sized from the catalog
+    (``relpages`` of it, its TOAST and indexes: as of its last VACUUM or ANALYZE), and the whole
+    statement waits at most ``LOCK_WAIT`` for a lock taken between the two; past it, everything is
+    sized from the catalog this once."""
+    try:
+        async with conn.transaction():
+            await conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_WAIT)))
+            return await _observe(conn, control, idents, exact=True)
+    except psycopg.errors.LockNotAvailable:
+        return await _observe(conn, control, idents, exact=False)
+
+
+LOCK_WAIT = "1s"
+_ESTIMATE = """(c.relpages::bigint + coalesce(toast.relpages, 0)
+                 + coalesce((SELECT sum(i.relpages) FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+                              WHERE x.indrelid = c.oid), 0))
+               * current_setting('block_size')::bigint"""
+
+
+async def _observe(
+    conn: Conn, control: str, idents: list[str], *, exact: bool
+) -> tuple[dict[str, RoleQuotaState], dict[str, Measured]]:
     cur = await conn.execute(
         sql.SQL(
             """
@@ -93,10 +118,18 @@ async def observe(
                   FROM unnest(%(idents)s::text[]) AS want(name)
                   LEFT JOIN {tenants} t ON t.schema_name = want.name AND t.state <> ALL(%(gone)s::text[])
                   LEFT JOIN pg_roles r ON r.rolname = want.name
+            ), locked AS (
+                SELECT DISTINCT l.relation AS oid FROM pg_locks l
+                 WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock' AND l.granted
+                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
             ), storage AS (
-                SELECT n.nspname AS ident, coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint AS bytes
+                SELECT n.nspname AS ident,
+                       coalesce(sum(CASE WHEN %(exact)s AND c.oid NOT IN (SELECT oid FROM locked)
+                                         THEN pg_total_relation_size(c.oid)
+                                         ELSE {estimate} END), 0)::bigint AS bytes
                   FROM pg_namespace n
                   LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relkind IN ('r', 'm', 'p', 'S')
+                  LEFT JOIN pg_class toast ON toast.oid = c.reltoastrelid
                  WHERE n.nspname IN (SELECT ident FROM subject WHERE measure)
                  GROUP BY n.nspname
             ), sessions AS (
@@ -110,8 +143,8 @@ async def observe(
               LEFT JOIN storage st ON st.ident = s.ident
               LEFT JOIN sessions se ON se.ident = s.ident
             """
-        ).format(tenants=_t(control, "tenants")),
-        {"idents": idents, "gone": ["dropped", "archived"]},
+        ).format(tenants=_t(control, "tenants"), estimate=sql.SQL(_ESTIMATE)),
+        {"idents": idents, "gone": ["dropped", "archived"], "exact": exact},
     )
     states: dict[str, RoleQuotaState] = {}
     measured: dict[str, Measured] = {}
