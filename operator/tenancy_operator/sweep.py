@@ -145,6 +145,11 @@ class Sweeper:
             try:
                 await self.ctx.ensure_control_schema(target)
                 purged = await purge_expired_archives(self.ctx, target)
+                async with self.ctx.targets.connection(target) as conn:
+                    # Temporary logins of dumps and restores a crash interrupted.
+                    for user in await sqlt.stale_delegates(conn):
+                        await sqlt.drop_delegate(conn, user)
+                        log.info("temporary login dropped", target=target, role=user)
             except (psycopg_pool.PoolTimeout, psycopg.OperationalError):
                 continue
             if purged:
