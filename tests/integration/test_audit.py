@@ -42,9 +42,9 @@ def explicit_grants(admin_dsn: str, role: str) -> set[str]:
     with connect(admin_dsn) as conn:
         rows = conn.execute(
             "SELECT 'schema ' || n.nspname FROM pg_namespace n, aclexplode(n.nspacl) a"
-            " WHERE a.grantee = %(r)s::regrole AND n.nspname <> %(r)s"
-            " UNION SELECT 'relation ' || c.oid::regclass FROM pg_class c, aclexplode(c.relacl) a"
-            " WHERE a.grantee = %(r)s::regrole AND c.relnamespace <> %(r)s::regnamespace",
+            " WHERE a.grantee = %(r)s::text::regrole AND n.nspname::text <> %(r)s::text"
+            " UNION SELECT 'relation ' || c.oid::regclass::text FROM pg_class c, aclexplode(c.relacl) a"
+            " WHERE a.grantee = %(r)s::text::regrole AND c.relnamespace <> %(r)s::text::regnamespace",
             {"r": role},
         ).fetchall()
     return {str(r[0]) for r in rows}
