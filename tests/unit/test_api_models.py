@@ -476,3 +476,131 @@ def test_format_quantity_picks_the_largest_exact_suffix() -> None:
     assert format_quantity(1536 * 2**20) == "1536Mi"
     assert format_quantity(1000) == "1000"
     assert format_quantity(0) == "0"
+
+
+# --- Bounds: the models refuse what the CRDs refuse (issue #15, bounded input) ---------------------
+
+
+def nest(depth: int, leaf: Any = True) -> Any:
+    """A value with `depth` lists and objects around `leaf`, alternating."""
+    value = leaf
+    for i in range(depth):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    "retention", ["3651d", "999999999d", "1000000000d", "9" * 30 + "d", "3000d9999h9999h", "1s" * 17]
+)
+def test_tenant_refuses_archive_retention_out_of_bounds(retention: str) -> None:
+    # Before the bound, 1000000000d raised OverflowError (not a ValidationError) out of model_validate,
+    # and the sweep, which parses every Tenant, failed for everyone.
+    with pytest.raises(ValidationError, match=r"archive_retention|archiveRetention"):
+        TenantSpec.model_validate({"archiveRetention": retention})
+
+
+@pytest.mark.parametrize("retention", ["3650d", "3649d23h59m59s999ms", "87600h", "0s"])
+def test_tenant_accepts_archive_retention_up_to_ten_years(retention: str) -> None:
+    assert TenantSpec.model_validate({"archiveRetention": retention}).archive_retention == retention
+
+
+def test_longest_retention_fits_a_timestamp() -> None:
+    longest = parse_duration("3650d")
+    assert datetime(9000, 1, 1, tzinfo=UTC) + longest < datetime.max.replace(tzinfo=UTC)
+
+
+def test_parse_duration_too_long_for_a_timedelta_is_a_value_error() -> None:
+    for text in ("1000000000d", "9" * 40 + "ms"):
+        with pytest.raises(ValueError, match="too long"):
+            parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"statementTimeout": "2147483648ms"},
+        {"statementTimeout": "30d"},
+        {"storage": "1025Pi"},
+        {"storage": "9" * 60},
+        {"connections": 2**31},
+        {"requestsPerSecond": 2**40},
+        {"burst": 2**31},
+        {"concurrentJobs": 2**31},
+    ],
+)
+def test_quota_refuses_limits_out_of_bounds(limits: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        QuotaSpec.model_validate({"tenantRef": {"name": "acme"}, "limits": limits})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        override("connections", 2**31),
+        override("storage", "2048Pi"),
+        override("storage", 2**61),
+        override("storage", "1" * 65),
+        override("statementTimeout", "30d"),
+        override("statementTimeout", "1s" * 33),
+    ],
+)
+def test_quota_refuses_override_values_out_of_bounds(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        QuotaSpec.model_validate({"tenantRef": {"name": "acme"}, "overrides": [bad]})
+
+
+def test_quota_accepts_values_at_the_bounds() -> None:
+    spec = QuotaSpec.model_validate({
+        "tenantRef": {"name": "acme"},
+        "limits": {"statementTimeout": "2147483647ms", "storage": "1024Pi", "connections": 2**31 - 1},
+        "overrides": [override("storage", 2**60), override("statementTimeout", "24d20h31m23s647ms"),
+                      override("burst", 2**31 - 1)],
+    })  # fmt: skip
+    assert parse_quantity(spec.limits.storage or "") == 2**60
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (nest(9), "nest deeper than 8"),
+        (nest(5000), "nest deeper than 8"),
+        ({"a": ["x" * 8193]}, "longer than 8192"),
+        ({"ids": list(range(1001))}, "more than 1000 entries"),
+        ({f"k{i}": i for i in range(1001)}, "more than 1000 entries"),
+    ],
+)
+def test_featureflag_refuses_variant_values_out_of_bounds(value: Any, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        flag(variants={"on": {"value": value}, "off": {"value": False}})
+
+
+def test_featureflag_accepts_variant_values_at_the_bounds() -> None:
+    deepest = nest(8, "x" * 8192)
+    wide = {"ids": list(range(1000)), "map": {f"k{i}": i for i in range(1000)}, "empty": nest(7, [])}
+    spec = flag(variants={"on": {"value": deepest}, "off": {"value": wide}})
+    assert spec.variant_values() == {"on": deepest, "off": wide}
+
+
+def test_featureflag_value_schema_matches_the_model() -> None:
+    """The CRD's value schema is the bound spelled out level by level; the model checks the same."""
+    from tenancy_operator.api.featureflag import VALUE_MAX_DEPTH, value_depth_schema
+
+    node, levels = value_depth_schema(), 0
+    while "items" in node:
+        assert node["items"] == node["additionalProperties"]
+        assert node["maxItems"] == node["maxProperties"] == 1000
+        node, levels = node["items"], levels + 1
+    assert levels == VALUE_MAX_DEPTH
+    assert node == {"x-kubernetes-preserve-unknown-fields": True, "maxLength": 8192, "maxItems": 0, "maxProperties": 0}
+
+
+def test_status_fields_are_bounded() -> None:
+    with pytest.raises(ValidationError):
+        TenantStatus.model_validate({"schemaVersion": "v" * 254})
+    with pytest.raises(ValidationError):
+        TenantStatus.model_validate({"effectiveLimits": {"storage": "1" * 65}})
+    with pytest.raises(ValidationError):
+        QuotaStatus.model_validate({"activeOverrides": [
+            {"limit": "burst", "value": 5, "expiresAt": "2030-01-01T00:00:00Z", "reason": "r" * 513}]})
+    with pytest.raises(ValidationError):
+        FeatureFlagStatus.model_validate({"unknownTenants": [f"t{i}" for i in range(1001)]})

@@ -105,6 +105,10 @@ DnsSubdomain = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS112
 # --- Durations --------------------------------------------------------------------------------
 
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"
+DURATION_MAX_LENGTH = 32
+"""Longest duration string accepted: `1d2h3m4s5ms` fits many times over; the bound keeps the CEL
+rules on durations cheap and the numbers far from any overflow."""
+_DURATION_PART_PATTERN = r"[0-9]+(\.[0-9]+)?(ms|s|m|h|d)"
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
 _DURATION_RE = re.compile(DURATION_PATTERN)
 _MICROSECONDS = {
@@ -116,19 +120,51 @@ _MICROSECONDS = {
 }
 
 
+def _duration_micros(value: str) -> Decimal:
+    if not _DURATION_RE.fullmatch(value):
+        raise ValueError(f"invalid duration {value!r}: expected e.g. 30s, 5m, 1h30m, 30d")
+    return sum(
+        (Decimal(number) * _MICROSECONDS[unit] for number, unit in _DURATION_PART.findall(value)),
+        Decimal(0),
+    )
+
+
 def parse_duration(value: str) -> timedelta:
     """Parse `1h30m`, `30d`, `1.5s`, `250ms` into a timedelta (exact to the microsecond).
 
     Go's `time.ParseDuration` has no days; retention periods are naturally said in days, so `d`
-    (24h) is added. Raises ValueError on anything the CRD pattern would reject.
+    (24h) is added. Raises ValueError on anything the CRD pattern would reject, and on a duration
+    longer than a timedelta holds (999999999 days).
     """
-    if not _DURATION_RE.fullmatch(value):
-        raise ValueError(f"invalid duration {value!r}: expected e.g. 30s, 5m, 1h30m, 30d")
-    micros = sum(
-        (Decimal(number) * _MICROSECONDS[unit] for number, unit in _DURATION_PART.findall(value)),
-        Decimal(0),
+    micros = _duration_micros(value)
+    try:
+        return timedelta(microseconds=int(micros.to_integral_value()))
+    except OverflowError:
+        raise ValueError(f"duration {value!r} is too long") from None
+
+
+def duration_millis_cel(expr: str = "self") -> str:
+    """CEL for the duration string `expr` in milliseconds, as a double (what `parse_duration` reads:
+    the sum of its `<number><unit>` parts). Kubernetes' CEL `duration()` has no `d` unit."""
+    unit = (
+        "(p.endsWith('ms') ? 1.0 : p.endsWith('s') ? 1000.0 : p.endsWith('m') ? 60000.0 : "
+        "p.endsWith('h') ? 3600000.0 : 86400000.0)"
     )
-    return timedelta(microseconds=int(micros.to_integral_value()))
+    number = cel_string(r"^[0-9]+(\.[0-9]+)?")
+    return f"{expr}.findAll({cel_string(_DURATION_PART_PATTERN)}).map(p, double(p.find({number})) * {unit}).sum()"
+
+
+def duration_at_most_rule(maximum: str, expr: str = "self", what: str = "duration") -> JsonDict:
+    """CEL rule: the duration string `expr` is at most `maximum`."""
+    millis = float(_duration_micros(maximum) / 1000)
+    return cel(f"{duration_millis_cel(expr)} <= {millis!r}", f"{what} must be at most {maximum}")
+
+
+def check_duration_at_most(value: str, maximum: str) -> str:
+    """Return `value` if it is a duration of at most `maximum`, else raise ValueError."""
+    if _duration_micros(value) > _duration_micros(maximum):
+        raise ValueError(f"duration {value!r} is longer than the maximum {maximum}")
+    return value
 
 
 def _check_duration(value: str) -> str:
@@ -146,20 +182,43 @@ def _check_positive(value: str) -> str:
 
 _POSITIVE = cel("self.matches('[1-9]')", "must be greater than zero")
 
+
+def _at_most(maximum: str) -> AfterValidator:
+    return AfterValidator(lambda value: check_duration_at_most(value, maximum))
+
+
+ARCHIVE_RETENTION_MAX = "3650d"
+"""Longest archive retention (about ten years): `now() + interval` stays far inside PostgreSQL's
+timestamps (up to the year 294276) and Python's datetime (up to 9999)."""
+
+STATEMENT_TIMEOUT_MAX = "2147483647ms"
+"""PostgreSQL's statement_timeout is an int4 of milliseconds (about 24.8 days)."""
+
 Duration = Annotated[
     str,
-    Field(pattern=DURATION_PATTERN, max_length=64),
+    Field(
+        pattern=DURATION_PATTERN,
+        max_length=DURATION_MAX_LENGTH,
+        json_schema_extra=validations(duration_at_most_rule(ARCHIVE_RETENTION_MAX)),
+    ),
     AfterValidator(_check_duration),
+    _at_most(ARCHIVE_RETENTION_MAX),
 ]
-"""A duration string: one or more `<number><unit>` with units ms, s, m, h, d (e.g. `1h30m`)."""
+"""A duration string: one or more `<number><unit>` with units ms, s, m, h, d (e.g. `1h30m`), at
+most ARCHIVE_RETENTION_MAX."""
 
 PositiveDuration = Annotated[
     str,
-    Field(pattern=DURATION_PATTERN, max_length=64, json_schema_extra=validations(_POSITIVE)),
+    Field(
+        pattern=DURATION_PATTERN,
+        max_length=DURATION_MAX_LENGTH,
+        json_schema_extra=validations(_POSITIVE, duration_at_most_rule(STATEMENT_TIMEOUT_MAX)),
+    ),
     AfterValidator(_check_duration),
     AfterValidator(_check_positive),
+    _at_most(STATEMENT_TIMEOUT_MAX),
 ]
-"""A Duration greater than zero."""
+"""A Duration greater than zero and at most STATEMENT_TIMEOUT_MAX (the timeouts PostgreSQL takes)."""
 
 
 # --- Quantities -------------------------------------------------------------------------------
@@ -210,21 +269,38 @@ def format_quantity(value: int) -> str:
     return str(value)
 
 
+QUANTITY_MAX = "1024Pi"
+"""Largest quantity (2^60, one exbibyte): far beyond any schema, well inside PostgreSQL's bigint."""
+QUANTITY_MAX_VALUE = 2**60
+
+
 def _check_quantity(value: str) -> str:
-    parse_quantity(value)
+    if parse_quantity(value) > QUANTITY_MAX_VALUE:
+        raise ValueError(f"quantity {value!r} is larger than the maximum {QUANTITY_MAX}")
     return value
 
 
+def quantity_at_most_cel(expr: str = "self") -> str:
+    """CEL: the quantity string `expr` is at most QUANTITY_MAX (exact: Kubernetes' quantity library).
+    A string that is no quantity passes here; the pattern reports it."""
+    return (
+        f"!{expr}.matches({cel_string(QUANTITY_PATTERN)}) || "
+        f"quantity({expr}).compareTo(quantity('{QUANTITY_MAX}')) <= 0"
+    )
+
+
+_QUANTITY_AT_MOST = cel(quantity_at_most_cel(), f"must be at most {QUANTITY_MAX}")
+
 Quantity = Annotated[
     str,
-    Field(pattern=QUANTITY_PATTERN, max_length=64),
+    Field(pattern=QUANTITY_PATTERN, max_length=64, json_schema_extra=validations(_QUANTITY_AT_MOST)),
     AfterValidator(_check_quantity),
 ]
-"""A non-negative quantity string (`10Gi`, `500M`, `1.5Gi`, `1000`)."""
+"""A non-negative quantity string (`10Gi`, `500M`, `1.5Gi`, `1000`), at most QUANTITY_MAX."""
 
 PositiveQuantity = Annotated[
     str,
-    Field(pattern=QUANTITY_PATTERN, max_length=64, json_schema_extra=validations(_POSITIVE)),
+    Field(pattern=QUANTITY_PATTERN, max_length=64, json_schema_extra=validations(_POSITIVE, _QUANTITY_AT_MOST)),
     AfterValidator(_check_quantity),
     AfterValidator(_check_positive),
 ]
@@ -261,7 +337,7 @@ class Condition(ApiModel):
 
 Conditions = Annotated[
     list[Condition],
-    Field(default_factory=list, json_schema_extra=list_map("type")),
+    Field(default_factory=list, max_length=32, json_schema_extra=list_map("type")),
 ]
 """The `status.conditions` list: one entry per type."""
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, Field, model_validator
+from pydantic import AfterValidator, AwareDatetime, Field, WithJsonSchema, model_validator
 
 from tenancy_operator.api.common import (
     AGE_COLUMN,
     READY_COLUMN,
     ApiModel,
     Conditions,
+    JsonDict,
     ObjectMeta,
     PrinterColumn,
     ResourceInfo,
@@ -33,6 +34,61 @@ MAX_WEIGHT = 1_000_000
 DEFAULT_VARIANTS: dict[str, Any] = {"on": {"value": True}, "off": {"value": False}}
 ON_VARIANT = "on"
 
+VALUE_MAX_DEPTH = 8
+"""Lists and objects in a variant value nest at most this deep (`[[1]]` is 2 deep)."""
+VALUE_MAX_ENTRIES = 1000
+"""Items of one list, or keys of one object, in a variant value."""
+VALUE_MAX_STRING = 8192
+"""Characters of one string in a variant value."""
+
+
+def value_depth_schema(level: int = 0) -> JsonDict:
+    """Schema of a variant value: any JSON, with lists and objects nested at most VALUE_MAX_DEPTH deep.
+
+    Structural schemas cannot say "any JSON at most N deep", and CEL cannot see untyped values, so
+    the bound is spelled out: each level is an untyped node (any JSON value) whose list items and
+    object values are the next level, and the last level holds only scalars (or an empty list or
+    object). Items and object values each need their own copy of the next level, so the schema has
+    2^(N+1) - 1 nodes: N stays small.
+    """
+    node: JsonDict = {"x-kubernetes-preserve-unknown-fields": True, "maxLength": VALUE_MAX_STRING}
+    if level >= VALUE_MAX_DEPTH:
+        node.update(maxItems=0, maxProperties=0)
+    else:
+        node.update(
+            maxItems=VALUE_MAX_ENTRIES,
+            maxProperties=VALUE_MAX_ENTRIES,
+            items=value_depth_schema(level + 1),
+            additionalProperties=value_depth_schema(level + 1),
+        )
+    return node
+
+
+def check_value(value: Any) -> Any:
+    """Return `value` if the CRD's value schema accepts it (value_depth_schema), else raise ValueError.
+
+    Iterative, so a value nested thousands deep (stored before the CRD had the bound) is refused
+    without deep recursion."""
+    todo: list[tuple[Any, int]] = [(value, 0)]
+    while todo:
+        node, level = todo.pop()
+        if isinstance(node, str):
+            if len(node) > VALUE_MAX_STRING:
+                raise ValueError(f"a string in the value is longer than {VALUE_MAX_STRING} characters")
+        elif isinstance(node, (list, dict)):
+            if not node:
+                continue
+            if level >= VALUE_MAX_DEPTH:
+                raise ValueError(f"lists and objects in the value nest deeper than {VALUE_MAX_DEPTH} levels")
+            if len(node) > VALUE_MAX_ENTRIES:
+                raise ValueError(f"a list or object in the value has more than {VALUE_MAX_ENTRIES} entries")
+            todo.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return value
+
+
+VariantValue = Annotated[Any, AfterValidator(check_value), WithJsonSchema(value_depth_schema())]
+"""Any JSON value, bounded by VALUE_MAX_DEPTH, VALUE_MAX_ENTRIES and VALUE_MAX_STRING."""
+
 VariantName = Annotated[str, Field(max_length=64, pattern=VARIANT_NAME_PATTERN)]
 TenantName = Annotated[str, Field(max_length=TENANT_NAME_MAX_LENGTH, pattern=TENANT_NAME_PATTERN)]
 Percentage = Annotated[int, Field(ge=0, le=100)]
@@ -46,8 +102,9 @@ class Variant(ApiModel):
     CRD checks with CEL that every variant a flag refers to exists.
     """
 
-    value: Any
-    """The value served: any JSON value (boolean, string, number, list or object)."""
+    value: VariantValue
+    """The value served: any JSON value (boolean, string, number, list or object); lists and objects
+    nest at most 8 deep and hold at most 1000 entries each, strings at most 8192 characters."""
     description: str | None = Field(default=None, max_length=256)
     """What the variant means, for humans."""
 
@@ -257,7 +314,9 @@ class FeatureFlagStatus(ApiModel):
     observed_generation: int | None = None
     """metadata.generation this status describes."""
     conditions: Conditions
-    variant_shares: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
+    variant_shares: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict, max_length=MAX_VARIANTS
+    )
     """Expected share of users per variant under the flag-wide rules (0-1)."""
     tenant_overrides: int = Field(default=0, ge=0)
     """Number of tenant overrides published."""
@@ -265,7 +324,7 @@ class FeatureFlagStatus(ApiModel):
     """Number of user overrides published."""
     last_written_at: AwareDatetime | None = None
     """When the flag definition was last written to the flag store."""
-    unknown_tenants: list[str] = Field(default_factory=list, json_schema_extra=list_set())
+    unknown_tenants: list[TenantName] = Field(default_factory=list, max_length=1000, json_schema_extra=list_set())
     """Tenants named in overrides that do not exist in the namespace."""
     key: str | None = Field(default=None, max_length=128)
     """The flag key applications ask for (spec.key, or the object's name)."""

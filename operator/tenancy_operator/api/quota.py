@@ -12,8 +12,11 @@ from pydantic import AwareDatetime, Field, WithJsonSchema, model_validator
 from tenancy_operator.api.common import (
     AGE_COLUMN,
     DURATION_PATTERN,
+    QUANTITY_MAX,
+    QUANTITY_MAX_VALUE,
     QUANTITY_PATTERN,
     READY_COLUMN,
+    STATEMENT_TIMEOUT_MAX,
     ApiModel,
     Conditions,
     ObjectMeta,
@@ -23,13 +26,15 @@ from tenancy_operator.api.common import (
     ResourceInfo,
     cel,
     cel_string,
+    check_duration_at_most,
+    duration_millis_cel,
     immutable,
     list_map,
     parse_duration,
     parse_quantity,
     validations,
 )
-from tenancy_operator.api.tenant import TENANT_NAME_MAX_LENGTH, TENANT_NAME_PATTERN, Tier
+from tenancy_operator.api.tenant import TENANT_NAME_MAX_LENGTH, TENANT_NAME_PATTERN, LimitValue, Tier
 
 LimitName = Literal["storage", "connections", "requestsPerSecond", "burst", "concurrentJobs", "statementTimeout"]
 """JSON names of the limits; also the keys of status.hard, status.used and Tenant effectiveLimits."""
@@ -39,7 +44,16 @@ COUNT_LIMITS: tuple[LimitName, ...] = ("connections", "requestsPerSecond", "burs
 
 StorageEnforcement = Literal["Warn", "BlockWrites"]
 
-IntOrString = Annotated[int | str, WithJsonSchema({"x-kubernetes-int-or-string": True, "maxLength": 64})]
+STATEMENT_TIMEOUT_MAX_MS = 2**31 - 1
+"""PostgreSQL's statement_timeout is an int4 of milliseconds (about 24.8 days): STATEMENT_TIMEOUT_MAX."""
+COUNT_MAX = 2**31 - 1
+"""Largest count limit: PostgreSQL's CONNECTION LIMIT is an int4, and so are the others' columns."""
+CONNECTION_LIMIT_MAX = COUNT_MAX
+
+INT_OR_STRING_MAX_LENGTH = 64
+IntOrString = Annotated[
+    int | str, WithJsonSchema({"x-kubernetes-int-or-string": True, "maxLength": INT_OR_STRING_MAX_LENGTH})
+]
 """An integer or a string (of at most 64 characters) in JSON, like Kubernetes' IntOrString. The
 length bound keeps the CEL rules on it within the API server's cost budget."""
 
@@ -61,16 +75,16 @@ class QuotaLimits(ApiModel):
 
     storage: PositiveQuantity | None = None
     """Total size of the tenant schema, e.g. 10Gi."""
-    connections: int | None = Field(default=None, ge=1)
+    connections: int | None = Field(default=None, ge=1, le=COUNT_MAX)
     """Concurrent connections of the tenant role (PostgreSQL CONNECTION LIMIT)."""
-    requests_per_second: int | None = Field(default=None, ge=1)
+    requests_per_second: int | None = Field(default=None, ge=1, le=COUNT_MAX)
     """Sustained request rate the application's rate limiter grants the tenant."""
-    burst: int | None = Field(default=None, ge=1)
+    burst: int | None = Field(default=None, ge=1, le=COUNT_MAX)
     """Requests the rate limiter lets through at once above the sustained rate."""
-    concurrent_jobs: int | None = Field(default=None, ge=1)
+    concurrent_jobs: int | None = Field(default=None, ge=1, le=COUNT_MAX)
     """Background jobs of the tenant that may run at the same time."""
     statement_timeout: PositiveDuration | None = None
-    """statement_timeout of the tenant role, e.g. 30s."""
+    """statement_timeout of the tenant role, e.g. 30s; at most 2147483647ms (PostgreSQL's limit)."""
 
     def as_strings(self) -> dict[str, str]:
         """The limits that are set, by JSON name, as strings (the shape of status.hard)."""
@@ -86,34 +100,44 @@ class QuotaEnforcement(ApiModel):
 
 
 _STORAGE_VALUE = cel(
-    "self.limit != 'storage' || (type(self.value) == int ? self.value > 0 : "
-    f"(self.value.matches({cel_string(QUANTITY_PATTERN)}) && self.value.matches('[1-9]')))",
-    "a storage override value must be a quantity greater than zero, e.g. 20Gi",
+    "self.limit != 'storage' || (type(self.value) == int ? "
+    f"(self.value > 0 && self.value <= {QUANTITY_MAX_VALUE}) : "
+    f"(self.value.matches({cel_string(QUANTITY_PATTERN)}) && self.value.matches('[1-9]') && "
+    f"quantity(self.value).compareTo(quantity('{QUANTITY_MAX}')) <= 0))",
+    f"a storage override value must be a quantity greater than zero and at most {QUANTITY_MAX}, e.g. 20Gi",
     field_path=".value",
 )
 _TIMEOUT_VALUE = cel(
     "self.limit != 'statementTimeout' || (type(self.value) == string && "
-    f"self.value.matches({cel_string(DURATION_PATTERN)}) && self.value.matches('[1-9]'))",
-    "a statementTimeout override value must be a duration greater than zero, e.g. 60s",
+    f"self.value.matches({cel_string(DURATION_PATTERN)}) && self.value.matches('[1-9]') && "
+    f"{duration_millis_cel('self.value')} <= {float(STATEMENT_TIMEOUT_MAX_MS)!r})",
+    "a statementTimeout override value must be a duration greater than zero and at most "
+    f"{STATEMENT_TIMEOUT_MAX}, e.g. 60s",
     field_path=".value",
 )
 _COUNT_VALUE = cel(
-    "self.limit in ['storage', 'statementTimeout'] || (type(self.value) == int && self.value >= 1)",
-    message_expression="'an override value for ' + self.limit + ' must be an integer of at least 1'",
+    "self.limit in ['storage', 'statementTimeout'] || "
+    f"(type(self.value) == int && self.value >= 1 && self.value <= {COUNT_MAX})",
+    message_expression=f"'an override value for ' + self.limit + ' must be an integer from 1 to {COUNT_MAX}'",
     field_path=".value",
 )
 
 
 def check_limit_value(limit: LimitName, value: int | str) -> int | str:
     """Raise ValueError unless `value` is a valid positive value for `limit` (mirrors the CEL)."""
+    if isinstance(value, str) and len(value) > INT_OR_STRING_MAX_LENGTH:
+        raise ValueError(f"a limit value has at most {INT_OR_STRING_MAX_LENGTH} characters")
     if limit == "storage":
-        if parse_quantity(value) <= 0:
-            raise ValueError("a storage value must be a quantity greater than zero, e.g. 20Gi")
+        if not 0 < parse_quantity(value) <= QUANTITY_MAX_VALUE:
+            raise ValueError(
+                f"a storage value must be a quantity greater than zero and at most {QUANTITY_MAX}, e.g. 20Gi"
+            )
     elif limit == "statementTimeout":
         if not isinstance(value, str) or parse_duration(value).total_seconds() <= 0:
             raise ValueError("a statementTimeout value must be a duration greater than zero, e.g. 60s")
-    elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"a value for {limit} must be an integer of at least 1")
+        check_duration_at_most(value, STATEMENT_TIMEOUT_MAX)
+    elif isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= COUNT_MAX:
+        raise ValueError(f"a value for {limit} must be an integer from 1 to {COUNT_MAX}")
     return value
 
 
@@ -183,7 +207,7 @@ class ActiveOverride(ApiModel):
     """Value in force."""
     expires_at: AwareDatetime
     """When the override ends."""
-    reason: str | None = None
+    reason: str | None = Field(default=None, max_length=512)
     """Why it was granted."""
 
 
@@ -195,13 +219,15 @@ class QuotaStatus(ApiModel):
     conditions: Conditions
     """Ready; NearLimit when a usage ratio passes the warning threshold; Exceeded when a limit is
     reached."""
-    hard: dict[str, str] = Field(default_factory=dict)
+    hard: dict[str, LimitValue] = Field(default_factory=dict, max_length=16)
     """Limits in force (overrides applied), by limit name, like ResourceQuota's status.hard."""
-    used: dict[str, str] = Field(default_factory=dict)
+    used: dict[str, LimitValue] = Field(default_factory=dict, max_length=16)
     """Measured usage by limit name, like ResourceQuota's status.used."""
-    usage_ratio: dict[str, float] = Field(default_factory=dict)
+    usage_ratio: dict[str, float] = Field(default_factory=dict, max_length=16)
     """used / hard by limit name (1.0 = at the limit)."""
-    active_overrides: list[ActiveOverride] = Field(default_factory=list, json_schema_extra=list_map("limit"))
+    active_overrides: list[ActiveOverride] = Field(
+        default_factory=list, max_length=16, json_schema_extra=list_map("limit")
+    )
     """The override in force for each overridden limit."""
     last_measured_at: AwareDatetime | None = None
     """When usage was last measured."""
@@ -288,9 +314,6 @@ def tier_defaults_from_json(raw: str) -> dict[str, dict[str, str]]:
     return table
 
 
-STATEMENT_TIMEOUT_MAX_MS = 2**31 - 1
-"""PostgreSQL's statement_timeout is an int4 of milliseconds (about 24.8 days)."""
-CONNECTION_LIMIT_MAX = 2**31 - 1
 
 
 def limit_amount(limit: str, value: str) -> int:

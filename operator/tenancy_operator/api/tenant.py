@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, Field
 
@@ -33,6 +33,9 @@ _TENANT_NAME_RE = re.compile(TENANT_NAME_PATTERN)
 DATABASE_PATTERN = r"^[a-z]([a-z0-9_-]{0,61}[a-z0-9])?$"
 RESTORE_FROM_PATTERN = r"^(latest|[A-Za-z0-9._-]{1,128})$"
 DEFAULT_DATABASE = "default"
+
+LimitValue = Annotated[str, Field(max_length=64)]
+"""One limit as status shows it (`10Gi`, `50`, `30s`)."""
 
 Tier = Literal["free", "starter", "professional", "enterprise"]
 TenantState = Literal["Active", "Suspended"]
@@ -98,7 +101,7 @@ class TenantSpec(ApiModel, json_schema_extra=validations(_DATABASE_IMMUTABLE, _R
     """What happens to the schema when the Tenant is deleted: keep it (Retain), dump it to an
     archive and drop it (Archive), or drop it (Delete)."""
     archive_retention: Duration = "30d"
-    """How long archives made by deletionPolicy Archive are kept."""
+    """How long archives made by deletionPolicy Archive are kept; at most 3650d."""
     restore_from: str | None = Field(default=None, max_length=128, pattern=RESTORE_FROM_PATTERN)
     """Archive id (or `latest`) to restore the schema from when it is created. Immutable once set."""
 
@@ -130,19 +133,19 @@ class TenantStatus(ApiModel):
     phase: TenantPhase | None = None
     """Summary of where the tenant is in its life cycle; conditions carry the details."""
     conditions: Conditions
-    tenant_id: str | None = None
+    tenant_id: str | None = Field(default=None, max_length=64)
     """Stable id of the tenant, shared with the application (e.g. in the flag store)."""
-    schema_name: str | None = Field(default=None, alias="schema")
+    schema_name: str | None = Field(default=None, alias="schema", max_length=63)
     """PostgreSQL schema of the tenant."""
-    role: str | None = None
+    role: str | None = Field(default=None, max_length=63)
     """PostgreSQL role of the tenant."""
-    secret_name: str | None = None
+    secret_name: str | None = Field(default=None, max_length=253)
     """Secret in the Tenant's namespace with the role's connection credentials."""
-    database: str | None = None
+    database: str | None = Field(default=None, max_length=63)
     """Database the schema was created in."""
-    schema_version: str | None = None
+    schema_version: str | None = Field(default=None, max_length=253)
     """Latest schema migration applied to the tenant schema."""
-    effective_limits: dict[str, str] = Field(default_factory=dict)
+    effective_limits: dict[str, LimitValue] = Field(default_factory=dict, max_length=16)
     """Limits in force: tier defaults merged with the tenant's Quota and active overrides."""
     current_job: JobRef | None = None
     """The job running now, if any."""
