@@ -28,7 +28,20 @@ ALL_FEATURES = [
     "--set", "prometheusRule.enabled=true",
     "--set", "grafanaDashboard.enabled=true",
 ]
+NAMESPACED = ["--set", "rbac.scope=namespaced", "--set", "namespaces={a,b}"]
 MONITORING = {"ServiceMonitor", "PrometheusRule"}  # prometheus-operator CRDs are not in the test cluster
+# What the operator needs in each namespace it serves: the namespaced scope's Roles, the ClusterRole's
+# first rules (test_rbac.py runs the operator with each).
+NAMESPACE_RULES = [
+    {"apiGroups": ["tenancy.dev"], "resources": ["tenants", "featureflags"],
+     "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["tenancy.dev"], "resources": ["quotas"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["tenancy.dev"], "resources": ["tenants/status", "quotas/status", "featureflags/status"],
+     "verbs": ["patch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "update", "delete"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "update", "delete"]},
+]
 
 
 class Helm:
@@ -77,9 +90,16 @@ def server_dry_run(stack: LocalStack, docs: list[dict[str, Any]]) -> str:
 
 
 def test_helm_lint(helm: Helm, tmp_path: Path) -> None:
-    for args in ([], ALL_FEATURES, ["--set", "namespaces={a,b}", *ALL_FEATURES]):
+    for args in ([], ALL_FEATURES, ["--set", "namespaces={a,b}", *ALL_FEATURES], NAMESPACED,
+                 [*NAMESPACED, *ALL_FEATURES]):
         out = helm("lint", "--strict", str(CHART), *args)
         assert "0 chart(s) failed" in out.stdout
+    # The namespaced scope needs the namespaces it is granted in.
+    for args in (["--set", "rbac.scope=namespaced"], ["--set", "rbac.scope=namespaced", "--set", "namespaces=null"],
+                 ["--set", "rbac.scope=namespace", "--set", "namespaces={a}"]):
+        refused = helm("lint", str(CHART), *args, check=False)
+        assert refused.returncode != 0, args
+        assert "namespaces" in refused.stdout + refused.stderr or "scope" in refused.stdout + refused.stderr
     # values.schema.json is strict: a misspelt key fails instead of being silently ignored.
     bad = helm("lint", str(CHART), "--set", "databse.existingSecret=x", check=False)
     assert bad.returncode != 0
@@ -119,17 +139,9 @@ def test_default_render(helm: Helm, release: str) -> None:
     assert kinds["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
     # Exactly what the operator uses (test_rbac.py: removing any one verb breaks it).
     assert kinds["ClusterRole"]["rules"] == [
-        {"apiGroups": ["tenancy.dev"], "resources": ["tenants", "featureflags"],
-         "verbs": ["get", "list", "watch", "patch"]},
-        {"apiGroups": ["tenancy.dev"], "resources": ["quotas"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": ["tenancy.dev"], "resources": ["tenants/status", "quotas/status", "featureflags/status"],
-         "verbs": ["patch"]},
+        *NAMESPACE_RULES,
         {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
          "verbs": ["list", "watch"]},
-        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "update", "delete"]},
-        {"apiGroups": [""], "resources": ["configmaps"],
-         "verbs": ["get", "list", "watch", "create", "update", "delete"]},
     ]
     # An existing claim replaces the chart's PVC.
     docs = helm.template(release, "tenancy-system", "--set", "archive.existingClaim=backups")
@@ -152,12 +164,41 @@ def test_peering_render(helm: Helm, release: str) -> None:
     (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
     assert {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"],
             "verbs": ["get", "list", "watch", "patch"]} in role["rules"]
-    # Namespaced: one KopfPeering per watched namespace, and Kopf may follow namespaces.
+    # A namespace list: one KopfPeering per watched namespace; Kopf observes neither namespaces nor
+    # CRDs then (it serves exactly the listed namespaces).
     docs = helm.template(release, "tenancy-system", "--set", "namespaces={a,b}", *ALL_FEATURES)
     assert sorted(d["metadata"]["namespace"] for d in docs if d["kind"] == "KopfPeering") == ["a", "b"]
     (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
-    assert {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]} in role["rules"]
-    assert any(r["resources"] == ["kopfpeerings"] for r in role["rules"])
+    assert role["rules"] == [*NAMESPACE_RULES, {"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings"],
+                                                "verbs": ["get", "list", "watch", "patch"]}]
+
+
+def test_namespaced_render(helm: Helm, release: str) -> None:
+    """rbac.scope=namespaced: a Role and RoleBinding in each watched namespace, nothing cluster-wide,
+    and the operator told the same namespaces."""
+    for extra, peering in (([], False), (ALL_FEATURES, True)):
+        docs = helm.template(release, "tenancy-system", *NAMESPACED, *extra)
+        kinds = {d["kind"] for d in docs}
+        assert not kinds & {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}
+        roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role"}
+        bindings = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "RoleBinding"}
+        assert sorted(roles) == sorted(bindings) == ["a", "b"]
+        expected = NAMESPACE_RULES + ([{"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings"],
+                                        "verbs": ["get", "list", "watch", "patch"]}] if peering else [])
+        for ns in ("a", "b"):
+            assert roles[ns]["rules"] == expected
+            assert bindings[ns]["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                               "name": roles[ns]["metadata"]["name"]}
+            assert bindings[ns]["subjects"] == [{"kind": "ServiceAccount", "name": f"{release}-tenancy-operator",
+                                                 "namespace": "tenancy-system"}]
+        (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+        env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["TENANCY_NAMESPACES"] == "a,b"
+        peerings = sorted(d["metadata"]["namespace"] for d in docs if d["kind"] == "KopfPeering")
+        assert peerings == (["a", "b"] if peering else [])
+    # Without RBAC objects (rbac.create=false) nothing is rendered for either scope.
+    docs = helm.template(release, "tenancy-system", *NAMESPACED, "--set", "rbac.create=false")
+    assert not {d["kind"] for d in docs} & {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
 
 
 def test_rendered_prometheus_rule_is_valid_for_prometheus(helm: Helm, release: str, tmp_path: Path) -> None:
@@ -196,8 +237,9 @@ def test_rendered_prometheus_rule_is_valid_for_prometheus(helm: Helm, release: s
 
 @pytest.mark.parametrize(
     "values",
-    [[], ["--set", "namespaces={NS}", *ALL_FEATURES], ALL_FEATURES],
-    ids=["defaults", "namespaced-all-features", "clusterwide-all-features"],
+    [[], ["--set", "namespaces={NS}", *ALL_FEATURES], ALL_FEATURES,
+     ["--set", "rbac.scope=namespaced", "--set", "namespaces={NS}", *ALL_FEATURES]],
+    ids=["defaults", "listed-all-features", "clusterwide-all-features", "namespaced-scope-all-features"],
 )
 def test_rendered_manifests_pass_server_side_dry_run(
     stack: LocalStack, helm: Helm, release: str, namespace: str, values: list[str]
@@ -281,6 +323,31 @@ def test_helm_install_and_uninstall(stack: LocalStack, helm: Helm, installed: st
     assert stack.kubectl("get", f"clusterrole/{full}", check=False).returncode != 0
     # Archives outlive the release.
     stack.kubectl("get", f"persistentvolumeclaim/{full}-archive", "-n", namespace)
+
+
+def test_helm_install_namespaced_scope(stack: LocalStack, helm: Helm, release: str, namespace: str) -> None:
+    """A real install with rbac.scope=namespaced, watching the release's own namespace: the API
+    server's authorizer grants the ServiceAccount Secrets there and nowhere else."""
+    helm("install", release, str(CHART), "--namespace", namespace, "--set", "rbac.scope=namespaced",
+         "--set", f"namespaces={{{namespace}}}")
+    try:
+        full = f"{release}-tenancy-operator"
+        stack.kubectl("get", f"role/{full}", f"rolebinding/{full}", "-n", namespace)
+        assert stack.kubectl("get", f"clusterrole/{full}", check=False).returncode != 0
+        sa = f"system:serviceaccount:{namespace}:{full}"
+
+        def can(*args: str) -> bool:
+            return stack.kubectl("auth", "can-i", *args, f"--as={sa}", check=False).stdout.strip() == "yes"
+
+        assert can("create", "secrets", "-n", namespace)
+        assert can("patch", "tenants.tenancy.dev", "-n", namespace)
+        assert not can("get", "secrets", "-n", "default")
+        assert not can("list", "secrets", "-A")
+        assert not can("create", "configmaps", "-n", "kube-system")
+        assert not can("list", "namespaces")
+    finally:
+        helm("uninstall", release, "--namespace", namespace, "--wait", check=False)
+    assert stack.kubectl("get", f"role/{release}-tenancy-operator", "-n", namespace, check=False).returncode != 0
 
 
 def test_the_documented_kind_install_renders_and_passes_dry_run(

@@ -54,3 +54,33 @@ app.kubernetes.io/part-of: tenancy-operator
 {{- define "tenancy-operator.archiveClaim" -}}
 {{- default (printf "%s-archive" (include "tenancy-operator.fullname" .)) .Values.archive.existingClaim -}}
 {{- end -}}
+
+{{/* The rules the operator needs in each namespace it serves: the namespaced mode's Role in each
+watched namespace, and the ClusterRole of the cluster mode. */}}
+{{- define "tenancy-operator.namespaceRules" -}}
+# Kopf watches our kinds and patches its finalizer and progress annotations on them.
+- apiGroups: [tenancy.dev]
+  resources: [tenants, featureflags]
+  verbs: [get, list, watch, patch]
+# Quotas are only watched (and read); the operator writes nothing but their status.
+- apiGroups: [tenancy.dev]
+  resources: [quotas]
+  verbs: [get, list, watch]
+# Conditions, phase, observedGeneration.
+- apiGroups: [tenancy.dev]
+  resources: [tenants/status, quotas/status, featureflags/status]
+  verbs: [patch]
+# Events for user-relevant transitions.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+# Tenant credentials: read, create, rotate (replace), delete; the sweep lists them.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, list, create, update, delete]
+# Schema templates (read, and watched so a changed template migrates its tenants) and the
+# flagd ConfigMap of each FeatureFlag (create, replace, delete).
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, list, watch, create, update, delete]
+{{- end -}}
