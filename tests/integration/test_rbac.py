@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -28,7 +29,8 @@ from .test_helm import CHART, Helm
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_NS = "tenancy-system"
-FORBIDDEN = re.compile(r"(?i)forbidden|(?<![\w.:+-])403(?![\w.])")
+# A refusal, or Kopf's warning that it lacks the rights to observe namespaces or CRDs.
+FORBIDDEN = re.compile(r"(?i)forbidden|not enough permissions|(?<![\w.:+-])403(?![\w.])")
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +57,9 @@ def rbac_cluster(rbac_stack: LocalStack) -> Cluster:
 
 
 def service_account_kubeconfig(stack: LocalStack, release: str, *values: str) -> Path:
-    """Apply the chart's ServiceAccount, ClusterRole and binding (and peering object, if enabled)
-    as rendered, and write a kubeconfig that authenticates with a TokenRequest token of that
-    ServiceAccount."""
+    """Apply the chart's ServiceAccount and roles with their bindings (and peering objects, if
+    enabled) as rendered, and write a kubeconfig that authenticates with a TokenRequest token of
+    that ServiceAccount."""
     helm = Helm(stack)
     shown = ["--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml"]
     if "peering.enabled=true" in values:
@@ -152,12 +154,13 @@ def test_examples_reconcile_with_the_chart_service_account(rbac_stack: LocalStac
         proc.stop()
 
 
-def test_namespaced_operator_with_the_chart_service_account(rbac_stack: LocalStack, rbac_cluster: Cluster) -> None:
-    """With a namespace list, Kopf lists and watches namespaces: the chart adds exactly that."""
+def test_cluster_scope_with_a_namespace_list(rbac_stack: LocalStack, rbac_cluster: Cluster) -> None:
+    """A ClusterRole and a namespace list: the operator serves that namespace without listing
+    namespaces or CRDs (the ClusterRole has neither rule)."""
     ns = f"t-{uuid.uuid4().hex[:8]}"
     rbac_stack.kubectl("create", "namespace", ns)
-    kubeconfig = service_account_kubeconfig(rbac_stack, "namespaced", f"namespaces={{{ns}}}")
-    proc = start_operator(rbac_stack, kubeconfig, "namespaced", TENANCY_NAMESPACES=ns)
+    kubeconfig = service_account_kubeconfig(rbac_stack, "listed", f"namespaces={{{ns}}}")
+    proc = start_operator(rbac_stack, kubeconfig, "listed", TENANCY_NAMESPACES=ns)
     try:
         rbac_cluster.create("tenants", ns, tenant("beta", tier="starter"))
         ready(rbac_cluster, "tenants", ns, "beta")
@@ -171,6 +174,78 @@ def test_namespaced_operator_with_the_chart_service_account(rbac_stack: LocalSta
         for plural, name in (("featureflags", "dark-mode"), ("quotas", "beta"), ("tenants", "beta")):
             rbac_cluster.delete(plural, ns, name)
             eventually(lambda p=plural, n=name: rbac_cluster.gone(p, ns, n), timeout=60, what=f"{plural}/{name} gone")
+        assert_never_forbidden(proc)
+    finally:
+        proc.stop()
+
+
+def test_namespaced_scope_reaches_nothing_outside_its_namespaces(
+    rbac_stack: LocalStack, rbac_cluster: Cluster
+) -> None:
+    """rbac.scope=namespaced: a Role per watched namespace and nothing cluster-wide. The operator
+    provisions, rotates and deletes there without a single 403, with peering on (through the
+    namespace's KopfPeering), and its token, in an attacker's hands, reads no Secret elsewhere."""
+    ns, outside = f"t-{uuid.uuid4().hex[:8]}", f"o-{uuid.uuid4().hex[:8]}"
+    for name in (ns, outside):
+        rbac_stack.kubectl("create", "namespace", name)
+    rbac_stack.kubectl("create", "secret", "generic", "payroll-db", "-n", outside, "--from-literal=password=s3cret")
+    rbac_cluster.create("tenants", outside, tenant("stranger"))
+    kubeconfig = service_account_kubeconfig(
+        rbac_stack, "scoped", "rbac.scope=namespaced", f"namespaces={{{ns}}}", "peering.enabled=true"
+    )
+
+    # The attacker holding the token: no Secret, ConfigMap or Event outside the list.
+    def as_operator(*args: str) -> subprocess.CompletedProcess[str]:
+        return rbac_stack.kubectl(*args, f"--kubeconfig={kubeconfig}", check=False)
+
+    refused = as_operator("get", "secret", "payroll-db", "-n", outside, "-o", "json")
+    assert refused.returncode != 0
+    assert "Forbidden" in refused.stderr and "s3cret" not in refused.stdout + refused.stderr
+    refused = as_operator("get", "secrets", "--all-namespaces")
+    assert refused.returncode != 0 and "Forbidden" in refused.stderr
+
+    def can(*args: str) -> bool:
+        return as_operator("auth", "can-i", *args).stdout.strip() == "yes"
+
+    assert can("get", "secrets", "-n", ns)  # the check tells the two apart
+    for denied in (("get", "secrets", "-n", outside), ("list", "secrets", "-n", "kube-system"),
+                   ("create", "configmaps", "-n", outside), ("create", "events", "-n", outside),
+                   ("patch", "tenants.tenancy.dev", "-n", outside), ("list", "namespaces"),
+                   ("list", "customresourcedefinitions")):
+        assert not can(*denied), f"the namespaced ServiceAccount may {' '.join(denied)}"
+
+    proc = start_operator(rbac_stack, kubeconfig, "scoped", TENANCY_NAMESPACES=ns,
+                          TENANCY_PEERING_NAME="scoped-tenancy-operator", TENANCY_PEERING_PRIORITY="100")
+    try:
+        eventually(lambda: "Resuming operations after the pause" in proc.log_text()
+                   and "background loops resumed" in proc.log_text(), timeout=30, what="the operator works")
+        rbac_cluster.create("tenants", ns, tenant("gamma", tier="starter"))
+        ready(rbac_cluster, "tenants", ns, "gamma")
+        rbac_cluster.create("quotas", ns, {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "Quota", "metadata": {"name": "gamma"},
+            "spec": {"tenantRef": {"name": "gamma"}, "limits": {"connections": 5}},
+        })
+        ready(rbac_cluster, "quotas", ns, "gamma")
+        rbac_cluster.create("featureflags", ns, flag("compact-view"))
+        ready(rbac_cluster, "featureflags", ns, "compact-view")
+        assert rbac_cluster.core.read_namespaced_config_map("compact-view-flagd", ns).data["flagd.json"]
+
+        old = rbac_cluster.secret_data(ns, "gamma-db")["password"]
+        rbac_stack.kubectl("annotate", "tenant", "gamma", "-n", ns, "tenancy.dev/rotate-credentials=1")
+        eventually(lambda: rbac_cluster.secret_data(ns, "gamma-db")["password"] != old,
+                   timeout=60, what="gamma password rotated")
+        assert rbac_cluster.has_event(ns, "gamma", "CredentialsRotated")
+
+        # The sweep lists Tenants and Secrets in the watched namespace only, and counts its one Tenant.
+        eventually(lambda: proc.metric("tenants", phase="Active") == 1, timeout=60, what="a sweep completed")
+        stranger = rbac_cluster.get("tenants", outside, "stranger")
+        assert not stranger["metadata"].get("finalizers")
+        assert stranger["status"] == {"observedGeneration": 0, "phase": "Provisioning"}  # the CRD's default
+
+        for plural, name in (("featureflags", "compact-view"), ("quotas", "gamma"), ("tenants", "gamma")):
+            rbac_cluster.delete(plural, ns, name)
+            eventually(lambda p=plural, n=name: rbac_cluster.gone(p, ns, n), timeout=60, what=f"{plural}/{name} gone")
+        assert rbac_cluster.core.list_namespaced_secret(ns, label_selector="tenancy.dev/tenant").items == []
         assert_never_forbidden(proc)
     finally:
         proc.stop()
