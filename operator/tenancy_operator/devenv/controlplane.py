@@ -163,7 +163,15 @@ class ControlPlane:
         ).stdout.split()
         crds = [name for name in applied if name.startswith("customresourcedefinition")]
         if crds:
-            self.kubectl("wait", "--for=condition=Established", f"--timeout={self.timeout:.0f}s", *crds)
+            # Polled rather than `kubectl wait`, which fails at once on a CRD whose status has no
+            # conditions yet (right after the apply).
+            established = 'jsonpath={.status.conditions[?(@.type=="Established")].status}'
+
+            def ready() -> bool:
+                return all(self.kubectl("get", crd, "-o", established, check=False).stdout.strip() == "True"
+                           for crd in crds)
+
+            wait_for("the CRDs to be Established", ready, self.timeout, interval=0.2)
         return crds
 
     def _etcd_argv(self) -> list[str]:
