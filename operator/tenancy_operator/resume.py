@@ -111,7 +111,10 @@ class ResumeChecker:
             return False
         if conditions.get("Ready", {}).get("status") != "True" or set(conditions) - {"Ready"}:
             return False  # not Ready, or Reconciling / Stalled / SchemaRecreated present
-        spec = TenantSpec.model_validate(body.get("spec") or {})
+        try:
+            spec = TenantSpec.model_validate(body.get("spec") or {})
+        except ValueError:
+            return False  # e.g. a spec stored before the CRD's bounds: the reconcile reports it
         if spec.restore_from:
             return False  # rare; the normal path knows the restore rules
         try:

@@ -18,6 +18,7 @@ from tenancy_operator.handlers import featureflag as featureflag_handlers
 from tenancy_operator.handlers import quota as quota_handlers
 from tenancy_operator.handlers import tenant as tenant_handlers
 from tenancy_operator.handlers.common import MemoryDiffBaseStorage
+from tenancy_operator.k8s import safejson
 from tenancy_operator.k8s.client import Kube
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.events import EventRecorder
@@ -65,6 +66,7 @@ def build_registry() -> kopf.OperatorRegistry:
         # earlier versions keep it, ignored.
         memo.diffbase = settings.persistence.diffbase_storage = MemoryDiffBaseStorage(ignored_prefix=STORAGE_PREFIX)
         settings.posting.loggers = False  # Events are for transitions, not log lines
+        safejson.install_in_kopf()  # one object nested too deep for Python's json must not end a watch
         # After its own patch Kopf waits until the watch shows exactly that resourceVersion. When
         # another write lands right after (our status, quota limits), the batched worker never sees
         # it and sleeps the whole timeout (5 s by default) per object. Our handlers are level-based

@@ -106,10 +106,10 @@ class Sweeper:
             # make it Ready with nothing to stop its deletion from skipping the deletion policy.
             if meta.get("deletionTimestamp") or FINALIZER not in (meta.get("finalizers") or []):
                 continue
-            spec = TenantSpec.model_validate(body.get("spec") or {})
             try:
+                spec = TenantSpec.model_validate(body.get("spec") or {})
                 ident = tenant_identifier(body["metadata"]["name"])
-            except ValueError:
+            except ValueError:  # e.g. a spec stored before the CRD's bounds: its own reconcile reports it
                 continue
             has_secret = (body["metadata"]["namespace"], secret_name(body["metadata"]["name"])) in secrets
             if not _ready(body) or not has_secret:

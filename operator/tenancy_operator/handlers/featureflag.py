@@ -23,6 +23,8 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.conditions import Cond, merge, status_differs
 from tenancy_operator.handlers.common import Tombstones, backoff
+from tenancy_operator.k8s import safejson
+from tenancy_operator.k8s.client import raw
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.featureflag import PLURAL, FeatureFlagReconciler, Outcome, Retry
@@ -280,17 +282,18 @@ class FeatureFlagService:
                 log.warning("featureflag sweep failed", error=type(exc).__name__, detail=str(exc)[:200])
 
     async def _list(self, namespaces: set[str] | None) -> list[dict[str, Any]]:
+        # Decoded with safejson: one flag nested too deep for Python's json must not fail the sweep.
         custom = self.ctx.kube.custom
         watched = self.ctx.settings.namespace_list
         if namespaces is None and not watched:
-            result = await custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
-            return list(result.get("items", []))
+            result = safejson.loads(await raw(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL))
+            return list(result.get("items") or [])
         items: list[dict[str, Any]] = []
         for ns in sorted(namespaces if namespaces is not None else set(watched)):
             if watched and ns not in watched:
                 continue
-            result = await custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)
-            items += result.get("items", [])
+            result = safejson.loads(await raw(custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL))
+            items += result.get("items") or []
         return items
 
     async def sweep_once(self, nudged: Mapping[str, set[str]] | None = None) -> int:
