@@ -1,4 +1,4 @@
-"""Cross-tenant access detected: privileges a tenant role was given beyond its own schema.
+"""TenancyIsolationViolation (cross-tenant access detected): privileges a tenant role was given beyond its own schema.
 
 Written as the incident happens: someone with the rights (here the PostgreSQL superuser; in the
 issue, tenant code that ran with the operator's login) grants a tenant role the predefined

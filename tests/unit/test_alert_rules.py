@@ -26,6 +26,7 @@ ALERTS = {
     "TenancyQuotaNearLimit",
     "TenancyLifecycleJobFailed",
     "TenancyDatabasePoolSaturated",
+    "TenancyIsolationViolation",
 }
 PROMQL_FUNCTIONS_AND_KEYWORDS = {
     "absent", "sum", "by", "rate", "increase", "ignoring", "on", "or", "unless", "offset", "and", "without",
