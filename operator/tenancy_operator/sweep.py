@@ -152,6 +152,9 @@ class Sweeper:
                         log.info("temporary login dropped", target=target, role=user)
             except (psycopg_pool.PoolTimeout, psycopg.OperationalError):
                 continue
+            except psycopg.Error as exc:  # one bad row must not stop the sweep for every tenant
+                log.warning("archive purge failed", target=target, error=type(exc).__name__)
+                continue
             if purged:
                 log.info("archives purged", target=target, archives=purged)
         await self.audit_isolation(bodies)
