@@ -23,6 +23,10 @@ class Cond:
     reason: str
     message: str = ""
 
+    def __post_init__(self) -> None:
+        # Cleaned at once, so comparing a Cond with a stored condition compares like with like.
+        object.__setattr__(self, "message", clean_message(self.message))
+
 
 def reported(body: Mapping[str, Any]) -> bool:
     """Whether the operator has written this object's status: until then the API server serves

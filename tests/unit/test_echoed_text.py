@@ -86,3 +86,9 @@ def test_jobs_cli_json_prints_tenant_text_cleaned() -> None:
     assert printed["error"] == clean_message(HOSTILE + "z" * 5000)
     assert printed["detail"] == "0002_evil.sql"
     assert printed["attempt"] == 1
+
+
+def test_a_cond_compares_equal_to_what_is_stored() -> None:
+    cond = Cond("Isolated", "False", "PrivilegesRevoked", "grants: " + "x" * 3000 + "\x1b[0m")
+    [stored] = merge(None, [cond], 1)
+    assert cond.message == stored["message"]
