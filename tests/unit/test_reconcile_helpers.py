@@ -163,3 +163,13 @@ def test_the_crd_default_status_is_not_a_report() -> None:
     assert not reported({"status": TENANT.initial_status})
     assert not reported({"status": {"effectiveLimits": {"connections": "5"}}})  # the quota service's, alone
     assert reported({"status": {"observedGeneration": 1, "phase": "Provisioning"}})
+
+
+def test_a_tenant_stored_before_a_bound_is_still_deletable() -> None:
+    from tenancy_operator.reconcilers.tenant import _spec_for_deletion
+
+    body = {"spec": {"database": "second", "deletionPolicy": "Delete", "archiveRetention": "1000000000d"}}
+    spec = _spec_for_deletion(body)
+    assert (spec.database, str(getattr(spec.deletion_policy, "value", spec.deletion_policy))) == ("second", "Delete")
+    guessed = _spec_for_deletion({"spec": {"database": "x" * 100, "deletionPolicy": "Shred"}})
+    assert guessed.database == "" and str(getattr(guessed.deletion_policy, "value", guessed.deletion_policy)) == "Retain"

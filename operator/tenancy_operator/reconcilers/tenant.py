@@ -21,6 +21,7 @@ import psycopg
 import psycopg_pool
 from kubernetes_asyncio.client.exceptions import ApiException
 from psycopg import sql
+from pydantic import ValidationError
 
 from tenancy_operator import archive
 from tenancy_operator.api.common import parse_duration
@@ -146,7 +147,10 @@ class TenantReconciler:
         )
 
     async def reconcile(self, body: Mapping[str, Any]) -> Outcome:
-        spec = TenantSpec.model_validate(body.get("spec") or {})
+        try:
+            spec = TenantSpec.model_validate(body.get("spec") or {})
+        except ValidationError as exc:  # stored before a bound the CRD has now
+            return Outcome(False, "InvalidSpec", _first_error(exc), "Failed", stalled=True)
         try:
             ident = tenant_identifier(body["metadata"]["name"])
         except ValueError as exc:
@@ -697,7 +701,7 @@ class TenantReconciler:
         new one of the same name may own the row by now)."""
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
-        spec = TenantSpec.model_validate(body.get("spec") or {})
+        spec = _spec_for_deletion(body)
         events: list[tuple[str, str, str]] = []
         try:
             ident = tenant_identifier(name)
@@ -861,6 +865,30 @@ class SecretClaim:
 
 class ArchiveBlocked(Exception):
     """The archive could not be written: nothing is dropped, deletion waits."""
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ()))
+    return f"spec.{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid spec"))
+
+
+def _spec_for_deletion(body: Mapping[str, Any]) -> TenantSpec:
+    """The spec a deletion goes by. A Tenant stored before a bound the CRD has now must still be
+    deletable: its invalid fields fall back to their defaults (the database target and the
+    deletion policy are plain names, checked as before)."""
+    raw = dict(body.get("spec") or {})
+    try:
+        return TenantSpec.model_validate(raw)
+    except ValidationError as exc:
+        bad = {str(e["loc"][0]) for e in exc.errors() if e.get("loc")}
+        kept = {k: v for k, v in raw.items() if k not in bad}
+        if "deletionPolicy" in bad:
+            kept["deletionPolicy"] = "Retain"  # nothing is dropped on a guess
+        spec = TenantSpec.model_validate(kept)
+        if "database" in bad:
+            spec.database = ""  # no such target: nothing is touched
+        return spec
 
 
 def _latest(done: Mapping[str, str]) -> str | None:
