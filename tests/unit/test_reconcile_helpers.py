@@ -172,4 +172,5 @@ def test_a_tenant_stored_before_a_bound_is_still_deletable() -> None:
     spec = _spec_for_deletion(body)
     assert (spec.database, str(getattr(spec.deletion_policy, "value", spec.deletion_policy))) == ("second", "Delete")
     guessed = _spec_for_deletion({"spec": {"database": "x" * 100, "deletionPolicy": "Shred"}})
-    assert guessed.database == "" and str(getattr(guessed.deletion_policy, "value", guessed.deletion_policy)) == "Retain"
+    assert guessed.database == ""
+    assert str(getattr(guessed.deletion_policy, "value", guessed.deletion_policy)) == "Retain"
