@@ -1,8 +1,9 @@
 """A real control plane and two PostgreSQL clusters, started once per test session.
 
 ``TENANCY_TEST_PG_MAJOR`` (e.g. 15 or 17; `make test` runs the suite once on each) picks the
-PostgreSQL major of both clusters and of the operator's pg_dump/pg_restore; unset: the newest of
-Debian's packages.
+PostgreSQL major of every stack of the run (devenv.binaries.postgres_bindir reads it, also for the
+stacks some modules start for themselves) and of the operator's pg_dump/pg_restore; unset: the
+newest of Debian's packages.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tenancy_operator.devenv import ensure_binaries, postgres_bindir
+from tenancy_operator.devenv import ensure_binaries
+from tenancy_operator.devenv.binaries import PG_MAJOR_ENV
 from tenancy_operator.devenv.stack import LocalStack
 
 from .fixtures import cluster, operator  # noqa: F401 - fixtures for every integration test
@@ -26,11 +28,11 @@ from .harness import sql_value
 
 HERE = Path(__file__).parent
 TARGETS = ("default", "second")
-PG_MAJOR = int(os.environ["TENANCY_TEST_PG_MAJOR"]) if os.environ.get("TENANCY_TEST_PG_MAJOR") else None
+PG_MAJOR = int(os.environ[PG_MAJOR_ENV]) if os.environ.get(PG_MAJOR_ENV) else None
 
 
 def pytest_report_header() -> str:
-    return f"PostgreSQL: {PG_MAJOR or 'newest of Debian'} (TENANCY_TEST_PG_MAJOR)"
+    return f"PostgreSQL: {PG_MAJOR or 'newest of Debian'} ({PG_MAJOR_ENV})"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -51,9 +53,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[LocalStack]:
     # Not under pytest's 0700 basetemp: the postgres user must be able to traverse the path.
     workdir = Path(tempfile.mkdtemp(prefix="tenancy-it-"))
     workdir.chmod(0o755)
-    local = LocalStack(
-        workdir, TARGETS, detached=False, with_operator=False, bin_dir=bin_dir, pg_bindir=postgres_bindir(PG_MAJOR)
-    )
+    local = LocalStack(workdir, TARGETS, detached=False, with_operator=False, bin_dir=bin_dir)
     try:
         local.up()
         for target in TARGETS:

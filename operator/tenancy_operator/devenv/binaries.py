@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -14,6 +15,10 @@ from pathlib import Path
 from tenancy_operator.devenv.process import DevEnvError
 
 CONTROL_PLANE_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
+# The PostgreSQL major a test run asked for (`make test` runs the suite once per major): every
+# stack of the process without an explicit choice uses it, the test session's and the ones some
+# test modules start for themselves.
+PG_MAJOR_ENV = "TENANCY_TEST_PG_MAJOR"
 
 
 def repo_root() -> Path:
@@ -63,8 +68,13 @@ def postgres_bindirs() -> dict[int, Path]:
 
 
 def postgres_bindir(major: int | None = None) -> Path:
-    """The bin dir of PostgreSQL ``major``; without one, the newest of Debian's packages (what a
-    developer installed), falling back to the newest found."""
+    """The bin dir of PostgreSQL ``major``; without one, that of ``TENANCY_TEST_PG_MAJOR`` if set,
+    else the newest of Debian's packages (what a developer installed), else the newest found."""
+    if major is None and os.environ.get(PG_MAJOR_ENV):
+        try:
+            major = int(os.environ[PG_MAJOR_ENV])
+        except ValueError:
+            raise DevEnvError(f"{PG_MAJOR_ENV}={os.environ[PG_MAJOR_ENV]!r} is not a major version number") from None
     bindirs = postgres_bindirs()
     if major is not None:
         if major not in bindirs:
