@@ -9,7 +9,6 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from psycopg import sql
 
 from tenancy_operator.devenv.postgres import OPERATOR_ROLE
 from tenancy_operator.devenv.stack import LocalStack
@@ -72,11 +71,14 @@ def test_operator_keeps_no_membership_in_tenant_roles(
     memberships = (
         "SELECT count(*)::int FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid"
         " JOIN pg_roles o ON o.oid = m.member WHERE r.rolname = 'tenant_no_standing' AND o.rolname = %s"
+        # 16+: CREATE ROLE gives its creator a membership WITH ADMIN OPTION, INHERIT FALSE, SET FALSE
+        # (how it may alter and drop the role): no privileges, not counted. 15 has no such columns.
+        " AND coalesce((to_jsonb(m) ->> 'inherit_option')::bool OR (to_jsonb(m) ->> 'set_option')::bool, true)"
     )
     provision(cluster, namespace, "no-standing")
     assert sql_value(stack.admin_dsn(), memberships, [OPERATOR_ROLE]) == 0
-    with connect(stack.admin_dsn()) as conn:  # what earlier versions left
-        conn.execute(sql.SQL("GRANT tenant_no_standing TO {}").format(sql.Identifier(OPERATOR_ROLE)))
+    with connect(stack.operator_dsn()) as conn:  # what earlier versions left: the operator's own grant
+        conn.execute("GRANT tenant_no_standing TO CURRENT_USER")
     cluster.patch(PLURAL, namespace, "no-standing", {"spec": {"displayName": "No Standing"}})
     eventually(lambda: sql_value(stack.admin_dsn(), memberships, [OPERATOR_ROLE]) == 0, timeout=30,
                what="the standing membership revoked")

@@ -45,6 +45,8 @@ class RegistryRow:
     k8s_uid: str | None = None
     secret_uid: str | None = None
     """metadata.uid of the credentials Secret the operator created (a Secret of another uid is not ours)."""
+    secret_claim: str | None = None
+    """Random token written here before the Secret is created, and into its annotations."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ async def find_live_row(conn: Conn, control: str, schema_name: str) -> RegistryR
     cur = await conn.execute(
         sql.SQL(
             "SELECT id::text, namespace, name, schema_name, role_name, state, provisioned_at,"
-            " schema_recreated_at, schema_recreated_ack, k8s_uid, secret_uid FROM {}"
+            " schema_recreated_at, schema_recreated_ack, k8s_uid, secret_uid, secret_claim FROM {}"
             " WHERE schema_name = %s AND state <> ALL(%s)"
         ).format(_t(control, "tenants")),
         [schema_name, ["dropped", "archived"]],
@@ -107,7 +109,7 @@ async def insert_row(
             "INSERT INTO {} (namespace, name, k8s_uid, schema_name, role_name, tier, display_name, state)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, 'provisioning')"
             " RETURNING id::text, namespace, name, schema_name, role_name, state, provisioned_at,"
-            " schema_recreated_at, schema_recreated_ack, k8s_uid, secret_uid"
+            " schema_recreated_at, schema_recreated_ack, k8s_uid, secret_uid, secret_claim"
         ).format(_t(control, "tenants")),
         [namespace, name, uid, ident, ident, tier, display_name],
     )
@@ -144,6 +146,11 @@ async def set_secret_uid(conn: Conn, control: str, tenant_id: str, uid: str) -> 
             _t(control, "tenants")),
         [uid, tenant_id, uid],
     )
+
+
+async def set_secret_claim(conn: Conn, control: str, tenant_id: str, claim: str) -> None:
+    await conn.execute(sql.SQL("UPDATE {} SET secret_claim = %s WHERE id = %s").format(_t(control, "tenants")),
+                       [claim, tenant_id])
 
 
 async def acknowledge_schema_recreated(conn: Conn, control: str, tenant_id: str, ack: str) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
+import secrets
 import time
 import urllib.parse
 from collections.abc import Mapping
@@ -41,6 +43,7 @@ from tenancy_operator.runtime_context import OperatorContext
 ROTATE_ANNOTATION = "tenancy.dev/rotate-credentials"
 ACK_SCHEMA_RECREATED_ANNOTATION = "tenancy.dev/acknowledge-schema-recreated"
 SECRET_ROTATION_ANNOTATION = "tenancy.dev/rotated-for"  # noqa: S105 - an annotation key
+SECRET_CLAIM_ANNOTATION = "tenancy.dev/claim"  # noqa: S105 - an annotation key
 TEMPLATE_TTL = 30.0
 MANAGED_BY = {"app.kubernetes.io/managed-by": "tenancy-operator"}
 TENANT_LABEL = "tenancy.dev/tenant"
@@ -342,8 +345,16 @@ class TenantReconciler:
         rotation = (meta.get("annotations") or {}).get(ROTATE_ANNOTATION, "")
         current = reads.secret
         if not reads.secret_read or current is None:
+            # The claim is committed before the Secret exists: an operator stopped right after
+            # creating it (before its uid is recorded) recognises its own Secret by it next time.
+            claim = row.secret_claim
+            if not claim:
+                claim = secrets.token_hex(16)
+                await sqlt.set_secret_claim(conn, self.control, row.id, claim)
+                row = dataclasses.replace(row, secret_claim=claim)
             password = sqlt.generate_password()
-            uid = await self._create_secret(meta["namespace"], self._secret_body(body, spec, ident, password, rotation))
+            uid = await self._create_secret(meta["namespace"],
+                                            self._secret_body(body, spec, ident, password, rotation, claim=claim))
             if uid is not None:
                 await sqlt.set_secret_uid(conn, self.control, row.id, uid)
                 return SecretClaim(password, None)
@@ -351,6 +362,8 @@ class TenantReconciler:
             if current is None:
                 raise Retry("KubernetesAPI", "the Secret was deleted while it was created; trying again")
         self._check_secret(current, row, meta)
+        if row.secret_uid is None:
+            await sqlt.set_secret_uid(conn, self.control, row.id, current["metadata"]["uid"])
         password = ""
         if _rotation_of(current) == rotation:
             password = _secret_data(current).get("password", "")  # apps already use it: keep it
@@ -441,7 +454,8 @@ class TenantReconciler:
     # --- credentials -------------------------------------------------------------------------
 
     def _secret_body(
-        self, body: Mapping[str, Any], spec: TenantSpec, ident: str, password: str, rotation: str
+        self, body: Mapping[str, Any], spec: TenantSpec, ident: str, password: str, rotation: str,
+        claim: str | None = None,
     ) -> dict[str, Any]:
         meta = body["metadata"]
         info = self.ctx.targets.conninfo(spec.database)
@@ -462,7 +476,8 @@ class TenantReconciler:
                 "name": secret_name(meta["name"]),
                 "namespace": meta["namespace"],
                 "labels": {**MANAGED_BY, TENANT_LABEL: meta["name"]},
-                "annotations": {SECRET_ROTATION_ANNOTATION: rotation},
+                "annotations": {SECRET_ROTATION_ANNOTATION: rotation,
+                                **({SECRET_CLAIM_ANNOTATION: claim} if claim else {})},
                 "ownerReferences": [{
                     "apiVersion": body.get("apiVersion", "tenancy.dev/v1alpha1"), "kind": "Tenant",
                     "name": meta["name"], "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True,
@@ -544,9 +559,12 @@ class TenantReconciler:
         """The Secret is the one the operator created for this Tenant: the uid it recorded, or, for
         a tenant provisioned by an earlier version (no uid recorded), owned by this Tenant."""
         uid = current["metadata"].get("uid")
+        claim = (current["metadata"].get("annotations") or {}).get(SECRET_CLAIM_ANNOTATION)
         if row.secret_uid is not None:
             ours = uid == row.secret_uid
-        else:
+        elif row.secret_claim:  # created, then stopped before its uid was recorded
+            ours = claim == row.secret_claim
+        else:  # a Secret of an earlier version, which recorded neither
             ours = row.provisioned_at is not None and _owned_by(current, meta["uid"])
         if not ours:
             raise OwnershipConflict(
