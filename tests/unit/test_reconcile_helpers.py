@@ -174,3 +174,13 @@ def test_a_tenant_stored_before_a_bound_is_still_deletable() -> None:
     guessed = _spec_for_deletion({"spec": {"database": "x" * 100, "deletionPolicy": "Shred"}})
     assert guessed.database == ""
     assert str(getattr(guessed.deletion_policy, "value", guessed.deletion_policy)) == "Retain"
+
+
+def test_templates_out_of_bounds_are_refused() -> None:
+    from tenancy_operator.db.tenant_migrations import MAX_MIGRATIONS, InvalidTemplate, check_template
+
+    check_template(migrations_from_data({"0001_init.sql": "SELECT 1", "0002_more.sql": "SELECT 2"}))
+    with pytest.raises(InvalidTemplate, match="at most"):
+        check_template(migrations_from_data({f"{i:05d}.sql": "SELECT 1" for i in range(MAX_MIGRATIONS + 1)}))
+    with pytest.raises(InvalidTemplate, match="version"):
+        check_template(migrations_from_data({"0001 drop everything;.sql": "SELECT 1"}))
