@@ -102,16 +102,16 @@ async def find_live_row(conn: Conn, control: str, schema_name: str) -> RegistryR
 
 async def insert_row(
     conn: Conn, control: str, *, namespace: str, name: str, uid: str, ident: str, tier: str,
-    display_name: str | None,
+    display_name: str | None, secret_claim: str | None = None,
 ) -> RegistryRow:
     cur = await conn.execute(
         sql.SQL(
-            "INSERT INTO {} (namespace, name, k8s_uid, schema_name, role_name, tier, display_name, state)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, 'provisioning')"
+            "INSERT INTO {} (namespace, name, k8s_uid, schema_name, role_name, tier, display_name, state,"
+            " secret_claim) VALUES (%s, %s, %s, %s, %s, %s, %s, 'provisioning', %s)"
             " RETURNING id::text, namespace, name, schema_name, role_name, state, provisioned_at,"
             " schema_recreated_at, schema_recreated_ack, k8s_uid, secret_uid, secret_claim"
         ).format(_t(control, "tenants")),
-        [namespace, name, uid, ident, ident, tier, display_name],
+        [namespace, name, uid, ident, ident, tier, display_name, secret_claim],
     )
     row = await cur.fetchone()
     assert row is not None
@@ -141,8 +141,10 @@ async def update_row(
 
 
 async def set_secret_uid(conn: Conn, control: str, tenant_id: str, uid: str) -> None:
+    """Record the Secret the operator created; its claim has served and is cleared."""
     await conn.execute(
-        sql.SQL("UPDATE {} SET secret_uid = %s WHERE id = %s AND secret_uid IS DISTINCT FROM %s").format(
+        sql.SQL("UPDATE {} SET secret_uid = %s, secret_claim = NULL"
+                " WHERE id = %s AND (secret_uid IS DISTINCT FROM %s OR secret_claim IS NOT NULL)").format(
             _t(control, "tenants")),
         [uid, tenant_id, uid],
     )

@@ -208,7 +208,7 @@ class TenantReconciler:
             try:
                 row = await sqlt.insert_row(
                     conn, self.control, namespace=namespace, name=name, uid=uid, ident=ident,
-                    tier=_enum(spec.tier), display_name=spec.display_name,
+                    tier=_enum(spec.tier), display_name=spec.display_name, secret_claim=secrets.token_hex(16),
                 )
                 new_row = True
             except psycopg.errors.UniqueViolation:
@@ -347,11 +347,8 @@ class TenantReconciler:
         if not reads.secret_read or current is None:
             # The claim is committed before the Secret exists: an operator stopped right after
             # creating it (before its uid is recorded) recognises its own Secret by it next time.
+            row = await self._claimed(conn, row)
             claim = row.secret_claim
-            if not claim:
-                claim = secrets.token_hex(16)
-                await sqlt.set_secret_claim(conn, self.control, row.id, claim)
-                row = dataclasses.replace(row, secret_claim=claim)
             password = sqlt.generate_password()
             uid = await self._create_secret(meta["namespace"],
                                             self._secret_body(body, spec, ident, password, rotation, claim=claim))
@@ -361,9 +358,7 @@ class TenantReconciler:
             current = await self._read_secret(meta["namespace"], secret_name(meta["name"]))
             if current is None:
                 raise Retry("KubernetesAPI", "the Secret was deleted while it was created; trying again")
-        self._check_secret(current, row, meta)
-        if row.secret_uid is None:
-            await sqlt.set_secret_uid(conn, self.control, row.id, current["metadata"]["uid"])
+        await self._check_secret(conn, current, row, meta)
         password = ""
         if _rotation_of(current) == rotation:
             password = _secret_data(current).get("password", "")  # apps already use it: keep it
@@ -496,9 +491,7 @@ class TenantReconciler:
         namespace = meta["namespace"]
         rotation = (meta.get("annotations") or {}).get(ROTATE_ANNOTATION, "")
         if current is not None:
-            self._check_secret(current, row, meta)
-            if row.secret_uid is None:  # an earlier version's Secret, owned by this Tenant: recorded now
-                await sqlt.set_secret_uid(conn, self.control, row.id, current["metadata"]["uid"])
+            await self._check_secret(conn, current, row, meta)
             password = _secret_data(current).get("password", "")
             if _rotation_of(current) == rotation and password:
                 if role_created:  # a role dropped out of band comes back with the password apps use
@@ -510,10 +503,12 @@ class TenantReconciler:
                 return password, ""
         # No Secret (first time, deleted out of band, or re-applied): a new password.
         if current is None:
+            row = await self._claimed(conn, row)
             password = sqlt.generate_password()
             await sqlt.set_password(conn, ident, password, self._iterations)
-            uid = await self._write_secret(namespace, self._secret_body(body, spec, ident, password, rotation),
-                                           replace=False)
+            uid = await self._write_secret(
+                namespace, self._secret_body(body, spec, ident, password, rotation, claim=row.secret_claim),
+                replace=False)
             await sqlt.set_secret_uid(conn, self.control, row.id, uid)
             return password, "recreated"
 
@@ -554,22 +549,33 @@ class TenantReconciler:
         except ApiException as exc:
             raise Retry("KubernetesAPI", f"writing Secret failed: {exc.status}") from exc
 
-    @staticmethod
-    def _check_secret(current: Mapping[str, Any], row: sqlt.RegistryRow, meta: Mapping[str, Any]) -> None:
-        """The Secret is the one the operator created for this Tenant: the uid it recorded, or, for
-        a tenant provisioned by an earlier version (no uid recorded), owned by this Tenant."""
+    async def _claimed(self, conn: Conn, row: sqlt.RegistryRow) -> sqlt.RegistryRow:
+        """The registry row with a claim for the Secret about to be created, committed before the
+        Secret exists: an operator stopped after creating it, before its uid was recorded,
+        recognises it by the claim in its annotations. Nobody else's Secret can carry it."""
+        if row.secret_claim:
+            return row
+        claim = secrets.token_hex(16)
+        await sqlt.set_secret_claim(conn, self.control, row.id, claim)
+        return dataclasses.replace(row, secret_claim=claim)
+
+    async def _check_secret(self, conn: Conn, current: Mapping[str, Any], row: sqlt.RegistryRow,
+                            meta: Mapping[str, Any]) -> None:
+        """The Secret is the one the operator created for this Tenant (the uid it recorded, or the
+        claim of one created just before a stop), or, for a tenant provisioned by an earlier
+        version that recorded neither, owned by this Tenant. Its uid is recorded."""
         uid = current["metadata"].get("uid")
         claim = (current["metadata"].get("annotations") or {}).get(SECRET_CLAIM_ANNOTATION)
-        if row.secret_uid is not None:
-            ours = uid == row.secret_uid
-        elif row.secret_claim:  # created, then stopped before its uid was recorded
-            ours = claim == row.secret_claim
-        else:  # a Secret of an earlier version, which recorded neither
-            ours = row.provisioned_at is not None and _owned_by(current, meta["uid"])
+        ours = (row.secret_uid is not None and uid == row.secret_uid) \
+            or (bool(row.secret_claim) and claim == row.secret_claim) \
+            or (row.secret_uid is None and not row.secret_claim and row.provisioned_at is not None
+                and _owned_by(current, meta["uid"]))
         if not ours:
             raise OwnershipConflict(
                 f"Secret {meta['namespace']}/{current['metadata']['name']} exists and was not created by the operator "
                 "for this Tenant; it is left as it is: delete or rename it, and the operator creates its own")
+        if uid != row.secret_uid or row.secret_claim:
+            await sqlt.set_secret_uid(conn, self.control, row.id, str(uid))
 
     # --- restore ---------------------------------------------------------------------------
 
