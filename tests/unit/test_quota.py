@@ -330,7 +330,7 @@ def test_storage_over_the_limit_with_block_writes() -> None:
     assert plan.publish["writesBlocked"] is True
     [(_, patch)] = plan.quota_patches
     assert conds(patch) == {"Ready": ("True", "Enforced"), "NearLimit": ("True", "ThresholdReached"),
-                            "Exceeded": ("True", "LimitReached")}
+                            "Exceeded": ("True", "LimitReached"), "NoisyNeighbor": ("Unknown", "NotMeasured")}
     assert patch["used"]["storage"] == "2Mi"
     assert patch["usageRatio"]["storage"] == 2.0
     assert "lastMeasuredAt" in patch

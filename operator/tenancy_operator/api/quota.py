@@ -7,10 +7,11 @@ import math
 from datetime import datetime
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AwareDatetime, Field, WithJsonSchema, model_validator
+from pydantic import AfterValidator, AwareDatetime, Field, WithJsonSchema, model_validator
 
 from tenancy_operator.api.common import (
     AGE_COLUMN,
+    DURATION_MAX_LENGTH,
     DURATION_PATTERN,
     QUANTITY_MAX,
     QUANTITY_MAX_VALUE,
@@ -27,9 +28,11 @@ from tenancy_operator.api.common import (
     cel,
     cel_string,
     check_duration_at_most,
+    duration_at_most_rule,
     duration_millis_cel,
     immutable,
     list_map,
+    list_set,
     parse_duration,
     parse_quantity,
     validations,
@@ -59,6 +62,7 @@ length bound keeps the CEL rules on it within the API server's cost budget."""
 
 CONDITION_NEAR_LIMIT = "NearLimit"
 CONDITION_EXCEEDED = "Exceeded"
+CONDITION_NOISY_NEIGHBOR = "NoisyNeighbor"
 NEAR_LIMIT_RATIO = 0.9
 """A limit is near at 90 % of its value (the seeds' "Quota exhaustion > 90%" alert)."""
 
@@ -159,6 +163,71 @@ class QuotaOverride(ApiModel, json_schema_extra=validations(_STORAGE_VALUE, _TIM
         return self
 
 
+NOISY_WINDOW_MAX = "24h"
+"""Longest load window: the operator keeps the samples of a window in memory."""
+NOISY_MULTIPLE_MIN, NOISY_MULTIPLE_MAX = 1.1, 1000.0
+
+
+def _positive_window(value: str) -> str:
+    if parse_duration(value).total_seconds() <= 0:
+        raise ValueError("a window must be greater than zero")
+    return check_duration_at_most(value, NOISY_WINDOW_MAX)
+
+
+Window = Annotated[
+    str,
+    Field(
+        pattern=DURATION_PATTERN,
+        max_length=DURATION_MAX_LENGTH,
+        json_schema_extra=validations(cel("self.matches('[1-9]')", "must be greater than zero"),
+                                      duration_at_most_rule(NOISY_WINDOW_MAX)),
+    ),
+    AfterValidator(_positive_window),
+]
+"""A duration greater than zero and at most NOISY_WINDOW_MAX."""
+
+
+class ConnectionContainment(ApiModel):
+    """Lower the role's CONNECTION LIMIT while the tenant is a noisy neighbour."""
+
+    factor: float = Field(default=0.5, gt=0, le=1)
+    """The limit in force times this (rounded up); an unlimited role gets the floor."""
+    floor: int = Field(ge=1, le=COUNT_MAX)
+    """Never lower than this (and never higher than the limit in force)."""
+
+
+class TimeoutContainment(ApiModel):
+    """Lower the role's statement_timeout while the tenant is a noisy neighbour."""
+
+    factor: float = Field(default=0.5, gt=0, le=1)
+    """The timeout in force times this (rounded up); a role without one gets the floor."""
+    floor: PositiveDuration
+    """Never shorter than this (and never longer than the timeout in force)."""
+
+
+class NoisyContainment(ApiModel):
+    """What the operator does to a noisy neighbour; each part only when declared."""
+
+    connections: ConnectionContainment | None = None
+    """Lower the connection limit while noisy; restored when calm."""
+    statement_timeout: TimeoutContainment | None = None
+    """Lower the statement_timeout while noisy; restored when calm."""
+
+
+class NoisyNeighborPolicy(ApiModel):
+    """When the tenant counts as a noisy neighbour on its database target, and what is done then."""
+
+    multiple: float = Field(default=3.0, ge=NOISY_MULTIPLE_MIN, le=NOISY_MULTIPLE_MAX)
+    """Noisy when its load over the window exceeds this multiple of the average tenant's load on the
+    same target (it stays noisy until it falls under 80 % of that)."""
+    window: Window = "5m"
+    """Load is compared over this window (at most 24h)."""
+    min_load: PositiveDuration = "1s"
+    """Execution time (or busy session time) over the window under which a tenant is never noisy."""
+    containment: NoisyContainment | None = None
+    """Containment while noisy; none unless declared."""
+
+
 class QuotaSpec(ApiModel):
     """Desired limits of one tenant.
 
@@ -178,6 +247,8 @@ class QuotaSpec(ApiModel):
         default_factory=list, max_length=64, json_schema_extra=list_map("limit", "expiresAt")
     )
     """Temporary limit values, each with an expiry."""
+    noisy_neighbor: NoisyNeighborPolicy = NoisyNeighborPolicy()
+    """NoisyNeighbor detection and (only when declared) containment."""
 
     def active_overrides(self, now: datetime) -> dict[LimitName, QuotaOverride]:
         """The override in force for each limit at `now` (see the class docstring)."""
@@ -211,6 +282,41 @@ class ActiveOverride(ApiModel):
     """Why it was granted."""
 
 
+LoadSource = Literal["pg_stat_statements", "pg_stat_activity"]
+
+
+class LoadStatus(ApiModel):
+    """The tenant's share of its database target's load over the policy's window."""
+
+    source: LoadSource
+    """pg_stat_statements: execution time of finished statements; pg_stat_activity: active
+    sessions sampled at each measurement (less detail: no calls, rows or blocks)."""
+    detail: str | None = Field(default=None, max_length=512)
+    """Why the detail is reduced, when it is."""
+    window: str = Field(max_length=DURATION_MAX_LENGTH)
+    """The window the numbers cover."""
+    share: float = Field(ge=0, le=1)
+    """Fraction of the target's load (all its tenants) that is this tenant's."""
+    ratio_to_average: float = Field(ge=0)
+    """This tenant's load divided by the average tenant's load on the target."""
+    execution_seconds: float = Field(ge=0)
+    """Execution (or busy session) seconds over the window."""
+    calls: int = Field(default=0, ge=0)
+    rows: int = Field(default=0, ge=0)
+    shared_blocks: int = Field(default=0, ge=0)
+    """Shared blocks hit, read, dirtied and written."""
+    temp_blocks: int = Field(default=0, ge=0)
+    """Temporary blocks read and written."""
+    active_sessions: int = Field(default=0, ge=0)
+    waiting_sessions: int = Field(default=0, ge=0)
+    wait_events: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=list, max_length=8, json_schema_extra=list_set())
+    """Wait events of the waiting sessions at the last sample, as type:event."""
+    storage_growth_bytes: int = 0
+    """Change of the schema's size over the window."""
+    contained: list[Literal["connections", "statementTimeout"]] = Field(default_factory=list, max_length=4, json_schema_extra=list_set())
+    """Role attributes lowered by containment now (connections, statementTimeout)."""
+
+
 class QuotaStatus(ApiModel):
     """Measured usage against the limits, written by the operator."""
 
@@ -231,6 +337,8 @@ class QuotaStatus(ApiModel):
     """The override in force for each overridden limit."""
     last_measured_at: AwareDatetime | None = None
     """When usage was last measured."""
+    load: LoadStatus | None = None
+    """Share of the database target's load (see spec.noisyNeighbor)."""
 
 
 class Quota(ApiModel):
@@ -257,6 +365,7 @@ QUOTA = ResourceInfo(
         PrinterColumn("Storage-Hard", "string", ".status.hard.storage"),
         PrinterColumn("Conns-Used", "string", ".status.used.connections"),
         PrinterColumn("Conns-Hard", "string", ".status.hard.connections"),
+        PrinterColumn("Load-Share", "number", ".status.load.share"),
         READY_COLUMN,
         AGE_COLUMN,
     ),

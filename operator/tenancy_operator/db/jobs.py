@@ -15,7 +15,8 @@ from psycopg import sql
 from tenancy_operator.db.targets import Conn
 from tenancy_operator.observability.text import clean_message
 
-KINDS = ("provision", "migrate", "suspend", "resume", "rotate", "archive", "restore", "purge", "delete")
+KINDS = ("provision", "migrate", "suspend", "resume", "rotate", "archive", "restore", "purge", "delete",
+         "contain", "release")
 
 
 @dataclass(frozen=True)
@@ -123,3 +124,14 @@ async def history(conn: Conn, control: str, namespace: str, name: str) -> list[d
         [namespace, name],
     )
     return list(await cur.fetchall())
+
+
+async def record(conn: Conn, control: str, tenant_id: str, kind: str, *, detail: str | None = None) -> None:
+    """A job done in one step (containment of a noisy neighbour and its release): recorded succeeded."""
+    await conn.execute(
+        sql.SQL(
+            "INSERT INTO {} (tenant_id, kind, state, attempt, detail, finished_at)"
+            " VALUES (%s, %s, 'succeeded', 1, %s, now())"
+        ).format(_t(control)),
+        [tenant_id, kind, detail],
+    )

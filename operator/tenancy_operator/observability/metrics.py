@@ -139,3 +139,38 @@ ISOLATION_VIOLATIONS_HELD = Gauge(
     "Privileges a tenant role still holds beyond its own schema after the last audit (not revocable by the operator).",
     ["kind"],
 )
+
+# Tenant load (reconcilers/noisy.py): per tenant, counted from PostgreSQL's statistics at each quota
+# pass. Per-tenant series follow TENANCY_QUOTA_PER_TENANT_METRICS like the quota gauges; the
+# aggregates (noisy neighbours, detail per target) always exist.
+_TENANT = ["namespace", "tenant"]
+TENANT_RESOURCE_USAGE = Counter(
+    "tenant_resource_usage_seconds",
+    "Database time of a tenant: execution seconds of its finished statements (pg_stat_statements), "
+    "or busy session seconds sampled from pg_stat_activity where pg_stat_statements is not available.",
+    _TENANT,
+)
+TENANT_RESOURCE_CALLS = Counter("tenant_resource_calls", "Statements a tenant executed.", _TENANT)
+TENANT_RESOURCE_ROWS = Counter("tenant_resource_rows", "Rows a tenant's statements returned or changed.", _TENANT)
+TENANT_RESOURCE_SHARED_BLOCKS = Counter(
+    "tenant_resource_shared_blocks", "Shared blocks a tenant's statements hit, read, dirtied or wrote.", _TENANT
+)
+TENANT_RESOURCE_TEMP_BLOCKS = Counter(
+    "tenant_resource_temp_blocks", "Temporary blocks a tenant's statements read or wrote.", _TENANT
+)
+TENANT_SESSIONS_ACTIVE = Gauge("tenant_sessions_active", "Active sessions of a tenant at the last pass.", _TENANT)
+TENANT_SESSIONS_WAITING = Gauge(
+    "tenant_sessions_waiting", "Active sessions of a tenant waiting on a wait event at the last pass.", _TENANT
+)
+TENANT_LOAD_SHARE = Gauge(
+    "tenant_load_share", "Fraction of its database target's load that is the tenant's, over its window.", _TENANT
+)
+TENANT_NOISY_NEIGHBOR = Gauge(
+    "tenant_noisy_neighbor", "1 while the tenant is a noisy neighbour (its Quota's NoisyNeighbor condition).", _TENANT
+)
+TENANT_NOISY_NEIGHBORS = Gauge("tenant_noisy_neighbors", "Tenants that are noisy neighbours now.")
+TENANT_LOAD_STATEMENTS = Gauge(
+    "tenant_load_statements_available",
+    "1 when tenant load on a target comes from pg_stat_statements, 0 when it is sampled from sessions.",
+    ["target"],
+)

@@ -19,7 +19,7 @@ import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -31,28 +31,35 @@ from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from tenancy_operator import GROUP, VERSION
-from tenancy_operator.api.common import format_quantity
+from tenancy_operator.api.common import format_quantity, parse_duration
 from tenancy_operator.api.quota import (
     CONDITION_EXCEEDED,
     CONDITION_NEAR_LIMIT,
+    CONDITION_NOISY_NEIGHBOR,
     CONNECTION_LIMIT_MAX,
     LIMIT_NAMES,
     NEAR_LIMIT_RATIO,
     ActiveOverride,
+    LoadStatus,
+    NoisyNeighborPolicy,
     QuotaOverride,
     QuotaSpec,
     limit_amount,
 )
 from tenancy_operator.api.tenant import tenant_identifier
 from tenancy_operator.conditions import Cond, merge
+from tenancy_operator.db import jobs as dbjobs
+from tenancy_operator.db import load as dbload
 from tenancy_operator.db import quota as dbq
 from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.quota import RoleQuotaState
+from tenancy_operator.db.targets import Conn
 from tenancy_operator.k8s.client import MERGE_PATCH, older_version
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.reconcilers.lifecycle import is_transient
+from tenancy_operator.reconcilers.noisy import Histories, Policy, Verdict, assess, contain
 from tenancy_operator.runtime_context import OperatorContext
 
 log = get_logger(__name__)
@@ -60,6 +67,8 @@ log = get_logger(__name__)
 KIND = "Quota"
 QUOTAS, TENANTS = "quotas", "tenants"
 LOCK_KIND = "QuotaTenant"
+CAPABILITIES_EVERY = 10
+"""Every how many passes a target's statistics capabilities (db/load.py) are read again."""
 Key = tuple[str, str]
 """(namespace, tenant name): quotas are per tenant, so is every lock and memory entry."""
 
@@ -117,6 +126,22 @@ class Probe:
     """(reason, message) when the tenant's limits cannot be enforced now."""
     target: str | None = None
     ident: str | None = None
+    load: LoadView | None = None
+    """The tenant's load on its target (periodic passes; a handler's evaluation reuses the last)."""
+
+
+@dataclass(frozen=True)
+class LoadView:
+    """What the last pass found about a tenant's load."""
+
+    verdict: Verdict | None
+    """None until two samples cover some time."""
+    source: str
+    detail: str | None
+    window: str
+    active: int = 0
+    waiting: int = 0
+    wait_events: tuple[str, ...] = ()
 
 
 @dataclass
@@ -143,6 +168,10 @@ class Memory:
     levels: dict[str, int]
     active: set[tuple[str, str]]
     """(limit, expiresAt) of the overrides in force."""
+    noisy: bool | None = None
+    """The NoisyNeighbor verdict in force (None: never judged)."""
+    contained: tuple[str, ...] = ()
+    """Role attributes lowered by containment."""
 
 
 @dataclass
@@ -167,6 +196,12 @@ class Plan:
     memory: Memory | None = None
     expired: list[str] = field(default_factory=list)
     """Limits whose override ended at this evaluation (for logs)."""
+    ledger: list[tuple[str, str]] = field(default_factory=list)
+    """(kind, detail) of containment jobs to record in the lifecycle ledger with the role change."""
+    tenant_version: str | None = None
+    """resourceVersion the Tenant status patch is conditional on (it replaces the conditions list)."""
+    noisy: bool | None = None
+    load_share: float | None = None
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -443,7 +478,49 @@ def evaluate(
     enforcement = spec.enforcement.storage if spec is not None and winner is not None else "Warn"
     blocked = enforcement == "BlockWrites" and levels.get("storage") == EXCEEDED
     plan.role = desired_role(hard, blocked)
+    policy = spec.noisy_neighbor if spec is not None and winner is not None else NoisyNeighborPolicy()
+    prev_noisy: bool | None
+    if memory is not None and memory.uid == uid and memory.noisy is not None:
+        prev_noisy, prev_contained = memory.noisy, memory.contained
+    else:
+        prev_noisy = _noisy_from(quota_status if winner is not None else tenant_status)
+        prev_contained = tuple((quota_status.get("load") or {}).get("contained") or ())
+    view = probe.load
+    verdict = view.verdict if view is not None else None
+    noisy: bool | None = verdict.noisy if verdict is not None else prev_noisy
+    contained: list[str] = []
+    if noisy and policy.containment is not None:
+        c = policy.containment
+        conn_limit, timeout, contained = contain(
+            plan.role.connection_limit, plan.role.statement_timeout_ms,
+            connections=(c.connections.factor, c.connections.floor) if c.connections else None,
+            statement_timeout=((c.statement_timeout.factor, limit_amount("statementTimeout", c.statement_timeout.floor))
+                               if c.statement_timeout else None),
+        )
+        plan.role = replace(plan.role, connection_limit=conn_limit, statement_timeout_ms=timeout)
     plan.role_changes = role_changes(state, plan.role)
+    plan.noisy = noisy
+    plan.load_share = verdict.share if verdict is not None else None
+    where = f"database target {probe.target!r}"
+    if verdict is not None and view is not None:
+        load_text = (f"{verdict.share:.0%} of the load on {where} over {view.window} "
+                     f"({verdict.ratio:g}x the average of {verdict.tenants} tenants, threshold {policy.multiple:g}x)")
+    else:
+        load_text = f"load on {where} not measured over a window yet"
+    if noisy and not prev_noisy:
+        plan.events.append((event_target, "Warning", "NoisyNeighbor", f"noisy neighbour: {load_text}"))
+    elif prev_noisy and noisy is False:
+        plan.events.append((event_target, "Normal", "NoisyNeighborCalm", f"no longer a noisy neighbour: {load_text}"))
+    lowered = sorted(set(contained) - set(prev_contained))
+    restored = sorted(set(prev_contained) - set(contained))
+    if lowered:
+        what = _contained_text(lowered, plan.role)
+        plan.events.append((event_target, "Warning", "NoisyNeighborContained", f"contained while noisy: {what}"))
+        plan.ledger.append(("contain", f"lowered {what}"))
+    if restored:
+        what = _contained_text(restored, plan.role)
+        plan.events.append((event_target, "Normal", "NoisyNeighborReleased", f"containment undone: {what}"))
+        plan.ledger.append(("release", f"restored {what}"))
     plan.terminate = "readOnly" in plan.role_changes
     doc = registry_document(hard, enforcement=enforcement, blocked=blocked, active=active,
                             quota=winner["metadata"]["name"] if winner is not None else None)
@@ -470,7 +547,21 @@ def evaluate(
         else:
             plan.events.append((event_target, "Normal", "WritesAllowed",
                                 "writes allowed again; sessions opened while read-only were ended"))
-    plan.memory = Memory(uid, tier, levels, active_keys)
+    plan.memory = Memory(uid, tier, levels, active_keys, noisy, tuple(contained))
+    window = view.window if view is not None else policy.window
+    noisy_cond = _noisy_condition(
+        noisy, verdict is not None or noisy is not None,
+        f"{{}} {policy.multiple:g}x the average tenant's load on {where} over {window}",
+    )
+
+    if winner is None and noisy is not None and tenant_status.get("conditions"):
+        current = next((c for c in tenant_status.get("conditions") or [] if c.get("type") == CONDITION_NOISY_NEIGHBOR),
+                       None)
+        if current is None or current.get("status") != noisy_cond.status:
+            generation = int(tenant["metadata"].get("generation") or 0)
+            plan.tenant_patch = {**(plan.tenant_patch or {}),
+                                 "conditions": merge(tenant_status.get("conditions"), [noisy_cond], generation)}
+            plan.tenant_version = tenant["metadata"].get("resourceVersion")
 
     if winner is not None:
         generation = int(winner["metadata"].get("generation") or 0)
@@ -489,6 +580,7 @@ def evaluate(
                  "; ".join(_describe(n, used[n], hard[n], ratios[n]) for n in over)
                  + ("; writes blocked" if blocked else ""))
             if over else Cond(CONDITION_EXCEEDED, "False", "WithinLimits", "every limit under its value"),
+            noisy_cond,
         ]
         desired = {
             "observedGeneration": generation,
@@ -501,13 +593,77 @@ def evaluate(
                 for _, o in sorted(active.items())
             ],
         }
-        patch = merge_patch(quota_status, desired)
         last = parse_time(quota_status.get("lastMeasuredAt"))
-        if patch or last is None or now - last >= stale_after:
+        stale = last is None or now - last >= stale_after
+        load_doc = _load_status(quota_status.get("load"), view, contained, stale=stale)
+        if load_doc is not None:
+            desired["load"] = load_doc
+        patch = merge_patch(quota_status, desired)
+        if patch or stale:
             patch["lastMeasuredAt"] = iso(now.replace(microsecond=0))
         if patch:
             plan.quota_patches.append((winner, patch))
     return plan
+
+
+def _noisy_from(status: Mapping[str, Any]) -> bool | None:
+    cond = next((c for c in status.get("conditions") or [] if c.get("type") == CONDITION_NOISY_NEIGHBOR), None)
+    if cond is None or cond.get("status") not in ("True", "False"):
+        return None
+    return bool(cond.get("status") == "True")
+
+
+def _noisy_condition(noisy: bool | None, measured: bool, template: str) -> Cond:
+    """The NoisyNeighbor condition; its message holds no measured numbers (those are in
+    status.load and the Events), so it is not rewritten at every pass."""
+    if noisy:
+        return Cond(CONDITION_NOISY_NEIGHBOR, "True", "LoadAboveThreshold", template.format("above"))
+    if noisy is None or not measured:
+        return Cond(CONDITION_NOISY_NEIGHBOR, "Unknown", "NotMeasured", "load not measured over a window yet")
+    return Cond(CONDITION_NOISY_NEIGHBOR, "False", "LoadWithinThreshold", template.format("within"))
+
+
+def _contained_text(attributes: Sequence[str], role: RoleSettings) -> str:
+    parts = []
+    for a in attributes:
+        if a == "connections":
+            parts.append(f"connection limit now {role.connection_limit}")
+        else:
+            parts.append(f"statement_timeout now {role.statement_timeout_ms}ms"
+                         if role.statement_timeout_ms is not None else "statement_timeout now unset")
+    return ", ".join(parts)
+
+
+LOAD_KEYS = ("source", "detail", "window", "share", "contained")
+"""status.load is rewritten when one of these changes (or with lastMeasuredAt): a busy tenant's
+counters change at every pass, and a status write per tenant per pass would not scale."""
+
+
+def _load_status(current: Mapping[str, Any] | None, view: LoadView | None, contained: Sequence[str], *,
+                 stale: bool) -> dict[str, Any] | None:
+    """The desired status.load, or None to leave it as it is."""
+    if view is None or view.verdict is None:
+        if current and list(current.get("contained") or []) != list(contained):
+            return {**current, "contained": list(contained)}
+        return None
+    v = view.verdict
+    doc = LoadStatus(
+        source=view.source, detail=view.detail, window=view.window,
+        share=round(min(max(v.share, 0.0), 1.0), 2), ratio_to_average=v.ratio,
+        execution_seconds=round(max(v.delta.load, 0.0), 3), calls=max(v.delta.calls, 0), rows=max(v.delta.rows, 0),
+        shared_blocks=max(v.delta.shared_blocks, 0), temp_blocks=max(v.delta.temp_blocks, 0),
+        active_sessions=view.active, waiting_sessions=view.waiting, wait_events=list(view.wait_events),
+        storage_growth_bytes=v.delta.storage_growth, contained=list(contained),
+    ).to_api()
+    if current and not stale and all(current.get(k) == doc.get(k) for k in LOAD_KEYS):
+        return None
+    return doc
+
+
+LOAD_COUNTERS = (metrics.TENANT_RESOURCE_USAGE, metrics.TENANT_RESOURCE_CALLS, metrics.TENANT_RESOURCE_ROWS,
+                 metrics.TENANT_RESOURCE_SHARED_BLOCKS, metrics.TENANT_RESOURCE_TEMP_BLOCKS)
+LOAD_SERIES = (*LOAD_COUNTERS, metrics.TENANT_SESSIONS_ACTIVE, metrics.TENANT_SESSIONS_WAITING)
+"""Per-tenant load series, removed with the tenant."""
 
 
 def metric_amount(limit: str, value: str) -> float:
@@ -604,6 +760,12 @@ class QuotaService:
         self._aggregates_due = False
         self._probe_batches: dict[str, list[tuple[Subject, asyncio.Future[Probe]]]] = {}
         self._passes = 0
+        self.histories: Histories[Key] = Histories()
+        """Load samples per tenant (reconcilers/noisy.py), from the periodic passes."""
+        self.load_views: dict[Key, LoadView] = {}
+        """The last pass's load of each tenant: a handler's evaluation keeps its verdict."""
+        self._capabilities: dict[str, tuple[int, dbload.LoadCapabilities]] = {}
+        self._policies: dict[tuple[str, int], tuple[NoisyNeighborPolicy, Policy]] = {}
 
     def observe(self, plural: str, type_: str | None, body: Mapping[str, Any]) -> None:
         """Keep the cache of Quotas and Tenants from their watch events (Kopf's initial listing too)."""
@@ -745,8 +907,9 @@ class QuotaService:
 
     # --- reading the databases ---------------------------------------------------------------------
 
-    async def probe_target(self, target: str, subjects: Sequence[Subject]) -> dict[Key, Probe]:
-        """Measure every subject of one target with one query per measure."""
+    async def probe_target(self, target: str, subjects: Sequence[Subject], *, load: bool = False) -> dict[Key, Probe]:
+        """Measure every subject of one target with one query per measure; with ``load`` (the
+        periodic pass), also every tenant's load (db/load.py) and the target's verdicts."""
         idents: dict[Key, str] = {}
         probes: dict[Key, Probe] = {}
         for s in subjects:
@@ -779,6 +942,8 @@ class QuotaService:
                                         "connections": measured[idents[k]].connections}
                     for k, st in owned.items()
                 })
+                views = (await self._measure_load(conn, target, subjects, {k: idents[k] for k in owned}, measured)
+                         if load and owned else {})
         except (psycopg_pool.PoolTimeout, psycopg.Error) as exc:
             if not isinstance(exc, psycopg_pool.PoolTimeout | psycopg.OperationalError):
                 log.warning("quota measurement failed", target=target, error=type(exc).__name__)
@@ -790,6 +955,7 @@ class QuotaService:
                 probes[key] = Probe(
                     state=state, storage=measured[ident].storage, connections=measured[ident].connections,
                     reported=reported.get(str(state.tenant_id), {}), target=target, ident=ident,
+                    load=views.get(key) if load else self.load_views.get(key),
                 )
             elif state.tenant_id and (state.row_namespace, state.row_name) != key:
                 probes[key] = Probe(problem=(
@@ -800,6 +966,101 @@ class QuotaService:
                 problem = ("TenantNotReady", f"tenant has no provisioned schema and role {ident} yet")
                 probes[key] = Probe(problem=problem, target=target, ident=ident)
         return probes
+
+    def _policy(self, subject: Subject) -> tuple[NoisyNeighborPolicy, Policy]:
+        """The NoisyNeighbor policy of the Quota in force (defaults without one), parsed once per
+        Quota generation."""
+        quota = subject.quotas[0] if subject.quotas else None
+        version = _quota_version(quota) if quota is not None else ("", 0)
+        cached = self._policies.get(version)
+        if cached is None:
+            spec = NoisyNeighborPolicy()
+            if quota is not None:
+                with contextlib.suppress(ValidationError):
+                    spec = QuotaSpec.model_validate(quota.get("spec") or {}).noisy_neighbor
+            cached = (spec, Policy(multiple=spec.multiple, window=parse_duration(spec.window).total_seconds(),
+                                   min_load=parse_duration(spec.min_load).total_seconds()))
+            if len(self._policies) > 4 * max(len(self._tenants), 256):
+                self._policies.clear()
+            self._policies[version] = cached
+        return cached
+
+    async def _capabilities_of(self, conn: Conn, target: str) -> dbload.LoadCapabilities:
+        cached = self._capabilities.get(target)
+        if cached is None or self._passes - cached[0] >= CAPABILITIES_EVERY:
+            caps = await dbload.capabilities(conn)
+            if cached is None or cached[1] != caps:
+                log.info("tenant load statistics", target=target, pg_stat_statements=caps.statements,
+                         pg_read_all_stats=caps.read_all_stats)
+            self._capabilities[target] = (self._passes, caps)
+            metrics.TENANT_LOAD_STATEMENTS.labels(target=target).set(1 if caps.statements else 0)
+            return caps
+        return cached[1]
+
+    async def _measure_load(
+        self, conn: Conn, target: str, subjects: Sequence[Subject], idents: Mapping[Key, str],
+        measured: Mapping[str, dbq.Measured],
+    ) -> dict[Key, LoadView]:
+        """Read the load of every tenant of the target (one statement), add it to their histories
+        and judge them against each other."""
+        caps = await self._capabilities_of(conn, target)
+        try:
+            loads = await dbload.read(conn, caps, sorted(set(idents.values())))
+        except dbload.STATEMENTS_UNAVAILABLE as exc:
+            if not caps.statements:
+                raise
+            log.warning("pg_stat_statements unreadable; sampling sessions", target=target, error=type(exc).__name__)
+            caps = replace(caps, statements=False)
+            self._capabilities[target] = (self._passes, caps)
+            metrics.TENANT_LOAD_STATEMENTS.labels(target=target).set(0)
+            loads = await dbload.read(conn, caps, sorted(set(idents.values())))
+        at = time.monotonic()
+        source = "pg_stat_statements" if caps.statements else "pg_stat_activity"
+        per_tenant = self.ctx.settings.quota_per_tenant_metrics
+        by_key = {s.key: s for s in subjects}
+        policies: dict[Key, Policy] = {}
+        windows: dict[Key, str] = {}
+        for key, ident in idents.items():
+            role = loads.get(ident, dbload.RoleLoad())
+            history = self.histories.get(key, source)
+            before = history.samples[-1] if history.samples else None
+            storage = measured[ident].storage if ident in measured else 0
+            if caps.statements:
+                history.add_counters(at, role.exec_seconds, role.calls, role.rows, role.shared_blocks,
+                                     role.temp_blocks, storage)
+            else:
+                history.add_sessions(at, role.active, storage)
+            spec, policies[key] = self._policy(by_key[key])
+            windows[key] = spec.window
+            if per_tenant:
+                self._count_load(key, before, history.samples[-1], role)
+        noisy_now = [k for k in idents if (m := self.memory.get(k)) is not None and m.noisy]
+        verdicts = assess({k: self.histories.by_key[k] for k in idents}, policies, noisy_now)
+        views: dict[Key, LoadView] = {}
+        for key, ident in idents.items():
+            role = loads.get(ident, dbload.RoleLoad())
+            views[key] = LoadView(verdicts.get(key), source, caps.detail(), windows[key], role.active, role.waiting,
+                                  role.wait_events)
+        self.load_views.update(views)
+        return views
+
+    def _count_load(self, key: Key, before: Any, after: Any, role: dbload.RoleLoad) -> None:
+        labels = {"namespace": key[0], "tenant": key[1]}
+        if before is not None:
+            for counter, amount in (
+                (metrics.TENANT_RESOURCE_USAGE, after.load - before.load),
+                (metrics.TENANT_RESOURCE_CALLS, after.calls - before.calls),
+                (metrics.TENANT_RESOURCE_ROWS, after.rows - before.rows),
+                (metrics.TENANT_RESOURCE_SHARED_BLOCKS, after.shared_blocks - before.shared_blocks),
+                (metrics.TENANT_RESOURCE_TEMP_BLOCKS, after.temp_blocks - before.temp_blocks),
+            ):
+                counter.labels(**labels).inc(max(float(amount), 0.0))
+        else:
+            for counter in LOAD_COUNTERS:
+                counter.labels(**labels)  # the series exist from the first pass, at 0
+        metrics.TENANT_SESSIONS_ACTIVE.labels(**labels).set(role.active)
+        metrics.TENANT_SESSIONS_WAITING.labels(**labels).set(role.waiting)
+        self.series.setdefault(key, set()).add("load")
 
     # --- evaluating and applying --------------------------------------------------------------------
 
@@ -887,12 +1148,12 @@ class QuotaService:
         memory = self.memory.get(key)
         plan = evaluate(subject, probe, tier_limits=self.ctx.settings.tier_limits, now=_now(), memory=memory,
                         stale_after=self.stale_after)
-        if plan.enforce and (plan.role_changes or plan.publish is not None):
+        if plan.enforce and (plan.role_changes or plan.publish is not None or plan.ledger):
             await self._write_database(plan)
         for body, patch in plan.quota_patches:
             await self._patch_status(QUOTAS, body, patch)
         if plan.tenant_patch and subject.tenant is not None:
-            await self._patch_status(TENANTS, subject.tenant, plan.tenant_patch)
+            await self._patch_status(TENANTS, subject.tenant, plan.tenant_patch, resource_version=plan.tenant_version)
         for body, type_, reason, message in plan.events:
             self.ctx.events.post(body, type_, reason, message)
         if plan.memory is not None:
@@ -945,21 +1206,32 @@ class QuotaService:
                             await sqlt.terminate_sessions(conn, role)
                         if plan.publish is not None and plan.tenant_id:
                             await dbq.publish(conn, self.control, plan.tenant_id, plan.publish)
+                        for kind, detail in plan.ledger:
+                            if plan.tenant_id:
+                                await dbjobs.record(conn, self.control, plan.tenant_id, kind, detail=detail)
         except psycopg.errors.UndefinedObject:
             log.info("role vanished while applying limits", role=role)  # dropped meanwhile: nothing to limit
         except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
             raise Retry("DatabaseUnavailable", f"database {plan.target!r} unavailable: {type(exc).__name__}") from exc
 
-    async def _patch_status(self, plural: str, body: Mapping[str, Any], patch: dict[str, Any]) -> None:
+    async def _patch_status(self, plural: str, body: Mapping[str, Any], patch: dict[str, Any],
+                            resource_version: str | None = None) -> None:
+        """Merge-patch the status; with ``resource_version``, only if the object is still that version
+        (a patch replacing a list, such as the Tenant's conditions, must not undo a newer write)."""
         meta = body["metadata"]
+        document: dict[str, Any] = {"status": patch}
+        if resource_version:
+            document["metadata"] = {"resourceVersion": resource_version}
         try:
             written = await self.ctx.kube.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], plural, meta["name"], {"status": patch},
+                GROUP, VERSION, meta["namespace"], plural, meta["name"], document,
                 _content_type=MERGE_PATCH,
             )
         except ApiException as exc:
             if exc.status == 404:
                 return  # deleted meanwhile
+            if exc.status == 409 and resource_version:
+                return  # changed meanwhile: the next evaluation decides again from the newer object
             raise Retry("KubernetesAPI", f"writing {plural} status failed: {exc.status}") from exc
         # The next evaluation compares with what we just wrote, even before its watch event arrives.
         if isinstance(written, Mapping) and self._cached(plural, meta["namespace"], meta["name"]) is not None:
@@ -981,7 +1253,24 @@ class QuotaService:
             for name, amount in plan.amounts_used.items():
                 metrics.TENANT_QUOTA_USED.labels(**labels, resource=name).set(float(amount))
                 wanted.add(f"used:{name}")
+        if plan is not None and plan.load_share is not None:
+            metrics.TENANT_LOAD_SHARE.labels(**labels).set(plan.load_share)
+            wanted.add("share")
+        elif "share" in self.series.get(key, set()) and plan is not None:
+            wanted.add("share")
+        if plan is not None and plan.noisy is not None:
+            metrics.TENANT_NOISY_NEIGHBOR.labels(**labels).set(1 if plan.noisy else 0)
+            wanted.add("noisy")
+        if plan is not None and "load" in self.series.get(key, set()):
+            wanted.add("load")
         for series in self.series.get(key, set()) - wanted:
+            if series in ("share", "noisy", "load"):
+                gauges = {"share": (metrics.TENANT_LOAD_SHARE,), "noisy": (metrics.TENANT_NOISY_NEIGHBOR,)}.get(
+                    series, LOAD_SERIES)
+                for g in gauges:
+                    with contextlib.suppress(KeyError):
+                        g.remove(key[0], key[1])
+                continue
             kind, name = series.split(":", 1)
             gauge = metrics.TENANT_QUOTA_LIMIT if kind == "limit" else metrics.TENANT_QUOTA_USED
             with contextlib.suppress(KeyError):
@@ -1012,6 +1301,7 @@ class QuotaService:
                     counts[(name, NEAR)] += 1
                 if lv == EXCEEDED:
                     counts[(name, EXCEEDED)] += 1
+        metrics.TENANT_NOISY_NEIGHBORS.set(sum(1 for mem in self.memory.values() if mem.noisy))
         for name in LIMIT_NAMES:
             for lv, state in LEVEL_NAMES.items():
                 metrics.TENANT_QUOTA_TENANTS.labels(resource=name, state=state).set(counts.get((name, lv), 0))
@@ -1024,6 +1314,8 @@ class QuotaService:
         self.enforced_quotas.pop(key, None)
         self._deferred.discard(key)
         self.epochs.pop(key, None)
+        self.histories.forget(key)
+        self.load_views.pop(key, None)
         self._update_series(key, None)
         lock = self.ctx.locks.get((LOCK_KIND, *key))
         if lock is not None and not lock.locked():
@@ -1093,7 +1385,7 @@ class QuotaService:
         probes: dict[Key, Probe] = {}
         for target, items in by_target.items():
             with metrics.QUOTA_MEASURE_DURATION.labels(target=target).time():
-                probes.update(await self.probe_target(target, items))
+                probes.update(await self.probe_target(target, items, load=True))
 
         sem = asyncio.Semaphore(self.ctx.settings.reconcile_concurrency)
 
