@@ -309,11 +309,15 @@ class LoadStatus(ApiModel):
     """Temporary blocks read and written."""
     active_sessions: int = Field(default=0, ge=0)
     waiting_sessions: int = Field(default=0, ge=0)
-    wait_events: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=list, max_length=8, json_schema_extra=list_set())
+    wait_events: list[Annotated[str, Field(max_length=128)]] = Field(
+        default_factory=list, max_length=8, json_schema_extra=list_set()
+    )
     """Wait events of the waiting sessions at the last sample, as type:event."""
     storage_growth_bytes: int = 0
     """Change of the schema's size over the window."""
-    contained: list[Literal["connections", "statementTimeout"]] = Field(default_factory=list, max_length=4, json_schema_extra=list_set())
+    contained: list[Literal["connections", "statementTimeout"]] = Field(
+        default_factory=list, max_length=4, json_schema_extra=list_set()
+    )
     """Role attributes lowered by containment now (connections, statementTimeout)."""
 
 

@@ -65,13 +65,13 @@ class RoleLoad:
 
 
 async def capabilities(conn: Conn) -> LoadCapabilities:
-    """What this target lets the operator read (one small catalog query)."""
+    """What this target lets the operator read (one small catalog query). Whether the library is
+    loaded is not asked (shared_preload_libraries needs pg_read_all_settings): reading the
+    extension's function fails then, and ``read``'s caller falls back to sessions."""
     cur = await conn.execute(
         """
         SELECT (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
                  WHERE e.extname = 'pg_stat_statements') AS schema,
-               'pg_stat_statements' = ANY(string_to_array(replace(current_setting('shared_preload_libraries'),
-                                                                  ' ', ''), ',')) AS loaded,
                pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') AS read_all_stats
         """
     )
@@ -79,7 +79,7 @@ async def capabilities(conn: Conn) -> LoadCapabilities:
     assert row is not None
     schema = row["schema"]
     return LoadCapabilities(
-        statements=bool(schema) and bool(row["loaded"]),
+        statements=bool(schema),
         schema=str(schema) if schema else None,
         read_all_stats=bool(row["read_all_stats"]),
     )
@@ -145,5 +145,6 @@ async def read(conn: Conn, caps: LoadCapabilities, idents: Sequence[str]) -> dic
 
 
 STATEMENTS_UNAVAILABLE = (psycopg.errors.ObjectNotInPrerequisiteState, psycopg.errors.UndefinedFunction,
+                          psycopg.errors.InvalidSchemaName,
                           psycopg.errors.InsufficientPrivilege)
 """Errors that mean pg_stat_statements cannot be read after all: fall back to sessions."""

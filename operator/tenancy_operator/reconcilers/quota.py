@@ -942,8 +942,15 @@ class QuotaService:
                                         "connections": measured[idents[k]].connections}
                     for k, st in owned.items()
                 })
-                views = (await self._measure_load(conn, target, subjects, {k: idents[k] for k in owned}, measured)
-                         if load and owned else {})
+                views: dict[Key, LoadView] = {}
+                if load and owned:
+                    try:
+                        views = await self._measure_load(conn, target, subjects, {k: idents[k] for k in owned},
+                                                         measured)
+                    except psycopg.Error as exc:  # load is extra detail: limits are enforced without it
+                        if isinstance(exc, psycopg.OperationalError):
+                            raise
+                        log.warning("tenant load measurement failed", target=target, error=type(exc).__name__)
         except (psycopg_pool.PoolTimeout, psycopg.Error) as exc:
             if not isinstance(exc, psycopg_pool.PoolTimeout | psycopg.OperationalError):
                 log.warning("quota measurement failed", target=target, error=type(exc).__name__)
