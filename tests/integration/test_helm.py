@@ -215,7 +215,7 @@ def test_rendered_prometheus_rule_is_valid_for_prometheus(helm: Helm, release: s
     out = subprocess.run([promtool, "check", "rules", str(rules_file)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     alerts = [r for g in rule["spec"]["groups"] for r in g["rules"]]
-    assert len(alerts) == 7
+    assert len(alerts) == 8
     for alert in alerts:
         assert alert["annotations"]["runbook_url"] == (
             f"https://wiki.example/tenancy/runbook#{alert['alert'].lower()}"

@@ -27,6 +27,7 @@ ALERTS = {
     "TenancyLifecycleJobFailed",
     "TenancyDatabasePoolSaturated",
     "TenancyIsolationViolation",
+    "TenancyNoisyNeighbor",
 }
 PROMQL_FUNCTIONS_AND_KEYWORDS = {
     "absent", "sum", "by", "rate", "increase", "ignoring", "on", "or", "unless", "offset", "and", "without",
