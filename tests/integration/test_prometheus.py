@@ -128,7 +128,7 @@ def test_alert_rules_load_and_evaluate(prometheus: Prometheus) -> None:
         body = prometheus.api("rules", type="alert")
         assert body["status"] == "success"
         rules = [r for g in body["data"]["groups"] for r in g["rules"]]
-        assert len(rules) == 7
+        assert len(rules) == 8
         assert all(r["health"] == "ok" and r.get("lastEvaluation", "").startswith("20") for r in rules), rules
         return rules
 
