@@ -35,8 +35,8 @@ def test_a_tenants_error_text_is_echoed_bounded_and_clean(
     cluster.core.create_namespaced_config_map(
         namespace, {"metadata": {"name": "loud-schema"}, "data": {"0001_loud.sql": HOSTILE_SQL}}
     )
-    cluster.create(PLURAL, namespace, tenant("loud", schemaTemplate="loud-schema"))
-    obj = cluster.wait_condition(PLURAL, namespace, "loud", status="False", reason="MigrationFailed", timeout=90)
+    cluster.create(PLURAL, namespace, tenant("echo-loud", schemaTemplate="loud-schema"))
+    obj = cluster.wait_condition(PLURAL, namespace, "echo-loud", status="False", reason="MigrationFailed", timeout=90)
 
     ready = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
     assert "boom" in ready["message"] and "spoofed" in ready["message"], ready["message"][:200]
@@ -45,7 +45,7 @@ def test_a_tenants_error_text_is_echoed_bounded_and_clean(
         clean(job.get("message", ""))
 
     def warned() -> list[str]:
-        messages = [e["message"] for e in cluster.events(namespace, "loud") if e["reason"] == "MigrationFailed"]
+        messages = [e["message"] for e in cluster.events(namespace, "echo-loud") if e["reason"] == "MigrationFailed"]
         assert messages, "no MigrationFailed Event yet"
         return messages
 
@@ -53,7 +53,7 @@ def test_a_tenants_error_text_is_echoed_bounded_and_clean(
         clean(message)
 
     out = subprocess.run(
-        [sys.executable, "-m", "tenancy_operator", "jobs", "loud", "-n", namespace, "--dsn", stack.admin_dsn()],
+        [sys.executable, "-m", "tenancy_operator", "jobs", "echo-loud", "-n", namespace, "--dsn", stack.admin_dsn()],
         capture_output=True, text=True, check=True, timeout=60,
     ).stdout
     rows = out.splitlines()
