@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     scram_iterations: int = Field(default=512, ge=1, le=10_000_000)
     # Host and port written into tenant Secrets; default: those of the target's DSN.
     secret_host_override: str | None = None
+    secret_sslrootcert: str | None = None
+    """Path of the target's root certificate as the application sees it (in ``uri``/``jdbcUrl``);
+    default: the path in the target's DSN. The certificate itself is the Secret's key ``ca.crt``."""
     # Quotas: JSON tier -> limits, merged over the built-in defaults (api/quota.py TIER_DEFAULTS).
     tier_defaults: str = Field(default="", description='e.g. {"free": {"storage": "2Gi", "connections": 5}}')
     quota_interval_seconds: float = Field(default=60.0, gt=0, description="Usage measurement period.")

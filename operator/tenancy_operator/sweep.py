@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, defaultdict
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -22,6 +23,7 @@ import psycopg_pool
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from tenancy_operator import GROUP, VERSION
+from tenancy_operator.api.common import parse_duration
 from tenancy_operator.api.tenant import TenantSpec, tenant_identifier
 from tenancy_operator.conditions import Cond, merge
 from tenancy_operator.db import audit
@@ -49,14 +51,12 @@ def _ready(body: dict[str, Any]) -> bool:
 
 def drifted(spec: TenantSpec, ident: str, obs: sqlt.Observed) -> list[str]:
     """What differs between a provisioned tenant's declaration and the catalog."""
-    want_login = str(getattr(spec.state, "value", spec.state)) != "Suspended"
     checks = {
         "role": obs.role_exists,
         "schema": obs.schema_exists,
         "schema-owner": obs.schema_owned,
         "grants": obs.schema_privileges,
         "search-path": obs.search_path in (ident, f'"{ident}"'),
-        "login": obs.can_login == want_login,
     }
     return [k for k, ok in checks.items() if not ok]
 
@@ -120,11 +120,19 @@ class Sweeper:
             try:
                 async with self.ctx.targets.connection(target) as conn:
                     observed = await sqlt.observe(conn, [ident for _, _, ident in items])
+                    due = await sqlt.credentials_due(conn, self.ctx.settings.control_schema,
+                                                     [ident for _, _, ident in items])
+                    rotated = await sqlt.rotated_at(conn, self.ctx.settings.control_schema,
+                                                    [ident for _, _, ident in items])
             except (psycopg_pool.PoolTimeout, psycopg.OperationalError, LookupError):
                 todo.extend(body for body, _, _ in items)  # the reconcile reports why
                 continue
+            now = datetime.now(UTC)
             for body, spec, ident in items:
-                if drifted(spec, ident, observed[ident]):
+                every = spec.credentials.rotate_every
+                scheduled = every is not None and rotated.get(ident) is not None \
+                    and rotated[ident] + parse_duration(str(every)) <= now
+                if drifted(spec, ident, observed[ident]) or ident in due or scheduled:
                     todo.append(body)
         sem = asyncio.Semaphore(self.ctx.settings.reconcile_concurrency)
         reconciled = 0

@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, Field
+from pydantic import AfterValidator, AwareDatetime, Field
 
 from tenancy_operator.api.common import (
     AGE_COLUMN,
+    DURATION_MAX_LENGTH,
+    DURATION_PATTERN,
     READY_COLUMN,
     ApiModel,
     Conditions,
@@ -19,7 +21,11 @@ from tenancy_operator.api.common import (
     ResourceInfo,
     cel,
     cel_string,
+    check_duration_at_most,
+    duration_at_most_rule,
+    duration_millis_cel,
     list_map,
+    parse_duration,
     validations,
 )
 
@@ -84,6 +90,64 @@ _RESTORE_FROM_IMMUTABLE = cel(
 )
 
 
+GRACE_PERIOD_MAX = "24h"
+"""Longest grace period of a retired login: a leaked old password is no good for longer."""
+ROTATE_EVERY_MIN = "1h"
+ROTATE_EVERY_MAX = "3650d"
+
+
+def _grace(value: str) -> str:
+    return check_duration_at_most(value, GRACE_PERIOD_MAX)
+
+
+def _rotate_every(value: str) -> str:
+    check_duration_at_most(value, ROTATE_EVERY_MAX)
+    if parse_duration(value) < parse_duration(ROTATE_EVERY_MIN):
+        raise ValueError(f"rotateEvery {value!r} is shorter than {ROTATE_EVERY_MIN}")
+    return value
+
+
+GracePeriod = Annotated[
+    str,
+    Field(pattern=DURATION_PATTERN, max_length=DURATION_MAX_LENGTH,
+          json_schema_extra=validations(duration_at_most_rule(GRACE_PERIOD_MAX, what="gracePeriod"))),
+    AfterValidator(_grace),
+]
+RotateEvery = Annotated[
+    str,
+    Field(pattern=DURATION_PATTERN, max_length=DURATION_MAX_LENGTH,
+          json_schema_extra=validations(
+              duration_at_most_rule(ROTATE_EVERY_MAX, what="rotateEvery"),
+              cel(f"{duration_millis_cel()} >= {float(parse_duration(ROTATE_EVERY_MIN).total_seconds() * 1000)!r}",
+                  f"rotateEvery must be at least {ROTATE_EVERY_MIN}"))),
+    AfterValidator(_rotate_every),
+]
+
+
+class CredentialsSpec(ApiModel):
+    """How the application's logins are rotated."""
+
+    rotate_every: RotateEvery | None = None
+    """Rotate on a schedule (e.g. `720h`), at least 1h; unset: only on demand (the annotation)."""
+    grace_period: GracePeriod = "5m"
+    """How long the previous login keeps working after a rotation (its sessions are ended then); at most 24h."""
+    read_only_login: bool = False
+    """Also a read-only login (SELECT only) with its own Secret `<tenant>-db-readonly`, e.g. for reporting."""
+
+
+class CredentialsStatus(ApiModel):
+    """The application's credentials as the operator last set them."""
+
+    user: str | None = Field(default=None, max_length=63)
+    """The login role the Secret names now."""
+    last_rotated_at: AwareDatetime | None = None
+    next_rotation_at: AwareDatetime | None = None
+    """When the next scheduled rotation is due (spec.credentials.rotateEvery)."""
+    retiring_user: str | None = Field(default=None, max_length=63)
+    """The previous login, still working until retiringAt."""
+    retiring_at: AwareDatetime | None = None
+
+
 class TenantSpec(ApiModel, json_schema_extra=validations(_DATABASE_IMMUTABLE, _RESTORE_FROM_IMMUTABLE)):
     """Desired state of a tenant."""
 
@@ -104,6 +168,8 @@ class TenantSpec(ApiModel, json_schema_extra=validations(_DATABASE_IMMUTABLE, _R
     """How long archives made by deletionPolicy Archive are kept; at most 3650d."""
     restore_from: str | None = Field(default=None, max_length=128, pattern=RESTORE_FROM_PATTERN)
     """Archive id (or `latest`) to restore the schema from when it is created. Immutable once set."""
+    credentials: CredentialsSpec = Field(default_factory=CredentialsSpec)
+    """Rotation schedule, grace period and the optional read-only login."""
 
 
 class JobRef(ApiModel):
@@ -138,7 +204,9 @@ class TenantStatus(ApiModel):
     schema_name: str | None = Field(default=None, alias="schema", max_length=63)
     """PostgreSQL schema of the tenant."""
     role: str | None = Field(default=None, max_length=63)
-    """PostgreSQL role of the tenant."""
+    """PostgreSQL role of the tenant: the owner of its schema (no login; migrations run as it)."""
+    credentials: CredentialsStatus | None = None
+    """The application's login and its rotation."""
     secret_name: str | None = Field(default=None, max_length=253)
     """Secret in the Tenant's namespace with the role's connection credentials."""
     database: str | None = Field(default=None, max_length=63)

@@ -163,11 +163,15 @@ async def live_tenants(conn: Conn, control: str, namespaces: Iterable[str] = ())
         ).format(_t(control, "tenants")),
         [list(sqlt.LIVE_STATES), wanted, wanted],
     )
-    return {
-        str(r["role_name"]): TenantRef(str(r["role_name"]), str(r["schema_name"]), str(r["namespace"]),
-                                       str(r["name"]), None if r["k8s_uid"] is None else str(r["k8s_uid"]))
-        for r in await cur.fetchall()
-    }
+    out: dict[str, TenantRef] = {}
+    for r in await cur.fetchall():
+        uid = None if r["k8s_uid"] is None else str(r["k8s_uid"])
+        schema = str(r["schema_name"])
+        # The tenant's login roles are audited with it: their schema is the tenant's (where they
+        # hold data privileges), and they must hold nothing else either.
+        for role in (str(r["role_name"]), *sqlt.login_roles(str(r["role_name"]))):
+            out[role] = TenantRef(role, schema, str(r["namespace"]), str(r["name"]), uid)
+    return out
 
 
 # Every query starts from the audited roles: (oid, name, oid of the role's own schema or NULL).

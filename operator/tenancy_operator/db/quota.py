@@ -18,6 +18,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.targets import Conn
 
 OPERATOR_SOURCE = "operator"
@@ -133,10 +134,11 @@ async def _observe(
                  WHERE n.nspname IN (SELECT ident FROM subject WHERE measure)
                  GROUP BY n.nspname
             ), sessions AS (
-                SELECT usename AS ident, count(*)::int AS n
-                  FROM pg_stat_activity
-                 WHERE usename IN (SELECT ident FROM subject WHERE measure)
-                 GROUP BY usename
+                SELECT m.ident, count(*)::int AS n
+                  FROM pg_stat_activity a
+                  JOIN unnest(%(logins)s::text[], %(owners)s::text[]) AS m(login, ident) ON m.login = a.usename
+                 WHERE m.ident IN (SELECT ident FROM subject WHERE measure)
+                 GROUP BY m.ident
             )
             SELECT s.*, coalesce(st.bytes, 0) AS bytes, coalesce(se.n, 0) AS sessions
               FROM subject s
@@ -144,7 +146,10 @@ async def _observe(
               LEFT JOIN sessions se ON se.ident = s.ident
             """
         ).format(tenants=_t(control, "tenants"), estimate=sql.SQL(_ESTIMATE)),
-        {"idents": idents, "gone": ["dropped", "archived"], "exact": exact},
+        {"idents": idents, "gone": ["dropped", "archived"], "exact": exact,
+         # Sessions of the tenant: of its owner and of each of its login roles.
+         "logins": [r for i in idents for r in (i, *sqlt.login_roles(i))],
+         "owners": [i for i in idents for _ in range(1 + len(sqlt.login_roles(i)))]},
     )
     states: dict[str, RoleQuotaState] = {}
     measured: dict[str, Measured] = {}

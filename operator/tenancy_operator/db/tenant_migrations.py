@@ -139,7 +139,7 @@ def pending(wanted: list[Migration], done: dict[str, str]) -> list[Migration]:
 async def apply_as_tenant(
     tenant_dsn: str, schema: str, todo: list[Migration], *, lock_timeout: str, statement_timeout: str,
     connect_timeout: float, deadline: float, end_backend: Callable[[int], Awaitable[object]],
-    records: dict[str, str] | None = None,
+    records: dict[str, str] | None = None, role: str | None = None, app_roles: str | None = None,
 ) -> list[str]:
     """Apply ``todo`` in order, each in its own transaction and under ``deadline`` seconds; stops at
     the first failure. Returns the versions applied now; ``records`` receives, as soon as each
@@ -157,6 +157,10 @@ async def apply_as_tenant(
         options="-c default_transaction_read_only=off",
     ) as conn:
         pid = conn.info.backend_pid
+        if role is not None:  # the owner's role: the objects the migrations create are the owner's
+            await conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+        if app_roles is not None:  # for GRANT EXECUTE ON FUNCTION ... TO <application logins>
+            await conn.execute("SELECT set_config(%s, %s, false)", ["tenancy.app_roles", app_roles])
 
         async def bounded(what: str, work: Awaitable[T]) -> T:
             timer = asyncio.timeout(deadline)

@@ -47,6 +47,14 @@ class RegistryRow:
     """metadata.uid of the credentials Secret the operator created (a Secret of another uid is not ours)."""
     secret_claim: str | None = None
     """Random token written here before the Secret is created, and into its annotations."""
+    login_slot: str | None = None
+    """The login role the Secret names (``a`` or ``b``); None: not converted yet (the Secret names the owner)."""
+    retiring_role: str | None = None
+    """The previous login, retired (NOLOGIN, sessions ended) at ``retire_at``."""
+    retire_at: Any = None
+    rotated_at: Any = None
+    ro_secret_uid: str | None = None
+    ro_secret_claim: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,9 @@ def scram_sha256_verifier(password: str, iterations: int = 4096) -> str:
     return f"SCRAM-SHA-256${iterations}:{b64(salt).decode()}${b64(stored_key).decode()}:{b64(server_key).decode()}"
 
 
+_CRED_COLUMNS = " login_slot, retiring_role, retire_at, rotated_at, ro_secret_uid, ro_secret_claim"
+
+
 def _t(control_schema: str, table: str) -> sql.Composed:
     return sql.SQL("{}.{}").format(sql.Identifier(control_schema), sql.Identifier(table))
 
@@ -91,7 +102,8 @@ async def find_live_row(conn: Conn, control: str, schema_name: str) -> RegistryR
     cur = await conn.execute(
         sql.SQL(
             "SELECT id::text, namespace, name, schema_name, role_name, state, provisioned_at,"
-            " schema_recreated_at, schema_recreated_ack, k8s_uid, secret_uid, secret_claim FROM {}"
+            " schema_recreated_at, schema_recreated_ack, k8s_uid, secret_uid, secret_claim,"
+            + _CRED_COLUMNS + " FROM {}"
             " WHERE schema_name = %s AND state <> ALL(%s)"
         ).format(_t(control, "tenants")),
         [schema_name, ["dropped", "archived"]],
@@ -109,7 +121,7 @@ async def insert_row(
             "INSERT INTO {} (namespace, name, k8s_uid, schema_name, role_name, tier, display_name, state,"
             " secret_claim) VALUES (%s, %s, %s, %s, %s, %s, %s, 'provisioning', %s)"
             " RETURNING id::text, namespace, name, schema_name, role_name, state, provisioned_at,"
-            " schema_recreated_at, schema_recreated_ack, k8s_uid, secret_uid, secret_claim"
+            " schema_recreated_at, schema_recreated_ack, k8s_uid, secret_uid, secret_claim," + _CRED_COLUMNS
         ).format(_t(control, "tenants")),
         [namespace, name, uid, ident, ident, tier, display_name, secret_claim],
     )
@@ -320,6 +332,15 @@ async def delegate_login(conn: Conn, role: str, iterations: int) -> AsyncIterato
     whose only privilege is membership of the tenant role (the tenant's own login may be disabled
     at that moment, and its password is the application's). Dropped when the block ends; the
     sweep drops any a crash left behind (``DELEGATE_PREFIX``)."""
+    user, password = await create_delegate(conn, role, iterations)
+    try:
+        yield user, password
+    finally:
+        await drop_delegate_now(conn, user)
+
+
+async def create_delegate(conn: Conn, role: str, iterations: int) -> tuple[str, str]:
+    """See ``delegate_login``; the caller drops it with ``drop_delegate_now``."""
     user = f"{DELEGATE_PREFIX}{secrets.token_hex(8)}"
     _LIVE_DELEGATES.add(user)
     password = generate_password()
@@ -330,13 +351,14 @@ async def delegate_login(conn: Conn, role: str, iterations: int) -> AsyncIterato
         mark_role(user, f"tenancy-operator temporary login for {role}"),
         sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), ident),
     ])
+    return user, password
+
+
+async def drop_delegate_now(conn: Conn, user: str) -> None:
     try:
-        yield user, password
+        await drop_delegate(conn, user)
     finally:
-        try:
-            await drop_delegate(conn, user)
-        finally:
-            _LIVE_DELEGATES.discard(user)
+        _LIVE_DELEGATES.discard(user)
 
 
 DELEGATE_PREFIX = "tenancy_delegate_"
@@ -382,8 +404,199 @@ async def drop_tenant_objects(conn: Conn, schema: str, role: str, *, role_too: b
     if not role_too or not await cur.fetchone():
         await conn.execute(drop_schema)
         return
-    # One transaction; dropping the role ends the membership granted for it.
+    # One transaction; dropping the roles ends the memberships granted for them. The login
+    # roles go with the owner (their grants first, with the owner's default privileges for them).
+    roles = [role, *await existing_logins(conn, role)]
+    idents = sql.SQL(", ").join(sql.Identifier(r) for r in roles)
     await run_batch(conn, [
-        grant_role_to_operator(role), drop_schema,
-        sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)), sql.SQL("DROP ROLE {}").format(sql.Identifier(role)),
+        *(grant_role_to_operator(r) for r in roles), drop_schema,
+        sql.SQL("DROP OWNED BY {}").format(idents), sql.SQL("DROP ROLE {}").format(idents),
     ])
+
+
+async def terminate_all_sessions(conn: Conn, role: str) -> int:
+    """End the sessions of the owner and of every login role of the tenant."""
+    n = 0
+    for r in [role, *await existing_logins(conn, role)]:
+        n += await terminate_sessions(conn, r)
+    return n
+
+
+# --- login roles ---------------------------------------------------------------------------------
+#
+# A tenant has an owner role (``tenant_<name>``: owns the schema and every object in it, NOLOGIN;
+# migrations run as it) and login roles with data privileges only: two application logins that
+# alternate at each rotation (slots ``a`` and ``b``) and an optional read-only login (``r``).
+
+LOGIN_PREFIX = "tl_"
+SLOTS = ("a", "b")
+READ_ONLY_SLOT = "r"
+APP_ROLES_SETTING = "tenancy.app_roles"
+"""Set in a migration's session: the application logins (quoted identifiers, comma-separated),
+for ``GRANT EXECUTE ON FUNCTION ... TO`` (functions are callable by the application only when a
+migration grants it)."""
+
+
+def login_role(ident: str, slot: str) -> str:
+    """The login role of ``slot`` for the tenant whose owner role is ``ident``:
+    ``tl_<name, at most 47 bytes>_<slot>_<8 hex digits of sha256(ident)>``, at most 61 bytes.
+
+    The prefix differs from ``tenant_`` (owner roles) and ``tenancy_delegate_`` (temporary logins),
+    so no login role can be another tenant's owner role; the hash keeps two long names that share
+    their first 47 characters apart."""
+    base = ident.removeprefix("tenant_")[:47]
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:8]
+    return f"{LOGIN_PREFIX}{base}_{slot}_{digest}"
+
+
+def login_roles(ident: str, *, read_only: bool = True) -> list[str]:
+    return [login_role(ident, s) for s in (*SLOTS, *((READ_ONLY_SLOT,) if read_only else ()))]
+
+
+def app_roles_setting(ident: str) -> str:
+    return ", ".join(sql.Identifier(login_role(ident, s)).as_string(None) for s in SLOTS)
+
+
+def login_marker(marker: str, slot: str) -> str:
+    return f"{marker} login {slot}"
+
+
+@dataclass(frozen=True)
+class LoginObserved:
+    exists: bool
+    can_login: bool
+    marker: str | None
+    search_path: str | None
+    grants_ok: bool
+
+
+OBSERVE_LOGINS = sql.SQL(
+    """
+    SELECT want.name AS name, want.ro AS ro,
+           r.oid IS NOT NULL AS exists,
+           coalesce(r.rolcanlogin, false) AS can_login,
+           shobj_description(r.oid, 'pg_authid') AS marker,
+           (SELECT substr(c, length('search_path=') + 1) FROM unnest(r.rolconfig) AS c
+             WHERE c LIKE 'search_path=%%' LIMIT 1) AS search_path,
+           CASE WHEN r.oid IS NULL OR n.oid IS NULL THEN false ELSE
+             has_schema_privilege(r.oid, n.oid, 'USAGE')
+             AND NOT has_schema_privilege(r.oid, n.oid, 'CREATE')
+             AND NOT EXISTS (
+               SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+                  AND NOT (has_table_privilege(r.oid, c.oid, 'SELECT')
+                           AND (want.ro OR c.relkind NOT IN ('r', 'p')
+                                OR (has_table_privilege(r.oid, c.oid, 'INSERT')
+                                    AND has_table_privilege(r.oid, c.oid, 'UPDATE')
+                                    AND has_table_privilege(r.oid, c.oid, 'DELETE')))))
+             AND NOT EXISTS (
+               SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid AND c.relkind = 'S'
+                  AND NOT (has_sequence_privilege(r.oid, c.oid, 'SELECT')
+                           AND (want.ro OR has_sequence_privilege(r.oid, c.oid, 'USAGE'))))
+             AND (SELECT count(DISTINCT (d.defaclobjtype, x.privilege_type))
+                    FROM pg_default_acl d CROSS JOIN LATERAL aclexplode(d.defaclacl) x
+                   WHERE d.defaclrole = o.oid AND d.defaclnamespace = n.oid AND x.grantee = r.oid)
+                 = CASE WHEN want.ro THEN 2 ELSE 7 END
+           END AS grants_ok
+      FROM unnest(%s::text[], %s::bool[]) AS want(name, ro)
+      LEFT JOIN pg_roles r ON r.rolname = want.name
+      LEFT JOIN pg_namespace n ON n.nspname = %s
+      LEFT JOIN pg_roles o ON o.rolname = %s
+    """
+)
+
+
+async def observe_logins(conn: Conn, ident: str) -> dict[str, LoginObserved]:
+    """The login roles of one tenant (slot -> what the catalog shows), grants included."""
+    slots = [*SLOTS, READ_ONLY_SLOT]
+    names = [login_role(ident, s) for s in slots]
+    cur = await conn.execute(OBSERVE_LOGINS, [names, [s == READ_ONLY_SLOT for s in slots], ident, ident])
+    by_name = {str(r["name"]): r for r in await cur.fetchall()}
+    return {s: LoginObserved(bool(by_name[n]["exists"]), bool(by_name[n]["can_login"]),
+                             by_name[n]["marker"], by_name[n]["search_path"],  # type: ignore[arg-type]
+                             bool(by_name[n]["grants_ok"]))
+            for s, n in zip(slots, names, strict=True)}
+
+
+def create_login(role: str, marker: str, schema: str, idle_timeout: str) -> list[sql.Composed]:
+    return [sql.SQL("CREATE ROLE {} NOLOGIN NOINHERIT").format(sql.Identifier(role)), mark_role(role, marker),
+            set_search_path(role, schema), set_idle_timeout(role, idle_timeout)]
+
+
+def grant_statements(owner: str, schema: str, role: str, *, read_only: bool) -> list[sql.Composable]:
+    """Data privileges of a login role on everything in the schema now, and (default privileges
+    for the owner) on what later migrations create. Run with membership in the owner."""
+    s, r, o = sql.Identifier(schema), sql.Identifier(role), sql.Identifier(owner)
+    tables = sql.SQL("SELECT" if read_only else "SELECT, INSERT, UPDATE, DELETE")
+    seqs = sql.SQL("SELECT" if read_only else "USAGE, SELECT, UPDATE")
+    return [
+        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(s, r),
+        sql.SQL("REVOKE CREATE ON SCHEMA {} FROM {}").format(s, r),
+        sql.SQL("GRANT {} ON ALL TABLES IN SCHEMA {} TO {}").format(tables, s, r),
+        sql.SQL("GRANT {} ON ALL SEQUENCES IN SCHEMA {} TO {}").format(seqs, s, r),
+        sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA {} GRANT {} ON TABLES TO {}").format(o, s, tables, r),
+        sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA {} GRANT {} ON SEQUENCES TO {}").format(o, s, seqs, r),
+    ]
+
+
+def private_functions(owner: str) -> sql.Composed:
+    """Functions the owner creates are not callable by PUBLIC (so not by the logins) until a
+    migration grants EXECUTE to the application logins."""
+    return sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC").format(
+        sql.Identifier(owner))
+
+
+async def copy_limits(conn: Conn, owner: str, roles: Sequence[str]) -> None:
+    """The owner's quota attributes (connection limit, statement timeout, read-only) on ``roles``."""
+    cur = await conn.execute("SELECT rolconnlimit, rolconfig FROM pg_roles WHERE rolname = %s", [owner])
+    row = await cur.fetchone()
+    if row is None:
+        return
+    config: list[str] = list(row["rolconfig"] or [])  # type: ignore[call-overload]
+    settings = {c.split("=", 1)[0]: c.split("=", 1)[1] for c in config if "=" in c}
+    todo: list[sql.Composable] = []
+    for role in roles:
+        ident = sql.Identifier(role)
+        todo.append(sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(ident, sql.Literal(int(row["rolconnlimit"]))))  # type: ignore[call-overload]
+        for name in ("statement_timeout", "default_transaction_read_only"):
+            if name in settings:
+                todo.append(sql.SQL("ALTER ROLE {} SET {} = {}").format(ident, sql.Identifier(name),
+                                                                       sql.Literal(settings[name])))
+            else:
+                todo.append(sql.SQL("ALTER ROLE {} RESET {}").format(ident, sql.Identifier(name)))
+    await run_batch(conn, todo)
+
+
+async def existing_logins(conn: Conn, ident: str) -> list[str]:
+    cur = await conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s) ORDER BY rolname",
+                             [login_roles(ident)])
+    return [str(r["rolname"]) for r in await cur.fetchall()]
+
+
+async def set_credentials(conn: Conn, control: str, tenant_id: str, *, login_slot: str | None,
+                          retiring_role: str | None, retire_at: Any, rotated_at: Any) -> None:
+    await conn.execute(
+        sql.SQL("UPDATE {} SET login_slot = %s, retiring_role = %s, retire_at = %s, rotated_at = %s"
+                " WHERE id = %s").format(_t(control, "tenants")),
+        [login_slot, retiring_role, retire_at, rotated_at, tenant_id])
+
+
+async def set_ro_secret(conn: Conn, control: str, tenant_id: str, *, uid: str | None, claim: str | None) -> None:
+    await conn.execute(
+        sql.SQL("UPDATE {} SET ro_secret_uid = %s, ro_secret_claim = %s WHERE id = %s").format(
+            _t(control, "tenants")), [uid, claim, tenant_id])
+
+
+async def credentials_due(conn: Conn, control: str, idents: list[str]) -> set[str]:
+    """Tenants (by identifier) with a retirement due now: the sweep reconciles them."""
+    cur = await conn.execute(
+        sql.SQL("SELECT schema_name FROM {} WHERE schema_name = ANY(%s) AND state <> ALL(%s)"
+                " AND retire_at IS NOT NULL AND retire_at <= now()").format(_t(control, "tenants")),
+        [idents, ["dropped", "archived"]])
+    return {str(r["schema_name"]) for r in await cur.fetchall()}
+
+
+async def rotated_at(conn: Conn, control: str, idents: list[str]) -> dict[str, Any]:
+    cur = await conn.execute(
+        sql.SQL("SELECT schema_name, rotated_at FROM {} WHERE schema_name = ANY(%s) AND state <> ALL(%s)").format(
+            _t(control, "tenants")), [idents, ["dropped", "archived"]])
+    return {str(r["schema_name"]): r["rotated_at"] for r in await cur.fetchall()}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 
-from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 from tenancy_operator import __version__
 
@@ -174,3 +177,35 @@ TENANT_LOAD_STATEMENTS = Gauge(
     "1 when tenant load on a target comes from pg_stat_statements, 0 when it is sampled from sessions.",
     ["target"],
 )
+
+
+class _CredentialAge:
+    """``tenant_credentials_age_seconds``: seconds since each tenant's last rotation, computed at scrape time."""
+
+    def __init__(self) -> None:
+        self.rotated: dict[tuple[str, str], float] = {}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("tenant_credentials_age_seconds",
+                                   "Seconds since the tenant's application login was last rotated.",
+                                   labels=["namespace", "tenant"])
+        now = time.time()
+        for (namespace, tenant), at in sorted(self.rotated.items()):
+            family.add_metric([namespace, tenant], max(0.0, now - at))
+        yield family
+
+
+CREDENTIAL_AGE = _CredentialAge()
+REGISTRY.register(CREDENTIAL_AGE)
+CREDENTIAL_ROTATIONS = Counter("tenant_credential_rotations", "Rotations of tenants' application logins.")
+
+
+def credentials_rotated(namespace: str, tenant: str, at: datetime | None) -> None:
+    if at is None:
+        CREDENTIAL_AGE.rotated.pop((namespace, tenant), None)
+    else:
+        CREDENTIAL_AGE.rotated[(namespace, tenant)] = at.timestamp()
+
+
+def credentials_forgotten(namespace: str, tenant: str) -> None:
+    CREDENTIAL_AGE.rotated.pop((namespace, tenant), None)

@@ -1202,15 +1202,19 @@ class QuotaService:
                 with attempt:
                     # Pipeline mode: the statements go in one round trip (an error skips the rest,
                     # and the whole attempt is made again).
+                    async with self.ctx.targets.connection(plan.target) as conn:
+                        # The owner's attributes are the record; its login roles get the same.
+                        roles = [role, *await sqlt.existing_logins(conn, role)] if plan.role_changes else [role]
                     async with self.ctx.targets.connection(plan.target) as conn, conn.pipeline():
-                        if "connections" in plan.role_changes:
-                            await dbq.set_connection_limit(conn, role, want.connection_limit)
-                        if "statementTimeout" in plan.role_changes:
-                            await dbq.set_statement_timeout(conn, role, want.statement_timeout_ms)
-                        if "readOnly" in plan.role_changes:
-                            await dbq.set_read_only(conn, role, want.read_only)
-                            # Sessions keep the default they logged in with: end them so the change holds.
-                            await sqlt.terminate_sessions(conn, role)
+                        for r in roles:
+                            if "connections" in plan.role_changes:
+                                await dbq.set_connection_limit(conn, r, want.connection_limit)
+                            if "statementTimeout" in plan.role_changes:
+                                await dbq.set_statement_timeout(conn, r, want.statement_timeout_ms)
+                            if "readOnly" in plan.role_changes:
+                                await dbq.set_read_only(conn, r, want.read_only)
+                                # Sessions keep the default they logged in with: end them so the change holds.
+                                await sqlt.terminate_sessions(conn, r)
                         if plan.publish is not None and plan.tenant_id:
                             await dbq.publish(conn, self.control, plan.tenant_id, plan.publish)
                         for kind, detail in plan.ledger:

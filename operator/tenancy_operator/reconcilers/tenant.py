@@ -16,6 +16,7 @@ import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,8 @@ class Outcome:
     # The schema was found dropped and re-created empty, now or earlier and not yet acknowledged.
     data_loss: bool = False
     jobs: list[ledger.Job] = field(default_factory=list)
+    credentials: dict[str, Any] | None = None
+    """status.credentials as of this reconcile."""
     applied: dict[str, str] | None = None
     """The tenant's migration records (version -> checksum) as last read in this reconcile."""
 
@@ -86,6 +89,47 @@ class Outcome:
 
 def secret_name(tenant_name: str) -> str:
     return f"{tenant_name}-db"
+
+
+def readonly_secret_name(tenant_name: str) -> str:
+    return f"{tenant_name}-db-readonly"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ts(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def connection_keys(info: Mapping[str, Any], host_override: str | None, sslrootcert_override: str | None, *,
+                    user: str, password: str, schema: str) -> dict[str, str]:
+    """The keys of a credentials Secret; the same set at every rotation. TLS settings of the
+    target (sslmode, root certificate) go into ``uri`` and ``jdbcUrl``; the certificate itself,
+    when the target names one, is the key ``ca.crt``."""
+    host = host_override or info.get("host") or "localhost"
+    port = str(info.get("port") or "5432")
+    dbname = info.get("dbname") or "postgres"
+    sslmode = str(info.get("sslmode") or "prefer")
+    rootcert_path = info.get("sslrootcert")
+    q = urllib.parse.quote
+    params = {"sslmode": sslmode}
+    data = {"host": host, "port": port, "dbname": dbname, "user": user, "password": password, "schema": schema,
+            "sslmode": sslmode}
+    if rootcert_path:
+        cert_at = sslrootcert_override or str(rootcert_path)
+        params["sslrootcert"] = cert_at
+        data["sslrootcert"] = cert_at
+        try:
+            data["ca.crt"] = Path(str(rootcert_path)).read_text()
+        except OSError:
+            data["ca.crt"] = ""
+    query = urllib.parse.urlencode(params)
+    data["uri"] = f"postgresql://{q(user)}:{q(password, safe='')}@{host}:{port}/{q(dbname)}?{query}"
+    jdbc = urllib.parse.urlencode({"user": user, "password": password, "currentSchema": schema, **params})
+    data["jdbcUrl"] = f"jdbc:postgresql://{host}:{port}/{q(dbname)}?{jdbc}"
+    return data
 
 
 def _enum(v: Any) -> str:
@@ -268,7 +312,6 @@ class TenantReconciler:
     async def _converge(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
                         row: sqlt.RegistryRow, out: Outcome, reads: KubeReads, *,
                         new_row: bool) -> MigrationPlan | None:
-        suspended = _enum(spec.state) == "Suspended"
         was_provisioned = row.provisioned_at is not None
         revived = row.state == "deleted"
         gate = self._gate(using(conn), body, row.id, new_tenant=new_row)
@@ -284,7 +327,7 @@ class TenantReconciler:
 
         if not was_provisioned:
             password = await gate.run(
-                "provision", lambda: self._provision(conn, body, spec, ident, obs, out, claim, marker),
+                "provision", lambda: self._provision(conn, body, spec, ident, row, obs, out, claim, marker),
                 detail=f"schema and role {ident}",
             )
             out.events.append(("Normal", "Provisioned", f"schema and role {ident} ready"))
@@ -294,7 +337,8 @@ class TenantReconciler:
                 await self._restore(conn, gate, body, spec, ident, row, out)
             if not out.ready:
                 return None
-            return await self._plan_migrations(conn, body, spec, ident, row, password, out, reads, new_tenant=new_row)
+            del password
+            return await self._plan_migrations(conn, body, spec, ident, row, out, reads, new_tenant=new_row)
 
         statements = self._catalog_statements(ident, obs, out, marker, drift=True)
         if out.schema_recreated:  # forgotten first: a crash after the re-creation must not skip them
@@ -310,31 +354,11 @@ class TenantReconciler:
         current = reads.secret if reads.secret_read else await self._read_secret(
             meta["namespace"], secret_name(meta["name"]))
         try:
-            password, action = await self._ensure_secret(conn, body, spec, ident, row, current,
-                                                         role_created=not obs.role_exists, gate=gate)
+            await self._credentials(conn, body, spec, ident, row, current, out, gate, marker, revived=revived)
         except OwnershipConflict as exc:
             out.fail("Conflict", str(exc), stalled=True)
             return None
-        if action == "rotated":
-            out.events.append(("Normal", "CredentialsRotated", "new password set; old sessions ended"))
-        elif action == "recreated" and not revived:
-            out.repairs.append("secret")
-
-        want_login = not suspended
-        if obs.can_login != want_login:
-            if not want_login and row.state != "suspended":
-                ended = await gate.run("suspend", lambda: self._set_login(conn, ident, False))
-                out.events.append(("Normal", "Suspended", f"login disabled, {ended} session(s) ended"))
-            elif want_login and row.state in ("suspended", "deleted"):
-                await gate.run("resume", lambda: self._set_login(conn, ident, True),
-                               detail="re-applied after deletion" if revived else None)
-                out.events.append(("Normal", "Restored", "tenant re-applied; retained data is back") if revived
-                                  else ("Normal", "Resumed", "login enabled"))
-            else:
-                await self._set_login(conn, ident, want_login)
-                out.repairs.append("login")
-
-        return await self._plan_migrations(conn, body, spec, ident, row, password, out, reads)
+        return await self._plan_migrations(conn, body, spec, ident, row, out, reads)
 
     async def _claim_secret(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
                             row: sqlt.RegistryRow, reads: KubeReads) -> SecretClaim:
@@ -350,8 +374,8 @@ class TenantReconciler:
             row = await self._claimed(conn, row)
             claim = row.secret_claim
             password = sqlt.generate_password()
-            uid = await self._create_secret(meta["namespace"],
-                                            self._secret_body(body, spec, ident, password, rotation, claim=claim))
+            uid = await self._create_secret(meta["namespace"], self._secret_body(
+                body, spec, ident, password, rotation, claim=claim, user=sqlt.login_role(ident, "a")))
             if uid is not None:
                 await sqlt.set_secret_uid(conn, self.control, row.id, uid)
                 return SecretClaim(password, None)
@@ -365,19 +389,27 @@ class TenantReconciler:
         return SecretClaim(password or sqlt.generate_password(), current)
 
     async def _provision(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
-                         obs: sqlt.Observed, out: Outcome, claim: SecretClaim, marker: str) -> str:
+                         row: sqlt.RegistryRow, obs: sqlt.Observed, out: Outcome, claim: SecretClaim,
+                         marker: str) -> str:
         """A tenant's first provisioning: what is missing of role, schema, grants, password and
         login in one round trip (one transaction), and its Secret. Returns the password."""
         meta = body["metadata"]
         rotation = (meta.get("annotations") or {}).get(ROTATE_ANNOTATION, "")
         statements = self._catalog_statements(ident, obs, out, marker, drift=False)
         password = claim.password
-        await sqlt.run_batch(conn, [*statements, await sqlt.password_statement(ident, password, self._iterations),
-                                    sqlt.login_statement(ident, _enum(spec.state) != "Suspended")])
+        lobs = await sqlt.observe_logins(conn, ident)
+        user = sqlt.login_role(ident, "a")
+        await sqlt.run_batch(conn, [
+            *statements, sqlt.login_statement(ident, False),
+            *self._login_statements(ident, spec, lobs, marker, out, drift=False),
+            await sqlt.password_statement(user, password, self._iterations),
+            sqlt.login_statement(user, _enum(spec.state) != "Suspended")])
+        await sqlt.set_credentials(conn, self.control, row.id, login_slot="a", retiring_role=None, retire_at=None,
+                                   rotated_at=_now())
         current = claim.current
         if current is None:
             return password
-        desired = self._secret_body(body, spec, ident, password, rotation)
+        desired = self._secret_body(body, spec, ident, password, rotation, user=user)
         if desired["data"] != current.get("data") or not _owned_by(current, meta["uid"]) \
                 or _rotation_of(current) != rotation:
             desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
@@ -406,9 +438,205 @@ class TenantReconciler:
     def _dbname(self, spec: TenantSpec) -> str:
         return str(self.ctx.targets.conninfo(spec.database).get("dbname") or "postgres")
 
-    async def _set_login(self, conn: Conn, ident: str, login: bool) -> int:
-        await sqlt.set_login(conn, ident, login)
-        return 0 if login else await sqlt.terminate_sessions(conn, ident)
+    def _login_statements(self, ident: str, spec: TenantSpec, lobs: Mapping[str, sqlt.LoginObserved], marker: str,
+                          out: Outcome, *, drift: bool) -> list[sql.Composable]:
+        """Login roles that are missing, their marks and search_path, and their grants (data
+        privileges only, also through the owner's default privileges) where they are not whole."""
+        idle = self.ctx.settings.tenant_idle_in_transaction_timeout
+        todo: list[sql.Composable] = []
+        grants: list[sql.Composable] = []
+        created = False
+        for slot, lo in lobs.items():
+            if slot == sqlt.READ_ONLY_SLOT and not spec.credentials.read_only_login and not lo.exists:
+                continue
+            role = sqlt.login_role(ident, slot)
+            want_marker = sqlt.login_marker(marker, slot)
+            if not lo.exists:
+                todo += sqlt.create_login(role, want_marker, ident, idle)
+                created = True
+                if drift and slot in sqlt.SLOTS and any(x.exists for x in lobs.values()):
+                    out.repairs.append("login-role")
+            else:
+                if lo.marker != want_marker:
+                    todo.append(sqlt.mark_role(role, want_marker))
+                if lo.search_path not in (ident, f'"{ident}"'):
+                    todo.append(sqlt.set_search_path(role, ident))
+            if not lo.exists or not lo.grants_ok:
+                grants += sqlt.grant_statements(ident, ident, role, read_only=slot == sqlt.READ_ONLY_SLOT)
+                if lo.exists and drift:
+                    out.repairs.append("login-grants")
+        if created and not lobs["a"].exists:
+            grants.append(sqlt.private_functions(ident))
+        return todo + sqlt.membership_statements(ident, grants)
+
+    async def _credentials(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
+                           row: sqlt.RegistryRow, current: dict[str, Any] | None, out: Outcome, gate: JobGate,
+                           marker: str, *, revived: bool) -> None:
+        """Login roles, their grants, the Secret, role-swap rotation, retirement and login states."""
+        meta = body["metadata"]
+        suspended = _enum(spec.state) == "Suspended"
+        rotation = (meta.get("annotations") or {}).get(ROTATE_ANNOTATION, "")
+        lobs = await sqlt.observe_logins(conn, ident)
+        await sqlt.run_batch(conn, self._login_statements(ident, spec, lobs, marker, out, drift=True))
+        created = [sqlt.login_role(ident, s) for s, lo in lobs.items() if not lo.exists
+                   and (s != sqlt.READ_ONLY_SLOT or spec.credentials.read_only_login)]
+        if created:
+            await sqlt.copy_limits(conn, ident, created)
+        now = _now()
+        grace = parse_duration(str(spec.credentials.grace_period))
+        slot, retiring, retire_at, rotated = row.login_slot, row.retiring_role, row.retire_at, row.rotated_at
+
+        if retiring and retire_at is not None and retire_at <= now:
+            await sqlt.set_login(conn, retiring, False)
+            if retiring == ident:
+                await conn.execute(sql.SQL("ALTER ROLE {} PASSWORD NULL").format(sql.Identifier(ident)))
+            ended = await sqlt.terminate_sessions(conn, retiring)
+            out.events.append(("Normal", "CredentialsRetired",
+                               f"previous login {retiring} retired after the grace period, {ended} session(s) ended"))
+            retiring, retire_at = None, None
+            await sqlt.set_credentials(conn, self.control, row.id, login_slot=slot, retiring_role=None,
+                                       retire_at=None, rotated_at=rotated)
+
+        async def rotate(reason: str, previous: str | None) -> None:
+            nonlocal slot, retiring, retire_at, rotated
+            new_slot = "a" if slot is None else ("b" if slot == "a" else "a")
+            user = sqlt.login_role(ident, new_slot)
+            password = sqlt.generate_password()
+            await sqlt.run_batch(conn, [await sqlt.password_statement(user, password, self._iterations),
+                                        sqlt.login_statement(user, not suspended)])
+            desired = self._secret_body(body, spec, ident, password, rotation, user=user)
+            if current is not None:
+                desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+                await self._write_secret(meta["namespace"], desired, replace=True)
+            else:
+                fresh = await self._claimed(conn, row)
+                desired["metadata"]["annotations"][SECRET_CLAIM_ANNOTATION] = str(fresh.secret_claim)
+                uid = await self._write_secret(meta["namespace"], desired, replace=False)
+                await sqlt.set_secret_uid(conn, self.control, row.id, uid)
+            slot, rotated = new_slot, now
+            retiring, retire_at = (previous, now + grace) if previous else (None, None)
+            await sqlt.set_credentials(conn, self.control, row.id, login_slot=slot, retiring_role=retiring,
+                                       retire_at=retire_at, rotated_at=rotated)
+            metrics.CREDENTIAL_ROTATIONS.inc()
+            if previous:
+                out.events.append(("Normal", "CredentialsRotated",
+                                   f"{reason}: the Secret names login {user} now; {previous} keeps working until "
+                                   f"{_ts(retire_at)}"))
+
+        if current is None:
+            # No Secret (first time, deleted out of band, or re-applied): a new login for the
+            # application at once; the old one has nothing that names it any more.
+            await rotate("Secret re-created", None)
+            if not revived:
+                out.repairs.append("secret")
+        else:
+            await self._check_secret(conn, current, row, meta)
+            data = _secret_data(current)
+            every = spec.credentials.rotate_every
+            due = (_rotation_of(current) != rotation and "on demand") \
+                or (slot is None and "conversion to separate owner and login roles") \
+                or (every and rotated is not None and rotated + parse_duration(str(every)) <= now and "scheduled") \
+                or (slot is not None and data.get("user") != sqlt.login_role(ident, slot) and "Secret out of date")
+            if due and retiring and slot is not None and due != "Secret out of date":
+                out.message = (f"rotation waits until {retiring} is retired at "
+                               f"{retire_at.isoformat(timespec='seconds') if retire_at else '?'}")
+            elif due:
+                previous = ident if slot is None else sqlt.login_role(ident, slot)
+                await gate.run("rotate", lambda: rotate(str(due), previous), detail=str(due))
+            else:
+                assert slot is not None
+                user, password = sqlt.login_role(ident, slot), data.get("password", "")
+                if user in created:  # dropped out of band: back with the password the application uses
+                    await sqlt.set_password(conn, user, password, self._iterations)
+                desired = self._secret_body(body, spec, ident, password, rotation, user=user)
+                if desired["data"] != current.get("data") or not _owned_by(current, meta["uid"]):
+                    desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+                    await self._write_secret(meta["namespace"], desired, replace=True)
+        await self._read_only_secret(conn, body, spec, ident, row, suspended)
+
+        # Login states: the current login (and the previous one in its grace period) and the
+        # read-only login may log in unless the tenant is suspended; nothing else may.
+        want = {ident: False, **{sqlt.login_role(ident, s): False for s in (*sqlt.SLOTS, sqlt.READ_ONLY_SLOT)}}
+        if not suspended:
+            if slot:
+                want[sqlt.login_role(ident, slot)] = True
+            if retiring:
+                want[retiring] = True
+            if spec.credentials.read_only_login:
+                want[sqlt.login_role(ident, sqlt.READ_ONLY_SLOT)] = True
+        lobs = await sqlt.observe_logins(conn, ident)
+        owner_obs = (await sqlt.observe(conn, [ident]))[ident]
+        have = {ident: owner_obs.can_login,
+                **{sqlt.login_role(ident, s): lo.can_login for s, lo in lobs.items() if lo.exists}}
+        wrong = {r: w for r, w in want.items() if r in have and have[r] != w}
+        if suspended and row.state != "suspended" and (wrong or any(have.values())):
+            async def suspend() -> int:
+                await sqlt.run_batch(conn, [sqlt.login_statement(r, False) for r in have])
+                return await sqlt.terminate_all_sessions(conn, ident)
+            ended = await gate.run("suspend", suspend)
+            out.events.append(("Normal", "Suspended", f"every login disabled, {ended} session(s) ended"))
+        elif not suspended and row.state in ("suspended", "deleted") and wrong:
+            resume = [sqlt.login_statement(r, w) for r, w in wrong.items()]
+            await gate.run("resume", lambda: sqlt.run_batch(conn, resume),
+                           detail="re-applied after deletion" if revived else None)
+            out.events.append(("Normal", "Restored", "tenant re-applied; retained data is back") if revived
+                              else ("Normal", "Resumed", "login enabled"))
+        elif wrong:
+            await sqlt.run_batch(conn, [sqlt.login_statement(r, w) for r, w in wrong.items()])
+            disabled = [r for r, w in wrong.items() if not w]
+            for r in disabled:
+                await sqlt.terminate_sessions(conn, r)
+            out.repairs.append("login")
+        every = spec.credentials.rotate_every
+        out.credentials = {
+            "user": sqlt.login_role(ident, slot) if slot else ident,
+            "lastRotatedAt": _ts(rotated),
+            "nextRotationAt": _ts(rotated + parse_duration(str(every))) if every and rotated else None,
+            "retiringUser": retiring,
+            "retiringAt": _ts(retire_at),
+        }
+        metrics.credentials_rotated(meta["namespace"], meta["name"], rotated)
+
+    async def _read_only_secret(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
+                                row: sqlt.RegistryRow, suspended: bool) -> None:
+        """``<tenant>-db-readonly`` for the read-only login when the spec asks for one; ours only
+        by its recorded uid or claim (as the main Secret)."""
+        meta = body["metadata"]
+        name = readonly_secret_name(meta["name"])
+        current = await self._read_secret(meta["namespace"], name)
+        ours = current is not None and (
+            (row.ro_secret_uid is not None and current["metadata"].get("uid") == row.ro_secret_uid)
+            or (bool(row.ro_secret_claim) and (current["metadata"].get("annotations") or {}).get(
+                SECRET_CLAIM_ANNOTATION) == row.ro_secret_claim))
+        user = sqlt.login_role(ident, sqlt.READ_ONLY_SLOT)
+        if not spec.credentials.read_only_login:
+            if current is not None and ours:
+                try:
+                    await self.ctx.kube.delete_secret(meta["namespace"], name, uid=current["metadata"]["uid"])
+                except ApiException as exc:
+                    raise Retry("KubernetesAPI", f"deleting Secret failed: {exc.status}") from exc
+                await sqlt.set_ro_secret(conn, self.control, row.id, uid=None, claim=None)
+            return
+        if current is not None and not ours:
+            raise OwnershipConflict(
+                f"Secret {meta['namespace']}/{name} exists and was not created by the operator for this Tenant; "
+                "delete or rename it, and the operator creates its own")
+        if current is not None:
+            password = _secret_data(current).get("password", "")
+            desired = self._secret_body(body, spec, ident, password, "", user=user, name=name)
+            if desired["data"] != current.get("data"):
+                desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+                await self._write_secret(meta["namespace"], desired, replace=True)
+            if current["metadata"].get("uid") != row.ro_secret_uid:
+                await sqlt.set_ro_secret(conn, self.control, row.id, uid=current["metadata"]["uid"], claim=None)
+            return
+        claim = secrets.token_hex(16)
+        await sqlt.set_ro_secret(conn, self.control, row.id, uid=None, claim=claim)
+        password = sqlt.generate_password()
+        await sqlt.set_password(conn, user, password, self._iterations)
+        uid = await self._write_secret(meta["namespace"], self._secret_body(
+            body, spec, ident, password, "", claim=claim, user=user, name=name), replace=False)
+        await sqlt.set_ro_secret(conn, self.control, row.id, uid=uid, claim=None)
 
     def _catalog_statements(self, ident: str, obs: sqlt.Observed, out: Outcome, marker: str, *,
                             drift: bool) -> list[sql.Composable]:
@@ -450,25 +678,17 @@ class TenantReconciler:
 
     def _secret_body(
         self, body: Mapping[str, Any], spec: TenantSpec, ident: str, password: str, rotation: str,
-        claim: str | None = None,
+        claim: str | None = None, *, user: str, name: str | None = None,
     ) -> dict[str, Any]:
         meta = body["metadata"]
-        info = self.ctx.targets.conninfo(spec.database)
-        host = self.ctx.settings.secret_host_override or info.get("host") or "localhost"
-        port = str(info.get("port") or "5432")
-        dbname = info.get("dbname") or "postgres"
-        uri = (
-            f"postgresql://{urllib.parse.quote(ident)}:{urllib.parse.quote(password, safe='')}"
-            f"@{host}:{port}/{urllib.parse.quote(dbname)}"
-        )
-        data = {"host": host, "port": port, "dbname": dbname, "user": ident, "password": password,
-                "schema": ident, "uri": uri}
+        data = connection_keys(self.ctx.targets.conninfo(spec.database), self.ctx.settings.secret_host_override,
+                               self.ctx.settings.secret_sslrootcert, user=user, password=password, schema=ident)
         return {
             "apiVersion": "v1",
             "kind": "Secret",
             "type": "Opaque",
             "metadata": {
-                "name": secret_name(meta["name"]),
+                "name": name or secret_name(meta["name"]),
                 "namespace": meta["namespace"],
                 "labels": {**MANAGED_BY, TENANT_LABEL: meta["name"]},
                 "annotations": {SECRET_ROTATION_ANNOTATION: rotation,
@@ -480,50 +700,6 @@ class TenantReconciler:
             },
             "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
         }
-
-    async def _ensure_secret(
-        self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, row: sqlt.RegistryRow,
-        current: dict[str, Any] | None, *, role_created: bool, gate: JobGate | None = None,
-    ) -> tuple[str, str]:
-        """Returns (password, what happened: "", "rotated" or "recreated"). A Secret the operator
-        did not create for this Tenant is never used: OwnershipConflict."""
-        meta = body["metadata"]
-        namespace = meta["namespace"]
-        rotation = (meta.get("annotations") or {}).get(ROTATE_ANNOTATION, "")
-        if current is not None:
-            await self._check_secret(conn, current, row, meta)
-            password = _secret_data(current).get("password", "")
-            if _rotation_of(current) == rotation and password:
-                if role_created:  # a role dropped out of band comes back with the password apps use
-                    await sqlt.set_password(conn, ident, password, self._iterations)
-                desired = self._secret_body(body, spec, ident, password, rotation)
-                if desired["data"] != current.get("data") or not _owned_by(current, meta["uid"]):
-                    desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-                    await self._write_secret(namespace, desired, replace=True)
-                return password, ""
-        # No Secret (first time, deleted out of band, or re-applied): a new password.
-        if current is None:
-            row = await self._claimed(conn, row)
-            password = sqlt.generate_password()
-            await sqlt.set_password(conn, ident, password, self._iterations)
-            uid = await self._write_secret(
-                namespace, self._secret_body(body, spec, ident, password, rotation, claim=row.secret_claim),
-                replace=False)
-            await sqlt.set_secret_uid(conn, self.control, row.id, uid)
-            return password, "recreated"
-
-        async def rotate() -> str:
-            new = sqlt.generate_password()
-            await sqlt.set_password(conn, ident, new, self._iterations)
-            desired = self._secret_body(body, spec, ident, new, rotation)
-            desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-            await self._write_secret(namespace, desired, replace=True)
-            await sqlt.terminate_sessions(conn, ident)
-            return new
-
-        if gate is None:
-            return await rotate(), "rotated"
-        return await gate.run("rotate", rotate, detail=f"{ROTATE_ANNOTATION}={rotation}"), "rotated"
 
     async def _read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -631,7 +807,7 @@ class TenantReconciler:
 
     async def _plan_migrations(
         self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, row: sqlt.RegistryRow,
-        password: str, out: Outcome, reads: KubeReads, *, new_tenant: bool = False,
+        out: Outcome, reads: KubeReads, *, new_tenant: bool = False,
     ) -> MigrationPlan | None:
         wanted = reads.template
         namespace = body["metadata"]["namespace"]
@@ -659,12 +835,7 @@ class TenantReconciler:
         if _enum(spec.state) == "Suspended":
             out.message = f"{len(todo)} migration(s) wait until the tenant is Active again"
             return None
-        info = self.ctx.targets.conninfo(spec.database)
-        dsn = psycopg.conninfo.make_conninfo(
-            self.ctx.targets.dsns[spec.database], user=ident, password=password,
-            host=info.get("host"), port=info.get("port"),
-        )
-        return MigrationPlan(todo, dsn, password, new_tenant)
+        return MigrationPlan(todo, new_tenant)
 
     async def _run_migrations(self, target: str, body: Mapping[str, Any], ident: str, row: sqlt.RegistryRow,
                               plan: MigrationPlan, out: Outcome) -> None:
@@ -677,22 +848,22 @@ class TenantReconciler:
 
         async def migrate() -> list[str]:
             records: dict[str, str] = {}
+            # A temporary login that is a member of the owner and nothing else; the session takes
+            # the owner's role (objects belong to the owner) and a RESET ROLE in tenant code gets
+            # back only to that login's own rights: none.
+            async with short() as conn:
+                user, password = await sqlt.create_delegate(conn, ident, self._iterations)
             try:
-                try:
-                    return await self._apply(target, plan.dsn, ident, plan.todo, records)
-                except psycopg.OperationalError as exc:
-                    if "authentication failed" not in str(exc):
-                        raise
-                    # The role's password was changed behind our back: the Secret is the truth.
-                    async with short() as conn:
-                        await sqlt.set_password(conn, ident, plan.password, self._iterations)
-                    out.repairs.append("password")
-                    return await self._apply(target, plan.dsn, ident, plan.todo, records)
+                info = self.ctx.targets.conninfo(target)
+                dsn = psycopg.conninfo.make_conninfo(self.ctx.targets.dsns[target], user=user, password=password,
+                                                     host=info.get("host"), port=info.get("port"))
+                return await self._apply(target, dsn, ident, user, plan.todo, records)
             finally:
                 # What the schema now holds, also when a later migration failed: the operator's record.
                 out.applied = None
                 async with short() as conn:
                     await tm.mirror(conn, self.control, row.id, records)
+                    await sqlt.drop_delegate_now(conn, user)
 
         try:
             async with self.ctx.migration_slots.hold(body["metadata"]["namespace"]):
@@ -703,17 +874,18 @@ class TenantReconciler:
         for v in applied:
             out.events.append(("Normal", "MigrationApplied", f"applied {v}"))
 
-    async def _apply(self, target: str, dsn: str, ident: str, todo: list[tm.Migration],
+    async def _apply(self, target: str, dsn: str, ident: str, user: str, todo: list[tm.Migration],
                      records: dict[str, str]) -> list[str]:
         async def end_backend(pid: int) -> None:
             async with self.ctx.targets.connection(target) as conn:
-                await sqlt.terminate_backend(conn, ident, pid)
+                await sqlt.terminate_backend(conn, user, pid)
 
         return await tm.apply_as_tenant(
             dsn, ident, todo, lock_timeout=self.ctx.settings.migration_lock_timeout,
             statement_timeout=self.ctx.settings.migration_statement_timeout,
             connect_timeout=self.ctx.settings.db_connect_timeout_seconds,
             deadline=self.ctx.settings.migration_deadline_seconds, end_backend=end_backend, records=records,
+            role=ident, app_roles=sqlt.app_roles_setting(ident),
         )
 
     # --- deletion ----------------------------------------------------------------------------
@@ -754,8 +926,9 @@ class TenantReconciler:
                     role_ours = obs.role_exists and (obs.owner_marker == marker
                                                      or (provisioned and obs.owner_marker is None))
                     if role_ours:
-                        await sqlt.set_login(conn, ident, False)
-                        await sqlt.terminate_sessions(conn, ident)
+                        for r in [ident, *await sqlt.existing_logins(conn, ident)]:
+                            await sqlt.set_login(conn, r, False)
+                        await sqlt.terminate_all_sessions(conn, ident)
                     if policy == "Archive" and role_ours and provisioned:
                         events += await self._archive(conn, gate, body, spec, ident, row.id)
                     if policy in ("Delete", "Archive") and (role_ours or provisioned):
@@ -860,8 +1033,6 @@ class KubeReads:
 @dataclass(frozen=True)
 class MigrationPlan:
     todo: list[tm.Migration]
-    dsn: str
-    password: str
     new_tenant: bool = False
     """Its registry row was inserted in this reconcile: the job ledger holds nothing of it yet."""
 
