@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -49,8 +50,13 @@ def _ready(body: dict[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
 
 
-def drifted(spec: TenantSpec, ident: str, obs: sqlt.Observed) -> list[str]:
-    """What differs between a provisioned tenant's declaration and the catalog."""
+def drifted(spec: TenantSpec, ident: str, obs: sqlt.Observed,
+            logins: Mapping[str, sqlt.LoginObserved] | None = None,
+            creds: sqlt.CredentialsRow | None = None) -> list[str]:
+    """What differs between a provisioned tenant's declaration and the catalog. With its login
+    roles (``logins``) and the registry's record of them (``creds``): also missing login roles,
+    incomplete grants of a login role, and a role that may log in although it should not (or the
+    other way round)."""
     checks = {
         "role": obs.role_exists,
         "schema": obs.schema_exists,
@@ -58,6 +64,16 @@ def drifted(spec: TenantSpec, ident: str, obs: sqlt.Observed) -> list[str]:
         "grants": obs.schema_privileges,
         "search-path": obs.search_path in (ident, f'"{ident}"'),
     }
+    if logins is not None:
+        read_only = spec.credentials.read_only_login
+        checks["login-role"] = all(lo.exists for s, lo in logins.items() if s != sqlt.READ_ONLY_SLOT or read_only)
+        checks["login-grants"] = all(lo.grants_ok for lo in logins.values() if lo.exists)
+        want = sqlt.wanted_logins(
+            ident, slot=creds.login_slot if creds else None, retiring=creds.retiring_role if creds else None,
+            suspended=str(getattr(spec.state, "value", spec.state)) == "Suspended", read_only=read_only)
+        have = {ident: obs.can_login,
+                **{sqlt.login_role(ident, s): lo.can_login for s, lo in logins.items() if lo.exists}}
+        checks["login"] = all(have[r] == w for r, w in want.items() if r in have)
     return [k for k, ok in checks.items() if not ok]
 
 
@@ -120,19 +136,20 @@ class Sweeper:
             try:
                 async with self.ctx.targets.connection(target) as conn:
                     observed = await sqlt.observe(conn, [ident for _, _, ident in items])
-                    due = await sqlt.credentials_due(conn, self.ctx.settings.control_schema,
-                                                     [ident for _, _, ident in items])
-                    rotated = await sqlt.rotated_at(conn, self.ctx.settings.control_schema,
-                                                    [ident for _, _, ident in items])
+                    idents = [ident for _, _, ident in items]
+                    logins = await sqlt.observe_logins_of(conn, idents)
+                    due = await sqlt.credentials_due(conn, self.ctx.settings.control_schema, idents)
+                    creds = await sqlt.credentials_rows(conn, self.ctx.settings.control_schema, idents)
             except (psycopg_pool.PoolTimeout, psycopg.OperationalError, LookupError):
                 todo.extend(body for body, _, _ in items)  # the reconcile reports why
                 continue
             now = datetime.now(UTC)
             for body, spec, ident in items:
                 every = spec.credentials.rotate_every
-                scheduled = every is not None and rotated.get(ident) is not None \
-                    and rotated[ident] + parse_duration(str(every)) <= now
-                if drifted(spec, ident, observed[ident]) or ident in due or scheduled:
+                cred = creds.get(ident)
+                rotated = cred.rotated_at if cred else None
+                scheduled = every is not None and rotated is not None and rotated + parse_duration(str(every)) <= now
+                if drifted(spec, ident, observed[ident], logins[ident], cred) or ident in due or scheduled:
                     todo.append(body)
         sem = asyncio.Semaphore(self.ctx.settings.reconcile_concurrency)
         reconciled = 0

@@ -101,6 +101,7 @@ def test_tenant_accepts_python_names_and_dumps_camel_case() -> None:
         "deletionPolicy": "Retain",
         "archiveRetention": "30d",
         "restoreFrom": "latest",
+        "credentials": {"gracePeriod": "5m", "readOnlyLogin": False},
     }
 
 

@@ -17,7 +17,7 @@ from tenancy_operator.archive import pg_env
 from tenancy_operator.conditions import Cond, merge, reported, status_differs
 from tenancy_operator.config import Settings
 from tenancy_operator.db.tenant_migrations import ChecksumMismatch, Migration, migrations_from_data, pending
-from tenancy_operator.db.tenants import Observed, scram_sha256_verifier
+from tenancy_operator.db.tenants import CredentialsRow, LoginObserved, Observed, login_role, scram_sha256_verifier
 from tenancy_operator.handlers.common import backoff
 from tenancy_operator.sweep import drifted
 
@@ -91,11 +91,41 @@ GOOD = Observed(
 )
 
 
+LOGINS = {
+    "a": LoginObserved(exists=True, can_login=True, marker=None, search_path="tenant_x", grants_ok=True),
+    "b": LoginObserved(exists=True, can_login=False, marker=None, search_path="tenant_x", grants_ok=True),
+    "r": LoginObserved(exists=True, can_login=False, marker=None, search_path="tenant_x", grants_ok=True),
+}
+CREDS = CredentialsRow(login_slot="a", retiring_role=None, retire_at=None, rotated_at=None)
+
+
 def test_drift_detection_names_what_differs() -> None:
     active = TenantSpec.model_validate({})
     suspended = TenantSpec.model_validate({"state": "Suspended"})
-    assert drifted(active, "tenant_x", GOOD) == []
-    assert drifted(suspended, "tenant_x", GOOD) == ["login"]
+    owner = dataclasses.replace(GOOD, can_login=False)  # converted: the owner never logs in
+    assert drifted(active, "tenant_x", owner) == []
+    assert drifted(active, "tenant_x", owner, LOGINS, CREDS) == []
+    # Suspended: the login the Secret names may not log in.
+    assert drifted(suspended, "tenant_x", owner, LOGINS, CREDS) == ["login"]
+    # The owner of a converted tenant logging in is drift in any state.
+    assert drifted(active, "tenant_x", GOOD, LOGINS, CREDS) == ["login"]
+    # Not converted yet (no slot recorded): the owner is still the application's login.
+    legacy = {s: dataclasses.replace(lo, exists=False, can_login=False) for s, lo in LOGINS.items()}
+    assert drifted(active, "tenant_x", GOOD, legacy, None) == ["login-role"]
+    # During a grace period the previous login may log in; another idle login may not.
+    retiring = dataclasses.replace(CREDS, retiring_role=login_role("tenant_x", "b"))
+    both = {**LOGINS, "b": dataclasses.replace(LOGINS["b"], can_login=True)}
+    assert drifted(active, "tenant_x", owner, both, retiring) == []
+    assert drifted(active, "tenant_x", owner, both, CREDS) == ["login"]
+    # Missing grants of a login role; a missing read-only login only when the spec asks for one.
+    assert drifted(active, "tenant_x", owner, {**LOGINS, "b": dataclasses.replace(LOGINS["b"], grants_ok=False)},
+                   CREDS) == ["login-grants"]
+    no_ro = {**LOGINS, "r": dataclasses.replace(LOGINS["r"], exists=False, can_login=False)}
+    assert drifted(active, "tenant_x", owner, no_ro, CREDS) == []
+    read_only = TenantSpec.model_validate({"credentials": {"readOnlyLogin": True}})
+    assert drifted(read_only, "tenant_x", owner, no_ro, CREDS) == ["login-role"]
+    assert drifted(read_only, "tenant_x", owner, {**LOGINS, "r": dataclasses.replace(LOGINS["r"], can_login=True)},
+                   CREDS) == []
     broken = Observed(
         role_exists=False,
         can_login=False,
@@ -111,7 +141,6 @@ def test_drift_detection_names_what_differs() -> None:
         "schema-owner",
         "grants",
         "search-path",
-        "login",
     ]
 
 

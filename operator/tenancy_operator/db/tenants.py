@@ -497,24 +497,60 @@ OBSERVE_LOGINS = sql.SQL(
                    WHERE d.defaclrole = o.oid AND d.defaclnamespace = n.oid AND x.grantee = r.oid)
                  = CASE WHEN want.ro THEN 2 ELSE 7 END
            END AS grants_ok
-      FROM unnest(%s::text[], %s::bool[]) AS want(name, ro)
+      FROM unnest(%s::text[], %s::bool[], %s::text[]) AS want(name, ro, owner)
       LEFT JOIN pg_roles r ON r.rolname = want.name
-      LEFT JOIN pg_namespace n ON n.nspname = %s
-      LEFT JOIN pg_roles o ON o.rolname = %s
+      LEFT JOIN pg_namespace n ON n.nspname = want.owner
+      LEFT JOIN pg_roles o ON o.rolname = want.owner
     """
 )
 
 
 async def observe_logins(conn: Conn, ident: str) -> dict[str, LoginObserved]:
     """The login roles of one tenant (slot -> what the catalog shows), grants included."""
+    return (await observe_logins_of(conn, [ident]))[ident]
+
+
+async def observe_logins_of(conn: Conn, idents: Sequence[str]) -> dict[str, dict[str, LoginObserved]]:
+    """``observe_logins`` for any number of tenants in one catalog query (the sweep)."""
     slots = [*SLOTS, READ_ONLY_SLOT]
-    names = [login_role(ident, s) for s in slots]
-    cur = await conn.execute(OBSERVE_LOGINS, [names, [s == READ_ONLY_SLOT for s in slots], ident, ident])
+    want = [(i, s, login_role(i, s)) for i in idents for s in slots]
+    cur = await conn.execute(OBSERVE_LOGINS, [[n for _, _, n in want], [s == READ_ONLY_SLOT for _, s, _ in want],
+                                              [i for i, _, _ in want]])
     by_name = {str(r["name"]): r for r in await cur.fetchall()}
-    return {s: LoginObserved(bool(by_name[n]["exists"]), bool(by_name[n]["can_login"]),
-                             by_name[n]["marker"], by_name[n]["search_path"],  # type: ignore[arg-type]
-                             bool(by_name[n]["grants_ok"]))
-            for s, n in zip(slots, names, strict=True)}
+    out: dict[str, dict[str, LoginObserved]] = {i: {} for i in idents}
+    for i, s, n in want:
+        r = by_name[n]
+        out[i][s] = LoginObserved(bool(r["exists"]), bool(r["can_login"]), r["marker"],  # type: ignore[arg-type]
+                                  r["search_path"], bool(r["grants_ok"]))  # type: ignore[arg-type]
+    return out
+
+
+def wanted_logins(ident: str, *, slot: str | None, retiring: str | None, suspended: bool,
+                  read_only: bool) -> dict[str, bool]:
+    """Which of a tenant's roles may log in: the login the Secret names, the previous one during
+    its grace period and the read-only login, unless the tenant is suspended; never the owner
+    (once converted: ``slot`` set) nor anything else."""
+    want = {ident: False, **{login_role(ident, s): False for s in (*SLOTS, READ_ONLY_SLOT)}}
+    if not suspended:
+        if slot:
+            want[login_role(ident, slot)] = True
+        else:
+            want[ident] = True  # not converted yet: the owner is still the application's login
+        if retiring:
+            want[retiring] = True
+        if read_only:
+            want[login_role(ident, READ_ONLY_SLOT)] = True
+    return want
+
+
+@dataclass(frozen=True)
+class CredentialsRow:
+    """The registry's record of a tenant's logins (the sweep's view)."""
+
+    login_slot: str | None
+    retiring_role: str | None
+    retire_at: Any
+    rotated_at: Any
 
 
 def create_login(role: str, marker: str, schema: str, idle_timeout: str) -> list[sql.Composed]:
@@ -595,8 +631,10 @@ async def credentials_due(conn: Conn, control: str, idents: list[str]) -> set[st
     return {str(r["schema_name"]) for r in await cur.fetchall()}
 
 
-async def rotated_at(conn: Conn, control: str, idents: list[str]) -> dict[str, Any]:
+async def credentials_rows(conn: Conn, control: str, idents: list[str]) -> dict[str, CredentialsRow]:
     cur = await conn.execute(
-        sql.SQL("SELECT schema_name, rotated_at FROM {} WHERE schema_name = ANY(%s) AND state <> ALL(%s)").format(
+        sql.SQL("SELECT schema_name, login_slot, retiring_role, retire_at, rotated_at FROM {}"
+                " WHERE schema_name = ANY(%s) AND state <> ALL(%s)").format(
             _t(control, "tenants")), [idents, ["dropped", "archived"]])
-    return {str(r["schema_name"]): r["rotated_at"] for r in await cur.fetchall()}
+    return {str(r["schema_name"]): CredentialsRow(r["login_slot"], r["retiring_role"], r["retire_at"],  # type: ignore[arg-type]
+                                                  r["rotated_at"]) for r in await cur.fetchall()}

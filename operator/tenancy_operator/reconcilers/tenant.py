@@ -556,14 +556,8 @@ class TenantReconciler:
 
         # Login states: the current login (and the previous one in its grace period) and the
         # read-only login may log in unless the tenant is suspended; nothing else may.
-        want = {ident: False, **{sqlt.login_role(ident, s): False for s in (*sqlt.SLOTS, sqlt.READ_ONLY_SLOT)}}
-        if not suspended:
-            if slot:
-                want[sqlt.login_role(ident, slot)] = True
-            if retiring:
-                want[retiring] = True
-            if spec.credentials.read_only_login:
-                want[sqlt.login_role(ident, sqlt.READ_ONLY_SLOT)] = True
+        want = sqlt.wanted_logins(ident, slot=slot, retiring=retiring, suspended=suspended,
+                                  read_only=spec.credentials.read_only_login)
         lobs = await sqlt.observe_logins(conn, ident)
         owner_obs = (await sqlt.observe(conn, [ident]))[ident]
         have = {ident: owner_obs.can_login,
