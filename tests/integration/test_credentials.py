@@ -130,7 +130,8 @@ def test_two_rotations_no_failed_query_and_old_login_retired(
         for i in (1, 2):
             stale = connect(previous["uri"])  # a session of the previous login nobody re-reads for
             cluster.patch(PLURAL, namespace, "steady-app", {"metadata": {"annotations": {ROTATE: f"r{i}"}}})
-            new = eventually(lambda p=previous: (d := cluster.secret_data(namespace, "steady-app-db"))["user"] != p["user"]
+            new = eventually(lambda p=previous: (d := cluster.secret_data(namespace, "steady-app-db"))["user"]
+                             != p["user"]
                              and d, what=f"rotation {i}: the Secret names the other login")
             assert set(new) == keys  # keys stay stable across rotations
             users.append(new["user"])

@@ -404,8 +404,13 @@ class TenantReconciler:
             *self._login_statements(ident, spec, lobs, marker, out, drift=False),
             await sqlt.password_statement(user, password, self._iterations),
             sqlt.login_statement(user, _enum(spec.state) != "Suspended")])
+        now = _now()
         await sqlt.set_credentials(conn, self.control, row.id, login_slot="a", retiring_role=None, retire_at=None,
-                                   rotated_at=_now())
+                                   rotated_at=now)
+        every = spec.credentials.rotate_every
+        out.credentials = {"user": user, "lastRotatedAt": _ts(now),
+                           "nextRotationAt": _ts(now + parse_duration(str(every))) if every else None}
+        metrics.credentials_rotated(meta["namespace"], meta["name"], now)
         current = claim.current
         if current is None:
             return password
