@@ -23,6 +23,7 @@ import psycopg
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql as psql
 
 from tenancy_operator.devenv.process import die_with_parent
 from tenancy_operator.devenv.stack import LocalStack
@@ -228,3 +229,11 @@ def sql_value(dsn: str, query: str, params: list[Any] | None = None) -> Any:
     with connect(dsn) as conn:
         row = conn.execute(query, params).fetchone()  # type: ignore[arg-type]
         return row[0] if row else None
+
+
+def as_owner(admin_dsn: str, owner: str) -> psycopg.Connection[tuple[Any, ...]]:
+    """A session acting as a tenant's owner role (what a migration does): for tests that need
+    objects in a tenant's schema; the application's login has data privileges only."""
+    conn = connect(admin_dsn)
+    conn.execute(psql.SQL("SET ROLE {}").format(psql.Identifier(owner)))
+    return conn

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tenancy_operator.devenv.postgres import OPERATOR_ROLE
 from tenancy_operator.devenv.stack import LocalStack
 
-from .harness import Cluster, OperatorProcess, connect, eventually, sql_value, tenant
+from .harness import Cluster, OperatorProcess, as_owner, connect, eventually, sql_value, tenant
 
 PLURAL = "tenants"
 
@@ -39,9 +39,10 @@ def test_tenant_gets_schema_role_and_working_credentials(
     # What a user does: kubectl wait, then use the Secret.
     stack.kubectl("wait", "--for=condition=Ready", "tenant/first-light", "-n", namespace, "--timeout=10s")
     creds = cluster.secret_data(namespace, "first-light-db")
-    assert set(creds) == {"host", "port", "dbname", "user", "password", "schema", "uri"}
+    assert set(creds) == {"host", "port", "dbname", "user", "password", "schema", "uri", "sslmode", "jdbcUrl"}
+    with as_owner(stack.admin_dsn(), "tenant_first_light") as owner:  # what a migration does
+        owner.execute("CREATE TABLE orders (id int PRIMARY KEY, item text)")
     with connect(creds["uri"]) as conn:
-        conn.execute("CREATE TABLE orders (id int PRIMARY KEY, item text)")
         conn.execute("INSERT INTO orders VALUES (1, 'anvil')")
         assert conn.execute("SELECT item FROM orders").fetchall() == [("anvil",)]
         assert conn.execute("SELECT current_schema()").fetchone() == ("tenant_first_light",)
