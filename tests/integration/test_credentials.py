@@ -113,7 +113,7 @@ def test_two_rotations_no_failed_query_and_old_login_retired(
     stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
     template(cluster, namespace, "app-schema", {"0001_init.sql": INIT})
-    obj = provision(cluster, namespace, "steady-app", schemaTemplate="app-schema",
+    obj = provision(cluster, namespace, "steady-app", schemaTemplate="app-schema", tier="professional",
                     credentials={"gracePeriod": "20s"})
     first = cluster.secret_data(namespace, "steady-app-db")
     keys = set(first)
@@ -122,7 +122,7 @@ def test_two_rotations_no_failed_query_and_old_login_retired(
     assert first["user"] != "tenant_steady_app"  # the application logs in as a login role, not the owner
     assert obj["status"]["credentials"]["user"] == first["user"]
 
-    app = App(cluster, namespace, "steady-app-db")
+    app = App(cluster, namespace, "steady-app-db", size=2)  # within the tier's connection limit
     app.thread.start()
     try:
         users = [first["user"]]
