@@ -73,7 +73,8 @@ def desired_status(body: Mapping[str, Any], out: Outcome, ident: str | None,
     if out.schema_version:
         status["schemaVersion"] = out.schema_version
     if out.credentials is not None:
-        status["credentials"] = {k: v for k, v in out.credentials.items() if v is not None}
+        # None removes a field the status holds (merge patch): a retired login, a dropped schedule.
+        status["credentials"] = dict(out.credentials)
     if limits and out.ready and not (body.get("status") or {}).get("effectiveLimits"):
         status["effectiveLimits"] = dict(limits)  # the quota service keeps them up to date from here
     if out.jobs:
