@@ -1,6 +1,8 @@
 """Red team: each attack of a hostile tenant or namespace user, done as the attacker would do it,
 through the real API server and PostgreSQL, with nothing but what the attacker holds: the tenant's
-Secret (its login), or the right to write objects in its own namespace.
+Secret (its application login: data privileges only), what its migrations run as (its owner role,
+through a template it writes; the tests take that role with ``as_owner``), or the right to write
+objects in its own namespace.
 
 The module runs its own stack: one PostgreSQL server holding two database targets (``default``
 and ``shared``, as two targets on one managed server would be), and an operator whose migration
@@ -26,7 +28,7 @@ from psycopg import sql
 from tenancy_operator.devenv import ensure_binaries
 from tenancy_operator.devenv.stack import LocalStack
 
-from .harness import Cluster, OperatorProcess, connect, eventually, sql_value, tenant
+from .harness import Cluster, OperatorProcess, as_owner, connect, eventually, sql_value, tenant
 
 PLURAL = "tenants"
 DEADLINE_SECONDS = 20
@@ -114,11 +116,12 @@ def test_a_view_in_place_of_the_migration_record_runs_nothing_with_operator_righ
     red.cluster.create(PLURAL, ns, tenant("mallory", schemaTemplate="shop"))
     red.cluster.wait_condition(PLURAL, ns, "victim")
     red.cluster.wait_condition(PLURAL, ns, "mallory")
-    with connect(red.login(ns, "victim")) as conn:
+    with as_owner(red.admin, "tenant_victim") as conn:
         conn.execute("CREATE TABLE secrets (v text)")
+    with connect(red.login(ns, "victim")) as conn:
         conn.execute("INSERT INTO secrets VALUES ('victim data')")
     pwned = f"redteam_{uuid.uuid4().hex[:8]}"
-    with connect(red.login(ns, "mallory")) as conn:
+    with as_owner(red.admin, "tenant_mallory") as conn:  # as a migration of Mallory's would
         conn.execute("ALTER TABLE tenancy_schema_migrations RENAME TO real_records")
         conn.execute(sql.SQL("""
             CREATE FUNCTION records() RETURNS TABLE(version text, checksum text) LANGUAGE plpgsql AS $f$
@@ -142,6 +145,7 @@ def test_a_view_in_place_of_the_migration_record_runs_nothing_with_operator_righ
 
     assert not red.role_exists(pwned), "tenant code ran with the operator's rights"
     assert red.memberships("tenant_mallory") == []
+    assert red.memberships(red.cluster.secret_data(ns, "mallory-db")["user"]) == []
     with connect(red.login(ns, "mallory")) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute("SELECT * FROM tenant_victim.secrets")
 
@@ -153,7 +157,7 @@ def test_restore_runs_tenant_code_with_the_tenant_rights_only(red: RedTeam) -> N
     red.cluster.create(PLURAL, ns, tenant("vault", deletionPolicy="Archive"))
     red.cluster.wait_condition(PLURAL, ns, "vault")
     pwned = f"redteam_{uuid.uuid4().hex[:8]}"
-    with connect(red.login(ns, "vault")) as conn:
+    with as_owner(red.admin, "tenant_vault") as conn:  # as a migration of the tenant's would
         conn.execute(sql.SQL("""
             CREATE FUNCTION audit(v int) RETURNS boolean LANGUAGE plpgsql AS $f$
             BEGIN
@@ -165,7 +169,12 @@ def test_restore_runs_tenant_code_with_the_tenant_rights_only(red: RedTeam) -> N
                 RETURN true;
             END $f$""").format(pwned=sql.SQL(pwned)))
         conn.execute("CREATE TABLE gold (v int CHECK (audit(v)))")
+        conn.execute("GRANT EXECUTE ON FUNCTION audit(int) TO PUBLIC")
+    # Rows go in through the application's login (the test's owner session is a superuser's SET
+    # ROLE, which the function's RESET ROLE would leave).
+    with connect(red.login(ns, "vault")) as conn:
         conn.execute("INSERT INTO gold SELECT generate_series(1, 10)")
+    assert not red.role_exists(pwned)
     red.cluster.delete(PLURAL, ns, "vault")
     eventually(lambda: red.cluster.gone(PLURAL, ns, "vault"), timeout=90, what="archived and gone")
     assert not red.role_exists(pwned)
@@ -188,9 +197,9 @@ def test_a_hanging_template_in_one_namespace_does_not_stall_another(red: RedTeam
     for name in sleepers:
         red.cluster.create(PLURAL, hostile, tenant(name, schemaTemplate="sleepy"))
 
-    def sleeping() -> int:
+    def sleeping() -> int:  # migrations log in as a temporary delegate of the tenant's owner
         return int(sql_value(red.admin, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%%pg_sleep(100000)%%'"
-                             " AND usename LIKE 'tenant\\_sleeper\\_%%'"))
+                             " AND usename LIKE 'tenancy\\_delegate\\_%%'"))
 
     eventually(lambda: sleeping() >= 3, timeout=60, what="the hostile migrations hold their slots")
 
@@ -239,9 +248,13 @@ def test_a_planted_secret_is_never_adopted(red: RedTeam) -> None:
     message = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")["message"]
     assert "Secret" in message and "prey-db" in message
     assert red.cluster.secret_data(ns, "prey-db") == planted, "the planted Secret was changed"
-    with pytest.raises(psycopg.OperationalError):
-        connect(f"postgresql://tenant_prey:{planted['password']}@127.0.0.1:{red.stack.postgres['default'].port}"
-                "/tenancy")
+    port = red.stack.postgres["default"].port
+    with connect(red.admin) as conn:
+        roles = [r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = 'tenant_prey'"
+                                            " OR rolname LIKE 'tl\\_prey\\_%'")]
+    for role in roles:  # neither the owner nor any login takes the planted password
+        with pytest.raises(psycopg.OperationalError):
+            connect(f"postgresql://{role}:{planted['password']}@127.0.0.1:{port}/tenancy")
 
     # Once the object in the way is gone, the tenant gets its own.
     red.cluster.core.delete_namespaced_secret("prey-db", ns)
@@ -257,8 +270,9 @@ def test_an_archive_restores_only_into_its_own_namespace(red: RedTeam) -> None:
     owner, thief = red.namespace("owner"), red.namespace("thief")
     red.cluster.create(PLURAL, owner, tenant("ledger", deletionPolicy="Archive"))
     red.cluster.wait_condition(PLURAL, owner, "ledger")
-    with connect(red.login(owner, "ledger")) as conn:
+    with as_owner(red.admin, "tenant_ledger") as conn:
         conn.execute("CREATE TABLE entries (v text)")
+    with connect(red.login(owner, "ledger")) as conn:
         conn.execute("INSERT INTO entries VALUES ('owner only')")
     red.cluster.delete(PLURAL, owner, "ledger")
     eventually(lambda: red.cluster.gone(PLURAL, owner, "ledger"), timeout=90, what="archived")
@@ -301,12 +315,14 @@ def test_a_tenant_lock_does_not_stop_usage_measurement_of_others(red: RedTeam) -
     red.cluster.create(PLURAL, ns, tenant("neighbour"))
     red.cluster.wait_condition(PLURAL, ns, "holder")
     red.cluster.wait_condition(PLURAL, ns, "neighbour")
-    with connect(red.login(ns, "holder")) as holder:
-        holder.execute("CREATE TABLE hoard (v text)")
+    with as_owner(red.admin, "tenant_holder") as conn:
+        conn.execute("CREATE TABLE hoard (v text)")
+    with as_owner(red.admin, "tenant_neighbour") as conn:
+        conn.execute("CREATE TABLE blobs (payload text)")
+    with connect(red.login(ns, "holder")) as holder:  # the application's login may lock its own table
         holder.execute("BEGIN")
         holder.execute("LOCK TABLE hoard IN ACCESS EXCLUSIVE MODE")
         with connect(red.login(ns, "neighbour")) as conn:
-            conn.execute("CREATE TABLE blobs (payload text)")
             conn.execute("INSERT INTO blobs SELECT repeat(md5(g::text), 16) FROM generate_series(1, 2500) g")
         red.cluster.create("quotas", ns, {
             "apiVersion": "tenancy.dev/v1alpha1", "kind": "Quota", "metadata": {"name": "neighbour"},

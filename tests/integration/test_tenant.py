@@ -9,6 +9,7 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg import sql as psql
 
 from tenancy_operator.devenv.postgres import OPERATOR_ROLE
 from tenancy_operator.devenv.stack import LocalStack
@@ -91,8 +92,9 @@ def test_tenants_are_isolated(stack: LocalStack, cluster: Cluster, operator: Ope
     provision(cluster, namespace, "iso-b")
     a = cluster.secret_data(namespace, "iso-a-db")["uri"]
     b = cluster.secret_data(namespace, "iso-b-db")["uri"]
+    with as_owner(stack.admin_dsn(), "tenant_iso_b") as owner:  # B's migration
+        owner.execute("CREATE TABLE secrets_of_b (v text)")
     with connect(b) as conn:
-        conn.execute("CREATE TABLE secrets_of_b (v text)")
         conn.execute("INSERT INTO secrets_of_b VALUES ('b only')")
     forbidden = [
         "SELECT * FROM tenant_iso_b.secrets_of_b",
@@ -101,15 +103,17 @@ def test_tenants_are_isolated(stack: LocalStack, cluster: Cluster, operator: Ope
         "SELECT * FROM tenancy.tenants",
         "CREATE TABLE public.planted (v int)",
     ]
-    with connect(a) as conn:
-        for statement in forbidden:
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                conn.execute(statement)
-        # Listing B's tables through the catalog shows nothing of B's.
-        visible = conn.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'tenant_iso_b'"
-        ).fetchone()
-        assert visible == (0,)
+    # A's application login, and A's owner (what A's migrations run as), reach nothing of B's.
+    for session in (lambda: connect(a), lambda: as_owner(stack.admin_dsn(), "tenant_iso_a")):
+        with session() as conn:
+            for statement in forbidden:
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(statement)
+            # Listing B's tables through the catalog shows nothing of B's.
+            visible = conn.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'tenant_iso_b'"
+            ).fetchone()
+            assert visible == (0,)
 
 
 def test_suspend_and_resume(stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str) -> None:
@@ -141,7 +145,7 @@ def test_suspend_and_resume(stack: LocalStack, cluster: Cluster, operator: Opera
 def test_rotation_sets_new_password_and_ends_old_sessions(
     cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
-    provision(cluster, namespace, "rotor")
+    provision(cluster, namespace, "rotor", credentials={"gracePeriod": "2s"})
     old = cluster.secret_data(namespace, "rotor-db")
     session = connect(old["uri"])
     cluster.patch(PLURAL, namespace, "rotor", {"metadata": {"annotations": {"tenancy.dev/rotate-credentials": "r1"}}})
@@ -149,10 +153,25 @@ def test_rotation_sets_new_password_and_ends_old_sessions(
         lambda: (d := cluster.secret_data(namespace, "rotor-db"))["password"] != old["password"] and d,
         what="Secret holds a new password",
     )
-    with pytest.raises(psycopg.OperationalError):
-        connect(old["uri"])
-    with pytest.raises(psycopg.OperationalError):
-        session.execute("SELECT 1")
+    assert new["user"] != old["user"]  # role swap: the Secret names the other login
+
+    def old_login_refused() -> bool:
+        try:
+            connect(old["uri"]).close()
+        except psycopg.OperationalError:
+            return True
+        return False
+
+    def old_session_ended() -> bool:
+        try:
+            session.execute("SELECT 1")
+        except psycopg.OperationalError:
+            return True
+        return False
+
+    # After the grace period the old login is retired and its sessions are ended.
+    eventually(old_login_refused, timeout=60, what="old password refused after the grace period")
+    eventually(old_session_ended, timeout=30, what="old session ended")
     with connect(new["uri"]) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
     assert eventually(lambda: cluster.has_event(namespace, "rotor", "CredentialsRotated"))
@@ -302,8 +321,11 @@ def test_catalog_drift_is_repaired(
     )
     eventually(lambda: cluster.has_event(namespace, name, "DriftRepaired"), what="DriftRepaired Event")
     cluster.wait_condition(PLURAL, namespace, name)
-    with connect(cluster.secret_data(namespace, f"{name}-db")["uri"]) as conn:
-        conn.execute("CREATE TABLE still_works (v int)")
+    with as_owner(stack.admin_dsn(), f"tenant_drift_{name[-1]}") as owner:  # migrations still work
+        owner.execute("CREATE TABLE still_works (v int)")
+    with connect(cluster.secret_data(namespace, f"{name}-db")["uri"]) as conn:  # and so does the application
+        conn.execute("INSERT INTO still_works VALUES (1)")
+        assert conn.execute("SELECT v FROM still_works").fetchall() == [(1,)]
 
 
 def test_deleted_secret_and_reenabled_login_are_repaired(
@@ -317,15 +339,18 @@ def test_deleted_secret_and_reenabled_login_are_repaired(
 
     cluster.patch(PLURAL, namespace, "keeper", {"spec": {"state": "Suspended"}})
     cluster.wait_condition(PLURAL, namespace, "keeper", reason="Suspended")
+    login = creds["user"]
     with connect(stack.admin_dsn()) as conn:
-        conn.execute("ALTER ROLE tenant_keeper LOGIN")
-    eventually(
-        lambda: (
-            sql_value(stack.admin_dsn(), "SELECT NOT rolcanlogin FROM pg_roles WHERE rolname = 'tenant_keeper'") is True
-        ),
-        timeout=30,
-        what="login disabled again",
-    )
+        conn.execute(psql.SQL("ALTER ROLE {} LOGIN").format(psql.Identifier(login)))
+        conn.execute("ALTER ROLE tenant_keeper LOGIN")  # the owner never logs in, suspended or not
+    for role in (login, "tenant_keeper"):
+        eventually(
+            lambda r=role: (
+                sql_value(stack.admin_dsn(), "SELECT NOT rolcanlogin FROM pg_roles WHERE rolname = %s", [r]) is True
+            ),
+            timeout=30,
+            what=f"login of {role} disabled again",
+        )
 
 
 def test_dropped_schema_is_recreated_empty_and_flagged(
@@ -361,13 +386,19 @@ def test_retain_deletion_keeps_data_and_reapply_restores_it(
     stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
     provision(cluster, namespace, "phoenix")
-    with connect(cluster.secret_data(namespace, "phoenix-db")["uri"]) as conn:
-        conn.execute("CREATE TABLE memories (v text)")
+    admin = stack.admin_dsn()
+    creds = cluster.secret_data(namespace, "phoenix-db")
+    with as_owner(admin, "tenant_phoenix") as owner:
+        owner.execute("CREATE TABLE memories (v text)")
+    with connect(creds["uri"]) as conn:
         conn.execute("INSERT INTO memories VALUES ('first'), ('second')")
     cluster.delete(PLURAL, namespace, "phoenix")
     eventually(lambda: cluster.gone(PLURAL, namespace, "phoenix"), what="Tenant deleted")
-    admin = stack.admin_dsn()
-    assert sql_value(admin, "SELECT rolcanlogin FROM pg_roles WHERE rolname = 'tenant_phoenix'") is False
+    assert sql_value(
+        admin, "SELECT count(*) FROM pg_roles WHERE rolcanlogin AND rolname IN ('tenant_phoenix', %s)", [creds["user"]]
+    ) == 0
+    with pytest.raises(psycopg.OperationalError):
+        connect(creds["uri"]).close()
     assert (
         sql_value(admin, "SELECT state FROM tenancy.tenants WHERE namespace = %s AND name = 'phoenix'", [namespace])
         == "deleted"
