@@ -202,6 +202,8 @@ class Sweeper:
                 log.warning("isolation audit failed", target=target, error=type(exc).__name__)
                 continue
             by_role = report.by_role()
+            # A tenant's roles (its owner and its logins) share one condition: what any of them holds.
+            per_tenant: dict[tuple[str, str], tuple[audit.TenantRef, dict[str, Any], _RoleFindings]] = {}
             for role, ref in report.tenants.items():
                 body = tenants.get((ref.namespace, ref.name))
                 if body is not None and ref.k8s_uid and body["metadata"].get("uid") != ref.k8s_uid:
@@ -210,6 +212,14 @@ class Sweeper:
                 held.update(f.kind.value for f in report.remaining(role))
                 try:
                     await self._report_isolation(target, ref, body, report, findings)
+                except ApiException as exc:
+                    log.warning("isolation report failed", target=target, namespace=ref.namespace, name=ref.name,
+                                error=f"ApiException {exc.status}")
+                if body is not None:
+                    per_tenant.setdefault((ref.namespace, ref.name), (ref, body, []))[2].append((role, findings))
+            for ref, body, roles in per_tenant.values():
+                try:
+                    await self._set_condition(body, _breach_condition(report, roles))
                 except ApiException as exc:
                     log.warning("isolation report failed", target=target, namespace=ref.namespace, name=ref.name,
                                 error=f"ApiException {exc.status}")
@@ -233,16 +243,6 @@ class Sweeper:
                         role=ref.role, revoked=revoked or None, not_revoked=kept or None)
             if body is not None:
                 self.ctx.events.warning(body, "IsolationViolation", _summary(ref.role, report, new))
-        if body is None:
-            return
-        if findings:
-            all_revoked = all(report.outcome(f) == "revoked" for f in findings)
-            cond = Cond(BREACH, "True", "PrivilegesRevoked" if all_revoked else "PrivilegesHeld",
-                        _summary(ref.role, report, findings))
-        else:
-            cond = Cond(BREACH, "False", "NoneFound",
-                        "the last isolation audit found nothing the role holds beyond its schema")
-        await self._set_condition(body, cond)
 
     async def _set_condition(self, body: dict[str, Any], cond: Cond) -> None:
         """Write one condition over the Tenant's newest status (read now, written only if that is
@@ -275,6 +275,21 @@ class Sweeper:
             except ApiException as exc:
                 if exc.status != 409:
                     raise
+
+
+_RoleFindings = list[tuple[str, list[audit.Finding]]]
+
+
+def _breach_condition(report: audit.Report, roles: _RoleFindings) -> Cond:
+    """The IsolationBreach condition of one tenant from the findings of each of its roles."""
+    found = [(role, findings) for role, findings in roles if findings]
+    if not found:
+        return Cond(BREACH, "False", "NoneFound",
+                    "the last isolation audit found nothing the tenant's roles hold beyond its schema")
+    all_revoked = all(report.outcome(f) == "revoked" for _, findings in found for f in findings)
+    message = " | ".join(_summary(role, report, findings) for role, findings in found)
+    return Cond(BREACH, "True", "PrivilegesRevoked" if all_revoked else "PrivilegesHeld",
+                message if len(message) <= 900 else message[:899] + "…")
 
 
 def _summary(role: str, report: audit.Report, findings: list[audit.Finding], limit: int = 900) -> str:
