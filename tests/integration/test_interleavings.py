@@ -152,7 +152,11 @@ async def test_an_older_listed_generation_does_not_undo_an_edit(
 
     assert await svc.run_listed(listed) is None  # the sweep's snapshot from before the edit
 
-    assert sql_value(stack.admin_dsn(), "SELECT rolcanlogin FROM pg_roles WHERE rolname = 'tenant_edited'") is False
+    assert sql_value(  # neither the owner nor a login role of the tenant logs in
+        stack.admin_dsn(),
+        "SELECT count(*) FROM pg_roles WHERE rolcanlogin"
+        " AND (rolname = 'tenant_edited' OR rolname LIKE 'tl\\_edited\\_%')",
+    ) == 0
     await svc.delete(delete_marked(cluster, TENANTS, namespace, "edited"))
     release(cluster, TENANTS, namespace, "edited")
 

@@ -12,7 +12,7 @@ import pytest
 
 from tenancy_operator.devenv.stack import LocalStack
 
-from .harness import Cluster, OperatorProcess, connect, eventually, sql_value, tenant
+from .harness import Cluster, OperatorProcess, as_owner, connect, eventually, sql_value, tenant
 
 PLURAL = "tenants"
 
@@ -52,8 +52,8 @@ def test_fleet_migration_isolates_the_failing_tenant_then_admin_retry_fixes_it(
     for n in names:
         cluster.wait_condition(PLURAL, namespace, n)
     # fleet-3 made a table out of band that the next migration wants to create.
-    with connect(cluster.secret_data(namespace, "fleet-3-db")["uri"]) as conn:
-        conn.execute("CREATE TABLE invoices (legacy text)")
+    with as_owner(stack.admin_dsn(), "tenant_fleet_3") as owner:
+        owner.execute("CREATE TABLE invoices (legacy text)")
 
     set_template(
         cluster,
@@ -171,8 +171,9 @@ def test_archive_then_restore_brings_every_row_back(
 ) -> None:
     cluster.create(PLURAL, namespace, tenant("vault", deletionPolicy="Archive"))
     cluster.wait_condition(PLURAL, namespace, "vault")
+    with as_owner(stack.admin_dsn(), "tenant_vault") as owner:
+        owner.execute("CREATE TABLE gold (id int PRIMARY KEY, note text)")
     with connect(cluster.secret_data(namespace, "vault-db")["uri"]) as conn:
-        conn.execute("CREATE TABLE gold (id int PRIMARY KEY, note text)")
         conn.execute("INSERT INTO gold SELECT g, 'bar ' || g FROM generate_series(1, 500) g")
     cluster.delete(PLURAL, namespace, "vault")
     eventually(lambda: cluster.gone(PLURAL, namespace, "vault"), timeout=60, what="Tenant deleted after archive")
@@ -199,7 +200,9 @@ def test_archive_then_restore_brings_every_row_back(
     cluster.wait_condition(PLURAL, namespace, "vault", timeout=60)
     with connect(cluster.secret_data(namespace, "vault-db")["uri"]) as conn:
         assert conn.execute("SELECT count(*), sum(id) FROM gold").fetchone() == (500, 125250)
-        conn.execute("INSERT INTO gold VALUES (501, 'new')")  # owned by the tenant again
+        conn.execute("INSERT INTO gold VALUES (501, 'new')")  # the application's grants are back
+    assert sql_value(admin, "SELECT tableowner FROM pg_tables WHERE schemaname = 'tenant_vault' AND tablename = 'gold'"
+                     ) == "tenant_vault"  # owned by the tenant's owner again
     assert eventually(
         lambda: any(archive_id in e["message"] for e in cluster.events(namespace, "vault") if e["reason"] == "Restored")
     )
@@ -232,8 +235,9 @@ def test_unwritable_archive_location_blocks_the_drop(
 ) -> None:
     cluster.create(PLURAL, namespace, tenant("stuck", deletionPolicy="Archive"))
     cluster.wait_condition(PLURAL, namespace, "stuck")
+    with as_owner(stack.admin_dsn(), "tenant_stuck") as owner:
+        owner.execute("CREATE TABLE precious (v int)")
     with connect(cluster.secret_data(namespace, "stuck-db")["uri"]) as conn:
-        conn.execute("CREATE TABLE precious (v int)")
         conn.execute("INSERT INTO precious VALUES (42)")
     # The namespace's archive folder cannot be created: a file sits where it should go.
     blocker = operator.workdir / "archive" / namespace

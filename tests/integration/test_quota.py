@@ -16,7 +16,7 @@ import pytest
 from tenancy_operator.api.quota import TIER_DEFAULTS
 from tenancy_operator.devenv.stack import LocalStack
 
-from .harness import GROUP, VERSION, Cluster, OperatorProcess, connect, eventually, sql_value, tenant
+from .harness import GROUP, VERSION, Cluster, OperatorProcess, as_owner, connect, eventually, sql_value, tenant
 
 TENANTS, QUOTAS = "tenants", "quotas"
 
@@ -66,9 +66,9 @@ def status(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
 
 
 def fill(uri: str, rows: int = 2500) -> None:
-    """About 1.5 MB of uncompressed rows (under 2 kB each, so TOAST never compresses them)."""
+    """Into ``blobs`` (made by the tenant's owner): about 1.5 MB of uncompressed rows (under 2 kB
+    each, so TOAST never compresses them)."""
     with connect(uri) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS blobs (id serial PRIMARY KEY, payload text)")
         conn.execute("INSERT INTO blobs (payload) SELECT repeat(md5(g::text), 16) FROM generate_series(1, %s) g",
                      [rows])
 
@@ -202,8 +202,9 @@ def test_storage_over_limit_blocks_writes_until_back_under(
                                              enforcement={"storage": "BlockWrites"}))
     cluster.wait_condition(QUOTAS, namespace, "hoarder")
     assert cluster.condition(QUOTAS, namespace, "hoarder", "Exceeded")["status"] == "False"
+    with as_owner(stack.admin_dsn(), "tenant_hoarder") as owner:  # the tenant's migration
+        owner.execute("CREATE TABLE blobs (id serial PRIMARY KEY, payload text)")
     held = connect(uri)  # an open session: ended when the tenant becomes read-only
-    held.execute("CREATE TABLE blobs (id serial PRIMARY KEY, payload text)")
     held.execute("INSERT INTO blobs (payload) SELECT repeat(md5(g::text), 16) FROM generate_series(1, 2500) g")
 
     def blocked() -> bool:
@@ -255,8 +256,12 @@ def test_storage_over_limit_blocks_writes_until_back_under(
         {"limit": "storage", "value": "64Mi", "expiresAt": later(3600), "reason": "clean-up window"},
     ]}})
     writable()
-    with connect(uri) as conn:
-        conn.execute("TRUNCATE blobs")  # DELETE + VACUUM FULL works too; plain DELETE frees no disk
+    with connect(uri) as conn:  # the application's login deletes; that frees no disk, and it cannot TRUNCATE
+        conn.execute("DELETE FROM blobs")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("TRUNCATE blobs")
+    with as_owner(stack.admin_dsn(), "tenant_hoarder") as owner:  # a migration gives the space back
+        owner.execute("VACUUM FULL blobs")
     cluster.patch(QUOTAS, namespace, "hoarder", {"spec": {"overrides": []}})
     eventually(lambda: status(cluster, namespace, "hoarder")["hard"]["storage"] == "1Mi", timeout=10)
     writable()

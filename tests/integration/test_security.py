@@ -9,7 +9,7 @@ import pytest
 
 from tenancy_operator.devenv.stack import LocalStack
 
-from .harness import Cluster, OperatorProcess, connect, sql_value, tenant
+from .harness import Cluster, OperatorProcess, as_owner, connect, sql_value, tenant
 
 PLURAL = "tenants"
 
@@ -22,28 +22,34 @@ def test_isolation_matrix(stack: LocalStack, cluster: Cluster, operator: Operato
     for name in members:
         cluster.wait_condition(PLURAL, namespace, name)
         creds[name] = cluster.secret_data(namespace, f"{name}-db")
-        with connect(creds[name]["uri"]) as conn:
+        owner = "tenant_" + name.replace("-", "_")
+        with as_owner(stack.admin_dsn(members[name]), owner) as conn:  # what the tenant's migrations do
             conn.execute("CREATE TABLE private (v text)")
-            conn.execute("INSERT INTO private VALUES ('belongs to ' || current_user)")
             conn.execute("CREATE FUNCTION secret_fn() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+            conn.execute("GRANT EXECUTE ON FUNCTION secret_fn() TO PUBLIC")  # callable by anyone who reaches it
+        with connect(creds[name]["uri"]) as conn:
+            conn.execute("INSERT INTO private VALUES ('belongs to ' || current_user)")
 
     for a, b in itertools.permutations(members, 2):
         schema_b = "tenant_" + b.replace("-", "_")
-        with connect(creds[a]["uri"]) as conn:
-            for statement in (
-                f"SELECT * FROM {schema_b}.private",
-                f"INSERT INTO {schema_b}.private VALUES ('intruder')",
-                f"SELECT {schema_b}.secret_fn()",
-                f"CREATE TABLE {schema_b}.planted (v int)",
-                f"DROP TABLE {schema_b}.private",
-            ):
-                with pytest.raises((psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedTable,
-                                    psycopg.errors.InvalidSchemaName, psycopg.errors.UndefinedFunction)):
-                    conn.execute(statement)
-            # Listing: the catalog shows nothing inside B's schema to A.
-            listed = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = %s",
-                                  [schema_b]).fetchone()
-            assert listed == (0,), f"{a} can list {b}'s tables"
+        owner_a = "tenant_" + a.replace("-", "_")
+        # A's application login, and A's owner (what A's migrations run as) on A's server.
+        for session in (connect(creds[a]["uri"]), as_owner(stack.admin_dsn(members[a]), owner_a)):
+            with session as conn:
+                for statement in (
+                    f"SELECT * FROM {schema_b}.private",
+                    f"INSERT INTO {schema_b}.private VALUES ('intruder')",
+                    f"SELECT {schema_b}.secret_fn()",
+                    f"CREATE TABLE {schema_b}.planted (v int)",
+                    f"DROP TABLE {schema_b}.private",
+                ):
+                    with pytest.raises((psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedTable,
+                                        psycopg.errors.InvalidSchemaName, psycopg.errors.UndefinedFunction)):
+                        conn.execute(statement)
+                # Listing: the catalog shows nothing inside B's schema to A.
+                listed = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = %s",
+                                      [schema_b]).fetchone()
+                assert listed == (0,), f"{a} can list {b}'s tables"
         if members[a] != members[b]:
             # A's login does not exist on B's database server at all.
             other = creds[b]
