@@ -213,3 +213,27 @@ def test_templates_out_of_bounds_are_refused() -> None:
         check_template(migrations_from_data({f"{i:05d}.sql": "SELECT 1" for i in range(MAX_MIGRATIONS + 1)}))
     with pytest.raises(InvalidTemplate, match="version"):
         check_template(migrations_from_data({"0001 drop everything;.sql": "SELECT 1"}))
+
+
+def test_the_secret_carries_the_targets_tls_settings(tmp_path: Path) -> None:
+    import urllib.parse
+
+    from tenancy_operator.reconcilers.tenant import connection_keys
+
+    ca = tmp_path / "root.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    info = {"host": "db.internal", "port": 5433, "dbname": "app", "sslmode": "verify-full", "sslrootcert": str(ca)}
+    keys = connection_keys(info, None, "/etc/tenant-ca/ca.crt", user="tl_acme_a_0123abcd", password="p@ss/w:rd",
+                           schema="tenant_acme")
+    assert keys["sslmode"] == "verify-full" and keys["ca.crt"] == ca.read_text()
+    assert keys["sslrootcert"] == "/etc/tenant-ca/ca.crt"  # where the application mounts the ca.crt key
+    uri = urllib.parse.urlsplit(keys["uri"])
+    assert (uri.hostname, uri.port, uri.username, urllib.parse.unquote(uri.password or "")) == \
+        ("db.internal", 5433, "tl_acme_a_0123abcd", "p@ss/w:rd")
+    assert dict(urllib.parse.parse_qsl(uri.query)) == {"sslmode": "verify-full", "sslrootcert": "/etc/tenant-ca/ca.crt"}
+    jdbc = urllib.parse.urlsplit(keys["jdbcUrl"].removeprefix("jdbc:"))
+    assert dict(urllib.parse.parse_qsl(jdbc.query)) == {
+        "user": "tl_acme_a_0123abcd", "password": "p@ss/w:rd", "currentSchema": "tenant_acme",
+        "sslmode": "verify-full", "sslrootcert": "/etc/tenant-ca/ca.crt"}
+    plain = connection_keys({"host": "h", "dbname": "app"}, None, None, user="u", password="p", schema="s")
+    assert set(keys) - set(plain) == {"sslrootcert", "ca.crt"} and plain["sslmode"] == "prefer"
