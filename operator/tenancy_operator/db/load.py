@@ -25,6 +25,7 @@ import psycopg
 from psycopg import sql
 
 from tenancy_operator.db.targets import Conn
+from tenancy_operator.db.tenants import login_roles
 
 MAX_WAIT_EVENTS = 8
 
@@ -86,28 +87,38 @@ async def capabilities(conn: Conn) -> LoadCapabilities:
 
 
 async def read(conn: Conn, caps: LoadCapabilities, idents: Sequence[str]) -> dict[str, RoleLoad]:
-    """Load of every tenant role in ``idents`` (roles that do not exist are left out): one statement.
-    Raises psycopg.errors.ObjectNotInPrerequisiteState if pg_stat_statements stopped being loaded."""
+    """Load of every tenant in ``idents`` (owner role names), summed over the owner and all its
+    login roles (the application's logins run the queries): one statement. Tenants none of whose
+    roles exist are left out. Raises psycopg.errors.ObjectNotInPrerequisiteState if
+    pg_stat_statements stopped being loaded."""
+    names: list[str] = []
+    owners: list[str] = []
+    for ident in idents:
+        for role in (ident, *login_roles(ident)):
+            names.append(role)
+            owners.append(ident)
     statements = sql.SQL("""
-        SELECT s.userid, sum(s.total_exec_time) / 1000.0 AS exec_seconds, sum(s.calls)::bigint AS calls,
+        SELECT r.rolname AS owner, sum(s.total_exec_time) / 1000.0 AS exec_seconds, sum(s.calls)::bigint AS calls,
                sum(s.rows)::bigint AS rows,
                sum(s.shared_blks_hit + s.shared_blks_read + s.shared_blks_dirtied + s.shared_blks_written)::bigint
                    AS shared_blocks,
                sum(s.temp_blks_read + s.temp_blks_written)::bigint AS temp_blocks
           FROM {schema}.pg_stat_statements(false) s
-         WHERE s.userid IN (SELECT oid FROM roles)
-           AND s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-         GROUP BY s.userid
+          JOIN roles r ON r.oid = s.userid
+         WHERE s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+         GROUP BY r.rolname
     """).format(schema=sql.Identifier(caps.schema)) if caps.statements and caps.schema else sql.SQL("""
-        SELECT NULL::oid AS userid, 0::float8 AS exec_seconds, 0::bigint AS calls, 0::bigint AS rows,
+        SELECT NULL::name AS owner, 0::float8 AS exec_seconds, 0::bigint AS calls, 0::bigint AS rows,
                0::bigint AS shared_blocks, 0::bigint AS temp_blocks WHERE false
     """)
     cur = await conn.execute(
         sql.SQL("""
             WITH roles AS (
-                SELECT r.oid, r.rolname FROM pg_roles r WHERE r.rolname = ANY(%(idents)s::text[])
+                SELECT r.oid, want.owner::name AS rolname
+                  FROM unnest(%(names)s::text[], %(owners)s::text[]) AS want(name, owner)
+                  JOIN pg_roles r ON r.rolname = want.name
             ), stmts AS ({statements}), sessions AS (
-                SELECT a.usesysid AS userid,
+                SELECT r.rolname AS owner,
                        count(*) FILTER (WHERE a.state = 'active')::int AS active,
                        count(*) FILTER (WHERE a.state = 'active' AND a.wait_event IS NOT NULL
                                           AND a.wait_event_type <> 'Activity')::int AS waiting,
@@ -115,19 +126,19 @@ async def read(conn: Conn, caps: LoadCapabilities, idents: Sequence[str]) -> dic
                           FILTER (WHERE a.state = 'active' AND a.wait_event IS NOT NULL
                                     AND a.wait_event_type <> 'Activity'))[1:{max_events}] AS wait_events
                   FROM pg_stat_activity a
-                 WHERE a.usesysid IN (SELECT oid FROM roles)
-                 GROUP BY a.usesysid
+                  JOIN roles r ON r.oid = a.usesysid
+                 GROUP BY r.rolname
             )
             SELECT r.rolname AS ident, coalesce(s.exec_seconds, 0)::float8 AS exec_seconds,
                    coalesce(s.calls, 0) AS calls, coalesce(s.rows, 0) AS rows,
                    coalesce(s.shared_blocks, 0) AS shared_blocks, coalesce(s.temp_blocks, 0) AS temp_blocks,
                    coalesce(a.active, 0) AS active, coalesce(a.waiting, 0) AS waiting,
                    coalesce(a.wait_events, '{{}}') AS wait_events
-              FROM roles r
-              LEFT JOIN stmts s ON s.userid = r.oid
-              LEFT JOIN sessions a ON a.userid = r.oid
+              FROM (SELECT DISTINCT rolname FROM roles) r
+              LEFT JOIN stmts s ON s.owner = r.rolname
+              LEFT JOIN sessions a ON a.owner = r.rolname
         """).format(statements=statements, max_events=sql.Literal(MAX_WAIT_EVENTS)),
-        {"idents": list(idents)},
+        {"names": names, "owners": owners},
     )
     out: dict[str, RoleLoad] = {}
     for row in await cur.fetchall():
