@@ -7,6 +7,7 @@ and PostgreSQL are the session's real processes.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -237,3 +238,25 @@ def as_owner(admin_dsn: str, owner: str) -> psycopg.Connection[tuple[Any, ...]]:
     conn = connect(admin_dsn)
     conn.execute(psql.SQL("SET ROLE {}").format(psql.Identifier(owner)))
     return conn
+
+
+@contextlib.contextmanager
+def crd_schema_replaced(
+    stack: LocalStack, crd: str, path: str, change: Callable[[dict[str, Any]], dict[str, Any]]
+) -> Iterator[None]:
+    """The schema node of ``crd`` at the JSON-pointer ``path`` replaced by ``change(node)`` for the
+    block (an older CRD, to store objects it allowed); the real one put back after."""
+    node: Any = json.loads(stack.kubectl("get", "crd", crd, "-o", "json").stdout)
+    for part in path.strip("/").split("/"):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    original = node
+
+    def replace(value: dict[str, Any]) -> None:
+        patch = json.dumps([{"op": "replace", "path": path, "value": value}])
+        stack.kubectl("patch", "crd", crd, "--type=json", "-p", patch)
+
+    replace(change(original))
+    try:
+        yield
+    finally:
+        replace(original)

@@ -21,7 +21,7 @@ import pytest
 
 from tenancy_operator.devenv.stack import LocalStack
 
-from .harness import GROUP, VERSION, Cluster, OperatorProcess, eventually
+from .harness import GROUP, VERSION, Cluster, OperatorProcess, crd_schema_replaced, eventually
 
 PLURAL = "featureflags"
 CRD = f"{PLURAL}.{GROUP}"
@@ -49,22 +49,8 @@ def deep_flag_manifest(name: str) -> str:
 @pytest.fixture
 def unbounded_crd(stack: LocalStack) -> Iterator[None]:
     """The FeatureFlag CRD with variant values unbounded, as it was; the real one put back after."""
-    crd = json.loads(stack.kubectl("get", "crd", CRD, "-o", "json").stdout)
-    node: Any = crd
-    for part in VALUE_PATH.strip("/").split("/"):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    bounded = node
-    unbounded = {"x-kubernetes-preserve-unknown-fields": True}
-
-    def replace(value: dict[str, Any]) -> None:
-        patch = json.dumps([{"op": "replace", "path": VALUE_PATH, "value": value}])
-        stack.kubectl("patch", "crd", CRD, "--type=json", "-p", patch)
-
-    replace(unbounded)
-    try:
+    with crd_schema_replaced(stack, CRD, VALUE_PATH, lambda _: {"x-kubernetes-preserve-unknown-fields": True}):
         yield
-    finally:
-        replace(bounded)
 
 
 def ready(cluster: Cluster, namespace: str, name: str) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from tenancy_operator.devenv.stack import LocalStack
 
-from .harness import GROUP, Cluster, OperatorProcess, connect, eventually, sql_value, tenant
+from .harness import GROUP, Cluster, OperatorProcess, connect, crd_schema_replaced, eventually, sql_value, tenant
 
 PLURAL = "tenants"
 CRD = f"{PLURAL}.{GROUP}"
@@ -27,22 +27,11 @@ FINALIZER = "tenancy.dev/finalizer"
 def unbounded_retention(stack: LocalStack) -> Iterator[None]:
     """The Tenant CRD with archiveRetention checked by its pattern only, as it was; the real one
     put back after."""
-    crd = json.loads(stack.kubectl("get", "crd", CRD, "-o", "json").stdout)
-    node: Any = crd
-    for part in RETENTION_PATH.strip("/").split("/"):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    bounded = node
-    unbounded = {k: v for k, v in bounded.items() if k not in ("x-kubernetes-validations", "maxLength")}
+    def pattern_only(node: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in node.items() if k not in ("x-kubernetes-validations", "maxLength")}
 
-    def replace(value: dict[str, Any]) -> None:
-        patch = json.dumps([{"op": "replace", "path": RETENTION_PATH, "value": value}])
-        stack.kubectl("patch", "crd", CRD, "--type=json", "-p", patch)
-
-    replace(unbounded)
-    try:
+    with crd_schema_replaced(stack, CRD, RETENTION_PATH, pattern_only):
         yield
-    finally:
-        replace(bounded)
 
 
 def test_out_of_range_retention_does_not_stop_the_sweep_for_others(
