@@ -935,13 +935,14 @@ class TenantReconciler:
                         await sqlt.terminate_all_sessions(conn, ident)
                     if policy == "Archive" and role_ours and provisioned:
                         events += await self._archive(conn, gate, body, spec, ident, row.id)
-                    if policy in ("Delete", "Archive") and (role_ours or provisioned):
-                        await gate.run(
-                            "delete", lambda: sqlt.drop_tenant_objects(conn, ident, ident, role_too=role_ours),
-                            detail=f"drop schema and role {ident}")
+                    if policy in ("Delete", "Archive"):
+                        if role_ours or provisioned:  # else nothing of the operator's is there to drop
+                            await gate.run(
+                                "delete", lambda: sqlt.drop_tenant_objects(conn, ident, ident, role_too=role_ours),
+                                detail=f"drop schema and role {ident}")
+                            events.append(("Normal", "Dropped", f"schema and role {ident} dropped"))
                         await sqlt.mark_deleted(conn, self.control, row.id,
                                                 "archived" if policy == "Archive" else "dropped")
-                        events.append(("Normal", "Dropped", f"schema and role {ident} dropped"))
                     else:
                         await sqlt.mark_deleted(conn, self.control, row.id, "deleted")
                         events.append(("Normal", "Retained",
