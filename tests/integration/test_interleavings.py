@@ -213,12 +213,39 @@ async def test_a_tenant_deleted_while_its_finalizer_was_added_leaves_nothing_beh
     vanish(cluster, TENANTS, namespace, "blink")
 
     await svc.run(taken)  # Kopf's create handler
+    # Its progress could not be stored on the gone object, and the event its finalizer patch made
+    # comes next: Kopf runs the handler again, on a body of the same uid.
+    await svc.run(taken)
 
     assert role_count(stack, "tenant_blink") == 0
     assert sql_value(stack.admin_dsn(), "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_blink'") == 0
     assert sql_value(stack.admin_dsn(), "SELECT array_agg(state) FROM tenancy.tenants WHERE namespace = %s",
                      [namespace]) == ["dropped"]
     assert await ctx.kube.get_secret(namespace, "blink-db") is None
+
+
+async def test_a_tenant_whose_deleted_event_comes_during_that_reconcile_leaves_nothing_behind(
+    stack: LocalStack, cluster: Cluster, ctx: OperatorContext, namespace: str
+) -> None:
+    """The same race, with the watch's DELETED event handled while the create handler's reconcile
+    runs: the event says the Tenant is gone, not that its deletion was applied."""
+    svc = TenantService(ctx)
+    taken = taken_on(cluster, TENANTS, namespace, tenant("flash", deletionPolicy="Delete"))
+    vanish(cluster, TENANTS, namespace, "flash")
+    reconcile = svc.reconciler.reconcile
+
+    async def reconcile_then_watch_event(body: Any) -> Any:
+        out = await reconcile(body)
+        svc.tenant_changed("DELETED", taken)  # the event is handled here, in this order
+        return out
+
+    svc.reconciler.reconcile = reconcile_then_watch_event  # type: ignore[method-assign]
+    await svc.run(taken)  # Kopf's create handler
+
+    assert role_count(stack, "tenant_flash") == 0
+    assert sql_value(stack.admin_dsn(), "SELECT array_agg(state) FROM tenancy.tenants WHERE namespace = %s",
+                     [namespace]) == ["dropped"]
+    assert await ctx.kube.get_secret(namespace, "flash-db") is None
 
 
 async def test_a_flag_deleted_while_its_finalizer_was_added_leaves_nothing_behind(

@@ -189,6 +189,11 @@ class TenantService:
         started = time.monotonic()
         async with (self.ctx.lock(KIND, meta["namespace"], meta["name"]),
                     self.ctx.reconcile_slots.hold(meta["namespace"])):
+            if meta.get("uid") in self._gone:
+                # Finalized, or gone from the watch: Kopf can still run a handler on a body of it
+                # (its progress patch met the gone object, and the event its finalizer patch made
+                # came next). Provisioning it again would leave what nothing is left to drop.
+                return None if listed else Outcome(False, "Deleted", "the tenant is gone", "Deleting")
             if listed:
                 if key in self._deleting or self._superseded(body):
                     return None
@@ -234,8 +239,9 @@ class TenantService:
         meta = body["metadata"]
         key = _key(body)
         metrics.PENDING.discard(KIND, key)
-        if meta.get("uid") in self._gone:
-            return  # finalized meanwhile
+        # Even if the uid is among the gone: the watch's DELETED event says the object is gone, not
+        # that its deletion was applied. finalize(same_uid=True) finds nothing live of a Tenant
+        # already finalized, so it is safe to repeat.
         try:
             events = await self.reconciler.finalize(body, same_uid=True)
         except (psycopg.Error, Retry, ArchiveBlocked) as exc:
