@@ -43,6 +43,7 @@ binaries:
 lint: venv
 	$(VENV)/bin/ruff check operator tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 helm-lint: binaries
 	"$$(hack/build-control-plane.sh)/helm" lint --strict helm/tenancy-operator

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["audit"]:
         return _audit(argv[1:])
     if argv[:1] == ["flags"]:
-        from tenancy_operator.flags.cli import main as flags_main
+        from tenancy_operator.flags_cli import main as flags_main
 
         return flags_main(argv[1:])
     parser = argparse.ArgumentParser(prog="tenancy-operator", description=__doc__)

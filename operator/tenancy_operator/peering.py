@@ -14,8 +14,6 @@ import datetime
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
-from kubernetes_asyncio.client.exceptions import ApiException
-
 from tenancy_operator.k8s.client import Kube
 from tenancy_operator.observability.logging import get_logger
 
@@ -57,19 +55,14 @@ class PeeringGate:
         self.leading = False
 
     async def _statuses(self) -> list[Mapping[str, Any]]:
-        custom = self.kube.custom
-        objs: list[Mapping[str, Any]] = []
-        try:
-            if not self.namespaces:
-                objs.append(await custom.get_cluster_custom_object(
-                    KOPF_GROUP, KOPF_VERSION, "clusterkopfpeerings", self.name))
-            for ns in self.namespaces:
-                objs.append(await custom.get_namespaced_custom_object(
-                    KOPF_GROUP, KOPF_VERSION, ns, "kopfpeerings", self.name))
-        except ApiException as exc:
-            if exc.status != 404:  # no peering object: Kopf does not pause either
-                raise
-        return [o.get("status") or {} for o in objs]
+        # No peering object (None): Kopf does not pause either.
+        objs: list[Mapping[str, Any] | None] = []
+        if not self.namespaces:
+            objs.append(await self.kube.get_cluster_object(KOPF_GROUP, KOPF_VERSION, "clusterkopfpeerings", self.name))
+        for ns in self.namespaces:
+            objs.append(await self.kube.get_object("kopfpeerings", ns, self.name,
+                                                   group=KOPF_GROUP, version=KOPF_VERSION))
+        return [o.get("status") or {} for o in objs if o is not None]
 
     async def check(self) -> bool:
         try:

@@ -12,6 +12,7 @@ from typing import Any
 
 import kopf
 
+from tenancy_operator.api.names import FINALIZER
 from tenancy_operator.config import Settings
 from tenancy_operator.db.targets import DatabaseTargets
 from tenancy_operator.handlers import featureflag as featureflag_handlers
@@ -25,7 +26,7 @@ from tenancy_operator.observability.events import EventRecorder
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.peering import PeeringGate
 from tenancy_operator.runtime_context import OperatorContext
-from tenancy_operator.sweep import FINALIZER, Sweeper
+from tenancy_operator.sweep import Sweeper
 
 log = get_logger(__name__)
 # Each kind's handler module has ``register(registry)`` and ``create_service(ctx)``; a service

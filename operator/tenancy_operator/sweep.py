@@ -15,31 +15,29 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 import psycopg_pool
-from kubernetes_asyncio.client.exceptions import ApiException
 
-from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.common import parse_duration
+from tenancy_operator.api.names import FINALIZER, MANAGED_BY, TENANT_LABEL
 from tenancy_operator.api.tenant import TenantSpec, tenant_identifier
 from tenancy_operator.conditions import Cond, merge
 from tenancy_operator.db import audit
 from tenancy_operator.db import tenants as sqlt
-from tenancy_operator.k8s.client import MERGE_PATCH, raw
+from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
-from tenancy_operator.reconcilers.tenant import MANAGED_BY, TENANT_LABEL, purge_expired_archives, secret_name
+from tenancy_operator.reconcilers.drift import drifted
+from tenancy_operator.reconcilers.tenant import purge_expired_archives, secret_name
 from tenancy_operator.runtime_context import OperatorContext
 
 if TYPE_CHECKING:
     from tenancy_operator.handlers.tenant import TenantService
 
 log = get_logger(__name__)
-FINALIZER = "tenancy.dev/finalizer"
 BREACH = "IsolationBreach"
 
 
@@ -48,33 +46,6 @@ def _ready(body: dict[str, Any]) -> bool:
     if status.get("observedGeneration") != body["metadata"].get("generation"):
         return False
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-
-
-def drifted(spec: TenantSpec, ident: str, obs: sqlt.Observed,
-            logins: Mapping[str, sqlt.LoginObserved] | None = None,
-            creds: sqlt.CredentialsRow | None = None) -> list[str]:
-    """What differs between a provisioned tenant's declaration and the catalog. With its login
-    roles (``logins``) and the registry's record of them (``creds``): also missing login roles,
-    incomplete grants of a login role, and a role that may log in although it should not (or the
-    other way round)."""
-    checks = {
-        "role": obs.role_exists,
-        "schema": obs.schema_exists,
-        "schema-owner": obs.schema_owned,
-        "grants": obs.schema_privileges,
-        "search-path": obs.search_path in (ident, f'"{ident}"'),
-    }
-    if logins is not None:
-        read_only = spec.credentials.read_only_login
-        checks["login-role"] = all(lo.exists for s, lo in logins.items() if s != sqlt.READ_ONLY_SLOT or read_only)
-        checks["login-grants"] = all(lo.grants_ok for lo in logins.values() if lo.exists)
-        want = sqlt.wanted_logins(
-            ident, slot=creds.login_slot if creds else None, retiring=creds.retiring_role if creds else None,
-            suspended=str(getattr(spec.state, "value", spec.state)) == "Suspended", read_only=read_only)
-        have = {ident: obs.can_login,
-                **{sqlt.login_role(ident, s): lo.can_login for s, lo in logins.items() if lo.exists}}
-        checks["login"] = all(have[r] == w for r, w in want.items() if r in have)
-    return [k for k, ok in checks.items() if not ok]
 
 
 class Sweeper:
@@ -212,17 +183,17 @@ class Sweeper:
                 held.update(f.kind.value for f in report.remaining(role))
                 try:
                     await self._report_isolation(target, ref, body, report, findings)
-                except ApiException as exc:
+                except ApiError as exc:
                     log.warning("isolation report failed", target=target, namespace=ref.namespace, name=ref.name,
-                                error=f"ApiException {exc.status}")
+                                error=f"ApiError {exc.status}")
                 if body is not None:
                     per_tenant.setdefault((ref.namespace, ref.name), (ref, body, []))[2].append((role, findings))
             for ref, body, roles in per_tenant.values():
                 try:
                     await self._set_condition(body, _breach_condition(report, roles))
-                except ApiException as exc:
+                except ApiError as exc:
                     log.warning("isolation report failed", target=target, namespace=ref.namespace, name=ref.name,
-                                error=f"ApiException {exc.status}")
+                                error=f"ApiError {exc.status}")
             for key in [k for k in self._held if k[0] == target and k[1] not in report.tenants]:
                 del self._held[key]
         for kind in audit.Kind:
@@ -249,14 +220,8 @@ class Sweeper:
         still the newest: a reconcile's status written meanwhile is never overwritten)."""
         meta = body["metadata"]
         for _ in range(3):
-            try:
-                fresh = await self.ctx.kube.custom.get_namespaced_custom_object(
-                    GROUP, VERSION, meta["namespace"], "tenants", meta["name"])
-            except ApiException as exc:
-                if exc.status == 404:
-                    return
-                raise
-            if fresh["metadata"].get("uid") != meta.get("uid"):
+            fresh = await self.ctx.kube.get_object("tenants", meta["namespace"], meta["name"])
+            if fresh is None or fresh["metadata"].get("uid") != meta.get("uid"):
                 return
             old = (fresh.get("status") or {}).get("conditions") or []
             current = next((c for c in old if c.get("type") == cond.type), None)
@@ -266,13 +231,12 @@ class Sweeper:
                     cond.status, cond.reason, cond.message):
                 return
             generation = int(fresh["metadata"].get("generation") or 0)
-            patch = {"metadata": {"resourceVersion": fresh["metadata"]["resourceVersion"]},
-                     "status": {"conditions": merge(old, [cond], generation)}}
             try:
-                await raw(self.ctx.kube.custom.patch_namespaced_custom_object_status, GROUP, VERSION,
-                          meta["namespace"], "tenants", meta["name"], patch, _content_type=MERGE_PATCH)
+                await self.ctx.kube.patch_status_if("tenants", meta["namespace"], meta["name"],
+                                                    {"conditions": merge(old, [cond], generation)},
+                                                    fresh["metadata"]["resourceVersion"])
                 return
-            except ApiException as exc:
+            except ApiError as exc:
                 if exc.status != 409:
                     raise
 

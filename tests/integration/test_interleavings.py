@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from kubernetes_asyncio import client, config
 
+from tenancy_operator.api.names import FINALIZER
 from tenancy_operator.config import Settings
 from tenancy_operator.db.targets import DatabaseTargets
 from tenancy_operator.devenv.stack import LocalStack
@@ -27,7 +28,6 @@ from tenancy_operator.observability import metrics
 from tenancy_operator.observability.events import EventRecorder
 from tenancy_operator.reconcilers.featureflag import configmap_name
 from tenancy_operator.runtime_context import OperatorContext
-from tenancy_operator.sweep import FINALIZER
 
 from .harness import Cluster, OperatorProcess, sql_value, tenant
 

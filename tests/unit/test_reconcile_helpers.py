@@ -19,7 +19,7 @@ from tenancy_operator.config import Settings
 from tenancy_operator.db.tenant_migrations import ChecksumMismatch, Migration, migrations_from_data, pending
 from tenancy_operator.db.tenants import CredentialsRow, LoginObserved, Observed, login_role, scram_sha256_verifier
 from tenancy_operator.handlers.common import backoff
-from tenancy_operator.sweep import drifted
+from tenancy_operator.reconcilers.drift import drifted
 
 
 def test_condition_transition_time_moves_only_when_status_flips() -> None:

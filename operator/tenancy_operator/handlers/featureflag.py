@@ -18,13 +18,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from tenancy_operator import GROUP, VERSION
+from tenancy_operator.api.names import FINALIZER
 from tenancy_operator.conditions import Cond, merge, status_differs
 from tenancy_operator.handlers.common import Tombstones, backoff
-from tenancy_operator.k8s import safejson
-from tenancy_operator.k8s.client import raw
+from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.featureflag import PLURAL, FeatureFlagReconciler, Outcome, Retry
@@ -177,7 +176,7 @@ class FeatureFlagService:
             result="ready" if out.ready else out.reason)
         try:
             await self.write_status(body, status)
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status != 404:
                 raise
             return False
@@ -283,17 +282,14 @@ class FeatureFlagService:
 
     async def _list(self, namespaces: set[str] | None) -> list[dict[str, Any]]:
         # Decoded with safejson: one flag nested too deep for Python's json must not fail the sweep.
-        custom = self.ctx.kube.custom
         watched = self.ctx.settings.namespace_list
         if namespaces is None and not watched:
-            result = safejson.loads(await raw(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL))
-            return list(result.get("items") or [])
+            return await self.ctx.kube.list_objects(PLURAL)
         items: list[dict[str, Any]] = []
         for ns in sorted(namespaces if namespaces is not None else set(watched)):
             if watched and ns not in watched:
                 continue
-            result = safejson.loads(await raw(custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL))
-            items += result.get("items") or []
+            items += await self.ctx.kube.list_objects(PLURAL, ns)
         return items
 
     async def sweep_once(self, nudged: Mapping[str, set[str]] | None = None) -> int:
@@ -306,7 +302,7 @@ class FeatureFlagService:
         tenants: dict[str, set[str]] = {}
         for item in await self._list(None if nudged is None else set(nudged)):
             meta = item["metadata"]
-            if meta.get("deletionTimestamp") or "tenancy.dev/finalizer" not in (meta.get("finalizers") or []):
+            if meta.get("deletionTimestamp") or FINALIZER not in (meta.get("finalizers") or []):
                 continue  # not taken over by the handlers yet, or being deleted: theirs to do
             namespace = meta["namespace"]
             if nudged is not None:
@@ -319,7 +315,7 @@ class FeatureFlagService:
                 await self.run(item, tenants=tenants[namespace])
             except (kopf.TemporaryError, Retry):
                 pass  # reported in status; the handler's own retries or the next sweep go on
-            except ApiException as exc:
+            except ApiError as exc:
                 log.warning("featureflag sweep: API error", name=meta["name"], status=exc.status)
             except Exception as exc:  # one broken flag must not stop the sweep of the others
                 log.warning("featureflag sweep: reconcile failed", name=meta["name"], error=type(exc).__name__)

@@ -10,23 +10,23 @@ from typing import Any
 
 import kopf
 import psycopg
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from tenancy_operator import GROUP, VERSION
+from tenancy_operator.api.names import ACK_SCHEMA_RECREATED_ANNOTATION
 from tenancy_operator.api.tenant import tenant_identifier
 from tenancy_operator.conditions import Cond, merge, status_differs
 from tenancy_operator.handlers.common import Tombstones, backoff
+from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import WATCH_HANDLER_ID, get_logger
 from tenancy_operator.reconcilers.errors import Retry
+from tenancy_operator.reconcilers.resume import ResumeChecker
 from tenancy_operator.reconcilers.tenant import (
-    ACK_SCHEMA_RECREATED_ANNOTATION,
     ArchiveBlocked,
     Outcome,
     TenantReconciler,
     secret_name,
 )
-from tenancy_operator.resume import ResumeChecker
 from tenancy_operator.runtime_context import OperatorContext, TenantWatcher
 
 KIND, PLURAL = "Tenant", "tenants"
@@ -275,7 +275,7 @@ class TenantService:
         limits = self.limits(body) if self.limits is not None and out.ready else None
         try:
             await self.write_status(body, desired_status(body, out, ident, limits))
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status != 404:
                 raise
             return False

@@ -1,4 +1,6 @@
-"""One kubernetes_asyncio client for the process; reads and writes we need outside Kopf's patch.
+"""The Kubernetes gateway: one kubernetes_asyncio client for the process, and every read and write
+the operator makes outside Kopf's own patches. Nothing outside ``k8s/`` imports kubernetes_asyncio
+(checked by `make lint`); callers catch ``ApiError``.
 
 Core objects (Secrets, ConfigMaps, Events) are sent and read as plain JSON (`raw`): the client's
 generated model classes cost more CPU to build and convert back than the requests themselves
@@ -17,8 +19,11 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.client.rest import RESTResponse
 
 from tenancy_operator import GROUP, VERSION
+from tenancy_operator.k8s import safejson
 
 MERGE_PATCH = "application/merge-patch+json"
+ApiError = ApiException
+"""A non-2xx answer of the API server (``.status`` holds the HTTP code)."""
 
 
 def older_version(meta: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
@@ -120,17 +125,58 @@ class Kube:
                 return None
             raise
 
+    async def create_configmap(self, namespace: str, body: dict[str, Any]) -> None:
+        await raw(self.core.create_namespaced_config_map, namespace, body)
+
+    async def replace_configmap(self, namespace: str, name: str, body: dict[str, Any]) -> None:
+        await raw(self.core.replace_namespaced_config_map, name, namespace, body)
+
+    async def delete_configmap(self, namespace: str, name: str) -> None:
+        await raw(self.core.delete_namespaced_config_map, name, namespace)
+
     async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
         await raw(self.custom.patch_namespaced_custom_object_status,
                   GROUP, VERSION, namespace, plural, name, {"status": status}, _content_type=MERGE_PATCH)
 
+    async def patch_status_if(self, plural: str, namespace: str, name: str, status: dict[str, Any],
+                              resource_version: str | None) -> dict[str, Any]:
+        """Merge-patch the status; with ``resource_version``, only if the object is still that
+        version (409 otherwise). Returns the object as written."""
+        document: dict[str, Any] = {"status": status}
+        if resource_version:
+            document["metadata"] = {"resourceVersion": resource_version}
+        written = await raw(self.custom.patch_namespaced_custom_object_status,
+                            GROUP, VERSION, namespace, plural, name, document, _content_type=MERGE_PATCH)
+        return safejson.loads(written)  # type: ignore[no-any-return]
+
+    async def get_object(self, plural: str, namespace: str, name: str, *,
+                         group: str = GROUP, version: str = VERSION) -> dict[str, Any] | None:
+        """One of our objects (or, with ``group``/``version``, any namespaced custom object); None if absent."""
+        try:
+            return safejson.loads(await raw(  # type: ignore[no-any-return]
+                self.custom.get_namespaced_custom_object, group, version, namespace, plural, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def get_cluster_object(self, group: str, version: str, plural: str, name: str) -> dict[str, Any] | None:
+        try:
+            return safejson.loads(await raw(  # type: ignore[no-any-return]
+                self.custom.get_cluster_custom_object, group, version, plural, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     async def list_objects(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
-        """Our objects of one kind in ``namespace``; None: in every watched namespace."""
+        """Our objects of one kind in ``namespace``; None: in every watched namespace. Decoded with
+        safejson: one object nested deeper than Python's json allows must not fail the listing."""
         if namespace is None and not self.namespaces:
-            result = await self.custom.list_cluster_custom_object(GROUP, VERSION, plural)
-            return list(result.get("items", []))
+            result = safejson.loads(await raw(self.custom.list_cluster_custom_object, GROUP, VERSION, plural))
+            return list(result.get("items") or [])
         items: list[dict[str, Any]] = []
         for ns in (namespace,) if namespace is not None else self.namespaces:
-            result = await self.custom.list_namespaced_custom_object(GROUP, VERSION, ns, plural)
-            items += result.get("items", [])
+            result = safejson.loads(await raw(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, plural))
+            items += result.get("items") or []
         return items

@@ -25,24 +25,28 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
-from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.featureflag import FeatureFlagSpec
+from tenancy_operator.api.names import (
+    FLAG_LABEL,
+    FLAGD_LABEL,
+    GENERATION_ANNOTATION,
+    MANAGED_BY,
+    MANAGED_BY_KEY,
+    MANAGED_BY_VALUE,
+)
 from tenancy_operator.db import flags as dbf
 from tenancy_operator.flags.diff import summarize
 from tenancy_operator.flags.flagd import flagd_document
 from tenancy_operator.flags.model import FlagDefinition
+from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.runtime_context import OperatorContext
 
 PLURAL = "featureflags"
 FLAGD_DATA_KEY = "flagd.json"
-MANAGED_BY = {"app.kubernetes.io/managed-by": "tenancy-operator"}
-FLAG_LABEL = "tenancy.dev/featureflag"
-FLAGD_LABEL = "tenancy.dev/flagd"
-GENERATION_ANNOTATION = "tenancy.dev/generation"
 CONFIGMAP_SUFFIX = "-flagd"
 MAX_NAME = 253
 
@@ -135,19 +139,16 @@ class FeatureFlagReconciler:
 
     async def tenant_names(self, namespace: str) -> set[str]:
         try:
-            result = await self.ctx.kube.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "tenants")
-        except ApiException as exc:
+            tenants = await self.ctx.kube.list_objects("tenants", namespace)
+        except ApiError as exc:
             raise Retry("KubernetesAPI", f"listing Tenants failed: {exc.status}") from exc
-        return {str(t["metadata"]["name"]) for t in result.get("items", [])}
+        return {str(t["metadata"]["name"]) for t in tenants}
 
     async def _flag_exists(self, namespace: str, name: str) -> bool:
         try:
-            await self.ctx.kube.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
+            return await self.ctx.kube.get_object(PLURAL, namespace, name) is not None
+        except ApiError as exc:
             raise Retry("KubernetesAPI", f"reading FeatureFlag {name} failed: {exc.status}") from exc
-        return True
 
     # --- reconcile ----------------------------------------------------------------------------
 
@@ -269,11 +270,11 @@ class FeatureFlagReconciler:
         try:
             current = await kube.get_configmap(namespace, name)
             if current is None:
-                await kube.core.create_namespaced_config_map(namespace, desired)
+                await kube.create_configmap(namespace, desired)
                 return name
             cmeta = current.get("metadata") or {}
             labels = cmeta.get("labels") or {}
-            ours = labels.get("app.kubernetes.io/managed-by") == "tenancy-operator"
+            ours = labels.get(MANAGED_BY_KEY) == MANAGED_BY_VALUE
             if labels.get(FLAG_LABEL) != meta["name"] or not ours:
                 raise Retry("Conflict", f"ConfigMap {name} exists and is not managed by tenancy-operator "
                                         f"for FeatureFlag {meta['name']}; delete or rename it")
@@ -293,8 +294,8 @@ class FeatureFlagReconciler:
                 out.events.append(("Normal", "DriftRepaired",
                                    f"ConfigMap {name} changed outside the operator; rewritten"))
             desired["metadata"]["resourceVersion"] = cmeta.get("resourceVersion")
-            await kube.core.replace_namespaced_config_map(name, namespace, desired)
-        except ApiException as exc:
+            await kube.replace_configmap(namespace, name, desired)
+        except ApiError as exc:
             raise Retry("KubernetesAPI", f"writing ConfigMap {name} failed: {exc.status}") from exc
         return name
 
@@ -330,8 +331,8 @@ class FeatureFlagReconciler:
             current = await self.ctx.kube.get_configmap(namespace, configmap_name(name))
             if current is not None and (current["metadata"].get("labels") or {}).get(FLAG_LABEL) == name \
                     and (not same_uid or _owned_by(current, str(meta.get("uid") or ""))):
-                await self.ctx.kube.core.delete_namespaced_config_map(configmap_name(name), namespace)
-        except ApiException as exc:
+                await self.ctx.kube.delete_configmap(namespace, configmap_name(name))
+        except ApiError as exc:
             if exc.status != 404:
                 raise Retry("KubernetesAPI", f"deleting ConfigMap failed: {exc.status}") from exc
         if removed:

@@ -18,12 +18,12 @@ from typing import TypeVar
 import psycopg
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from tenancy_operator.api.names import RETRY_ANNOTATION
 from tenancy_operator.db import jobs as ledger
 from tenancy_operator.db.targets import Conn
 from tenancy_operator.observability import metrics
 from tenancy_operator.reconcilers.errors import Retry
 
-RETRY_ANNOTATION = "tenancy.dev/retry"
 T = TypeVar("T")
 
 # Worth another try within the same attempt: the next try usually succeeds.

@@ -26,11 +26,9 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
-from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.common import format_quantity, parse_duration
 from tenancy_operator.api.quota import (
     CONDITION_EXCEEDED,
@@ -54,7 +52,7 @@ from tenancy_operator.db import quota as dbq
 from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.quota import RoleQuotaState
 from tenancy_operator.db.targets import Conn
-from tenancy_operator.k8s.client import MERGE_PATCH, older_version
+from tenancy_operator.k8s.client import ApiError, older_version
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import Retry
@@ -848,7 +846,7 @@ class QuotaService:
                     await self.pass_once()
                 except asyncio.CancelledError:
                     raise
-                except ApiException as exc:  # e.g. 429 while the API server starts
+                except ApiError as exc:  # e.g. 429 while the API server starts
                     log.warning("quota pass failed", error="KubernetesAPI", status=exc.status)
                     wait = min(interval, RETRY_FAILED_PASS_SECONDS)
                 except Exception:
@@ -890,20 +888,13 @@ class QuotaService:
         cached = self._tenants.get((namespace, name))
         if cached is not None:
             return cached
-        try:
-            obj = await self.ctx.kube.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, TENANTS, name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return dict(obj)
+        return await self.ctx.kube.get_object(TENANTS, namespace, name)
 
     async def _tenant_quotas(self, namespace: str, tenant: str) -> list[dict[str, Any]]:
         """The Quotas naming ``tenant``: from the watch cache, from a LIST before it filled."""
         if self._seen_listing[QUOTAS]:
             return list(self._quotas_by_tenant.get((namespace, tenant), {}).values())
-        result = await self.ctx.kube.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, QUOTAS)
-        return [q for q in result.get("items", []) if _tenant_ref(q) == tenant]
+        return [q for q in await self.ctx.kube.list_objects(QUOTAS, namespace) if _tenant_ref(q) == tenant]
 
     # --- reading the databases ---------------------------------------------------------------------
 
@@ -1135,7 +1126,7 @@ class QuotaService:
                               namespace=namespace, tenant=name, trigger=trigger)
                     return None
                 quotas = sort_quotas(await self._tenant_quotas(namespace, name))
-            except ApiException as exc:
+            except ApiError as exc:
                 raise Retry("KubernetesAPI", f"reading Tenant/Quotas failed: {exc.status}") from exc
             subject = Subject(namespace, name, tenant, quotas)
             probe = None
@@ -1230,22 +1221,17 @@ class QuotaService:
         """Merge-patch the status; with ``resource_version``, only if the object is still that version
         (a patch replacing a list, such as the Tenant's conditions, must not undo a newer write)."""
         meta = body["metadata"]
-        document: dict[str, Any] = {"status": patch}
-        if resource_version:
-            document["metadata"] = {"resourceVersion": resource_version}
         try:
-            written = await self.ctx.kube.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], plural, meta["name"], document,
-                _content_type=MERGE_PATCH,
-            )
-        except ApiException as exc:
+            written = await self.ctx.kube.patch_status_if(plural, meta["namespace"], meta["name"], patch,
+                                                          resource_version)
+        except ApiError as exc:
             if exc.status == 404:
                 return  # deleted meanwhile
             if exc.status == 409 and resource_version:
                 return  # changed meanwhile: the next evaluation decides again from the newer object
             raise Retry("KubernetesAPI", f"writing {plural} status failed: {exc.status}") from exc
         # The next evaluation compares with what we just wrote, even before its watch event arrives.
-        if isinstance(written, Mapping) and self._cached(plural, meta["namespace"], meta["name"]) is not None:
+        if self._cached(plural, meta["namespace"], meta["name"]) is not None:
             self._store(plural, written)
 
     # --- metrics -----------------------------------------------------------------------------------

@@ -22,12 +22,20 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
-from kubernetes_asyncio.client.exceptions import ApiException
 from psycopg import sql
 from pydantic import ValidationError
 
 from tenancy_operator import archive
 from tenancy_operator.api.common import parse_duration
+from tenancy_operator.api.names import (
+    ACK_SCHEMA_RECREATED_ANNOTATION,
+    MANAGED_BY,
+    RETRY_ANNOTATION,
+    ROTATE_ANNOTATION,
+    SECRET_CLAIM_ANNOTATION,
+    SECRET_ROTATION_ANNOTATION,
+    TENANT_LABEL,
+)
 from tenancy_operator.api.tenant import TenantSpec, tenant_identifier
 from tenancy_operator.conditions import reported
 from tenancy_operator.db import archives as archive_sql
@@ -35,19 +43,13 @@ from tenancy_operator.db import jobs as ledger
 from tenancy_operator.db import tenant_migrations as tm
 from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.targets import Conn
-from tenancy_operator.k8s.client import Kube, older_version
+from tenancy_operator.k8s.client import ApiError, Kube, older_version
 from tenancy_operator.observability import metrics
 from tenancy_operator.reconcilers.errors import Retry
-from tenancy_operator.reconcilers.lifecycle import RETRY_ANNOTATION, Connector, JobFailed, JobGate, using
+from tenancy_operator.reconcilers.lifecycle import Connector, JobFailed, JobGate, using
 from tenancy_operator.runtime_context import OperatorContext
 
-ROTATE_ANNOTATION = "tenancy.dev/rotate-credentials"
-ACK_SCHEMA_RECREATED_ANNOTATION = "tenancy.dev/acknowledge-schema-recreated"
-SECRET_ROTATION_ANNOTATION = "tenancy.dev/rotated-for"  # noqa: S105 - an annotation key
-SECRET_CLAIM_ANNOTATION = "tenancy.dev/claim"  # noqa: S105 - an annotation key
 TEMPLATE_TTL = 30.0
-MANAGED_BY = {"app.kubernetes.io/managed-by": "tenancy-operator"}
-TENANT_LABEL = "tenancy.dev/tenant"
 JOB_REASONS = {
     "provision": "ProvisionFailed", "migrate": "MigrationFailed", "suspend": "SuspendFailed",
     "resume": "ResumeFailed", "rotate": "RotationFailed", "restore": "RestoreFailed",
@@ -152,7 +154,7 @@ class TemplateCache:
             return hit[1]
         try:
             cm = await self.kube.get_configmap(namespace, name)
-        except ApiException as exc:
+        except ApiError as exc:
             raise Retry("KubernetesAPI", f"reading ConfigMap failed: {exc.status}") from exc
         if cm is not None:
             self.seen(cm)
@@ -617,7 +619,7 @@ class TenantReconciler:
             if current is not None and ours:
                 try:
                     await self.ctx.kube.delete_secret(meta["namespace"], name, uid=current["metadata"]["uid"])
-                except ApiException as exc:
+                except ApiError as exc:
                     raise Retry("KubernetesAPI", f"deleting Secret failed: {exc.status}") from exc
                 await sqlt.set_ro_secret(conn, self.control, row.id, uid=None, claim=None)
             return
@@ -708,14 +710,14 @@ class TenantReconciler:
     async def _read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return await self.ctx.kube.get_secret(namespace, name)
-        except ApiException as exc:
+        except ApiError as exc:
             raise Retry("KubernetesAPI", f"reading Secret failed: {exc.status}") from exc
 
     async def _create_secret(self, namespace: str, body: dict[str, Any]) -> str | None:
         """Create the Secret and return its uid; None when one exists already."""
         try:
             return await self.ctx.kube.create_secret(namespace, body)
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status == 409:
                 return None
             raise Retry("KubernetesAPI", f"writing Secret failed: {exc.status}") from exc
@@ -726,7 +728,7 @@ class TenantReconciler:
             if replace:
                 return await self.ctx.kube.replace_secret(namespace, body["metadata"]["name"], body)
             return await self.ctx.kube.create_secret(namespace, body)
-        except ApiException as exc:
+        except ApiError as exc:
             raise Retry("KubernetesAPI", f"writing Secret failed: {exc.status}") from exc
 
     async def _claimed(self, conn: Conn, row: sqlt.RegistryRow) -> sqlt.RegistryRow:
@@ -961,7 +963,7 @@ class TenantReconciler:
                     return
                 secret_uid = current["metadata"]["uid"]
             await self.ctx.kube.delete_secret(meta["namespace"], secret_name(meta["name"]), uid=secret_uid)
-        except ApiException as exc:
+        except ApiError as exc:
             raise Retry("KubernetesAPI", f"deleting Secret failed: {exc.status}") from exc
 
     async def _archive(self, conn: Conn, gate: JobGate, body: Mapping[str, Any], spec: TenantSpec, ident: str,

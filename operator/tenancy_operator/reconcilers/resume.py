@@ -18,18 +18,13 @@ from typing import Any
 
 from psycopg import sql
 
+from tenancy_operator.api.names import MANAGED_BY, ROTATE_ANNOTATION, SECRET_ROTATION_ANNOTATION, TENANT_LABEL
 from tenancy_operator.api.tenant import TenantSpec, tenant_identifier
 from tenancy_operator.db import tenant_migrations as tm
 from tenancy_operator.db import tenants as sqlt
-from tenancy_operator.reconcilers.tenant import (
-    MANAGED_BY,
-    ROTATE_ANNOTATION,
-    SECRET_ROTATION_ANNOTATION,
-    TENANT_LABEL,
-    secret_name,
-)
+from tenancy_operator.reconcilers.drift import drifted
+from tenancy_operator.reconcilers.tenant import secret_name
 from tenancy_operator.runtime_context import OperatorContext
-from tenancy_operator.sweep import drifted
 
 SNAPSHOT_TTL_SECONDS = 120.0  # only the burst of resumes right after start-up uses it
 

@@ -1,0 +1,27 @@
+"""The labels, annotations and finalizer the operator reads and writes: part of its API, since
+users and tools set the annotations and select by the labels. Defined here once."""
+
+from __future__ import annotations
+
+from tenancy_operator import GROUP
+
+FINALIZER = f"{GROUP}/finalizer"
+MANAGED_BY_KEY = "app.kubernetes.io/managed-by"
+MANAGED_BY_VALUE = "tenancy-operator"
+MANAGED_BY = {MANAGED_BY_KEY: MANAGED_BY_VALUE}
+PART_OF = {"app.kubernetes.io/part-of": "tenancy-operator"}
+
+# Labels on what the operator creates.
+TENANT_LABEL = f"{GROUP}/tenant"
+FLAG_LABEL = f"{GROUP}/featureflag"
+FLAGD_LABEL = f"{GROUP}/flagd"
+
+# Annotations users set on a Tenant (or a FeatureFlag, for retry).
+RETRY_ANNOTATION = f"{GROUP}/retry"
+ROTATE_ANNOTATION = f"{GROUP}/rotate-credentials"
+ACK_SCHEMA_RECREATED_ANNOTATION = f"{GROUP}/acknowledge-schema-recreated"
+
+# Annotations the operator writes.
+SECRET_ROTATION_ANNOTATION = f"{GROUP}/rotated-for"
+SECRET_CLAIM_ANNOTATION = f"{GROUP}/claim"
+GENERATION_ANNOTATION = f"{GROUP}/generation"

@@ -1,0 +1,1 @@
+"""One reconciler per kind: observe, decide, apply, and the outcome the handlers report."""
