@@ -85,16 +85,44 @@ class FairSlots:
             fut.set_result(None)
 
 
+class KeyedLocks:
+    """One lock per key (an object), so that a handler, the sweep and a fleet migration never act
+    on the same object at once. An entry lives while someone holds or waits for its lock, and no
+    longer: nobody removes a lock by hand (removing one that has waiters would let a newcomer run
+    beside them)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str, str], tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: tuple[str, str, str]) -> AsyncIterator[None]:
+        lock, users = self._entries.get(key, (asyncio.Lock(), 0))
+        self._entries[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._entries[key]
+            if users <= 1:
+                del self._entries[key]
+            else:
+                self._entries[key] = (lock, users - 1)
+
+    def held(self, key: tuple[str, str, str]) -> bool:
+        """Held or waited for."""
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 @dataclass
 class OperatorContext:
     settings: Settings
     targets: DatabaseTargets
     kube: Kube
     events: EventRecorder
-    # One lock per object, so a handler and the sweep never reconcile the same object at once.
-    locks: defaultdict[tuple[str, str, str], asyncio.Lock] = field(
-        default_factory=lambda: defaultdict(asyncio.Lock)
-    )
+    locks: KeyedLocks = field(default_factory=KeyedLocks)
     control_ready: set[str] = field(default_factory=set)
     # When the sweep last completed (monotonic); the liveness probe fails if it stops completing.
     last_sweep_ok: float = field(default_factory=time.monotonic)
@@ -114,12 +142,13 @@ class OperatorContext:
         at start-up is migrated the first time it is used."""
         if target in self.control_ready:
             return
-        async with self.locks[("control", target, "")]:
+        async with self.locks.hold(("control", target, "")):
             if target in self.control_ready:
                 return
             async with self.targets.pool(target).connection() as conn:
                 await migrate_control_schema(conn, self.settings.control_schema)
             self.control_ready.add(target)
 
-    def lock(self, kind: str, namespace: str, name: str) -> asyncio.Lock:
-        return self.locks[(kind, namespace, name)]
+    def lock(self, kind: str, namespace: str, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """The object's lock, for ``async with``."""
+        return self.locks.hold((kind, namespace, name))

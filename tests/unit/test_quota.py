@@ -41,6 +41,7 @@ from tenancy_operator.reconcilers.quota import (
     usage_ratios,
     used_amounts,
 )
+from tenancy_operator.runtime_context import KeyedLocks
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 NS = "acme"
@@ -512,9 +513,9 @@ class CountingService(QuotaService):
     """The real scheduling and skipping logic over the watch cache; evaluations are counted, not done."""
 
     def __init__(self) -> None:
-        locks: defaultdict[tuple[str, str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        locks = KeyedLocks()
         ctx = SimpleNamespace(settings=Settings(), locks=locks,
-                              lock=lambda kind, namespace, name: locks[(kind, namespace, name)])
+                              lock=lambda kind, namespace, name: locks.hold((kind, namespace, name)))
         super().__init__(ctx)  # type: ignore[arg-type]
         self.initial_pass_done = True
         self._seen_listing = {"quotas": True, "tenants": True}  # as after Kopf's initial listing

@@ -26,7 +26,8 @@ from tenancy_operator.handlers.common import Tombstones, backoff
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
-from tenancy_operator.reconcilers.featureflag import PLURAL, FeatureFlagReconciler, Outcome, Retry
+from tenancy_operator.reconcilers.errors import Retry
+from tenancy_operator.reconcilers.featureflag import PLURAL, FeatureFlagReconciler, Outcome
 from tenancy_operator.runtime_context import OperatorContext
 
 KIND = "FeatureFlag"
@@ -218,7 +219,6 @@ class FeatureFlagService:
         for type_, reason, message in events:
             self.ctx.events.post(body, type_, reason, message)
         metrics.PENDING.discard(KIND, key)
-        self.ctx.locks.pop((KIND, meta["namespace"], meta["name"]), None)
         self.nudge(meta["namespace"])  # a FeatureFlag refused for a key conflict may take the key now
 
     # --- sweep and Tenant changes ---------------------------------------------------------------

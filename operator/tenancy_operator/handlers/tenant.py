@@ -314,7 +314,6 @@ class TenantService:
             self.ctx.events.post(body, type_, reason, message)
         self._track_template(body, deleted=True)
         metrics.PENDING.discard(KIND, key)
-        self.ctx.locks.pop((KIND, meta["namespace"], meta["name"]), None)
 
     async def migrate_fleet(self, namespace: str, template: str, configmap: Mapping[str, Any]) -> None:
         """A template changed: reconcile every Tenant using it, a bounded number at a time.

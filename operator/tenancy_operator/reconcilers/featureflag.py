@@ -43,21 +43,13 @@ from tenancy_operator.flags.flagd import flagd_document
 from tenancy_operator.flags.model import FlagDefinition
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
+from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.runtime_context import OperatorContext
 
 PLURAL = "featureflags"
 FLAGD_DATA_KEY = "flagd.json"
 CONFIGMAP_SUFFIX = "-flagd"
 MAX_NAME = 253
-
-
-class Retry(Exception):
-    """Transient: the handler retries with backoff; ``reason`` is a bounded metrics label."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 @dataclass

@@ -1314,9 +1314,6 @@ class QuotaService:
         self.histories.forget(key)
         self.load_views.pop(key, None)
         self._update_series(key, None)
-        lock = self.ctx.locks.get((LOCK_KIND, *key))
-        if lock is not None and not lock.locked():
-            self.ctx.locks.pop((LOCK_KIND, *key), None)
 
     # --- the periodic pass --------------------------------------------------------------------------
 
