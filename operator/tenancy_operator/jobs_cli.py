@@ -19,7 +19,7 @@ from psycopg.rows import dict_row
 from tenancy_operator.db.jobs import history
 from tenancy_operator.observability.text import clean_message
 
-TEXT_COLUMNS = ("kind", "state", "detail", "note", "error")
+TEXT_COLUMNS = ("kind", "state", "detail", "note", "error", "requested_by")
 
 
 def _fmt(value: Any) -> str:
@@ -71,10 +71,11 @@ def render(rows: list[dict[str, Any]], output: str = "table") -> str:
     rows = [_clean(r) for r in rows]
     if output == "json":
         return json.dumps(rows, default=str, indent=2)
-    header = ("STARTED", "FINISHED", "KIND", "STATE", "ATTEMPT", "GEN", "DETAIL")
+    header = ("STARTED", "FINISHED", "KIND", "STATE", "ATTEMPT", "GEN", "REQUESTED BY", "DETAIL")
     table = [header] + [
         (_fmt(r["started_at"]), _fmt(r["finished_at"]), _fmt(r["kind"]), _fmt(r["state"]), _fmt(r["attempt"]),
-         _fmt(r["generation"]), " | ".join(x for x in (r["detail"], r["note"], r["error"]) if x) or "-")
+         _fmt(r["generation"]), _fmt(r.get("requested_by")),
+         " | ".join(x for x in (r["detail"], r["note"], r["error"]) if x) or "-")
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]

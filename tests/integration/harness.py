@@ -157,9 +157,13 @@ class Cluster:
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
         return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)  # type: ignore[no-any-return]
 
-    def patch(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+    def patch(self, plural: str, namespace: str, name: str, patch: dict[str, Any], *,
+              field_manager: str | None = None) -> dict[str, Any]:
+        """A merge patch; ``field_manager``: the name the API server records for it (kubectl's
+        --field-manager), as each tool or person would send its own."""
+        extra = {"field_manager": field_manager} if field_manager else {}
         return self.custom.patch_namespaced_custom_object(  # type: ignore[no-any-return]
-            GROUP, VERSION, namespace, plural, name, patch, _content_type="application/merge-patch+json"
+            GROUP, VERSION, namespace, plural, name, patch, _content_type="application/merge-patch+json", **extra
         )
 
     def delete(self, plural: str, namespace: str, name: str) -> None:

@@ -306,3 +306,35 @@ def test_restore_from_an_unknown_archive_is_reported(
     obj = cluster.wait_condition(PLURAL, namespace, "orphan", status="False", reason="ArchiveNotFound")
     assert cluster.condition(PLURAL, namespace, "orphan", "Stalled")["status"] == "True"
     assert bad in next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")["message"]
+
+
+def test_every_intervention_records_who_asked_for_it(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """Suspend, rotate and resume, each asked for by another tool: the job history (status and the
+    ledger behind `tenancy-operator jobs`) names who asked and when."""
+    cluster.create(PLURAL, namespace, tenant("audited"))
+    cluster.wait_condition(PLURAL, namespace, "audited")
+
+    def job(kind: str, by: str) -> dict[str, Any] | None:
+        jobs = cluster.get(PLURAL, namespace, "audited").get("status", {}).get("recentJobs") or []
+        return next((j for j in jobs if j["kind"] == kind and j.get("requestedBy") == by), None)
+
+    cluster.patch(PLURAL, namespace, "audited", {"spec": {"state": "Suspended"}}, field_manager="alice-console")
+    suspended = eventually(lambda: job("suspend", "alice-console"), what="suspend job requested by alice-console")
+    assert suspended["state"] == "succeeded" and suspended["requestedAt"]
+
+    cluster.patch(PLURAL, namespace, "audited",
+                  {"metadata": {"annotations": {"tenancy.dev/rotate-credentials": "1"}}}, field_manager="bob-cli")
+    eventually(lambda: job("rotate", "bob-cli"), what="rotate job requested by bob-cli")
+
+    cluster.patch(PLURAL, namespace, "audited", {"spec": {"state": "Active"}}, field_manager="carol-gitops")
+    eventually(lambda: job("resume", "carol-gitops"), what="resume job requested by carol-gitops")
+    # The provisioning is the creator's; the suspension stays alice's after carol's later change.
+    assert job("provision", "alice-console") is None and job("suspend", "alice-console") is not None
+
+    out = subprocess.run(
+        [sys.executable, "-m", "tenancy_operator", "jobs", "audited", "-n", namespace, "--dsn", stack.admin_dsn()],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "REQUESTED BY" in out and "alice-console" in out and "bob-cli" in out and "carol-gitops" in out

@@ -8,6 +8,8 @@ from tenancy_operator import GROUP
 FINALIZER = f"{GROUP}/finalizer"
 MANAGED_BY_KEY = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "tenancy-operator"
+OPERATOR = MANAGED_BY_VALUE
+"""The actor recorded for what the operator does on its own (a schedule, a repair, a policy)."""
 MANAGED_BY = {MANAGED_BY_KEY: MANAGED_BY_VALUE}
 PART_OF = {"app.kubernetes.io/part-of": "tenancy-operator"}
 

@@ -189,6 +189,13 @@ class JobRef(ApiModel):
     """When the job finished, successfully or not."""
     message: str | None = Field(default=None, max_length=1024)
     """Short outcome or error, for humans."""
+    requested_by: str | None = Field(default=None, max_length=256)
+    """Who asked for it: the field manager that last set the field behind it (spec.state for a
+    suspension, the rotate or retry annotation, spec.restoreFrom...), or tenancy-operator for its
+    own schedule, repairs and policies. Kubernetes records managers, not users: give each tool or
+    person its own --field-manager to tell them apart."""
+    requested_at: AwareDatetime | None = None
+    """When that field was set."""
 
 
 class TenantStatus(ApiModel):

@@ -32,6 +32,9 @@ class Job:
     note: str | None
     started_at: Any
     finished_at: Any
+    requested_by: str | None = None
+    """Who asked for it: a field manager, or "tenancy-operator" for its own schedule and repairs."""
+    requested_at: Any = None
 
     def summary(self) -> dict[str, Any]:
         """The shape of TenantStatus.currentJob / recentJobs."""
@@ -40,6 +43,10 @@ class Job:
             out["startedAt"] = self.started_at.isoformat()
         if self.finished_at is not None:
             out["finishedAt"] = self.finished_at.isoformat()
+        if self.requested_by:
+            out["requestedBy"] = clean_message(self.requested_by, limit=256)  # a manager name the user chose
+        if self.requested_at is not None:
+            out["requestedAt"] = self.requested_at.isoformat()
         message = self.error or self.note or self.detail
         if message:
             out["message"] = clean_message(message)  # often a tenant's own error text
@@ -47,7 +54,8 @@ class Job:
 
 
 _COLUMNS = sql.SQL(
-    "id::text, kind, state, attempt, generation, detail, error, retry_token, note, started_at, finished_at"
+    "id::text, kind, state, attempt, generation, detail, error, retry_token, note, started_at, finished_at,"
+    " requested_by, requested_at"
 )
 
 
@@ -71,13 +79,15 @@ async def failed_streak(conn: Conn, control: str, tenant_id: str, kind: str) -> 
 async def start(
     conn: Conn, control: str, tenant_id: str, kind: str, *, attempt: int, generation: int | None,
     detail: str | None = None, retry_token: str | None = None, note: str | None = None,
+    requested_by: str | None = None, requested_at: Any = None,
 ) -> str:
     cur = await conn.execute(
         sql.SQL(
-            "INSERT INTO {} (tenant_id, kind, state, attempt, generation, detail, retry_token, note)"
-            " VALUES (%s, %s, 'running', %s, %s, %s, %s, %s) RETURNING id::text AS id"
+            "INSERT INTO {} (tenant_id, kind, state, attempt, generation, detail, retry_token, note,"
+            " requested_by, requested_at)"
+            " VALUES (%s, %s, 'running', %s, %s, %s, %s, %s, %s, %s) RETURNING id::text AS id"
         ).format(_t(control)),
-        [tenant_id, kind, attempt, generation, detail, retry_token, note],
+        [tenant_id, kind, attempt, generation, detail, retry_token, note, requested_by, requested_at],
     )
     row = await cur.fetchone()
     assert row is not None
@@ -117,7 +127,7 @@ async def history(conn: Conn, control: str, namespace: str, name: str) -> list[d
     cur = await conn.execute(
         sql.SQL(
             "SELECT j.id::text AS id, j.kind, j.state, j.attempt, j.generation, j.detail, j.error, j.note,"
-            " j.started_at, j.finished_at, t.id::text AS tenant_id"
+            " j.started_at, j.finished_at, j.requested_by, j.requested_at, t.id::text AS tenant_id"
             " FROM {jobs} j JOIN {tenants} t ON t.id = j.tenant_id"
             " WHERE t.namespace = %s AND t.name = %s ORDER BY j.started_at"
         ).format(jobs=_t(control), tenants=sql.SQL("{}.tenants").format(sql.Identifier(control))),
@@ -126,12 +136,13 @@ async def history(conn: Conn, control: str, namespace: str, name: str) -> list[d
     return list(await cur.fetchall())
 
 
-async def record(conn: Conn, control: str, tenant_id: str, kind: str, *, detail: str | None = None) -> None:
+async def record(conn: Conn, control: str, tenant_id: str, kind: str, *, detail: str | None = None,
+                 requested_by: str | None = None) -> None:
     """A job done in one step (containment of a noisy neighbour and its release): recorded succeeded."""
     await conn.execute(
         sql.SQL(
-            "INSERT INTO {} (tenant_id, kind, state, attempt, detail, finished_at)"
-            " VALUES (%s, %s, 'succeeded', 1, %s, now())"
+            "INSERT INTO {} (tenant_id, kind, state, attempt, detail, finished_at, requested_by, requested_at)"
+            " VALUES (%s, %s, 'succeeded', 1, %s, now(), %s, now())"
         ).format(_t(control)),
-        [tenant_id, kind, detail],
+        [tenant_id, kind, detail, requested_by],
     )

@@ -42,6 +42,7 @@ from tenancy_operator.flags.diff import summarize
 from tenancy_operator.flags.flagd import flagd_document
 from tenancy_operator.flags.model import FlagDefinition
 from tenancy_operator.k8s.client import ApiError
+from tenancy_operator.k8s.managed_fields import last_change, parse_time
 from tenancy_operator.observability import metrics
 from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.runtime_context import OperatorContext
@@ -79,40 +80,9 @@ def configmap_name(flag_name: str) -> str:
     return f"{flag_name[: MAX_NAME - len(CONFIGMAP_SUFFIX) - 11].rstrip('.-')}-{digest}{CONFIGMAP_SUFFIX}"
 
 
-def _parse_time(value: Any) -> datetime.datetime | None:
-    if isinstance(value, datetime.datetime):
-        return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
-    if isinstance(value, str) and value:
-        try:
-            return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-    return None
-
-
 def last_spec_change(meta: Mapping[str, Any]) -> tuple[str | None, datetime.datetime | None]:
-    """The field manager (and time) of the most recent change to `spec`, from managedFields.
-
-    Kubernetes records who manages which fields, not who made the last request; the manager
-    whose spec fields were touched last is the best answer it gives ("kubectl-client-side-apply",
-    "kubectl-edit", "argocd-controller", ...). Status and other subresources are ignored.
-    """
-    best: tuple[datetime.datetime, int, str] | None = None
-    for i, entry in enumerate(meta.get("managedFields") or []):
-        if entry.get("subresource"):
-            continue
-        fields = entry.get("fieldsV1") or {}
-        if "f:spec" not in fields:
-            continue
-        when = _parse_time(entry.get("time"))
-        if when is None:
-            continue
-        candidate = (when, i, str(entry.get("manager") or ""))
-        if best is None or candidate[:2] > best[:2]:
-            best = candidate
-    if best is None:
-        return None, None
-    return best[2] or None, best[0]
+    """The field manager (and time) of the most recent change to `spec`: the audit trail's actor."""
+    return last_change(meta, ("f:spec",))
 
 
 def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
@@ -312,7 +282,7 @@ class FeatureFlagReconciler:
                     res = await dbf.remove(
                         conn, self.control, namespace=namespace, name=name, uid=meta.get("uid"), key=key,
                         generation=int(meta.get("generation") or 0),
-                        changed_at=_parse_time(meta.get("deletionTimestamp")), same_uid=same_uid,
+                        changed_at=parse_time(meta.get("deletionTimestamp")), same_uid=same_uid,
                     )
                     removed = removed or res.operation is not None
             except (psycopg_pool.PoolTimeout, psycopg.OperationalError):

@@ -10,6 +10,7 @@ attempts the step is *stalled*: it does not run again until an admin changes the
 from __future__ import annotations
 
 import contextlib
+import datetime
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -25,6 +26,8 @@ from tenancy_operator.observability import metrics
 from tenancy_operator.reconcilers.errors import Retry
 
 T = TypeVar("T")
+Requested = tuple[str | None, datetime.datetime | None]
+"""Who asked for a job (a field manager, or the operator itself) and when."""
 
 # Worth another try within the same attempt: the next try usually succeeds.
 TRANSIENT = (
@@ -76,6 +79,7 @@ class JobGate:
     def __init__(
         self, connect: Connector, control: str, tenant_id: str, *, generation: int | None,
         retry_token: str | None, max_attempts: int, backoff_max: float = 5.0, no_history: bool = False,
+        retry_requested: Requested = (None, None),
     ) -> None:
         self.connect = connect
         self.control = control
@@ -86,8 +90,13 @@ class JobGate:
         self.backoff_max = backoff_max
         self.no_history = no_history
         """The tenant's registry row is new: no earlier attempt to look up in the ledger."""
+        self.retry_requested = retry_requested
+        """Who set the retry annotation (and when): the one who asked for a stalled job's retry."""
 
-    async def run(self, kind: str, step: Callable[[], Awaitable[T]], *, detail: str | None = None) -> T:
+    async def run(self, kind: str, step: Callable[[], Awaitable[T]], *, detail: str | None = None,
+                  requested: Requested = (None, None)) -> T:
+        """Run ``step`` as a job of ``kind``; ``requested``: who asked for it and when (the audit
+        trail; an admin's retry of a stalled job is recorded as theirs)."""
         streak: list[ledger.Job] = []
         if not self.no_history:
             async with self.connect() as conn:
@@ -99,10 +108,12 @@ class JobGate:
                 raise JobFailed(kind, streak[0].error or "failed", len(streak), stalled=True)
             token = self.retry_token
             note = f"retried by admin override ({RETRY_ANNOTATION}={token})"
+            requested = self.retry_requested
         attempt = len(streak) + 1
         async with self.connect() as conn:
             job_id = await ledger.start(conn, self.control, self.tenant_id, kind, attempt=attempt,
-                                        generation=self.generation, detail=detail, retry_token=token, note=note)
+                                        generation=self.generation, detail=detail, retry_token=token, note=note,
+                                        requested_by=requested[0], requested_at=requested[1])
         metrics.LIFECYCLE_JOBS_RUNNING.labels(job=kind).inc()
         started = time.monotonic()
         try:

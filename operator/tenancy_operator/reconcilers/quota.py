@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from tenancy_operator.api.common import format_quantity, parse_duration
+from tenancy_operator.api.names import OPERATOR
 from tenancy_operator.api.quota import (
     CONDITION_EXCEEDED,
     CONDITION_NEAR_LIMIT,
@@ -1210,7 +1211,8 @@ class QuotaService:
                             await dbq.publish(conn, self.control, plan.tenant_id, plan.publish)
                         for kind, detail in plan.ledger:
                             if plan.tenant_id:
-                                await dbjobs.record(conn, self.control, plan.tenant_id, kind, detail=detail)
+                                await dbjobs.record(conn, self.control, plan.tenant_id, kind, detail=detail,
+                                                    requested_by=OPERATOR)
         except psycopg.errors.UndefinedObject:
             log.info("role vanished while applying limits", role=role)  # dropped meanwhile: nothing to limit
         except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:

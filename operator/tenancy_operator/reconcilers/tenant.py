@@ -30,6 +30,7 @@ from tenancy_operator.api.common import parse_duration
 from tenancy_operator.api.names import (
     ACK_SCHEMA_RECREATED_ANNOTATION,
     MANAGED_BY,
+    OPERATOR,
     RETRY_ANNOTATION,
     ROTATE_ANNOTATION,
     SECRET_CLAIM_ANNOTATION,
@@ -44,6 +45,7 @@ from tenancy_operator.db import tenant_migrations as tm
 from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.targets import Conn
 from tenancy_operator.k8s.client import ApiError, Kube, older_version
+from tenancy_operator.k8s.managed_fields import annotation_path, last_change
 from tenancy_operator.observability import metrics
 from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.reconcilers.lifecycle import Connector, JobFailed, JobGate, using
@@ -193,6 +195,7 @@ class TenantReconciler:
             connect, self.control, tenant_id, generation=meta.get("generation"),
             retry_token=(meta.get("annotations") or {}).get(RETRY_ANNOTATION),
             max_attempts=max_attempts or self.ctx.settings.job_max_attempts, no_history=new_tenant,
+            retry_requested=last_change(meta, annotation_path(RETRY_ANNOTATION)),
         )
 
     async def reconcile(self, body: Mapping[str, Any]) -> Outcome:
@@ -330,7 +333,7 @@ class TenantReconciler:
         if not was_provisioned:
             password = await gate.run(
                 "provision", lambda: self._provision(conn, body, spec, ident, row, obs, out, claim, marker),
-                detail=f"schema and role {ident}",
+                detail=f"schema and role {ident}", requested=last_change(body["metadata"], ("f:spec",)),
             )
             out.events.append(("Normal", "Provisioned", f"schema and role {ident} ready"))
             if not obs.schema_exists:
@@ -554,7 +557,9 @@ class TenantReconciler:
                                f"{retire_at.isoformat(timespec='seconds') if retire_at else '?'}")
             elif due:
                 previous = ident if slot is None else sqlt.login_role(ident, slot)
-                await gate.run("rotate", lambda: rotate(str(due), previous), detail=str(due))
+                await gate.run("rotate", lambda: rotate(str(due), previous), detail=str(due),
+                               requested=last_change(meta, annotation_path(ROTATE_ANNOTATION))
+                               if due == "on demand" else (OPERATOR, None))
             else:
                 assert slot is not None
                 user, password = sqlt.login_role(ident, slot), data.get("password", "")
@@ -579,12 +584,13 @@ class TenantReconciler:
             async def suspend() -> int:
                 await sqlt.run_batch(conn, [sqlt.login_statement(r, False) for r in have])
                 return await sqlt.terminate_all_sessions(conn, ident)
-            ended = await gate.run("suspend", suspend)
+            ended = await gate.run("suspend", suspend, requested=last_change(meta, ("f:spec", "f:state")))
             out.events.append(("Normal", "Suspended", f"every login disabled, {ended} session(s) ended"))
         elif not suspended and row.state in ("suspended", "deleted") and wrong:
             resume = [sqlt.login_statement(r, w) for r, w in wrong.items()]
             await gate.run("resume", lambda: sqlt.run_batch(conn, resume),
-                           detail="re-applied after deletion" if revived else None)
+                           detail="re-applied after deletion" if revived else None,
+                           requested=last_change(meta, ("f:spec",) if revived else ("f:spec", "f:state")))
             out.events.append(("Normal", "Restored", "tenant re-applied; retained data is back") if revived
                               else ("Normal", "Resumed", "login enabled"))
         elif wrong:
@@ -803,7 +809,8 @@ class TenantReconciler:
             except (archive.ArchiveCorrupt, archive.ArchiveUnavailable) as exc:
                 raise StepFailed(str(exc)) from exc
 
-        records = await gate.run("restore", restore, detail=f"from archive {found.id}")
+        records = await gate.run("restore", restore, detail=f"from archive {found.id}",
+                                 requested=last_change(body["metadata"], ("f:spec", "f:restoreFrom")))
         await tm.forget(conn, self.control, row.id)
         await tm.mirror(conn, self.control, row.id, records)
         out.applied = None
