@@ -63,9 +63,8 @@ class Kube:
             await config.load_kube_config()
         api = client.ApiClient()
         # kubernetes_asyncio's session trusts the environment, so aiohttp looks up ~/.netrc and the
-        # proxy variables in a thread for every request: two thread hops and a file read each, per
-        # request and so per tenant, for settings that never change. Kopf's own client does not;
-        # neither do we.
+        # proxy variables in a thread for every request: two thread hops and a file read each, for
+        # settings that never change. Kopf's own client does not; neither do we.
         api.rest_client.pool_manager._trust_env = False
         return cls(api, namespaces)
 
