@@ -16,8 +16,8 @@ Scenarios (each after the previous, on the same converged tenants):
 - fleet: add a migration to the template ConfigMap all tenants use; time until all report it.
 - flags: FeatureFlag edits; time from each edit to the rows changed in PostgreSQL (p50/p95).
 
-Prints the figures, writes a JSON record to bench/results/, updates a section of
-docs/benchmarks.md, and ends with one machine-readable line:
+Prints the figures, writes a JSON record to bench/results/, replaces the section of
+docs/benchmarks.md for its stack and N, and ends with one machine-readable line:
 
     converge tenants=N seconds=S floor_ratio=R p95_seconds=P rss_mb=M
 """
@@ -567,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flag-edits", type=int, default=40)
     p.add_argument("--kopf-idle-timeout", type=float, default=None,
                    help="what-if: the operator with Kopf's queueing.idle_timeout changed (bench/operator_whatif.py)")
-    p.add_argument("--label", default="", help="names the docs section, e.g. before / after")
+    p.add_argument("--label", default="", help="names the run in its record and docs heading, e.g. before / after")
     p.add_argument("--docs", default=str(ROOT / "docs/benchmarks.md"), help="markdown file to update ('' for none)")
     p.add_argument("--workdir", default="", help="where logs and profiles go (default: in the stack's workdir)")
     p.add_argument("--keep", action="store_true", help="keep the stack's workdir (own) / the tenants (dev)")

@@ -182,7 +182,8 @@ class Watcher:
         self.tracks: dict[tuple[str, str], Track] = {}
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         # Ready names per plural, kept per event: counting by a scan of every object after each
-        # event was quadratic, and the benchmark's own CPU shares the machine with what it measures.
+        # event would be quadratic, and the benchmark's own CPU shares the machine with what it
+        # measures.
         self._ready: dict[str, set[str]] = {p: set() for p in plurals}
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()

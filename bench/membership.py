@@ -4,9 +4,10 @@ membership of the operator in every tenant role.
 PostgreSQL 15 checks role membership by walking the whole list of the checking role's memberships
 (``roles_is_member_of``, quadratic in their number), and every CREATE/ALTER ROLE resets the cache
 of that list. An operator that is a member of N tenant roles therefore pays O(N²) for the next
-``CREATE SCHEMA ... AUTHORIZATION``. The operator now grants itself the membership inside the
-batch that needs it and revokes it there (db/tenants.py). This script measures both on a throwaway
-PostgreSQL with the operator's own statement helpers and prints milliseconds per new tenant::
+``CREATE SCHEMA ... AUTHORIZATION``. The operator grants itself the membership inside the batch
+that needs it and revokes it there (db/tenants.py). This script measures both on a throwaway
+PostgreSQL (the newest under /usr/lib/postgresql) with the operator's own statement helpers and
+prints milliseconds per new tenant::
 
     python -m bench.membership [--sizes 100,1000,3000,5000]
 """
@@ -30,8 +31,9 @@ SAMPLE = 50  # tenants timed at each size
 
 
 def batch(ident: str, standing: bool) -> sql.Composed:
-    """The first provisioning's catalog batch, as the operator sends it (before/after)."""
-    if standing:  # earlier versions: GRANT kept for good
+    """The first provisioning's catalog batch: with a standing membership, or as the operator
+    sends it (membership granted and revoked inside the batch)."""
+    if standing:  # the alternative the operator avoids: a GRANT kept for good
         statements = [*sqlt.create_role(ident, "bench"), sqlt.grant_role_to_operator(ident),
                       sqlt.create_schema(ident, ident)]
     else:

@@ -1,8 +1,9 @@
 """Turns a benchmark record (bench/results/*.json) into a section of docs/benchmarks.md.
 
-Each run owns one section, keyed by scenario set, stack, N and label, between HTML comments; a
-new run with the same key replaces it, other sections stay. Text outside the markers is written
-by people and never touched.
+The page holds the latest figures, not a log: one section per stack and N, between HTML comments,
+replaced by the next run of the same stack and N (its label only names the run in the heading).
+Every run's record stays in bench/results/. Text outside the markers is written by people and
+never touched.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-RESULTS_MARKER = "<!-- bench:results (generated sections below; newest first) -->"
+RESULTS_MARKER = "<!-- bench:results (generated: one section per stack and N, replaced by its next run) -->"
 
 
 def _f(x: Any, digits: int = 2) -> str:
@@ -33,7 +34,7 @@ def _ok(value: float | None, limit: float, *, lower: bool = True) -> str:
 def section(r: dict[str, Any]) -> tuple[str, str]:
     n = r["tenants"]
     label = r.get("label") or ""
-    key = f"converge:{r['stack']}:N={n}" + (f":{label}" if label else "")
+    key = f"converge:{r['stack']}:N={n}"
     s = r["scenarios"]
     c, rs, idle, fleet, flags = (s.get(k, {}) for k in ("converge", "restart", "idle", "fleet", "flags"))
     m, v = r.get("machine", {}), r.get("versions", {})
@@ -160,7 +161,8 @@ def update_docs(path: Path, result: dict[str, Any]) -> None:
         after = rest.split(end, 1)[1].lstrip("\n")
         doc = before + text + ("\n" + after if after else "")
     elif RESULTS_MARKER in doc:
-        doc = doc.replace(RESULTS_MARKER, RESULTS_MARKER + "\n\n" + text, 1)
+        before, after = doc.split(RESULTS_MARKER, 1)
+        doc = before + RESULTS_MARKER + "\n\n" + text + "\n" + after.lstrip("\n")
     else:
         doc = doc.rstrip("\n") + f"\n\n{RESULTS_MARKER}\n\n{text}"
     path.write_text(doc)

@@ -39,8 +39,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: str = Field(default="json", pattern="^(json|console)$")
     # Kopf's per-object workers (one per object with events to handle) mostly wait: with few of
-    # them a burst of new objects queued behind busy ones, and every watch handler with them (the
-    # quota service then read unseen Tenants with a GET each). The work is bounded by
+    # them a burst of new objects queues behind busy ones, and every watch handler with them (the
+    # quota service then reads unseen Tenants with a GET each). The work is bounded by
     # reconcile_concurrency, the pool and migration_concurrency instead.
     worker_limit: int = Field(default=2048, ge=1, le=100_000)
     reconcile_concurrency: int = Field(
@@ -75,8 +75,8 @@ class Settings(BaseSettings):
     migration_concurrency: int = Field(default=5, ge=1, le=64, description="Tenants migrated at once.")
     # PBKDF2 rounds of the SCRAM verifiers of tenant passwords. Key stretching protects guessable
     # human passwords; ours are 192 random bits, which no number of guesses reaches, while every
-    # login (the operator's migrations, the tenant's applications) pays the rounds on its CPU:
-    # 4.9 ms of client CPU per connection at PostgreSQL's default of 4096 (docs/reliability.md).
+    # login (the operator's migrations, the tenant's applications) pays the rounds on its CPU, eight
+    # times as many at PostgreSQL's default of 4096 (docs/reliability.md).
     scram_iterations: int = Field(default=512, ge=1, le=10_000_000)
     # Host and port written into tenant Secrets; default: those of the target's DSN.
     secret_host_override: str | None = None

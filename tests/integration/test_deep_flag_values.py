@@ -6,9 +6,9 @@ lets an update that leaves the value alone through. So this test stores one the 
 under a CRD without the bound, puts the real CRD back, and checks that the other flags are still
 reconciled, through the watch and through the initial LIST after a restart.
 
-Before safejson (k8s/safejson.py), Python's json raised RecursionError on the object: Kopf's
-watch of FeatureFlags ended for good (and at every restart, in the initial LIST), and the
-operator's own flag sweep failed at every pass.
+Without safejson (k8s/safejson.py), Python's json raises RecursionError on the object: Kopf's
+watch of FeatureFlags would end for good (and at every restart, in the initial LIST), and the
+operator's own flag sweep would fail at every pass.
 """
 
 from __future__ import annotations

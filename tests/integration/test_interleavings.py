@@ -181,7 +181,8 @@ async def test_a_flag_deleted_after_the_sweep_listed_it_is_not_written_again(
 async def test_the_sweep_leaves_a_tenant_to_the_handler_reconcile_in_flight(
     stack: LocalStack, cluster: Cluster, ctx: OperatorContext, namespace: str
 ) -> None:
-    """During a burst longer than the sweep interval, Tenants still queued were reconciled twice."""
+    """The sweep leaves a Tenant to its handler's reconcile in flight: otherwise, during a burst
+    longer than the sweep interval, every Tenant still queued would be reconciled twice."""
     svc = TenantService(ctx)
     listed = taken_on(cluster, TENANTS, namespace, tenant("queued", deletionPolicy="Delete"))
     svc.tenant_changed("ADDED", listed)

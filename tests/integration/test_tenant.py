@@ -68,8 +68,8 @@ def test_operator_keeps_no_membership_in_tenant_roles(
     stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
     """Membership is granted for the statements that need it and revoked with them (standing
-    membership in every tenant role made each new tenant cost O(N²) on PostgreSQL 15); one left by
-    an earlier version goes at the tenant's next reconcile."""
+    membership in every tenant role would make each new tenant cost O(N²)); one left by an
+    earlier version goes at the tenant's next reconcile."""
     memberships = (
         "SELECT count(*)::int FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid"
         " JOIN pg_roles o ON o.oid = m.member WHERE r.rolname = 'tenant_no_standing' AND o.rolname = %s"

@@ -407,8 +407,8 @@ class ResourceInfo:
 
         `observedGeneration: 0` is below every object's generation, so kstatus (Flux, `kubectl
         wait`, cli-utils) and our Argo CD health check read a new object as InProgress from its
-        creation, without the operator writing a first "Reconciling" status (a PATCH and a watch
-        event per object, measured in docs/benchmarks.md).
+        creation, without the operator writing a first "Reconciling" status (that write would cost
+        a PATCH and a watch event, for every watcher, per new object).
         """
         status: JsonDict = {"observedGeneration": 0}
         if self.initial_phase:

@@ -388,7 +388,8 @@ async def find(
 
 async def _limits(conn: Conn, statement_timeout: str, lock_timeout: str) -> None:
     # Built-in functions and operators only: nothing a tenant created is on the search path. No JIT:
-    # the routines query's estimate crosses jit_above_cost, and compiling took 0.65 s of its 0.7 s.
+    # the routines query's estimate crosses jit_above_cost with a large fleet, and compiling would
+    # then cost far more than running these short catalog scans.
     await conn.execute(
         "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true),"
         " pg_catalog.set_config('statement_timeout', %s, true), pg_catalog.set_config('lock_timeout', %s, true),"

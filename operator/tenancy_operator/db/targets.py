@@ -100,8 +100,8 @@ class DatabaseTargets:
 
     async def ping(self, target: str, wait_seconds: float = 3.0) -> None:
         """The target accepts a new connection and answers. Not through the pool: under a burst
-        every pooled connection is busy with work, and a liveness probe that queued behind it
-        failed (seen at 5000 new tenants), which would have had the pod restarted mid-burst."""
+        every pooled connection can be busy with work, and a liveness probe queued behind it
+        would fail and have the pod restarted in the middle of the burst."""
         async with await psycopg.AsyncConnection.connect(
             self.dsns[target], autocommit=True, connect_timeout=max(1, int(wait_seconds)),
             application_name="tenancy-operator-probe",

@@ -7,9 +7,9 @@ the clear-text password never reaches the server, its logs or ``pg_stat_activity
 The operator holds no standing membership in tenant roles: it is granted one for the statements
 that need it (a schema owned by the role, the role's sessions, its tables, dropping it) and revoked
 in the same transaction (``membership_statements``, ``acting_for``). Standing membership in N roles
-made every new tenant cost O(N²) on PostgreSQL 15: each membership check walks the whole list of
-the operator's memberships, and every CREATE/ALTER ROLE resets the cache of it (0.57 ms per new
-tenant at 100 tenants, 69 ms at 5000; bench/membership.py). It is also less privilege held.
+would make every new tenant cost O(N²): each membership check walks the whole list of the
+operator's memberships, and every CREATE/ALTER ROLE resets the cache of it (bench/membership.py
+measures the cost). It is also less privilege held.
 """
 
 from __future__ import annotations

@@ -48,10 +48,10 @@ class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
     """Kopf's last-handled state of each object (how it tells a create from an update from nothing
     new), kept in this process instead of an annotation on the object.
 
-    The annotation cost one PATCH and one more watch event after every handled change: a fifth of
-    the API writes of a new Tenant. Our handlers are level-based, so the state need not outlive the
-    process: after a restart every object is new to Kopf, and its create handler confirms what is
-    in sync from bulk facts without a write, as the resume handler did before (handlers/tenant.py).
+    An annotation costs one PATCH and one more watch event after every handled change: about a
+    fifth of the API writes of a new Tenant. Our handlers are level-based, so the state need not
+    outlive the process: after a restart every object is new to Kopf, and its create handler
+    confirms what is in sync from bulk facts without a write (handlers/tenant.py).
     Entries go with their objects (``forget``).
     """
 

@@ -125,9 +125,9 @@ class FeatureFlagService:
                                     generation),
             })
         if tenants is None:
-            # From the names kept by the Tenant watch, not a LIST of every Tenant per edit (1.8 s
-            # per edit at 5000 tenants); a Tenant the watch has not shown yet re-checks the flags
-            # naming it when it appears.
+            # From the names kept by the Tenant watch, not a LIST of every Tenant per edit (its cost
+            # grows with the namespace's Tenants); a Tenant the watch has not shown yet re-checks
+            # the flags naming it when it appears.
             try:
                 tenants = await self.tenant_names(meta["namespace"], fresh=False)
             except Retry:

@@ -92,7 +92,7 @@ class TenantService:
         self.reconciler = TenantReconciler(ctx)
         # (namespace, template ConfigMap) -> tenants using it, kept by the reconciles themselves, so
         # a ConfigMap event costs a dict lookup. (A Kopf index would make every ConfigMap worker wait
-        # for index readiness, which starved the operator at start-up with many ConfigMaps.)
+        # for index readiness, which can starve the operator at start-up with many ConfigMaps.)
         self._template_users: dict[tuple[str, str], set[str]] = {}
         self.resume_check = ResumeChecker(ctx)
         self._deleting: set[str] = set()
@@ -176,8 +176,8 @@ class TenantService:
         drop it), or a newer generation has come (reconciling the old one would undo the edit).
 
         ``unless_in_flight`` (the sweep): also None when a handler's reconcile of it is waiting
-        or running, which does the same work and reports it. During a burst longer than the sweep
-        interval, that was every Tenant still queued, reconciled twice. (A fleet migration must
+        or running, which does the same work and reports it: otherwise a burst longer than the
+        sweep interval has every Tenant still queued reconciled twice. (A fleet migration must
         not skip: a reconcile already running may have read the template before it changed.)"""
         if unless_in_flight and self._in_flight.get(_key(body)):
             return None

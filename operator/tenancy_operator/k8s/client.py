@@ -3,8 +3,8 @@ the operator makes outside Kopf's own patches. Nothing outside ``k8s/`` imports 
 (checked by `make lint`); callers catch ``ApiError``.
 
 Core objects (Secrets, ConfigMaps, Events) are sent and read as plain JSON (`raw`): the client's
-generated model classes cost more CPU to build and convert back than the requests themselves
-(measured with 1000 tenants), and a write's response body is never needed.
+generated model classes cost more CPU to build and convert back than the requests themselves,
+a cost paid per request and so per tenant, and a write's response body is never needed.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ class Kube:
             await config.load_kube_config()
         api = client.ApiClient()
         # kubernetes_asyncio's session trusts the environment, so aiohttp looks up ~/.netrc and the
-        # proxy variables in a thread for every request: two thread hops and a file read each
-        # (visible in the profile at 1000 tenants). Kopf's own client does not; neither do we.
+        # proxy variables in a thread for every request: two thread hops and a file read each, for
+        # settings that never change. Kopf's own client does not; neither do we.
         api.rest_client.pool_manager._trust_env = False
         return cls(api, namespaces)
 

@@ -214,7 +214,7 @@ class TenantReconciler:
                 f"database target {spec.database!r} is not configured (known: {known})", "Failed", stalled=True,
             )
         # Kubernetes reads first, so that the pooled connection below is not held while they wait
-        # on the API server (with a busy API server the pool was what limited the throughput).
+        # on the API server (with a busy API server, held connections would limit the throughput).
         reads = await self._read_kubernetes(body, spec)
         try:
             await self.ctx.ensure_control_schema(spec.database)
