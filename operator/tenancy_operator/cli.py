@@ -38,27 +38,6 @@ def _crds(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_dsns(args: argparse.Namespace) -> dict[str, str]:
-    """Target name -> DSN: --dsn; else the configured targets (TENANCY_DATABASE_TARGETS[_DIR]),
-    all of them or --target; else $TENANCY_DATABASE_URL."""
-    import os
-
-    from tenancy_operator.config import Settings
-
-    if args.dsn:
-        return {args.target or "default": args.dsn}
-    targets = Settings().targets
-    if targets:
-        if args.target is None:
-            return dict(targets)
-        if args.target not in targets:
-            raise ValueError(f"no database target {args.target!r}; configured: {', '.join(sorted(targets))}")
-        return {args.target: targets[args.target]}
-    if os.environ.get("TENANCY_DATABASE_URL"):
-        return {args.target or "default": os.environ["TENANCY_DATABASE_URL"]}
-    raise ValueError("no database: pass --dsn, or set TENANCY_DATABASE_TARGETS or TENANCY_DATABASE_URL")
-
-
 async def _audit_target(dsn: str, args: argparse.Namespace) -> Any:
     import psycopg
     from psycopg.rows import dict_row
@@ -76,10 +55,9 @@ async def _audit_target(dsn: str, args: argparse.Namespace) -> Any:
 
 def _audit(argv: list[str]) -> int:
     """``tenancy-operator audit``: the sweep's isolation audit on demand, one line per finding."""
-    import os
-
     import psycopg
 
+    from tenancy_operator.cli_database import add_database_arguments, database_dsns
     from tenancy_operator.db.audit import Report
 
     parser = argparse.ArgumentParser(
@@ -87,15 +65,13 @@ def _audit(argv: list[str]) -> int:
         description="List what tenant roles hold beyond their own schemas (catalog reads only); with --fix,"
                     " revoke what the login can. Exit codes: 0 nothing found, 1 findings, 2 usage or"
                     " connection error.")
-    parser.add_argument("--target", help="database target (default: every configured target)")
-    parser.add_argument("--dsn", help="database to audit (default: the targets' DSNs, else $TENANCY_DATABASE_URL)")
-    parser.add_argument("--control-schema", default=os.environ.get("TENANCY_CONTROL_SCHEMA", "tenancy"))
+    add_database_arguments(parser)
     parser.add_argument("-n", "--namespace", action="append", help="only tenants of this namespace (repeatable)")
     parser.add_argument("--tenant", help="only the Tenant of this name")
     parser.add_argument("--fix", action="store_true", help="revoke what is found (default: read only)")
     args = parser.parse_args(argv)
     try:
-        dsns = _audit_dsns(args)
+        dsns = database_dsns(args)
     except ValueError as exc:
         print(f"tenancy-operator audit: {exc}", file=sys.stderr)
         return 2

@@ -4,9 +4,8 @@
     tenancy-operator flags export new-dashboard      # the flagd definition, from Postgres
     tenancy-operator flags history new-dashboard     # the audit trail (feature_flag_changes)
 
-The database comes from --dsn, else $TENANCY_DATABASE_URL, else the --target entry (default
-"default") of $TENANCY_DATABASE_TARGETS; the control schema from --schema, else
-$TENANCY_CONTROL_SCHEMA, else "tenancy". --namespace may be left out when the key exists in one
+The database options are those of every administrator command (cli_database: --dsn, --target,
+--control-schema); inside the operator's pod none is needed. --namespace may be left out when the key exists in one
 namespace only. Exit codes: 0 found, 1 flag not found, 2 usage or connection error.
 """
 
@@ -15,13 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 
+from tenancy_operator.cli_database import add_database_arguments, one_database
 from tenancy_operator.db import flags as dbf
 from tenancy_operator.flags.bucketing import bucket_hash
 from tenancy_operator.flags.evaluation import Evaluation, Reason, evaluate
@@ -38,17 +37,10 @@ class CliError(Exception):
 
 
 def _dsn(args: argparse.Namespace) -> str:
-    if args.dsn:
-        return str(args.dsn)
-    if os.environ.get("TENANCY_DATABASE_URL"):
-        return os.environ["TENANCY_DATABASE_URL"]
     try:
-        targets = json.loads(os.environ.get("TENANCY_DATABASE_TARGETS") or "{}")
-    except json.JSONDecodeError:
-        targets = {}
-    if isinstance(targets, dict) and isinstance(targets.get(args.target), str):
-        return str(targets[args.target])
-    raise CliError(USAGE, "no database: pass --dsn, or set TENANCY_DATABASE_URL or TENANCY_DATABASE_TARGETS")
+        return one_database(args)
+    except ValueError as exc:
+        raise CliError(USAGE, str(exc)) from exc
 
 
 def _position(flag: FlagDefinition, user: str | None, weights: tuple[tuple[str, int], ...]) -> str:
@@ -106,12 +98,13 @@ async def _main(args: argparse.Namespace) -> int:
         raise CliError(USAGE, f"cannot connect to the database: {type(exc).__name__}") from exc
     async with conn:
         try:
-            stored = await _find(conn, args.schema, args.flag, args.namespace)
+            stored = await _find(conn, args.control_schema, args.flag, args.namespace)
             history = []
             if args.command == "history":
-                history = await dbf.changes(conn, args.schema, stored.namespace, args.flag)
+                history = await dbf.changes(conn, args.control_schema, stored.namespace, args.flag)
         except psycopg.errors.UndefinedTable as exc:
-            raise CliError(NOT_FOUND, f"schema {args.schema!r} has no feature flags (operator never ran?)") from exc
+            raise CliError(NOT_FOUND, f"schema {args.control_schema!r} has no feature flags"
+                                      " (operator never ran?)") from exc
     flag = stored.definition
     if args.command == "eval":
         ev = evaluate(flag, args.tenant, args.user)
@@ -139,10 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("flag", help="the flag key (spec.key, or the FeatureFlag's name)")
     common.add_argument("--namespace", "-n", help="the FeatureFlag's namespace (needed when the key is in several)")
-    common.add_argument("--dsn", help="PostgreSQL DSN (default: $TENANCY_DATABASE_URL)")
-    common.add_argument("--target", default="default", help="entry of $TENANCY_DATABASE_TARGETS to use")
-    common.add_argument("--schema", default=os.environ.get("TENANCY_CONTROL_SCHEMA") or "tenancy",
-                        help="the operator's control schema (default: $TENANCY_CONTROL_SCHEMA or tenancy)")
+    add_database_arguments(common)
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("eval", parents=[common], help="the variant a user of a tenant gets, and why")
     ev.add_argument("--tenant", "-t", help="the Tenant's name (evaluation context attribute `tenant`)")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 
+from tenancy_operator.cli_database import add_database_arguments, one_database
 from tenancy_operator.db.jobs import history
 from tenancy_operator.observability.text import clean_message
 
@@ -44,18 +44,18 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tenancy-operator jobs", description=__doc__)
     parser.add_argument("tenant", help="Tenant name")
     parser.add_argument("-n", "--namespace", default="default")
-    parser.add_argument("--dsn", default=os.environ.get("TENANCY_DATABASE_URL"),
-                        help="database of the tenant's target (default: $TENANCY_DATABASE_URL)")
-    parser.add_argument("--control-schema", default=os.environ.get("TENANCY_CONTROL_SCHEMA", "tenancy"))
+    add_database_arguments(parser)
     parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
     args = parser.parse_args(argv)
-    if not args.dsn:
-        print("no database: pass --dsn or set TENANCY_DATABASE_URL", file=sys.stderr)
+    try:
+        dsn = one_database(args)
+    except ValueError as exc:
+        print(f"tenancy-operator jobs: {exc}", file=sys.stderr)
         return 2
     import asyncio
 
     try:
-        rows = asyncio.run(_fetch(args.dsn, args.control_schema, args.namespace, args.tenant))
+        rows = asyncio.run(_fetch(dsn, args.control_schema, args.namespace, args.tenant))
     except psycopg.Error as exc:
         print(f"cannot read the job ledger: {clean_message(exc)}", file=sys.stderr)
         return 1

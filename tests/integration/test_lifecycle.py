@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -333,8 +335,10 @@ def test_every_intervention_records_who_asked_for_it(
     # The provisioning is the creator's; the suspension stays alice's after carol's later change.
     assert job("provision", "alice-console") is None and job("suspend", "alice-console") is not None
 
+    # As inside the operator's pod: the targets it is configured with, no --dsn.
     out = subprocess.run(
-        [sys.executable, "-m", "tenancy_operator", "jobs", "audited", "-n", namespace, "--dsn", stack.admin_dsn()],
+        [sys.executable, "-m", "tenancy_operator", "jobs", "audited", "-n", namespace],
         capture_output=True, text=True, check=True,
+        env={**os.environ, "TENANCY_DATABASE_TARGETS": json.dumps({"default": stack.admin_dsn()})},
     ).stdout
     assert "REQUESTED BY" in out and "alice-console" in out and "bob-cli" in out and "carol-gitops" in out
