@@ -49,7 +49,7 @@ helm-lint: binaries
 
 crds: venv
 	$(VENV)/bin/tenancy-operator crds
-	cp crds/*.yaml helm/tenancy-operator/crds/
+	cp crds/*.yaml helm/tenancy-operator/files/crds/
 
 test: deps venv binaries lint
 	$(VENV)/bin/pytest -p no:cacheprovider tests --ignore=tests/integration
