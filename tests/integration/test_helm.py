@@ -128,7 +128,9 @@ def test_default_render(helm: Helm, release: str) -> None:
     for path in (ROOT / "crds").glob("*.yaml"):
         generated = yaml.safe_load(path.read_text())
         rendered = crds[generated["metadata"]["name"]]
-        assert rendered["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+        assert rendered["metadata"]["annotations"] == {
+            "helm.sh/resource-policy": "keep", "argocd.argoproj.io/sync-options": "Prune=false,Delete=false",
+        }
         assert rendered["spec"] == generated["spec"]
         assert rendered["metadata"]["labels"] == generated["metadata"]["labels"]
     assert "CustomResourceDefinition" not in {d["kind"] for d in helm.template(release, "tenancy-system", *NO_CRDS)}
@@ -396,7 +398,7 @@ def session_crds_given_back(stack: LocalStack) -> Iterator[None]:
     yield
     for crd in TENANCY_CRDS:
         stack.kubectl("annotate", f"crd/{crd}", "meta.helm.sh/release-name-", "meta.helm.sh/release-namespace-",
-                      "helm.sh/resource-policy-")
+                      "helm.sh/resource-policy-", "argocd.argoproj.io/sync-options-")
         stack.kubectl("label", f"crd/{crd}", "app.kubernetes.io/managed-by-")
     stack.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=tenancy-devenv",
                   "-f", str(ROOT / "crds"))
@@ -451,6 +453,10 @@ def test_helm_upgrade_from_the_previous_chart_upgrades_the_crds_and_uninstall_ke
             stack.kubectl("get", "crd", crd)
         assert crd_has_read_only_login()
         assert cluster.get("tenants", namespace, "kept")["spec"]["credentials"]["readOnlyLogin"] is True
+        # The same release name in the same namespace takes the kept CRDs back.
+        helm("install", release, str(CHART), "--namespace", namespace)
+        helm("uninstall", release, "--namespace", namespace, "--wait")
+        stack.kubectl("get", "crd", "tenants.tenancy.dev")
 
 
 def test_the_documented_kind_install_renders_and_passes_dry_run(
