@@ -22,7 +22,7 @@ help:
 	@echo "make dev-up     - the same, detached; run again to restart whatever died"
 	@echo "make dev-down   - stop the local stack (data kept in .dev/)"
 	@echo "make test       - install what is missing, lint, type-check, unit tests, integration suite on PostgreSQL 15 and 17"
-	@echo "make crds       - regenerate crds/ from the pydantic models"
+	@echo "make crds       - regenerate crds/, the chart's copy and docs/api.md from the pydantic models"
 	@echo "make bench      - benchmarks with 1000 tenants on a temporary stack (docs/benchmarks.md)"
 	@echo "make bench-quick - the converge benchmark with 200 tenants against the make dev-up stack"
 
@@ -50,7 +50,8 @@ helm-lint: binaries
 
 crds: venv
 	$(VENV)/bin/tenancy-operator crds
-	cp crds/*.yaml helm/tenancy-operator/crds/
+	cp crds/*.yaml helm/tenancy-operator/files/crds/
+	$(VENV)/bin/tenancy-operator api-docs
 
 test: deps venv binaries lint
 	$(VENV)/bin/pytest -p no:cacheprovider tests --ignore=tests/integration

@@ -1,4 +1,4 @@
-"""The ``tenancy-operator`` command: run the operator, drive the local stack, generate CRDs."""
+"""The ``tenancy-operator`` command: run the operator, drive the local stack, generate CRDs and API docs."""
 
 from __future__ import annotations
 
@@ -35,6 +35,13 @@ def _crds(args: argparse.Namespace) -> int:
 
     for path in write_crds(Path(args.output)):
         print(path)
+    return 0
+
+
+def _api_docs(args: argparse.Namespace) -> int:
+    from tenancy_operator.api.apidocs import write_api_docs
+
+    print(write_api_docs(Path(args.output)))
     return 0
 
 
@@ -119,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("audit", help="what tenant roles hold beyond their schemas: audit [--target NAME] [--fix]")
     crds = sub.add_parser("crds", help="write the CRD YAML generated from the API models")
     crds.add_argument("--output", default=str(REPO_ROOT / "crds"))
+    api_docs = sub.add_parser("api-docs", help="write the API reference (docs/api.md) generated from the API models")
+    api_docs.add_argument("--output", default=str(REPO_ROOT / "docs" / "api.md"))
     args = parser.parse_args(argv)
-    handlers = {"run": _run, "crds": _crds}
+    handlers = {"run": _run, "crds": _crds, "api-docs": _api_docs}
     return handlers[args.command](args)
 
 

@@ -7,9 +7,11 @@ its objects, and RBAC separately (test_rbac.py runs the operator with the chart'
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
+import tarfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,8 @@ import pytest
 import yaml
 
 from tenancy_operator.devenv.stack import LocalStack
+
+from .harness import Cluster, crd_schema_replaced, tenant
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "tenancy-operator"
@@ -30,6 +34,10 @@ ALL_FEATURES = [
 ]
 NAMESPACED = ["--set", "rbac.scope=namespaced", "--set", "namespaces={a,b}"]
 MONITORING = {"ServiceMonitor", "PrometheusRule"}  # prometheus-operator CRDs are not in the test cluster
+TENANCY_CRDS = ("tenants.tenancy.dev", "quotas.tenancy.dev", "featureflags.tenancy.dev")
+# The session's CRDs are the harness's (applied from crds/ at start, as on a cluster where they are
+# managed apart from the release): installs of the chart leave them alone, except the CRD upgrade test.
+NO_CRDS = ["--set", "crds.install=false"]
 # What the operator needs in each namespace it serves: the namespaced scope's Roles, the ClusterRole's
 # first rules (test_rbac.py runs the operator with each).
 NAMESPACE_RULES = [
@@ -112,8 +120,20 @@ def test_default_render(helm: Helm, release: str) -> None:
     kinds = {d["kind"]: d for d in docs}
     assert set(kinds) == {
         "Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service",
-        "PodDisruptionBudget", "PersistentVolumeClaim",
+        "PodDisruptionBudget", "PersistentVolumeClaim", "CustomResourceDefinition",
     }
+    # The CRDs are templates (helm upgrade upgrades them), the generated ones, kept on uninstall.
+    crds = {d["metadata"]["name"]: d for d in docs if d["kind"] == "CustomResourceDefinition"}
+    assert sorted(crds) == sorted(TENANCY_CRDS)
+    for path in (ROOT / "crds").glob("*.yaml"):
+        generated = yaml.safe_load(path.read_text())
+        rendered = crds[generated["metadata"]["name"]]
+        assert rendered["metadata"]["annotations"] == {
+            "helm.sh/resource-policy": "keep", "argocd.argoproj.io/sync-options": "Prune=false,Delete=false",
+        }
+        assert rendered["spec"] == generated["spec"]
+        assert rendered["metadata"]["labels"] == generated["metadata"]["labels"]
+    assert "CustomResourceDefinition" not in {d["kind"] for d in helm.template(release, "tenancy-system", *NO_CRDS)}
     dep = kinds["Deployment"]["spec"]
     assert dep["replicas"] == 1
     assert dep["strategy"] == {"type": "Recreate"}
@@ -245,17 +265,18 @@ def test_rendered_manifests_pass_server_side_dry_run(
     stack: LocalStack, helm: Helm, release: str, namespace: str, values: list[str]
 ) -> None:
     args = [v.replace("NS", namespace) for v in values]
-    # Helm creates the CRDs of crds/ before it renders templates: so do we (the tenancy CRDs exist
-    # already; the dry run checks the chart's copies are accepted as updates).
+    # Helm creates the CRDs of crds/ (Kopf's) before it renders templates: so do we. The tenancy CRDs
+    # (templates) exist already; the dry run checks the rendered ones are accepted as updates.
     stack.kubectl("apply", "--server-side", "-f", str(CHART / "crds" / "kopf.dev_peerings.yaml"))
     stack.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev",
                   "crd/kopfpeerings.kopf.dev", "--timeout=30s")
-    crds = [yaml.safe_load(p.read_text()) for p in sorted((CHART / "crds").glob("tenancy.dev_*.yaml"))]
+    docs = helm.template(release, namespace, *args)
+    crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+    assert len(crds) == len(TENANCY_CRDS)
     assert "(server dry run)" in stack.kubectl(
         "apply", "--server-side", "--force-conflicts", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(crds)
     ).stdout
-    docs = helm.template(release, namespace, *args)
-    out = server_dry_run(stack, [d for d in docs if d["kind"] not in MONITORING])
+    out = server_dry_run(stack, [d for d in docs if d["kind"] not in {*MONITORING, "CustomResourceDefinition"}])
     assert "(server dry run)" in out
     assert f"deployment.apps/{release}-tenancy-operator created (server dry run)" in out
     assert stack.kubectl("get", "deployments", "-n", namespace, "-o", "name").stdout.strip() == ""
@@ -286,7 +307,7 @@ def test_pod_meets_the_restricted_pod_security_standard(
 
 @pytest.fixture
 def installed(stack: LocalStack, helm: Helm, release: str, namespace: str) -> Iterator[str]:
-    helm("install", release, str(CHART), "--namespace", namespace, "--set", "peering.enabled=true")
+    helm("install", release, str(CHART), "--namespace", namespace, "--set", "peering.enabled=true", *NO_CRDS)
     try:
         yield release
     finally:
@@ -329,7 +350,7 @@ def test_helm_install_namespaced_scope(stack: LocalStack, helm: Helm, release: s
     """A real install with rbac.scope=namespaced, watching the release's own namespace: the API
     server's authorizer grants the ServiceAccount Secrets there and nowhere else."""
     helm("install", release, str(CHART), "--namespace", namespace, "--set", "rbac.scope=namespaced",
-         "--set", f"namespaces={{{namespace}}}")
+         "--set", f"namespaces={{{namespace}}}", *NO_CRDS)
     try:
         full = f"{release}-tenancy-operator"
         stack.kubectl("get", f"role/{full}", f"rolebinding/{full}", "-n", namespace)
@@ -348,6 +369,94 @@ def test_helm_install_namespaced_scope(stack: LocalStack, helm: Helm, release: s
     finally:
         helm("uninstall", release, "--namespace", namespace, "--wait", check=False)
     assert stack.kubectl("get", f"role/{release}-tenancy-operator", "-n", namespace, check=False).returncode != 0
+
+
+def previous_chart(workdir: Path) -> Path:
+    """The chart as it was before the CRDs became templates (they were in crds/, which Helm installs
+    once and never upgrades): from the git history, the parent of the commit that moved them."""
+    moved_out = "helm/tenancy-operator/crds/tenancy.dev_tenants.yaml"
+    git = ["git", "-C", str(ROOT)]
+    log = subprocess.run([*git, "log", "-1", "--no-renames", "--diff-filter=D", "--format=%H", "--", moved_out],
+                         capture_output=True, text=True, timeout=60)
+    commit = log.stdout.strip()
+    assert log.returncode == 0 and commit, f"this test needs the repository's git history (a full clone): {log.stderr}"
+    archive = subprocess.run([*git, "archive", "--format=tar", f"{commit}^", "helm/tenancy-operator"],
+                             capture_output=True, timeout=60)
+    assert archive.returncode == 0, archive.stderr.decode()
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(workdir, filter="data")
+    chart = workdir / "helm" / "tenancy-operator"
+    assert (chart / moved_out.removeprefix("helm/tenancy-operator/")).exists()
+    assert not (chart / "templates" / "crds.yaml").exists()
+    return chart
+
+
+@pytest.fixture
+def session_crds_given_back(stack: LocalStack) -> Iterator[None]:
+    """After a test that let a release take the tenancy CRDs: back as the session installed them
+    (current schema, no Helm ownership), for the tests after it."""
+    yield
+    for crd in TENANCY_CRDS:
+        stack.kubectl("annotate", f"crd/{crd}", "meta.helm.sh/release-name-", "meta.helm.sh/release-namespace-",
+                      "helm.sh/resource-policy-", "argocd.argoproj.io/sync-options-")
+        stack.kubectl("label", f"crd/{crd}", "app.kubernetes.io/managed-by-")
+    stack.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=tenancy-devenv",
+                  "-f", str(ROOT / "crds"))
+
+
+def test_helm_upgrade_from_the_previous_chart_upgrades_the_crds_and_uninstall_keeps_them(
+    stack: LocalStack, helm: Helm, cluster: Cluster, release: str, namespace: str, tmp_path: Path,
+    session_crds_given_back: None,
+) -> None:
+    """docs/operations.md, "Upgrade" and "Uninstall": a release of the chart that had the CRDs in crds/
+    is upgraded (once with --take-ownership) to the current chart, which upgrades the CRDs; uninstall
+    keeps the CRDs and the Tenants."""
+    old_chart = previous_chart(tmp_path)
+    tenants = "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/credentials/properties"
+
+    def without_read_only_login(props: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in props.items() if k != "readOnlyLogin"}
+
+    def crd_has_read_only_login() -> bool:
+        crd = json.loads(stack.kubectl("get", "crd", "tenants.tenancy.dev", "-o", "json").stdout)
+        props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        return "readOnlyLogin" in props["credentials"]["properties"]
+
+    # The cluster as the previous chart left it, with a Tenants CRD one field older than the current
+    # one (the previous chart's own CRDs are in the cluster already, so Helm skips its crds/).
+    with crd_schema_replaced(stack, "tenants.tenancy.dev", tenants, without_read_only_login):
+        helm("install", release, str(old_chart), "--namespace", namespace)
+        assert not crd_has_read_only_login()
+        cluster.create("tenants", namespace, tenant("kept", displayName="Kept", credentials={"readOnlyLogin": True}))
+        # An unknown field is pruned by the older schema.
+        assert "readOnlyLogin" not in (cluster.get("tenants", namespace, "kept")["spec"].get("credentials") or {})
+
+        # CRDs created from crds/ carry no Helm ownership: the chart that templates them must take it once.
+        refused = helm("upgrade", release, str(CHART), "--namespace", namespace, check=False)
+        assert refused.returncode != 0
+        assert "invalid ownership metadata" in refused.stderr, refused.stderr
+        helm("upgrade", release, str(CHART), "--namespace", namespace, "--take-ownership")
+        assert crd_has_read_only_login()
+        for crd in TENANCY_CRDS:
+            meta = json.loads(stack.kubectl("get", "crd", crd, "-o", "json").stdout)["metadata"]
+            assert meta["annotations"]["helm.sh/resource-policy"] == "keep"
+            assert meta["annotations"]["meta.helm.sh/release-name"] == release
+        cluster.patch("tenants", namespace, "kept", {"spec": {"credentials": {"readOnlyLogin": True}}})
+        assert cluster.get("tenants", namespace, "kept")["spec"]["credentials"]["readOnlyLogin"] is True
+        # A later upgrade needs nothing more.
+        helm("upgrade", release, str(CHART), "--namespace", namespace, "--set", "logging.level=DEBUG")
+
+        helm("uninstall", release, "--namespace", namespace, "--wait")
+        assert stack.kubectl("get", f"deployment/{release}-tenancy-operator", "-n", namespace,
+                             check=False).returncode != 0
+        for crd in TENANCY_CRDS:
+            stack.kubectl("get", "crd", crd)
+        assert crd_has_read_only_login()
+        assert cluster.get("tenants", namespace, "kept")["spec"]["credentials"]["readOnlyLogin"] is True
+        # The same release name in the same namespace takes the kept CRDs back.
+        helm("install", release, str(CHART), "--namespace", namespace)
+        helm("uninstall", release, "--namespace", namespace, "--wait")
+        stack.kubectl("get", "crd", "tenants.tenancy.dev")
 
 
 def test_the_documented_kind_install_renders_and_passes_dry_run(

@@ -17,16 +17,21 @@ CHART = ROOT / "helm" / "tenancy-operator"
 
 
 def test_chart_crds_are_the_generated_ones() -> None:
-    """Helm installs CRDs from the chart's crds/: a copy of crds/, which `tenancy-operator crds`
-    generates. After `make crds`, copy them: cp crds/*.yaml helm/tenancy-operator/crds/."""
+    """The chart renders the tenancy CRDs from files/crds/ (templates/crds.yaml, so that `helm
+    upgrade` upgrades them): a copy of crds/, which `tenancy-operator crds` generates. `make crds`
+    copies them: cp crds/*.yaml helm/tenancy-operator/files/crds/."""
     generated = sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
     assert generated
     for name in generated:
-        assert (CHART / "crds" / name).read_bytes() == (ROOT / "crds" / name).read_bytes(), (
-            f"helm/tenancy-operator/crds/{name} differs from crds/{name}: cp crds/*.yaml helm/tenancy-operator/crds/"
+        assert (CHART / "files" / "crds" / name).read_bytes() == (ROOT / "crds" / name).read_bytes(), (
+            f"helm/tenancy-operator/files/crds/{name} differs from crds/{name}: run `make crds` "
+            "(cp crds/*.yaml helm/tenancy-operator/files/crds/)"
         )
-    ours = {p.name for p in (CHART / "crds").glob("tenancy.dev_*.yaml")}
+    ours = {p.name for p in (CHART / "files" / "crds").glob("*.yaml")}
     assert ours == set(generated), "the chart has a CRD that crds/ no longer has"
+    # Helm would install a tenancy CRD left in crds/ before the templates and never upgrade it.
+    assert not list((CHART / "crds").glob("tenancy.dev_*")), "tenancy CRDs belong in files/crds/, not crds/"
+    # Kopf's peering CRDs stay in crds/: Kopf's, not ours, and possibly installed by another operator.
     peering = list(yaml.safe_load_all((CHART / "crds" / "kopf.dev_peerings.yaml").read_text()))
     assert {d["spec"]["names"]["kind"] for d in peering} == {"ClusterKopfPeering", "KopfPeering"}
 
