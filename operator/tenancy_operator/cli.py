@@ -77,11 +77,7 @@ def _audit(argv: list[str]) -> int:
     parser.add_argument("--tenant", help="only the Tenant of this name")
     parser.add_argument("--fix", action="store_true", help="revoke what is found (default: read only)")
     args = parser.parse_args(argv)
-    try:
-        dsns = database_dsns(args)
-    except ValueError as exc:
-        print(f"tenancy-operator audit: {exc}", file=sys.stderr)
-        return 2
+    dsns = database_dsns(args, parser)
     found = failed = 0
     for target, dsn in dsns.items():
         try:

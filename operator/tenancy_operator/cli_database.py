@@ -26,8 +26,14 @@ def add_database_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the operator's control schema (default: $TENANCY_CONTROL_SCHEMA or tenancy)")
 
 
-def database_dsns(args: argparse.Namespace) -> dict[str, str]:
-    """Target name -> DSN, from the options above. Raises ValueError with a message for the user."""
+def database_dsns(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> dict[str, str]:
+    """Target name -> DSN, from the options above. Raises ValueError with a message for the user;
+    with ``parser``, exits as argparse does for a usage error (the message, exit code 2)."""
+    if parser is not None:
+        try:
+            return database_dsns(args)
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.dsn:
         return {args.target or "default": args.dsn}
     targets = Settings().targets
@@ -42,11 +48,15 @@ def database_dsns(args: argparse.Namespace) -> dict[str, str]:
     raise ValueError("no database: pass --dsn, or set TENANCY_DATABASE_TARGETS or TENANCY_DATABASE_URL")
 
 
-def one_database(args: argparse.Namespace) -> str:
-    """The DSN of the one database a command reads: --dsn, --target's, the only target or 'default'."""
-    dsns = database_dsns(args)
+def one_database(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> str:
+    """The DSN of the one database a command reads: --dsn, --target's, the only target or 'default'
+    (errors as database_dsns)."""
+    dsns = database_dsns(args, parser)
     if len(dsns) == 1:
         return next(iter(dsns.values()))
     if "default" in dsns:
         return dsns["default"]
-    raise ValueError(f"several database targets ({', '.join(sorted(dsns))}): pass --target")
+    message = f"several database targets ({', '.join(sorted(dsns))}): pass --target"
+    if parser is not None:
+        parser.error(message)
+    raise ValueError(message)

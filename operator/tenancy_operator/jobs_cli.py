@@ -47,11 +47,7 @@ def main(argv: list[str]) -> int:
     add_database_arguments(parser)
     parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
     args = parser.parse_args(argv)
-    try:
-        dsn = one_database(args)
-    except ValueError as exc:
-        print(f"tenancy-operator jobs: {exc}", file=sys.stderr)
-        return 2
+    dsn = one_database(args, parser)
     import asyncio
 
     try:

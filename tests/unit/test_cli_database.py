@@ -59,3 +59,12 @@ def test_control_schema_option_and_its_old_spelling(monkeypatch: pytest.MonkeyPa
     assert parse().control_schema == "tenancy"
     assert parse("--schema", "ops").control_schema == "ops"
     assert parse("--control-schema", "ops2").control_schema == "ops2"
+
+
+def test_a_usage_error_exits_2_with_the_message(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="tenancy-operator jobs")
+    add_database_arguments(parser)
+    with pytest.raises(SystemExit) as exited:
+        one_database(parser.parse_args([]), parser)
+    assert exited.value.code == 2
+    assert "no database" in capsys.readouterr().err
