@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -381,12 +381,14 @@ class ResourceInfo:
     """Names of one custom resource kind, for the CRD and for API calls (Kopf handlers, clients)."""
 
     kind: str
-    plural: str
-    singular: str
     short_names: tuple[str, ...]
     spec_model: type[ApiModel]
     status_model: type[ApiModel]
     description: str
+    plural: str = ""
+    """Default: the kind in lower case with an s (tenants, quotas, featureflags)."""
+    singular: str = ""
+    """Default: the kind in lower case."""
     printer_columns: tuple[PrinterColumn, ...] = ()
     root_validations: tuple[JsonDict, ...] = ()
     categories: tuple[str, ...] = ("tenancy",)
@@ -395,6 +397,10 @@ class ResourceInfo:
     group: str = GROUP
     version: str = VERSION
     namespaced: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "singular", self.singular or self.kind.lower())
+        object.__setattr__(self, "plural", self.plural or f"{self.kind.lower()}s")
 
     @property
     def api_version(self) -> str:
@@ -437,3 +443,17 @@ class ObjectMeta(ApiModel):
     finalizers: list[str] = Field(default_factory=list)
     creation_timestamp: AwareDatetime | None = None
     deletion_timestamp: AwareDatetime | None = None
+
+
+SpecT = TypeVar("SpecT", bound=ApiModel)
+StatusT = TypeVar("StatusT", bound=ApiModel)
+
+
+class KubeObject(ApiModel, Generic[SpecT, StatusT]):
+    """A whole object of one of our kinds as read from the API server."""
+
+    api_version: str = f"{GROUP}/{VERSION}"
+    kind: str
+    metadata: ObjectMeta
+    spec: SpecT
+    status: StatusT | None = None

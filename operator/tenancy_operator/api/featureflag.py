@@ -16,7 +16,7 @@ from tenancy_operator.api.common import (
     ApiModel,
     Conditions,
     JsonDict,
-    ObjectMeta,
+    KubeObject,
     PrinterColumn,
     ResourceInfo,
     cel,
@@ -332,20 +332,14 @@ class FeatureFlagStatus(ApiModel):
     """ConfigMap holding the flag in flagd's format (key `flagd.json`), owned by this FeatureFlag."""
 
 
-class FeatureFlag(ApiModel):
+class FeatureFlag(KubeObject[FeatureFlagSpec, FeatureFlagStatus]):
     """A whole FeatureFlag object as read from the API server."""
 
-    api_version: str = "tenancy.dev/v1alpha1"
     kind: str = "FeatureFlag"
-    metadata: ObjectMeta
-    spec: FeatureFlagSpec
-    status: FeatureFlagStatus | None = None
 
 
 FEATURE_FLAG = ResourceInfo(
     kind="FeatureFlag",
-    plural="featureflags",
-    singular="featureflag",
     short_names=("ff",),
     spec_model=FeatureFlagSpec,
     status_model=FeatureFlagStatus,

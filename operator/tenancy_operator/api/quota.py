@@ -20,7 +20,7 @@ from tenancy_operator.api.common import (
     STATEMENT_TIMEOUT_MAX,
     ApiModel,
     Conditions,
-    ObjectMeta,
+    KubeObject,
     PositiveDuration,
     PositiveQuantity,
     PrinterColumn,
@@ -345,20 +345,14 @@ class QuotaStatus(ApiModel):
     """Share of the database target's load (see spec.noisyNeighbor)."""
 
 
-class Quota(ApiModel):
+class Quota(KubeObject[QuotaSpec, QuotaStatus]):
     """A whole Quota object as read from the API server."""
 
-    api_version: str = "tenancy.dev/v1alpha1"
     kind: str = "Quota"
-    metadata: ObjectMeta
-    spec: QuotaSpec
-    status: QuotaStatus | None = None
 
 
 QUOTA = ResourceInfo(
     kind="Quota",
-    plural="quotas",
-    singular="quota",
     short_names=("tq",),
     spec_model=QuotaSpec,
     status_model=QuotaStatus,

@@ -16,7 +16,7 @@ from tenancy_operator.api.common import (
     Conditions,
     DnsSubdomain,
     Duration,
-    ObjectMeta,
+    KubeObject,
     PrinterColumn,
     ResourceInfo,
     cel,
@@ -228,20 +228,14 @@ class TenantStatus(ApiModel):
     """The last finished jobs, newest first."""
 
 
-class Tenant(ApiModel):
+class Tenant(KubeObject[TenantSpec, TenantStatus]):
     """A whole Tenant object as read from the API server."""
 
-    api_version: str = "tenancy.dev/v1alpha1"
     kind: str = "Tenant"
-    metadata: ObjectMeta
-    spec: TenantSpec
-    status: TenantStatus | None = None
 
 
 TENANT = ResourceInfo(
     kind="Tenant",
-    plural="tenants",
-    singular="tenant",
     short_names=("tn",),
     spec_model=TenantSpec,
     status_model=TenantStatus,
