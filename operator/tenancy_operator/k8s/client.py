@@ -49,6 +49,16 @@ async def raw(call: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) ->
     return data
 
 
+async def _read_or_none(call: Callable[..., Awaitable[Any]], *args: Any) -> dict[str, Any] | None:
+    """A read; None when the object does not exist. Decoded with safejson (see list_objects)."""
+    try:
+        return safejson.loads(await raw(call, *args))  # type: ignore[no-any-return]
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
 class Kube:
     def __init__(self, api: client.ApiClient, namespaces: Sequence[str] = ()) -> None:
         self.api = api
@@ -80,12 +90,7 @@ class Kube:
         await self.api.close()
 
     async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return json.loads(await raw(self.core.read_namespaced_secret, name, namespace))  # type: ignore[no-any-return]
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await _read_or_none(self.core.read_namespaced_secret, name, namespace)
 
     async def create_secret(self, namespace: str, body: dict[str, Any]) -> str:
         """Returns the new Secret's uid."""
@@ -118,12 +123,7 @@ class Kube:
         return items
 
     async def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return json.loads(await raw(self.core.read_namespaced_config_map, name, namespace))  # type: ignore[no-any-return]
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await _read_or_none(self.core.read_namespaced_config_map, name, namespace)
 
     async def create_configmap(self, namespace: str, body: dict[str, Any]) -> None:
         await raw(self.core.create_namespaced_config_map, namespace, body)
@@ -152,22 +152,10 @@ class Kube:
     async def get_object(self, plural: str, namespace: str, name: str, *,
                          group: str = GROUP, version: str = VERSION) -> dict[str, Any] | None:
         """One of our objects (or, with ``group``/``version``, any namespaced custom object); None if absent."""
-        try:
-            return safejson.loads(await raw(  # type: ignore[no-any-return]
-                self.custom.get_namespaced_custom_object, group, version, namespace, plural, name))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await _read_or_none(self.custom.get_namespaced_custom_object, group, version, namespace, plural, name)
 
     async def get_cluster_object(self, group: str, version: str, plural: str, name: str) -> dict[str, Any] | None:
-        try:
-            return safejson.loads(await raw(  # type: ignore[no-any-return]
-                self.custom.get_cluster_custom_object, group, version, plural, name))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await _read_or_none(self.custom.get_cluster_custom_object, group, version, plural, name)
 
     async def list_objects(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
         """Our objects of one kind in ``namespace``; None: in every watched namespace. Decoded with
