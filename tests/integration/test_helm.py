@@ -38,7 +38,7 @@ NAMESPACE_RULES = [
     {"apiGroups": ["tenancy.dev"], "resources": ["quotas"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["tenancy.dev"], "resources": ["tenants/status", "quotas/status", "featureflags/status"],
      "verbs": ["patch"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "update", "delete"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "update", "delete"]},
 ]
@@ -124,6 +124,9 @@ def test_default_render(helm: Helm, release: str) -> None:
     assert env["TENANCY_DATABASE_TARGETS_DIR"] == "/etc/tenancy/databases"
     assert env["TENANCY_ARCHIVE_DIR"] == "/var/lib/tenancy/archive"
     assert "TENANCY_NAMESPACES" not in env and "TENANCY_PEERING_NAME" not in env
+    # The Events' reportingInstance: the pod's name, from the Downward API.
+    (pod_name,) = [e for e in container["env"] if e["name"] == "POD_NAME"]
+    assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert not any("postgresql://" in json.dumps(e) for e in container["env"])
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
