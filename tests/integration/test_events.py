@@ -59,9 +59,10 @@ def test_a_repeated_warning_is_one_event_with_a_count(
     set_enabled(cluster, namespace, "checkout", False)
 
     def counted_twice() -> Any:
-        (event,) = events(cluster, namespace, "checkout", "KillSwitchThrown")  # one Event, not two
-        assert event.count == 2, event.count
-        return event
+        found = events(cluster, namespace, "checkout", "KillSwitchThrown")
+        assert len(found) == 1, f"{len(found)} KillSwitchThrown Events, not one with a count"
+        assert found[0].count == 2, found[0].count
+        return found[0]
 
     event = eventually(counted_twice, timeout=30, what="the second KillSwitchThrown counted on the first Event")
     assert event.type == "Warning"
