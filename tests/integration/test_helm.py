@@ -218,13 +218,14 @@ def test_rendered_prometheus_rule_is_valid_for_prometheus(helm: Helm, release: s
     out = subprocess.run([promtool, "check", "rules", str(rules_file)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     alerts = [r for g in rule["spec"]["groups"] for r in g["rules"]]
-    assert len(alerts) == 8
+    assert len(alerts) == 9
     for alert in alerts:
         assert alert["annotations"]["runbook_url"] == (
             f"https://wiki.example/tenancy/runbook#{alert['alert'].lower()}"
         )
         assert 'job="tenancy-operator"' not in alert["expr"]
-    assert 'job="tenancy"' in next(a["expr"] for a in alerts if a["alert"] == "TenancyOperatorDown")
+    for name in ("TenancyOperatorDown", "TenancyLifecycleJobFailed", "TenancyTenantStalled"):
+        assert 'job="tenancy"' in next(a["expr"] for a in alerts if a["alert"] == name), name
     (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
     (service,) = [d for d in docs if d["kind"] == "Service"]
     selector = monitor["spec"]["selector"]["matchLabels"]
