@@ -112,7 +112,8 @@ class EventRecorder:
                 seen.name = await self.kube.create_event(namespace, event)
                 seen.count, seen.last = 1, time.monotonic()
         except Exception as exc:  # an Event is a courtesy: never let it break a reconcile
-            log.warning("posting event failed", reason=reason, error=type(exc).__name__)
+            log.warning("posting event failed", reason=reason, error=type(exc).__name__,
+                        status=getattr(exc, "status", None))  # the API's answer, e.g. 403 without RBAC
 
     def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str,
                now: datetime.datetime) -> dict[str, Any]:
