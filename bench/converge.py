@@ -326,7 +326,7 @@ class Bench:
         try:
             return {"pool_used": self.operator.metric("db_pool_connections", state="used"),
                     "pool_waiting": self.operator.metric("db_pool_connections", state="waiting"),
-                    "migrations_running": self.operator.metric("lifecycle_jobs_running", job="migrate")}
+                    "migrations_running": self.operator.metric("lifecycle_jobs_running", job_kind="migrate")}
         except OSError:
             return {}
 

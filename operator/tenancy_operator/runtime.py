@@ -98,7 +98,7 @@ def build_registry() -> kopf.OperatorRegistry:
                 lock_timeout=cfg.db_lock_timeout, statement_timeout=cfg.db_statement_timeout,
             ),
             kube=kube,
-            events=EventRecorder(kube.api),
+            events=EventRecorder(kube),
         )
         await ctx.targets.open()
         for target in cfg.targets:

@@ -180,7 +180,7 @@ def test_precedence_and_kill_switch_through_the_cli(
     assert text.split("\t")[:3] == ["off", "false", "USER_OVERRIDE"]
     assert cli(stack, "eval", "no-such-flag", "--tenant", "a", "--user", "b", check=False).returncode == 1
 
-    before = operator.metric("feature_flag_changes_total", flag=f"{namespace}/checkout-v2")
+    before = operator.metric("feature_flag_changes_total", change="update")
     generation = patch(cluster, namespace, "checkout", {"enabled": False}, "incident-bot")
     written(stack, namespace, "checkout-v2", generation)
     for t, u, _, _ in table:
@@ -188,7 +188,7 @@ def test_precedence_and_kill_switch_through_the_cli(
         assert (got["variant"], got["reason"]) == ("off", "KILL_SWITCH"), (t, u, got)
     eventually(lambda: cluster.has_event(namespace, "checkout", "KillSwitchThrown", "Warning"),
                timeout=30, what="Warning KillSwitchThrown")
-    assert operator.metric("feature_flag_changes_total", flag=f"{namespace}/checkout-v2") == before + 1
+    assert operator.metric("feature_flag_changes_total", change="update") == before + 1
     obj = cluster.wait_condition(PLURAL, namespace, "checkout")
     assert obj["status"]["variantShares"] == {"off": 1}
     assert changes(stack, namespace, "checkout-v2")[-1]["changed_by"] == "incident-bot"

@@ -46,7 +46,7 @@ NAMESPACE_RULES = [
     {"apiGroups": ["tenancy.dev"], "resources": ["quotas"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["tenancy.dev"], "resources": ["tenants/status", "quotas/status", "featureflags/status"],
      "verbs": ["patch"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "update", "delete"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "update", "delete"]},
 ]
@@ -144,6 +144,9 @@ def test_default_render(helm: Helm, release: str) -> None:
     assert env["TENANCY_DATABASE_TARGETS_DIR"] == "/etc/tenancy/databases"
     assert env["TENANCY_ARCHIVE_DIR"] == "/var/lib/tenancy/archive"
     assert "TENANCY_NAMESPACES" not in env and "TENANCY_PEERING_NAME" not in env
+    # The Events' reportingInstance: the pod's name, from the Downward API.
+    (pod_name,) = [e for e in container["env"] if e["name"] == "POD_NAME"]
+    assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert not any("postgresql://" in json.dumps(e) for e in container["env"])
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -235,13 +238,14 @@ def test_rendered_prometheus_rule_is_valid_for_prometheus(helm: Helm, release: s
     out = subprocess.run([promtool, "check", "rules", str(rules_file)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     alerts = [r for g in rule["spec"]["groups"] for r in g["rules"]]
-    assert len(alerts) == 8
+    assert len(alerts) == 9
     for alert in alerts:
         assert alert["annotations"]["runbook_url"] == (
             f"https://wiki.example/tenancy/runbook#{alert['alert'].lower()}"
         )
         assert 'job="tenancy-operator"' not in alert["expr"]
-    assert 'job="tenancy"' in next(a["expr"] for a in alerts if a["alert"] == "TenancyOperatorDown")
+    for name in ("TenancyOperatorDown", "TenancyLifecycleJobFailed", "TenancyTenantStalled"):
+        assert 'job="tenancy"' in next(a["expr"] for a in alerts if a["alert"] == name), name
     (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
     (service,) = [d for d in docs if d["kind"] == "Service"]
     selector = monitor["spec"]["selector"]["matchLabels"]

@@ -49,7 +49,7 @@ async def ctx(alone: None, stack: LocalStack) -> AsyncIterator[OperatorContext]:
     await config.load_kube_config(config_file=str(stack.kubeconfig), client_configuration=configuration)
     kube = Kube(client.ApiClient(configuration))
     targets = DatabaseTargets(settings.targets, min_size=0, max_size=4, connect_timeout=5)
-    context = OperatorContext(settings=settings, targets=targets, kube=kube, events=EventRecorder(kube.api))
+    context = OperatorContext(settings=settings, targets=targets, kube=kube, events=EventRecorder(kube))
     await targets.open()
     try:
         yield context

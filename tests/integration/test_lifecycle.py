@@ -83,7 +83,7 @@ def test_fleet_migration_isolates_the_failing_tenant_then_admin_retry_fixes_it(
     attempts = ledger(stack, namespace, "fleet-3", "migrate")  # 0001 succeeded, then 0002 failed 3 times
     assert [a[0] for a in attempts] == ["succeeded", "failed", "failed", "failed"]
     assert [a[1] for a in attempts[1:]] == [1, 2, 3]
-    assert operator.metric("lifecycle_job_failures_total", job="migrate") >= 3
+    assert operator.metric("lifecycle_job_failures_total", job_kind="migrate") >= 3
     assert eventually(lambda: cluster.has_event(namespace, "fleet-3", "MigrationFailed", "Warning"))
     # A summary of the rollout on the ConfigMap itself.
     summary = eventually(

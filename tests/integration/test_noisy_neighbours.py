@@ -134,7 +134,7 @@ def test_a_busy_tenant_is_flagged_contained_and_released(
             assert status["calls"] > 0, status
         assert operator.metric("tenant_noisy_neighbor", namespace=namespace, tenant="loud") == 1
         assert operator.metric("tenant_resource_usage_seconds_total", namespace=namespace, tenant="loud") > 0
-        assert operator.metric("tenant_load_share", namespace=namespace, tenant="loud") > 0.5
+        assert operator.metric("tenant_load_share_ratio", namespace=namespace, tenant="loud") > 0.5
         eventually(lambda: cluster.has_event(namespace, "loud", "NoisyNeighbor", "Warning"),
                    what="NoisyNeighbor Event")
 

@@ -19,7 +19,7 @@ import yaml
 from tenancy_operator.devenv.process import die_with_parent
 from tenancy_operator.devenv.stack import LocalStack
 
-from .harness import Cluster, OperatorProcess, eventually, free_port, tenant
+from .harness import GROUP, VERSION, Cluster, OperatorProcess, eventually, free_port, tenant
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "tenancy-operator"
@@ -123,12 +123,48 @@ def test_the_failure_counter_is_queryable_in_prometheus(
         "Tenant", "Quota", "FeatureFlag"}
 
 
+def stalled_in_cluster(cluster: Cluster, reason: str) -> set[str]:
+    """Tenants whose status says Stalled=True for ``reason``, as the API server has them."""
+    items = cluster.custom.list_cluster_custom_object(GROUP, VERSION, "tenants")["items"]
+    return {
+        f"{t['metadata']['namespace']}/{t['metadata']['name']}"
+        for t in items
+        if any(c["type"] == "Stalled" and c["status"] == "True" and c["reason"] == reason
+               for c in (t.get("status") or {}).get("conditions") or [])
+    }
+
+
+def test_a_stalled_tenant_is_counted_and_its_alert_is_pending(
+    prometheus: Prometheus, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """A stalled Tenant is retried no more, so it stops adding to reconcile_failures_total:
+    stalled_objects keeps it visible (TenancyTenantStalled) until it is fixed or deleted."""
+    reason, name = "UnknownDatabase", f"{namespace}/stuck"
+
+    def gauge_matches_cluster() -> set[str]:
+        stalled = stalled_in_cluster(cluster, reason)
+        assert operator.metric("stalled_objects", kind="Tenant", reason=reason) == len(stalled), stalled
+        return stalled
+
+    cluster.create("tenants", namespace, tenant("stuck", database="nowhere"))
+    cluster.wait_condition("tenants", namespace, "stuck", type_="Stalled", status="True", reason=reason)
+    assert name in eventually(gauge_matches_cluster, timeout=30, what="stalled_objects counts the Tenant")
+    series = f'stalled_objects{{job="{JOB}", kind="Tenant", reason="{reason}"}}'
+    eventually(lambda: value(prometheus.query(series)) >= 1, timeout=60, what="Prometheus scrapes it")
+    alert = f'ALERTS{{alertname="TenancyTenantStalled", kind="Tenant", reason="{reason}"}}'
+    eventually(lambda: {r["metric"]["alertstate"] for r in prometheus.query(alert)} == {"pending"}, timeout=60,
+               what="TenancyTenantStalled pending (it fires after 10 minutes)")
+
+    cluster.delete("tenants", namespace, "stuck")
+    eventually(lambda: name not in gauge_matches_cluster(), timeout=60, what="the deleted Tenant no longer counts")
+
+
 def test_alert_rules_load_and_evaluate(prometheus: Prometheus) -> None:
     def groups() -> list[dict[str, Any]]:
         body = prometheus.api("rules", type="alert")
         assert body["status"] == "success"
         rules = [r for g in body["data"]["groups"] for r in g["rules"]]
-        assert len(rules) == 8
+        assert len(rules) == 9
         assert all(r["health"] == "ok" and r.get("lastEvaluation", "").startswith("20") for r in rules), rules
         return rules
 

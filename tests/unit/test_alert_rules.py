@@ -28,6 +28,7 @@ ALERTS = {
     "TenancyDatabasePoolSaturated",
     "TenancyIsolationViolation",
     "TenancyNoisyNeighbor",
+    "TenancyTenantStalled",
 }
 PROMQL_FUNCTIONS_AND_KEYWORDS = {
     "absent", "sum", "by", "rate", "increase", "ignoring", "on", "or", "unless", "offset", "and", "without",

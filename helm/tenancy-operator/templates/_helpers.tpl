@@ -70,10 +70,10 @@ watched namespace, and the ClusterRole of the cluster mode. */}}
 - apiGroups: [tenancy.dev]
   resources: [tenants/status, quotas/status, featureflags/status]
   verbs: [patch]
-# Events for user-relevant transitions.
+# Events for user-relevant transitions; patch: a repeat counts on the Event already posted.
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, patch]
 # Tenant credentials: read, create, rotate (replace), delete; the sweep lists them.
 - apiGroups: [""]
   resources: [secrets]

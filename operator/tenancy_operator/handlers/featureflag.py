@@ -181,6 +181,8 @@ class FeatureFlagService:
             if exc.status != 404:
                 raise
             return False
+        meta = body["metadata"]
+        metrics.STALLED.update(KIND, f"{meta['namespace']}/{meta['name']}", out.reason if out.stalled else None)
         return True
 
     async def _clean_up_gone(self, body: Mapping[str, Any]) -> None:
@@ -219,6 +221,7 @@ class FeatureFlagService:
         for type_, reason, message in events:
             self.ctx.events.post(body, type_, reason, message)
         metrics.PENDING.discard(KIND, key)
+        metrics.STALLED.forget(KIND, key)
         self.nudge(meta["namespace"])  # a FeatureFlag refused for a key conflict may take the key now
 
     # --- sweep and Tenant changes ---------------------------------------------------------------

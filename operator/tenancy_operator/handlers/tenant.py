@@ -113,6 +113,7 @@ class TenantService:
             self._seen.pop(key, None)
             self._gone.add(meta.get("uid"))
             metrics.PENDING.discard(KIND, key)  # whatever was waiting for it will not come
+            metrics.STALLED.forget(KIND, key)
             return
         self._seen[key] = (str(meta.get("uid") or ""), int(meta.get("generation") or 0))
         if meta.get("deletionTimestamp"):
@@ -279,6 +280,7 @@ class TenantService:
             if exc.status != 404:
                 raise
             return False
+        metrics.STALLED.update(KIND, _key(body), out.reason if out.stalled else None)
         return True
 
     async def delete(self, body: Mapping[str, Any], retry: int = 0) -> None:

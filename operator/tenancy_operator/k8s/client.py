@@ -134,6 +134,21 @@ class Kube:
     async def delete_configmap(self, namespace: str, name: str) -> None:
         await raw(self.core.delete_namespaced_config_map, name, namespace)
 
+    async def create_event(self, namespace: str, body: dict[str, Any]) -> str:
+        """Create a core/v1 Event; returns its name."""
+        created = json.loads(await raw(self.core.create_namespaced_event, namespace, body))
+        return str(created["metadata"]["name"])
+
+    async def patch_event(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+        """Merge-patch an Event (a repeat's count and times); False when it is gone (Events expire)."""
+        try:
+            await raw(self.core.patch_namespaced_event, name, namespace, patch, _content_type=MERGE_PATCH)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
     async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
         await raw(self.custom.patch_namespaced_custom_object_status,
                   GROUP, VERSION, namespace, plural, name, {"status": status}, _content_type=MERGE_PATCH)

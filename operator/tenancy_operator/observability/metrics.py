@@ -1,4 +1,7 @@
-"""Prometheus metrics. Label values are bounded sets: kinds, phases, reasons, targets."""
+"""Prometheus metrics, named by Prometheus' conventions: counters end in ``_total``, durations are
+``_seconds``, ratios ``_ratio``. Label values are bounded sets (kinds, phases, reasons, targets),
+except the per-tenant ``namespace``/``tenant`` labels that docs/operations.md lists with their reason.
+No label is called ``job`` or ``instance``: those are Prometheus' target labels."""
 
 from __future__ import annotations
 
@@ -33,19 +36,29 @@ DB_POOL_MAX = Gauge("db_pool_max_connections", "Database pool maximum size.", ["
 DRIFT_REPAIRS = Counter(
     "drift_repairs_total", "Out-of-band changes repaired, by kind and object.", ["kind", "object"]
 )
-LIFECYCLE_JOBS = Counter("lifecycle_jobs_total", "Lifecycle job attempts by result.", ["job", "result"])
-LIFECYCLE_JOB_FAILURES = Counter("lifecycle_job_failures_total", "Failed lifecycle job attempts.", ["job"])
+# job_kind: the kind of lifecycle job (provision, migrate, ...). Not `job`, which Prometheus sets
+# on every series to the scrape job: the two would overwrite each other.
+LIFECYCLE_JOB_KINDS = ("provision", "migrate", "suspend", "resume", "rotate", "archive", "restore", "purge", "delete")
+LIFECYCLE_JOBS = Counter("lifecycle_jobs_total", "Lifecycle job attempts by result.", ["job_kind", "result"])
+LIFECYCLE_JOB_FAILURES = Counter("lifecycle_job_failures_total", "Failed lifecycle job attempts.", ["job_kind"])
 LIFECYCLE_JOB_DURATION = Histogram(
     "lifecycle_job_duration_seconds",
     "Duration of one lifecycle job attempt.",
-    ["job"],
+    ["job_kind"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
 )
-LIFECYCLE_JOBS_RUNNING = Gauge("lifecycle_jobs_running", "Lifecycle jobs running now.", ["job"])
+LIFECYCLE_JOBS_RUNNING = Gauge("lifecycle_jobs_running", "Lifecycle jobs running now.", ["job_kind"])
+FLAG_CHANGES = ("create", "update", "delete")
 FEATURE_FLAG_CHANGES = Counter(
     "feature_flag_changes_total",
-    "Feature flag changes written (create, update, delete), by flag (<namespace>/<key>: one per FeatureFlag).",
-    ["flag"],
+    "Feature flag changes written, by change (create, update, delete). Which flag: the audit trail "
+    "(tenancy-operator flags history) and the FlagCreated/FlagChanged/FlagDeleted Events.",
+    ["change"],
+)
+STALLED_OBJECTS = Gauge(
+    "stalled_objects",
+    "Objects whose last reconcile left them Stalled=True (the operator stopped retrying), by kind and reason.",
+    ["kind", "reason"],
 )
 BUILD_INFO = Info("tenancy_operator_build", "Build information.")
 
@@ -60,6 +73,39 @@ REASONS = (
     "ArchiveFailed",
     "Internal",
 )
+
+
+class StalledObjects:
+    """Which objects are Stalled now, so stalled_objects counts each once and returns to 0.
+
+    A stalled object stops producing reconcile failures (nothing retries it), so the failure
+    counters fall silent exactly when it needs a person: this gauge stays up instead."""
+
+    def __init__(self) -> None:
+        self._reasons: dict[tuple[str, str], str] = {}
+
+    def update(self, kind: str, key: str, reason: str | None) -> None:
+        """The object ``key`` (namespace/name) is Stalled for ``reason``; None: it is not (or is gone)."""
+        before = self._reasons.get((kind, key))
+        if before == reason:
+            return
+        if reason is None:
+            del self._reasons[(kind, key)]
+        else:
+            self._reasons[(kind, key)] = reason
+        for changed in {before, reason} - {None}:
+            assert changed is not None
+            count = sum(1 for (k, _), r in self._reasons.items() if k == kind and r == changed)
+            STALLED_OBJECTS.labels(kind=kind, reason=changed).set(count)
+
+    def forget(self, kind: str, key: str) -> None:
+        self.update(kind, key, None)
+
+    def count(self, kind: str) -> int:
+        return sum(1 for k, _ in self._reasons if k == kind)
+
+
+STALLED = StalledObjects()
 
 
 class PendingObjects:
@@ -101,9 +147,12 @@ def start_metrics_server(port: int, addr: str) -> None:
         QUEUE_DEPTH.labels(kind=kind).set(0)
         for reason in REASONS:
             RECONCILE_FAILURES.labels(kind=kind, reason=reason)
-    for job in ("provision", "migrate", "suspend", "resume", "rotate", "archive", "restore", "purge", "delete"):
-        LIFECYCLE_JOB_FAILURES.labels(job=job)  # series exist at 0, so rate() and alerts see the first failure
-        LIFECYCLE_JOBS_RUNNING.labels(job=job).set(0)
+    for job_kind in LIFECYCLE_JOB_KINDS:
+        # Series exist at 0, so rate() and alerts see the first failure.
+        LIFECYCLE_JOB_FAILURES.labels(job_kind=job_kind)
+        LIFECYCLE_JOBS_RUNNING.labels(job_kind=job_kind).set(0)
+    for change in FLAG_CHANGES:
+        FEATURE_FLAG_CHANGES.labels(change=change)
     start_http_server(port, addr=addr)
 
 
@@ -148,25 +197,29 @@ ISOLATION_VIOLATIONS_HELD = Gauge(
 # aggregates (noisy neighbours, detail per target) always exist.
 _TENANT = ["namespace", "tenant"]
 TENANT_RESOURCE_USAGE = Counter(
-    "tenant_resource_usage_seconds",
+    "tenant_resource_usage_seconds_total",
     "Database time of a tenant: execution seconds of its finished statements (pg_stat_statements), "
     "or busy session seconds sampled from pg_stat_activity where pg_stat_statements is not available.",
     _TENANT,
 )
-TENANT_RESOURCE_CALLS = Counter("tenant_resource_calls", "Statements a tenant executed.", _TENANT)
-TENANT_RESOURCE_ROWS = Counter("tenant_resource_rows", "Rows a tenant's statements returned or changed.", _TENANT)
+TENANT_RESOURCE_CALLS = Counter("tenant_resource_calls_total", "Statements a tenant executed.", _TENANT)
+TENANT_RESOURCE_ROWS = Counter("tenant_resource_rows_total", "Rows a tenant's statements returned or changed.", _TENANT)
 TENANT_RESOURCE_SHARED_BLOCKS = Counter(
-    "tenant_resource_shared_blocks", "Shared blocks a tenant's statements hit, read, dirtied or wrote.", _TENANT
+    "tenant_resource_shared_blocks_total",
+    "Shared blocks (of the server's block_size, 8 KiB by default) a tenant's statements hit, read, dirtied or wrote.",
+    _TENANT,
 )
 TENANT_RESOURCE_TEMP_BLOCKS = Counter(
-    "tenant_resource_temp_blocks", "Temporary blocks a tenant's statements read or wrote.", _TENANT
+    "tenant_resource_temp_blocks_total",
+    "Temporary blocks (of the server's block_size) a tenant's statements read or wrote.",
+    _TENANT,
 )
 TENANT_SESSIONS_ACTIVE = Gauge("tenant_sessions_active", "Active sessions of a tenant at the last pass.", _TENANT)
 TENANT_SESSIONS_WAITING = Gauge(
     "tenant_sessions_waiting", "Active sessions of a tenant waiting on a wait event at the last pass.", _TENANT
 )
 TENANT_LOAD_SHARE = Gauge(
-    "tenant_load_share", "Fraction of its database target's load that is the tenant's, over its window.", _TENANT
+    "tenant_load_share_ratio", "Fraction of its database target's load that is the tenant's, over its window.", _TENANT
 )
 TENANT_NOISY_NEIGHBOR = Gauge(
     "tenant_noisy_neighbor", "1 while the tenant is a noisy neighbour (its Quota's NoisyNeighbor condition).", _TENANT
@@ -197,7 +250,7 @@ class _CredentialAge:
 
 CREDENTIAL_AGE = _CredentialAge()
 REGISTRY.register(CREDENTIAL_AGE)
-CREDENTIAL_ROTATIONS = Counter("tenant_credential_rotations", "Rotations of tenants' application logins.")
+CREDENTIAL_ROTATIONS = Counter("tenant_credential_rotations_total", "Rotations of tenants' application logins.")
 
 
 def credentials_rotated(namespace: str, tenant: str, at: datetime | None) -> None:

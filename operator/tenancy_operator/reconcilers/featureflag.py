@@ -177,7 +177,6 @@ class FeatureFlagReconciler:
         self, body: Mapping[str, Any], flag: FlagDefinition, results: Mapping[str, dbf.WriteResult], out: Outcome
     ) -> None:
         """Events and metrics for what the writes changed (once, even when several targets did)."""
-        namespace = body["metadata"]["namespace"]
         done = [r for r in results.values() if r.operation is not None]
         if not done:
             return
@@ -191,7 +190,7 @@ class FeatureFlagReconciler:
         if not real:
             return
         first = real[0]
-        metrics.FEATURE_FLAG_CHANGES.labels(flag=f"{namespace}/{flag.key}").inc()
+        metrics.FEATURE_FLAG_CHANGES.labels(change="create" if first.old is None else "update").inc()
         if first.old is None:
             out.events.append(("Normal", "FlagCreated", f"flag {flag.key!r} published"
                                + ("" if flag.enabled else " (disabled)")))
@@ -298,6 +297,6 @@ class FeatureFlagReconciler:
             if exc.status != 404:
                 raise Retry("KubernetesAPI", f"deleting ConfigMap failed: {exc.status}") from exc
         if removed:
-            metrics.FEATURE_FLAG_CHANGES.labels(flag=f"{namespace}/{key}").inc()
+            metrics.FEATURE_FLAG_CHANGES.labels(change="delete").inc()
             return [("Normal", "FlagDeleted", f"flag {key!r} removed from every database target")]
         return []

@@ -114,7 +114,7 @@ class JobGate:
             job_id = await ledger.start(conn, self.control, self.tenant_id, kind, attempt=attempt,
                                         generation=self.generation, detail=detail, retry_token=token, note=note,
                                         requested_by=requested[0], requested_at=requested[1])
-        metrics.LIFECYCLE_JOBS_RUNNING.labels(job=kind).inc()
+        metrics.LIFECYCLE_JOBS_RUNNING.labels(job_kind=kind).inc()
         started = time.monotonic()
         try:
             async for try_ in AsyncRetrying(
@@ -130,11 +130,11 @@ class JobGate:
                 raise  # no server answer (connection refused or lost): same, not a job failure
             return await self._failed(job_id, kind, attempt, exc, token, started)
         finally:
-            metrics.LIFECYCLE_JOBS_RUNNING.labels(job=kind).dec()
+            metrics.LIFECYCLE_JOBS_RUNNING.labels(job_kind=kind).dec()
         async with self.connect() as conn:
             await ledger.finish(conn, self.control, job_id, ok=True)
-        metrics.LIFECYCLE_JOBS.labels(job=kind, result="succeeded").inc()
-        metrics.LIFECYCLE_JOB_DURATION.labels(job=kind).observe(time.monotonic() - started)
+        metrics.LIFECYCLE_JOBS.labels(job_kind=kind, result="succeeded").inc()
+        metrics.LIFECYCLE_JOB_DURATION.labels(job_kind=kind).observe(time.monotonic() - started)
         return result
 
     async def _failed(self, job_id: str, kind: str, attempt: int, exc: BaseException, token: str | None,
@@ -142,8 +142,8 @@ class JobGate:
         error = describe(exc)
         async with self.connect() as conn:
             await ledger.finish(conn, self.control, job_id, ok=False, error=error)
-        metrics.LIFECYCLE_JOBS.labels(job=kind, result="failed").inc()
-        metrics.LIFECYCLE_JOB_FAILURES.labels(job=kind).inc()
-        metrics.LIFECYCLE_JOB_DURATION.labels(job=kind).observe(time.monotonic() - started)
+        metrics.LIFECYCLE_JOBS.labels(job_kind=kind, result="failed").inc()
+        metrics.LIFECYCLE_JOB_FAILURES.labels(job_kind=kind).inc()
+        metrics.LIFECYCLE_JOB_DURATION.labels(job_kind=kind).observe(time.monotonic() - started)
         stalled = attempt >= self.max_attempts
         raise JobFailed(kind, error, attempt, stalled=stalled) from exc
