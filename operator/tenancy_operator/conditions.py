@@ -65,3 +65,14 @@ def status_differs(current: Mapping[str, Any] | None, desired: Mapping[str, Any]
     """True when writing ``desired`` would change anything the user can see."""
     current = current or {}
     return any(current.get(k) != v for k, v in desired.items())
+
+
+def readiness(ready: bool, stalled: bool, reason: str, message: str) -> tuple[list[Cond], list[str]]:
+    """The Ready/Reconciling/Stalled conditions every kind reports for one reconcile's outcome, and
+    the ones to drop: Ready; while not ready, Stalled (the operator stopped trying: a person must
+    act) or Reconciling (it retries on its own)."""
+    if ready:
+        return [Cond("Ready", "True", reason, message)], ["Reconciling", "Stalled"]
+    if stalled:
+        return [Cond("Ready", "False", reason, message), Cond("Stalled", "True", reason, message)], ["Reconciling"]
+    return [Cond("Ready", "False", reason, message), Cond("Reconciling", "True", "Retrying", message)], ["Stalled"]

@@ -29,7 +29,7 @@ from tenancy_operator.runtime_context import OperatorContext
 from tenancy_operator.sweep import Sweeper
 
 log = get_logger(__name__)
-# Each kind's handler module has ``register(registry)`` and ``create_service(ctx)``; a service
+# Each kind's handler module has ``register(registry)`` and ``SERVICE`` (its service class); a service
 # with a ``run_forever()`` coroutine (a periodic sweep) gets a background task.
 HANDLER_MODULES = (tenant_handlers, quota_handlers, featureflag_handlers)
 PREFIX = "tenancy.dev"
@@ -107,7 +107,7 @@ def build_registry() -> kopf.OperatorRegistry:
             except Exception as exc:  # a target that is down now is migrated on first use
                 log.warning("control schema not migrated yet", target=target, error=type(exc).__name__)
         memo.ctx = ctx
-        memo.services = {module.KIND: module.create_service(ctx) for module in HANDLER_MODULES}
+        memo.services = {module.KIND: module.SERVICE(ctx) for module in HANDLER_MODULES}
         memo.services["Tenant"].limits = memo.services["Quota"].expected_limits
         loops = {"sweep": Sweeper(ctx, memo.services["Tenant"]).run_forever}
         for kind, service in memo.services.items():

@@ -5,10 +5,31 @@ from __future__ import annotations
 import copy
 import random
 from collections import OrderedDict
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import kopf
+
+from tenancy_operator import GROUP, VERSION
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def on_reconcile(registry: kopf.OperatorRegistry, plural: str) -> Callable[[F], F]:
+    """One level-based reconcile as Kopf's resume, create and update handler of a kind (one id, so
+    Kopf tracks it as one handler whichever cause comes)."""
+
+    def decorate(fn: F) -> F:
+        for on in (kopf.on.update, kopf.on.create, kopf.on.resume):
+            on(GROUP, VERSION, plural, registry=registry, id="reconcile")(fn)
+        return fn
+
+    return decorate
+
+
+def service_of(memo: Any, kind: str) -> Any:
+    """The kind's service, made at start-up (runtime.py) and kept in Kopf's memo."""
+    return memo.services[kind]
 
 
 def backoff(retry: int) -> float:

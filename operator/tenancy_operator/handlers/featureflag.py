@@ -21,8 +21,8 @@ import kopf
 
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.names import FINALIZER
-from tenancy_operator.conditions import Cond, merge, status_differs
-from tenancy_operator.handlers.common import Tombstones, backoff
+from tenancy_operator.conditions import Cond, merge, readiness, status_differs
+from tenancy_operator.handlers.common import Tombstones, backoff, on_reconcile, service_of
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
@@ -47,16 +47,7 @@ def _iso(when: datetime.datetime) -> str:
 def desired_status(body: Mapping[str, Any], out: Outcome) -> dict[str, Any]:
     generation = int(body["metadata"].get("generation") or 0)
     old = (body.get("status") or {}).get("conditions")
-    if out.ready:
-        conds = [Cond("Ready", "True", out.reason, out.message)]
-        drop = ["Reconciling", "Stalled"]
-    elif out.stalled:
-        conds = [Cond("Ready", "False", out.reason, out.message), Cond("Stalled", "True", out.reason, out.message)]
-        drop = ["Reconciling"]
-    else:
-        conds = [Cond("Ready", "False", out.reason, out.message),
-                 Cond("Reconciling", "True", "Retrying", out.message)]
-        drop = ["Stalled"]
+    conds, drop = readiness(out.ready, out.stalled, out.reason, out.message)
     if out.definition is not None:
         if out.unknown_tenants:
             conds.append(Cond(
@@ -333,19 +324,17 @@ def _named_tenants(item: Mapping[str, Any]) -> set[str]:
     return {str(o["tenant"]) for o in overrides if isinstance(o, Mapping) and o.get("tenant")}
 
 
-def create_service(ctx: OperatorContext) -> FeatureFlagService:
-    return FeatureFlagService(ctx)
+SERVICE = FeatureFlagService
+"""The kind's service class: runtime.py makes one per process (memo.services[KIND])."""
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
     """Attach the FeatureFlag handlers to ``registry``."""
 
     def service(memo: Any) -> FeatureFlagService:
-        return memo.services[KIND]  # type: ignore[no-any-return]
+        return service_of(memo, KIND)  # type: ignore[no-any-return]
 
-    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
-    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
-    @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
+    @on_reconcile(registry, PLURAL)
     async def featureflag_reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
         await service(memo).run(body, retry)
 

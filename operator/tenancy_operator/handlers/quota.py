@@ -15,16 +15,16 @@ from typing import Any
 import kopf
 
 from tenancy_operator import GROUP, VERSION
+from tenancy_operator.handlers.common import service_of
 from tenancy_operator.observability.logging import WATCH_HANDLER_ID
 from tenancy_operator.reconcilers.quota import QuotaService
-from tenancy_operator.runtime_context import OperatorContext
 
 KIND, PLURAL = "Quota", "quotas"
 
 
-def create_service(ctx: OperatorContext) -> QuotaService:
-    """The quota service; its ``run_forever`` (measure, enforce, expire overrides) runs in the background."""
-    return QuotaService(ctx)
+SERVICE = QuotaService
+"""The kind's service class (runtime.py makes one per process); its ``run_forever`` (measure,
+enforce, expire overrides) runs in the background."""
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
@@ -32,7 +32,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
     Tenant handlers' watch: QuotaService.tenant_changed)."""
 
     def service(memo: Any) -> QuotaService:
-        return memo.services[KIND]  # type: ignore[no-any-return]
+        return service_of(memo, KIND)  # type: ignore[no-any-return]
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id=WATCH_HANDLER_ID)
     async def quota_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

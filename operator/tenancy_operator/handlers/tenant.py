@@ -14,8 +14,8 @@ import psycopg
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.names import ACK_SCHEMA_RECREATED_ANNOTATION
 from tenancy_operator.api.tenant import tenant_identifier
-from tenancy_operator.conditions import Cond, merge, status_differs
-from tenancy_operator.handlers.common import Tombstones, backoff
+from tenancy_operator.conditions import Cond, merge, readiness, status_differs
+from tenancy_operator.handlers.common import Tombstones, backoff, on_reconcile, service_of
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import WATCH_HANDLER_ID, get_logger
@@ -43,16 +43,8 @@ def desired_status(body: Mapping[str, Any], out: Outcome, ident: str | None,
     meta, spec = body["metadata"], body.get("spec") or {}
     generation = int(meta.get("generation") or 0)
     old = (body.get("status") or {}).get("conditions")
-    if out.ready:
-        conds = [Cond("Ready", "True", out.reason, out.message or f"tenant is {out.phase}")]
-        drop = ["Reconciling", "Stalled"]
-    elif out.stalled:
-        conds = [Cond("Ready", "False", out.reason, out.message), Cond("Stalled", "True", out.reason, out.message)]
-        drop = ["Reconciling"]
-    else:
-        conds = [Cond("Ready", "False", out.reason, out.message),
-                 Cond("Reconciling", "True", "Retrying", out.message)]
-        drop = ["Stalled"]
+    conds, drop = readiness(out.ready, out.stalled, out.reason,
+                            (out.message or f"tenant is {out.phase}") if out.ready else out.message)
     if out.data_loss:
         conds.append(Cond(
             "SchemaRecreated", "True", "SchemaDroppedOutOfBand",
@@ -356,19 +348,17 @@ class TenantService:
         log.info("fleet migration", namespace=namespace, template=template, tenants=len(results), failed=len(failed))
 
 
-def create_service(ctx: OperatorContext) -> TenantService:
-    return TenantService(ctx)
+SERVICE = TenantService
+"""The kind's service class: runtime.py makes one per process (memo.services[KIND])."""
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
     """Attach the Tenant handlers to ``registry`` (no import-time side effects)."""
 
     def service(memo: Any) -> TenantService:
-        return memo.services[KIND]  # type: ignore[no-any-return]
+        return service_of(memo, KIND)  # type: ignore[no-any-return]
 
-    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
-    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
-    @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, id="reconcile")
+    @on_reconcile(registry, PLURAL)
     async def tenant_reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, reason: str, **_: Any) -> None:
         svc = service(memo)
         # Kopf keeps its last-handled state in memory (handlers/common.py), so after a restart
