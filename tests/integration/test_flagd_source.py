@@ -211,3 +211,43 @@ def test_a_foreign_configmap_of_that_name_is_left_alone(
                what="the namespace source once the name is free")
     eventually(lambda: cluster.condition(PLURAL, namespace, "gamma", CONDITION).get("status") == "True",
                timeout=30, what="NamespaceSourcePublished=True")
+
+
+def test_a_source_too_large_is_not_written_and_the_last_one_stays(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """Three flags of ~390 kB each (48 variants of 8000-character strings): two fit in a
+    ConfigMap's 1 MiB, three do not."""
+    def big(i: int) -> dict[str, Any]:
+        variants = {f"v{j}": {"value": f"{i}-{j}-".ljust(8000, "x")} for j in range(48)}
+        return featureflag(f"big-{i}", variants=variants, defaultVariant="v0")
+
+    for i in (0, 1):
+        cluster.create(PLURAL, namespace, big(i))
+        cluster.wait_condition(PLURAL, namespace, f"big-{i}", CONDITION)
+    eventually(lambda: set(source_flags(cluster, namespace)) == {"big-0", "big-1"}, timeout=30,
+               what="two big flags in the source")
+    cm = source_cm(cluster, namespace)
+    assert cm is not None
+    version = cm.metadata.resource_version
+
+    cluster.create(PLURAL, namespace, big(2))
+    cluster.wait_condition(PLURAL, namespace, "big-2")  # the flag itself is published
+    cluster.wait_condition(PLURAL, namespace, "big-2", CONDITION, status="False", reason="TooLarge")
+    message = cluster.condition(PLURAL, namespace, "big-2", CONDITION)["message"]
+    assert "1048576" in message
+    assert "last document (2 flag(s)) is kept" in message
+    eventually(lambda: cluster.has_event(namespace, "big-2", "NamespaceSourceTooLarge", "Warning"), timeout=30,
+               what="Warning NamespaceSourceTooLarge")
+    assert per_flag(cluster, namespace, "big-2")["flags"]["big-2"]["defaultVariant"] == "v0"
+    cm = source_cm(cluster, namespace)
+    assert cm is not None
+    assert cm.metadata.resource_version == version  # nothing truncated written
+    assert set(json.loads(cm.data["flagd.json"])["flags"]) == {"big-0", "big-1"}
+
+    # Room again: the source holds every flag, and the condition follows.
+    cluster.delete(PLURAL, namespace, "big-0")
+    eventually(lambda: set(source_flags(cluster, namespace)) == {"big-1", "big-2"}, timeout=60,
+               what="the source written once it fits")
+    eventually(lambda: cluster.condition(PLURAL, namespace, "big-2", CONDITION).get("status") == "True",
+               timeout=30, what="NamespaceSourcePublished=True again")
