@@ -366,7 +366,10 @@ class FeatureFlagReconciler:
                 return last[1]  # a rebuild that began after our change completed while we waited
             start = next(self._tickets)
             state = await self._rebuild_source(namespace)
-            self._sources[namespace] = (start, state)
+            if state.reason == "Removed":
+                self._sources.pop(namespace, None)  # nothing to remember of a namespace without flags
+            else:
+                self._sources[namespace] = (start, state)
         if last is None or last[1] != state:
             (log.info if state.published else log.warning)(
                 "namespace flagd source", namespace=namespace, configmap=SOURCE_CONFIGMAP, result=state.reason,
@@ -506,7 +509,14 @@ class FeatureFlagReconciler:
         except ApiError as exc:
             if exc.status != 404:
                 raise Retry("KubernetesAPI", f"deleting ConfigMap failed: {exc.status}") from exc
-        await self.publish_source(namespace)  # after the rows: a key's next holder is known
+        try:
+            await self.publish_source(namespace)  # after the rows: a key's next holder is known
+        except Retry as exc:
+            if not same_uid:
+                raise  # the finalizer holds the flag until the source no longer does
+            # Gone already: nothing to retry on; the next sweep rebuilds the namespace's source.
+            log.warning("namespace flagd source not rebuilt after a flag went", namespace=namespace,
+                        reason=exc.reason, detail=exc.message)
         if removed:
             metrics.FEATURE_FLAG_CHANGES.labels(flag=f"{namespace}/{key}").inc()
             return [("Normal", "FlagDeleted", f"flag {key!r} removed from every database target")]
