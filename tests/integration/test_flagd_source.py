@@ -212,6 +212,11 @@ def test_a_foreign_configmap_of_that_name_is_left_alone(
     eventually(lambda: cluster.condition(PLURAL, namespace, "gamma", CONDITION).get("status") == "True",
                timeout=30, what="NamespaceSourcePublished=True")
 
+    # Ours edited by hand: the sweep puts it back.
+    published = source_flags(cluster, namespace)
+    cluster.core.patch_namespaced_config_map(SOURCE, namespace, {"data": {"flagd.json": "{\"flags\": {}}"}})
+    eventually(lambda: source_flags(cluster, namespace) == published, timeout=30, what="the source repaired")
+
 
 def test_a_source_too_large_is_not_written_and_the_last_one_stays(
     stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
