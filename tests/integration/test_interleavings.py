@@ -26,7 +26,7 @@ from tenancy_operator.handlers.tenant import TenantService
 from tenancy_operator.k8s.client import Kube
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.events import EventRecorder
-from tenancy_operator.reconcilers.featureflag import configmap_name
+from tenancy_operator.reconcilers.featureflag import SOURCE_CONFIGMAP, configmap_name
 from tenancy_operator.runtime_context import OperatorContext
 
 from .harness import Cluster, OperatorProcess, sql_value, tenant
@@ -168,14 +168,17 @@ async def test_a_flag_deleted_after_the_sweep_listed_it_is_not_written_again(
     listed = taken_on(cluster, FLAGS, namespace, flag("retired"))
     await svc.run(listed, tenants=set())
     assert flag_rows(stack, namespace, "retired") > 0
+    assert await ctx.kube.get_configmap(namespace, SOURCE_CONFIGMAP) is not None
     await svc.delete(delete_marked(cluster, FLAGS, namespace, "retired"))
     release(cluster, FLAGS, namespace, "retired")
     assert flag_rows(stack, namespace, "retired") == 0
+    assert await ctx.kube.get_configmap(namespace, SOURCE_CONFIGMAP) is None  # the namespace's last flag
 
     await svc.run(listed, tenants=set())  # the sweep's turn comes
 
     assert flag_rows(stack, namespace, "retired") == 0
     assert await ctx.kube.get_configmap(namespace, configmap_name("retired")) is None
+    assert await ctx.kube.get_configmap(namespace, SOURCE_CONFIGMAP) is None
 
 
 async def test_the_sweep_leaves_a_tenant_to_the_handler_reconcile_in_flight(
@@ -260,3 +263,4 @@ async def test_a_flag_deleted_while_its_finalizer_was_added_leaves_nothing_behin
 
     assert flag_rows(stack, namespace, "fleeting") == 0
     assert await ctx.kube.get_configmap(namespace, configmap_name("fleeting")) is None
+    assert await ctx.kube.get_configmap(namespace, SOURCE_CONFIGMAP) is None

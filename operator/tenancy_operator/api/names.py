@@ -17,6 +17,9 @@ PART_OF = {"app.kubernetes.io/part-of": "tenancy-operator"}
 TENANT_LABEL = f"{GROUP}/tenant"
 FLAG_LABEL = f"{GROUP}/featureflag"
 FLAGD_LABEL = f"{GROUP}/flagd"
+"""On each per-flag flagd ConfigMap (`<name>-flagd`), value "true"."""
+FLAGD_SOURCE_LABEL = f"{GROUP}/flagd-source"
+"""On the namespace's flagd ConfigMap (every flag of the namespace in one document), value "namespace"."""
 
 # Annotations users set on a Tenant (or a FeatureFlag, for retry).
 RETRY_ANNOTATION = f"{GROUP}/retry"

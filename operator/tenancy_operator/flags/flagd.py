@@ -14,6 +14,7 @@ what the FeatureFlag promises.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 from tenancy_operator.flags.model import FlagDefinition
@@ -79,3 +80,9 @@ def flagd_flag(flag: FlagDefinition, metadata: dict[str, str | int | bool] | Non
 def flagd_document(flags: list[FlagDefinition], metadata: dict[str, str | int | bool] | None = None) -> dict[str, Any]:
     """A whole flagd flag-definition document (what a flagd file source or provider reads)."""
     return {"$schema": FLAGD_SCHEMA, "flags": {f.key: flagd_flag(f, metadata) for f in flags}}
+
+
+def flagd_source(flags: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A flagd document from flags already rendered by `flagd_flag`, by key: the namespace's
+    source, where each flag carries its own metadata (its FeatureFlag's name)."""
+    return {"$schema": FLAGD_SCHEMA, "flags": {key: dict(flag) for key, flag in flags.items()}}

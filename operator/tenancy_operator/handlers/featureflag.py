@@ -31,6 +31,8 @@ from tenancy_operator.reconcilers.featureflag import PLURAL, FeatureFlagReconcil
 from tenancy_operator.runtime_context import OperatorContext
 
 KIND = "FeatureFlag"
+SOURCE_CONDITION = "NamespaceSourcePublished"
+"""Condition: the namespace's flagd source (ConfigMap tenancy-flagd-source) is current."""
 GATHER_SECONDS = 0.5
 """How long Tenant changes are gathered before the flags naming them are re-checked."""
 log = get_logger(__name__)
@@ -58,6 +60,11 @@ def desired_status(body: Mapping[str, Any], out: Outcome) -> dict[str, Any]:
         else:
             conds.append(Cond("TenantsResolved", "True", "AllTenantsExist",
                               "every tenant named in an override exists"))
+    if out.source is not None:
+        conds.append(Cond(SOURCE_CONDITION, "True" if out.source.published else "False", out.source.reason,
+                          out.source.message))
+    elif out.stalled:
+        drop.append(SOURCE_CONDITION)  # refused (key conflict, invalid spec): not published by this object
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "conditions": merge(old, conds, generation, drop=drop),
@@ -160,6 +167,10 @@ class FeatureFlagService:
                                           if c.get("type") == "Ready"), {})
         if not out.ready and old_ready.get("reason") != out.reason:
             self.ctx.events.warning(body, out.reason, out.message)  # once per transition, not per retry
+        old_source: dict[str, Any] = next((c for c in (body.get("status") or {}).get("conditions") or []
+                                           if c.get("type") == SOURCE_CONDITION), {})
+        if out.source is not None and not out.source.published and old_source.get("reason") != out.source.reason:
+            self.ctx.events.warning(body, f"NamespaceSource{out.source.reason}", out.source.message)
         status = desired_status(body, out)
         # The sweep re-checks every flag: only what changed something is worth an info line.
         quiet = out.ready and not out.events and not status_differs(body.get("status"), status)
@@ -294,8 +305,10 @@ class FeatureFlagService:
         protected by the generation check in the database write (an older body never wins)."""
         checked = 0
         tenants: dict[str, set[str]] = {}
+        seen: set[str] = set()
         for item in await self._list(None if nudged is None else set(nudged)):
             meta = item["metadata"]
+            seen.add(meta["namespace"])
             if meta.get("deletionTimestamp") or FINALIZER not in (meta.get("finalizers") or []):
                 continue  # not taken over by the handlers yet, or being deleted: theirs to do
             namespace = meta["namespace"]
@@ -314,6 +327,13 @@ class FeatureFlagService:
             except Exception as exc:  # one broken flag must not stop the sweep of the others
                 log.warning("featureflag sweep: reconcile failed", name=meta["name"], error=type(exc).__name__)
             checked += 1
+        if nudged is None:  # each namespace's flagd source once a sweep: repairs it if changed by hand
+            for namespace in sorted(seen):
+                try:
+                    await self.reconciler.publish_source(namespace)
+                except Retry as exc:
+                    log.warning("featureflag sweep: namespace flagd source", namespace=namespace,
+                                reason=exc.reason, detail=exc.message)
         return checked
 
 
