@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tenancy_operator.devenv.binaries import ensure_binaries, postgres_bindir, repo_root
-from tenancy_operator.devenv.controlplane import ControlPlane
-from tenancy_operator.devenv.postgres import PostgresCluster
-from tenancy_operator.devenv.process import DevEnvError, Service, free_ports, wait_for
+from tenancy_devenv.binaries import ensure_binaries, postgres_bindir, repo_root
+from tenancy_devenv.controlplane import ControlPlane
+from tenancy_devenv.postgres import PostgresCluster
+from tenancy_devenv.process import DevEnvError, Service, free_ports, wait_for
 
 DEFAULT_TARGET = "default"
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
