@@ -29,10 +29,10 @@ help:
 deps:
 	@hack/install-system-deps.sh
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml devenv/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
-	@$(PY) -m pip install -q -e '.[dev]'
+	@$(PY) -m pip install -q -e '.[dev]' -e ./devenv
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -41,7 +41,7 @@ binaries:
 	@hack/build-control-plane.sh >/dev/null
 
 lint: venv
-	$(VENV)/bin/ruff check operator tests bench
+	$(VENV)/bin/ruff check operator devenv tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
@@ -64,16 +64,16 @@ test-integration: deps venv binaries
 	@$(INTEGRATION_SUITE)
 
 dev: deps venv binaries
-	$(VENV)/bin/tenancy-operator dev run
+	$(VENV)/bin/tenancy-dev run
 
 dev-up: deps venv binaries
-	$(VENV)/bin/tenancy-operator dev up
+	$(VENV)/bin/tenancy-dev up
 
 dev-down: venv
-	$(VENV)/bin/tenancy-operator dev down
+	$(VENV)/bin/tenancy-dev down
 
 dev-status: venv
-	$(VENV)/bin/tenancy-operator dev status
+	$(VENV)/bin/tenancy-dev status
 
 # Benchmarks (not tests; docs/benchmarks.md): figures are printed and written to that file.
 BENCH_STAMP := $(VENV)/.bench-installed

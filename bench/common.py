@@ -34,9 +34,9 @@ import psycopg
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tenancy_operator.devenv.binaries import ensure_binaries
-from tenancy_operator.devenv.process import die_with_parent
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv.binaries import ensure_binaries
+from tenancy_devenv.process import die_with_parent
+from tenancy_devenv.stack import LocalStack
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION = "tenancy.dev", "v1alpha1"
@@ -291,7 +291,7 @@ class Stack:
             if not keep:
                 shutil.rmtree(self.workdir, ignore_errors=True)
         else:
-            subprocess.run([str(ROOT / ".venv/bin/tenancy-operator"), "dev", "up"], check=False,
+            subprocess.run([str(ROOT / ".venv/bin/tenancy-dev"), "up"], check=False,
                            stdout=subprocess.DEVNULL)
 
     def kubectl(self, *args: str, input: str | None = None) -> str:

@@ -24,8 +24,8 @@ import psycopg
 from psycopg import sql
 
 from bench.common import log
+from tenancy_devenv.postgres import PostgresCluster
 from tenancy_operator.db import tenants as sqlt
-from tenancy_operator.devenv.postgres import PostgresCluster
 
 SAMPLE = 50  # tenants timed at each size
 

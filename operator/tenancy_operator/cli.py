@@ -1,4 +1,4 @@
-"""The ``tenancy-operator`` command: run the operator, drive the local stack, generate CRDs and API docs."""
+"""The ``tenancy-operator`` command: run the operator, audit, flags, jobs, generate CRDs and API docs."""
 
 from __future__ import annotations
 
@@ -103,10 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         from tenancy_operator.jobs_cli import main as jobs_main
 
         return jobs_main(argv[1:])
-    if argv[:1] == ["dev"]:
-        from tenancy_operator.devenv.cli import main as dev_main
-
-        return dev_main(argv[1:])
     if argv[:1] == ["audit"]:
         return _audit(argv[1:])
     if argv[:1] == ["flags"]:
@@ -116,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tenancy-operator", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the operator (configured by TENANCY_* environment variables)")
-    sub.add_parser("dev", help="local stack: dev up | down | run | status")
     sub.add_parser("flags", help="feature flags in Postgres: flags eval | export | history")
     sub.add_parser("jobs", help="a tenant's lifecycle job history: jobs <tenant> [-n namespace]")
     sub.add_parser("audit", help="what tenant roles hold beyond their schemas: audit [--target NAME] [--fix]")

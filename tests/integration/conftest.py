@@ -1,7 +1,7 @@
 """A real control plane and two PostgreSQL clusters, started once per test session.
 
 ``TENANCY_TEST_PG_MAJOR`` (e.g. 15 or 17; `make test` runs the suite once on each) picks the
-PostgreSQL major of every stack of the run (devenv.binaries.postgres_bindir reads it, also for the
+PostgreSQL major of every stack of the run (tenancy_devenv.binaries.postgres_bindir reads it, also for the
 stacks some modules start for themselves) and of the operator's pg_dump/pg_restore; unset: the
 newest of Debian's packages.
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tenancy_operator.devenv import ensure_binaries
-from tenancy_operator.devenv.binaries import PG_MAJOR_ENV
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv import ensure_binaries
+from tenancy_devenv.binaries import PG_MAJOR_ENV
+from tenancy_devenv.stack import LocalStack
 
 from .fixtures import cluster, operator  # noqa: F401 - fixtures for every integration test
 from .harness import sql_value

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv.stack import LocalStack
 
 from .harness import Cluster, OperatorProcess
 

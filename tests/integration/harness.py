@@ -26,8 +26,8 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql as psql
 
-from tenancy_operator.devenv.process import die_with_parent
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv.process import die_with_parent
+from tenancy_devenv.stack import LocalStack
 
 GROUP, VERSION = "tenancy.dev", "v1alpha1"
 T = TypeVar("T")

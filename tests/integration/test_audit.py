@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv.stack import LocalStack
 
 from .harness import Cluster, OperatorProcess, as_owner, connect, eventually, sql_value, tenant
 

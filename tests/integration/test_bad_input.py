@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kubernetes.client.exceptions import ApiException
 
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv.stack import LocalStack
 
 from .harness import Cluster, OperatorProcess, eventually, sql_value, tenant
 

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tenancy_devenv.process import wait_for
+from tenancy_devenv.stack import LocalStack
 from tenancy_operator.api import (
     RESOURCES,
     Condition,
@@ -23,8 +25,6 @@ from tenancy_operator.api import (
     Tenant,
     TenantStatus,
 )
-from tenancy_operator.devenv.process import wait_for
-from tenancy_operator.devenv.stack import LocalStack
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 API_VERSION = "tenancy.dev/v1alpha1"

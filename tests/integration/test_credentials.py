@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv.stack import LocalStack
 
 from .harness import Cluster, OperatorProcess, connect, eventually, sql_value, tenant
 

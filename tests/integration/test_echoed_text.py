@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv.stack import LocalStack
 
 from .harness import Cluster, OperatorProcess, eventually, tenant
 

@@ -19,8 +19,8 @@ from openfeature.contrib.provider.flagd.config import ResolverType
 from openfeature.evaluation_context import EvaluationContext
 from psycopg.rows import dict_row
 
+from tenancy_devenv.stack import LocalStack
 from tenancy_operator.db.flags import definition_from_rows
-from tenancy_operator.devenv.stack import LocalStack
 from tenancy_operator.flags import TENANT_ATTRIBUTE, FlagDefinition, evaluate
 
 from .harness import GROUP, VERSION, Cluster, OperatorProcess, eventually, tenant

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv.stack import LocalStack
 
 from .harness import Cluster, crd_schema_replaced, tenant
 

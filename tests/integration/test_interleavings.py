@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from kubernetes_asyncio import client, config
 
+from tenancy_devenv.stack import LocalStack
 from tenancy_operator.api.names import FINALIZER
 from tenancy_operator.config import Settings
 from tenancy_operator.db.targets import DatabaseTargets
-from tenancy_operator.devenv.stack import LocalStack
 from tenancy_operator.handlers.featureflag import FeatureFlagService
 from tenancy_operator.handlers.tenant import TenantService
 from tenancy_operator.k8s.client import Kube

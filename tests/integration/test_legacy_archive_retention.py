@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv.stack import LocalStack
 
 from .harness import GROUP, Cluster, OperatorProcess, connect, crd_schema_replaced, eventually, sql_value, tenant
 

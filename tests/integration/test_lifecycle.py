@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv.stack import LocalStack
 
 from .harness import Cluster, OperatorProcess, as_owner, connect, eventually, sql_value, tenant
 

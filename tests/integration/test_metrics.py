@@ -9,8 +9,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tenancy_devenv.stack import LocalStack
 from tenancy_operator import __version__
-from tenancy_operator.devenv.stack import LocalStack
 from tenancy_operator.observability.metrics import REASONS
 
 from .harness import Cluster, OperatorProcess, eventually, tenant

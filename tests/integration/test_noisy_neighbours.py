@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv.stack import LocalStack
 
 from .harness import Cluster, OperatorProcess, connect, eventually, sql_value
 from .test_quota import QUOTAS, TENANTS, provision, quota, role

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tenancy_operator.devenv.process import die_with_parent
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv.process import die_with_parent
+from tenancy_devenv.stack import LocalStack
 
 from .harness import GROUP, VERSION, Cluster, OperatorProcess, eventually, free_port, tenant
 

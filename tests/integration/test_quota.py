@@ -13,8 +13,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from tenancy_devenv.stack import LocalStack
 from tenancy_operator.api.quota import TIER_DEFAULTS
-from tenancy_operator.devenv.stack import LocalStack
 
 from .harness import GROUP, VERSION, Cluster, OperatorProcess, as_owner, connect, eventually, sql_value, tenant
 

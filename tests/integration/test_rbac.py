@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tenancy_operator.devenv import ensure_binaries
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv import ensure_binaries
+from tenancy_devenv.stack import LocalStack
 
 from .harness import GROUP, VERSION, Cluster, OperatorProcess, eventually, tenant
 from .test_helm import CHART, Helm

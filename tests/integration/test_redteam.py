@@ -25,8 +25,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tenancy_operator.devenv import ensure_binaries
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv import ensure_binaries
+from tenancy_devenv.stack import LocalStack
 
 from .harness import Cluster, OperatorProcess, as_owner, connect, eventually, sql_value, tenant
 

@@ -7,7 +7,7 @@ import itertools
 import psycopg
 import pytest
 
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv.stack import LocalStack
 
 from .harness import Cluster, OperatorProcess, as_owner, connect, sql_value, tenant
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tenancy_operator.devenv.postgres import PostgresCluster
-from tenancy_operator.devenv.process import wait_for
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv.postgres import PostgresCluster
+from tenancy_devenv.process import wait_for
+from tenancy_devenv.stack import LocalStack
 
 TARGETS = ("default", "second")  # as started by conftest.py
 
@@ -150,7 +150,7 @@ def test_children_die_with_their_parent(short_workdir: Path) -> None:
     """Non-detached children get PR_SET_PDEATHSIG, even after switching to the postgres user."""
     script = (
         "import sys; from pathlib import Path\n"
-        "from tenancy_operator.devenv import PostgresCluster, postgres_bindir\n"
+        "from tenancy_devenv import PostgresCluster, postgres_bindir\n"
         "pg = PostgresCluster(Path(sys.argv[1]), postgres_bindir(), name='orphan')\n"
         "pg.start(); print(pg.pid(), flush=True); sys.stdin.read()\n"
     )

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql as psql
 
-from tenancy_operator.devenv.postgres import OPERATOR_ROLE
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv.postgres import OPERATOR_ROLE
+from tenancy_devenv.stack import LocalStack
 
 from .harness import Cluster, OperatorProcess, as_owner, connect, eventually, sql_value, tenant
 

@@ -107,4 +107,6 @@ def test_the_build_context_builds_a_complete_wheel(tmp_path: Path) -> None:
     assert shipped_sql
     assert shipped_sql <= names, f"SQL files missing from the wheel: {sorted(shipped_sql - names)}"
     assert "tenancy_operator/cli.py" in names
+    # The operator only: the local stack (devenv/) is a development tool, not part of the image.
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"tenancy_operator"}
     assert "tenancy-operator = tenancy_operator.cli:main" in entry_points

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from tenancy_operator.devenv.certs import Certs, write_certs
-from tenancy_operator.devenv.process import Service, free_ports, stop_all, wait_for
+from tenancy_devenv.certs import Certs, write_certs
+from tenancy_devenv.process import Service, free_ports, stop_all, wait_for
 
 # Enough for namespace deletion, ownerReference garbage collection, default ServiceAccounts and
 # tokens, the kube-root-ca.crt ConfigMap, aggregated ClusterRoles (admin/edit/view) and the

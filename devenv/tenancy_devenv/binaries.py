@@ -12,7 +12,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from tenancy_operator.devenv.process import DevEnvError
+from tenancy_devenv.process import DevEnvError
 
 CONTROL_PLANE_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
 # The PostgreSQL major a test run asked for (`make test` runs the suite once per major): every
@@ -22,10 +22,10 @@ PG_MAJOR_ENV = "TENANCY_TEST_PG_MAJOR"
 
 
 def repo_root() -> Path:
-    """The checkout this package is installed (editable) from: operator/tenancy_operator/ -> ../../."""
-    root = Path(__file__).resolve().parents[3]
+    """The checkout this package is installed (editable) from: devenv/tenancy_devenv/ -> ../../."""
+    root = Path(__file__).resolve().parents[2]
     if not (root / "hack" / "build-control-plane.sh").is_file():
-        raise DevEnvError(f"{root} is not a tenancy-operator checkout; install the package editable (pip -e)")
+        raise DevEnvError(f"{root} is not a tenancy-operator checkout; install tenancy-devenv editable (-e ./devenv)")
     return root
 
 

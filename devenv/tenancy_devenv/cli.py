@@ -1,4 +1,4 @@
-"""``tenancy-operator dev up|down|run|status``: a local stack for trying the operator by hand."""
+"""``tenancy-dev up|down|run|status``: a local stack for trying the operator by hand."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from tenancy_operator.devenv.binaries import postgres_bindir, repo_root
-from tenancy_operator.devenv.process import DevEnvError
-from tenancy_operator.devenv.stack import DEFAULT_TARGET, LocalStack
+from tenancy_devenv.binaries import postgres_bindir, repo_root
+from tenancy_devenv.process import DevEnvError
+from tenancy_devenv.stack import DEFAULT_TARGET, LocalStack
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tenancy-operator dev", description=__doc__)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tenancy-dev", description=__doc__)
     parser.add_argument("--workdir", type=Path, default=None, help="state, data and logs (default: <repo>/.dev)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
@@ -60,9 +60,7 @@ def main(argv: list[str]) -> int:
     except DevEnvError as e:
         print(f"error: {e}", file=sys.stderr)
         if args.command in ("up", "run"):
-            print(
-                "fix the cause and run `up` again, or stop everything with `tenancy-operator dev down`", file=sys.stderr
-            )
+            print("fix the cause and run `up` again, or stop everything with `tenancy-dev down`", file=sys.stderr)
         return 1
 
 
@@ -105,3 +103,7 @@ stack ready (logs in {stack.workdir / "logs"})
   kubectl get tenancy -A
   psql "$TENANCY_DATABASE_URL"
 """)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -21,7 +21,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from tenancy_operator.devenv.process import DevEnvError, Service, free_ports, run, wait_for
+from tenancy_devenv.process import DevEnvError, Service, free_ports, run, wait_for
 
 DATABASE = "tenancy"
 OPERATOR_ROLE = "tenancy_operator"

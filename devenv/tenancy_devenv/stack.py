@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import socket
@@ -16,10 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tenancy_operator.devenv.binaries import ensure_binaries, postgres_bindir, repo_root
-from tenancy_operator.devenv.controlplane import ControlPlane
-from tenancy_operator.devenv.postgres import PostgresCluster
-from tenancy_operator.devenv.process import DevEnvError, Service, free_ports, wait_for
+from tenancy_devenv.binaries import ensure_binaries, postgres_bindir, repo_root
+from tenancy_devenv.controlplane import ControlPlane
+from tenancy_devenv.postgres import PostgresCluster
+from tenancy_devenv.process import DevEnvError, Service, free_ports, wait_for
+from tenancy_operator.config import TARGET_NAME
 
 DEFAULT_TARGET = "default"
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
@@ -53,7 +53,7 @@ class LocalStack:
         # Targets recorded by an earlier `up` are kept so that `down` stops them too.
         self.targets = list(dict.fromkeys([*postgres_targets, *state.get("postgres", {})]))
         for target in self.targets:
-            if not re.fullmatch(r"[a-z]([a-z0-9_-]{0,61}[a-z0-9])?", target):  # as config.TARGET_NAME
+            if not TARGET_NAME.fullmatch(target):  # what the operator will accept in TENANCY_DATABASE_TARGETS
                 raise DevEnvError(f"invalid database target name {target!r}")
         self.bin_dir = bin_dir or Path(state.get("bin_dir", ""))
 
