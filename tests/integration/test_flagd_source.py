@@ -22,8 +22,8 @@ from openfeature.contrib.provider.flagd import FlagdProvider
 from openfeature.contrib.provider.flagd.config import ResolverType
 from openfeature.evaluation_context import EvaluationContext
 
+from tenancy_devenv.stack import LocalStack
 from tenancy_operator.api.names import FLAGD_LABEL, FLAGD_SOURCE_LABEL, MANAGED_BY_KEY
-from tenancy_operator.devenv.stack import LocalStack
 from tenancy_operator.flags import TENANT_ATTRIBUTE, evaluate
 
 from .harness import Cluster, OperatorProcess, eventually
