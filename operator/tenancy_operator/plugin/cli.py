@@ -33,6 +33,8 @@ from tenancy_operator.plugin import render
 TENANTS, QUOTAS, FLAGS = "tenants", "quotas", "featureflags"
 POLL_INTERVAL = 1.0
 EXIT_FAILED, EXIT_USAGE = 1, 2
+PSQL_CONNECTION_FAILED = 2
+"""psql's exit status when it could not connect (the psql manual, "Exit Status")."""
 
 
 class CommandError(Exception):
@@ -120,7 +122,8 @@ async def cmd_describe(s: Session) -> int:
     present = {n: await _secret_exists(s, n) for n in secret_names}
     if s.args.output == "json":
         _print_json({
-            "tenant": {k: tenant.get(k) for k in ("metadata", "spec", "status")},
+            "tenant": {"metadata": {k: v for k, v in (tenant.get("metadata") or {}).items() if k != "managedFields"},
+                       "spec": tenant.get("spec"), "status": tenant.get("status")},
             "secrets": present,
             "quotas": [q for q in quotas if ((q.get("spec") or {}).get("tenantRef") or {}).get("name") == name],
             "featureFlags": render.flag_targets(flags, name),
@@ -206,9 +209,13 @@ async def cmd_psql(s: Session) -> int:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             # Blocking on purpose: psql owns the terminal until it exits; nothing else runs meanwhile.
-            return subprocess.call([psql, *s.args.psql_args], env=env)  # noqa: ASYNC221
+            code = subprocess.call([psql, *s.args.psql_args], env=env)  # noqa: ASYNC221
         finally:
             signal.signal(signal.SIGINT, previous)
+    if code == PSQL_CONNECTION_FAILED and not s.args.host:
+        print(f"hint: the Secret's host {env.get('PGHOST')} may not be reachable from here; forward a port "
+              "(kubectl port-forward) and pass --host 127.0.0.1 --port <local port>", file=sys.stderr)
+    return code
 
 
 # --- requests to the operator ------------------------------------------------------------------
@@ -263,7 +270,7 @@ async def cmd_resume(s: Session) -> int:
 
 
 async def cmd_rotate(s: Session) -> int:
-    from tenancy_operator.reconcilers.tenant import secret_name
+    from tenancy_operator.reconcilers.tenant import JOB_REASONS, secret_name
 
     name = s.args.tenant
     before = await s.tenant(name)
@@ -278,13 +285,19 @@ async def cmd_rotate(s: Session) -> int:
     if not s.args.wait:
         return 0
 
+    told: set[str] = set()
+
     async def done() -> str | None:
         body = await s.kube.read_secret(s.namespace, secret)
         if body is None or (body["metadata"].get("annotations") or {}).get(SECRET_ROTATION_ANNOTATION) != value:
             tenant = await s.tenant(name)
-            problem = _stalled(tenant)
-            if problem:
-                raise CommandError(f"the rotation failed: {problem}")
+            stalled = render.condition(tenant, "Stalled")
+            if stalled.get("status") == "True" and stalled.get("reason") == JOB_REASONS["rotate"]:
+                raise CommandError(f"the rotation failed: {_stalled(tenant)}")
+            message = str(render.condition(tenant, "Ready").get("message") or "")
+            if "rotation waits" in message and message not in told:  # the previous login is in its grace period
+                told.add(message)
+                print(f"  {message}", file=sys.stderr)
             return None
         user = _decoded(body).get("user")
         tenant = await s.tenant(name)
