@@ -19,7 +19,7 @@ from tenancy_operator.devenv.stack import LocalStack
 from tenancy_operator.flags.evaluation import evaluate
 from tenancy_operator.flags.model import FlagDefinition
 
-from .harness import GROUP, VERSION, Cluster, OperatorProcess, as_owner, connect, eventually, tenant
+from .harness import GROUP, VERSION, Cluster, OperatorProcess, as_owner, connect, eventually, free_port, tenant
 
 TENANTS = "tenants"
 PLUGIN = [sys.executable, "-m", "tenancy_operator.plugin"]
@@ -90,6 +90,23 @@ def test_status_and_describe_show_the_fleet_and_one_tenant(
     merged = f"{stack.kubeconfig}{os.pathsep}{extra}"
     by_context = plugin(stack, "status", "--context", "plugin-test", env={"KUBECONFIG": merged}).stdout
     assert "alpha" in by_context and "broken" in by_context
+    by_flag = plugin(stack, "--kubeconfig", str(stack.kubeconfig), "status", "-n", namespace,
+                     env={"KUBECONFIG": str(tmp_path / "missing")}).stdout
+    assert "alpha" in by_flag
+    nowhere = plugin(stack, "status", env={"KUBECONFIG": str(tmp_path / "missing")}, check=False)
+    assert nowhere.returncode == 1 and "no kubeconfig found" in nowhere.stderr
+
+    # As kubectl runs it: `kubectl tenancy` finds the executable kubectl-tenancy on the PATH.
+    shim = tmp_path / "bin" / "kubectl-tenancy"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m tenancy_operator.plugin "$@"\n')
+    shim.chmod(0o755)
+    path = os.pathsep.join([str(shim.parent), str(stack.bin_dir), os.environ.get("PATH", "")])
+    via_kubectl = subprocess.run(["kubectl", "tenancy", "status", "-n", namespace], capture_output=True, text=True,
+                                 env={**os.environ, "PATH": path, "KUBECONFIG": str(stack.kubeconfig)},
+                                 timeout=120, check=False)
+    assert via_kubectl.returncode == 0, via_kubectl.stderr
+    assert "3 tenant(s): 2 Active, 1 Failed" in via_kubectl.stdout
 
     described = plugin(stack, "describe", "alpha", "-n", namespace).stdout
     assert "Phase:          Active" in described
@@ -173,6 +190,11 @@ def test_psql_logs_in_as_the_tenant_with_its_secret(
     proc = plugin(stack, "psql", "talk", "-n", namespace, "--host", host, "--port", port, "--", "-X", "-At",
                   "-c", "select inet_server_port()")
     assert proc.stdout.strip() == port
+
+    # Nothing listening there: psql's connection failure, with the hint about port-forwarding.
+    unreachable = plugin(stack, "psql", "talk", "-n", namespace, "--port", str(free_port()), "--", "-X", "-c",
+                         "select 1", check=False)
+    assert unreachable.returncode == 2 and "kubectl port-forward" in unreachable.stderr
 
     # psql's exit status is the plugin's.
     failed = plugin(stack, "psql", "talk", "-n", namespace, "--", "-X", "-c", "select * from nope", check=False)
