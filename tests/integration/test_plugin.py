@@ -141,13 +141,22 @@ def test_suspend_then_resume_round_trips(
     assert body["spec"]["state"] == "Suspended" and body["status"]["phase"] == "Suspended"
     assert body["status"]["observedGeneration"] == body["metadata"]["generation"]
 
+    # The operator's job ledger names who asked: the plugin's field manager.
+    jobs = body["status"]["recentJobs"]
+    assert any(j["kind"] == "suspend" and j.get("requestedBy") == "kubectl-tenancy" for j in jobs), jobs
+
     again = plugin(stack, "suspend", "sleepy", "-n", namespace).stdout
     assert "Suspended already" in again
 
-    out = plugin(stack, "resume", "sleepy", "-n", namespace, "--wait", "--timeout", "120").stdout
+    out = plugin(stack, "resume", "sleepy", "-n", namespace, "--wait", "--timeout", "120",
+                 "--field-manager", "alice").stdout
     assert "is Active" in out
     body = cluster.get(TENANTS, namespace, "sleepy")
     assert body["spec"]["state"] == "Active" and body["status"]["phase"] == "Active"
+    resumed = next(j for j in body["status"]["recentJobs"] if j["kind"] == "resume")
+    assert resumed.get("requestedBy") == "alice"
+    described = plugin(stack, "describe", "sleepy", "-n", namespace).stdout
+    assert any(line.split()[:2] == ["resume", "succeeded"] and "alice" in line for line in described.splitlines())
 
 
 def test_rotate_puts_a_new_password_in_the_secret(

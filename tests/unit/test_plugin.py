@@ -135,19 +135,25 @@ def test_describe_shows_every_section_and_names_secrets_only() -> None:
     body["spec"] = {"credentials": {"readOnlyLogin": True}, "deletionPolicy": "Archive"}
     body["status"].update({"secretName": "acme-db", "schema": "tenant_acme", "credentials": {"user": "tenant_acme_a"},
                            "recentJobs": [{"kind": "provision", "state": "succeeded", "attempt": 1,
-                                           "startedAt": ts(timedelta(hours=3))}],
+                                           "startedAt": ts(timedelta(hours=3)), "requestedBy": "argocd"}],
                            "effectiveLimits": {"connections": "5"}})
     text = render.describe_text(
         body, quotas=[quota("q", "acme", {"connections": 0.4})],
         flags=[{"metadata": {"name": "dash"}, "spec": {"tenants": [{"tenant": "acme", "variant": "on"}]}}],
         events=[{"type": "Normal", "reason": "Provisioned", "message": "ready",
-                 "lastTimestamp": ts(timedelta(hours=3))}],
+                 "lastTimestamp": ts(timedelta(hours=3))},
+                {"type": "Warning", "reason": "MigrationFailed", "message": "boom", "count": 3,
+                 "lastTimestamp": ts(timedelta(minutes=1))}],
         secrets_present={"acme-db": True, "acme-db-readonly": False}, now=NOW)
     for expected in ("Schema:         tenant_acme (version 0001_init)", "Deletion:       Archive (archives kept 30d)",
                      "Needs attention: migrate failed (attempt 2): boom", "provision", "connections", "40%",
                      "Effective limits: connections=5", "dash", "all its users get on", "Provisioned",
                      "acme-db-readonly (missing)", "Login:          tenant_acme_a"):
         assert expected in text, expected
+    provision = next(line for line in text.splitlines() if line.strip().startswith("provision"))
+    assert provision.split()[5] == "argocd"  # BY: who asked for the job
+    events = text.split("Events:")[1].splitlines()
+    assert events[-1].split()[:4] == ["Warning", "MigrationFailed", "1m", "(x3)"]
 
 
 def test_psql_environment_carries_the_password_only_in_pgpassword() -> None:

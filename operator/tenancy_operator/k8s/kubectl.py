@@ -27,6 +27,7 @@ from tenancy_operator.k8s import safejson
 from tenancy_operator.k8s.client import MERGE_PATCH, Kube, raw
 
 T = TypeVar("T")
+FIELD_MANAGER = "kubectl-tenancy"
 
 
 class KubeError(Exception):
@@ -83,8 +84,13 @@ class PluginKube(Kube):
     """The operator's Kube with what a command-line tool needs besides: one object, a merge patch
     of it, Events, all through ``call``: every failure a KubeError, never an ApiError."""
 
+    field_manager = FIELD_MANAGER
+    """Who the API server records as the author of our patches (managedFields); the operator's
+    job ledger shows it as the job's requestedBy."""
+
     @classmethod
-    async def from_kubeconfig(cls, kubeconfig: str | None = None, context: str | None = None) -> PluginKube:
+    async def from_kubeconfig(cls, kubeconfig: str | None = None, context: str | None = None, *,
+                              field_manager: str = FIELD_MANAGER) -> PluginKube:
         paths = kubeconfig_paths(kubeconfig)
         loader = _loader(paths, context)
         configuration = client.Configuration()
@@ -92,7 +98,9 @@ class PluginKube(Kube):
             await loader.load_and_set(configuration)
         except (ConfigException, KeyError, TypeError, ValueError) as exc:
             raise KubeError(0, f"kubeconfig: {exc}") from exc
-        return cls(client.ApiClient(configuration=configuration))
+        kube = cls(client.ApiClient(configuration=configuration))
+        kube.field_manager = field_manager
+        return kube
 
     async def call(self, make: Callable[[], Awaitable[T]]) -> T:
         """Run one request; ApiException and connection failures become KubeError."""
@@ -110,7 +118,8 @@ class PluginKube(Kube):
     async def merge_patch(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         """A JSON merge patch of one of our objects (spec, metadata); the object after it."""
         data = await self.call(lambda: raw(self.custom.patch_namespaced_custom_object, GROUP, VERSION,
-                                           namespace, plural, name, patch, _content_type=MERGE_PATCH))
+                                           namespace, plural, name, patch, field_manager=self.field_manager,
+                                           _content_type=MERGE_PATCH))
         return safejson.loads(data)  # type: ignore[no-any-return]
 
     async def list_all(self, plural: str, namespace: str | None) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from tenancy_operator.api.names import (
     ROTATE_ANNOTATION,
     SECRET_ROTATION_ANNOTATION,
 )
-from tenancy_operator.k8s.kubectl import KubeError, PluginKube, resolve
+from tenancy_operator.k8s.kubectl import FIELD_MANAGER, KubeError, PluginKube, resolve
 from tenancy_operator.plugin import render
 
 TENANTS, QUOTAS, FLAGS = "tenants", "quotas", "featureflags"
@@ -393,6 +393,9 @@ def _common() -> argparse.ArgumentParser:
     common.add_argument("--context", default=argparse.SUPPRESS, help="kubeconfig context (default: current)")
     common.add_argument("-n", "--namespace", default=argparse.SUPPRESS,
                         help="namespace (default: the context's, else default)")
+    common.add_argument("--field-manager", default=argparse.SUPPRESS,
+                        help=f"name recorded as the author of changes, shown as the job's requestedBy "
+                             f"(default: {FIELD_MANAGER})")
     return common
 
 
@@ -482,7 +485,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 async def _main(args: argparse.Namespace) -> int:
     target = resolve(getattr(args, "kubeconfig", None), getattr(args, "context", None))
-    kube = await PluginKube.from_kubeconfig(getattr(args, "kubeconfig", None), getattr(args, "context", None))
+    kube = await PluginKube.from_kubeconfig(getattr(args, "kubeconfig", None), getattr(args, "context", None),
+                                            field_manager=getattr(args, "field_manager", None) or FIELD_MANAGER)
     try:
         session = Session(args, kube, getattr(args, "namespace", None) or target.namespace)
         return int(await args.func(session))

@@ -327,9 +327,10 @@ def describe_text(tenant: Mapping[str, Any], *, quotas: Sequence[Mapping[str, An
         out.append(f"  Needs attention: {job_text(current)}: {current.get('message') or ''}".rstrip(": "))
     jobs = status.get("recentJobs") or []
     if jobs:
-        out.append(table(["KIND", "STATE", "ATTEMPT", "STARTED", "FINISHED", "MESSAGE"],
+        out.append(table(["KIND", "STATE", "ATTEMPT", "STARTED", "FINISHED", "BY", "MESSAGE"],
                          [[j.get("kind"), j.get("state"), j.get("attempt", 1), age(j.get("startedAt"), now),
-                           age(j.get("finishedAt"), now) if j.get("finishedAt") else "-", j.get("message") or ""]
+                           age(j.get("finishedAt"), now) if j.get("finishedAt") else "-", j.get("requestedBy") or "-",
+                           j.get("message") or ""]
                           for j in jobs], indent="  "))
     else:
         out.append("  none reported")
@@ -376,7 +377,8 @@ def describe_text(tenant: Mapping[str, Any], *, quotas: Sequence[Mapping[str, An
     out += ["", "Events:"]
     if events:
         out.append(table(["TYPE", "REASON", "AGE", "MESSAGE"],
-                         [[e.get("type"), e.get("reason"), age(event_time(e), now), e.get("message")]
+                         [[e.get("type"), e.get("reason"), age(event_time(e), now)
+                           + (f" (x{e['count']})" if int(e.get("count") or 1) > 1 else ""), e.get("message")]
                           for e in sorted_events(events)[-20:]], indent="  "))
     else:
         out.append("  none")
