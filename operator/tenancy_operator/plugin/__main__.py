@@ -1,0 +1,5 @@
+import sys
+
+from tenancy_operator.plugin.cli import main
+
+sys.exit(main())
