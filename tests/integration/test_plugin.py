@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
+from tenancy_devenv.stack import LocalStack
 from tenancy_operator.api.featureflag import FeatureFlagSpec
-from tenancy_operator.devenv.stack import LocalStack
 from tenancy_operator.flags.evaluation import evaluate
 from tenancy_operator.flags.model import FlagDefinition
 
