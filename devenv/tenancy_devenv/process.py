@@ -176,10 +176,25 @@ class Service:
                 return False
             return True
         try:
-            wait_for(f"{self.name} to exit", lambda: not _alive(pid, self.markers), timeout)
+            # Not _alive: an exiting process's command line reads empty before it is a zombie, and
+            # it must be gone, not merely unrecognisable, before the next start or the caller's check.
+            wait_for(f"{self.name} to exit", lambda: not _exists(pid), timeout)
         except DevEnvError:
             return False
         return True
+
+
+def _exists(pid: int) -> bool:
+    """True until ``pid`` has exited (a zombie counts as exited; ours is reaped here)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    if state in ("Z", "X"):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        return False
+    return True
 
 
 def _alive(pid: int, markers: Sequence[str]) -> bool:

@@ -194,7 +194,11 @@ class LocalStack:
         ]
         if self.with_operator:
             lines.append(f"export TENANCY_METRICS_URL={shlex.quote(self.metrics_url)}")
-        lines.append(f'export PATH={shlex.quote(str(self.bin_dir))}:{shlex.quote(str(self.pg_bindir))}:"$PATH"')
+        # The project's commands (tenancy-operator, kubectl-tenancy, tenancy-dev) live beside this
+        # interpreter in the project's venv.
+        commands = Path(sys.executable).parent
+        lines.append(f"export PATH={shlex.quote(str(commands))}:{shlex.quote(str(self.bin_dir))}:"
+                     f'{shlex.quote(str(self.pg_bindir))}:"$PATH"')
         self.env_file.write_text("\n".join(lines) + "\n")
 
     def _main_target(self) -> str:

@@ -137,6 +137,13 @@ def test_up_restarts_only_what_died_and_down_leaves_nothing(stack: LocalStack, s
         assert second.admin_dsn() == dsn
         with psycopg.connect(dsn) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
+        # `source .dev/env` gives what the README's commands need.
+        found = subprocess.run(
+            ["bash", "-c", f"source {second.env_file} && command -v kubectl psql tenancy-operator kubectl-tenancy"
+                           " && kubectl tenancy --help >/dev/null && echo ok"],
+            capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"},
+        ).stdout.splitlines()
+        assert found[-1] == "ok" and len(found) == 5, found
     finally:
         LocalStack(short_workdir, with_operator=False).down()
 
