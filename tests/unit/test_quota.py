@@ -19,13 +19,13 @@ from pydantic import ValidationError
 from tenancy_operator.api.quota import TIER_DEFAULTS, QuotaSpec, limit_amount, tier_defaults_from_json
 from tenancy_operator.config import Settings
 from tenancy_operator.db.quota import RoleQuotaState, is_on, role_setting
-from tenancy_operator.reconcilers.quota import (
+from tenancy_operator.reconcilers.quota import QuotaService
+from tenancy_operator.reconcilers.quota_policy import (
     EXCEEDED,
     NEAR,
     OK,
     Memory,
     Probe,
-    QuotaService,
     RoleSettings,
     Subject,
     desired_role,
