@@ -31,7 +31,8 @@ from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.drift import drifted
-from tenancy_operator.reconcilers.tenant import purge_expired_archives, secret_name
+from tenancy_operator.reconcilers.tenant_base import secret_name
+from tenancy_operator.reconcilers.tenant_lifecycle import purge_expired_archives
 from tenancy_operator.runtime_context import OperatorContext
 
 if TYPE_CHECKING:

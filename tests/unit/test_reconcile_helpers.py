@@ -195,12 +195,12 @@ def test_the_crd_default_status_is_not_a_report() -> None:
 
 
 def test_a_tenant_stored_before_a_bound_is_still_deletable() -> None:
-    from tenancy_operator.reconcilers.tenant import _spec_for_deletion
+    from tenancy_operator.reconcilers.tenant_base import spec_for_deletion
 
     body = {"spec": {"database": "second", "deletionPolicy": "Delete", "archiveRetention": "1000000000d"}}
-    spec = _spec_for_deletion(body)
+    spec = spec_for_deletion(body)
     assert (spec.database, str(getattr(spec.deletion_policy, "value", spec.deletion_policy))) == ("second", "Delete")
-    guessed = _spec_for_deletion({"spec": {"database": "x" * 100, "deletionPolicy": "Shred"}})
+    guessed = spec_for_deletion({"spec": {"database": "x" * 100, "deletionPolicy": "Shred"}})
     assert guessed.database == ""
     assert str(getattr(guessed.deletion_policy, "value", guessed.deletion_policy)) == "Retain"
 
@@ -218,7 +218,7 @@ def test_templates_out_of_bounds_are_refused() -> None:
 def test_the_secret_carries_the_targets_tls_settings(tmp_path: Path) -> None:
     import urllib.parse
 
-    from tenancy_operator.reconcilers.tenant import connection_keys
+    from tenancy_operator.reconcilers.tenant_base import connection_keys
 
     ca = tmp_path / "root.crt"
     ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")

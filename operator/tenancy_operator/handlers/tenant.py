@@ -21,12 +21,8 @@ from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import WATCH_HANDLER_ID, get_logger
 from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.reconcilers.resume import ResumeChecker
-from tenancy_operator.reconcilers.tenant import (
-    ArchiveBlocked,
-    Outcome,
-    TenantReconciler,
-    secret_name,
-)
+from tenancy_operator.reconcilers.tenant import TenantReconciler
+from tenancy_operator.reconcilers.tenant_base import ArchiveBlocked, Outcome, secret_name
 from tenancy_operator.runtime_context import OperatorContext, TenantWatcher
 
 KIND, PLURAL = "Tenant", "tenants"

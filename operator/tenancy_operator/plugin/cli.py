@@ -109,7 +109,7 @@ async def cmd_status(s: Session) -> int:
 
 
 async def cmd_describe(s: Session) -> int:
-    from tenancy_operator.reconcilers.tenant import readonly_secret_name, secret_name
+    from tenancy_operator.reconcilers.tenant_base import readonly_secret_name, secret_name
 
     name = s.args.tenant
     tenant = await s.tenant(name)
@@ -184,7 +184,7 @@ def psql_environment(data: Mapping[str, str], *, host: str | None, port: str | N
 
 
 async def cmd_psql(s: Session) -> int:
-    from tenancy_operator.reconcilers.tenant import readonly_secret_name, secret_name
+    from tenancy_operator.reconcilers.tenant_base import readonly_secret_name, secret_name
 
     name = s.args.tenant
     await s.tenant(name)
@@ -270,7 +270,7 @@ async def cmd_resume(s: Session) -> int:
 
 
 async def cmd_rotate(s: Session) -> int:
-    from tenancy_operator.reconcilers.tenant import JOB_REASONS, secret_name
+    from tenancy_operator.reconcilers.tenant_base import JOB_REASONS, secret_name
 
     name = s.args.tenant
     before = await s.tenant(name)

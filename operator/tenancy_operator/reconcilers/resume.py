@@ -23,7 +23,7 @@ from tenancy_operator.api.tenant import TenantSpec, tenant_identifier
 from tenancy_operator.db import tenant_migrations as tm
 from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.reconcilers.drift import drifted
-from tenancy_operator.reconcilers.tenant import secret_name
+from tenancy_operator.reconcilers.tenant_base import secret_name
 from tenancy_operator.runtime_context import OperatorContext
 
 SNAPSHOT_TTL_SECONDS = 120.0  # only the burst of resumes right after start-up uses it
