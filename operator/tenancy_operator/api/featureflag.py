@@ -332,10 +332,8 @@ class FeatureFlagStatus(ApiModel):
     """ConfigMap holding the flag in flagd's format (key `flagd.json`), owned by this FeatureFlag."""
 
 
-class FeatureFlag(KubeObject[FeatureFlagSpec, FeatureFlagStatus]):
-    """A whole FeatureFlag object as read from the API server."""
-
-    kind: str = "FeatureFlag"
+FeatureFlag = KubeObject[FeatureFlagSpec, FeatureFlagStatus]
+"""A whole FeatureFlag object as read from the API server."""
 
 
 FEATURE_FLAG = ResourceInfo(

@@ -345,10 +345,8 @@ class QuotaStatus(ApiModel):
     """Share of the database target's load (see spec.noisyNeighbor)."""
 
 
-class Quota(KubeObject[QuotaSpec, QuotaStatus]):
-    """A whole Quota object as read from the API server."""
-
-    kind: str = "Quota"
+Quota = KubeObject[QuotaSpec, QuotaStatus]
+"""A whole Quota object as read from the API server."""
 
 
 QUOTA = ResourceInfo(

@@ -228,10 +228,8 @@ class TenantStatus(ApiModel):
     """The last finished jobs, newest first."""
 
 
-class Tenant(KubeObject[TenantSpec, TenantStatus]):
-    """A whole Tenant object as read from the API server."""
-
-    kind: str = "Tenant"
+Tenant = KubeObject[TenantSpec, TenantStatus]
+"""A whole Tenant object as read from the API server."""
 
 
 TENANT = ResourceInfo(
