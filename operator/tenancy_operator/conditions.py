@@ -61,10 +61,28 @@ def merge(
     return sorted(by_type.values(), key=lambda c: (order.index(c["type"]) if c["type"] in order else 9, c["type"]))
 
 
+def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns ``current`` into ``desired`` for the keys of
+    ``desired``; empty when nothing differs. Map entries missing from a desired map are removed
+    (``None``); lists are replaced whole."""
+    current = current or {}
+    patch: dict[str, Any] = {}
+    for k, want in desired.items():
+        have = current.get(k)
+        if isinstance(want, Mapping) and isinstance(have, Mapping):
+            sub = status_patch(have, want)
+            for gone in set(have) - set(want):
+                sub[gone] = None
+            if sub:
+                patch[k] = sub
+        elif have != want:
+            patch[k] = want
+    return patch
+
+
 def status_differs(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
     """True when writing ``desired`` would change anything the user can see."""
-    current = current or {}
-    return any(current.get(k) != v for k, v in desired.items())
+    return bool(status_patch(current, desired))
 
 
 def readiness(ready: bool, stalled: bool, reason: str, message: str) -> tuple[list[Cond], list[str]]:

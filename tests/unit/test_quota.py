@@ -17,6 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from tenancy_operator.api.quota import TIER_DEFAULTS, QuotaSpec, limit_amount, tier_defaults_from_json
+from tenancy_operator.conditions import status_patch
 from tenancy_operator.config import Settings
 from tenancy_operator.db.quota import RoleQuotaState, is_on, role_setting
 from tenancy_operator.reconcilers.quota import QuotaService
@@ -33,7 +34,6 @@ from tenancy_operator.reconcilers.quota_policy import (
     evaluate,
     format_used,
     level,
-    merge_patch,
     next_expiry,
     registry_document,
     role_changes,
@@ -220,11 +220,11 @@ def test_registry_document() -> None:
 
 def test_merge_patch_only_what_differs() -> None:
     current = {"hard": {"storage": "1Gi", "burst": "5"}, "used": {"storage": "1Ki"}, "x": [1], "keep": 1}
-    assert merge_patch(current, {"hard": {"storage": "1Gi", "burst": "5"}, "x": [1]}) == {}
-    assert merge_patch(current, {"hard": {"storage": "2Gi"}}) == {"hard": {"storage": "2Gi", "burst": None}}
-    assert merge_patch(current, {"used": {}, "x": []}) == {"used": {"storage": None}, "x": []}
-    assert merge_patch(None, {"hard": {"a": "1"}}) == {"hard": {"a": "1"}}
-    assert merge_patch({"hard": None}, {"hard": {}}) == {"hard": {}}
+    assert status_patch(current, {"hard": {"storage": "1Gi", "burst": "5"}, "x": [1]}) == {}
+    assert status_patch(current, {"hard": {"storage": "2Gi"}}) == {"hard": {"storage": "2Gi", "burst": None}}
+    assert status_patch(current, {"used": {}, "x": []}) == {"used": {"storage": None}, "x": []}
+    assert status_patch(None, {"hard": {"a": "1"}}) == {"hard": {"a": "1"}}
+    assert status_patch({"hard": None}, {"hard": {}}) == {"hard": {}}
 
 
 def test_the_oldest_quota_is_in_force() -> None:

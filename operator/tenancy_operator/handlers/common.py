@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import kopf
 
 from tenancy_operator import GROUP, VERSION
+from tenancy_operator.conditions import status_patch
+from tenancy_operator.k8s.client import Kube
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -25,6 +27,15 @@ def on_reconcile(registry: kopf.OperatorRegistry, plural: str) -> Callable[[F], 
         return fn
 
     return decorate
+
+
+async def write_status(kube: Kube, plural: str, body: Mapping[str, Any], desired: Mapping[str, Any]) -> None:
+    """The one way a handler writes status: the merge patch of what differs from the status the
+    body holds (maps' dropped entries as null), nothing when nothing differs."""
+    patch = status_patch(body.get("status"), desired)
+    if patch:
+        meta = body["metadata"]
+        await kube.patch_status(plural, meta["namespace"], meta["name"], patch)
 
 
 def service_of(memo: Any, kind: str) -> Any:

@@ -22,7 +22,7 @@ import kopf
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.names import FINALIZER
 from tenancy_operator.conditions import Cond, merge, readiness, status_differs
-from tenancy_operator.handlers.common import Tombstones, backoff, on_reconcile, service_of
+from tenancy_operator.handlers.common import Tombstones, backoff, on_reconcile, service_of, write_status
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
@@ -100,14 +100,7 @@ class FeatureFlagService:
         """Flags finalized: the sweep's LISTed snapshot of one must not write its rows again."""
 
     async def write_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
-        current = body.get("status") or {}
-        if status_differs(current, status):
-            meta = body["metadata"]
-            patch = dict(status)
-            if "variantShares" in status:  # a merge patch merges maps: variants no longer served need null
-                gone = {k: None for k in current.get("variantShares") or {} if k not in status["variantShares"]}
-                patch["variantShares"] = {**status["variantShares"], **gone}
-            await self.ctx.kube.patch_status(PLURAL, meta["namespace"], meta["name"], patch)
+        await write_status(self.ctx.kube, PLURAL, body, status)
 
     async def run(self, body: Mapping[str, Any], retry: int = 0, tenants: set[str] | None = None) -> None:
         """One reconcile with its reporting. Raises kopf.TemporaryError to be retried."""

@@ -14,8 +14,8 @@ import psycopg
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.names import ACK_SCHEMA_RECREATED_ANNOTATION
 from tenancy_operator.api.tenant import tenant_identifier
-from tenancy_operator.conditions import Cond, merge, readiness, status_differs
-from tenancy_operator.handlers.common import Tombstones, backoff, on_reconcile, service_of
+from tenancy_operator.conditions import Cond, merge, readiness
+from tenancy_operator.handlers.common import Tombstones, backoff, on_reconcile, service_of, write_status
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import WATCH_HANDLER_ID, get_logger
@@ -134,9 +134,7 @@ class TenantService:
             self._template_users.setdefault((namespace, template), set()).add(name)
 
     async def write_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
-        if status_differs(body.get("status"), status):
-            meta = body["metadata"]
-            await self.ctx.kube.patch_status(PLURAL, meta["namespace"], meta["name"], status)
+        await write_status(self.ctx.kube, PLURAL, body, status)
 
     async def run(self, body: Mapping[str, Any], retry: int = 0) -> Outcome:
         """One reconcile with its reporting. Raises kopf.TemporaryError to be retried.

@@ -29,7 +29,7 @@ from tenancy_operator.api.quota import (
     QuotaSpec,
     limit_amount,
 )
-from tenancy_operator.conditions import Cond, merge
+from tenancy_operator.conditions import Cond, merge, status_patch
 from tenancy_operator.db.quota import RoleQuotaState
 from tenancy_operator.observability import metrics
 from tenancy_operator.reconcilers.noisy import Verdict, contain
@@ -266,25 +266,6 @@ def registry_document(
     return doc
 
 
-def merge_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON merge patch (RFC 7386) that turns ``current`` into ``desired`` for the keys of
-    ``desired``; empty when nothing differs. Map entries missing from a desired map are removed
-    (``None``); lists are replaced whole."""
-    current = current or {}
-    patch: dict[str, Any] = {}
-    for k, want in desired.items():
-        have = current.get(k)
-        if isinstance(want, Mapping) and isinstance(have, Mapping):
-            sub = merge_patch(have, want)
-            for gone in set(have) - set(want):
-                sub[gone] = None
-            if sub:
-                patch[k] = sub
-        elif have != want:
-            patch[k] = want
-    return patch
-
-
 def _active_from_status(status: Mapping[str, Any]) -> set[tuple[str, str]]:
     out = set()
     for o in status.get("activeOverrides") or []:
@@ -317,7 +298,7 @@ def _not_in_force(quota: dict[str, Any], reason: str, message: str, *, hard: Map
     if not keep_usage:
         desired.update({"used": {}, "usageRatio": {}})
     changed = _ready(status.get("conditions")).get("reason") != reason
-    return merge_patch(status, desired), changed
+    return status_patch(status, desired), changed
 
 
 def _describe(limit: str, used: str, hard: str, ratio: float) -> str:
@@ -371,7 +352,7 @@ def evaluate(
 
     tenant_status = tenant.get("status") or {}
     if tenant_status.get("conditions"):  # before the Tenant's first status, that status carries them
-        patch = merge_patch(tenant_status, {"effectiveLimits": hard})
+        patch = status_patch(tenant_status, {"effectiveLimits": hard})
         if patch:
             plan.tenant_patch = patch
 
@@ -544,7 +525,7 @@ def evaluate(
         load_doc = _load_status(quota_status.get("load"), view, contained, stale=stale)
         if load_doc is not None:
             desired["load"] = load_doc
-        patch = merge_patch(quota_status, desired)
+        patch = status_patch(quota_status, desired)
         if patch or stale:
             patch["lastMeasuredAt"] = iso(now.replace(microsecond=0))
         if patch:
