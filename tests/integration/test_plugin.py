@@ -50,37 +50,38 @@ def feature_flag(name: str, **spec: Any) -> dict[str, Any]:
 def test_status_and_describe_show_the_fleet_and_one_tenant(
     stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str, tmp_path: Path
 ) -> None:
-    cluster.create(TENANTS, namespace, tenant("alpha"))
-    cluster.create(TENANTS, namespace, tenant("beta", tier="starter"))
-    cluster.create(TENANTS, namespace, tenant("broken", database="nowhere"))
-    cluster.create("quotas", namespace, quota("beta-limits", "beta", limits={"connections": 5, "storage": "1Gi"}))
+    cluster.create(TENANTS, namespace, tenant("kp-alpha"))
+    cluster.create(TENANTS, namespace, tenant("kp-beta", tier="starter"))
+    cluster.create(TENANTS, namespace, tenant("kp-broken", database="nowhere"))
+    cluster.create("quotas", namespace, quota("kp-beta-limits", "kp-beta", limits={"connections": 5, "storage": "1Gi"}))
     cluster.create("featureflags", namespace, feature_flag(
-        "dash", tenants=[{"tenant": "alpha", "variant": "on"}], users=[{"tenant": "alpha", "user": "u1",
+        "dash", tenants=[{"tenant": "kp-alpha", "variant": "on"}], users=[{"tenant": "kp-alpha", "user": "u1",
                                                                         "variant": "off"}]))
-    cluster.wait_condition(TENANTS, namespace, "alpha")
-    cluster.wait_condition(TENANTS, namespace, "beta")
-    cluster.wait_condition(TENANTS, namespace, "broken", status="False", reason="UnknownDatabase")
+    cluster.wait_condition(TENANTS, namespace, "kp-alpha")
+    cluster.wait_condition(TENANTS, namespace, "kp-beta")
+    cluster.wait_condition(TENANTS, namespace, "kp-broken", status="False", reason="UnknownDatabase")
     cluster.wait_condition("featureflags", namespace, "dash")
-    eventually(lambda: (cluster.get("quotas", namespace, "beta-limits").get("status") or {}).get("usageRatio"),
+    eventually(lambda: (cluster.get("quotas", namespace, "kp-beta-limits").get("status") or {}).get("usageRatio"),
                timeout=60, what="the Quota's usage measured")
 
     out = plugin(stack, "status", "-n", namespace).stdout
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
-    assert "Active" in lines["alpha"] and "Active" in lines["beta"]
-    assert "Failed" in lines["broken"] and "False (UnknownDatabase)" in lines["broken"]
-    assert "% " in lines["beta"], "beta's quota pressure is shown"
+    assert "Active" in lines["kp-alpha"] and "Active" in lines["kp-beta"]
+    assert "Failed" in lines["kp-broken"] and "False (UnknownDatabase)" in lines["kp-broken"]
+    assert "% " in lines["kp-beta"], "kp-beta's quota pressure is shown"
     assert "3 tenant(s): 2 Active, 1 Failed" in out and "1 not ready (UnknownDatabase 1)" in out
 
     report = json.loads(plugin(stack, "status", "-n", namespace, "-o", "json").stdout)
     rows = {r["name"]: r for r in report["tenants"]}
-    assert {n: r["phase"] for n, r in rows.items()} == {"alpha": "Active", "beta": "Active", "broken": "Failed"}
-    version = cluster.get(TENANTS, namespace, "alpha")["status"]["schemaVersion"]
-    assert rows["alpha"]["version"] == version and report["summary"]["versions"] == {version: 2}
+    assert {n: r["phase"] for n, r in rows.items()} == {
+        "kp-alpha": "Active", "kp-beta": "Active", "kp-broken": "Failed"}
+    version = cluster.get(TENANTS, namespace, "kp-alpha")["status"]["schemaVersion"]
+    assert rows["kp-alpha"]["version"] == version and report["summary"]["versions"] == {version: 2}
     assert report["summary"]["failures"] == {"UnknownDatabase": 1}
-    assert rows["beta"]["quota_ratio"] is not None and rows["alpha"]["quota_ratio"] is None
+    assert rows["kp-beta"]["quota_ratio"] is not None and rows["kp-alpha"]["quota_ratio"] is None
 
     everywhere = plugin(stack, "status", "-A").stdout
-    assert any(line.startswith(namespace) and " alpha " in line for line in everywhere.splitlines())
+    assert any(line.startswith(namespace) and " kp-alpha " in line for line in everywhere.splitlines())
 
     # kubectl's kubeconfig handling: two files merged from KUBECONFIG, --context picks one whose
     # namespace is the default.
@@ -89,10 +90,10 @@ def test_status_and_describe_show_the_fleet_and_one_tenant(
         {"name": "plugin-test", "context": {"cluster": "tenancy-dev", "user": "admin", "namespace": namespace}}]}))
     merged = f"{stack.kubeconfig}{os.pathsep}{extra}"
     by_context = plugin(stack, "status", "--context", "plugin-test", env={"KUBECONFIG": merged}).stdout
-    assert "alpha" in by_context and "broken" in by_context
+    assert "kp-alpha" in by_context and "kp-broken" in by_context
     by_flag = plugin(stack, "--kubeconfig", str(stack.kubeconfig), "status", "-n", namespace,
                      env={"KUBECONFIG": str(tmp_path / "missing")}).stdout
-    assert "alpha" in by_flag
+    assert "kp-alpha" in by_flag
     nowhere = plugin(stack, "status", env={"KUBECONFIG": str(tmp_path / "missing")}, check=False)
     assert nowhere.returncode == 1 and "no kubeconfig found" in nowhere.stderr
 
@@ -108,7 +109,7 @@ def test_status_and_describe_show_the_fleet_and_one_tenant(
     assert via_kubectl.returncode == 0, via_kubectl.stderr
     assert "3 tenant(s): 2 Active, 1 Failed" in via_kubectl.stdout
 
-    described = plugin(stack, "describe", "alpha", "-n", namespace).stdout
+    described = plugin(stack, "describe", "kp-alpha", "-n", namespace).stdout
     assert "Phase:          Active" in described
     ready = next(line for line in described.splitlines() if line.strip().startswith("Ready "))
     assert "True" in ready and "Provisioned" in ready
@@ -116,12 +117,12 @@ def test_status_and_describe_show_the_fleet_and_one_tenant(
     assert "provision" in jobs and "succeeded" in jobs
     flags = described.split("Feature flags targeting it:")[1]
     assert "dash" in flags and "all its users get on" in flags and "u1=off" in flags
-    secret = cluster.secret_data(namespace, "alpha-db")
-    assert "Secret:         alpha-db\n" in described and f"Login:          {secret['user']}" in described
+    secret = cluster.secret_data(namespace, "kp-alpha-db")
+    assert "Secret:         kp-alpha-db\n" in described and f"Login:          {secret['user']}" in described
     assert secret["password"] not in described
 
-    beta = json.loads(plugin(stack, "describe", "beta", "-n", namespace, "-o", "json").stdout)
-    assert [q["metadata"]["name"] for q in beta["quotas"]] == ["beta-limits"]
+    beta = json.loads(plugin(stack, "describe", "kp-beta", "-n", namespace, "-o", "json").stdout)
+    assert [q["metadata"]["name"] for q in beta["quotas"]] == ["kp-beta-limits"]
     assert beta["quotas"][0]["status"]["hard"]["connections"] == "5"
     assert any(e["reason"] == "Provisioned" for e in beta["events"])
 
@@ -132,12 +133,12 @@ def test_status_and_describe_show_the_fleet_and_one_tenant(
 def test_suspend_then_resume_round_trips(
     stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
-    cluster.create(TENANTS, namespace, tenant("sleepy"))
-    cluster.wait_condition(TENANTS, namespace, "sleepy")
+    cluster.create(TENANTS, namespace, tenant("kp-sleepy"))
+    cluster.wait_condition(TENANTS, namespace, "kp-sleepy")
 
-    out = plugin(stack, "suspend", "sleepy", "-n", namespace, "--wait", "--timeout", "120").stdout
+    out = plugin(stack, "suspend", "kp-sleepy", "-n", namespace, "--wait", "--timeout", "120").stdout
     assert "spec.state set to Suspended" in out and "is Suspended" in out
-    body = cluster.get(TENANTS, namespace, "sleepy")
+    body = cluster.get(TENANTS, namespace, "kp-sleepy")
     assert body["spec"]["state"] == "Suspended" and body["status"]["phase"] == "Suspended"
     assert body["status"]["observedGeneration"] == body["metadata"]["generation"]
 
@@ -145,33 +146,33 @@ def test_suspend_then_resume_round_trips(
     jobs = body["status"]["recentJobs"]
     assert any(j["kind"] == "suspend" and j.get("requestedBy") == "kubectl-tenancy" for j in jobs), jobs
 
-    again = plugin(stack, "suspend", "sleepy", "-n", namespace).stdout
+    again = plugin(stack, "suspend", "kp-sleepy", "-n", namespace).stdout
     assert "Suspended already" in again
 
-    out = plugin(stack, "resume", "sleepy", "-n", namespace, "--wait", "--timeout", "120",
+    out = plugin(stack, "resume", "kp-sleepy", "-n", namespace, "--wait", "--timeout", "120",
                  "--field-manager", "alice").stdout
     assert "is Active" in out
-    body = cluster.get(TENANTS, namespace, "sleepy")
+    body = cluster.get(TENANTS, namespace, "kp-sleepy")
     assert body["spec"]["state"] == "Active" and body["status"]["phase"] == "Active"
     resumed = next(j for j in body["status"]["recentJobs"] if j["kind"] == "resume")
     assert resumed.get("requestedBy") == "alice"
-    described = plugin(stack, "describe", "sleepy", "-n", namespace).stdout
+    described = plugin(stack, "describe", "kp-sleepy", "-n", namespace).stdout
     assert any(line.split()[:2] == ["resume", "succeeded"] and "alice" in line for line in described.splitlines())
 
 
 def test_rotate_puts_a_new_password_in_the_secret(
     stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
-    cluster.create(TENANTS, namespace, tenant("spin"))
-    cluster.wait_condition(TENANTS, namespace, "spin")
-    before = cluster.secret_data(namespace, "spin-db")
+    cluster.create(TENANTS, namespace, tenant("kp-spin"))
+    cluster.wait_condition(TENANTS, namespace, "kp-spin")
+    before = cluster.secret_data(namespace, "kp-spin-db")
 
-    proc = plugin(stack, "rotate", "spin", "-n", namespace, "--wait", "--timeout", "120")
-    after = cluster.secret_data(namespace, "spin-db")
+    proc = plugin(stack, "rotate", "kp-spin", "-n", namespace, "--wait", "--timeout", "120")
+    after = cluster.secret_data(namespace, "kp-spin-db")
     assert after["password"] != before["password"] and after["user"] != before["user"]
     assert f"names login {after['user']} now" in proc.stdout
     assert f"{before['user']} keeps working until" in proc.stdout
-    annotation = cluster.get(TENANTS, namespace, "spin")["metadata"]["annotations"]["tenancy.dev/rotate-credentials"]
+    annotation = cluster.get(TENANTS, namespace, "kp-spin")["metadata"]["annotations"]["tenancy.dev/rotate-credentials"]
     assert annotation in proc.stdout
     for text in (proc.stdout, proc.stderr):
         assert before["password"] not in text and after["password"] not in text
@@ -180,33 +181,33 @@ def test_rotate_puts_a_new_password_in_the_secret(
 def test_psql_logs_in_as_the_tenant_with_its_secret(
     stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
-    cluster.create(TENANTS, namespace, tenant("talk", credentials={"readOnlyLogin": True}))
-    cluster.wait_condition(TENANTS, namespace, "talk")
-    secret = cluster.secret_data(namespace, "talk-db")
+    cluster.create(TENANTS, namespace, tenant("kp-talk", credentials={"readOnlyLogin": True}))
+    cluster.wait_condition(TENANTS, namespace, "kp-talk")
+    secret = cluster.secret_data(namespace, "kp-talk-db")
 
-    proc = plugin(stack, "psql", "talk", "-n", namespace, "--", "-X", "-At", "-c",
+    proc = plugin(stack, "psql", "kp-talk", "-n", namespace, "--", "-X", "-At", "-c",
                   "select current_user, current_schema")
-    assert proc.stdout.strip() == f"{secret['user']}|tenant_talk"
+    assert proc.stdout.strip() == f"{secret['user']}|tenant_kp_talk"
     assert secret["password"] not in proc.stdout + proc.stderr
 
-    readonly = cluster.secret_data(namespace, "talk-db-readonly")
-    proc = plugin(stack, "psql", "talk", "-n", namespace, "--read-only", "--", "-X", "-At", "-c",
+    readonly = cluster.secret_data(namespace, "kp-talk-db-readonly")
+    proc = plugin(stack, "psql", "kp-talk", "-n", namespace, "--read-only", "--", "-X", "-At", "-c",
                   "select current_user")
     assert proc.stdout.strip() == readonly["user"] != secret["user"]
 
     # --host/--port override the Secret's (what one does after kubectl port-forward).
     host, port = secret["host"], secret["port"]
-    proc = plugin(stack, "psql", "talk", "-n", namespace, "--host", host, "--port", port, "--", "-X", "-At",
+    proc = plugin(stack, "psql", "kp-talk", "-n", namespace, "--host", host, "--port", port, "--", "-X", "-At",
                   "-c", "select inet_server_port()")
     assert proc.stdout.strip() == port
 
     # Nothing listening there: psql's connection failure, with the hint about port-forwarding.
-    unreachable = plugin(stack, "psql", "talk", "-n", namespace, "--port", str(free_port()), "--", "-X", "-c",
+    unreachable = plugin(stack, "psql", "kp-talk", "-n", namespace, "--port", str(free_port()), "--", "-X", "-c",
                          "select 1", check=False)
     assert unreachable.returncode == 2 and "kubectl port-forward" in unreachable.stderr
 
     # psql's exit status is the plugin's.
-    failed = plugin(stack, "psql", "talk", "-n", namespace, "--", "-X", "-c", "select * from nope", check=False)
+    failed = plugin(stack, "psql", "kp-talk", "-n", namespace, "--", "-X", "-c", "select * from nope", check=False)
     assert failed.returncode != 0 and "nope" in failed.stderr
 
 
@@ -215,22 +216,22 @@ def test_retry_gives_a_stalled_job_one_more_attempt(
 ) -> None:
     template = {"metadata": {"name": "retry-schema"}, "data": {"0001_init.sql": "CREATE TABLE accounts (id int);"}}
     cluster.core.create_namespaced_config_map(namespace, template)
-    cluster.create(TENANTS, namespace, tenant("stuck", schemaTemplate="retry-schema"))
-    cluster.wait_condition(TENANTS, namespace, "stuck")
-    with as_owner(stack.admin_dsn(), "tenant_stuck") as owner:  # in the way of the next migration
+    cluster.create(TENANTS, namespace, tenant("kp-stuck", schemaTemplate="retry-schema"))
+    cluster.wait_condition(TENANTS, namespace, "kp-stuck")
+    with as_owner(stack.admin_dsn(), "tenant_kp_stuck") as owner:  # in the way of the next migration
         owner.execute("CREATE TABLE invoices (legacy text)")
     template["data"]["0002_invoices.sql"] = "CREATE TABLE invoices (id int PRIMARY KEY);"
     cluster.core.replace_namespaced_config_map("retry-schema", namespace, template)
-    cluster.wait_condition(TENANTS, namespace, "stuck", type_="Stalled", status="True", timeout=120)
+    cluster.wait_condition(TENANTS, namespace, "kp-stuck", type_="Stalled", status="True", timeout=120)
 
-    described = plugin(stack, "describe", "stuck", "-n", namespace).stdout
+    described = plugin(stack, "describe", "kp-stuck", "-n", namespace).stdout
     assert "Needs attention: migrate failed" in described
 
     with connect(stack.admin_dsn()) as conn:  # the admin fixes the cause
-        conn.execute("DROP TABLE tenant_stuck.invoices")
-    out = plugin(stack, "retry", "stuck", "-n", namespace, "--wait", "--timeout", "120").stdout
+        conn.execute("DROP TABLE tenant_kp_stuck.invoices")
+    out = plugin(stack, "retry", "kp-stuck", "-n", namespace, "--wait", "--timeout", "120").stdout
     assert "stalled on: MigrationFailed" in out and "is Ready (Active)" in out
-    assert cluster.get(TENANTS, namespace, "stuck")["status"]["schemaVersion"] == "0002_invoices"
+    assert cluster.get(TENANTS, namespace, "kp-stuck")["status"]["schemaVersion"] == "0002_invoices"
 
 
 def test_flags_eval_answers_as_the_published_definition(
@@ -269,15 +270,15 @@ def test_flags_eval_answers_as_the_published_definition(
 def test_archives_lists_what_deletion_did_with_the_data(
     stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
-    cluster.create(TENANTS, namespace, tenant("old", deletionPolicy="Archive"))
-    cluster.wait_condition(TENANTS, namespace, "old")
-    cluster.delete(TENANTS, namespace, "old")
-    eventually(lambda: cluster.gone(TENANTS, namespace, "old"), timeout=120, what="tenant deleted")
-    eventually(lambda: cluster.has_event(namespace, "old", "Archived"), what="Archived Event")
+    cluster.create(TENANTS, namespace, tenant("kp-old", deletionPolicy="Archive"))
+    cluster.wait_condition(TENANTS, namespace, "kp-old")
+    cluster.delete(TENANTS, namespace, "kp-old")
+    eventually(lambda: cluster.gone(TENANTS, namespace, "kp-old"), timeout=120, what="tenant deleted")
+    eventually(lambda: cluster.has_event(namespace, "kp-old", "Archived"), what="Archived Event")
 
     rows = json.loads(plugin(stack, "archives", "-n", namespace, "-o", "json").stdout)
     archived = [r for r in rows if r["reason"] == "Archived"]
-    assert len(archived) == 1 and archived[0]["tenant"] == "old" and archived[0]["archive"]
+    assert len(archived) == 1 and archived[0]["tenant"] == "kp-old" and archived[0]["archive"]
     assert any(r["reason"] == "Dropped" for r in rows)
-    table = plugin(stack, "archives", "old", "-n", namespace).stdout
+    table = plugin(stack, "archives", "kp-old", "-n", namespace).stdout
     assert archived[0]["archive"] in table
