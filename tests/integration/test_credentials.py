@@ -280,7 +280,7 @@ def test_read_only_login_and_suspension_ends_every_login(
     template(cluster, namespace, "ro-schema", {"0001_init.sql": INIT})
     provision(cluster, namespace, "report", schemaTemplate="ro-schema",
               credentials={"readOnlyLogin": True, "gracePeriod": "10m"})
-    ro = eventually(lambda: cluster.secret_data(namespace, "report-db-readonly"), what="read-only Secret")
+    ro = cluster.secret_data(namespace, "report-db-readonly")  # there once the Tenant is Ready
     app = cluster.secret_data(namespace, "report-db")
     assert ro["user"] != app["user"]
     with connect(app["uri"]) as conn:

@@ -203,6 +203,15 @@ class TenantReconciler(CredentialSteps, LifecycleSteps):
                 await self._restore(conn, gate, body, spec, ident, row, out)
             if not out.ready:
                 return None
+            if spec.credentials.read_only_login:  # Ready means every login the spec asks for works
+                suspended = enum_value(spec.state) == "Suspended"
+                try:
+                    await self._read_only_secret(conn, body, spec, ident, row, suspended)
+                except OwnershipConflict as exc:
+                    out.fail("Conflict", str(exc), stalled=True)
+                    return None
+                await sqlt.run_batch(conn, [sqlt.login_statement(sqlt.login_role(ident, sqlt.READ_ONLY_SLOT),
+                                                                 not suspended)])
             del password
             return await self._plan_migrations(conn, body, spec, ident, row, out, reads, new_tenant=new_row)
 
