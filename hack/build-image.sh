@@ -44,14 +44,20 @@ key=$(
     | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16
 )
 out="$cache/build-$key"
-if [ -f "$out/name" ] && [ -f "$out/config.json" ] && [ -d "$out/rootfs/usr" ]; then
+cached() {
+  [ -f "$out/name" ] && [ -f "$out/config.json" ] && [ -d "$out/rootfs/usr" ] || return 1
   log "image $image of this tree ($key) is cached in $out"
   touch "$out"
   echo "$out"
-  exit 0
-fi
+}
+cached && exit 0
 
+# One build at a time on this machine (checkouts share the cache); the one we waited for may have
+# built this very tree.
 mkdir -p "$cache"
+exec 9>"$cache/.lock"
+flock 9
+cached && exit 0
 storage=(--root "$cache/storage" --runroot "$cache/run" --storage-driver vfs)
 start=$SECONDS
 

@@ -110,4 +110,6 @@ while :; do
   wait "$child" && status=0 || status=$?
   kill -0 "$child" 2>/dev/null || break  # wait was interrupted by a signal: the child still runs
 done
+# The namespace's mounts go with it; the (host-visible) scratch directory is removed here.
+umount -R "$scratch" 2>/dev/null && rmdir "$scratch" 2>/dev/null || true
 exit "$status"
