@@ -92,3 +92,8 @@ bench-soak: deps $(BENCH_STAMP) binaries
 
 clean:
 	rm -rf $(VENV) .dev .mypy_cache .ruff_cache .pytest_cache
+
+# The operator image without a Docker engine (docs/image.md): buildah on a base from Debian's packages.
+.PHONY: image
+image: deps
+	hack/build-image.sh

@@ -11,6 +11,10 @@ command -v psql >/dev/null || need+=(postgresql-client)
 { command -v promtool >/dev/null && command -v prometheus >/dev/null; } || need+=(prometheus)
 command -v lua5.1 >/dev/null || need+=(lua5.1)
 command -v lua5.4 >/dev/null || need+=(lua5.4)
+# The image without a Docker engine (hack/build-image.sh, tests/integration/test_image.py): buildah
+# runs the Dockerfile on a base that mmdebstrap makes from Debian's packages.
+command -v buildah >/dev/null || need+=(buildah)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 if [ ${#need[@]} -gt 0 ]; then
   echo "[install-system-deps] installing: ${need[*]}" >&2
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
