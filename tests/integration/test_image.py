@@ -7,7 +7,8 @@ defaults; the chart's ServiceAccount token) against a real API server and Postgr
 The build is cached under ~/.cache/tenancy-operator/image keyed by the content of its inputs, so
 only the first run on a machine (or a changed operator/, pyproject.toml, README.md, Dockerfile)
 pays for it. The image's pg_dump is Debian bookworm's, PostgreSQL 15: the module runs in the
-PostgreSQL 15 run of `make test` and says so when skipped in another.
+PostgreSQL 15 run of `make test` (the Makefile leaves it out of the others; run alone on another
+major, it says why it skips).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from typing import Any
 
 import pytest
 
-from tenancy_operator.devenv import ensure_binaries
-from tenancy_operator.devenv.process import die_with_parent
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv.binaries import ensure_binaries
+from tenancy_devenv.process import die_with_parent
+from tenancy_devenv.stack import LocalStack
 
 from .conftest import PG_MAJOR
 from .harness import Cluster, as_owner, connect, eventually, free_port, sql_value, tenant
