@@ -146,9 +146,10 @@ class ImageOperator:
 
         container = chart_deployment(stack)["spec"]["template"]["spec"]["containers"][0]
         env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-        assert {e["name"] for e in container["env"] if "value" not in e} == {"POD_ID"}
+        assert {e["name"] for e in container["env"] if "value" not in e} == {"POD_ID", "POD_NAME"}  # Downward API
         env |= {
             "POD_ID": "tenancy-operator-image",
+            "POD_NAME": "tenancy-operator-image",
             "TENANCY_METRICS_PORT": str(self.metrics_port),
             "TENANCY_HEALTH_PORT": str(self.health_port),
             "KUBECONFIG": "/etc/tenancy/kubeconfig",
