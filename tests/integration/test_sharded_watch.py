@@ -210,5 +210,6 @@ def test_watch_delivers_only_its_shard(api: Api, cluster: Cluster, namespace: st
                 break
         else:
             pytest.fail(f"the watch ended before {last_low} was added; saw {seen}")
-    assert all(kind == "ADDED" for kind, _ in seen), seen
-    assert {name for _, name in seen} == low
+    # The session's operator may be running and writing to them too (MODIFIED): all in range.
+    assert {name for _, name in seen} <= low, seen
+    assert {name for kind, name in seen if kind == "ADDED"} == low, seen
