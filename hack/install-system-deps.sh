@@ -25,4 +25,4 @@ if [ ${#need[@]} -gt 0 ]; then
     $SUDO systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
   fi
 fi
-command -v go >/dev/null || { echo "Go >= 1.24 is required to build the test control plane (https://go.dev/dl)" >&2; exit 1; }
+command -v go >/dev/null || { echo "Go >= 1.26 is required to build the test control plane: Kubernetes 1.36 asks for it (https://go.dev/dl)" >&2; exit 1; }

@@ -207,6 +207,9 @@ class ControlPlane:
             "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={c.sa_pub}",
             f"--service-account-signing-key-file={c.sa_key}",
+            # Server-side sharded list and watch (KEP-5866, alpha in 1.36): sharded operator
+            # replicas pass shardSelector; without the gate the server ignores it.
+            "--feature-gates=ShardedListAndWatch=true",
         ]
 
     def _controller_manager_argv(self) -> list[str]:

@@ -26,6 +26,7 @@ from .harness import Cluster, crd_schema_replaced, tenant
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "tenancy-operator"
+KUBE_VERSION = "1.36.3"  # the test kube-apiserver's (test_stack.py), for offline `helm template`
 ALL_FEATURES = [
     "--set", "peering.enabled=true",
     "--set", "serviceMonitor.enabled=true",
@@ -77,7 +78,7 @@ class Helm:
 
     def template(self, release: str, namespace: str, *args: str) -> list[dict[str, Any]]:
         out = self(
-            "template", release, str(CHART), "--namespace", namespace, "--kube-version", "1.34.4", *args
+            "template", release, str(CHART), "--namespace", namespace, "--kube-version", KUBE_VERSION, *args
         ).stdout
         return [d for d in yaml.safe_load_all(out) if d]
 
@@ -113,6 +114,15 @@ def test_helm_lint(helm: Helm, tmp_path: Path) -> None:
     assert bad.returncode != 0
     assert "databse" in bad.stdout + bad.stderr
     assert helm("lint", str(CHART), "--set", "database.existingSecret=", check=False).returncode != 0
+
+
+def test_chart_claims_only_tested_kubernetes_versions(helm: Helm, release: str) -> None:
+    """Chart.yaml's kubeVersion starts at the minor the tests run on (the test control plane is
+    1.36): an older cluster is refused at install time instead of running untested."""
+    helm("template", release, str(CHART), "--kube-version", "1.36.0")
+    refused = helm("template", release, str(CHART), "--kube-version", "1.35.4", check=False)
+    assert refused.returncode != 0
+    assert "kubeVersion" in refused.stderr, refused.stderr
 
 
 def test_default_render(helm: Helm, release: str) -> None:

@@ -31,9 +31,12 @@ def _gone(stack: LocalStack, kind: str, name: str, namespace: str | None = None)
     return result.returncode != 0
 
 
-def test_server_is_kubernetes_1_34_4(stack: LocalStack) -> None:
+def test_server_is_kubernetes_1_36_3(stack: LocalStack) -> None:
+    """The version hack/controlplane/kubernetes/go.mod requires, stamped into the binaries (Helm
+    checks the chart's kubeVersion against it)."""
     version = json.loads(stack.kubectl("version", "-o", "json").stdout)
-    assert version["serverVersion"]["gitVersion"] == "v1.34.4"
+    assert version["serverVersion"]["gitVersion"] == "v1.36.3"
+    assert (version["serverVersion"]["major"], version["serverVersion"]["minor"]) == ("1", "36")
 
 
 def test_configmap_round_trip(stack: LocalStack, namespace: str) -> None:
