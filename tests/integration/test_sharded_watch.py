@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tenancy_operator.devenv.stack import LocalStack
+from tenancy_devenv.stack import LocalStack
 
 from .harness import GROUP, VERSION, Cluster, tenant
 
