@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from tenancy_devenv.stack import LocalStack
 
@@ -305,3 +306,23 @@ def test_read_only_login_and_suspension_ends_every_login(
         assert not can_login(uri)
     cluster.patch(PLURAL, namespace, "report", {"spec": {"state": "Active"}})
     eventually(lambda: can_login(new["uri"]) and can_login(ro["uri"]), what="logins back after resume")
+
+
+def test_a_read_only_secret_made_beforehand_is_never_taken_over(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """A namespace user creates `<tenant>-db-readonly` before the Tenant asks for a read-only login:
+    the operator refuses it by name, leaves it as it was, and gives its password to no login."""
+    planted = {"user": "tl_spy_r_00000000", "password": "chosen-by-the-namespace-user"}
+    cluster.core.create_namespaced_secret(namespace, {
+        "metadata": {"name": "spy-db-readonly"},
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in planted.items()},
+    })
+    cluster.create(PLURAL, namespace, tenant("spy", credentials={"readOnlyLogin": True}))
+    obj = cluster.wait_condition(PLURAL, namespace, "spy", status="False", reason="Conflict")
+    ready = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
+    assert "spy-db-readonly" in ready["message"]
+    assert cluster.secret_data(namespace, "spy-db-readonly") == planted
+    ro_login = sql_value(stack.admin_dsn(), "SELECT rolname FROM pg_roles WHERE rolname LIKE 'tl_spy_r_%'")
+    if ro_login is not None:  # made, perhaps, but not with the planted password
+        assert not can_login(make_conninfo(stack.admin_dsn(), user=ro_login, password=planted["password"]))
