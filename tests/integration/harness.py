@@ -10,10 +10,12 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -26,6 +28,7 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql as psql
 
+from tenancy_devenv.binaries import ensure_binaries
 from tenancy_devenv.process import die_with_parent
 from tenancy_devenv.stack import LocalStack
 
@@ -264,3 +267,24 @@ def crd_schema_replaced(
         yield
     finally:
         replace(original)
+
+
+@contextlib.contextmanager
+def own_stack(request: Any, label: str) -> Iterator[LocalStack]:
+    """A control plane and PostgreSQL of a module's own (for an operator of its own, or none),
+    stopped after; its work directory kept when a test of the module failed, or always with
+    TENANCY_KEEP_WORKDIR=1."""
+    # Not under pytest's 0700 basetemp: the postgres user must be able to traverse the path.
+    workdir = Path(tempfile.mkdtemp(prefix=f"tenancy-{label}-"))
+    workdir.chmod(0o755)
+    stack = LocalStack(workdir, ["default"], detached=False, with_operator=False, bin_dir=ensure_binaries())
+    failed_before = request.session.testsfailed
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.down()
+        if request.session.testsfailed > failed_before or os.environ.get("TENANCY_KEEP_WORKDIR") == "1":
+            print(f"\n{label} stack workdir kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)

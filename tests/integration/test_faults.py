@@ -6,19 +6,15 @@ disturb other tests.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tenancy_devenv import ensure_binaries
 from tenancy_devenv.stack import LocalStack
 
-from .harness import Cluster, OperatorProcess, as_owner, connect, eventually, sql_value
+from .harness import Cluster, OperatorProcess, as_owner, connect, eventually, own_stack, sql_value
 
 PLURAL = "tenants"
 
@@ -106,23 +102,14 @@ class Faults:
 
 @pytest.fixture(scope="module")
 def faults(request: pytest.FixtureRequest) -> Iterator[Faults]:
-    workdir = Path(tempfile.mkdtemp(prefix="tenancy-faults-"))
-    workdir.chmod(0o755)
-    stack = LocalStack(workdir, ["default"], detached=False, with_operator=False, bin_dir=ensure_binaries())
-    small_pool = {"TENANCY_POOL_MAX_SIZE": "4", "TENANCY_DB_CONNECT_TIMEOUT_SECONDS": "2"}
-    operator = OperatorProcess(stack, workdir, sweep_interval=3.0, env=small_pool)
-    failed_before = request.session.testsfailed
-    try:
-        stack.up()
-        operator.start()
-        yield Faults(stack, Cluster(stack.kubeconfig), operator)
-    finally:
-        operator.stop()
-        stack.down()
-        if request.session.testsfailed > failed_before:
-            print(f"\nfault stack workdir kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with own_stack(request, "faults") as stack:
+        small_pool = {"TENANCY_POOL_MAX_SIZE": "4", "TENANCY_DB_CONNECT_TIMEOUT_SECONDS": "2"}
+        operator = OperatorProcess(stack, stack.workdir, sweep_interval=3.0, env=small_pool)
+        try:
+            operator.start()
+            yield Faults(stack, Cluster(stack.kubeconfig), operator)
+        finally:
+            operator.stop()
 
 
 @pytest.mark.timeout(1200)

@@ -28,12 +28,11 @@ from typing import Any
 
 import pytest
 
-from tenancy_devenv.binaries import ensure_binaries
 from tenancy_devenv.process import die_with_parent
 from tenancy_devenv.stack import LocalStack
 
 from .conftest import PG_MAJOR
-from .harness import Cluster, as_owner, connect, eventually, free_port, sql_value, tenant
+from .harness import Cluster, as_owner, connect, eventually, free_port, own_stack, sql_value, tenant
 from .test_helm import Helm
 from .test_rbac import OPERATOR_NS, service_account_kubeconfig
 
@@ -74,20 +73,9 @@ def image(request: pytest.FixtureRequest) -> Path:
 @pytest.fixture(scope="module")
 def image_stack(request: pytest.FixtureRequest) -> Iterator[LocalStack]:
     """A stack of its own: the session's operator, if started, would reconcile our Tenants too."""
-    workdir = Path(tempfile.mkdtemp(prefix="tenancy-image-"))
-    workdir.chmod(0o755)  # the postgres user must traverse it
-    stack = LocalStack(workdir, ("default",), detached=False, with_operator=False, bin_dir=ensure_binaries())
-    failed_before = request.session.testsfailed
-    try:
-        stack.up()
+    with own_stack(request, "image") as stack:
         stack.kubectl("create", "namespace", OPERATOR_NS)
         yield stack
-    finally:
-        stack.down()
-        if request.session.testsfailed > failed_before or os.environ.get("TENANCY_KEEP_WORKDIR") == "1":
-            print(f"\nimage stack workdir kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def image_config(image: Path) -> dict[str, Any]:

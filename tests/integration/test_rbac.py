@@ -8,11 +8,8 @@ operator works there: the session operator watches every namespace of the sessio
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tenancy_devenv import ensure_binaries
 from tenancy_devenv.stack import LocalStack
 
-from .harness import GROUP, VERSION, Cluster, OperatorProcess, eventually, tenant
+from .harness import GROUP, VERSION, Cluster, OperatorProcess, eventually, own_stack, tenant
 from .test_helm import CHART, Helm
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,20 +31,9 @@ FORBIDDEN = re.compile(r"(?i)forbidden|not enough permissions|(?<![\w.:+-])403(?
 
 @pytest.fixture(scope="module")
 def rbac_stack(request: pytest.FixtureRequest) -> Iterator[LocalStack]:
-    workdir = Path(tempfile.mkdtemp(prefix="tenancy-rbac-"))
-    workdir.chmod(0o755)  # the postgres user must traverse it
-    stack = LocalStack(workdir, ("default",), detached=False, with_operator=False, bin_dir=ensure_binaries())
-    failed_before = request.session.testsfailed
-    try:
-        stack.up()
+    with own_stack(request, "rbac") as stack:
         stack.kubectl("create", "namespace", OPERATOR_NS)
         yield stack
-    finally:
-        stack.down()
-        if request.session.testsfailed > failed_before or os.environ.get("TENANCY_KEEP_WORKDIR") == "1":
-            print(f"\nRBAC stack workdir kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

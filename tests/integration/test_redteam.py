@@ -13,22 +13,18 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from tenancy_devenv import ensure_binaries
 from tenancy_devenv.stack import LocalStack
 
-from .harness import Cluster, OperatorProcess, as_owner, connect, eventually, sql_value, tenant
+from .harness import Cluster, OperatorProcess, as_owner, connect, eventually, own_stack, sql_value, tenant
 
 PLURAL = "tenants"
 DEADLINE_SECONDS = 20
@@ -76,35 +72,24 @@ class RedTeam:
 
 @pytest.fixture(scope="module")
 def red(request: pytest.FixtureRequest) -> Iterator[RedTeam]:
-    workdir = Path(tempfile.mkdtemp(prefix="tenancy-redteam-"))
-    workdir.chmod(0o755)
-    stack = LocalStack(workdir, ["default"], detached=False, with_operator=False, bin_dir=ensure_binaries())
-    failed_before = request.session.testsfailed
-    operator: OperatorProcess | None = None
-    try:
-        stack.up()
+    with own_stack(request, "redteam") as stack:
         with connect(stack.admin_dsn()) as conn:  # a second database target on the same server
             conn.execute("CREATE DATABASE tenancy_shared")
             conn.execute("GRANT CREATE, CONNECT ON DATABASE tenancy_shared TO tenancy_operator")
         default = stack.operator_dsn()
         targets = {"default": default, "shared": default.rsplit("/", 1)[0] + "/tenancy_shared"}
-        operator = OperatorProcess(stack, workdir, sweep_interval=2.0, env={
+        operator = OperatorProcess(stack, stack.workdir, sweep_interval=2.0, env={
             "TENANCY_DATABASE_TARGETS": json.dumps(targets),
             "TENANCY_MIGRATION_DEADLINE_SECONDS": str(DEADLINE_SECONDS),
             "TENANCY_MIGRATION_CONCURRENCY": "4",
             "TENANCY_JOB_MAX_ATTEMPTS": "1",
             "TENANCY_QUOTA_INTERVAL_SECONDS": "2",
         })
-        operator.start()
-        yield RedTeam(stack, Cluster(stack.kubeconfig), operator)
-    finally:
-        if operator is not None:
+        try:
+            operator.start()
+            yield RedTeam(stack, Cluster(stack.kubeconfig), operator)
+        finally:
             operator.stop()
-        stack.down()
-        if request.session.testsfailed > failed_before:
-            print(f"\nred-team stack workdir kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_a_view_in_place_of_the_migration_record_runs_nothing_with_operator_rights(red: RedTeam) -> None:
