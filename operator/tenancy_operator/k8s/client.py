@@ -9,6 +9,7 @@ a cost paid per request and so per tenant, and a write's response body is never 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -36,17 +37,45 @@ def older_version(meta: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
     return mine.isdigit() and theirs.isdigit() and int(mine) < int(theirs)
 
 
+THROTTLED_ATTEMPTS = 5
+"""How many times one request is sent while the API server answers 429."""
+RETRY_AFTER_CAP = 5.0
+"""The longest wait (seconds) between two sends, whatever Retry-After asks."""
+
+
+def retry_after(status: int, headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait before sending the same request again; None: the answer is final.
+
+    The API server answers 429 with Retry-After when it did not process the request: API Priority
+    and Fairness rejected it, or a resource's storage is (re)initialising after its CRD changed.
+    Sending it again is then safe for any verb, and is what client-go does; anything else is final.
+    """
+    if status != 429:
+        return None
+    try:
+        seconds = float(headers.get("Retry-After", "1"))
+    except ValueError:
+        seconds = 1.0
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
+
+
 async def raw(call: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> bytes:
     """Call a generated API method without building model objects: the response body as bytes.
-    Raises ApiException for a non-2xx answer, like the method itself would."""
-    response = await call(*args, _preload_content=False, **kwargs)
-    try:
-        data: bytes = await response.read()
-    finally:
-        response.release()
-    if not 200 <= response.status <= 299:
-        raise ApiException(http_resp=RESTResponse(response, data))  # type: ignore[arg-type]
-    return data
+    A 429 is sent again after its Retry-After (at most THROTTLED_ATTEMPTS sends). Raises
+    ApiException for a non-2xx answer, like the method itself would."""
+    for attempt in range(1, THROTTLED_ATTEMPTS + 1):
+        response = await call(*args, _preload_content=False, **kwargs)
+        try:
+            data: bytes = await response.read()
+        finally:
+            response.release()
+        if 200 <= response.status <= 299:
+            return data
+        wait = retry_after(response.status, response.headers)
+        if wait is None or attempt == THROTTLED_ATTEMPTS:
+            raise ApiException(http_resp=RESTResponse(response, data))  # type: ignore[arg-type]
+        await asyncio.sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def _read_or_none(call: Callable[..., Awaitable[Any]], *args: Any) -> dict[str, Any] | None:
