@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     quota_interval_seconds: float = Field(default=60.0, gt=0, description="Usage measurement period.")
     # Per-tenant tenant_quota_used/limit series; off for very large fleets (aggregates stay).
     quota_per_tenant_metrics: bool = True
+    # Stepped FeatureFlag rollouts: how often each running one is looked at (its gate read, its
+    # next step taken when due), and the Prometheus their gates query (empty: gates cannot be read,
+    # so rollouts with a gate hold their step and say so).
+    rollout_check_seconds: float = Field(default=30.0, gt=0, le=3600)
+    prometheus_url: str = Field(default="", pattern=r"^(https?://\S+)?$")
+    prometheus_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     # Active/standby replicas: the name of the Kopf peering object (ClusterKopfPeering when watching
     # all namespaces, a KopfPeering in each watched namespace). Empty: standalone, one replica only.
     peering_name: str = Field(default="", pattern=r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?)?$")

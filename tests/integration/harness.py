@@ -71,6 +71,8 @@ class OperatorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.metrics_port = free_port()
         self.health_port = free_port()
+        self.prometheus_port = free_port()
+        """Where the operator looks for Prometheus (flag rollout gates); tests start one there."""
         self.log_path = workdir / "operator.log"
         self.targets = {t: stack.operator_dsn(t) for t in stack.targets}
 
@@ -82,6 +84,9 @@ class OperatorProcess:
             "TENANCY_METRICS_PORT": str(self.metrics_port),
             "TENANCY_HEALTH_PORT": str(self.health_port),
             "TENANCY_BIND_ADDRESS": "127.0.0.1",
+            "TENANCY_PROMETHEUS_URL": f"http://127.0.0.1:{self.prometheus_port}",
+            "TENANCY_PROMETHEUS_TIMEOUT_SECONDS": "5",
+            "TENANCY_ROLLOUT_CHECK_SECONDS": "1",
             "TENANCY_SWEEP_INTERVAL_SECONDS": str(self.sweep_interval),
             "TENANCY_ARCHIVE_DIR": str(self.workdir / "archive"),
             "TENANCY_PG_BIN_DIR": str(self.stack.pg_bindir),  # pg_dump/pg_restore of the server's major

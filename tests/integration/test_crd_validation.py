@@ -329,11 +329,32 @@ REJECTED = {
     "rollout with percentage and weights": (
         obj("FeatureFlag", "f", {"rollout": {"variant": "on", "percentage": 5,
                                              "weights": [{"variant": "on", "weight": 1}]}}),
-        ["rollout needs exactly one of percentage (with variant) or weights"],
+        ["rollout needs exactly one of percentage or steps (with variant), or weights"],
     ),
     "rollout percentage without variant": (
         obj("FeatureFlag", "f", {"rollout": {"percentage": 5}}),
-        ["rollout.variant and rollout.percentage go together"],
+        ["rollout.variant goes with percentage or steps"],
+    ),
+    "rollout steps not increasing": (
+        obj("FeatureFlag", "f", {"rollout": {"variant": "on", "steps": [5, 25, 10]}}),
+        ["rollout.steps must be increasing percentages"],
+    ),
+    "rollout steps repeated": (
+        obj("FeatureFlag", "f", {"rollout": {"variant": "on", "steps": [5, 5, 10]}}),
+        ["spec.rollout.steps[1]: Duplicate value"],
+    ),
+    "rollout step above 100": (
+        obj("FeatureFlag", "f", {"rollout": {"variant": "on", "steps": [5, 101]}}),
+        ["spec.rollout.steps[1]", "should be less than or equal to 100"],
+    ),
+    "rollout gate without steps": (
+        obj("FeatureFlag", "f", {"rollout": {"variant": "on", "percentage": 5,
+                                             "gate": {"query": "up", "max": 1}}}),
+        ["stepInterval, gate, onBreach and paused belong to a stepped rollout"],
+    ),
+    "rollout onBreach unknown": (
+        obj("FeatureFlag", "f", {"rollout": {"variant": "on", "steps": [5], "onBreach": "Panic"}}),
+        ["spec.rollout.onBreach", "Unsupported value"],
     ),
     "defaultVariant not in variants": (
         obj("FeatureFlag", "f", {"variants": {"a": {"value": 1}, "b": {"value": 2}}, "defaultVariant": "c"}),

@@ -5,92 +5,26 @@ Grafana dashboard is valid PromQL that Prometheus accepts."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tenancy_devenv.process import die_with_parent
 from tenancy_devenv.stack import LocalStack
 
-from .harness import GROUP, VERSION, Cluster, OperatorProcess, eventually, free_port, tenant
+from .harness import GROUP, VERSION, Cluster, OperatorProcess, eventually, tenant
+from .prom import Prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "tenancy-operator"
 JOB = "tenancy-operator"
 
 
-class Prometheus:
-    def __init__(self, workdir: Path, target_port: int) -> None:
-        exe = shutil.which("prometheus")
-        assert exe, "prometheus is missing: run hack/install-system-deps.sh (Debian package prometheus)"
-        self.port = free_port()
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(CHART / "files" / "alerts.yaml")],
-            "scrape_configs": [{
-                "job_name": JOB,
-                # As the chart's ServiceMonitor: tenant_quota_* keep the tenant's namespace label.
-                "honor_labels": True,
-                "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}],
-            }],
-        }
-        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.log = workdir / "prometheus.log"
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [exe, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h"],
-                stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
-            )
-        eventually(self.ready, timeout=60, what="Prometheus /-/ready")
-
-    def ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"prometheus exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=5) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
-
-    def api(self, path: str, **params: str) -> Any:
-        url = f"http://127.0.0.1:{self.port}/api/v1/{path}"
-        if params:
-            url += "?" + urllib.parse.urlencode(params)
-        try:
-            with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - our own http:// URL
-                body = json.loads(r.read())
-        except urllib.error.HTTPError as exc:  # 400 for a query that does not parse
-            body = json.loads(exc.read())
-        return body
-
-    def query(self, promql: str) -> list[dict[str, Any]]:
-        body = self.api("query", query=promql)
-        assert body["status"] == "success", f"{promql}: {body.get('error')}"
-        return body["data"]["result"]  # type: ignore[no-any-return]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def prometheus(stack: LocalStack, operator: OperatorProcess) -> Iterator[Prometheus]:
-    prom = Prometheus(stack.workdir / "prometheus", operator.metrics_port)
+    prom = Prometheus(stack.workdir / "prometheus", {JOB: operator.metrics_port}, port=operator.prometheus_port,
+                      rule_files=[CHART / "files" / "alerts.yaml"])
     try:
         yield prom
     finally:

@@ -359,7 +359,9 @@ def test_featureflag_variant_values_are_any_json() -> None:
         ({"rollout": {"variant": "on", "percentage": 101}}, "less than or equal to 100"),
         ({"rollout": {"variant": "on", "percentage": -1}}, "greater than or equal to 0"),
         ({"rollout": {}}, "exactly one of percentage"),
-        ({"rollout": {"percentage": 5}}, "go together"),
+        ({"rollout": {"percentage": 5}}, "goes with percentage or steps"),
+        ({"rollout": {"variant": "on", "steps": [5, 1]}}, "increasing percentages"),
+        ({"rollout": {"variant": "on", "percentage": 5, "stepInterval": "1m"}}, "belong to a stepped rollout"),
         (
             {"rollout": {"variant": "on", "percentage": 5, "weights": [{"variant": "on", "weight": 1}]}},
             "exactly one",

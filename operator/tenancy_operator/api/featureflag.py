@@ -6,7 +6,8 @@ can be computed by any OpenFeature flagd provider.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import datetime
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, Field, WithJsonSchema, model_validator
 
@@ -15,6 +16,7 @@ from tenancy_operator.api.common import (
     READY_COLUMN,
     ApiModel,
     Conditions,
+    Duration,
     JsonDict,
     KubeObject,
     PrinterColumn,
@@ -22,6 +24,7 @@ from tenancy_operator.api.common import (
     cel,
     list_map,
     list_set,
+    parse_duration,
     validations,
 )
 from tenancy_operator.api.tenant import TENANT_NAME_MAX_LENGTH, TENANT_NAME_PATTERN
@@ -118,19 +121,50 @@ class Weight(ApiModel):
     """Users get the variant with probability weight / sum of weights."""
 
 
+MAX_STEPS = 20
+STEP_INTERVAL_DEFAULT = "10m"
+BREACH_ACTIONS = ("Zero", "LastHealthyStep")
+OnBreach = Literal["Zero", "LastHealthyStep"]
+
+
+class RolloutGate(ApiModel):
+    """A health check of a stepped rollout: a Prometheus query that must stay at or under `max`.
+
+    The operator evaluates the query on its own Prometheus (setting TENANCY_PROMETHEUS_URL, never a
+    URL from the object) at every check of a step. A value above `max` is a breach: the rollout is
+    rolled back (see onBreach) and stops until a person resumes it. No answer (Prometheus down, no
+    series, more than one series) is no proof of health: the rollout holds its step and says why.
+    """
+
+    query: str = Field(min_length=1, max_length=4096)
+    """PromQL that returns one number (a scalar or a one-series vector), for example the error
+    ratio of the users on the new variant."""
+    max: float
+    """The largest healthy value; above it the gate breaches."""
+
+
 _ROLLOUT_RULES = validations(
     cel(
-        "has(self.percentage) != has(self.weights)",
-        "rollout needs exactly one of percentage (with variant) or weights",
+        "has(self.weights) != (has(self.percentage) || has(self.steps))",
+        "rollout needs exactly one of percentage or steps (with variant), or weights",
     ),
     cel(
-        "has(self.percentage) == has(self.variant)",
-        "rollout.variant and rollout.percentage go together: set both, or use weights alone",
+        "has(self.variant) == (has(self.percentage) || has(self.steps))",
+        "rollout.variant goes with percentage or steps: set both, or use weights alone",
     ),
     cel(
         "!has(self.weights) || self.weights.exists(w, w.weight > 0)",
         "at least one rollout weight must be greater than zero",
         field_path=".weights",
+    ),
+    cel(
+        "!has(self.steps) || self.steps.isSorted()",
+        "rollout.steps must be increasing percentages, e.g. [1, 5, 25, 50, 100]",
+        field_path=".steps",
+    ),
+    cel(
+        "has(self.steps) || !(has(self.stepInterval) || has(self.gate) || has(self.onBreach) || has(self.paused))",
+        "stepInterval, gate, onBreach and paused belong to a stepped rollout: set steps too",
     ),
 )
 
@@ -141,26 +175,53 @@ class Rollout(ApiModel, json_schema_extra=_ROLLOUT_RULES):
     Either `percentage` of users get `variant` and the rest get `defaultVariant`, or users are
     split over `weights`. A user keeps their bucket as the percentage grows, so raising it only
     adds users. Percentages are whole numbers; for finer steps use weights (e.g. 1 and 999).
+
+    With `steps`, the operator raises the percentage itself: it serves each step for at least
+    `stepInterval`, checks `gate` all along, and rolls the flag back on a breach. `percentage`
+    then is a hand override: setting or changing it while the steps run serves it and pauses the
+    steps (annotate `tenancy.dev/resume-rollout=<new value>` to go on from there).
     """
 
     variant: VariantName | None = None
-    """Variant served to `percentage` of users."""
+    """Variant served to `percentage` of users (or to the current step's share)."""
     percentage: Percentage | None = None
-    """Share of users, 0-100, that get `variant`."""
+    """Share of users, 0-100, that get `variant`; with steps, a hand override that pauses them."""
     weights: list[Weight] | None = Field(
         default=None, min_length=1, max_length=MAX_VARIANTS, json_schema_extra=list_map("variant")
     )
     """Split of users over several variants."""
+    steps: list[Percentage] | None = Field(default=None, min_length=1, max_length=MAX_STEPS,
+                                           json_schema_extra=list_set())
+    """Increasing shares of users, 0-100, the operator serves `variant` to in turn (e.g. 1, 5, 25,
+    50, 100); status.rollout says where it stands."""
+    step_interval: Duration | None = None
+    """The least time each step is served (and its gate checked) before the next; default 10m."""
+    gate: RolloutGate | None = None
+    """A Prometheus query checked while the steps run; without it, steps advance on time alone."""
+    on_breach: OnBreach | None = None
+    """What a breach of the gate serves: `Zero` (the default: nobody gets `variant`) or
+    `LastHealthyStep` (the step before the one that breached, 0 before the first)."""
+    paused: bool | None = None
+    """true: hold the current step (no advance, no gate check) until it is false or removed."""
 
     @model_validator(mode="after")
     def _one_form(self) -> Rollout:
-        if (self.percentage is None) == (self.weights is None):
-            raise ValueError("rollout needs exactly one of percentage (with variant) or weights")
-        if (self.percentage is None) != (self.variant is None):
-            raise ValueError("rollout.variant and rollout.percentage go together")
+        stepped = self.percentage is not None or self.steps is not None
+        if (self.weights is not None) == stepped:
+            raise ValueError("rollout needs exactly one of percentage or steps (with variant), or weights")
+        if (self.variant is not None) != stepped:
+            raise ValueError("rollout.variant goes with percentage or steps: set both, or use weights alone")
         if self.weights is not None and not any(w.weight > 0 for w in self.weights):
             raise ValueError("at least one rollout weight must be greater than zero")
+        if self.steps is not None and any(a >= b for a, b in zip(self.steps, self.steps[1:], strict=False)):
+            raise ValueError("rollout.steps must be increasing percentages, e.g. [1, 5, 25, 50, 100]")
+        if self.steps is None and (self.step_interval, self.gate, self.on_breach, self.paused) != (None,) * 4:
+            raise ValueError("stepInterval, gate, onBreach and paused belong to a stepped rollout: set steps too")
         return self
+
+    def interval(self) -> datetime.timedelta:
+        """The least time a step is served."""
+        return parse_duration(self.step_interval or STEP_INTERVAL_DEFAULT)
 
 
 class TenantOverride(
@@ -308,6 +369,43 @@ class FeatureFlagSpec(ApiModel, json_schema_extra=_SPEC_RULES):
         return self
 
 
+RolloutPhase = Literal["Progressing", "Paused", "Completed", "RolledBack"]
+
+
+class RolloutStatus(ApiModel):
+    """Where the flag-wide rollout stands: the share served now and, with steps, their progress.
+
+    With steps this is also the operator's record of the rollout (as Flagger's and Argo Rollouts'
+    status are): which step is served since when, and whether a breach or a hand edit stopped it.
+    """
+
+    percentage: Percentage | None = None
+    """Share of users, 0-100, that get the rollout's variant now."""
+    phase: RolloutPhase | None = None
+    """Progressing, Paused (spec.rollout.paused or a hand edit of percentage), Completed (the last
+    step served its interval with a healthy gate) or RolledBack (the gate breached; stopped)."""
+    step: int | None = Field(default=None, ge=0, le=MAX_STEPS)
+    """How many of spec.rollout.steps have been reached (1: the first step is served)."""
+    steps: int | None = Field(default=None, ge=0, le=MAX_STEPS)
+    """How many steps the rollout has."""
+    step_started_at: AwareDatetime | None = None
+    """When the current step began to be served."""
+    next_step_at: AwareDatetime | None = None
+    """When the next step is due, if the gate stays healthy; none when stopped or at the last step's end."""
+    baseline: Percentage | None = None
+    """spec.rollout.percentage when the steps started or were last resumed (none: not set); a
+    different value is a hand edit, which pauses the steps."""
+    resumed_by: str | None = Field(default=None, max_length=253)
+    """The value of the tenancy.dev/resume-rollout annotation last acted on."""
+    gate_value: float | None = None
+    """The gate query's last value."""
+    reason: str | None = Field(default=None, max_length=64)
+    """Why the rollout is in its phase: StepServed, GateWaiting, GateBreached, PausedBySpec,
+    FlagDisabled, HandEdited, Resumed or AllStepsServed."""
+    message: str | None = Field(default=None, max_length=1024)
+    """The same, for humans."""
+
+
 class FeatureFlagStatus(ApiModel):
     """What the operator last published for the flag."""
 
@@ -330,6 +428,8 @@ class FeatureFlagStatus(ApiModel):
     """The flag key applications ask for (spec.key, or the object's name)."""
     config_map: str | None = Field(default=None, max_length=253)
     """ConfigMap holding the flag in flagd's format (key `flagd.json`), owned by this FeatureFlag."""
+    rollout: RolloutStatus | None = None
+    """The share of users the flag-wide rollout serves now and, with steps, their progress."""
 
 
 FeatureFlag = KubeObject[FeatureFlagSpec, FeatureFlagStatus]
@@ -347,7 +447,8 @@ FEATURE_FLAG = ResourceInfo(
     ),
     printer_columns=(
         PrinterColumn("Enabled", "boolean", ".spec.enabled"),
-        PrinterColumn("Rollout", "integer", ".spec.rollout.percentage", "Percentage of users in the rollout"),
+        PrinterColumn("Rollout", "integer", ".status.rollout.percentage", "Percentage of users in the rollout now"),
+        PrinterColumn("Step", "string", ".status.rollout.phase", "Stepped rollout: Progressing, Paused, ..."),
         READY_COLUMN,
         AGE_COLUMN,
     ),

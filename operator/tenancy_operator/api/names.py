@@ -25,6 +25,8 @@ FLAGD_SOURCE_LABEL = f"{GROUP}/flagd-source"
 RETRY_ANNOTATION = f"{GROUP}/retry"
 ROTATE_ANNOTATION = f"{GROUP}/rotate-credentials"
 ACK_SCHEMA_RECREATED_ANNOTATION = f"{GROUP}/acknowledge-schema-recreated"
+RESUME_ROLLOUT_ANNOTATION = f"{GROUP}/resume-rollout"
+"""On a FeatureFlag: a new value resumes its stepped rollout after a breach or a hand edit."""
 
 # Annotations the operator writes.
 SECRET_ROTATION_ANNOTATION = f"{GROUP}/rotated-for"

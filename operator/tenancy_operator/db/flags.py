@@ -177,6 +177,7 @@ async def _last_audited_generation(
 async def replace(
     conn: Conn, control: str, *, namespace: str, name: str, uid: str, generation: int, flag: FlagDefinition,
     changed_by: str | None, changed_at: datetime.datetime | None, take_over: bool = False,
+    automatic: str | None = None,
 ) -> WriteResult:
     """Make the target hold exactly `flag` for (namespace, flag.key), with an audit row when the
     definition changes. Does nothing when it already does; refuses when another FeatureFlag owns
@@ -184,7 +185,9 @@ async def replace(
     from a newer generation of the same object (a stale event must not roll a flag back).
 
     An audit row's operation is `create`, `update`, or `repair` when the rows were changed or
-    deleted outside the operator although the object's generation did not move.
+    deleted outside the operator although the object's generation did not move; `rollout` when
+    only the served percentage changed and ``automatic`` says the operator's stepped rollout
+    changed it (a step or a rollback; the audit's actor is then the operator, with that reason).
     """
     table = _t(control, "feature_flags")
     async with conn.transaction():
@@ -215,6 +218,8 @@ async def replace(
                 stored = await load(conn, control, namespace, flag.key)
                 return WriteResult(stored=stored)
             operation = "repair" if same and current.generation == generation else "update"
+            if automatic is not None and all(op["path"] == "/rollout/percentage" for op in diff):
+                operation = "rollout"
         await conn.execute(sql.SQL("DELETE FROM {} WHERE namespace = %s AND flag_key = %s").format(table),
                            [namespace, flag.key])
         async with conn.cursor() as cur:
@@ -228,8 +233,9 @@ async def replace(
         await _audit(
             conn, control, namespace=namespace, key=flag.key, name=name, uid=uid, generation=generation,
             operation=operation, change=diff,
-            changed_by=changed_by if operation != "repair" else "tenancy-operator (repair)",
-            changed_at=changed_at if operation != "repair" else None,
+            changed_by={"repair": "tenancy-operator (repair)",
+                        "rollout": f"tenancy-operator (rollout: {automatic})"}.get(operation, changed_by),
+            changed_at=changed_at if operation not in ("repair", "rollout") else None,
         )
         stored = await load(conn, control, namespace, flag.key)
     return WriteResult(operation=operation, diff=diff, old=current.definition if current else None, stored=stored)

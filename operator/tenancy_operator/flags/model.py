@@ -74,12 +74,15 @@ class FlagDefinition:
     description: str | None = None
 
     @classmethod
-    def from_spec(cls, spec: FeatureFlagSpec, name: str) -> FlagDefinition:
-        """The definition a FeatureFlag named `name` declares."""
+    def from_spec(cls, spec: FeatureFlagSpec, name: str, served: int | None = None) -> FlagDefinition:
+        """The definition a FeatureFlag named `name` declares. ``served``: the share its stepped
+        rollout serves now (status.rollout.percentage); unknown, nobody gets the variant yet."""
         rollout = None
         if spec.rollout is not None:
             if spec.rollout.weights is not None:
                 rollout = Rollout(weights=tuple((w.variant, w.weight) for w in spec.rollout.weights))
+            elif spec.rollout.steps is not None:
+                rollout = Rollout(variant=spec.rollout.variant, percentage=served if served is not None else 0)
             else:
                 rollout = Rollout(variant=spec.rollout.variant, percentage=spec.rollout.percentage)
         return cls(

@@ -55,6 +55,15 @@ FEATURE_FLAG_CHANGES = Counter(
     "(tenancy-operator flags history) and the FlagCreated/FlagChanged/FlagDeleted Events.",
     ["change"],
 )
+ROLLOUT_TRANSITIONS = ("RolloutStarted", "RolloutStepped", "RolloutPaused", "RolloutResumed",
+                       "RolloutRolledBack", "RolloutCompleted")
+FLAG_ROLLOUT_TRANSITIONS = Counter(
+    "feature_flag_rollout_transitions_total",
+    "Stepped flag rollouts' transitions, by transition (the Event reason: RolloutStarted, RolloutStepped, "
+    "RolloutPaused, RolloutResumed, RolloutRolledBack, RolloutCompleted). Which flag: the Events and "
+    "status.rollout.",
+    ["transition"],
+)
 STALLED_OBJECTS = Gauge(
     "stalled_objects",
     "Objects whose last reconcile left them Stalled=True (the operator stopped retrying), by kind and reason.",
@@ -153,6 +162,8 @@ def start_metrics_server(port: int, addr: str) -> None:
         LIFECYCLE_JOBS_RUNNING.labels(job_kind=job_kind).set(0)
     for change in FLAG_CHANGES:
         FEATURE_FLAG_CHANGES.labels(change=change)
+    for transition in ROLLOUT_TRANSITIONS:
+        FLAG_ROLLOUT_TRANSITIONS.labels(transition=transition)
     start_http_server(port, addr=addr)
 
 

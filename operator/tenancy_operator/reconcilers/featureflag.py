@@ -35,7 +35,7 @@ import psycopg_pool
 from pydantic import ValidationError
 
 from tenancy_operator import GROUP, VERSION
-from tenancy_operator.api.featureflag import FeatureFlagSpec
+from tenancy_operator.api.featureflag import FeatureFlagSpec, RolloutStatus
 from tenancy_operator.api.names import (
     FLAG_LABEL,
     FLAGD_LABEL,
@@ -44,15 +44,18 @@ from tenancy_operator.api.names import (
     MANAGED_BY,
     MANAGED_BY_KEY,
     MANAGED_BY_VALUE,
+    RESUME_ROLLOUT_ANNOTATION,
 )
 from tenancy_operator.db import flags as dbf
 from tenancy_operator.flags.diff import summarize
 from tenancy_operator.flags.flagd import flagd_document, flagd_flag, flagd_source
 from tenancy_operator.flags.model import FlagDefinition
+from tenancy_operator.flags.stepping import Decision, GateReading, decide, wants_gate
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.k8s.managed_fields import last_change, parse_time
-from tenancy_operator.observability import metrics
+from tenancy_operator.observability import metrics, prometheus
 from tenancy_operator.observability.logging import get_logger
+from tenancy_operator.observability.text import clean_message
 from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.runtime_context import OperatorContext
 
@@ -65,6 +68,8 @@ SOURCE_CONFIGMAP = "tenancy-flagd-source"
 SOURCE_LABEL_VALUE = "namespace"
 SOURCE_LOCK = "FlagdSource"
 """Lock kind of the namespace's source: one writer per namespace (the name is "")."""
+GATE_PROBLEM_MAX = 400
+"""Characters of why a gate has no value, in status.rollout.message."""
 MAX_CONFIGMAP_BYTES = 1024 * 1024
 """What the API server accepts in a ConfigMap's data (keys and values together)."""
 log = get_logger(__name__)
@@ -98,6 +103,10 @@ class Outcome:
     source: SourceState | None = None
     """The namespace's flagd source, when this reconcile published the flag."""
     events: list[tuple[str, str, str]] = field(default_factory=list)
+    rollout: RolloutStatus | None = None
+    """status.rollout: the share served now and, with steps, their progress."""
+    check_in: float | None = None
+    """A stepped rollout wants another look in this many seconds."""
 
 
 def configmap_name(flag_name: str) -> str:
@@ -144,6 +153,10 @@ class FeatureFlagReconciler:
         self._tickets = itertools.count(1)
         self._sources: dict[str, tuple[int, SourceState]] = {}
         """namespace -> (ticket taken before the LIST of its last completed source rebuild, result)."""
+        self._rollouts: dict[str, RolloutStatus] = {}
+        """FeatureFlag uid -> the latest record of its stepped rollout, as decided and written here:
+        newer than the status of a LISTed snapshot or of a body whose watch event lags, which must
+        neither step twice nor undo a rollback. Loaded from status after a restart."""
 
     @property
     def control(self) -> str:
@@ -176,10 +189,16 @@ class FeatureFlagReconciler:
             spec = FeatureFlagSpec.model_validate(body.get("spec") or {})
         except ValidationError as exc:
             return Outcome(False, "InvalidSpec", str(exc).splitlines()[0], stalled=True)
-        flag = FlagDefinition.from_spec(spec, name)
+        stepped = await self._step(body, spec)
+        flag = FlagDefinition.from_spec(spec, name, stepped.status.percentage if stepped else None)
         existing = tenants if tenants is not None else await self.tenant_names(namespace)
         out = Outcome(True, "Published", "", definition=flag,
                       unknown_tenants=sorted(flag.tenant_names() - existing))
+        if stepped is not None:
+            out.rollout, out.check_in = stepped.status, stepped.check_in
+            out.events += stepped.events
+        elif flag.rollout is not None and flag.rollout.percentage is not None:
+            out.rollout = RolloutStatus(percentage=flag.rollout.percentage)
         changed_by, changed_at = last_spec_change(meta)
 
         results: dict[str, dbf.WriteResult] = {}
@@ -191,6 +210,7 @@ class FeatureFlagReconciler:
                     kwargs: dict[str, Any] = {
                         "namespace": namespace, "name": name, "uid": uid, "generation": generation, "flag": flag,
                         "changed_by": changed_by, "changed_at": changed_at,
+                        "automatic": stepped.change if stepped else None,
                     }
                     res = await dbf.replace(conn, self.control, **kwargs)
                     if res.conflict is not None and not await self._flag_exists(namespace, res.conflict):
@@ -202,6 +222,10 @@ class FeatureFlagReconciler:
 
         if any(r.stale for r in results.values()):
             return Outcome(False, "Stale", "a newer generation was already written", stale=True)
+        if stepped is not None:
+            self._rollouts[uid] = stepped.status
+            for _, reason, _ in stepped.events:
+                metrics.FLAG_ROLLOUT_TRANSITIONS.labels(transition=reason).inc()
         conflicts = sorted({r.conflict for r in results.values() if r.conflict is not None})
         if conflicts:
             return Outcome(
@@ -226,6 +250,54 @@ class FeatureFlagReconciler:
             out.message = (f"flag {flag.key!r} written to database target(s) {', '.join(sorted(results))} "
                            f"and ConfigMap {out.config_map}")
         return out
+
+    # --- stepped rollouts ----------------------------------------------------------------------
+
+    def rollout_record(self, body: Mapping[str, Any]) -> RolloutStatus | None:
+        """The latest record of the flag's stepped rollout: ours, else its status (None: none)."""
+        uid = str(body["metadata"].get("uid") or "")
+        if uid in self._rollouts:
+            return self._rollouts[uid]
+        raw = (body.get("status") or {}).get("rollout")
+        try:
+            return RolloutStatus.model_validate(raw) if isinstance(raw, Mapping) else None
+        except ValidationError:
+            return None  # an unreadable record: the rollout starts again from its first step
+
+    def forget_rollout(self, uid: str | None) -> None:
+        self._rollouts.pop(str(uid or ""), None)
+
+    async def _step(self, body: Mapping[str, Any], spec: FeatureFlagSpec) -> Decision | None:
+        """The stepped rollout's decision for this reconcile (flags/stepping.py); None without steps."""
+        rollout = spec.rollout
+        if rollout is None or rollout.steps is None:
+            self.forget_rollout(body["metadata"].get("uid"))
+            return None
+        previous = self.rollout_record(body)
+        token = (body["metadata"].get("annotations") or {}).get(RESUME_ROLLOUT_ANNOTATION)
+        gate = None
+        if rollout.gate is not None and wants_gate(rollout, previous, token, spec.enabled):
+            gate = await self.read_gate(rollout.gate.query)
+        settings = self.ctx.settings
+        return decide(rollout, previous, resume_token=token, enabled=spec.enabled,
+                      now=datetime.datetime.now(datetime.UTC).replace(microsecond=0), gate=gate,
+                      check_seconds=settings.rollout_check_seconds)
+
+    async def read_gate(self, query: str) -> GateReading:
+        settings = self.ctx.settings
+        if not settings.prometheus_url:
+            return GateReading(None, "the operator has no Prometheus to ask (setting TENANCY_PROMETHEUS_URL)")
+        try:
+            value = await prometheus.query_value(settings.prometheus_url, query,
+                                                 deadline=settings.prometheus_timeout_seconds)
+        except prometheus.NoValue as exc:  # may quote the query, which a namespace user wrote
+            return GateReading(None, clean_message(str(exc), GATE_PROBLEM_MAX))
+        return GateReading(value)
+
+    def _served(self, item: Mapping[str, Any]) -> int | None:
+        """The share a listed FeatureFlag's stepped rollout serves now (None: no record)."""
+        record = self.rollout_record(item)
+        return record.percentage if record is not None else None
 
     def _changes(
         self, body: Mapping[str, Any], flag: FlagDefinition, results: Mapping[str, dbf.WriteResult], out: Outcome
@@ -411,7 +483,8 @@ class FeatureFlagReconciler:
         for item in sorted(items, key=lambda i: str(i["metadata"]["name"])):
             name = str(item["metadata"]["name"])
             try:
-                flag = FlagDefinition.from_spec(FeatureFlagSpec.model_validate(item.get("spec") or {}), name)
+                flag = FlagDefinition.from_spec(FeatureFlagSpec.model_validate(item.get("spec") or {}), name,
+                                                self._served(item))
             except (ValidationError, ValueError):
                 for key, old in previous.items():
                     if _source_owner(old) == name:
@@ -486,6 +559,7 @@ class FeatureFlagReconciler:
             # Gone already: nothing to retry on; the next sweep rebuilds the namespace's source.
             log.warning("namespace flagd source not rebuilt after a flag went", namespace=namespace,
                         reason=exc.reason, detail=exc.message)
+        self.forget_rollout(meta.get("uid"))
         if removed:
             metrics.FEATURE_FLAG_CHANGES.labels(change="delete").inc()
             return [("Normal", "FlagDeleted", f"flag {key!r} removed from every database target")]
