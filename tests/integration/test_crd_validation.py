@@ -22,6 +22,7 @@ from tenancy_operator.api import (
     JobRef,
     Quota,
     QuotaStatus,
+    SchemaRollout,
     Tenant,
     TenantStatus,
 )
@@ -87,7 +88,7 @@ def example_objects() -> list[dict[str, Any]]:
 
 def test_examples_accepted_and_parse_back(stack: LocalStack, namespace: str) -> None:
     objects = example_objects()
-    assert {d["kind"] for d in objects} == {"Tenant", "Quota", "FeatureFlag"}
+    assert {d["kind"] for d in objects} == {"Tenant", "Quota", "FeatureFlag", "SchemaRollout"}
     for manifest in objects:
         manifest["metadata"]["namespace"] = namespace
         assert_accepted(apply(stack, namespace, manifest))
@@ -108,6 +109,14 @@ def test_examples_accepted_and_parse_back(stack: LocalStack, namespace: str) -> 
     assert flag.spec.variant_values() == {"on": True, "off": False}
     assert flag.spec.rollout is not None
     assert flag.spec.rollout.percentage == 25
+
+    stepped = FeatureFlag.model_validate(get(stack, namespace, "featureflag", "new-checkout"))
+    assert stepped.spec.rollout is not None and stepped.spec.rollout.steps == [1, 5, 25, 50, 100]
+    assert stepped.spec.rollout.gate is not None and stepped.spec.rollout.gate.max == 0.02
+
+    waves = SchemaRollout.model_validate(get(stack, namespace, "schemarollout", "shop-schema"))
+    assert waves.spec.template == "shop-schema" and [w.percentage for w in waves.spec.waves] == [50, 100]
+    assert waves.spec.budget(10) == 0
 
 
 def test_variant_values_keep_any_json(stack: LocalStack, namespace: str) -> None:
@@ -208,6 +217,7 @@ def test_new_objects_read_as_in_progress_until_the_operator_reports(stack: Local
         "Tenant": obj("Tenant", "fresh", {}),
         "Quota": obj("Quota", "fresh", {"tenantRef": {"name": "fresh"}}),
         "FeatureFlag": obj("FeatureFlag", "fresh", {}),
+        "SchemaRollout": obj("SchemaRollout", "fresh", {"template": "fresh-schema"}),
     }
     for info in RESOURCES:
         created = json.loads(stack.kubectl("create", "-n", namespace, "-o", "json", "-f", "-",
@@ -334,6 +344,22 @@ REJECTED = {
     "rollout percentage without variant": (
         obj("FeatureFlag", "f", {"rollout": {"percentage": 5}}),
         ["rollout.variant goes with percentage or steps"],
+    ),
+    "schema rollout without a template": (
+        obj("SchemaRollout", "r", {}),
+        ["spec.template: Required value"],
+    ),
+    "schema rollout wave with count and percentage": (
+        obj("SchemaRollout", "r", {"template": "t", "waves": [{"count": 1, "percentage": 5}]}),
+        ["a wave is a count or a percentage, not both"],
+    ),
+    "schema rollout percentages going down": (
+        obj("SchemaRollout", "r", {"template": "t", "waves": [{"percentage": 50}, {"percentage": 10}]}),
+        ["wave percentages are cumulative"],
+    ),
+    "schema rollout canary without tenants or count": (
+        obj("SchemaRollout", "r", {"template": "t", "canary": {}}),
+        ["a canary needs tenants, a count or both"],
     ),
     "rollout steps not increasing": (
         obj("FeatureFlag", "f", {"rollout": {"variant": "on", "steps": [5, 25, 10]}}),

@@ -35,17 +35,18 @@ ALL_FEATURES = [
 ]
 NAMESPACED = ["--set", "rbac.scope=namespaced", "--set", "namespaces={a,b}"]
 MONITORING = {"ServiceMonitor", "PrometheusRule"}  # prometheus-operator CRDs are not in the test cluster
-TENANCY_CRDS = ("tenants.tenancy.dev", "quotas.tenancy.dev", "featureflags.tenancy.dev")
+TENANCY_CRDS = ("tenants.tenancy.dev", "quotas.tenancy.dev", "featureflags.tenancy.dev", "schemarollouts.tenancy.dev")
 # The session's CRDs are the harness's (applied from crds/ at start, as on a cluster where they are
 # managed apart from the release): installs of the chart leave them alone, except the CRD upgrade test.
 NO_CRDS = ["--set", "crds.install=false"]
 # What the operator needs in each namespace it serves: the namespaced scope's Roles, the ClusterRole's
 # first rules (test_rbac.py runs the operator with each).
 NAMESPACE_RULES = [
-    {"apiGroups": ["tenancy.dev"], "resources": ["tenants", "featureflags"],
+    {"apiGroups": ["tenancy.dev"], "resources": ["tenants", "featureflags", "schemarollouts"],
      "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": ["tenancy.dev"], "resources": ["quotas"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": ["tenancy.dev"], "resources": ["tenants/status", "quotas/status", "featureflags/status"],
+    {"apiGroups": ["tenancy.dev"], "resources": ["tenants/status", "quotas/status", "featureflags/status",
+                                                 "schemarollouts/status"],
      "verbs": ["patch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "update", "delete"]},

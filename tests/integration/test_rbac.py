@@ -103,10 +103,10 @@ def test_examples_reconcile_with_the_chart_service_account(rbac_stack: LocalStac
     try:
         rbac_stack.kubectl("apply", "-f", str(ROOT / "examples"))
         # As docs/operations.md tells users to wait for them.
-        rbac_stack.kubectl("wait", "--for=condition=Ready", "tenants,quotas,featureflags", "--all", "-n", "acme",
-                           "--timeout=120s")
+        rbac_stack.kubectl("wait", "--for=condition=Ready", "tenants,quotas,featureflags,schemarollouts", "--all",
+                           "-n", "acme", "--timeout=120s")
         for plural, name in (("tenants", "acme-corp"), ("tenants", "globex"), ("quotas", "acme-corp"),
-                             ("featureflags", "new-dashboard")):
+                             ("featureflags", "new-dashboard"), ("schemarollouts", "shop-schema")):
             ready(rbac_cluster, plural, "acme", name)
         flagd = rbac_cluster.core.read_namespaced_config_map("new-dashboard-flagd", "acme").data["flagd.json"]
 

@@ -18,6 +18,7 @@ from tenancy_operator.api import (
     FEATURE_FLAG,
     QUOTA,
     RESOURCES,
+    SCHEMA_ROLLOUT,
     TENANT,
     Condition,
     FeatureFlag,
@@ -54,7 +55,7 @@ def example(kind: str, name: str) -> dict[str, Any]:
 
 
 def test_resource_infos() -> None:
-    assert [r.kind for r in RESOURCES] == ["Tenant", "Quota", "FeatureFlag"]
+    assert [r.kind for r in RESOURCES] == ["Tenant", "Quota", "FeatureFlag", "SchemaRollout"]
     assert TENANT.api_version == "tenancy.dev/v1alpha1"
     assert (TENANT.plural, TENANT.singular, TENANT.short_names) == ("tenants", "tenant", ("tn",))
     assert (QUOTA.plural, QUOTA.short_names) == ("quotas", ("tq",))
@@ -63,6 +64,7 @@ def test_resource_infos() -> None:
         ("ff",),
         "featureflags.tenancy.dev",
     )
+    assert (SCHEMA_ROLLOUT.plural, SCHEMA_ROLLOUT.short_names) == ("schemarollouts", ("sro",))
     assert all(r.categories == ("tenancy",) for r in RESOURCES)
 
 

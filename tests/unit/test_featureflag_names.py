@@ -28,7 +28,7 @@ class Listing:
 
 
 def service(listing: Listing) -> FeatureFlagService:
-    svc = FeatureFlagService(SimpleNamespace())  # type: ignore[arg-type]
+    svc = FeatureFlagService(SimpleNamespace(settings=SimpleNamespace(rollout_check_seconds=1.0)))  # type: ignore[arg-type]
     svc.reconciler = SimpleNamespace(tenant_names=listing)  # type: ignore[assignment]
     return svc
 

@@ -6,7 +6,8 @@ import datetime
 from typing import Any
 
 from tenancy_operator.api.featureflag import Rollout, RolloutStatus
-from tenancy_operator.flags.stepping import Decision, GateReading, decide, wants_gate
+from tenancy_operator.flags.stepping import Decision, decide, wants_gate
+from tenancy_operator.observability.prometheus import GateReading
 
 T0 = datetime.datetime(2026, 12, 3, 8, 0, tzinfo=datetime.UTC)
 MINUTE = datetime.timedelta(minutes=1)

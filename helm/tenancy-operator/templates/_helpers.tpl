@@ -60,7 +60,7 @@ watched namespace, and the ClusterRole of the cluster mode. */}}
 {{- define "tenancy-operator.namespaceRules" -}}
 # Kopf watches our kinds and patches its finalizer and progress annotations on them.
 - apiGroups: [tenancy.dev]
-  resources: [tenants, featureflags]
+  resources: [tenants, featureflags, schemarollouts]
   verbs: [get, list, watch, patch]
 # Quotas are only watched (and read); the operator writes nothing but their status.
 - apiGroups: [tenancy.dev]
@@ -68,7 +68,7 @@ watched namespace, and the ClusterRole of the cluster mode. */}}
   verbs: [get, list, watch]
 # Conditions, phase, observedGeneration.
 - apiGroups: [tenancy.dev]
-  resources: [tenants/status, quotas/status, featureflags/status]
+  resources: [tenants/status, quotas/status, featureflags/status, schemarollouts/status]
   verbs: [patch]
 # Events for user-relevant transitions; patch: a repeat counts on the Event already posted.
 - apiGroups: [""]

@@ -41,6 +41,12 @@ from tenancy_operator.api.quota import (
     QuotaStatus,
     TenantRef,
 )
+from tenancy_operator.api.schemarollout import (
+    SCHEMA_ROLLOUT,
+    SchemaRollout,
+    SchemaRolloutSpec,
+    SchemaRolloutStatus,
+)
 from tenancy_operator.api.tenant import (
     TENANT,
     JobRef,
@@ -51,12 +57,13 @@ from tenancy_operator.api.tenant import (
     validate_tenant_name,
 )
 
-RESOURCES: tuple[ResourceInfo, ...] = (TENANT, QUOTA, FEATURE_FLAG)
+RESOURCES: tuple[ResourceInfo, ...] = (TENANT, QUOTA, FEATURE_FLAG, SCHEMA_ROLLOUT)
 
 __all__ = [
     "FEATURE_FLAG",
     "QUOTA",
     "RESOURCES",
+    "SCHEMA_ROLLOUT",
     "TENANT",
     "ActiveOverride",
     "ApiModel",
@@ -81,6 +88,9 @@ __all__ = [
     "QuotaStatus",
     "ResourceInfo",
     "Rollout",
+    "SchemaRollout",
+    "SchemaRolloutSpec",
+    "SchemaRolloutStatus",
     "Tenant",
     "TenantOverride",
     "TenantRef",

@@ -79,6 +79,11 @@ def list_set() -> JsonDict:
     return {"x-kubernetes-list-type": "set"}
 
 
+def list_atomic() -> JsonDict:
+    """`json_schema_extra` for a list whose order means something: server-side apply replaces it whole."""
+    return {"x-kubernetes-list-type": "atomic"}
+
+
 def list_map(*keys: str) -> JsonDict:
     """`json_schema_extra` for a list of objects keyed by `keys`; SSA merges entries by key and
     the API server rejects two entries with the same key."""

@@ -26,7 +26,9 @@ RETRY_ANNOTATION = f"{GROUP}/retry"
 ROTATE_ANNOTATION = f"{GROUP}/rotate-credentials"
 ACK_SCHEMA_RECREATED_ANNOTATION = f"{GROUP}/acknowledge-schema-recreated"
 RESUME_ROLLOUT_ANNOTATION = f"{GROUP}/resume-rollout"
-"""On a FeatureFlag: a new value resumes its stepped rollout after a breach or a hand edit."""
+"""On a FeatureFlag or a SchemaRollout: a new value resumes its rollout after a breach, a halt or a hand edit."""
+SCHEMA_PIN_ANNOTATION = f"{GROUP}/schema-pin"
+"""On a Tenant: the newest template version it may have (e.g. 0002_orders); SchemaRollouts skip it."""
 
 # Annotations the operator writes.
 SECRET_ROTATION_ANNOTATION = f"{GROUP}/rotated-for"

@@ -26,20 +26,13 @@ from dataclasses import dataclass, field
 
 from tenancy_operator.api.featureflag import Rollout, RolloutPhase, RolloutStatus
 from tenancy_operator.api.names import RESUME_ROLLOUT_ANNOTATION
+from tenancy_operator.observability.prometheus import GateReading
 
 PROGRESSING: RolloutPhase = "Progressing"
 PAUSED: RolloutPhase = "Paused"
 COMPLETED: RolloutPhase = "Completed"
 ROLLED_BACK: RolloutPhase = "RolledBack"
 HAND_EDITED = "HandEdited"
-
-
-@dataclass(frozen=True)
-class GateReading:
-    """What the gate's query returned: a value, or why there is none."""
-
-    value: float | None
-    problem: str | None = None
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import kopf
@@ -13,8 +15,10 @@ import kopf
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.conditions import status_patch
 from tenancy_operator.k8s.client import Kube
+from tenancy_operator.observability.logging import get_logger
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = get_logger(__name__)
 
 
 def on_reconcile(registry: kopf.OperatorRegistry, plural: str) -> Callable[[F], F]:
@@ -36,6 +40,56 @@ async def write_status(kube: Kube, plural: str, body: Mapping[str, Any], desired
     if patch:
         meta = body["metadata"]
         await kube.patch_status(plural, meta["namespace"], meta["name"], patch)
+
+
+class Rechecks:
+    """Objects that want another look at a time of their own (running rollouts: a gate to read,
+    a step or wave due): one loop for the kind, at most ``limit`` looks at once. ``check(key)``
+    looks (and, through the reconcile, schedules the next); one that raises is looked at again
+    after ``retry_seconds``."""
+
+    def __init__(self, check: Callable[[tuple[str, str]], Awaitable[None]], retry_seconds: float,
+                 limit: int = 16) -> None:
+        self._check = check
+        self._retry = retry_seconds
+        self._limit = limit
+        self._due: dict[tuple[str, str], float] = {}
+        """(namespace, name) -> loop time of its next look."""
+        self._wake = asyncio.Event()
+
+    def schedule(self, key: tuple[str, str], check_in: float | None) -> None:
+        """Look at ``key`` again in ``check_in`` seconds (None: not on a clock any more)."""
+        if check_in is None:
+            self._due.pop(key, None)
+            return
+        self._due[key] = asyncio.get_running_loop().time() + check_in
+        self._wake.set()
+
+    async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        limit = asyncio.Semaphore(self._limit)
+
+        async def look(key: tuple[str, str]) -> None:
+            async with limit:
+                try:
+                    await self._check(key)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("recheck failed", namespace=key[0], name=key[1], error=type(exc).__name__)
+                    self._due.setdefault(key, loop.time() + self._retry)
+
+        while True:
+            self._wake.clear()
+            upcoming = min(self._due.values(), default=None)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(),
+                                       timeout=None if upcoming is None else max(0.0, upcoming - loop.time()))
+            now = loop.time()
+            due = [k for k, when in self._due.items() if when <= now]
+            for key in due:
+                del self._due[key]
+            await asyncio.gather(*(look(k) for k in due))
 
 
 def service_of(memo: Any, kind: str) -> Any:

@@ -22,7 +22,7 @@ import kopf
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.names import FINALIZER
 from tenancy_operator.conditions import Cond, merge, readiness, status_differs
-from tenancy_operator.handlers.common import Tombstones, backoff, on_reconcile, service_of, write_status
+from tenancy_operator.handlers.common import Rechecks, Tombstones, backoff, on_reconcile, service_of, write_status
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
@@ -38,8 +38,6 @@ GATHER_SECONDS = 0.5
 log = get_logger(__name__)
 ALL = "*"
 """In a nudge: every flag of the namespace, not only those naming a tenant."""
-ROLLOUT_CHECKS_AT_ONCE = 16
-"""Stepped rollouts looked at concurrently (each may wait on its gate's query)."""
 NAMES_TTL_SECONDS = 30.0
 """How long a LIST of a namespace's Tenant names serves flag edits and re-checks, kept current by the watch."""
 
@@ -102,9 +100,8 @@ class FeatureFlagService:
         """Tenant events that arrived while a namespace's LIST was in flight, applied after it."""
         self._gone = Tombstones()
         """Flags finalized: the sweep's LISTed snapshot of one must not write its rows again."""
-        self._due: dict[tuple[str, str], float] = {}
-        """(namespace, name) -> loop time its stepped rollout wants another look (gate, next step)."""
-        self._due_wake = asyncio.Event()
+        self.rechecks = Rechecks(self._recheck, ctx.settings.rollout_check_seconds)
+        """Running stepped rollouts: when each wants another look."""
 
     async def write_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
         await write_status(self.ctx.kube, PLURAL, body, status)
@@ -147,7 +144,7 @@ class FeatureFlagService:
         if out.stale:
             metrics.PENDING.discard(KIND, key)
             return
-        self._schedule((meta["namespace"], meta["name"]), out.check_in)
+        self.rechecks.schedule((meta["namespace"], meta["name"]), out.check_in)
         if failed is None:
             metrics.record_result(KIND, out.ready, None if out.ready else out.reason)
         if not await self._report(body, out):
@@ -225,7 +222,7 @@ class FeatureFlagService:
             self.ctx.events.post(body, type_, reason, message)
         metrics.PENDING.discard(KIND, key)
         metrics.STALLED.forget(KIND, key)
-        self._schedule((meta["namespace"], meta["name"]), None)
+        self.rechecks.schedule((meta["namespace"], meta["name"]), None)
         self.nudge(meta["namespace"])  # a FeatureFlag refused for a key conflict may take the key now
 
     # --- sweep and Tenant changes ---------------------------------------------------------------
@@ -268,56 +265,21 @@ class FeatureFlagService:
 
     # --- stepped rollouts ------------------------------------------------------------------------
 
-    def _schedule(self, key: tuple[str, str], check_in: float | None) -> None:
-        """Look at the flag's stepped rollout again in ``check_in`` seconds (None: not on a clock)."""
-        if check_in is None:
-            self._due.pop(key, None)
+    async def _recheck(self, key: tuple[str, str]) -> None:
+        """A running stepped rollout wants another look (its gate, its next step): the flag is read
+        afresh (its newest spec and annotations) and reconciled."""
+        body = await self.ctx.kube.get_object(PLURAL, *key)
+        if body is None:
             return
-        self._due[key] = asyncio.get_running_loop().time() + check_in
-        self._due_wake.set()
-
-    async def _rollouts_forever(self) -> None:
-        """Each running stepped rollout is reconciled when it wants another look: its gate read,
-        its next step taken when due. The object is read afresh (its newest spec and annotations)."""
-        loop = asyncio.get_running_loop()
-        limit = asyncio.Semaphore(ROLLOUT_CHECKS_AT_ONCE)
-
-        async def check(key: tuple[str, str]) -> None:
-            async with limit:
-                try:
-                    body = await self.ctx.kube.get_object(PLURAL, *key)
-                    if body is None:
-                        return
-                    meta = body["metadata"]
-                    if meta.get("deletionTimestamp") or FINALIZER not in (meta.get("finalizers") or []):
-                        return  # the handlers' to do
-                    await self.run(body)
-                except (kopf.TemporaryError, ApiError, Retry) as exc:
-                    log.warning("featureflag rollout check failed", namespace=key[0], name=key[1],
-                                error=type(exc).__name__)
-                    self._due.setdefault(key, loop.time() + self.ctx.settings.rollout_check_seconds)
-
-        while True:
-            self._due_wake.clear()
-            upcoming = min(self._due.values(), default=None)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._due_wake.wait(),
-                                       timeout=None if upcoming is None else max(0.0, upcoming - loop.time()))
-            now = loop.time()
-            due = [k for k, when in self._due.items() if when <= now]
-            for k in due:
-                del self._due[k]
-            results = await asyncio.gather(*(check(k) for k in due), return_exceptions=True)
-            for k, result in zip(due, results, strict=True):
-                if isinstance(result, Exception):
-                    log.warning("featureflag rollout check failed", namespace=k[0], name=k[1],
-                                error=type(result).__name__)
-                    self._due.setdefault(k, loop.time() + self.ctx.settings.rollout_check_seconds)
+        meta = body["metadata"]
+        if meta.get("deletionTimestamp") or FINALIZER not in (meta.get("finalizers") or []):
+            return  # the handlers' to do
+        await self.run(body)
 
     async def run_forever(self) -> None:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._sweep_forever())
-            group.create_task(self._rollouts_forever())
+            group.create_task(self.rechecks.run_forever())
 
     async def _sweep_forever(self) -> None:
         interval = self.ctx.settings.sweep_interval_seconds

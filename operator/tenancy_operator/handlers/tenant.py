@@ -13,6 +13,7 @@ import psycopg
 
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.names import ACK_SCHEMA_RECREATED_ANNOTATION
+from tenancy_operator.api.schemarollout import SCHEMA_ROLLOUT
 from tenancy_operator.api.tenant import tenant_identifier
 from tenancy_operator.conditions import Cond, merge, readiness
 from tenancy_operator.handlers.common import Tombstones, backoff, on_reconcile, service_of, write_status
@@ -22,7 +23,7 @@ from tenancy_operator.observability.logging import WATCH_HANDLER_ID, get_logger
 from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.reconcilers.resume import ResumeChecker
 from tenancy_operator.reconcilers.tenant import TenantReconciler
-from tenancy_operator.reconcilers.tenant_base import ArchiveBlocked, Outcome, secret_name
+from tenancy_operator.reconcilers.tenant_base import ArchiveBlocked, Outcome, admission, secret_name
 from tenancy_operator.runtime_context import OperatorContext, TenantWatcher
 
 KIND, PLURAL = "Tenant", "tenants"
@@ -380,6 +381,23 @@ def register(registry: kopf.OperatorRegistry) -> None:
     def is_used_template(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> bool:
         # Filtered before the handler runs: other ConfigMaps cost no handler call and no log line.
         return service(memo).uses_template(namespace or "", name)
+
+    @kopf.on.event(GROUP, VERSION, SCHEMA_ROLLOUT.plural, registry=registry, id="rollout-admission")
+    async def rollout_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        # A SchemaRollout's admission (baseVersion, canary, admitBelow in its status) decides which
+        # template versions each Tenant may have: a wider one migrates the template's Tenants now.
+        svc = service(memo)
+        rollouts = svc.reconciler.rollouts
+        namespace, template = body.metadata.namespace or "", str((body.get("spec") or {}).get("template") or "")
+        if type is None or not svc.uses_template(namespace, template):  # the start-up listing, or no Tenant to move
+            (rollouts.deleted if type == "DELETED" else rollouts.seen)(body)
+            return
+        before = admission(await rollouts.get(namespace, template))
+        (rollouts.deleted if type == "DELETED" else rollouts.seen)(body)
+        after = admission(await rollouts.get(namespace, template))
+        configmap = await svc.reconciler.templates.get(namespace, template)
+        if after != before and configmap is not None:
+            await svc.migrate_fleet(namespace, template, configmap)
 
     @kopf.on.event("", "v1", "configmaps", registry=registry, id="template-changed", when=is_used_template)
     async def template_changed(type: str, body: kopf.Body, namespace: str | None, name: str,

@@ -64,6 +64,12 @@ FLAG_ROLLOUT_TRANSITIONS = Counter(
     "status.rollout.",
     ["transition"],
 )
+SCHEMA_ROLLOUT_TENANTS = Gauge(
+    "schema_rollout_tenants",
+    "Tenants of each SchemaRollout's template by state: migrated (Ready at the target version), failed, "
+    "pending (migrating, or waiting for their wave), pinned.",
+    ["namespace", "rollout", "state"],
+)
 STALLED_OBJECTS = Gauge(
     "stalled_objects",
     "Objects whose last reconcile left them Stalled=True (the operator stopped retrying), by kind and reason.",

@@ -8,11 +8,34 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
+from tenancy_operator.observability.text import clean_message
+
 MAX_ANSWER_BYTES = 1024 * 1024
+PROBLEM_MAX = 400
+"""Characters of why a gate has no value, as status messages show it."""
+
+
+@dataclass(frozen=True)
+class GateReading:
+    """What a rollout gate's query returned: a value, or why there is none."""
+
+    value: float | None
+    problem: str | None = None
+
+
+async def read_gate(base_url: str, query: str, *, deadline: float) -> GateReading:
+    """A rollout gate's query on the operator's Prometheus (``base_url``; empty: none configured)."""
+    if not base_url:
+        return GateReading(None, "the operator has no Prometheus to ask (setting TENANCY_PROMETHEUS_URL)")
+    try:
+        return GateReading(await query_value(base_url, query, deadline=deadline))
+    except NoValue as exc:  # may quote the query, which a namespace user wrote
+        return GateReading(None, clean_message(str(exc), PROBLEM_MAX))
 
 
 class NoValue(Exception):

@@ -1,6 +1,8 @@
-"""Errors shared by the reconcilers."""
+"""What the reconcilers share: their transient error and the head of their outcomes."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 
 class Retry(Exception):
@@ -11,3 +13,15 @@ class Retry(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+@dataclass
+class Verdict:
+    """The head of a kind's reconcile outcome: what its Ready condition says, whether the operator
+    stopped trying (Stalled: a person must act), and the Events to post."""
+
+    ready: bool
+    reason: str
+    message: str
+    stalled: bool = False
+    events: list[tuple[str, str, str]] = field(default_factory=list)

@@ -50,13 +50,13 @@ from tenancy_operator.db import flags as dbf
 from tenancy_operator.flags.diff import summarize
 from tenancy_operator.flags.flagd import flagd_document, flagd_flag, flagd_source
 from tenancy_operator.flags.model import FlagDefinition
-from tenancy_operator.flags.stepping import Decision, GateReading, decide, wants_gate
+from tenancy_operator.flags.stepping import Decision, decide, wants_gate
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.k8s.managed_fields import last_change, parse_time
 from tenancy_operator.observability import metrics, prometheus
 from tenancy_operator.observability.logging import get_logger
-from tenancy_operator.observability.text import clean_message
-from tenancy_operator.reconcilers.errors import Retry
+from tenancy_operator.observability.prometheus import GateReading
+from tenancy_operator.reconcilers.errors import Retry, Verdict
 from tenancy_operator.runtime_context import OperatorContext
 
 PLURAL = "featureflags"
@@ -68,8 +68,6 @@ SOURCE_CONFIGMAP = "tenancy-flagd-source"
 SOURCE_LABEL_VALUE = "namespace"
 SOURCE_LOCK = "FlagdSource"
 """Lock kind of the namespace's source: one writer per namespace (the name is "")."""
-GATE_PROBLEM_MAX = 400
-"""Characters of why a gate has no value, in status.rollout.message."""
 MAX_CONFIGMAP_BYTES = 1024 * 1024
 """What the API server accepts in a ConfigMap's data (keys and values together)."""
 log = get_logger(__name__)
@@ -86,13 +84,9 @@ class SourceState:
 
 
 @dataclass
-class Outcome:
+class Outcome(Verdict):
     """What one reconcile found and did; the handler turns it into status, Events and metrics."""
 
-    ready: bool
-    reason: str
-    message: str
-    stalled: bool = False
     retry: bool = False
     stale: bool = False
     """A newer generation was already written: this (older) body must not report anything."""
@@ -102,7 +96,6 @@ class Outcome:
     config_map: str | None = None
     source: SourceState | None = None
     """The namespace's flagd source, when this reconcile published the flag."""
-    events: list[tuple[str, str, str]] = field(default_factory=list)
     rollout: RolloutStatus | None = None
     """status.rollout: the share served now and, with steps, their progress."""
     check_in: float | None = None
@@ -285,14 +278,7 @@ class FeatureFlagReconciler:
 
     async def read_gate(self, query: str) -> GateReading:
         settings = self.ctx.settings
-        if not settings.prometheus_url:
-            return GateReading(None, "the operator has no Prometheus to ask (setting TENANCY_PROMETHEUS_URL)")
-        try:
-            value = await prometheus.query_value(settings.prometheus_url, query,
-                                                 deadline=settings.prometheus_timeout_seconds)
-        except prometheus.NoValue as exc:  # may quote the query, which a namespace user wrote
-            return GateReading(None, clean_message(str(exc), GATE_PROBLEM_MAX))
-        return GateReading(value)
+        return await prometheus.read_gate(settings.prometheus_url, query, deadline=settings.prometheus_timeout_seconds)
 
     def _served(self, item: Mapping[str, Any]) -> int | None:
         """The share a listed FeatureFlag's stepped rollout serves now (None: no record)."""

@@ -48,6 +48,7 @@ from tenancy_operator.reconcilers.tenant_base import (
     job_failed,
     latest_version,
     owned_by,
+    rollout_cap,
     rotation_of,
     secret_name,
     utcnow,
@@ -102,7 +103,10 @@ class TenantReconciler(CredentialSteps, LifecycleSteps):
         if not spec.schema_template:
             return KubeReads(secret, tm.default_migrations(), secret_read)
         cm = await self.templates.get(meta["namespace"], spec.schema_template)
-        return KubeReads(secret, None if cm is None else tm.migrations_from_data(cm.get("data") or {}), secret_read)
+        rollout = await self.rollouts.get(meta["namespace"], spec.schema_template)
+        cap, because = rollout_cap(rollout, body, spec.schema_template)
+        return KubeReads(secret, None if cm is None else tm.migrations_from_data(cm.get("data") or {}), secret_read,
+                         cap=cap, held_because=because)
 
     async def _reconcile_in(
         self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, reads: KubeReads,

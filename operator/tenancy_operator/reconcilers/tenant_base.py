@@ -17,8 +17,10 @@ from pydantic import ValidationError
 
 from tenancy_operator.api.names import (
     RETRY_ANNOTATION,
+    SCHEMA_PIN_ANNOTATION,
     SECRET_ROTATION_ANNOTATION,
 )
+from tenancy_operator.api.schemarollout import SCHEMA_ROLLOUT, SchemaRolloutStatus, governing, version_cap
 from tenancy_operator.api.tenant import TenantSpec
 from tenancy_operator.db import jobs as ledger
 from tenancy_operator.db import tenant_migrations as tm
@@ -154,6 +156,68 @@ class TemplateCache:
         self._entries.pop((namespace, name), None)
 
 
+class RolloutCache:
+    """SchemaRollouts of each namespace, as LISTed (at most once per TEMPLATE_TTL seconds per
+    namespace while its Tenants reconcile) and as seen in watch events since: a Tenant reconcile
+    learns which template versions it may have without a request of its own."""
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        self._namespaces: dict[str, tuple[float, dict[str, dict[str, Any]]]] = {}
+
+    async def get(self, namespace: str, template: str) -> dict[str, Any] | None:
+        """The SchemaRollout governing ``template`` (the oldest, when several name it), or None."""
+        hit = self._namespaces.get(namespace)
+        if hit is None or time.monotonic() - hit[0] >= TEMPLATE_TTL:
+            try:
+                items = await self.kube.list_objects(SCHEMA_ROLLOUT.plural, namespace)
+            except ApiError as exc:
+                raise Retry("KubernetesAPI", f"listing SchemaRollouts failed: {exc.status}") from exc
+            hit = (time.monotonic(), {str(i["metadata"]["name"]): i for i in items})
+            self._namespaces[namespace] = hit
+        return governing(hit[1].values(), template)
+
+    def seen(self, body: Mapping[str, Any]) -> None:
+        hit = self._namespaces.get(body["metadata"]["namespace"])
+        if hit is None:
+            return  # not read yet: the first reconcile of the namespace LISTs
+        current = hit[1].get(body["metadata"]["name"])
+        if current is None or not older_version(body["metadata"], current["metadata"]):
+            hit[1][body["metadata"]["name"]] = dict(body)
+
+    def deleted(self, body: Mapping[str, Any]) -> None:
+        hit = self._namespaces.get(body["metadata"]["namespace"])
+        if hit is not None:
+            hit[1].pop(body["metadata"]["name"], None)
+
+
+def admission(rollout: Mapping[str, Any] | None) -> tuple[Any, ...] | None:
+    """What of a SchemaRollout's status decides the Tenants' versions (None: no rollout)."""
+    if rollout is None:
+        return None
+    status = rollout.get("status") or {}
+    return (status.get("baseVersion"), tuple(status.get("canary") or ()), status.get("admitBelow"))
+
+
+def rollout_cap(rollout: Mapping[str, Any] | None, body: Mapping[str, Any], template: str) -> tuple[str | None, str]:
+    """The newest version of ``template`` the Tenant may have now (None: any), and why (for status):
+    its pin (annotation tenancy.dev/schema-pin) and the governing SchemaRollout's admission."""
+    meta = body["metadata"]
+    caps: list[tuple[str, str]] = []
+    pin = (meta.get("annotations") or {}).get(SCHEMA_PIN_ANNOTATION)
+    if pin:
+        caps.append((pin, f"pinned to {pin} ({SCHEMA_PIN_ANNOTATION})"))
+    if rollout is not None:
+        try:
+            status = SchemaRolloutStatus.model_validate(rollout.get("status") or {})
+        except ValidationError:
+            status = None
+        cap = version_cap(status, meta["namespace"], template, meta["name"])
+        if cap is not None:
+            caps.append((cap, f"newer migrations wait for their wave of SchemaRollout {rollout['metadata']['name']}"))
+    return min(caps) if caps else (None, "")
+
+
 @dataclass(frozen=True)
 class KubeReads:
     """What a reconcile reads from Kubernetes, read before it takes a database connection."""
@@ -163,6 +227,9 @@ class KubeReads:
     """The migrations the Tenant's template declares (None: its ConfigMap does not exist)."""
     secret_read: bool = True
     """False: the Secret was not read (a new Tenant); ``secret`` says nothing."""
+    cap: str | None = None
+    """The newest template version the Tenant may have now (a pin, a SchemaRollout's wave); None: any."""
+    held_because: str = ""
 
 
 @dataclass(frozen=True)
@@ -244,6 +311,7 @@ class TenantSteps:
     def __init__(self, ctx: OperatorContext) -> None:
         self.ctx = ctx
         self.templates = TemplateCache(ctx.kube)
+        self.rollouts = RolloutCache(ctx.kube)
 
     @property
     def control(self) -> str:

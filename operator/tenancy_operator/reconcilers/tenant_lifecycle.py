@@ -115,6 +115,11 @@ class LifecycleSteps(TenantSteps):
             out.fail("MigrationChecksumMismatch", str(exc), stalled=True)
             return None
         out.schema_version = latest_version(done)
+        if reads.cap is not None:
+            held = [m.version for m in todo if m.version > reads.cap]
+            todo = [m for m in todo if m.version <= reads.cap]
+            if held:
+                out.message = f"{len(held)} migration(s) from {held[0]} held: {reads.held_because}"
         if not todo:
             return None
         if enum_value(spec.state) == "Suspended":

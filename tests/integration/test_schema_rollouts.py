@@ -1,0 +1,130 @@
+"""SchemaRollouts against the real API server, PostgreSQL and the operator process: a template's
+new migration reaches a canary first and the other Tenants only in later waves; a pinned Tenant
+is skipped; pause by field; a failed canary halts the rollout with the others untouched and still
+serving, and a person's fix, retry and resume let it finish."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tenancy_devenv.stack import LocalStack
+
+from .harness import GROUP, VERSION, Cluster, OperatorProcess, as_owner, connect, eventually, tenant
+from .test_lifecycle import set_template, versions
+
+TENANTS = "tenants"
+ROLLOUTS = "schemarollouts"
+INIT = "CREATE TABLE items (id int PRIMARY KEY); INSERT INTO items VALUES (1);"
+REFUNDS = "CREATE TABLE refunds (id int PRIMARY KEY, item int REFERENCES items (id));"
+
+
+def rollout(name: str, template: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SchemaRollout", "metadata": {"name": name},
+            "spec": {"template": template, **spec}}
+
+
+def status(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    return cluster.get(ROLLOUTS, namespace, name).get("status") or {}
+
+
+def wait_status(cluster: Cluster, namespace: str, name: str, **want: Any) -> dict[str, Any]:
+    def check() -> dict[str, Any]:
+        st = status(cluster, namespace, name)
+        assert all(st.get(k) == v for k, v in want.items()), st
+        return st
+    return eventually(check, timeout=90, what=f"SchemaRollout {name} with {want}")
+
+
+def held(cluster: Cluster, namespace: str, name: str) -> bool:
+    """The Tenant says a newer migration waits (its Ready message)."""
+    ready = cluster.condition(TENANTS, namespace, name, "Ready")
+    return ready.get("status") == "True" and "held" in str(ready.get("message"))
+
+
+def fleet(cluster: Cluster, namespace: str, template: str, names: list[str], **annotations: dict[str, str]) -> None:
+    set_template(cluster, namespace, template, {"0001_init.sql": INIT})
+    for n in names:
+        obj = tenant(n, schemaTemplate=template)
+        if n in annotations:
+            obj["metadata"]["annotations"] = annotations[n]
+        cluster.create(TENANTS, namespace, obj)
+    for n in names:
+        cluster.wait_condition(TENANTS, namespace, n)
+
+
+def annotate(cluster: Cluster, plural: str, namespace: str, name: str, key: str, value: str) -> None:
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, plural, name, {"metadata": {"annotations": {key: value}}},
+        _content_type="application/merge-patch+json")
+
+
+def test_canary_first_then_the_fleet_with_a_pin_and_a_pause(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    names = ["wv-canary", "wv-b", "wv-c", "wv-d", "wv-pinned"]
+    fleet(cluster, namespace, "wave-schema", names, **{"wv-pinned": {"tenancy.dev/schema-pin": "0001_init"}})
+    cluster.create(ROLLOUTS, namespace, rollout("wave-schema", "wave-schema", canary={"tenants": ["wv-canary"]},
+                                                waves=[{"percentage": 100}], pause="1s", paused=True))
+    wait_status(cluster, namespace, "wave-schema", phase="Idle", baseVersion="0001_init")
+
+    set_template(cluster, namespace, "wave-schema", {"0001_init.sql": INIT, "0002_refunds.sql": REFUNDS})
+    eventually(lambda: versions(cluster, namespace, ["wv-canary"]) == {"wv-canary": "0002_refunds"}, timeout=90,
+               what="the canary migrated")
+    # Paused after the canary: no one else admitted; they stay at 0001 and say why.
+    st = wait_status(cluster, namespace, "wave-schema", phase="Paused", canary=["wv-canary"])
+    assert st["targetVersion"] == "0002_refunds" and st["pinned"] == 1
+    for n in ("wv-b", "wv-c", "wv-d"):
+        eventually(lambda n=n: held(cluster, namespace, n), timeout=60, what=f"{n} holds 0002 back")
+    assert set(versions(cluster, namespace, ["wv-b", "wv-c", "wv-d"]).values()) == {"0001_init"}
+    eventually(lambda: cluster.has_event(namespace, "wave-schema", "WaveStarted"), timeout=30, what="WaveStarted")
+
+    cluster.patch(ROLLOUTS, namespace, "wave-schema", {"spec": {"paused": False}})
+    st = wait_status(cluster, namespace, "wave-schema", phase="Completed", baseVersion="0002_refunds")
+    assert (st["migrated"], st["pinned"], st["failed"]) == (4, 1, 0)
+    assert versions(cluster, namespace, names) == {
+        "wv-canary": "0002_refunds", "wv-b": "0002_refunds", "wv-c": "0002_refunds", "wv-d": "0002_refunds",
+        "wv-pinned": "0001_init",
+    }
+    eventually(lambda: cluster.has_event(namespace, "wave-schema", "RolloutCompleted"), timeout=30,
+               what="RolloutCompleted")
+    assert operator.metric("schema_rollout_tenants", namespace=namespace, rollout="wave-schema", state="migrated") == 4
+
+
+def test_a_failed_canary_halts_the_rollout_and_the_others_keep_serving(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    names = ["hl-canary", "hl-b", "hl-c"]
+    fleet(cluster, namespace, "halt-schema", names)
+    cluster.create(ROLLOUTS, namespace, rollout("halt-schema", "halt-schema", canary={"tenants": ["hl-canary"]},
+                                                pause="1s"))
+    wait_status(cluster, namespace, "halt-schema", phase="Idle", baseVersion="0001_init")
+    # The canary holds a table of that name already (made out of band): its migration fails.
+    with as_owner(stack.admin_dsn(), "tenant_hl_canary") as owner:
+        owner.execute("CREATE TABLE refunds (legacy text)")
+    set_template(cluster, namespace, "halt-schema", {"0001_init.sql": INIT, "0002_refunds.sql": REFUNDS})
+
+    st = wait_status(cluster, namespace, "halt-schema", phase="Halted", reason="BudgetSpent")
+    assert [f["name"] for f in st["failedTenants"]] == ["hl-canary"]
+    assert st["failedTenants"][0]["reason"] == "MigrationFailed" and st["failed"] == 1
+    ready = cluster.condition(ROLLOUTS, namespace, "halt-schema", "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "BudgetSpent"
+    eventually(lambda: cluster.has_event(namespace, "halt-schema", "RolloutHalted", "Warning"), timeout=30,
+               what="a Warning RolloutHalted")
+    # The others were never admitted: at 0001, Ready, and their applications still work.
+    for n in ("hl-b", "hl-c"):
+        eventually(lambda n=n: held(cluster, namespace, n), timeout=60, what=f"{n} holds 0002 back")
+        with connect(cluster.secret_data(namespace, f"{n}-db")["uri"]) as conn:
+            assert conn.execute("SELECT count(*) FROM items").fetchone() == (1,)
+    assert set(versions(cluster, namespace, ["hl-b", "hl-c"]).values()) == {"0001_init"}
+
+    # A person fixes the canary, retries it, then resumes the rollout: it finishes.
+    with as_owner(stack.admin_dsn(), "tenant_hl_canary") as owner:
+        owner.execute("DROP TABLE refunds")
+    annotate(cluster, TENANTS, namespace, "hl-canary", "tenancy.dev/retry", "after-drop")
+    eventually(lambda: versions(cluster, namespace, ["hl-canary"]) == {"hl-canary": "0002_refunds"}, timeout=90,
+               what="the canary migrated after its retry")
+    assert status(cluster, namespace, "halt-schema")["phase"] == "Halted"  # halted until a person resumes
+    annotate(cluster, ROLLOUTS, namespace, "halt-schema", "tenancy.dev/resume-rollout", "canary-fixed")
+    st = wait_status(cluster, namespace, "halt-schema", phase="Completed")
+    assert (st["migrated"], st["failed"], st["resumedBy"]) == (3, 0, "canary-fixed")
+    assert set(versions(cluster, namespace, names).values()) == {"0002_refunds"}
