@@ -128,3 +128,36 @@ def test_a_failed_canary_halts_the_rollout_and_the_others_keep_serving(
     st = wait_status(cluster, namespace, "halt-schema", phase="Completed")
     assert (st["migrated"], st["failed"], st["resumedBy"]) == (3, 0, "canary-fixed")
     assert set(versions(cluster, namespace, names).values()) == {"0002_refunds"}
+
+
+def test_a_rollback_runs_the_down_migrations_on_the_migrated_tenants(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    names = ["rb-canary", "rb-b"]
+    fleet(cluster, namespace, "undo-schema", names)
+    cluster.create(ROLLOUTS, namespace, rollout("undo-schema", "undo-schema", canary={"tenants": ["rb-canary"]},
+                                                pause="1h"))
+    wait_status(cluster, namespace, "undo-schema", phase="Idle", baseVersion="0001_init")
+    set_template(cluster, namespace, "undo-schema", {
+        "0001_init.sql": INIT, "0002_refunds.sql": REFUNDS, "0002_refunds.down.sql": "DROP TABLE refunds;"})
+    # The .down.sql key is no migration of its own: the canary reaches 0002_refunds and stops there.
+    eventually(lambda: versions(cluster, namespace, names) == {"rb-canary": "0002_refunds", "rb-b": "0001_init"},
+               timeout=90, what="the canary migrated, the other held")
+    wait_status(cluster, namespace, "undo-schema", phase="Progressing", reason="Pausing")
+
+    def refunds_table(name: str) -> Any:
+        with connect(cluster.secret_data(namespace, f"{name}-db")["uri"]) as conn:
+            return conn.execute("SELECT to_regclass('refunds')").fetchone()[0]  # type: ignore[index]
+
+    assert refunds_table("rb-canary") == "refunds"
+    annotate(cluster, ROLLOUTS, namespace, "undo-schema", "tenancy.dev/rollback-rollout", "bad-refunds")
+    st = wait_status(cluster, namespace, "undo-schema", phase="RolledBack", reason="RolledBack")
+    assert st["rolledBackBy"] == "bad-refunds" and st["canary"] == [] and st["admitBelow"] == 0
+    assert versions(cluster, namespace, names) == {"rb-canary": "0001_init", "rb-b": "0001_init"}
+    assert refunds_table("rb-canary") is None  # its down migration ran, over the tenant's own login
+    assert cluster.has_event(namespace, "rb-canary", "MigrationReverted")
+    eventually(lambda: cluster.has_event(namespace, "undo-schema", "RolloutRolledBack", "Warning"), timeout=30,
+               what="a Warning RolloutRolledBack")
+    # Rolled back, the template's 0002 stays out: every Tenant holds it back.
+    for n in names:
+        eventually(lambda n=n: held(cluster, namespace, n), timeout=60, what=f"{n} holds 0002 back")

@@ -31,9 +31,10 @@ def spec(**fields: Any) -> SchemaRolloutSpec:
 
 
 def run(s: SchemaRolloutSpec, previous: SchemaRolloutStatus | None, tenants: list[TenantState], at: datetime.datetime,
-        versions: list[str] = NEW, token: str | None = None, gate: GateReading | None = None) -> Decision:
+        versions: list[str] = NEW, token: str | None = None, gate: GateReading | None = None,
+        rollback: str | None = None) -> Decision:
     return decide(s, previous, namespace=NS, versions=versions, tenants=tenants, resume_token=token, now=at,
-                  gate=gate, check_seconds=30)
+                  gate=gate, check_seconds=30, rollback_token=rollback)
 
 
 def admitted(st: SchemaRolloutStatus, tenants: list[TenantState]) -> set[str]:
@@ -143,3 +144,32 @@ def test_the_gate_halts_or_holds_before_the_next_wave() -> None:
     assert (breached.phase, breached.reason, breached.gate_value) == ("Halted", "GateBreached", 0.5)
     ok = run(s, waiting, tenants, T0 + 2 * MINUTE, gate=GateReading(0.01)).status
     assert ok.phase == "Progressing" and ok.wave == 2
+
+
+def test_rollback_admits_no_one_until_every_tenant_is_back_then_resume_starts_over() -> None:
+    tenants = fleet(6)
+    s = spec(canary={"count": 2})
+    st = run(s, run(s, None, tenants, T0, versions=OLD).status, tenants, T0).status
+    canary = admitted(st, tenants)
+    tenants = migrate(tenants, st)
+    d = run(s, st, tenants, T0 + MINUTE, rollback="undo")
+    st = d.status
+    assert (st.phase, st.reason, st.rolled_back_by) == ("RolledBack", "RollingBack", "undo")
+    assert admitted(st, tenants) == set() and st.base_version == "0002_orders"  # everyone capped at the base
+    assert [e[:2] for e in d.events] == [("Warning", "RolloutRolledBack")] and d.check_in == 30
+    # The canary's down migrations ran: back at the base.
+    tenants = [dataclasses.replace(t, version="0002_orders") if t.name in canary else t for t in tenants]
+    d = run(s, st, tenants, T0 + 2 * MINUTE, rollback="undo")
+    assert d.status.reason == "RolledBack" and d.check_in is None and not d.events
+    again = run(s, d.status, tenants, T0 + 3 * MINUTE, rollback="undo", token="fixed")
+    assert (again.status.phase, again.status.wave) == ("Progressing", 1) and admitted(again.status, tenants) == canary
+
+
+def test_down_migrations_are_not_migrations_of_their_own() -> None:
+    from tenancy_operator.db import tenant_migrations as tm
+
+    data = {"0001_init.sql": "a", "0002_refunds.sql": "b", "0002_refunds.down.sql": "DROP TABLE refunds;",
+            "README.md": "x"}
+    assert [m.version for m in tm.migrations_from_data(data)] == ["0001_init", "0002_refunds"]
+    down = tm.down_migrations_from_data(data)
+    assert list(down) == ["0002_refunds"] and down["0002_refunds"].text == "DROP TABLE refunds;"

@@ -27,6 +27,8 @@ ROTATE_ANNOTATION = f"{GROUP}/rotate-credentials"
 ACK_SCHEMA_RECREATED_ANNOTATION = f"{GROUP}/acknowledge-schema-recreated"
 RESUME_ROLLOUT_ANNOTATION = f"{GROUP}/resume-rollout"
 """On a FeatureFlag or a SchemaRollout: a new value resumes its rollout after a breach, a halt or a hand edit."""
+ROLLBACK_ROLLOUT_ANNOTATION = f"{GROUP}/rollback-rollout"
+"""On a SchemaRollout: a new value rolls its Tenants back to its base version with the down migrations."""
 SCHEMA_PIN_ANNOTATION = f"{GROUP}/schema-pin"
 """On a Tenant: the newest template version it may have (e.g. 0002_orders); SchemaRollouts skip it."""
 

@@ -152,7 +152,7 @@ class SchemaRolloutSpec(ApiModel, json_schema_extra=validations(
         return self.failure_budget.allows(wave_size) if self.failure_budget is not None else 0
 
 
-RolloutPhase = Literal["Idle", "Progressing", "Paused", "Halted", "Completed"]
+RolloutPhase = Literal["Idle", "Progressing", "Paused", "Halted", "Completed", "RolledBack"]
 
 
 class FailedTenant(ApiModel):
@@ -171,7 +171,8 @@ class SchemaRolloutStatus(ApiModel):
     conditions: Conditions
     phase: RolloutPhase | None = None
     """Idle (nothing newer than baseVersion), Progressing, Paused, Halted (a wave's failures went
-    over the budget or the gate breached: no further Tenants admitted until resumed) or Completed."""
+    over the budget or the gate breached: no further Tenants admitted until resumed), Completed,
+    or RolledBack (on request, every Tenant runs the down migrations back to baseVersion)."""
     base_version: str | None = Field(default=None, max_length=253)
     """Every Tenant of the template may have the migrations up to this version."""
     target_version: str | None = Field(default=None, max_length=253)
@@ -203,6 +204,8 @@ class SchemaRolloutStatus(ApiModel):
     gate_value: float | None = None
     resumed_by: str | None = Field(default=None, max_length=253)
     """The value of the tenancy.dev/resume-rollout annotation last acted on."""
+    rolled_back_by: str | None = Field(default=None, max_length=253)
+    """The value of the tenancy.dev/rollback-rollout annotation last acted on."""
     reason: str | None = Field(default=None, max_length=64)
     message: str | None = Field(default=None, max_length=1024)
 

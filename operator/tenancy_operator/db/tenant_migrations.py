@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
@@ -83,13 +83,24 @@ class InvalidTemplate(Exception):
     """A template the operator refuses to run (too many migrations, a version name out of bounds)."""
 
 
+DOWN_SUFFIX = ".down.sql"
+
+
 def migrations_from_data(data: dict[str, str]) -> list[Migration]:
-    """ConfigMap keys ending in .sql, sorted: 0001_init.sql runs before 0002_orders.sql."""
+    """ConfigMap keys ending in .sql, sorted: 0001_init.sql runs before 0002_orders.sql. A key
+    ending in .down.sql is not one: it undoes the migration of its name (down_migrations_from_data)."""
     return [
         Migration(key.removesuffix(".sql"), text)
         for key, text in sorted(data.items())
-        if key.endswith(".sql")
+        if key.endswith(".sql") and not key.endswith(DOWN_SUFFIX)
     ]
+
+
+def down_migrations_from_data(data: dict[str, str]) -> dict[str, Migration]:
+    """version -> the migration that undoes it (ConfigMap key `<version>.down.sql`), run only on an
+    explicit rollback (docs/schema-rollouts.md)."""
+    return {key.removesuffix(DOWN_SUFFIX): Migration(key.removesuffix(DOWN_SUFFIX), text)
+            for key, text in data.items() if key.endswith(DOWN_SUFFIX)}
 
 
 def check_template(migrations: list[Migration]) -> None:
@@ -140,11 +151,16 @@ async def apply_as_tenant(
     tenant_dsn: str, schema: str, todo: list[Migration], *, lock_timeout: str, statement_timeout: str,
     connect_timeout: float, deadline: float, end_backend: Callable[[int], Awaitable[object]],
     records: dict[str, str] | None = None, role: str | None = None, app_roles: str | None = None,
+    revert: bool = False,
 ) -> list[str]:
     """Apply ``todo`` in order, each in its own transaction and under ``deadline`` seconds; stops at
     the first failure. Returns the versions applied now; ``records`` receives, as soon as each
     commits, every version of ``todo`` the schema holds (applied now, or by an earlier run whose
     bookkeeping a crash cut short), also when a later one fails.
+
+    ``revert``: ``todo`` are down migrations (each named by the version it undoes, newest first);
+    each runs with the deletion of its version's record, and ``records`` receives every version
+    of ``todo`` the schema no longer holds.
 
     Past the deadline ``end_backend(pid)`` ends the session on the server (a cancel alone is not
     enough: plpgsql can catch it) and ``MigrationTimeout`` is raised."""
@@ -181,9 +197,10 @@ async def apply_as_tenant(
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             ).format(record)
         ))
+        step = _revert_one if revert else _apply_one
         for m in todo:
             try:
-                if await bounded(m.version, _apply_one(conn, record, schema, m, lock_timeout, statement_timeout)):
+                if await bounded(m.version, step(conn, record, schema, m, lock_timeout, statement_timeout)):
                     done.append(m.version)
                 if records is not None:
                     records[m.version] = m.checksum
@@ -213,6 +230,23 @@ async def _apply_one(conn: psycopg.AsyncConnection[Any], record: sql.Composable,
     return True
 
 
+async def _revert_one(conn: psycopg.AsyncConnection[Any], record: sql.Composable, schema: str, m: Migration,
+                      lock_timeout: str, statement_timeout: str) -> bool:
+    """One down migration and the removal of its version's record in one transaction; False when
+    the schema does not hold that version (never applied, or reverted by a run before)."""
+    async with conn.transaction():
+        await conn.execute("SELECT set_config('lock_timeout', %s, true),"
+                           " set_config('statement_timeout', %s, true),"
+                           " set_config('search_path', %s, true)",
+                           [lock_timeout, statement_timeout, f'"{schema}"'])
+        cur = await conn.execute(sql.SQL("DELETE FROM {} WHERE version = %s RETURNING 1").format(record),
+                                 [m.version])
+        if not await cur.fetchone():
+            return False
+        await conn.execute(sql.SQL(m.text))  # the tenant's declared down migration, with its rights only
+    return True
+
+
 async def read_records(tenant_dsn: str, schema: str, *, connect_timeout: float, deadline: float) -> dict[str, str]:
     """The migration records a schema holds, read over a login with the tenant's rights only (after
     a restore, whose archive brought the records along). Bounded: at most MAX_MIGRATIONS rows, and
@@ -231,6 +265,17 @@ async def read_records(tenant_dsn: str, schema: str, *, connect_timeout: float, 
             cur = await conn.execute(sql.SQL("SELECT version::text, checksum::text FROM {} LIMIT %s").format(record),
                                      [MAX_MIGRATIONS])
             return {str(v): str(c) for v, c in await cur.fetchall()}
+
+
+async def unmirror(conn: Conn, control: str, tenant_id: str, versions: Iterable[str]) -> None:
+    """Versions reverted by down migrations: no longer applied in the operator's record."""
+    gone = list(versions)
+    if gone:
+        await conn.execute(
+            sql.SQL("DELETE FROM {}.tenant_migrations WHERE tenant_id = %s AND version = ANY(%s)").format(
+                sql.Identifier(control)),
+            [tenant_id, gone],
+        )
 
 
 async def mirror(conn: Conn, control: str, tenant_id: str, records: Mapping[str, str]) -> None:

@@ -76,7 +76,8 @@ class Rechecks:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    log.warning("recheck failed", namespace=key[0], name=key[1], error=type(exc).__name__)
+                    log.warning("recheck failed", namespace=key[0], name=key[1], error=type(exc).__name__,
+                                status=getattr(exc, "status", None))
                     self._due.setdefault(key, loop.time() + self._retry)
 
         while True:

@@ -16,7 +16,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tenancy_operator.api.names import RESUME_ROLLOUT_ANNOTATION, SCHEMA_PIN_ANNOTATION
+from tenancy_operator.api.names import (
+    RESUME_ROLLOUT_ANNOTATION,
+    ROLLBACK_ROLLOUT_ANNOTATION,
+    SCHEMA_PIN_ANNOTATION,
+)
 from tenancy_operator.api.schemarollout import (
     SCHEMA_ROLLOUT,
     SchemaRolloutSpec,
@@ -107,10 +111,11 @@ class SchemaRolloutReconciler:
             spec, previous, namespace=namespace, versions=versions,
             tenants=[tenant_state(namespace, spec.template, t) for t in tenants],
             resume_token=(meta.get("annotations") or {}).get(RESUME_ROLLOUT_ANNOTATION),
+            rollback_token=(meta.get("annotations") or {}).get(ROLLBACK_ROLLOUT_ANNOTATION),
             now=datetime.datetime.now(datetime.UTC).replace(microsecond=0), gate=gate, check_seconds=check,
         )
         self._records[str(meta.get("uid") or "")] = decision.status
         st = decision.status
-        halted = st.phase == "Halted"
+        halted = st.phase == "Halted" or (st.phase == "RolledBack" and st.failed > 0)
         return Outcome(not halted, st.reason or st.phase or "Idle", st.message or "", stalled=halted, status=st,
                        events=decision.events, check_in=decision.check_in)

@@ -48,6 +48,7 @@ from tenancy_operator.reconcilers.tenant_base import (
     job_failed,
     latest_version,
     owned_by,
+    rolled_back,
     rollout_cap,
     rotation_of,
     secret_name,
@@ -105,8 +106,10 @@ class TenantReconciler(CredentialSteps, LifecycleSteps):
         cm = await self.templates.get(meta["namespace"], spec.schema_template)
         rollout = await self.rollouts.get(meta["namespace"], spec.schema_template)
         cap, because = rollout_cap(rollout, body, spec.schema_template)
-        return KubeReads(secret, None if cm is None else tm.migrations_from_data(cm.get("data") or {}), secret_read,
-                         cap=cap, held_because=because)
+        data = (cm or {}).get("data") or {}
+        return KubeReads(secret, None if cm is None else tm.migrations_from_data(data), secret_read,
+                         cap=cap, held_because=because, rollback=rolled_back(rollout),
+                         down=tm.down_migrations_from_data(data))
 
     async def _reconcile_in(
         self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, reads: KubeReads,

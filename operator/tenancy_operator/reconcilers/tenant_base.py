@@ -191,17 +191,23 @@ class RolloutCache:
             hit[1].pop(body["metadata"]["name"], None)
 
 
+def rolled_back(rollout: Mapping[str, Any] | None) -> bool:
+    """The governing SchemaRollout asks its Tenants past its base version to run their down migrations."""
+    return rollout is not None and (rollout.get("status") or {}).get("phase") == "RolledBack"
+
+
 def admission(rollout: Mapping[str, Any] | None) -> tuple[Any, ...] | None:
     """What of a SchemaRollout's status decides the Tenants' versions (None: no rollout)."""
     if rollout is None:
         return None
     status = rollout.get("status") or {}
-    return (status.get("baseVersion"), tuple(status.get("canary") or ()), status.get("admitBelow"))
+    return (status.get("baseVersion"), tuple(status.get("canary") or ()), status.get("admitBelow"), status.get("phase"))
 
 
 def rollout_cap(rollout: Mapping[str, Any] | None, body: Mapping[str, Any], template: str) -> tuple[str | None, str]:
     """The newest version of ``template`` the Tenant may have now (None: any), and why (for status):
-    its pin (annotation tenancy.dev/schema-pin) and the governing SchemaRollout's admission."""
+    its pin (annotation tenancy.dev/schema-pin) and the governing SchemaRollout's admission.
+    (Whether a Tenant past that version goes back: rolled_back.)"""
     meta = body["metadata"]
     caps: list[tuple[str, str]] = []
     pin = (meta.get("annotations") or {}).get(SCHEMA_PIN_ANNOTATION)
@@ -230,6 +236,10 @@ class KubeReads:
     cap: str | None = None
     """The newest template version the Tenant may have now (a pin, a SchemaRollout's wave); None: any."""
     held_because: str = ""
+    rollback: bool = False
+    """A SchemaRollout rolled back: versions past ``cap`` are undone with the template's down migrations."""
+    down: Mapping[str, tm.Migration] = field(default_factory=dict)
+    """The template's down migrations, by the version each undoes."""
 
 
 @dataclass(frozen=True)
@@ -237,6 +247,8 @@ class MigrationPlan:
     todo: list[tm.Migration]
     new_tenant: bool = False
     """Its registry row was inserted in this reconcile: the job ledger holds nothing of it yet."""
+    revert: bool = False
+    """``todo`` are down migrations, newest first (a SchemaRollout's rollback)."""
 
 
 def job_failed(out: Outcome, exc: JobFailed) -> None:

@@ -115,6 +115,17 @@ class LifecycleSteps(TenantSteps):
             out.fail("MigrationChecksumMismatch", str(exc), stalled=True)
             return None
         out.schema_version = latest_version(done)
+        if reads.cap is not None and reads.rollback:
+            past = sorted((v for v in done if v > reads.cap), reverse=True)
+            missing = [v for v in past if v not in reads.down]
+            if missing:
+                out.fail("MigrationFailed", f"rollback to {reads.cap}: the template has no down migration "
+                                            f"{missing[0]}.down.sql", stalled=True)
+                return None
+            if past:
+                out.message = (f"{len(past)} migration(s) from {past[-1]} reverted and held (rolled back): "
+                               f"{reads.held_because}")
+                return MigrationPlan([reads.down[v] for v in past], new_tenant, revert=True)
         if reads.cap is not None:
             held = [m.version for m in todo if m.version > reads.cap]
             todo = [m for m in todo if m.version <= reads.cap]
@@ -147,35 +158,40 @@ class LifecycleSteps(TenantSteps):
                 info = self.ctx.targets.conninfo(target)
                 dsn = psycopg.conninfo.make_conninfo(self.ctx.targets.dsns[target], user=user, password=password,
                                                      host=info.get("host"), port=info.get("port"))
-                return await self._apply(target, dsn, ident, user, plan.todo, records)
+                return await self._apply(target, dsn, ident, user, plan, records)
             finally:
                 # What the schema now holds, also when a later migration failed: the operator's record.
                 out.applied = None
                 async with short() as conn:
-                    await tm.mirror(conn, self.control, row.id, records)
+                    if plan.revert:
+                        await tm.unmirror(conn, self.control, row.id, records)
+                    else:
+                        await tm.mirror(conn, self.control, row.id, records)
                     await sqlt.drop_delegate_now(conn, user)
 
         try:
             async with self.ctx.migration_slots.hold(body["metadata"]["namespace"]):
-                applied = await gate.run("migrate", migrate, detail=", ".join(m.version for m in plan.todo))
+                applied = await gate.run("migrate", migrate, detail=("revert " if plan.revert else "")
+                                         + ", ".join(m.version for m in plan.todo))
         except JobFailed as exc:
             job_failed(out, exc)
             return
         for v in applied:
-            out.events.append(("Normal", "MigrationApplied", f"applied {v}"))
+            out.events.append(("Normal", "MigrationReverted", f"reverted {v} (its down migration ran)")
+                              if plan.revert else ("Normal", "MigrationApplied", f"applied {v}"))
 
-    async def _apply(self, target: str, dsn: str, ident: str, user: str, todo: list[tm.Migration],
+    async def _apply(self, target: str, dsn: str, ident: str, user: str, plan: MigrationPlan,
                      records: dict[str, str]) -> list[str]:
         async def end_backend(pid: int) -> None:
             async with self.ctx.targets.connection(target) as conn:
                 await sqlt.terminate_backend(conn, user, pid)
 
         return await tm.apply_as_tenant(
-            dsn, ident, todo, lock_timeout=self.ctx.settings.migration_lock_timeout,
+            dsn, ident, plan.todo, lock_timeout=self.ctx.settings.migration_lock_timeout,
             statement_timeout=self.ctx.settings.migration_statement_timeout,
             connect_timeout=self.ctx.settings.db_connect_timeout_seconds,
             deadline=self.ctx.settings.migration_deadline_seconds, end_backend=end_backend, records=records,
-            role=ident, app_roles=sqlt.app_roles_setting(ident),
+            role=ident, app_roles=sqlt.app_roles_setting(ident), revert=plan.revert,
         )
 
     async def finalize(self, body: Mapping[str, Any], *, same_uid: bool = False) -> list[tuple[str, str, str]]:

@@ -6,7 +6,9 @@ The rules (docs/schema-rollouts.md):
 1. First sight: every version the template holds now is the base: nothing to roll out.
 2. A version newer than the base starts a rollout: the canary (named Tenants, then `count` more in
    the rollout's order) is admitted, or the first wave when there is no canary.
-3. A new value of the resume annotation restarts a halted rollout (its wave is judged again).
+3. A new value of the rollback annotation rolls back: no one admitted, every Tenant past the base
+   runs its down migrations (RolledBack). A new value of the resume annotation restarts a halted
+   rollout (its wave is judged again), or a rolled-back one from its first wave.
 4. `paused` admits no one further; the admitted go on migrating.
 5. A wave ends when each admitted Tenant is Ready at the target version or has failed. Failures
    of all the admitted Tenants beyond the budget halt the rollout; so does the gate above `max`.
@@ -105,15 +107,19 @@ def _counts(st: SchemaRolloutStatus, tenants: Sequence[TenantState], admitted: s
     st.migrated = sum(1 for t in tenants if t.version == target and t.ready)
     st.failed = len(failed)
     st.pending = len(tenants) - st.migrated - st.failed
-    st.failed_tenants = [FailedTenant(name=t.name, reason=t.reason or "", message=clean_message(t.message, 512))
-                         for t in sorted(failed, key=lambda t: t.name)[:MAX_LISTED]]
+    st.failed_tenants = _listed(failed)
     return failed
+
+
+def _listed(failed: Sequence[TenantState]) -> list[FailedTenant]:
+    return [FailedTenant(name=t.name, reason=t.reason or "", message=clean_message(t.message, 512))
+            for t in sorted(failed, key=lambda t: t.name)[:MAX_LISTED]]
 
 
 def decide(
     spec: SchemaRolloutSpec, previous: SchemaRolloutStatus | None, *, namespace: str, versions: Sequence[str],
     tenants: Sequence[TenantState], resume_token: str | None, now: datetime.datetime, gate: GateReading | None,
-    check_seconds: float,
+    check_seconds: float, rollback_token: str | None = None,
 ) -> Decision:
     st = previous.model_copy(deep=True) if previous is not None else SchemaRolloutStatus()
     out = Decision(st, check_in=check_seconds)  # a template change is seen at the next look
@@ -138,11 +144,16 @@ def decide(
         _counts(st, tenants, set())
         return out
 
-    if newest > st.base_version and st.phase in (None, "Idle", "Completed"):  # 2
+    restart = st.phase == "RolledBack" and bool(resume_token) and resume_token != st.resumed_by
+    if restart:
+        st.resumed_by = resume_token
+    again = st.phase == "RolledBack" and newest != st.target_version  # a newer fix: a rollout of its own
+    if newest > st.base_version and (st.phase in (None, "Idle", "Completed") or restart or again):  # 2
         st.target_version, st.wave, st.waves = newest, 1, wave_count(spec)
         st.canary = canary_names(spec, candidates)
         st.admit_below = admit_below(spec, 1, candidates, st.canary)
         st.wave_started_at, st.wave_ended_at, st.gate_value = now, None, None
+        st.rolled_back_by = rollback_token or st.rolled_back_by  # a rollback asked before stays done
         st.phase, st.reason = "Progressing", "WaveMigrating"
         st.message = f"{wave_label()} admitted: {newest} reaches {len(admitted())} tenant(s)"
         out.events.append(("Normal", "WaveStarted", f"{st.base_version} -> {newest}: {st.message}"))
@@ -153,6 +164,26 @@ def decide(
         _counts(st, tenants, set())
         return out
 
+    if rollback_token and rollback_token != st.rolled_back_by and st.phase != "RolledBack":  # 3
+        st.rolled_back_by, st.phase, st.canary, st.admit_below = rollback_token, "RolledBack", [], 0
+        st.wave_ended_at = None
+        out.events.append(("Warning", "RolloutRolledBack", f"rollback to {st.base_version} requested at "
+                                                           f"{wave_label()}: the Tenants past it run their down "
+                                                           "migrations"))
+    elif rollback_token and rollback_token != st.rolled_back_by:
+        st.rolled_back_by = rollback_token
+    if st.phase == "RolledBack":
+        _counts(st, tenants, set())
+        ahead = [t for t in tenants if t.version is not None and t.version > (st.base_version or "")]
+        failed = [t for t in ahead if not t.ready and t.reason in FAILURE_REASONS]
+        st.failed, st.failed_tenants = len(failed), _listed(failed)
+        st.reason = "RollingBack" if ahead else "RolledBack"
+        st.message = (f"rolling back to {st.base_version}: {len(ahead)} tenant(s) past it"
+                      + (f", {len(failed)} failed ({', '.join(t.name for t in failed[:10])})" if failed else "")
+                      if ahead else f"every tenant back at {st.base_version} or before; annotate "
+                                    f"{RESUME_ROLLOUT_ANNOTATION}=<new value> to roll {st.target_version} out again")
+        out.check_in = check_seconds if ahead else None
+        return out
     if resume_token and resume_token != st.resumed_by:  # 3
         st.resumed_by = resume_token
         if st.phase == "Halted":
