@@ -5,6 +5,8 @@ serving, and a person's fix, retry and resume let it finish."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 from tenancy_devenv.stack import LocalStack
@@ -161,3 +163,37 @@ def test_a_rollback_runs_the_down_migrations_on_the_migrated_tenants(
     # Rolled back, the template's 0002 stays out: every Tenant holds it back.
     for n in names:
         eventually(lambda n=n: held(cluster, namespace, n), timeout=60, what=f"{n} holds 0002 back")
+
+
+def test_a_risky_migration_is_preceded_by_a_snapshot_that_restores(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    init = "CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes VALUES (1, 'keep me');"
+    set_template(cluster, namespace, "snap-schema", {"0001_init.sql": init})
+    cluster.create(TENANTS, namespace, tenant("sn-a", schemaTemplate="snap-schema", deletionPolicy="Delete"))
+    cluster.wait_condition(TENANTS, namespace, "sn-a")
+    set_template(cluster, namespace, "snap-schema", {
+        "0001_init.sql": init,
+        "0002_drop_body.sql": "-- tenancy: snapshot-before\nALTER TABLE notes DROP COLUMN body;",
+    })
+    eventually(lambda: versions(cluster, namespace, ["sn-a"]) == {"sn-a": "0002_drop_body"}, timeout=90,
+               what="the risky migration applied")
+    with connect(stack.admin_dsn()) as conn:
+        rows = conn.execute("SELECT id, path, sha256 FROM tenancy.tenant_archives WHERE namespace = %s AND name = %s",
+                            [namespace, "sn-a"]).fetchall()
+    assert len(rows) == 1, rows
+    archive_id, path, sha = rows[0]
+    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == sha
+    snapshot = [e for e in cluster.events(namespace, "sn-a") if e["reason"] == "Snapshot"]
+    assert snapshot and archive_id in snapshot[0]["message"] and "0002_drop_body" in snapshot[0]["message"]
+
+    # Back to the snapshot: the Tenant re-created from it (pinned before the risky migration).
+    cluster.delete(TENANTS, namespace, "sn-a")
+    eventually(lambda: cluster.gone(TENANTS, namespace, "sn-a"), timeout=90, what="sn-a dropped")
+    again = tenant("sn-a", schemaTemplate="snap-schema", deletionPolicy="Delete", restoreFrom=archive_id)
+    again["metadata"]["annotations"] = {"tenancy.dev/schema-pin": "0001_init"}
+    cluster.create(TENANTS, namespace, again)
+    cluster.wait_condition(TENANTS, namespace, "sn-a", timeout=90)
+    with connect(cluster.secret_data(namespace, "sn-a-db")["uri"]) as conn:
+        assert conn.execute("SELECT body FROM notes WHERE id = 1").fetchone() == ("keep me",)
+    assert versions(cluster, namespace, ["sn-a"]) == {"sn-a": "0001_init"}

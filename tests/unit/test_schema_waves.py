@@ -173,3 +173,12 @@ def test_down_migrations_are_not_migrations_of_their_own() -> None:
     assert [m.version for m in tm.migrations_from_data(data)] == ["0001_init", "0002_refunds"]
     down = tm.down_migrations_from_data(data)
     assert list(down) == ["0002_refunds"] and down["0002_refunds"].text == "DROP TABLE refunds;"
+
+
+def test_the_snapshot_mark_is_a_line_of_its_own() -> None:
+    from tenancy_operator.db.tenant_migrations import Migration
+
+    assert Migration("0003_drop", "-- tenancy: snapshot-before\nALTER TABLE items DROP COLUMN note;").snapshot_before
+    assert Migration("0003_drop", "ALTER TABLE items DROP COLUMN note;\n  --tenancy:snapshot-before  ").snapshot_before
+    assert not Migration("0003_drop", "SELECT '-- tenancy: snapshot-before';").snapshot_before
+    assert not Migration("0003_drop", "ALTER TABLE items DROP COLUMN note;").snapshot_before

@@ -34,6 +34,7 @@ from psycopg import sql
 from tenancy_operator.db.targets import Conn
 
 RECORD_TABLE = "tenancy_schema_migrations"
+SNAPSHOT_MARK = re.compile(r"^\s*--\s*tenancy:\s*snapshot-before\s*$", re.MULTILINE)
 # Bounds of a template, checked before anything runs: a ConfigMap holds at most 1 MiB in all.
 MAX_MIGRATIONS = 1000
 VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -54,6 +55,11 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def snapshot_before(self) -> bool:
+        """Marked risky (a line `-- tenancy: snapshot-before`): the tenant is archived before it runs."""
+        return bool(SNAPSHOT_MARK.search(self.text))
 
 
 class ChecksumMismatch(Exception):

@@ -249,6 +249,8 @@ class MigrationPlan:
     """Its registry row was inserted in this reconcile: the job ledger holds nothing of it yet."""
     revert: bool = False
     """``todo`` are down migrations, newest first (a SchemaRollout's rollback)."""
+    snapshot: str | None = None
+    """The first migration of ``todo`` marked risky: the tenant is archived before the plan runs."""
 
 
 def job_failed(out: Outcome, exc: JobFailed) -> None:

@@ -136,7 +136,8 @@ class LifecycleSteps(TenantSteps):
         if enum_value(spec.state) == "Suspended":
             out.message = f"{len(todo)} migration(s) wait until the tenant is Active again"
             return None
-        return MigrationPlan(todo, new_tenant)
+        risky = next((m.version for m in todo if m.snapshot_before), None)
+        return MigrationPlan(todo, new_tenant, snapshot=risky if not new_tenant else None)
 
     async def _run_migrations(self, target: str, body: Mapping[str, Any], ident: str, row: sqlt.RegistryRow,
                               plan: MigrationPlan, out: Outcome) -> None:
@@ -169,6 +170,17 @@ class LifecycleSteps(TenantSteps):
                         await tm.mirror(conn, self.control, row.id, records)
                     await sqlt.drop_delegate_now(conn, user)
 
+        if plan.snapshot is not None:  # an archive first, restorable like any (restoreFrom)
+            try:
+                async with short() as conn:
+                    archived = await self._archive(conn, gate, body, TenantSpec.model_validate(body.get("spec") or {}),
+                                                   ident, row.id)
+            except ArchiveBlocked as exc:
+                out.fail("SnapshotFailed", f"the snapshot before {plan.snapshot} could not be written ({exc}); the "
+                                           "migration waits for it", stalled=False, retry=True)
+                return
+            out.events += [("Normal", "Snapshot", f"before {plan.snapshot} (marked snapshot-before): {message}")
+                           for _, _, message in archived]
         try:
             async with self.ctx.migration_slots.hold(body["metadata"]["namespace"]):
                 applied = await gate.run("migrate", migrate, detail=("revert " if plan.revert else "")

@@ -34,7 +34,8 @@ from tenancy_operator.api.schemarollout import (
 from tenancy_operator.observability.prometheus import GateReading
 from tenancy_operator.observability.text import clean_message
 
-FAILURE_REASONS = frozenset({"MigrationFailed", "MigrationTimeout", "MigrationChecksumMismatch", "InvalidTemplate"})
+FAILURE_REASONS = frozenset({"MigrationFailed", "MigrationTimeout", "MigrationChecksumMismatch", "InvalidTemplate",
+                             "SnapshotFailed"})
 """A Tenant's Ready reasons that mean its migration failed (not merely in progress)."""
 
 
