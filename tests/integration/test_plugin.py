@@ -282,3 +282,37 @@ def test_archives_lists_what_deletion_did_with_the_data(
     assert any(r["reason"] == "Dropped" for r in rows)
     table = plugin(stack, "archives", "kp-old", "-n", namespace).stdout
     assert archived[0]["archive"] in table
+
+
+def test_rollouts_lists_both_kinds_and_asks_for_resume_and_rollback(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    cluster.core.create_namespaced_config_map(namespace, {"metadata": {"name": "kp-schema"},
+                                                          "data": {"0001_init.sql": "CREATE TABLE t (id int);"}})
+    cluster.create("schemarollouts", namespace, {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SchemaRollout",
+                                                 "metadata": {"name": "kp-waves"}, "spec": {"template": "kp-schema"}})
+    cluster.create("featureflags", namespace, feature_flag(
+        "kp-steps", rollout={"variant": "on", "steps": [5, 50], "stepInterval": "1h"}))
+    cluster.create("featureflags", namespace, feature_flag("kp-plain", rollout={"variant": "on", "percentage": 5}))
+
+    def listed() -> dict[str, dict[str, Any]]:
+        rows = json.loads(plugin(stack, "rollouts", "-n", namespace, "-o", "json").stdout)
+        by_name = {r["name"]: r for r in rows}
+        assert by_name.get("kp-waves", {}).get("phase") == "Idle", rows
+        assert by_name.get("kp-steps", {}).get("phase") == "Progressing", rows
+        return by_name
+
+    rows = eventually(listed, timeout=60, what="both rollouts listed with their phases")
+    assert set(rows) == {"kp-waves", "kp-steps"}  # a flag without steps is no rollout
+    assert rows["kp-steps"]["position"] == "step 1/2" and rows["kp-steps"]["progress"].startswith("5% served")
+    table = plugin(stack, "rollouts", "-n", namespace).stdout
+    assert "SchemaRollout" in table and "kp-steps" in table and "wave" in table
+
+    plugin(stack, "rollout", "resume", "featureflag", "kp-steps", "-n", namespace, "--value", "r1")
+    eventually(lambda: (cluster.get("featureflags", namespace, "kp-steps").get("status") or {})
+               .get("rollout", {}).get("resumedBy") == "r1", timeout=60, what="the operator acted on the resume")
+    plugin(stack, "rollout", "rollback", "schemarollout", "kp-waves", "-n", namespace, "--value", "b1")
+    eventually(lambda: (cluster.get("schemarollouts", namespace, "kp-waves").get("status") or {})
+               .get("rolledBackBy") == "b1", timeout=60, what="the operator acted on the rollback")
+    refused = plugin(stack, "rollout", "rollback", "featureflag", "kp-steps", "-n", namespace, check=False)
+    assert refused.returncode == 2 and "only a SchemaRollout rolls back" in refused.stderr

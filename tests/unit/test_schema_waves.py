@@ -57,6 +57,8 @@ def test_first_sight_takes_the_template_as_it_is() -> None:
     assert (d.status.phase, d.status.base_version) == ("Idle", "0002_orders")
     assert admitted(d.status, fleet(5)) == set()  # nothing newer: the cap is what they may have anyway
     assert version_cap(None, NS, TEMPLATE, "t00") is None  # no rollout: no cap
+    idle = run(spec(), d.status, fleet(5), T0, versions=OLD, token="r", rollback="b").status
+    assert (idle.phase, idle.resumed_by, idle.rolled_back_by) == ("Idle", "r", "b")  # nothing to do: taken as done
 
 
 def test_canary_then_waves_then_everyone() -> None:

@@ -23,14 +23,17 @@ from typing import Any
 
 from tenancy_operator.api.names import (
     GENERATION_ANNOTATION,
+    RESUME_ROLLOUT_ANNOTATION,
     RETRY_ANNOTATION,
+    ROLLBACK_ROLLOUT_ANNOTATION,
     ROTATE_ANNOTATION,
     SECRET_ROTATION_ANNOTATION,
 )
 from tenancy_operator.k8s.kubectl import FIELD_MANAGER, KubeError, PluginKube, resolve
 from tenancy_operator.plugin import render
 
-TENANTS, QUOTAS, FLAGS = "tenants", "quotas", "featureflags"
+TENANTS, QUOTAS, FLAGS, SCHEMA_ROLLOUTS = "tenants", "quotas", "featureflags", "schemarollouts"
+ROLLOUT_KINDS = {"schemarollout": SCHEMA_ROLLOUTS, "featureflag": FLAGS}
 POLL_INTERVAL = 1.0
 EXIT_FAILED, EXIT_USAGE = 1, 2
 PSQL_CONNECTION_FAILED = 2
@@ -341,6 +344,47 @@ async def cmd_retry(s: Session) -> int:
     return 0
 
 
+# --- rollouts ---------------------------------------------------------------------------------
+
+
+async def cmd_rollouts(s: Session) -> int:
+    scope = None if s.args.all_namespaces else s.namespace
+    waves, flags = await asyncio.gather(s.kube.list_all(SCHEMA_ROLLOUTS, scope), s.kube.list_all(FLAGS, scope))
+    rows = render.rollout_rows(waves, flags)
+    if s.args.output == "json":
+        _print_json(rows)
+    elif rows:
+        print(render.rollouts_table(rows, all_namespaces=bool(s.args.all_namespaces)))
+    else:
+        print("No SchemaRollouts or stepped FeatureFlag rollouts" + ("." if s.args.all_namespaces
+                                                                     else f" in namespace {s.namespace}."))
+    return 0
+
+
+async def cmd_rollout_request(s: Session) -> int:
+    """Resume (a halted, paused-by-hand or rolled-back rollout) or roll back (SchemaRollouts) by
+    annotation: the operator acts on each new value once."""
+    kind, name = s.args.kind, s.args.name
+    rollback = s.args.rollout_command == "rollback"
+    if rollback and kind != "schemarollout":
+        raise CommandError("only a SchemaRollout rolls back (a FeatureFlag's percentage is set in its spec)",
+                           EXIT_USAGE)
+    plural = ROLLOUT_KINDS[kind]
+    body = await s.kube.get_object(plural, s.namespace, name)
+    if body is None:
+        raise CommandError(f"{kind} {s.namespace}/{name} not found", EXIT_USAGE)
+    status = body.get("status") or {}
+    phase = (status.get("rollout") or {}).get("phase") if kind == "featureflag" else status.get("phase")
+    if phase in (None, "Idle", "Completed"):
+        print(f"note: {kind} {s.namespace}/{name} has no rollout in progress ({phase or 'none'}); the request "
+              "is taken as done", file=sys.stderr)
+    annotation = ROLLBACK_ROLLOUT_ANNOTATION if rollback else RESUME_ROLLOUT_ANNOTATION
+    value = _request_value(s.args.value)
+    await s.kube.merge_patch(plural, s.namespace, name, {"metadata": {"annotations": {annotation: value}}})
+    print(f"{kind} {s.namespace}/{name}: {'rollback' if rollback else 'resume'} requested ({annotation}={value})")
+    return 0
+
+
 # --- flags ------------------------------------------------------------------------------------
 
 
@@ -458,6 +502,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-A", "--all-namespaces", action="store_true")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_archives)
+
+    p = sub.add_parser("rollouts", parents=[common], help="schema rollouts and stepped flag rollouts: where each "
+                       "stands")
+    p.add_argument("-A", "--all-namespaces", action="store_true")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_rollouts)
+
+    rollout = sub.add_parser("rollout", help="resume or roll back a rollout")
+    rollout_sub = rollout.add_subparsers(dest="rollout_command", required=True, metavar="COMMAND")
+    for name, text in (("resume", "go on after a halt, a rollback or a hand edit (tenancy.dev/resume-rollout)"),
+                       ("rollback", "run the down migrations back to the base version (SchemaRollouts; "
+                                    "tenancy.dev/rollback-rollout)")):
+        p = rollout_sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("kind", choices=sorted(ROLLOUT_KINDS))
+        p.add_argument("name")
+        p.add_argument("--value", help="annotation value to set (default: a new timestamp)")
+        p.set_defaults(func=cmd_rollout_request)
 
     flags = sub.add_parser("flags", help="feature flags as the operator published them")
     flag_sub = flags.add_subparsers(dest="flags_command", required=True, metavar="COMMAND")

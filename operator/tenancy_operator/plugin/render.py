@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tenancy_operator.api.quota import NEAR_LIMIT_RATIO
+from tenancy_operator.observability.text import clean_message
 
 PHASE_ORDER = ("Provisioning", "Active", "Suspended", "Deleting", "Failed")
 ARCHIVE_REASONS = ("Archived", "ArchiveFailed", "Restored", "RestoreFailed", "RestoreRefused", "Dropped", "Retained")
@@ -383,3 +384,38 @@ def describe_text(tenant: Mapping[str, Any], *, quotas: Sequence[Mapping[str, An
     else:
         out.append("  none")
     return "\n".join(out)
+
+
+def rollout_rows(schema_rollouts: Iterable[Mapping[str, Any]],
+                 flags: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """SchemaRollouts, and FeatureFlags with stepped rollouts, as one list: where each stands."""
+    rows: list[dict[str, Any]] = []
+    for body in schema_rollouts:
+        st = body.get("status") or {}
+        rows.append({
+            "kind": "SchemaRollout", "namespace": body["metadata"]["namespace"], "name": body["metadata"]["name"],
+            "phase": st.get("phase") or "-",
+            "position": f"wave {st.get('wave') or '-'}/{st.get('waves') or '-'} of {st.get('targetVersion') or '-'}",
+            "progress": (f"{st.get('migrated', 0)} migrated, {st.get('failed', 0)} failed, "
+                         f"{st.get('pending', 0)} pending"),
+            "message": st.get("message") or "",
+        })
+    for body in flags:
+        if not ((body.get("spec") or {}).get("rollout") or {}).get("steps"):
+            continue
+        st = (body.get("status") or {}).get("rollout") or {}
+        due = f", next step at {st['nextStepAt']}" if st.get("nextStepAt") else ""
+        rows.append({
+            "kind": "FeatureFlag", "namespace": body["metadata"]["namespace"], "name": body["metadata"]["name"],
+            "phase": st.get("phase") or "-",
+            "position": f"step {st.get('step') or '-'}/{st.get('steps') or '-'}",
+            "progress": f"{st.get('percentage', 0)}% served{due}",
+            "message": st.get("message") or "",
+        })
+    return sorted(rows, key=lambda r: (r["namespace"], r["kind"], r["name"]))
+
+
+def rollouts_table(rows: Sequence[Mapping[str, Any]], *, all_namespaces: bool) -> str:
+    headers = [*(["NAMESPACE"] if all_namespaces else []), "KIND", "NAME", "PHASE", "WHERE", "PROGRESS", "MESSAGE"]
+    return table(headers, ([*([r["namespace"]] if all_namespaces else []), r["kind"], r["name"], r["phase"],
+                            r["position"], r["progress"], clean_message(r["message"], 100)] for r in rows))

@@ -162,6 +162,8 @@ def decide(
         st.target_version = max(newest, st.target_version or newest)
     if st.phase in (None, "Idle", "Completed"):
         st.phase = st.phase or "Idle"
+        # Nothing in progress to resume or roll back: the requests are taken as done, not kept for later.
+        st.resumed_by, st.rolled_back_by = resume_token or st.resumed_by, rollback_token or st.rolled_back_by
         _counts(st, tenants, set())
         return out
 
