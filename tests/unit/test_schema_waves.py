@@ -184,3 +184,32 @@ def test_the_snapshot_mark_is_a_line_of_its_own() -> None:
     assert Migration("0003_drop", "ALTER TABLE items DROP COLUMN note;\n  --tenancy:snapshot-before  ").snapshot_before
     assert not Migration("0003_drop", "SELECT '-- tenancy: snapshot-before';").snapshot_before
     assert not Migration("0003_drop", "ALTER TABLE items DROP COLUMN note;").snapshot_before
+
+
+def test_the_rollout_cache_tells_what_it_holds_without_a_request() -> None:
+    import asyncio
+
+    from tenancy_operator.reconcilers.tenant_base import RolloutCache, admission
+
+    def body(name: str, created: str, admit_below: int) -> dict[str, Any]:
+        return {"metadata": {"namespace": NS, "name": name, "creationTimestamp": created, "resourceVersion": "1",
+                             "uid": name},
+                "spec": {"template": TEMPLATE}, "status": {"baseVersion": "0001_init", "admitBelow": admit_below}}
+
+    class Lister:
+        lists = 0
+
+        async def list_objects(self, plural: str, namespace: str) -> list[dict[str, Any]]:
+            self.lists += 1
+            return [body("older", "2026-01-01T00:00:00Z", 10), body("newer", "2026-02-01T00:00:00Z", 99)]
+
+    kube = Lister()
+    cache = RolloutCache(kube)  # type: ignore[arg-type]
+    assert cache.peek(NS, TEMPLATE) == (False, None) and kube.lists == 0  # a cold namespace is not LISTed to peek
+    governing = asyncio.run(cache.get(NS, TEMPLATE))
+    assert governing is not None and governing["metadata"]["name"] == "older" and kube.lists == 1
+    changed = body("older", "2026-01-01T00:00:00Z", 500)
+    changed["metadata"]["resourceVersion"] = "2"
+    known, before = cache.peek(NS, TEMPLATE)
+    cache.seen(changed)
+    assert known and admission(before) != admission(cache.peek(NS, TEMPLATE)[1])

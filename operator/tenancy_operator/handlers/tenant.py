@@ -392,11 +392,11 @@ def register(registry: kopf.OperatorRegistry) -> None:
         if type is None or not svc.uses_template(namespace, template):  # the start-up listing, or no Tenant to move
             (rollouts.deleted if type == "DELETED" else rollouts.seen)(body)
             return
-        before = admission(await rollouts.get(namespace, template))
+        known, before = rollouts.peek(namespace, template)  # no LIST: it would show the change already
         (rollouts.deleted if type == "DELETED" else rollouts.seen)(body)
         after = admission(await rollouts.get(namespace, template))
         configmap = await svc.reconciler.templates.get(namespace, template)
-        if after != before and configmap is not None:
+        if (not known or after != admission(before)) and configmap is not None:
             await svc.migrate_fleet(namespace, template, configmap)
 
     @kopf.on.event("", "v1", "configmaps", registry=registry, id="template-changed", when=is_used_template)

@@ -177,6 +177,11 @@ class RolloutCache:
             self._namespaces[namespace] = hit
         return governing(hit[1].values(), template)
 
+    def peek(self, namespace: str, template: str) -> tuple[bool, dict[str, Any] | None]:
+        """Without a request: whether the namespace's SchemaRollouts are held, and the governing one."""
+        hit = self._namespaces.get(namespace)
+        return (False, None) if hit is None else (True, governing(hit[1].values(), template))
+
     def seen(self, body: Mapping[str, Any]) -> None:
         hit = self._namespaces.get(body["metadata"]["namespace"])
         if hit is None:
