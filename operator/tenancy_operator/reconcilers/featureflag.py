@@ -57,6 +57,7 @@ from tenancy_operator.observability import metrics, prometheus
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.observability.prometheus import GateReading
 from tenancy_operator.reconcilers.errors import Retry, Verdict
+from tenancy_operator.reconcilers.records import LatestRecords
 from tenancy_operator.runtime_context import OperatorContext
 
 PLURAL = "featureflags"
@@ -140,16 +141,25 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return any(o.get("uid") == uid for o in (obj.get("metadata") or {}).get("ownerReferences") or [])
 
 
+def _stored_rollout(body: Mapping[str, Any]) -> RolloutStatus | None:
+    """status.rollout of a stepped rollout (None: none, or unreadable: it starts again at its first step)."""
+    raw = (body.get("status") or {}).get("rollout")
+    try:
+        record = RolloutStatus.model_validate(raw) if isinstance(raw, Mapping) else None
+    except ValidationError:
+        return None
+    return record if record is not None and record.phase is not None else None
+
+
 class FeatureFlagReconciler:
     def __init__(self, ctx: OperatorContext) -> None:
         self.ctx = ctx
         self._tickets = itertools.count(1)
         self._sources: dict[str, tuple[int, SourceState]] = {}
         """namespace -> (ticket taken before the LIST of its last completed source rebuild, result)."""
-        self._rollouts: dict[str, RolloutStatus] = {}
-        """FeatureFlag uid -> the latest record of its stepped rollout, as decided and written here:
-        newer than the status of a LISTed snapshot or of a body whose watch event lags, which must
-        neither step twice nor undo a rollback. Loaded from status after a restart."""
+        self._rollouts: LatestRecords[RolloutStatus] = LatestRecords(_stored_rollout)
+        """Each flag's stepped rollout as last decided here: a lagging snapshot must neither step
+        twice nor undo a rollback (reconcilers/records.py)."""
 
     @property
     def control(self) -> str:
@@ -216,7 +226,7 @@ class FeatureFlagReconciler:
         if any(r.stale for r in results.values()):
             return Outcome(False, "Stale", "a newer generation was already written", stale=True)
         if stepped is not None:
-            self._rollouts[uid] = stepped.status
+            self._rollouts.put(body, stepped.status)
             for _, reason, _ in stepped.events:
                 metrics.FLAG_ROLLOUT_TRANSITIONS.labels(transition=reason).inc()
         conflicts = sorted({r.conflict for r in results.values() if r.conflict is not None})
@@ -247,18 +257,11 @@ class FeatureFlagReconciler:
     # --- stepped rollouts ----------------------------------------------------------------------
 
     def rollout_record(self, body: Mapping[str, Any]) -> RolloutStatus | None:
-        """The latest record of the flag's stepped rollout: ours, else its status (None: none)."""
-        uid = str(body["metadata"].get("uid") or "")
-        if uid in self._rollouts:
-            return self._rollouts[uid]
-        raw = (body.get("status") or {}).get("rollout")
-        try:
-            return RolloutStatus.model_validate(raw) if isinstance(raw, Mapping) else None
-        except ValidationError:
-            return None  # an unreadable record: the rollout starts again from its first step
+        """The latest record of the flag's stepped rollout (reconcilers/records.py); None: none."""
+        return self._rollouts.get(body)
 
     def forget_rollout(self, uid: str | None) -> None:
-        self._rollouts.pop(str(uid or ""), None)
+        self._rollouts.forget(uid)
 
     async def _step(self, body: Mapping[str, Any], spec: FeatureFlagSpec) -> Decision | None:
         """The stepped rollout's decision for this reconcile (flags/stepping.py); None without steps."""

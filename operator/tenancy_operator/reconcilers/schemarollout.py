@@ -32,6 +32,7 @@ from tenancy_operator.db import tenant_migrations as tm
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import prometheus
 from tenancy_operator.reconcilers.errors import Retry, Verdict
+from tenancy_operator.reconcilers.records import LatestRecords
 from tenancy_operator.reconcilers.waves import TenantState, decide
 from tenancy_operator.runtime_context import OperatorContext
 
@@ -56,26 +57,26 @@ def tenant_state(namespace: str, template: str, body: Mapping[str, Any]) -> Tena
     )
 
 
+def _stored_record(body: Mapping[str, Any]) -> SchemaRolloutStatus | None:
+    """The record in the object's status (None: none yet, or unreadable: the rollout starts over)."""
+    raw = body.get("status")
+    if not isinstance(raw, Mapping) or not raw.get("baseVersion"):
+        return None
+    try:  # the record only: conditions are the reconcile's report, not part of the rollout's position
+        return SchemaRolloutStatus.model_validate({k: v for k, v in raw.items()
+                                                   if k not in ("conditions", "observedGeneration")})
+    except ValidationError:
+        return None
+
+
 class SchemaRolloutReconciler:
     def __init__(self, ctx: OperatorContext) -> None:
         self.ctx = ctx
-        self._records: dict[str, SchemaRolloutStatus] = {}
-        """SchemaRollout uid -> the record last decided here (newer than a lagging snapshot's status)."""
+        self.records: LatestRecords[SchemaRolloutStatus] = LatestRecords(_stored_record)
+        """The rollout's record as last decided here (reconcilers/records.py)."""
 
     def forget(self, uid: str | None) -> None:
-        self._records.pop(str(uid or ""), None)
-
-    def record(self, body: Mapping[str, Any]) -> SchemaRolloutStatus | None:
-        uid = str(body["metadata"].get("uid") or "")
-        if uid in self._records:
-            return self._records[uid]
-        raw = body.get("status")
-        if not isinstance(raw, Mapping) or not raw.get("baseVersion"):
-            return None
-        try:
-            return SchemaRolloutStatus.model_validate(raw)
-        except ValidationError:
-            return None
+        self.records.forget(uid)
 
     async def reconcile(self, body: Mapping[str, Any]) -> Outcome:
         meta = body["metadata"]
@@ -101,7 +102,7 @@ class SchemaRolloutReconciler:
             return Outcome(False, "TemplateNotFound", f"schema template ConfigMap {namespace}/{spec.template} not "
                                                       "found", check_in=check)
         versions = [m.version for m in tm.migrations_from_data(configmap.get("data") or {})]
-        previous = self.record(body)
+        previous = self.records.get(body)
         gate = None
         if spec.gate is not None and previous is not None and previous.phase == "Progressing":
             settings = self.ctx.settings
@@ -114,7 +115,7 @@ class SchemaRolloutReconciler:
             rollback_token=(meta.get("annotations") or {}).get(ROLLBACK_ROLLOUT_ANNOTATION),
             now=datetime.datetime.now(datetime.UTC).replace(microsecond=0), gate=gate, check_seconds=check,
         )
-        self._records[str(meta.get("uid") or "")] = decision.status
+        self.records.put(body, decision.status)
         st = decision.status
         halted = st.phase == "Halted" or (st.phase == "RolledBack" and st.failed > 0)
         return Outcome(not halted, st.reason or st.phase or "Idle", st.message or "", stalled=halted, status=st,

@@ -1,0 +1,34 @@
+"""A rollout's record: this process's own decision wins over an older snapshot's status, and
+another replica's later status wins over this process's decision (reconcilers/records.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from tenancy_operator.reconcilers.records import LatestRecords
+
+
+def body(rv: int, step: int | None) -> dict[str, Any]:
+    return {"metadata": {"uid": "u1", "resourceVersion": str(rv)}, "status": {"step": step} if step else {}}
+
+
+def stored(b: Mapping[str, Any]) -> int | None:
+    return (b.get("status") or {}).get("step")
+
+
+def test_own_decision_wins_over_a_lagging_snapshot() -> None:
+    records: LatestRecords[int] = LatestRecords(stored)
+    assert records.get(body(10, 1)) == 1  # nothing decided here yet: the status
+    records.put(body(10, 1), 2)  # decided step 2 on the body at revision 10
+    assert records.get(body(9, 1)) == 2  # an older snapshot
+    assert records.get(body(10, 1)) == 2  # the same body, queued again
+    assert records.get(body(11, 2)) == 2  # our own status write came back
+
+
+def test_a_later_status_written_elsewhere_wins() -> None:
+    records: LatestRecords[int] = LatestRecords(stored)
+    records.put(body(10, 1), 2)
+    assert records.get(body(20, 4)) == 4  # another replica moved it on while this one stood by
+    records.forget("u1")
+    assert records.get(body(5, 1)) == 1
