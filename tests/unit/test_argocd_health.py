@@ -17,7 +17,7 @@ import yaml
 CHART = Path(__file__).resolve().parents[2] / "helm" / "tenancy-operator"
 SCRIPT = CHART / "argocd" / "health.lua"
 INTERPRETERS = ("lua5.1", "lua5.4")
-KINDS = ("Tenant", "Quota", "FeatureFlag")
+KINDS = ("Tenant", "Quota", "FeatureFlag", "SchemaRollout")
 
 
 def lua_literal(value: Any) -> str:
@@ -111,6 +111,33 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "conditions": [cond("Ready", "True", "Published", "", 4)]}), "Progressing", "generation 5"),
     ("feature flag without condition generations", obj("FeatureFlag", 2, {"observedGeneration": 2,
         "conditions": [{"type": "Ready", "status": "True", "reason": "Published"}]}), "Healthy", "Published"),
+    ("feature flag stepping", obj("FeatureFlag", 2, {"observedGeneration": 2, "conditions": [
+        cond("Ready", "True", "Published", "", 2)], "rollout": {"percentage": 5, "phase": "Progressing",
+                                                            "message": "step 2 of 5: 5% served"}}),
+     "Progressing", "step 2 of 5"),
+    ("feature flag rolled back by its gate", obj("FeatureFlag", 2, {"observedGeneration": 2, "conditions": [
+        cond("Ready", "True", "Published", "", 2)], "rollout": {"percentage": 0, "phase": "RolledBack",
+                                                            "message": "gate breached at 25%"}}),
+     "Degraded", "gate breached"),
+    ("feature flag steps done", obj("FeatureFlag", 2, {"observedGeneration": 2, "conditions": [
+        cond("Ready", "True", "Published", "", 2)], "rollout": {"percentage": 100, "phase": "Completed"}}),
+     "Healthy", "Published"),
+    ("schema rollout in a wave", obj("SchemaRollout", 1, {"observedGeneration": 1, "phase": "Progressing",
+        "message": "wave 2 of 3: 4 admitted tenant(s) still migrating",
+        "conditions": [cond("Ready", "True", "WaveMigrating", "", 1)]}), "Progressing", "wave 2 of 3"),
+    ("schema rollout paused", obj("SchemaRollout", 1, {"observedGeneration": 1, "phase": "Paused",
+        "conditions": [cond("Ready", "True", "PausedBySpec", "", 1)]}), "Suspended", "Paused"),
+    ("schema rollout halted", obj("SchemaRollout", 1, {"observedGeneration": 1, "phase": "Halted",
+        "conditions": [cond("Ready", "False", "BudgetSpent", "2 failed", 1),
+                       cond("Stalled", "True", "BudgetSpent", "2 failed", 1)]}), "Degraded", "BudgetSpent"),
+    ("schema rollout rolling back", obj("SchemaRollout", 1, {"observedGeneration": 1, "phase": "RolledBack",
+        "reason": "RollingBack", "message": "rolling back to 0002: 3 tenant(s) past it",
+        "conditions": [cond("Ready", "True", "RollingBack", "", 1)]}), "Progressing", "rolling back"),
+    ("schema rollout rolled back", obj("SchemaRollout", 1, {"observedGeneration": 1, "phase": "RolledBack",
+        "reason": "RolledBack", "conditions": [cond("Ready", "True", "RolledBack", "every tenant back", 1)]}),
+     "Healthy", "every tenant back"),
+    ("schema rollout idle", obj("SchemaRollout", 1, {"observedGeneration": 1, "phase": "Idle",
+        "conditions": [cond("Ready", "True", "UpToDate", "", 1)]}), "Healthy", "UpToDate"),
 ]
 
 

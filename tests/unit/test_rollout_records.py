@@ -32,3 +32,13 @@ def test_a_later_status_written_elsewhere_wins() -> None:
     assert records.get(body(20, 4)) == 4  # another replica moved it on while this one stood by
     records.forget("u1")
     assert records.get(body(5, 1)) == 1
+
+
+def test_a_long_request_value_is_kept_as_status_stores_it() -> None:
+    from tenancy_operator.api.names import REQUEST_TOKEN_MAX, RESUME_ROLLOUT_ANNOTATION, request_token
+
+    long = "x" * 5000
+    meta = {"annotations": {RESUME_ROLLOUT_ANNOTATION: long}}
+    assert request_token(meta, RESUME_ROLLOUT_ANNOTATION) == long[:REQUEST_TOKEN_MAX]
+    assert request_token({}, RESUME_ROLLOUT_ANNOTATION) is None
+    assert request_token({"annotations": {RESUME_ROLLOUT_ANNOTATION: ""}}, RESUME_ROLLOUT_ANNOTATION) is None

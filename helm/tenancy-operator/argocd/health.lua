@@ -1,4 +1,4 @@
--- Argo CD health check for tenancy.dev Tenant, Quota and FeatureFlag (one script for the three kinds).
+-- Argo CD health check for tenancy.dev Tenant, Quota, FeatureFlag and SchemaRollout (one script for all).
 -- Install: argocd-cm keys resource.customizations.health.tenancy.dev_<Kind> (see argocd-cm.yaml beside
 -- this file). Written for Lua 5.1 as Argo CD's gopher-lua runs it; tested with lua5.1 and lua5.4
 -- (tests/unit/test_argocd_health.py).
@@ -7,6 +7,9 @@
 --                metadata.generation, Reconciling=True, Ready=Unknown, or being deleted
 --   Degraded     Stalled=True, or Ready=False without Reconciling=True (a terminal failure)
 --   Suspended    a Tenant with Ready=True whose phase is Suspended (spec.state: Suspended)
+--   Rollouts     a SchemaRollout (status.phase) or a FeatureFlag's stepped rollout (status.rollout.phase):
+--                Progressing while it rolls out, Suspended while Paused, Degraded when a
+--                FeatureFlag's gate rolled it back (a SchemaRollout's halt is Stalled: Degraded)
 --   Healthy      Ready=True and the status is about the current generation
 local hs = { status = "Progressing", message = "Waiting for the operator to report status" }
 
@@ -82,6 +85,24 @@ if obj.kind == "Tenant" and obj.status.phase == "Suspended" then
   hs.status = "Suspended"
   hs.message = describe(ready, "Suspended")
   return hs
+end
+local rollout = nil
+if obj.kind == "SchemaRollout" then
+  rollout = obj.status
+elseif obj.kind == "FeatureFlag" then
+  rollout = obj.status.rollout
+end
+if rollout ~= nil and rollout.phase ~= nil then
+  local states = { Progressing = "Progressing", Paused = "Suspended", RolledBack = "Degraded" }
+  if obj.kind == "SchemaRollout" and rollout.phase == "RolledBack" then
+    -- asked for by a person: Progressing while Tenants run their down migrations, then done
+    states.RolledBack = rollout.reason == "RollingBack" and "Progressing" or "Healthy"
+  end
+  if states[rollout.phase] ~= nil and states[rollout.phase] ~= "Healthy" then
+    hs.status = states[rollout.phase]
+    hs.message = rollout.phase .. ": " .. (rollout.message or "")
+    return hs
+  end
 end
 hs.status = "Healthy"
 hs.message = describe(ready, "Ready")

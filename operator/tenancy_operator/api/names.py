@@ -3,6 +3,9 @@ users and tools set the annotations and select by the labels. Defined here once.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from tenancy_operator import GROUP
 
 FINALIZER = f"{GROUP}/finalizer"
@@ -36,3 +39,15 @@ SCHEMA_PIN_ANNOTATION = f"{GROUP}/schema-pin"
 SECRET_ROTATION_ANNOTATION = f"{GROUP}/rotated-for"
 SECRET_CLAIM_ANNOTATION = f"{GROUP}/claim"
 GENERATION_ANNOTATION = f"{GROUP}/generation"
+
+
+REQUEST_TOKEN_MAX = 253
+"""Characters of a request annotation's value kept in status (resumedBy, rolledBackBy)."""
+
+
+def request_token(meta: Mapping[str, Any], annotation: str) -> str | None:
+    """The value of a request annotation (resume, rollback) as status records it: at most
+    REQUEST_TOKEN_MAX characters, so a long value is compared with what was stored, not acted on
+    again at every look."""
+    value = (meta.get("annotations") or {}).get(annotation)
+    return str(value)[:REQUEST_TOKEN_MAX] if value else None

@@ -45,6 +45,7 @@ from tenancy_operator.api.names import (
     MANAGED_BY_KEY,
     MANAGED_BY_VALUE,
     RESUME_ROLLOUT_ANNOTATION,
+    request_token,
 )
 from tenancy_operator.db import flags as dbf
 from tenancy_operator.flags.diff import summarize
@@ -270,7 +271,7 @@ class FeatureFlagReconciler:
             self.forget_rollout(body["metadata"].get("uid"))
             return None
         previous = self.rollout_record(body)
-        token = (body["metadata"].get("annotations") or {}).get(RESUME_ROLLOUT_ANNOTATION)
+        token = request_token(body["metadata"], RESUME_ROLLOUT_ANNOTATION)
         gate = None
         if rollout.gate is not None and wants_gate(rollout, previous, token, spec.enabled):
             gate = await self.read_gate(rollout.gate.query)

@@ -20,6 +20,7 @@ from tenancy_operator.api.names import (
     RESUME_ROLLOUT_ANNOTATION,
     ROLLBACK_ROLLOUT_ANNOTATION,
     SCHEMA_PIN_ANNOTATION,
+    request_token,
 )
 from tenancy_operator.api.schemarollout import (
     SCHEMA_ROLLOUT,
@@ -111,8 +112,8 @@ class SchemaRolloutReconciler:
         decision = decide(
             spec, previous, namespace=namespace, versions=versions,
             tenants=[tenant_state(namespace, spec.template, t) for t in tenants],
-            resume_token=(meta.get("annotations") or {}).get(RESUME_ROLLOUT_ANNOTATION),
-            rollback_token=(meta.get("annotations") or {}).get(ROLLBACK_ROLLOUT_ANNOTATION),
+            resume_token=request_token(meta, RESUME_ROLLOUT_ANNOTATION),
+            rollback_token=request_token(meta, ROLLBACK_ROLLOUT_ANNOTATION),
             now=datetime.datetime.now(datetime.UTC).replace(microsecond=0), gate=gate, check_seconds=check,
         )
         self.records.put(body, decision.status)
