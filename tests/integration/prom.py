@@ -1,14 +1,18 @@
-"""A real Prometheus (Debian's package) for the tests: scrapes the given targets every second."""
+"""A real Prometheus (Debian's package) for the tests, scraping the given targets every second, and
+for rollout gates an exporter the test drives: `gate(name, value)` sets the series
+`checkout_error_ratio{flag=name}` and waits until Prometheus has scraped it."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +89,35 @@ class Prometheus:
                 self.proc.wait()
 
 
+SERIES = "checkout_error_ratio"
+
+
+class Exporter:
+    """A /metrics the test sets: one gauge per flag name, `checkout_error_ratio{flag="..."}`."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+        exporter = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                lines = [f"# TYPE {SERIES} gauge"]
+                lines += [f'{SERIES}{{flag="{flag}"}} {value}' for flag, value in sorted(exporter.values.items())]
+                body = ("\n".join(lines) + "\n").encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.port = free_port()
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -6,80 +6,16 @@ a hand edit that pauses the steps, pause and resume."""
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 from tenancy_devenv.stack import LocalStack
 
-from .harness import GROUP, VERSION, Cluster, OperatorProcess, eventually, free_port
-from .prom import Prometheus
+from .harness import GROUP, VERSION, Cluster, OperatorProcess, eventually
+from .prom import SERIES
 from .test_featureflag import changes, featureflag, patch, stored
 
 PLURAL = "featureflags"
-SERIES = "checkout_error_ratio"
-
-
-class Exporter:
-    """A /metrics the test sets: one gauge per flag name, `checkout_error_ratio{flag="..."}`."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, float] = {}
-        exporter = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                lines = [f"# TYPE {SERIES} gauge"]
-                lines += [f'{SERIES}{{flag="{flag}"}} {value}' for flag, value in sorted(exporter.values.items())]
-                body = ("\n".join(lines) + "\n").encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture(scope="module")
-def exporter() -> Iterator[Exporter]:
-    exp = Exporter()
-    yield exp
-    exp.stop()
-
-
-@pytest.fixture(scope="module")
-def prometheus(stack: LocalStack, operator: OperatorProcess, exporter: Exporter) -> Iterator[Prometheus]:
-    """At the address the operator asks for its gates."""
-    prom = Prometheus(stack.workdir / "prometheus-rollouts", {"checkout": exporter.port}, port=operator.prometheus_port)
-    yield prom
-    prom.stop()
-
-
-@pytest.fixture(scope="module")
-def gate(exporter: Exporter, prometheus: Prometheus) -> Callable[[str, float], None]:
-    """Set the flag's series to a value and wait until Prometheus has scraped it."""
-    def set_value(flag: str, value: float) -> None:
-        exporter.values[flag] = value
-
-        def check() -> bool:
-            result = prometheus.query(f'{SERIES}{{flag="{flag}"}}')
-            return len(result) == 1 and float(result[0]["value"][1]) == value
-        eventually(check, timeout=60, what=f"Prometheus scraped {SERIES}{{flag={flag!r}}} = {value}")
-    return set_value
 
 
 def gated(flag: str, steps: list[int], interval: str, **extra: Any) -> dict[str, Any]:

@@ -6,12 +6,14 @@ serving, and a person's fix, retry and resume let it finish."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tenancy_devenv.stack import LocalStack
 
 from .harness import GROUP, VERSION, Cluster, OperatorProcess, as_owner, connect, eventually, tenant
+from .prom import SERIES
 from .test_lifecycle import set_template, versions
 
 TENANTS = "tenants"
@@ -197,3 +199,27 @@ def test_a_risky_migration_is_preceded_by_a_snapshot_that_restores(
     with connect(cluster.secret_data(namespace, "sn-a-db")["uri"]) as conn:
         assert conn.execute("SELECT body FROM notes WHERE id = 1").fetchone() == ("keep me",)
     assert versions(cluster, namespace, ["sn-a"]) == {"sn-a": "0001_init"}
+
+
+def test_a_breached_gate_halts_before_the_next_wave(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str, gate: Callable[[str, float], None]
+) -> None:
+    names = ["gt-a", "gt-b", "gt-c"]
+    fleet(cluster, namespace, "gated-schema", names)
+    gate("gated-schema", 0.5)  # the error ratio is already too high when the canary is done
+    cluster.create(ROLLOUTS, namespace, rollout(
+        "gated-schema", "gated-schema", canary={"count": 1}, pause="1s",
+        gate={"query": f'max({SERIES}{{flag="gated-schema"}})', "max": 0.05}))
+    wait_status(cluster, namespace, "gated-schema", phase="Idle", baseVersion="0001_init")
+    set_template(cluster, namespace, "gated-schema", {"0001_init.sql": INIT, "0002_refunds.sql": REFUNDS})
+
+    st = wait_status(cluster, namespace, "gated-schema", phase="Halted", reason="GateBreached")
+    assert st["gateValue"] == 0.5 and st["migrated"] == 1 and st["failed"] == 0 and len(st["canary"]) == 1
+    assert "gate value 0.5 > max 0.05" in st["message"]
+    others = [n for n in names if n not in st["canary"]]
+    assert set(versions(cluster, namespace, others).values()) == {"0001_init"}
+
+    gate("gated-schema", 0.0)
+    annotate(cluster, ROLLOUTS, namespace, "gated-schema", "tenancy.dev/resume-rollout", "errors-fixed")
+    st = wait_status(cluster, namespace, "gated-schema", phase="Completed")
+    assert st["gateValue"] == 0.0 and set(versions(cluster, namespace, names).values()) == {"0002_refunds"}
