@@ -92,12 +92,14 @@ class Wave(ApiModel, json_schema_extra=validations(
 class FailureBudget(ApiModel, json_schema_extra=validations(
     cel("has(self.count) != has(self.percentage)", "a failure budget is a count or a percentage, not both"),
 )):
-    """How many Tenants of one wave may fail their migration before the rollout halts."""
+    """How many of the Tenants admitted so far (the canary and the waves up to the current one) may
+    have failed their migration before the rollout halts: failures count for the whole rollout,
+    not wave by wave."""
 
     count: int | None = Field(default=None, ge=0, le=1_000_000)
-    """Failed Tenants a wave tolerates."""
+    """Failed Tenants the rollout tolerates."""
     percentage: int | None = Field(default=None, ge=0, le=100)
-    """Share of a wave's Tenants that may fail (rounded down)."""
+    """Share of the Tenants admitted so far that may fail (rounded down)."""
 
     @model_validator(mode="after")
     def _one(self) -> FailureBudget:
@@ -105,11 +107,11 @@ class FailureBudget(ApiModel, json_schema_extra=validations(
             raise ValueError("a failure budget is a count or a percentage, not both")
         return self
 
-    def allows(self, wave_size: int) -> int:
-        """Failures a wave of ``wave_size`` Tenants tolerates."""
+    def allows(self, admitted: int) -> int:
+        """Failures tolerated with ``admitted`` Tenants admitted."""
         if self.count is not None:
             return self.count
-        return wave_size * (self.percentage or 0) // 100
+        return admitted * (self.percentage or 0) // 100
 
 
 class SchemaRolloutSpec(ApiModel, json_schema_extra=validations(
@@ -132,7 +134,8 @@ class SchemaRolloutSpec(ApiModel, json_schema_extra=validations(
     """The least time between a wave's end (every Tenant of it migrated or failed within budget)
     and the next wave; default 10m."""
     failure_budget: FailureBudget | None = None
-    """Failed migrations a wave tolerates; default none (a count of 0)."""
+    """Failed migrations the rollout tolerates among the Tenants admitted so far; default none (a
+    count of 0)."""
     gate: RolloutGate | None = None
     """A Prometheus query checked before each next wave; above `max`, the rollout halts."""
     paused: bool | None = None
@@ -148,8 +151,8 @@ class SchemaRolloutSpec(ApiModel, json_schema_extra=validations(
     def pause_for(self) -> datetime.timedelta:
         return parse_duration(self.pause or PAUSE_DEFAULT)
 
-    def budget(self, wave_size: int) -> int:
-        return self.failure_budget.allows(wave_size) if self.failure_budget is not None else 0
+    def budget(self, admitted: int) -> int:
+        return self.failure_budget.allows(admitted) if self.failure_budget is not None else 0
 
 
 RolloutPhase = Literal["Idle", "Progressing", "Paused", "Halted", "Completed", "RolledBack"]
