@@ -217,14 +217,20 @@ async def apply_as_tenant(
     return done
 
 
+async def _transaction_limits(conn: psycopg.AsyncConnection[Any], schema: str, lock_timeout: str,
+                              statement_timeout: str) -> None:
+    """The migration's transaction: its lock and statement timeouts, and the tenant's schema first."""
+    await conn.execute("SELECT set_config('lock_timeout', %s, true),"
+                       " set_config('statement_timeout', %s, true),"
+                       " set_config('search_path', %s, true)",
+                       [lock_timeout, statement_timeout, f'"{schema}"'])
+
+
 async def _apply_one(conn: psycopg.AsyncConnection[Any], record: sql.Composable, schema: str, m: Migration,
                      lock_timeout: str, statement_timeout: str) -> bool:
     """One migration and its record in one transaction; False when a run before applied it."""
     async with conn.transaction():
-        await conn.execute("SELECT set_config('lock_timeout', %s, true),"
-                           " set_config('statement_timeout', %s, true),"
-                           " set_config('search_path', %s, true)",
-                           [lock_timeout, statement_timeout, f'"{schema}"'])
+        await _transaction_limits(conn, schema, lock_timeout, statement_timeout)
         cur = await conn.execute(sql.SQL("SELECT 1 FROM {} WHERE version = %s FOR UPDATE").format(record),
                                  [m.version])
         if await cur.fetchone():
@@ -241,10 +247,7 @@ async def _revert_one(conn: psycopg.AsyncConnection[Any], record: sql.Composable
     """One down migration and the removal of its version's record in one transaction; False when
     the schema does not hold that version (never applied, or reverted by a run before)."""
     async with conn.transaction():
-        await conn.execute("SELECT set_config('lock_timeout', %s, true),"
-                           " set_config('statement_timeout', %s, true),"
-                           " set_config('search_path', %s, true)",
-                           [lock_timeout, statement_timeout, f'"{schema}"'])
+        await _transaction_limits(conn, schema, lock_timeout, statement_timeout)
         cur = await conn.execute(sql.SQL("DELETE FROM {} WHERE version = %s RETURNING 1").format(record),
                                  [m.version])
         if not await cur.fetchone():
