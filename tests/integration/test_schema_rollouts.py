@@ -12,7 +12,7 @@ from typing import Any
 
 from tenancy_devenv.stack import LocalStack
 
-from .harness import GROUP, VERSION, Cluster, OperatorProcess, as_owner, connect, eventually, tenant
+from .harness import GROUP, VERSION, Cluster, OperatorProcess, as_owner, connect, eventually, sql_value, tenant
 from .prom import SERIES
 from .test_lifecycle import set_template, versions
 
@@ -223,3 +223,33 @@ def test_a_breached_gate_halts_before_the_next_wave(
     annotate(cluster, ROLLOUTS, namespace, "gated-schema", "tenancy.dev/resume-rollout", "errors-fixed")
     st = wait_status(cluster, namespace, "gated-schema", phase="Completed")
     assert st["gateValue"] == 0.0 and set(versions(cluster, namespace, names).values()) == {"0002_refunds"}
+
+
+def test_a_down_migration_runs_with_the_tenant_rights_only(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """A hostile tenant writes the down migration of its template to take more than its schema
+    (its own role's rights, then its login's after RESET ROLE): the rollback fails on it, reported,
+    and nothing is granted."""
+    fleet(cluster, namespace, "evil-undo", ["ev-canary"])
+    cluster.create(ROLLOUTS, namespace, rollout("evil-undo", "evil-undo", canary={"tenants": ["ev-canary"]},
+                                                pause="1h"))
+    wait_status(cluster, namespace, "evil-undo", phase="Idle", baseVersion="0001_init")
+    set_template(cluster, namespace, "evil-undo", {
+        "0001_init.sql": INIT, "0002_refunds.sql": REFUNDS,
+        "0002_refunds.down.sql": "RESET ROLE; GRANT pg_read_all_data TO tenant_ev_canary; DROP TABLE refunds;"})
+    eventually(lambda: versions(cluster, namespace, ["ev-canary"]) == {"ev-canary": "0002_refunds"}, timeout=90,
+               what="the canary migrated")
+    annotate(cluster, ROLLOUTS, namespace, "evil-undo", "tenancy.dev/rollback-rollout", "undo")
+
+    st = wait_status(cluster, namespace, "evil-undo", phase="RolledBack", failed=1)
+    assert st["failedTenants"][0]["name"] == "ev-canary"
+    assert st["failedTenants"][0]["reason"] == "MigrationFailed"
+    refused = st["failedTenants"][0]["message"]  # PostgreSQL 15 and 16+ word it differently
+    assert "pg_read_all_data" in refused and ("must have admin option" in refused or "permission denied" in refused)
+    stalled = cluster.condition(ROLLOUTS, namespace, "evil-undo", "Stalled")
+    assert stalled["status"] == "True"
+    admin = stack.admin_dsn()
+    assert sql_value(admin, "SELECT pg_has_role('tenant_ev_canary', 'pg_read_all_data', 'MEMBER')") is False
+    assert sql_value(admin, "SELECT to_regclass('tenant_ev_canary.refunds') IS NOT NULL") is True  # rolled back whole
+    assert versions(cluster, namespace, ["ev-canary"]) == {"ev-canary": "0002_refunds"}
