@@ -7,7 +7,7 @@ import contextlib
 import copy
 import random
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
 import kopf
@@ -49,10 +49,14 @@ class Rechecks:
     after ``retry_seconds``."""
 
     def __init__(self, check: Callable[[tuple[str, str]], Awaitable[None]], retry_seconds: float,
-                 limit: int = 16) -> None:
+                 limit: int = 16, per_namespace: int = 2) -> None:
         self._check = check
         self._retry = retry_seconds
         self._limit = limit
+        self._per_namespace = per_namespace
+        self._namespaces: dict[str, asyncio.Semaphore] = {}
+        """A namespace's looks run at most ``per_namespace`` at once, and take a shared slot only when
+        it is their turn: a namespace with a thousand rollouts slows its own, not the others'."""
         self._due: dict[tuple[str, str], float] = {}
         """(namespace, name) -> loop time of its next look."""
         self._wake = asyncio.Event()
@@ -70,7 +74,8 @@ class Rechecks:
         limit = asyncio.Semaphore(self._limit)
 
         async def look(key: tuple[str, str]) -> None:
-            async with limit:
+            own = self._namespaces.setdefault(key[0], asyncio.Semaphore(self._per_namespace))
+            async with own, limit:
                 try:
                     await self._check(key)
                 except asyncio.CancelledError:
@@ -80,6 +85,16 @@ class Rechecks:
                                 status=getattr(exc, "status", None))
                     self._due.setdefault(key, loop.time() + self._retry)
 
+        running: set[asyncio.Task[None]] = set()
+        try:
+            await self._loop(look, running)
+        finally:  # shutdown: no look outlives the clients it uses
+            for task in running:
+                task.cancel()
+
+    async def _loop(self, look: Callable[[tuple[str, str]], Coroutine[Any, Any, None]],
+                    running: set[asyncio.Task[None]]) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
             upcoming = min(self._due.values(), default=None)
@@ -88,9 +103,11 @@ class Rechecks:
                                        timeout=None if upcoming is None else max(0.0, upcoming - loop.time()))
             now = loop.time()
             due = [k for k, when in self._due.items() if when <= now]
-            for key in due:
+            for key in due:  # in flight until its look schedules the next: one look per key at a time
                 del self._due[key]
-            await asyncio.gather(*(look(k) for k in due))
+                task = asyncio.create_task(look(key))
+                running.add(task)
+                task.add_done_callback(running.discard)
 
 
 def service_of(memo: Any, kind: str) -> Any:
