@@ -6,6 +6,8 @@ need=()
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || need+=(postgresql)
 command -v pg_dump >/dev/null || need+=(postgresql-client)
 command -v psql >/dev/null || need+=(postgresql-client)
+# The local stack's S3 object store (s3proxy, a Java jar fetched by tenancy_devenv) needs Java 17+.
+command -v java >/dev/null || need+=(default-jre-headless)
 # Observability tests: promtool and a real Prometheus server; Lua for the Argo CD health check
 # (Argo CD runs Lua 5.1 semantics, so we test with 5.1 and 5.4).
 { command -v promtool >/dev/null && command -v prometheus >/dev/null; } || need+=(prometheus)

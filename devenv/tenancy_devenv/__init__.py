@@ -1,8 +1,10 @@
-"""A local, real Kubernetes control plane and PostgreSQL clusters for development and tests."""
+"""A local, real Kubernetes control plane, PostgreSQL clusters and S3 object store for development
+and tests."""
 
 from tenancy_devenv.binaries import ensure_binaries, postgres_bindir, repo_root
 from tenancy_devenv.certs import Certs, write_certs
 from tenancy_devenv.controlplane import ControlPlane, KubectlError
+from tenancy_devenv.objectstore import ObjectStore
 from tenancy_devenv.postgres import PostgresCluster
 from tenancy_devenv.process import DevEnvError
 
@@ -11,6 +13,7 @@ __all__ = [
     "ControlPlane",
     "DevEnvError",
     "KubectlError",
+    "ObjectStore",
     "PostgresCluster",
     "ensure_binaries",
     "postgres_bindir",

@@ -94,15 +94,22 @@ def _status(stack: LocalStack) -> int:
 
 
 def _print_usage(stack: LocalStack) -> None:
-    env_file = stack.env_file
-    with contextlib.suppress(ValueError):
-        env_file = env_file.relative_to(Path.cwd())
+    env_file = _relative(stack.env_file)
+    credentials = _relative(stack.objectstore.credentials_dir)
     print(f"""
 stack ready (logs in {stack.workdir / "logs"})
   source {env_file}
   kubectl get tenancy -A
   psql "$TENANCY_DATABASE_URL"
+  archives: {stack.archive_store_config()["url"]} at $TENANCY_S3_ENDPOINT (keys in {credentials}/)
 """)
+
+
+def _relative(path: Path) -> Path:
+    """``path`` relative to the current directory if under it: shorter to read and to paste."""
+    with contextlib.suppress(ValueError):
+        return path.relative_to(Path.cwd())
+    return path
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""The whole local stack: control plane, one PostgreSQL cluster per database target and (for the
-dev stack) the operator, with ports and passwords kept in ``state.json`` so that ``up`` after a
-crash or ``down`` restarts only what is missing, with the same settings."""
+"""The whole local stack: control plane, one PostgreSQL cluster per database target, an S3 object
+store for archives and (for the dev stack) the operator, with ports, passwords and keys kept in
+``state.json`` so that ``up`` after a crash or ``down`` restarts only what is missing, with the
+same settings."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 
 from tenancy_devenv.binaries import ensure_binaries, postgres_bindir, repo_root
 from tenancy_devenv.controlplane import ControlPlane
+from tenancy_devenv.objectstore import REGION, ObjectStore
 from tenancy_devenv.postgres import PostgresCluster
 from tenancy_devenv.process import DevEnvError, Service, free_ports, wait_for
 from tenancy_operator.config import TARGET_NAME
@@ -57,7 +59,7 @@ class LocalStack:
                 raise DevEnvError(f"invalid database target name {target!r}")
         self.bin_dir = bin_dir or Path(state.get("bin_dir", ""))
 
-        ports = free_ports(5 + len(self.targets))  # in one call, so all distinct
+        ports = free_ports(6 + len(self.targets))  # in one call, so all distinct
         self.control_plane = ControlPlane(
             self.workdir,
             self.bin_dir,
@@ -71,8 +73,16 @@ class LocalStack:
         if pg_bindir is None and state.get("pg_bindir"):
             pg_bindir = Path(state["pg_bindir"])
         self.pg_bindir = pg_bindir or postgres_bindir()
+        saved_store = state.get("objectstore", {})
+        self.objectstore = ObjectStore(
+            self.workdir,
+            saved_store.get("port", ports[5]),
+            detached=detached,
+            access_key=saved_store.get("access_key"),
+            secret_key=saved_store.get("secret_key"),
+        )
         self.postgres: dict[str, PostgresCluster] = {}
-        for target, spare_port in zip(self.targets, ports[5:], strict=True):
+        for target, spare_port in zip(self.targets, ports[6:], strict=True):
             saved = state.get("postgres", {}).get(target, {})
             self.postgres[target] = PostgresCluster(
                 self.workdir,
@@ -104,10 +114,20 @@ class LocalStack:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
+    def archive_store_config(self) -> dict[str, str]:
+        """The operator's TENANCY_ARCHIVE_STORE for the stack's object store, keys read from files."""
+        return {
+            "url": f"s3://{self.objectstore.bucket}/archives",
+            "endpoint": self.objectstore.endpoint,
+            "region": REGION,
+            "credentialsDir": str(self.objectstore.credentials_dir),
+        }
+
     def services(self) -> list[Service]:
         """Every process of the stack, in stop order."""
         return [
             self.operator,
+            self.objectstore.service,
             *(pg.service for pg in self.postgres.values()),
             *reversed(self.control_plane.services),
         ]
@@ -126,6 +146,7 @@ class LocalStack:
         self.control_plane.start()
         for pg in self.postgres.values():
             pg.start()
+        self.objectstore.start()
         crd_dir = repo_root() / "crds"
         if crd_dir.is_dir():
             self.control_plane.install_crds(crd_dir)
@@ -139,6 +160,7 @@ class LocalStack:
         errors: list[DevEnvError] = []
         for step in (
             self.operator.stop,
+            self.objectstore.stop,
             *(pg.stop for pg in self.postgres.values()),
             self.control_plane.stop,
         ):
@@ -162,6 +184,7 @@ class LocalStack:
                 "TENANCY_BIND_ADDRESS": "127.0.0.1",
                 "TENANCY_LOG_FORMAT": "console",
                 "TENANCY_ARCHIVE_DIR": str(self.workdir / "archive"),
+                "TENANCY_ARCHIVE_STORE": json.dumps(self.archive_store_config()),
                 "TENANCY_PG_BIN_DIR": str(self.pg_bindir),  # pg_dump of the server's major
                 **os.environ,
                 "KUBECONFIG": str(self.kubeconfig),
@@ -191,6 +214,7 @@ class LocalStack:
         lines = [
             f"export KUBECONFIG={shlex.quote(str(self.kubeconfig))}",
             f"export TENANCY_DATABASE_URL={shlex.quote(self.admin_dsn(self._main_target()))}",
+            f"export TENANCY_S3_ENDPOINT={shlex.quote(self.objectstore.endpoint)}",
         ]
         if self.with_operator:
             lines.append(f"export TENANCY_METRICS_URL={shlex.quote(self.metrics_url)}")
@@ -230,9 +254,15 @@ class LocalStack:
                 }
                 for target, pg in self.postgres.items()
             },
+            "objectstore": {
+                "port": self.objectstore.port,
+                "access_key": self.objectstore.access_key,
+                "secret_key": self.objectstore.secret_key,
+                "endpoint": self.objectstore.endpoint,
+            },
         }
         self.state_file.write_text(json.dumps(state, indent=2) + "\n")
-        self.state_file.chmod(0o600)  # it holds passwords
+        self.state_file.chmod(0o600)  # it holds passwords and keys
 
 
 def _listening(port: int) -> bool:
