@@ -1,4 +1,6 @@
-"""Tenant archives: pg_dump of one schema to a directory, verified before anything is dropped.
+"""Tenant archives: pg_dump of one schema streamed to an archive store (archive_store.py: an
+S3-compatible bucket or a local directory), verified before anything is dropped and before every
+restore.
 
 Connection details reach pg_dump/pg_restore through PG* environment variables, never argv, so no
 password shows in ``ps``. Both tools log in as a temporary login that holds only the tenant role's
@@ -6,36 +8,46 @@ rights (``db.tenants.delegate_login``): a dump or restore touches objects the te
 their code runs with the rights of the login user, which ``--role`` alone does not bound. Each run
 has a wall-clock deadline; the tool is killed past it (and its session ends with the login).
 
-A dump counts only once it is complete on disk: written to a partial file, fsynced, checksummed,
-read back in full by ``pg_restore``, then renamed into place.
+No full local copy is made. A dump counts only once the stored object has been read back in full
+by ``pg_restore`` with the SHA-256 computed on the way in; only then is its description (the
+``.json`` beside it, from which the catalog can be rebuilt) written. A restore checks the SHA-256
+in a first pass, and in the second holds back the object's last chunk until the bytes fed to
+``pg_restore`` (one transaction) hash to the same value: an object changed in between is killed
+before commit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import hashlib
 import json
 import os
 import secrets
 import shutil
+import subprocess
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from tenancy_operator.archive_store import Store, StoreError
 
 
 class ArchiveUnavailable(Exception):
-    """The archive location cannot take the dump (missing, not writable, full) or a tool failed."""
+    """The archive store cannot take or give the dump (down, missing, full) or a tool failed."""
 
 
 class ArchiveCorrupt(Exception):
-    """An archive's bytes no longer match its recorded checksum."""
+    """An archive's bytes no longer match its recorded checksum, or it is missing."""
 
 
 @dataclass(frozen=True)
 class Archive:
     id: str
-    path: Path
+    location: str
     sha256: str
     size_bytes: int
 
@@ -48,109 +60,265 @@ def pg_env(conninfo: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-async def _run(argv: list[str], env: dict[str, str], deadline: float = 3600.0) -> str:
+def _tool(name: str) -> str:
     # TENANCY_PG_BIN_DIR (config.Settings.pg_bin_dir) first: pg_dump refuses a server of a newer major.
     search = [os.environ.get("TENANCY_PG_BIN_DIR", ""), os.environ.get("PATH", os.defpath)]
-    tool = shutil.which(argv[0], path=os.pathsep.join(p for p in search if p))
+    tool = shutil.which(name, path=os.pathsep.join(p for p in search if p))
     if tool is None:
-        raise ArchiveUnavailable(f"{argv[0]} not found: the operator image must contain the PostgreSQL client tools")
-    proc = await asyncio.create_subprocess_exec(
-        tool, *argv[1:], env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        async with asyncio.timeout(deadline):
-            out, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise ArchiveUnavailable(f"{argv[0]} ran past its {deadline:g} s deadline and was stopped") from None
-    if proc.returncode != 0:
-        raise ArchiveUnavailable(f"{argv[0]} failed ({proc.returncode}): {err.decode(errors='replace').strip()[:500]}")
-    return out.decode(errors="replace")
+        raise ArchiveUnavailable(f"{name} not found: the operator image must contain the PostgreSQL client tools")
+    return tool
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+class _Tool:
+    """A pg_dump/pg_restore process run from a worker thread, killed past its deadline; its stderr
+    and stdout go to temporary files (never a pipe nobody reads, which could stall it)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], deadline: float, *, stdin: bool = False,
+                 stdout: bool = False) -> None:
+        self.name = argv[0]
+        self.deadline = deadline
+        self.err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finish()
+        self.out = tempfile.TemporaryFile() if not stdout else None  # noqa: SIM115
+        self.proc = subprocess.Popen([_tool(argv[0]), *argv[1:]], env=env, stderr=self.err,
+                                     stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE if stdout else self.out)
+        self.timed_out = threading.Event()
+        self.timer = threading.Timer(deadline, self._expire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _expire(self) -> None:
+        self.timed_out.set()
+        self.proc.kill()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+
+    def feed(self, chunk: bytes) -> bool:
+        """Write to stdin; False once the tool stopped reading (it may have all it needs)."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(chunk)
+        except (BrokenPipeError, ValueError):
+            return False
+        return True
+
+    def finish(self) -> str:
+        """Wait for the exit; the tool's stdout (if captured to a file). Raises on failure or deadline."""
+        if self.proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError, ValueError):
+                self.proc.stdin.close()
+        try:
+            code = self.proc.wait()
+        finally:
+            self.timer.cancel()
+        try:
+            if self.timed_out.is_set():
+                raise ArchiveUnavailable(f"{self.name} ran past its {self.deadline:g} s deadline and was stopped")
+            if code != 0:
+                self.err.seek(0)
+                message = self.err.read().decode(errors="replace").strip()[:500]
+                raise ArchiveUnavailable(f"{self.name} failed ({code}): {message}")
+            if self.out is None:
+                return ""
+            self.out.seek(0)
+            return self.out.read().decode(errors="replace")
+        finally:
+            self.err.close()
+            if self.out is not None:
+                self.out.close()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class _Hashing:
+    """A reader that hashes and counts what passes through it."""
+
+    def __init__(self, source: IO[bytes]) -> None:
+        self.source = source
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        chunk = self.source.read(size)
+        self.digest.update(chunk)
+        self.size += len(chunk)
+        return chunk
 
 
 def new_archive_id(name: str) -> str:
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    """Lower case: the id is also the name of the archive's TenantArchive object."""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dt%H%M%Sz")
     return f"{name}-{stamp}-{secrets.token_hex(3)}"
 
 
-async def dump_schema(conninfo: dict[str, Any], *, directory: Path, namespace: str, name: str, schema: str,
-                      role: str, deadline: float = 3600.0) -> Archive:
-    """``conninfo`` logs in as a login with the tenant's rights only (``delegate_login``)."""
-    archive_id = new_archive_id(name)
-    folder = directory / namespace / name
+def archive_key(namespace: str, name: str, archive_id: str) -> str:
+    return f"{namespace}/{name}/{archive_id}.dump"
+
+
+def description_location(location: str) -> str:
+    """Where an archive's description (the .json the catalog is rebuilt from) lives."""
+    return location[: -len(".dump")] + ".json" if location.endswith(".dump") else location + ".json"
+
+
+def _dump_sync(store: Store, location: str, argv: list[str], env: dict[str, str], deadline: float) -> tuple[str, int]:
+    tool = _Tool(argv, env, deadline, stdout=True)
+    assert tool.proc.stdout is not None
+    reader = _Hashing(tool.proc.stdout)
     try:
-        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-        if not await asyncio.to_thread(os.access, folder, os.W_OK):
-            raise PermissionError(f"{folder} is not writable")
-    except OSError as exc:
-        raise ArchiveUnavailable(f"archive location {directory} unusable: {exc.strerror or exc}") from exc
-    partial = folder / f".{archive_id}.dump.partial"
-    final = folder / f"{archive_id}.dump"
-    env = pg_env(conninfo)
-    try:
-        await _run(["pg_dump", "--format=custom", f"--schema={schema}", "--no-owner", "--no-acl",
-                    "--lock-wait-timeout=30000", f"--role={role}", f"--file={partial}"], env, deadline)
-        await asyncio.to_thread(_fsync, partial)
-        sha = await asyncio.to_thread(_sha256, partial)
-        # Read every byte back: a truncated or unreadable dump fails here, before any drop.
-        await _run(["pg_restore", "--file=/dev/null", str(partial)], env, deadline)
-        size = (await asyncio.to_thread(partial.stat)).st_size
-        await asyncio.to_thread(partial.rename, final)
-        meta = {"id": archive_id, "namespace": namespace, "name": name, "schema": schema, "sha256": sha,
-                "size_bytes": size, "created_at": datetime.datetime.now(datetime.UTC).isoformat()}
-        await asyncio.to_thread((folder / f"{archive_id}.sha256").write_text, f"{sha}  {final.name}\n")
-        await asyncio.to_thread((folder / f"{archive_id}.json").write_text, json.dumps(meta, indent=2) + "\n")
-        await asyncio.to_thread(_fsync, folder)
-    except OSError as exc:
-        partial.unlink(missing_ok=True)
-        raise ArchiveUnavailable(f"writing the archive failed: {exc.strerror or exc}") from exc
-    except ArchiveUnavailable:
-        partial.unlink(missing_ok=True)
+        store.put(location, reader)
+    except BaseException:
+        tool.kill()
+        with contextlib.suppress(ArchiveUnavailable):
+            tool.finish()
+        with contextlib.suppress(StoreError):
+            store.delete(location)
         raise
-    return Archive(archive_id, final, sha, size)
+    try:
+        tool.finish()
+    except ArchiveUnavailable:
+        with contextlib.suppress(StoreError):
+            store.delete(location)  # a dump cut short: stored, but not an archive
+        raise
+    return reader.digest.hexdigest(), reader.size
 
 
-async def restore_schema(conninfo: dict[str, Any], *, path: Path, sha256: str, schema: str, role: str,
-                         workdir: Path, deadline: float = 3600.0) -> None:
-    """Restore a dump into an existing, empty ``schema`` as ``role``, in one transaction.
-    ``conninfo`` logs in as a login with the tenant's rights only (``delegate_login``)."""
-    if not await asyncio.to_thread(path.exists):
-        raise ArchiveCorrupt(f"archive file {path} is missing")
-    actual = await asyncio.to_thread(_sha256, path)
-    if actual != sha256:
-        raise ArchiveCorrupt(f"archive {path.name} checksum mismatch: recorded {sha256[:12]}, found {actual[:12]}")
+def _read_back_sync(store: Store, location: str, argv: list[str], env: dict[str, str],
+                    deadline: float) -> tuple[str, str]:
+    """Stream the object into ``argv`` (a pg_restore reading stdin); its stdout and the object's SHA-256."""
+    tool = _Tool(argv, env, deadline, stdin=True)
+    digest = hashlib.sha256()
+    reading = True  # pg_restore --list stops reading after the table of contents: hash the rest
+    try:
+        with store.read(location) as chunks:
+            for chunk in chunks:
+                digest.update(chunk)
+                reading = reading and tool.feed(chunk)
+    except BaseException:
+        tool.kill()
+        with contextlib.suppress(ArchiveUnavailable):
+            tool.finish()
+        raise
+    return tool.finish(), digest.hexdigest()
+
+
+def _restore_sync(store: Store, location: str, sha256: str, argv: list[str], env: dict[str, str],
+                  deadline: float) -> None:
+    tool = _Tool(argv, env, deadline, stdin=True)
+    digest = hashlib.sha256()
+    held: bytes | None = None
+    try:
+        with store.read(location) as chunks:
+            for chunk in chunks:
+                digest.update(chunk)
+                if held is not None:
+                    tool.feed(held)
+                held = chunk
+        if digest.hexdigest() != sha256:
+            raise ArchiveCorrupt(f"archive {location} changed while it was restored; nothing was restored")
+        if held is not None:
+            tool.feed(held)
+    except BaseException:
+        tool.kill()
+        with contextlib.suppress(ArchiveUnavailable):
+            tool.finish()
+        raise
+    tool.finish()
+
+
+def _describe(store: Store, location: str, meta: dict[str, Any]) -> None:
+    store.put_bytes(description_location(location), (json.dumps(meta, indent=2, default=str) + "\n").encode())
+
+
+async def dump_schema(conninfo: dict[str, Any], *, store: Store, namespace: str, name: str, schema: str,
+                      role: str, description: dict[str, Any], deadline: float = 3600.0) -> Archive:
+    """``conninfo`` logs in as a login with the tenant's rights only (``delegate_login``).
+    ``description`` joins what the archive's .json says (the catalog's columns)."""
+    archive_id = new_archive_id(name)
+    location = store.location(archive_key(namespace, name, archive_id))
     env = pg_env(conninfo)
-    toc = await _run(["pg_restore", "--list", str(path)], env)
+    dump = ["pg_dump", "--format=custom", f"--schema={schema}", "--no-owner", "--no-acl",
+            "--lock-wait-timeout=30000", f"--role={role}"]
+    try:
+        sha, size = await asyncio.to_thread(_dump_sync, store, location, dump, env, deadline)
+        # Read every byte back: a truncated or unreadable object fails here, before any drop.
+        _, again = await asyncio.to_thread(_read_back_sync, store, location, ["pg_restore", "--file=/dev/null"],
+                                           env, deadline)
+        if again != sha:
+            raise ArchiveUnavailable(f"archive {location} read back with another checksum than was written")
+        meta = {**description, "id": archive_id, "namespace": namespace, "name": name, "schema": schema,
+                "location": location, "sha256": sha, "size_bytes": size,
+                "created_at": datetime.datetime.now(datetime.UTC).isoformat()}
+        await asyncio.to_thread(_describe, store, location, meta)
+    except StoreError as exc:
+        with contextlib.suppress(StoreError):
+            await asyncio.to_thread(store.delete, location)
+        raise ArchiveUnavailable(str(exc)) from exc
+    except ArchiveUnavailable:
+        with contextlib.suppress(StoreError):
+            await asyncio.to_thread(store.delete, location)
+        raise
+    return Archive(archive_id, location, sha, size)
+
+
+async def restore_schema(conninfo: dict[str, Any], *, store: Store, location: str, sha256: str, schema: str,
+                         role: str, workdir: Path, deadline: float = 3600.0) -> None:
+    """Restore an archive into an existing, empty ``schema`` as ``role``, in one transaction.
+    ``conninfo`` logs in as a login with the tenant's rights only (``delegate_login``)."""
+    env = pg_env(conninfo)
+    try:
+        toc, actual = await asyncio.to_thread(_read_back_sync, store, location, ["pg_restore", "--list"], env,
+                                              deadline)
+    except StoreError as exc:
+        if "NoSuchKey" in str(exc) or "unusable: read" in str(exc):
+            raise ArchiveCorrupt(f"archive {location} is missing from its store") from exc
+        raise ArchiveUnavailable(str(exc)) from exc
+    if actual != sha256:
+        raise ArchiveCorrupt(f"archive {location.rsplit('/', 1)[-1]} checksum mismatch: recorded {sha256[:12]}, "
+                             f"found {actual[:12]}")
     # The schema itself already exists (the operator creates it as the tenant's owner): skip it.
     kept = [line for line in toc.splitlines() if not (" SCHEMA - " in line and line.rstrip().endswith(schema))]
-    listing = workdir / f".{path.stem}.{secrets.token_hex(4)}.list"
+    listing = workdir / f".restore.{secrets.token_hex(6)}.list"
+    await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
     await asyncio.to_thread(listing.write_text, "\n".join(kept) + "\n")
     try:
-        await _run(["pg_restore", "--no-owner", "--no-acl", f"--role={role}", "--exit-on-error",
-                    "--single-transaction", f"--use-list={listing}", f"--dbname={conninfo.get('dbname', '')}",
-                    str(path)], env, deadline)
+        await asyncio.to_thread(
+            _restore_sync, store, location, sha256,
+            ["pg_restore", "--no-owner", "--no-acl", f"--role={role}", "--exit-on-error", "--single-transaction",
+             f"--use-list={listing}", f"--dbname={conninfo.get('dbname', '')}"], env, deadline)
+    except StoreError as exc:
+        raise ArchiveUnavailable(str(exc)) from exc
     finally:
         listing.unlink(missing_ok=True)
 
 
-async def purge(path: Path) -> None:
-    """Remove an archive's files; safe to repeat."""
-    for suffix in (".dump", ".sha256", ".json"):
-        await asyncio.to_thread(path.with_suffix(suffix).unlink, missing_ok=True)
+async def purge(store: Store, location: str) -> None:
+    """Remove an archive's objects (and a legacy local .sha256); safe to repeat."""
+    try:
+        await asyncio.to_thread(store.delete, location)
+        await asyncio.to_thread(store.delete, description_location(location))
+        if not location.startswith("s3://"):
+            await asyncio.to_thread(store.delete, location[: -len(".dump")] + ".sha256")
+    except StoreError as exc:
+        raise ArchiveUnavailable(str(exc)) from exc
+
+
+def _descriptions_sync(store: Store) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for location in store.list(""):
+        if not location.endswith(".json"):
+            continue
+        with store.read(location) as chunks:
+            data = b"".join(chunks)
+        with contextlib.suppress(ValueError):
+            meta = json.loads(data)
+            if isinstance(meta, dict) and {"id", "namespace", "name", "sha256", "location"} <= meta.keys():
+                found.append(meta)
+    return found
+
+
+async def descriptions(store: Store) -> list[dict[str, Any]]:
+    """The descriptions of every archive in ``store``: what the catalog is rebuilt from."""
+    try:
+        return await asyncio.to_thread(_descriptions_sync, store)
+    except StoreError as exc:
+        raise ArchiveUnavailable(str(exc)) from exc

@@ -12,14 +12,68 @@ import json
 import re
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tenancy_operator.api.quota import tier_defaults_from_json
 
 PG_DURATION = r"^[0-9]{1,9}(us|ms|s|min|h|d)?$"
 TARGET_NAME = re.compile(r"^[a-z]([a-z0-9_-]{0,61}[a-z0-9])?$")
+
+
+S3_URL = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>[A-Za-z0-9._/-]*))?$")
+
+
+class StoreConfig(BaseModel):
+    """An S3-compatible archive store (AWS S3, MinIO, Ceph, GCS's S3 interface): where Archive dumps go.
+
+    Credentials come from ``credentialsDir`` (a mounted Secret: files ``accessKeyId`` and
+    ``secretAccessKey``, optionally ``sessionToken``), read again at every use so a rotated Secret
+    takes effect without a restart; without it, from the environment (AWS_ACCESS_KEY_ID...) or the
+    pod's web identity (IRSA)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+    url: str = Field(pattern=S3_URL.pattern, description="s3://bucket or s3://bucket/prefix")
+    endpoint: str = Field(default="", pattern=r"^(https?://[A-Za-z0-9.:\[\]-]+/?)?$")
+    """e.g. http://minio.storage:9000; empty: AWS S3 of ``region``."""
+    region: str = Field(default="us-east-1", pattern=r"^[a-z0-9-]{1,32}$")
+    credentials_dir: Path | None = None
+    server_side_encryption: Literal["", "AES256", "aws:kms"] = ""
+    kms_key_id: str = Field(default="", max_length=2048)
+    timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """Connect and read timeout of each request to the store."""
+
+    @property
+    def bucket(self) -> str:
+        match = S3_URL.match(self.url)
+        assert match is not None  # the field's pattern
+        return match["bucket"]
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix, empty or ending in ``/``."""
+        match = S3_URL.match(self.url)
+        assert match is not None
+        prefix = (match["prefix"] or "").strip("/")
+        return f"{prefix}/" if prefix else ""
+
+
+def store_config(text: str, what: str) -> StoreConfig:
+    """A store from JSON (an object) or a bare ``s3://`` URL."""
+    value: object = text if text.startswith("s3://") else None
+    if value is None:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{what} is neither an s3:// URL nor valid JSON: {exc.msg}") from None
+    try:
+        return StoreConfig.model_validate({"url": value} if isinstance(value, str) else value)
+    except ValidationError as exc:
+        raise ValueError(f"{what}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
 
 
 class Settings(BaseSettings):
@@ -64,7 +118,16 @@ class Settings(BaseSettings):
     # Set on every tenant role: an idle transaction cannot hold its locks for longer.
     tenant_idle_in_transaction_timeout: str = Field(default="5min", pattern=PG_DURATION)
     job_max_attempts: int = Field(default=3, ge=1, description="Failed attempts before a job stalls.")
-    archive_dir: Path = Field(default=Path("/var/lib/tenancy/archive"), description="Where Archive dumps go.")
+    archive_dir: Path = Field(default=Path("/var/lib/tenancy/archive"),
+                              description="Where Archive dumps go without an archive store; scratch space with one.")
+    # An S3-compatible store for archives (config.StoreConfig as JSON, or a bare s3:// URL), for
+    # every target; archive_stores overrides it per target (JSON: target -> store). Neither: the
+    # local directory archive_dir.
+    archive_store: str = ""
+    archive_stores: str = ""
+    # How often the store's archive descriptions are compared with the catalog (rows put back after
+    # a reinstall); the comparison lists the store and reads only the descriptions the catalog lacks.
+    archive_catalog_check_seconds: float = Field(default=600.0, gt=0, le=86_400)
     # pg_dump refuses a server of a newer major: archive.py looks for pg_dump and pg_restore here
     # first, then on PATH. The tools find their libraries themselves (RPATH or the system's).
     pg_bin_dir: Path | None = Field(
@@ -112,6 +175,20 @@ class Settings(BaseSettings):
         tier_defaults_from_json(v)  # fail at start-up, not at the first quota evaluation
         return v
 
+    @field_validator("archive_store")
+    @classmethod
+    def _store_valid(cls, v: str) -> str:
+        if v:
+            store_config(v, "TENANCY_ARCHIVE_STORE")  # fail at start-up, not at the first archive
+        return v
+
+    @field_validator("archive_stores")
+    @classmethod
+    def _stores_valid(cls, v: str) -> str:
+        if v:
+            Settings.model_construct(archive_stores=v).stores  # noqa: B018 - parsed for its errors
+        return v
+
     @cached_property
     def tier_limits(self) -> dict[str, dict[str, str]]:
         """Default limits by tier: the built-in table with TENANCY_TIER_DEFAULTS merged over it."""
@@ -136,6 +213,28 @@ class Settings(BaseSettings):
             if not TARGET_NAME.match(name):
                 raise ValueError(f"database target name {name!r} is not a valid target name")
         return found
+
+    @cached_property
+    def stores(self) -> dict[str, StoreConfig]:
+        """Archive stores by target name; ``"*"``: the one for targets not named."""
+        found: dict[str, StoreConfig] = {}
+        if self.archive_store:
+            found["*"] = store_config(self.archive_store, "TENANCY_ARCHIVE_STORE")
+        if self.archive_stores:
+            try:
+                raw = json.loads(self.archive_stores)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"TENANCY_ARCHIVE_STORES is not valid JSON: {exc.msg}") from None
+            if not isinstance(raw, dict):
+                raise ValueError("TENANCY_ARCHIVE_STORES must be a JSON object of target -> store")
+            for target, value in raw.items():
+                text = value if isinstance(value, str) else json.dumps(value)
+                found[target] = store_config(text, f"TENANCY_ARCHIVE_STORES[{target!r}]")
+        return found
+
+    def store_for(self, target: str) -> StoreConfig | None:
+        """The archive store of ``target``'s archives; None: the local directory."""
+        return self.stores.get(target) or self.stores.get("*")
 
     @property
     def namespace_list(self) -> list[str]:

@@ -19,6 +19,7 @@ from tenancy_operator.handlers import featureflag as featureflag_handlers
 from tenancy_operator.handlers import quota as quota_handlers
 from tenancy_operator.handlers import schemarollout as schemarollout_handlers
 from tenancy_operator.handlers import tenant as tenant_handlers
+from tenancy_operator.handlers import tenantarchive as tenantarchive_handlers
 from tenancy_operator.handlers.common import MemoryDiffBaseStorage
 from tenancy_operator.k8s import safejson
 from tenancy_operator.k8s.client import Kube
@@ -32,7 +33,8 @@ from tenancy_operator.sweep import Sweeper
 log = get_logger(__name__)
 # Each kind's handler module has ``register(registry)`` and ``SERVICE`` (its service class); a service
 # with a ``run_forever()`` coroutine (a periodic sweep) gets a background task.
-HANDLER_MODULES = (tenant_handlers, quota_handlers, featureflag_handlers, schemarollout_handlers)
+HANDLER_MODULES = (tenant_handlers, quota_handlers, featureflag_handlers, schemarollout_handlers,
+                   tenantarchive_handlers)
 PREFIX = "tenancy.dev"
 # Kopf ignores changes to every annotation under the prefix of its own storage, so its storage
 # gets a sub-prefix: user-facing annotations such as tenancy.dev/rotate-credentials stay visible.

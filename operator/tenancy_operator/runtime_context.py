@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from tenancy_operator.archive_store import LocalStore, S3Store, Store, store_for_location
 from tenancy_operator.config import Settings
 from tenancy_operator.db.control import migrate_control_schema
 from tenancy_operator.db.targets import DatabaseTargets
@@ -148,6 +149,15 @@ class OperatorContext:
             async with self.targets.pool(target).connection() as conn:
                 await migrate_control_schema(conn, self.settings.control_schema)
             self.control_ready.add(target)
+
+    def archive_store(self, target: str) -> Store:
+        """Where new archives of ``target``'s tenants go."""
+        config = self.settings.store_for(target)
+        return S3Store(config) if config is not None else LocalStore(self.settings.archive_dir)
+
+    def store_at(self, location: str) -> Store:
+        """The store holding an archive at ``location`` (StoreError if none is configured for it)."""
+        return store_for_location(location, list(self.settings.stores.values()))
 
     def lock(self, kind: str, namespace: str, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         """The object's lock, for ``async with``."""

@@ -30,9 +30,9 @@ from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
+from tenancy_operator.reconcilers.archive_catalog import CatalogSweep
 from tenancy_operator.reconcilers.drift import drifted
 from tenancy_operator.reconcilers.tenant_base import secret_name
-from tenancy_operator.reconcilers.tenant_lifecycle import purge_expired_archives
 from tenancy_operator.runtime_context import OperatorContext
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ def _ready(body: dict[str, Any]) -> bool:
 class Sweeper:
     def __init__(self, ctx: OperatorContext, tenants: TenantService) -> None:
         self.ctx = ctx
+        self.archives = CatalogSweep(ctx, ctx.settings.archive_catalog_check_seconds)
         self.tenants = tenants
         self._held: dict[tuple[str, str], frozenset[tuple[Any, ...]]] = {}
         """(target, role) -> keys of the findings still held after the last audit: reported already."""
@@ -141,7 +142,7 @@ class Sweeper:
         for target in self.ctx.targets.pools:
             try:
                 await self.ctx.ensure_control_schema(target)
-                purged = await purge_expired_archives(self.ctx, target)
+                purged = await self.archives.run(target)
                 async with self.ctx.targets.connection(target) as conn:
                     # Temporary logins of dumps and restores a crash interrupted.
                     for user in await sqlt.stale_delegates(conn):
@@ -149,8 +150,8 @@ class Sweeper:
                         log.info("temporary login dropped", target=target, role=user)
             except (psycopg_pool.PoolTimeout, psycopg.OperationalError):
                 continue
-            except psycopg.Error as exc:  # one bad row must not stop the sweep for every tenant
-                log.warning("archive purge failed", target=target, error=type(exc).__name__)
+            except (psycopg.Error, ApiError) as exc:  # one bad row must not stop the sweep for every tenant
+                log.warning("archive catalog sweep failed", target=target, error=type(exc).__name__)
                 continue
             if purged:
                 log.info("archives purged", target=target, archives=purged)

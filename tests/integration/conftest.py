@@ -23,7 +23,7 @@ from tenancy_devenv import ensure_binaries
 from tenancy_devenv.binaries import PG_MAJOR_ENV
 from tenancy_devenv.stack import LocalStack
 
-from .fixtures import cluster, gate, gate_exporter, gate_prometheus, operator  # noqa: F401 - fixtures for every integration test
+from .fixtures import cluster, gate, gate_exporter, gate_prometheus, operator, s3  # noqa: F401 - fixtures for every integration test
 from .harness import sql_value
 
 HERE = Path(__file__).parent

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
+from minio import Minio
 
 from tenancy_devenv.stack import LocalStack
 
@@ -17,6 +18,13 @@ from .prom import SERIES, Exporter, Prometheus
 @pytest.fixture(scope="session")
 def cluster(stack: LocalStack) -> Cluster:
     return Cluster(stack.kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def s3(stack: LocalStack) -> Minio:
+    """A client of the stack's object store, with its keys, to list, read, put or corrupt archives
+    behind the operator's back (bucket: ``stack.objectstore.bucket``)."""
+    return stack.objectstore.client()
 
 
 @pytest.fixture(scope="session")

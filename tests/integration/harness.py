@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import psycopg
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from minio.error import S3Error
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql as psql
 
@@ -89,6 +90,8 @@ class OperatorProcess:
             "TENANCY_ROLLOUT_CHECK_SECONDS": "1",
             "TENANCY_SWEEP_INTERVAL_SECONDS": str(self.sweep_interval),
             "TENANCY_ARCHIVE_DIR": str(self.workdir / "archive"),
+            "TENANCY_ARCHIVE_STORE": json.dumps(self.stack.archive_store_config()),
+            "TENANCY_ARCHIVE_CATALOG_CHECK_SECONDS": "2",
             "TENANCY_PG_BIN_DIR": str(self.stack.pg_bindir),  # pg_dump/pg_restore of the server's major
             "TENANCY_LOG_LEVEL": os.environ.get("TENANCY_TEST_LOG_LEVEL", "INFO"),
             **self.extra_env,
@@ -232,6 +235,26 @@ class Cluster:
 
 def tenant(name: str, **spec: Any) -> dict[str, Any]:
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Tenant", "metadata": {"name": name}, "spec": spec}
+
+
+def stored_bytes(stack: LocalStack, location: str, *, missing_ok: bool = False) -> bytes | None:
+    """An archive object's bytes as the store holds them (s3://bucket/key in the stack's object
+    store, or a path); ``missing_ok``: None if it is not there."""
+    if not location.startswith("s3://"):
+        path = Path(location)
+        return None if missing_ok and not path.exists() else path.read_bytes()
+    bucket, key = location[5:].split("/", 1)
+    try:
+        response = stack.objectstore.client().get_object(bucket, key)
+    except S3Error as exc:
+        if missing_ok and exc.code == "NoSuchKey":
+            return None
+        raise
+    try:
+        return response.read()
+    finally:
+        response.close()
+        response.release_conn()
 
 
 def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[tuple[Any, ...]]:

@@ -218,6 +218,7 @@ def test_new_objects_read_as_in_progress_until_the_operator_reports(stack: Local
         "Quota": obj("Quota", "fresh", {"tenantRef": {"name": "fresh"}}),
         "FeatureFlag": obj("FeatureFlag", "fresh", {}),
         "SchemaRollout": obj("SchemaRollout", "fresh", {"template": "fresh-schema"}),
+        "TenantArchive": obj("TenantArchive", "fresh", {}),
     }
     for info in RESOURCES:
         created = json.loads(stack.kubectl("create", "-n", namespace, "-o", "json", "-f", "-",

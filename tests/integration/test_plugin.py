@@ -276,12 +276,19 @@ def test_archives_lists_what_deletion_did_with_the_data(
     eventually(lambda: cluster.gone(TENANTS, namespace, "kp-old"), timeout=120, what="tenant deleted")
     eventually(lambda: cluster.has_event(namespace, "kp-old", "Archived"), what="Archived Event")
 
-    rows = json.loads(plugin(stack, "archives", "-n", namespace, "-o", "json").stdout)
-    archived = [r for r in rows if r["reason"] == "Archived"]
-    assert len(archived) == 1 and archived[0]["tenant"] == "kp-old" and archived[0]["archive"]
-    assert any(r["reason"] == "Dropped" for r in rows)
+    def listed() -> dict[str, Any]:
+        found = json.loads(plugin(stack, "archives", "-n", namespace, "-o", "json").stdout)
+        assert [a["tenant"] for a in found["archives"]] == ["kp-old"], found
+        return found  # type: ignore[no-any-return]
+
+    found = eventually(listed, what="the archive listed")
+    (kept,) = found["archives"]
+    assert kept["phase"] == "Available" and kept["sizeBytes"] > 0 and kept["location"].startswith("s3://")
+    archived = [r for r in found["events"] if r["reason"] == "Archived"]
+    assert len(archived) == 1 and archived[0]["tenant"] == "kp-old" and archived[0]["archive"] == kept["name"]
+    assert any(r["reason"] == "Dropped" for r in found["events"])
     table = plugin(stack, "archives", "kp-old", "-n", namespace).stdout
-    assert archived[0]["archive"] in table
+    assert kept["name"] in table and "Available" in table and "Recent Events" in table
 
 
 def test_rollouts_lists_both_kinds_and_asks_for_resume_and_rollback(

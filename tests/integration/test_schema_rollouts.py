@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from tenancy_devenv.stack import LocalStack
 
-from .harness import GROUP, VERSION, Cluster, OperatorProcess, as_owner, connect, eventually, sql_value, tenant
+from .harness import (
+    GROUP,
+    VERSION,
+    Cluster,
+    OperatorProcess,
+    as_owner,
+    connect,
+    eventually,
+    sql_value,
+    stored_bytes,
+    tenant,
+)
 from .prom import SERIES
 from .test_lifecycle import set_template, versions
 
@@ -185,7 +195,7 @@ def test_a_risky_migration_is_preceded_by_a_snapshot_that_restores(
                             [namespace, "sn-a"]).fetchall()
     assert len(rows) == 1, rows
     archive_id, path, sha = rows[0]
-    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == sha
+    assert hashlib.sha256(stored_bytes(stack, path) or b"").hexdigest() == sha
     snapshot = [e for e in cluster.events(namespace, "sn-a") if e["reason"] == "Snapshot"]
     assert snapshot and archive_id in snapshot[0]["message"] and "0002_drop_body" in snapshot[0]["message"]
 

@@ -20,6 +20,7 @@ from tenancy_operator.api import (
     RESOURCES,
     SCHEMA_ROLLOUT,
     TENANT,
+    TENANT_ARCHIVE,
     Condition,
     FeatureFlag,
     FeatureFlagSpec,
@@ -55,7 +56,7 @@ def example(kind: str, name: str) -> dict[str, Any]:
 
 
 def test_resource_infos() -> None:
-    assert [r.kind for r in RESOURCES] == ["Tenant", "Quota", "FeatureFlag", "SchemaRollout"]
+    assert [r.kind for r in RESOURCES] == ["Tenant", "Quota", "FeatureFlag", "SchemaRollout", "TenantArchive"]
     assert TENANT.api_version == "tenancy.dev/v1alpha1"
     assert (TENANT.plural, TENANT.singular, TENANT.short_names) == ("tenants", "tenant", ("tn",))
     assert (QUOTA.plural, QUOTA.short_names) == ("quotas", ("tq",))
@@ -65,6 +66,7 @@ def test_resource_infos() -> None:
         "featureflags.tenancy.dev",
     )
     assert (SCHEMA_ROLLOUT.plural, SCHEMA_ROLLOUT.short_names) == ("schemarollouts", ("sro",))
+    assert (TENANT_ARCHIVE.plural, TENANT_ARCHIVE.short_names) == ("tenantarchives", ("tarc",))
     assert all(r.categories == ("tenancy",) for r in RESOURCES)
 
 

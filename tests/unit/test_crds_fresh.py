@@ -29,6 +29,7 @@ def test_committed_crds_are_fresh(tmp_path: Path) -> None:
         "tenancy.dev_quotas.yaml",
         "tenancy.dev_featureflags.yaml",
         "tenancy.dev_schemarollouts.yaml",
+        "tenancy.dev_tenantarchives.yaml",
     ]
     for fresh in written:
         committed = CRD_DIR / fresh.name

@@ -62,13 +62,18 @@ watched namespace, and the ClusterRole of the cluster mode. */}}
 - apiGroups: [tenancy.dev]
   resources: [tenants, featureflags, schemarollouts]
   verbs: [get, list, watch, patch]
+# TenantArchives: the operator creates one per archive and deletes it when retention purges the
+# archive (its finalizer is the purge on a user's deletion).
+- apiGroups: [tenancy.dev]
+  resources: [tenantarchives]
+  verbs: [get, list, watch, patch, create, delete]
 # Quotas are only watched (and read); the operator writes nothing but their status.
 - apiGroups: [tenancy.dev]
   resources: [quotas]
   verbs: [get, list, watch]
 # Conditions, phase, observedGeneration.
 - apiGroups: [tenancy.dev]
-  resources: [tenants/status, quotas/status, featureflags/status, schemarollouts/status]
+  resources: [tenants/status, quotas/status, featureflags/status, schemarollouts/status, tenantarchives/status]
   verbs: [patch]
 # Events for user-relevant transitions; patch: a repeat counts on the Event already posted.
 - apiGroups: [""]

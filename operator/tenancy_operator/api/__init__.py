@@ -56,8 +56,13 @@ from tenancy_operator.api.tenant import (
     tenant_identifier,
     validate_tenant_name,
 )
+from tenancy_operator.api.tenantarchive import (
+    TENANT_ARCHIVE,
+    TenantArchiveSpec,
+    TenantArchiveStatus,
+)
 
-RESOURCES: tuple[ResourceInfo, ...] = (TENANT, QUOTA, FEATURE_FLAG, SCHEMA_ROLLOUT)
+RESOURCES: tuple[ResourceInfo, ...] = (TENANT, QUOTA, FEATURE_FLAG, SCHEMA_ROLLOUT, TENANT_ARCHIVE)
 
 __all__ = [
     "FEATURE_FLAG",
@@ -65,6 +70,7 @@ __all__ = [
     "RESOURCES",
     "SCHEMA_ROLLOUT",
     "TENANT",
+    "TENANT_ARCHIVE",
     "ActiveOverride",
     "ApiModel",
     "Condition",
@@ -92,6 +98,8 @@ __all__ = [
     "SchemaRolloutSpec",
     "SchemaRolloutStatus",
     "Tenant",
+    "TenantArchiveSpec",
+    "TenantArchiveStatus",
     "TenantOverride",
     "TenantRef",
     "TenantSpec",

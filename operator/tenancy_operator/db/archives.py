@@ -1,4 +1,4 @@
-"""SQL for the archive registry (tenant_archives in the control schema)."""
+"""SQL for the archive catalog (tenant_archives in the control schema of the tenant's target)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,23 @@ class ArchiveRow:
     name: str
     schema_name: str
     path: str
+    """The archive's location: s3://bucket/key, or a path on the operator's volume."""
     sha256: str
     size_bytes: int
     created_at: Any
     expires_at: Any
+    target: str | None = None
+    tenant_uid: str | None = None
+    object_uid: str | None = None
+    token: str | None = None
+    protected: bool = False
+    purged_at: Any = None
 
 
-_COLS = sql.SQL("id, tenant_id::text, namespace, name, schema_name, path, sha256, size_bytes, created_at, expires_at")
+_COLS = sql.SQL(
+    "id, tenant_id::text, namespace, name, schema_name, path, sha256, size_bytes, created_at, expires_at,"
+    " target, tenant_uid, object_uid, token, protected, purged_at"
+)
 
 
 def _t(control: str) -> sql.Composed:
@@ -33,14 +43,42 @@ def _t(control: str) -> sql.Composed:
 
 
 async def record(conn: Conn, control: str, *, archive_id: str, tenant_id: str, namespace: str, name: str,
-                 schema: str, path: str, sha256: str, size_bytes: int, retention: datetime.timedelta) -> None:
+                 schema: str, path: str, sha256: str, size_bytes: int, expires_at: datetime.datetime,
+                 target: str, tenant_uid: str | None, token: str) -> ArchiveRow:
+    cur = await conn.execute(
+        sql.SQL(
+            "INSERT INTO {t} (id, tenant_id, namespace, name, schema_name, path, sha256, size_bytes, expires_at,"
+            " target, tenant_uid, token) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " RETURNING {c}"
+        ).format(t=_t(control), c=_COLS),
+        [archive_id, tenant_id, namespace, name, schema, path, sha256, size_bytes, expires_at, target, tenant_uid,
+         token],
+    )
+    row = await cur.fetchone()
+    return ArchiveRow(**row)  # type: ignore[arg-type]
+
+
+async def restore_row(conn: Conn, control: str, meta: dict[str, Any]) -> bool:
+    """Put back the catalog row of an archive found in the store (after a reinstall): with a registry
+    row in state 'archived' for its tenant if there is none. False if the catalog already has it."""
     await conn.execute(
         sql.SQL(
-            "INSERT INTO {} (id, tenant_id, namespace, name, schema_name, path, sha256, size_bytes, expires_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now() + %s)"
-        ).format(_t(control)),
-        [archive_id, tenant_id, namespace, name, schema, path, sha256, size_bytes, retention],
+            "INSERT INTO {} (id, namespace, name, k8s_uid, schema_name, role_name, tier, state, deleted_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, 'unknown', 'archived', now()) ON CONFLICT (id) DO NOTHING"
+        ).format(sql.Identifier(control, "tenants")),
+        [meta["tenant_id"], meta["namespace"], meta["name"], meta.get("tenant_uid"), meta["schema"], meta["schema"]],
     )
+    cur = await conn.execute(
+        sql.SQL(
+            "INSERT INTO {} (id, tenant_id, namespace, name, schema_name, path, sha256, size_bytes, created_at,"
+            " expires_at, target, tenant_uid, token) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (id) DO NOTHING"
+        ).format(_t(control)),
+        [meta["id"], meta["tenant_id"], meta["namespace"], meta["name"], meta["schema"], meta["location"],
+         meta["sha256"], int(meta["size_bytes"]), meta["created_at"], meta["expires_at"], meta.get("target"),
+         meta.get("tenant_uid"), meta.get("token")],
+    )
+    return cur.rowcount == 1
 
 
 async def find(conn: Conn, control: str, namespace: str, name: str, ref: str) -> ArchiveRow | None:
@@ -63,12 +101,44 @@ async def find(conn: Conn, control: str, namespace: str, name: str, ref: str) ->
     return ArchiveRow(**row) if row else None  # type: ignore[arg-type]
 
 
-async def expired(conn: Conn, control: str) -> list[ArchiveRow]:
+async def by_id(conn: Conn, control: str, namespace: str, archive_id: str) -> ArchiveRow | None:
+    """The archive ``archive_id`` of ``namespace`` (purged or not): a TenantArchive's row."""
     cur = await conn.execute(
-        sql.SQL("SELECT {c} FROM {t} WHERE purged_at IS NULL AND expires_at <= now()").format(c=_COLS, t=_t(control))
+        sql.SQL("SELECT {c} FROM {t} WHERE id = %s AND namespace = %s").format(c=_COLS, t=_t(control)),
+        [archive_id, namespace],
+    )
+    row = await cur.fetchone()
+    return ArchiveRow(**row) if row else None  # type: ignore[arg-type]
+
+
+async def expired(conn: Conn, control: str) -> list[ArchiveRow]:
+    """Past their retention and not protected."""
+    cur = await conn.execute(
+        sql.SQL("SELECT {c} FROM {t} WHERE purged_at IS NULL AND expires_at <= now() AND NOT protected").format(
+            c=_COLS, t=_t(control))
     )
     return [ArchiveRow(**r) for r in await cur.fetchall()]  # type: ignore[arg-type]
 
 
+async def unlisted(conn: Conn, control: str, limit: int = 100) -> list[ArchiveRow]:
+    """Unpurged archives without their TenantArchive object yet."""
+    cur = await conn.execute(
+        sql.SQL("SELECT {c} FROM {t} WHERE object_uid IS NULL AND purged_at IS NULL ORDER BY created_at LIMIT %s")
+        .format(c=_COLS, t=_t(control)), [limit],
+    )
+    return [ArchiveRow(**r) for r in await cur.fetchall()]  # type: ignore[arg-type]
+
+
+async def set_object(conn: Conn, control: str, archive_id: str, object_uid: str) -> None:
+    await conn.execute(sql.SQL("UPDATE {} SET object_uid = %s WHERE id = %s").format(_t(control)),
+                       [object_uid, archive_id])
+
+
+async def set_protected(conn: Conn, control: str, archive_id: str, protected: bool) -> None:
+    await conn.execute(sql.SQL("UPDATE {} SET protected = %s WHERE id = %s AND protected <> %s").format(_t(control)),
+                       [protected, archive_id, protected])
+
+
 async def mark_purged(conn: Conn, control: str, archive_id: str) -> None:
-    await conn.execute(sql.SQL("UPDATE {} SET purged_at = now() WHERE id = %s").format(_t(control)), [archive_id])
+    await conn.execute(sql.SQL("UPDATE {} SET purged_at = now() WHERE id = %s AND purged_at IS NULL")
+                       .format(_t(control)), [archive_id])

@@ -212,3 +212,17 @@ class Kube:
             result = safejson.loads(await raw(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, plural))
             items += result.get("items") or []
         return items
+
+    async def create_object(self, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Create one of our objects; returns it as created."""
+        created = await raw(self.custom.create_namespaced_custom_object, GROUP, VERSION, namespace, plural, body)
+        return safejson.loads(created)  # type: ignore[no-any-return]
+
+    async def delete_object(self, plural: str, namespace: str, name: str, uid: str) -> None:
+        """Delete that very object (uid precondition); no error if it is gone or another has its name."""
+        try:
+            await self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, plural, name,
+                                                              body={"preconditions": {"uid": uid}})
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                raise

@@ -33,6 +33,7 @@ from tenancy_operator.k8s.kubectl import FIELD_MANAGER, KubeError, PluginKube, r
 from tenancy_operator.plugin import render
 
 TENANTS, QUOTAS, FLAGS, SCHEMA_ROLLOUTS = "tenants", "quotas", "featureflags", "schemarollouts"
+ARCHIVES = "tenantarchives"
 ROLLOUT_KINDS = {"schemarollout": SCHEMA_ROLLOUTS, "featureflag": FLAGS}
 POLL_INTERVAL = 1.0
 EXIT_FAILED, EXIT_USAGE = 1, 2
@@ -154,17 +155,20 @@ async def _secret_exists(s: Session, name: str) -> bool | None:
 
 
 async def cmd_archives(s: Session) -> int:
+    """The TenantArchive objects (every archive kept), then the recent Events about archives,
+    restores and what deletion did with the data (Events expire)."""
     scope = None if s.args.all_namespaces else s.namespace
     selector = "involvedObject.kind=Tenant" + (f",involvedObject.name={s.args.tenant}" if s.args.tenant else "")
-    rows = render.archive_rows(await s.kube.list_events(scope, selector))
+    objects, events = await asyncio.gather(s.kube.list_all(ARCHIVES, scope), s.kube.list_events(scope, selector))
+    archives = render.archive_objects(objects, s.args.tenant)
+    rows = render.archive_rows(events)
     if s.args.output == "json":
-        _print_json(rows)
+        _print_json({"archives": archives, "events": rows})
         return 0
-    if not rows:
-        print("No archive, restore or deletion Events (Events expire: the API server keeps them for its "
-              "--event-ttl, 1h by default).")
-        return 0
-    print(render.archives_table(rows, _now(), all_namespaces=bool(s.args.all_namespaces)))
+    wide = bool(s.args.all_namespaces)
+    print(render.archive_objects_table(archives, _now(), all_namespaces=wide) if archives else "No archives.")
+    if rows:
+        print("\nRecent Events:\n" + render.archives_table(rows, _now(), all_namespaces=wide))
     return 0
 
 
@@ -497,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     _waiting(p)
     p.set_defaults(func=cmd_retry)
 
-    p = sub.add_parser("archives", parents=[common], help="archives, restores and data at deletion, from Events")
+    p = sub.add_parser("archives", parents=[common], help="the archives kept (TenantArchives), and recent Events "
+                                                      "about archives, restores and data at deletion")
     p.add_argument("tenant", nargs="?")
     p.add_argument("-A", "--all-namespaces", action="store_true")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")

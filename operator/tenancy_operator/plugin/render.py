@@ -257,6 +257,34 @@ def archive_rows(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def archive_objects(items: Iterable[Mapping[str, Any]], tenant: str | None = None) -> list[dict[str, Any]]:
+    """TenantArchive objects (the durable list), newest first; ``tenant``: of that Tenant only."""
+    out = []
+    for item in items:
+        meta, status = item.get("metadata") or {}, item.get("status") or {}
+        source = status.get("tenant") or {}
+        if tenant and source.get("name") != tenant:
+            continue
+        out.append({
+            "namespace": meta.get("namespace"), "name": meta.get("name"), "tenant": source.get("name"),
+            "target": status.get("target"), "sizeBytes": status.get("sizeBytes"), "sha256": status.get("sha256"),
+            "location": status.get("location"), "createdAt": status.get("createdAt"),
+            "expiresAt": status.get("expiresAt"), "protected": bool((item.get("spec") or {}).get("protected")),
+            "phase": status.get("phase"),
+        })
+    return sorted(out, key=lambda r: str(r["createdAt"] or ""), reverse=True)
+
+
+def archive_objects_table(rows: Sequence[Mapping[str, Any]], now: datetime, *, all_namespaces: bool) -> str:
+    headers = (["NAMESPACE"] if all_namespaces else []) + ["NAME", "TENANT", "TARGET", "SIZE", "AGE", "EXPIRES",
+                                                            "PROTECTED", "PHASE"]
+    body = [([r["namespace"]] if all_namespaces else [])
+            + [r["name"], r["tenant"] or "-", r["target"] or "-", r["sizeBytes"] if r["sizeBytes"] is not None else "-",
+               age(r["createdAt"], now), r["expiresAt"] or "-", "yes" if r["protected"] else "no", r["phase"] or "-"]
+            for r in rows]
+    return table(headers, body)
+
+
 def archives_table(rows: Sequence[Mapping[str, Any]], now: datetime, *, all_namespaces: bool) -> str:
     headers = (["NAMESPACE"] if all_namespaces else []) + ["TENANT", "EVENT", "ARCHIVE", "AGE", "MESSAGE"]
     body = [([r["namespace"]] if all_namespaces else [])

@@ -4,8 +4,8 @@ deletion policy (reconcilers/tenant.py calls these steps)."""
 from __future__ import annotations
 
 import contextlib
+import secrets
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -14,6 +14,7 @@ import psycopg_pool
 from tenancy_operator import archive
 from tenancy_operator.api.common import parse_duration
 from tenancy_operator.api.tenant import TenantSpec, tenant_identifier
+from tenancy_operator.archive_store import StoreError
 from tenancy_operator.db import archives as archive_sql
 from tenancy_operator.db import jobs as ledger
 from tenancy_operator.db import tenant_migrations as tm
@@ -21,6 +22,7 @@ from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.targets import Conn
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.k8s.managed_fields import last_change
+from tenancy_operator.reconcilers import archive_catalog as catalog
 from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.reconcilers.lifecycle import JobFailed, JobGate, using
 from tenancy_operator.reconcilers.tenant_base import (
@@ -37,7 +39,6 @@ from tenancy_operator.reconcilers.tenant_base import (
     secret_name,
     spec_for_deletion,
 )
-from tenancy_operator.runtime_context import OperatorContext
 
 
 class LifecycleSteps(TenantSteps):
@@ -68,10 +69,11 @@ class LifecycleSteps(TenantSteps):
         async def restore() -> dict[str, str]:
             settings = self.ctx.settings
             try:
+                store = self.ctx.store_at(found.path)
                 async with sqlt.delegate_login(conn, ident, self._iterations) as (user, password):
                     login = {**self.ctx.targets.conninfo(spec.database), "user": user, "password": password}
                     await archive.restore_schema(
-                        login, path=Path(found.path), sha256=found.sha256, schema=ident, role=ident,
+                        login, store=store, location=found.path, sha256=found.sha256, schema=ident, role=ident,
                         workdir=settings.archive_dir, deadline=settings.archive_deadline_seconds,
                     )
                     # The archive brought the tenant's migration records along: read with its rights.
@@ -80,7 +82,7 @@ class LifecycleSteps(TenantSteps):
                         connect_timeout=settings.db_connect_timeout_seconds,
                         deadline=settings.migration_deadline_seconds,
                     )
-            except (archive.ArchiveCorrupt, archive.ArchiveUnavailable) as exc:
+            except (archive.ArchiveCorrupt, archive.ArchiveUnavailable, StoreError) as exc:
                 raise StepFailed(str(exc)) from exc
 
         records = await gate.run("restore", restore, detail=f"from archive {found.id}",
@@ -279,50 +281,35 @@ class LifecycleSteps(TenantSteps):
     async def _archive(self, conn: Conn, gate: JobGate, body: Mapping[str, Any], spec: TenantSpec, ident: str,
                        tenant_id: str) -> list[tuple[str, str, str]]:
         meta = body["metadata"]
+        retention = parse_duration(str(spec.archive_retention))
 
-        async def dump() -> archive.Archive:
+        async def dump() -> archive_sql.ArchiveRow:
+            token = secrets.token_hex(16)
+            expires_at = catalog.expiry(retention)
+            description = {"tenant_id": tenant_id, "tenant_uid": meta.get("uid"), "target": spec.database,
+                           "token": token, "expires_at": expires_at.isoformat()}
             try:
+                store = self.ctx.archive_store(spec.database)
                 async with sqlt.delegate_login(conn, ident, self._iterations) as (user, password):
                     made = await archive.dump_schema(
                         {**self.ctx.targets.conninfo(spec.database), "user": user, "password": password},
-                        directory=self.ctx.settings.archive_dir, namespace=meta["namespace"], name=meta["name"],
-                        schema=ident, role=ident, deadline=self.ctx.settings.archive_deadline_seconds,
+                        store=store, namespace=meta["namespace"], name=meta["name"], schema=ident, role=ident,
+                        description=description, deadline=self.ctx.settings.archive_deadline_seconds,
                     )
-            except archive.ArchiveUnavailable as exc:
+            except (archive.ArchiveUnavailable, StoreError) as exc:
                 raise StepFailed(str(exc)) from exc
-            await archive_sql.record(
+            return await archive_sql.record(
                 conn, self.control, archive_id=made.id, tenant_id=tenant_id, namespace=meta["namespace"],
-                name=meta["name"], schema=ident, path=str(made.path), sha256=made.sha256,
-                size_bytes=made.size_bytes, retention=parse_duration(str(spec.archive_retention)),
+                name=meta["name"], schema=ident, path=made.location, sha256=made.sha256,
+                size_bytes=made.size_bytes, expires_at=expires_at, target=spec.database,
+                tenant_uid=meta.get("uid"), token=token,
             )
-            return made
 
         try:
             made = await gate.run("archive", dump, detail=f"pg_dump of schema {ident}")
         except JobFailed as exc:
             raise ArchiveBlocked(exc.error) from exc
-        return [("Normal", "Archived", f"archive {made.id} written and verified ({made.size_bytes} bytes, "
-                 f"sha256 {made.sha256[:12]}); kept for {spec.archive_retention}")]
-
-
-
-async def purge_expired_archives(ctx: OperatorContext, target: str) -> list[str]:
-    """Delete archives past their retention (a ``purge`` job each, logged in the registry)."""
-    control = ctx.settings.control_schema
-    purged: list[str] = []
-    async with ctx.targets.pool(target).connection() as conn:
-        for row in await archive_sql.expired(conn, control):
-            gate = JobGate(using(conn), control, row.tenant_id, generation=None, retry_token=None,
-                           max_attempts=1_000_000)
-
-            async def purge(row: archive_sql.ArchiveRow = row) -> None:
-                await archive.purge(Path(row.path))
-                await archive_sql.mark_purged(conn, control, row.id)
-
-            try:
-                await gate.run("purge", purge, detail=f"archive {row.id} past its retention")
-                purged.append(row.id)
-            except JobFailed:
-                continue  # counted and logged in the ledger; tried again at the next sweep
-    return purged
-
+        # Its TenantArchive; if the namespace is going, the catalog keeps the archive all the same.
+        await catalog.publish(self.ctx, conn, made)
+        return [("Normal", "Archived", f"archive {made.id} written to {made.path.rsplit('/', 1)[0]}/ and verified "
+                 f"({made.size_bytes} bytes, sha256 {made.sha256[:12]}); kept for {spec.archive_retention}")]

@@ -1,0 +1,97 @@
+"""TenantArchive handlers: create/update/resume show the catalog's record in status and carry
+spec.protected into the catalog; deletion purges the archive (reconcilers/tenantarchive.py).
+Kopf's finalizer holds a deleted object until its archive is purged, or for as long as it is
+protected."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from tenancy_operator import GROUP, VERSION
+from tenancy_operator.conditions import merge, readiness
+from tenancy_operator.handlers.common import backoff, on_reconcile, service_of, write_status
+from tenancy_operator.k8s.client import ApiError
+from tenancy_operator.observability import metrics
+from tenancy_operator.observability.logging import get_logger
+from tenancy_operator.reconcilers.errors import Retry
+from tenancy_operator.reconcilers.tenantarchive import PLURAL, Outcome, TenantArchiveReconciler
+from tenancy_operator.runtime_context import OperatorContext
+
+KIND = "TenantArchive"
+PROTECTED_RECHECK_SECONDS = 10.0
+"""How soon a deletion held by spec.protected looks again (Kopf runs no update handler meanwhile)."""
+log = get_logger(__name__)
+
+
+def desired_status(body: Mapping[str, Any], out: Outcome) -> dict[str, Any]:
+    generation = int(body["metadata"].get("generation") or 0)
+    conds, drop = readiness(out.ready, out.stalled, out.reason, out.message)
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "conditions": merge((body.get("status") or {}).get("conditions"), conds, generation, drop=drop),
+    }
+    if out.status is not None:
+        status.update(out.status.model_dump(mode="json", exclude_none=True,
+                                            exclude={"conditions", "observed_generation"}))
+    return status
+
+
+class TenantArchiveService:
+    def __init__(self, ctx: OperatorContext) -> None:
+        self.ctx = ctx
+        self.reconciler = TenantArchiveReconciler(ctx)
+
+    async def run(self, body: Mapping[str, Any], retry: int = 0, *, deleting: bool = False) -> None:
+        meta = body["metadata"]
+        async with self.ctx.lock(KIND, str(meta["namespace"]), str(meta["name"])):
+            with metrics.observe_reconcile(KIND):
+                try:
+                    out = await (self.reconciler.finalize(body) if deleting else self.reconciler.reconcile(body))
+                except Retry as exc:
+                    metrics.record_result(KIND, False, exc.reason)
+                    await self._report(body, Outcome(False, exc.reason, exc.message))
+                    raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
+            metrics.record_result(KIND, out.ready, None if out.ready else out.reason)
+            if not (deleting and out.done):
+                await self._report(body, out)
+            else:
+                for type_, reason, message in out.events:
+                    self.ctx.events.post(body, type_, reason, message)
+        if deleting and not out.done:
+            delay = PROTECTED_RECHECK_SECONDS if out.reason == "Protected" else backoff(retry)
+            raise kopf.TemporaryError(out.message, delay=delay)
+
+    async def _report(self, body: Mapping[str, Any], out: Outcome) -> None:
+        meta = body["metadata"]
+        for type_, reason, message in out.events:
+            self.ctx.events.post(body, type_, reason, message)
+        if out.events or not out.ready:
+            log.info("reconciled", kind=KIND, namespace=meta["namespace"], name=meta["name"],
+                     result="ready" if out.ready else out.reason)
+        try:
+            await write_status(self.ctx.kube, PLURAL, body, desired_status(body, out))
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+
+
+SERVICE = TenantArchiveService
+"""The kind's service class: runtime.py makes one per process (memo.services[KIND])."""
+
+
+def register(registry: kopf.OperatorRegistry) -> None:
+    """Attach the TenantArchive handlers to ``registry``."""
+
+    def service(memo: Any) -> TenantArchiveService:
+        return service_of(memo, KIND)  # type: ignore[no-any-return]
+
+    @on_reconcile(registry, PLURAL)
+    async def tenantarchive_reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+        await service(memo).run(body, retry)
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="purge")
+    async def tenantarchive_purge(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+        await service(memo).run(body, retry, deleting=True)
