@@ -11,7 +11,7 @@ from types import FrameType
 
 from tenancy_devenv.binaries import postgres_bindir, repo_root
 from tenancy_devenv.process import DevEnvError
-from tenancy_devenv.stack import DEFAULT_TARGET, LocalStack
+from tenancy_devenv.stack import DEV_TARGETS, LocalStack
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--no-operator", action="store_true", help="do not start the operator (run it yourself)")
         p.add_argument(
-            "--targets", default=DEFAULT_TARGET, help="comma-separated database target names (default: default)"
+            "--targets", default=",".join(DEV_TARGETS),
+            help=f"comma-separated database target names (default: {','.join(DEV_TARGETS)})",
         )
         p.add_argument(
             "--postgres-major",

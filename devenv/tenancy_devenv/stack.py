@@ -24,6 +24,11 @@ from tenancy_devenv.process import DevEnvError, Service, free_ports, wait_for
 from tenancy_operator.config import TARGET_NAME
 
 DEFAULT_TARGET = "default"
+DEV_TARGETS = (DEFAULT_TARGET, "us")
+"""`make dev`'s database targets: two PostgreSQL clusters, labelled as in TARGET_LABELS."""
+TARGET_LABELS = {DEFAULT_TARGET: {"residency": "eu"}, "us": {"residency": "us"}}
+"""Placement labels of the dev operator's targets (TENANCY_DATABASE_TARGET_LABELS), so that a
+Tenant's spec.placement.requiredLabels can be tried out."""
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -186,6 +191,8 @@ class LocalStack:
                 "TENANCY_ARCHIVE_DIR": str(self.workdir / "archive"),
                 "TENANCY_ARCHIVE_STORE": json.dumps(self.archive_store_config()),
                 "TENANCY_PG_BIN_DIR": str(self.pg_bindir),  # pg_dump of the server's major
+                "TENANCY_DATABASE_TARGET_LABELS": json.dumps(
+                    {t: labels for t, labels in TARGET_LABELS.items() if t in self.postgres}),
                 **os.environ,
                 "KUBECONFIG": str(self.kubeconfig),
                 "TENANCY_DATABASE_TARGETS": json.dumps(targets),

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     database_targets_dir: Path | None = Field(
         default=None, description="Directory with one file per target (name = target, content = DSN)."
     )
+    database_target_labels: str = Field(
+        default="", description='JSON target -> labels, e.g. {"eu-1": {"residency": "eu", "tier": "ssd"}}'
+    )
     namespaces: str = Field(default="", description="Comma-separated namespaces to watch; empty: all.")
     control_schema: str = Field(default="tenancy", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     metrics_port: int = Field(default=8080, ge=0, le=65535)
@@ -175,6 +178,13 @@ class Settings(BaseSettings):
         tier_defaults_from_json(v)  # fail at start-up, not at the first quota evaluation
         return v
 
+    @field_validator("database_target_labels")
+    @classmethod
+    def _target_labels_valid(cls, v: str) -> str:
+        if v:
+            Settings.model_construct(database_target_labels=v).target_labels  # noqa: B018 - parsed for its errors
+        return v
+
     @field_validator("archive_store")
     @classmethod
     def _store_valid(cls, v: str) -> str:
@@ -213,6 +223,22 @@ class Settings(BaseSettings):
             if not TARGET_NAME.match(name):
                 raise ValueError(f"database target name {name!r} is not a valid target name")
         return found
+
+    @cached_property
+    def target_labels(self) -> dict[str, dict[str, str]]:
+        """Labels of each database target (placement: a Tenant may require some); unlisted: none."""
+        if not self.database_target_labels:
+            return {}
+        try:
+            raw = json.loads(self.database_target_labels)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"TENANCY_DATABASE_TARGET_LABELS is not valid JSON: {exc.msg}") from None
+        if not isinstance(raw, dict) or not all(
+            isinstance(labels, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
+            for labels in raw.values()
+        ):
+            raise ValueError("TENANCY_DATABASE_TARGET_LABELS must be a JSON object of target -> {label: value}")
+        return {str(t): dict(labels) for t, labels in raw.items()}
 
     @cached_property
     def stores(self) -> dict[str, StoreConfig]:

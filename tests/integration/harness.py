@@ -92,6 +92,9 @@ class OperatorProcess:
             "TENANCY_ARCHIVE_DIR": str(self.workdir / "archive"),
             "TENANCY_ARCHIVE_STORE": json.dumps(self.stack.archive_store_config()),
             "TENANCY_ARCHIVE_CATALOG_CHECK_SECONDS": "2",
+            # Placement: test_placement.py requires these of the session's two targets.
+            "TENANCY_DATABASE_TARGET_LABELS": json.dumps({"default": {"residency": "eu", "disk": "ssd"},
+                                                          "second": {"residency": "us"}}),
             "TENANCY_PG_BIN_DIR": str(self.stack.pg_bindir),  # pg_dump/pg_restore of the server's major
             "TENANCY_LOG_LEVEL": os.environ.get("TENANCY_TEST_LOG_LEVEL", "INFO"),
             **self.extra_env,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, AwareDatetime, Field
@@ -148,6 +149,26 @@ class CredentialsStatus(ApiModel):
     retiring_at: AwareDatetime | None = None
 
 
+PLACEMENT_KEY_PATTERN = r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$"
+PLACEMENT_VALUE_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+PlacementKey = Annotated[str, Field(max_length=63, pattern=PLACEMENT_KEY_PATTERN)]
+PlacementValue = Annotated[str, Field(max_length=63, pattern=PLACEMENT_VALUE_PATTERN)]
+
+
+class Placement(ApiModel):
+    """Where the tenant's data may live."""
+
+    required_labels: dict[PlacementKey, PlacementValue] = Field(default_factory=dict, max_length=16)
+    """Labels the tenant's database target must carry (the operator's TENANCY_DATABASE_TARGET_LABELS),
+    e.g. `residency: eu`. On a target without them nothing is provisioned: Ready=False, reason
+    PlacementViolation."""
+
+
+def placement_violations(required: Mapping[str, str], labels: Mapping[str, str]) -> list[str]:
+    """The required labels ``labels`` lacks or holds with another value, as `key=value`."""
+    return [f"{k}={v}" for k, v in sorted(required.items()) if labels.get(k) != v]
+
+
 class TenantSpec(ApiModel, json_schema_extra=validations(_DATABASE_IMMUTABLE, _RESTORE_FROM_IMMUTABLE)):
     """Desired state of a tenant."""
 
@@ -170,6 +191,8 @@ class TenantSpec(ApiModel, json_schema_extra=validations(_DATABASE_IMMUTABLE, _R
     """Archive id (or `latest`) to restore the schema from when it is created. Immutable once set."""
     credentials: CredentialsSpec = Field(default_factory=CredentialsSpec)
     """Rotation schedule, grace period and the optional read-only login."""
+    placement: Placement | None = None
+    """Requirements on the database target (data residency, tier of hardware...)."""
 
 
 class JobRef(ApiModel):

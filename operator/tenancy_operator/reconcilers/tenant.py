@@ -26,7 +26,7 @@ from tenancy_operator.api.names import (
     ACK_SCHEMA_RECREATED_ANNOTATION,
     ROTATE_ANNOTATION,
 )
-from tenancy_operator.api.tenant import TenantSpec, tenant_identifier
+from tenancy_operator.api.tenant import TenantSpec, placement_violations, tenant_identifier
 from tenancy_operator.conditions import reported
 from tenancy_operator.db import jobs as ledger
 from tenancy_operator.db import tenant_migrations as tm
@@ -76,6 +76,16 @@ class TenantReconciler(CredentialSteps, LifecycleSteps):
                 False, "UnknownDatabase",
                 f"database target {spec.database!r} is not configured (known: {known})", "Failed", stalled=True,
             )
+        if spec.placement is not None:
+            refused = placement_violations(spec.placement.required_labels,
+                                           self.ctx.settings.target_labels.get(spec.database, {}))
+            if refused:
+                return Outcome(
+                    False, "PlacementViolation",
+                    f"database target {spec.database!r} does not carry the required label(s) {', '.join(refused)} "
+                    "(TENANCY_DATABASE_TARGET_LABELS); nothing of this tenant is placed or changed there",
+                    "Failed", stalled=True,
+                )
         # Kubernetes reads first, so that the pooled connection below is not held while they wait
         # on the API server (with a busy API server, held connections would limit the throughput).
         reads = await self._read_kubernetes(body, spec)
