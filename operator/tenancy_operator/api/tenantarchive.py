@@ -80,7 +80,7 @@ TENANT_ARCHIVE = ResourceInfo(
         PrinterColumn("Tenant", "string", ".status.tenant.name"),
         PrinterColumn("Target", "string", ".status.target"),
         PrinterColumn("Size", "integer", ".status.sizeBytes"),
-        PrinterColumn("Expires", "date", ".status.expiresAt"),
+        PrinterColumn("Expires", "string", ".status.expiresAt"),
         PrinterColumn("Protected", "boolean", ".spec.protected"),
         PrinterColumn("Phase", "string", ".status.phase"),
         READY_COLUMN,
