@@ -12,9 +12,9 @@ import json
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -74,6 +74,17 @@ def store_config(text: str, what: str) -> StoreConfig:
         return StoreConfig.model_validate({"url": value} if isinstance(value, str) else value)
     except ValidationError as exc:
         raise ValueError(f"{what}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+
+
+def json_object(text: str, setting: str) -> dict[str, Any]:
+    """A setting that holds a JSON object; ValueError naming the setting otherwise."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{setting} is not valid JSON: {exc.msg}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{setting} must be a JSON object")
+    return raw
 
 
 class Settings(BaseSettings):
@@ -178,25 +189,14 @@ class Settings(BaseSettings):
         tier_defaults_from_json(v)  # fail at start-up, not at the first quota evaluation
         return v
 
-    @field_validator("database_target_labels")
+    @field_validator("database_target_labels", "archive_store", "archive_stores")
     @classmethod
-    def _target_labels_valid(cls, v: str) -> str:
-        if v:
-            Settings.model_construct(database_target_labels=v).target_labels  # noqa: B018 - parsed for its errors
-        return v
-
-    @field_validator("archive_store")
-    @classmethod
-    def _store_valid(cls, v: str) -> str:
-        if v:
-            store_config(v, "TENANCY_ARCHIVE_STORE")  # fail at start-up, not at the first archive
-        return v
-
-    @field_validator("archive_stores")
-    @classmethod
-    def _stores_valid(cls, v: str) -> str:
-        if v:
-            Settings.model_construct(archive_stores=v).stores  # noqa: B018 - parsed for its errors
+    def _parsed_at_start_up(cls, v: str, info: ValidationInfo) -> str:
+        """Fail at start-up, naming the setting, not at the first placement or archive."""
+        if v and info.field_name is not None:
+            fields: dict[str, Any] = {info.field_name: v}
+            probe = Settings.model_construct(**fields)
+            _ = probe.target_labels if info.field_name == "database_target_labels" else probe.stores
         return v
 
     @cached_property
@@ -208,11 +208,8 @@ class Settings(BaseSettings):
     def targets(self) -> dict[str, str]:
         """All configured database targets, name -> DSN; validated names."""
         found: dict[str, str] = {}
-        try:
-            raw = json.loads(self.database_targets or "{}")
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"TENANCY_DATABASE_TARGETS is not valid JSON: {exc.msg}") from None
-        if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raw = json_object(self.database_targets or "{}", "TENANCY_DATABASE_TARGETS")
+        if not all(isinstance(v, str) for v in raw.values()):
             raise ValueError("TENANCY_DATABASE_TARGETS must be a JSON object of name -> DSN string")
         found.update(raw)
         if self.database_targets_dir is not None and self.database_targets_dir.is_dir():
@@ -229,11 +226,8 @@ class Settings(BaseSettings):
         """Labels of each database target (placement: a Tenant may require some); unlisted: none."""
         if not self.database_target_labels:
             return {}
-        try:
-            raw = json.loads(self.database_target_labels)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"TENANCY_DATABASE_TARGET_LABELS is not valid JSON: {exc.msg}") from None
-        if not isinstance(raw, dict) or not all(
+        raw = json_object(self.database_target_labels, "TENANCY_DATABASE_TARGET_LABELS")
+        if not all(
             isinstance(labels, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
             for labels in raw.values()
         ):
@@ -247,13 +241,7 @@ class Settings(BaseSettings):
         if self.archive_store:
             found["*"] = store_config(self.archive_store, "TENANCY_ARCHIVE_STORE")
         if self.archive_stores:
-            try:
-                raw = json.loads(self.archive_stores)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"TENANCY_ARCHIVE_STORES is not valid JSON: {exc.msg}") from None
-            if not isinstance(raw, dict):
-                raise ValueError("TENANCY_ARCHIVE_STORES must be a JSON object of target -> store")
-            for target, value in raw.items():
+            for target, value in json_object(self.archive_stores, "TENANCY_ARCHIVE_STORES").items():
                 text = value if isinstance(value, str) else json.dumps(value)
                 found[target] = store_config(text, f"TENANCY_ARCHIVE_STORES[{target!r}]")
         return found

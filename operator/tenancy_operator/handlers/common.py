@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import kopf
 
 from tenancy_operator import GROUP, VERSION
-from tenancy_operator.conditions import status_patch
+from tenancy_operator.conditions import merge, readiness, status_patch
 from tenancy_operator.k8s.client import Kube
 from tenancy_operator.observability.logging import get_logger
 
@@ -31,6 +31,24 @@ def on_reconcile(registry: kopf.OperatorRegistry, plural: str) -> Callable[[F], 
         return fn
 
     return decorate
+
+
+def record_status(body: Mapping[str, Any], ready: bool, stalled: bool, reason: str, message: str,
+                  record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The status of a kind whose reconcile returns a verdict and a record (the typed status model's
+    fields, as JSON): conditions from the verdict, the record's fields, and null for fields the
+    record no longer has (a merge patch then removes them)."""
+    generation = int(body["metadata"].get("generation") or 0)
+    conds, drop = readiness(ready, stalled, reason, message)
+    old = body.get("status") or {}
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "conditions": merge(old.get("conditions"), conds, generation, drop=drop),
+    }
+    if record is not None:
+        status.update({k: None for k in old if k not in record and k not in ("conditions", "observedGeneration")})
+        status.update(record)
+    return status
 
 
 async def write_status(kube: Kube, plural: str, body: Mapping[str, Any], desired: Mapping[str, Any]) -> None:

@@ -11,8 +11,7 @@ from typing import Any
 import kopf
 
 from tenancy_operator import GROUP, VERSION
-from tenancy_operator.conditions import merge, readiness
-from tenancy_operator.handlers.common import Rechecks, backoff, on_reconcile, service_of, write_status
+from tenancy_operator.handlers.common import Rechecks, backoff, on_reconcile, record_status, service_of, write_status
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
@@ -25,19 +24,9 @@ log = get_logger(__name__)
 
 
 def desired_status(body: Mapping[str, Any], out: Outcome) -> dict[str, Any]:
-    generation = int(body["metadata"].get("generation") or 0)
-    conds, drop = readiness(out.ready, out.stalled, out.reason, out.message)
-    status: dict[str, Any] = {
-        "observedGeneration": generation,
-        "conditions": merge((body.get("status") or {}).get("conditions"), conds, generation, drop=drop),
-    }
-    if out.status is not None:
-        record = out.status.model_dump(mode="json", exclude_none=True, exclude={"conditions", "observed_generation"})
-        old = body.get("status") or {}
-        # Fields of the record that are unset now are removed (a merge patch of null).
-        status.update({k: None for k in old if k not in record and k not in ("conditions", "observedGeneration")})
-        status.update(record)
-    return status
+    record = None if out.status is None else out.status.model_dump(
+        mode="json", exclude_none=True, exclude={"conditions", "observed_generation"})
+    return record_status(body, out.ready, out.stalled, out.reason, out.message, record)
 
 
 class SchemaRolloutService:

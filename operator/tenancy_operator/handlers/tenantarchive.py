@@ -11,8 +11,7 @@ from typing import Any
 import kopf
 
 from tenancy_operator import GROUP, VERSION
-from tenancy_operator.conditions import merge, readiness
-from tenancy_operator.handlers.common import backoff, on_reconcile, service_of, write_status
+from tenancy_operator.handlers.common import backoff, on_reconcile, record_status, service_of, write_status
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
@@ -27,16 +26,9 @@ log = get_logger(__name__)
 
 
 def desired_status(body: Mapping[str, Any], out: Outcome) -> dict[str, Any]:
-    generation = int(body["metadata"].get("generation") or 0)
-    conds, drop = readiness(out.ready, out.stalled, out.reason, out.message)
-    status: dict[str, Any] = {
-        "observedGeneration": generation,
-        "conditions": merge((body.get("status") or {}).get("conditions"), conds, generation, drop=drop),
-    }
-    if out.status is not None:
-        status.update(out.status.model_dump(mode="json", exclude_none=True,
-                                            exclude={"conditions", "observed_generation"}))
-    return status
+    record = None if out.status is None else out.status.model_dump(
+        mode="json", exclude_none=True, exclude={"conditions", "observed_generation"})
+    return record_status(body, out.ready, out.stalled, out.reason, out.message, record)
 
 
 class TenantArchiveService:
