@@ -213,3 +213,25 @@ def test_retention_purges_the_objects_and_the_tenantarchive(
     assert not exists(s3, location)
     assert sql_value(stack.admin_dsn(), "SELECT purged_at IS NOT NULL FROM tenancy.tenant_archives WHERE id = %s",
                      [archive_id]) is True
+
+
+def test_a_target_with_a_store_of_its_own_archives_there(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str, s3: Minio
+) -> None:
+    """TENANCY_ARCHIVE_STORES gives the second target its own place (here a prefix of the bucket)."""
+    cluster.create(PLURAL, namespace, tenant("abroad", database="second", deletionPolicy="Archive"))
+    cluster.wait_condition(PLURAL, namespace, "abroad")
+    cluster.delete(PLURAL, namespace, "abroad")
+    eventually(lambda: cluster.gone(PLURAL, namespace, "abroad"), timeout=90, what="archived")
+
+    def listed() -> dict[str, Any]:
+        (item,) = cluster.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, ARCHIVES)["items"]
+        assert (item.get("status") or {}).get("phase") == "Available", item.get("status")
+        return item  # type: ignore[no-any-return]
+
+    status = eventually(listed, timeout=60, what="the TenantArchive")["status"]
+    assert status["target"] == "second"
+    assert status["location"].startswith(f"s3://{stack.objectstore.bucket}/second-target/{namespace}/abroad/")
+    assert exists(s3, status["location"])
+    cluster.create(PLURAL, namespace, tenant("abroad", database="second", restoreFrom="latest"))
+    cluster.wait_condition(PLURAL, namespace, "abroad", timeout=90)

@@ -35,7 +35,8 @@ ALL_FEATURES = [
 ]
 NAMESPACED = ["--set", "rbac.scope=namespaced", "--set", "namespaces={a,b}"]
 MONITORING = {"ServiceMonitor", "PrometheusRule"}  # prometheus-operator CRDs are not in the test cluster
-TENANCY_CRDS = ("tenants.tenancy.dev", "quotas.tenancy.dev", "featureflags.tenancy.dev", "schemarollouts.tenancy.dev")
+TENANCY_CRDS = ("tenants.tenancy.dev", "quotas.tenancy.dev", "featureflags.tenancy.dev", "schemarollouts.tenancy.dev",
+                "tenantarchives.tenancy.dev")
 # The session's CRDs are the harness's (applied from crds/ at start, as on a cluster where they are
 # managed apart from the release): installs of the chart leave them alone, except the CRD upgrade test.
 NO_CRDS = ["--set", "crds.install=false"]
@@ -44,9 +45,11 @@ NO_CRDS = ["--set", "crds.install=false"]
 NAMESPACE_RULES = [
     {"apiGroups": ["tenancy.dev"], "resources": ["tenants", "featureflags", "schemarollouts"],
      "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["tenancy.dev"], "resources": ["tenantarchives"],
+     "verbs": ["get", "list", "watch", "patch", "create", "delete"]},
     {"apiGroups": ["tenancy.dev"], "resources": ["quotas"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["tenancy.dev"], "resources": ["tenants/status", "quotas/status", "featureflags/status",
-                                                 "schemarollouts/status"],
+                                                 "schemarollouts/status", "tenantarchives/status"],
      "verbs": ["patch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "update", "delete"]},
@@ -183,6 +186,21 @@ def test_default_render(helm: Helm, release: str) -> None:
     (dep_doc,) = [d for d in docs if d["kind"] == "Deployment"]
     vols = {v["name"]: v for v in dep_doc["spec"]["template"]["spec"]["volumes"]}
     assert vols["archive"]["persistentVolumeClaim"]["claimName"] == "backups"
+    # An object store: no claim, the volume is scratch space, the keys a mounted Secret.
+    docs = helm.template(release, "tenancy-system", "--set", "archive.store.url=s3://acme-archives/prod",
+                         "--set", "archive.store.credentialsSecret=archive-keys",
+                         "--set", "archive.store.endpoint=http://minio.storage:9000")
+    assert "PersistentVolumeClaim" not in {d["kind"] for d in docs}
+    (dep_doc,) = [d for d in docs if d["kind"] == "Deployment"]
+    pod = dep_doc["spec"]["template"]["spec"]
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in vols["archive"] and vols["archive-store"]["secret"]["secretName"] == "archive-keys"
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert json.loads(env["TENANCY_ARCHIVE_STORE"]) == {
+        "url": "s3://acme-archives/prod", "endpoint": "http://minio.storage:9000", "region": "us-east-1",
+        "credentialsDir": "/etc/tenancy/archive-store", "serverSideEncryption": "", "kmsKeyId": ""}
+    assert {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}["archive-store"] == \
+        "/etc/tenancy/archive-store"
 
 
 def test_peering_render(helm: Helm, release: str) -> None:
