@@ -1,5 +1,6 @@
-"""Archive and restore benchmark: a tenant of N MB archived to the S3-compatible store (s3proxy on
-this machine, as `make dev` runs it) by its deletion, then restored into a new Tenant.
+"""Archive, restore and move benchmark: a tenant of N MB archived to the S3-compatible store
+(s3proxy on this machine, as `make dev` runs it) by its deletion, restored into a new Tenant, then
+moved to a second database target (another PostgreSQL cluster on this machine).
 
     bench/archive --sizes 100,1000        # MB of table data per tenant
 
@@ -9,11 +10,13 @@ Per size it prints the data size, the dump's size, and four times:
   its SHA-256 checked, the catalog row written);
 - delete: `kubectl delete` until the Tenant is gone (the archive job, then the drop);
 - restore: the `restore` job (checksum pass, then `pg_restore` in one transaction);
-- ready: from the Tenant's creation with `restoreFrom` until it is Ready.
+- ready: from the Tenant's creation with `restoreFrom` until it is Ready;
+- move: from the change of spec.database until status.lastMove is written, and the move's write
+  downtime (status.lastMove.writeDowntimeSeconds: writes stopped on the source until possible on
+  the destination).
 
 It also prints the operator's peak RSS, which shows that no dump is held in memory. Results go to
-bench/results/archive-<sizes>-<time>.json. Moves between targets are not measured: the operator
-has none yet.
+bench/results/archive-<sizes>-<time>.json.
 """
 
 from __future__ import annotations
@@ -109,14 +112,27 @@ async def one(stack: Stack, op: Operator, megabytes: int) -> dict[str, Any]:
     await asyncio.to_thread(wait_until, lambda: is_ready(get(stack, name) or {"metadata": {}}), 7200,
                             f"{name} restored", 0.2)
     ready = time.monotonic() - started
-    await sampler.stop()
     restore_job = job_seconds(stack, name, "restore")
-    with psycopg.connect(stack.admin_dsn, autocommit=True) as conn:
+    log(f"{name}: restored in {restore_job:.1f} s; moving to the second target")
+    started = time.monotonic()
+    stack.local.kubectl("patch", "tenant", name, "-n", NAMESPACE, "--type", "merge", "-p",
+                        json.dumps({"spec": {"database": "second"}}))
+
+    def moved() -> bool:
+        obj = get(stack, name) or {}
+        return bool((obj.get("status") or {}).get("lastMove")) and is_ready(obj)
+
+    await asyncio.to_thread(wait_until, moved, 7200, f"{name} moved", 0.2)
+    move_s = time.monotonic() - started
+    last_move = ((get(stack, name) or {}).get("status") or {}).get("lastMove") or {}
+    await sampler.stop()
+    with psycopg.connect(stack.local.admin_dsn("second"), autocommit=True) as conn:
         count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(ident, "payload"))).fetchone()
     if count is None or count[0] != megabytes * 1_000_000 // ROW_BYTES:
         raise RuntimeError(f"restored {count} rows, expected {megabytes * 1_000_000 // ROW_BYTES}")
     return {"megabytes": megabytes, "table_bytes": table_bytes, "dump_bytes": int(dump_bytes),
             "archive_job_s": archive_job, "delete_s": deleted, "restore_job_s": restore_job, "ready_s": ready,
+            "move_s": move_s, "move_write_downtime_s": float(last_move.get("writeDowntimeSeconds") or "nan"),
             "operator_peak_rss_mb": sampler.peak_rss_mb}
 
 
@@ -125,9 +141,11 @@ async def main() -> None:
     parser.add_argument("--sizes", default="100,1000", help="comma-separated MB per tenant (default 100,1000)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    stack = Stack.own()
+    stack = Stack.own(targets=("default", "second"))
+    targets = {t: stack.local.operator_dsn(t) for t in ("default", "second")}
     op = Operator(stack.kubeconfig, stack.operator_dsn, stack.workdir,
                   env={"TENANCY_ARCHIVE_STORE": json.dumps(stack.local.archive_store_config()),
+                       "TENANCY_DATABASE_TARGETS": json.dumps(targets),
                        "TENANCY_PG_BIN_DIR": str(stack.local.pg_bindir)})
     results: list[dict[str, Any]] = []
     try:
@@ -139,11 +157,12 @@ async def main() -> None:
         op.stop()
         stack.close()
     print(f"{'size':>8} {'table MB':>9} {'dump MB':>8} {'archive s':>10} {'delete s':>9} {'restore s':>10}"
-          f" {'ready s':>8} {'op RSS MB':>10}")
+          f" {'ready s':>8} {'move s':>7} {'downtime s':>11} {'op RSS MB':>10}")
     for r in results:
         print(f"{r['megabytes']:>6}MB {r['table_bytes'] / 1e6:>9.0f} {r['dump_bytes'] / 1e6:>8.0f}"
               f" {fmt_s(r['archive_job_s']):>10} {fmt_s(r['delete_s']):>9} {fmt_s(r['restore_job_s']):>10}"
-              f" {fmt_s(r['ready_s']):>8} {r['operator_peak_rss_mb']:>10.0f}")
+              f" {fmt_s(r['ready_s']):>8} {fmt_s(r['move_s']):>7} {fmt_s(r['move_write_downtime_s']):>11}"
+              f" {r['operator_peak_rss_mb']:>10.0f}")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = ROOT / "bench" / "results" / f"archive-{'-'.join(map(str, sizes))}-{stamp}.json"
     out.write_text(json.dumps({"git": git_describe(), "machine": machine(), "results": results}, indent=2) + "\n")

@@ -258,11 +258,11 @@ class Stack:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def own(cls, workdir: Path | None = None) -> Stack:
+    def own(cls, workdir: Path | None = None, targets: tuple[str, ...] = ("default",)) -> Stack:
         bin_dir = ensure_binaries()
         wd = workdir or Path(tempfile.mkdtemp(prefix="tenancy-bench-"))
         wd.chmod(0o755)  # the postgres user must traverse it
-        local = LocalStack(wd, ["default"], detached=False, with_operator=False, bin_dir=bin_dir)
+        local = LocalStack(wd, list(targets), detached=False, with_operator=False, bin_dir=bin_dir)
         local.up()
         stack = cls("own", wd, local.kubeconfig, local.admin_dsn(), local.operator_dsn(), local, bin_dir)
         stack.ensure_pg_stat_statements()

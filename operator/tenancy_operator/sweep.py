@@ -33,6 +33,7 @@ from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.archive_catalog import CatalogSweep
 from tenancy_operator.reconcilers.drift import drifted
 from tenancy_operator.reconcilers.tenant_base import secret_name
+from tenancy_operator.reconcilers.tenant_move import drop_moved_copies
 from tenancy_operator.runtime_context import OperatorContext
 
 if TYPE_CHECKING:
@@ -143,6 +144,8 @@ class Sweeper:
             try:
                 await self.ctx.ensure_control_schema(target)
                 purged = await self.archives.run(target)
+                for tenant in await drop_moved_copies(self.ctx, target):
+                    log.info("moved tenant's old copy dropped", target=target, tenant=tenant)
                 async with self.ctx.targets.connection(target) as conn:
                     # Temporary logins of dumps and restores a crash interrupted.
                     for user in await sqlt.stale_delegates(conn):

@@ -186,29 +186,29 @@ def test_the_catalog_is_rebuilt_from_the_store(
 ) -> None:
     """A reinstall lost the catalog row: the operator finds the archive's description in the store,
     puts the row back, recognises the TenantArchive it made (by its token), and restores from it."""
-    obj = archive_with_rows(stack, cluster, namespace, "phoenix", rows=50)
+    obj = archive_with_rows(stack, cluster, namespace, "firebird", rows=50)
     name = obj["metadata"]["name"]
     with connect(stack.admin_dsn()) as conn:
         conn.execute("DELETE FROM tenancy.tenant_archives WHERE id = %s", [name])
     eventually(lambda: sql_value(stack.admin_dsn(), "SELECT object_uid FROM tenancy.tenant_archives WHERE id = %s",
                                  [name]) == obj["metadata"]["uid"], timeout=60, what="catalog row rebuilt")
-    cluster.create(PLURAL, namespace, tenant("phoenix", restoreFrom=name))
-    cluster.wait_condition(PLURAL, namespace, "phoenix", timeout=90)
-    with connect(cluster.secret_data(namespace, "phoenix-db")["uri"]) as conn:
+    cluster.create(PLURAL, namespace, tenant("firebird", restoreFrom=name))
+    cluster.wait_condition(PLURAL, namespace, "firebird", timeout=90)
+    with connect(cluster.secret_data(namespace, "firebird-db")["uri"]) as conn:
         assert conn.execute("SELECT count(*) FROM ledger").fetchone() == (50,)
 
 
 def test_retention_purges_the_objects_and_the_tenantarchive(
     stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str, s3: Minio
 ) -> None:
-    cluster.create(PLURAL, namespace, tenant("ephemeral", deletionPolicy="Archive", archiveRetention="1s"))
-    cluster.wait_condition(PLURAL, namespace, "ephemeral")
-    cluster.delete(PLURAL, namespace, "ephemeral")
-    eventually(lambda: cluster.gone(PLURAL, namespace, "ephemeral"), timeout=60, what="archived")
+    cluster.create(PLURAL, namespace, tenant("fleeting-arc", deletionPolicy="Archive", archiveRetention="1s"))
+    cluster.wait_condition(PLURAL, namespace, "fleeting-arc")
+    cluster.delete(PLURAL, namespace, "fleeting-arc")
+    eventually(lambda: cluster.gone(PLURAL, namespace, "fleeting-arc"), timeout=60, what="archived")
     location = sql_value(stack.admin_dsn(), "SELECT path FROM tenancy.tenant_archives WHERE namespace = %s"
-                         " AND name = 'ephemeral'", [namespace])
+                         " AND name = 'fleeting-arc'", [namespace])
     archive_id = sql_value(stack.admin_dsn(), "SELECT id FROM tenancy.tenant_archives WHERE namespace = %s"
-                           " AND name = 'ephemeral'", [namespace])
+                           " AND name = 'fleeting-arc'", [namespace])
     eventually(lambda: cluster.gone(ARCHIVES, namespace, archive_id), timeout=60, what="TenantArchive purged")
     assert not exists(s3, location)
     assert sql_value(stack.admin_dsn(), "SELECT purged_at IS NOT NULL FROM tenancy.tenant_archives WHERE id = %s",

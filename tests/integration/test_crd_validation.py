@@ -434,16 +434,13 @@ def test_rejected_with_a_clear_message(
 # --- Immutable fields -----------------------------------------------------------------------------
 
 
-def test_tenant_database_is_immutable(stack: LocalStack, namespace: str) -> None:
+def test_tenant_database_may_change_it_is_a_move(stack: LocalStack, namespace: str) -> None:
+    """A change of spec.database is a move (test_moves.py), no longer refused at apply; its name is
+    still checked."""
     assert_accepted(apply(stack, namespace, obj("Tenant", "acme", {"tier": "free"})))
-    # Spelling out the default, or changing a mutable field, is not a change of database.
-    assert_accepted(apply(stack, namespace, obj("Tenant", "acme", {"tier": "starter", "database": "default"})))
-    assert_rejected(
-        apply(stack, namespace, obj("Tenant", "acme", {"database": "analytics"})),
-        "spec.database",
-        "database is immutable",
-    )
-    assert get(stack, namespace, "tenant", "acme")["spec"]["database"] == "default"
+    assert_accepted(apply(stack, namespace, obj("Tenant", "acme", {"database": "analytics"})))
+    assert get(stack, namespace, "tenant", "acme")["spec"]["database"] == "analytics"
+    assert_rejected(apply(stack, namespace, obj("Tenant", "acme", {"database": "Not A Name"})), "spec.database")
 
 
 def test_tenant_restore_from_is_immutable_once_set(stack: LocalStack, namespace: str) -> None:

@@ -40,9 +40,9 @@ def test_a_tenant_is_placed_only_on_a_target_with_its_required_labels(
 
 
 def test_placement_labels_are_checked_at_apply(stack: LocalStack, namespace: str) -> None:
-    bad = tenant("misplaced", placement={"requiredLabels": {"Not A Key": "eu"}})
+    bad = tenant("misfiled", placement={"requiredLabels": {"Not A Key": "eu"}})
     result = stack.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(bad), check=False)
     assert result.returncode != 0 and "every key must match" in result.stderr, result.stderr
-    too_many = tenant("misplaced", placement={"requiredLabels": {f"k{i}": "v" for i in range(17)}})
+    too_many = tenant("misfiled", placement={"requiredLabels": {f"k{i}": "v" for i in range(17)}})
     result = stack.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(too_many), check=False)
     assert result.returncode != 0 and "must have at most 16 items" in result.stderr, result.stderr

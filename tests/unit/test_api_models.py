@@ -106,6 +106,7 @@ def test_tenant_accepts_python_names_and_dumps_camel_case() -> None:
         "archiveRetention": "30d",
         "restoreFrom": "latest",
         "credentials": {"gracePeriod": "5m", "readOnlyLogin": False},
+        "moveGracePeriod": "7d",
     }
 
 

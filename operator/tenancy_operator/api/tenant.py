@@ -78,12 +78,6 @@ def tenant_identifier(name: str) -> str:
     return TENANT_IDENTIFIER_PREFIX + name.replace("-", "_")
 
 
-_DATABASE_IMMUTABLE = cel(
-    f"(has(self.database) ? self.database : '{DEFAULT_DATABASE}') == "
-    f"(has(oldSelf.database) ? oldSelf.database : '{DEFAULT_DATABASE}')",
-    "database is immutable: a tenant cannot be moved to another database by editing it",
-    field_path=".database",
-)
 _RESTORE_FROM_IMMUTABLE = cel(
     "!has(oldSelf.restoreFrom) || (has(self.restoreFrom) && self.restoreFrom == oldSelf.restoreFrom)",
     "restoreFrom is immutable once set",
@@ -169,7 +163,7 @@ def placement_violations(required: Mapping[str, str], labels: Mapping[str, str])
     return [f"{k}={v}" for k, v in sorted(required.items()) if labels.get(k) != v]
 
 
-class TenantSpec(ApiModel, json_schema_extra=validations(_DATABASE_IMMUTABLE, _RESTORE_FROM_IMMUTABLE)):
+class TenantSpec(ApiModel, json_schema_extra=validations(_RESTORE_FROM_IMMUTABLE)):
     """Desired state of a tenant."""
 
     display_name: str | None = Field(default=None, max_length=256)
@@ -179,7 +173,9 @@ class TenantSpec(ApiModel, json_schema_extra=validations(_DATABASE_IMMUTABLE, _R
     state: TenantState = "Active"
     """Suspended keeps all data but revokes the tenant role's login."""
     database: str = Field(default=DEFAULT_DATABASE, max_length=63, pattern=DATABASE_PATTERN)
-    """Which configured PostgreSQL database holds the tenant's schema. Immutable."""
+    """Which configured PostgreSQL database holds the tenant's schema. Changing it moves the tenant:
+    writes stopped, dumped, restored on the new target as the tenant, every table verified (rows
+    and checksum), the Secret switched; the old copy is kept (logins off) for moveGracePeriod."""
     schema_template: DnsSubdomain | None = None
     """Name of a ConfigMap in the Tenant's namespace with SQL to run in a new tenant schema."""
     deletion_policy: DeletionPolicy = "Retain"
@@ -191,6 +187,9 @@ class TenantSpec(ApiModel, json_schema_extra=validations(_DATABASE_IMMUTABLE, _R
     """Archive id (or `latest`) to restore the schema from when it is created. Immutable once set."""
     credentials: CredentialsSpec = Field(default_factory=CredentialsSpec)
     """Rotation schedule, grace period and the optional read-only login."""
+    move_grace_period: Duration = "7d"
+    """How long the copy left on the old target by a move is kept (logins off) before it is
+    dropped; at most 3650d."""
     placement: Placement | None = None
     """Requirements on the database target (data residency, tier of hardware...)."""
 
@@ -221,6 +220,26 @@ class JobRef(ApiModel):
     """When that field was set."""
 
 
+class MoveRecord(ApiModel):
+    """The tenant's last move between database targets."""
+
+    source: str = Field(max_length=63)
+    destination: str = Field(max_length=63)
+    started_at: AwareDatetime | None = None
+    """When writes were stopped on the source."""
+    finished_at: AwareDatetime | None = None
+    """When the Secret named the destination and its logins worked."""
+    write_downtime_seconds: float | None = Field(default=None, ge=0)
+    """From writes stopped on the source to writes possible on the destination."""
+    tables: int | None = Field(default=None, ge=0)
+    rows: int | None = Field(default=None, ge=0)
+    """Tables and rows verified equal on both sides (count and checksum per table)."""
+    archive: str | None = Field(default=None, max_length=253)
+    """The archive (TenantArchive) the move was made from."""
+    source_dropped_after: AwareDatetime | None = None
+    """When the copy on the source is dropped."""
+
+
 class TenantStatus(ApiModel):
     """Observed state of a tenant, written by the operator."""
 
@@ -240,7 +259,9 @@ class TenantStatus(ApiModel):
     secret_name: str | None = Field(default=None, max_length=253)
     """Secret in the Tenant's namespace with the role's connection credentials."""
     database: str | None = Field(default=None, max_length=63)
-    """Database the schema was created in."""
+    """The database target that holds the tenant's data now (during a move: the source)."""
+    last_move: MoveRecord | None = None
+    """The last move between database targets (spec.database changed)."""
     schema_version: str | None = Field(default=None, max_length=253)
     """Latest schema migration applied to the tenant schema."""
     effective_limits: dict[str, LimitValue] = Field(default_factory=dict, max_length=16)

@@ -638,3 +638,34 @@ async def credentials_rows(conn: Conn, control: str, idents: list[str]) -> dict[
             _t(control, "tenants")), [idents, ["dropped", "archived"]])
     return {str(r["schema_name"]): CredentialsRow(r["login_slot"], r["retiring_role"], r["retire_at"],  # type: ignore[arg-type]
                                                   r["rotated_at"]) for r in await cur.fetchall()}
+
+
+async def mark_moved(conn: Conn, control: str, tenant_id: str, drop_after: Any) -> None:
+    """The copy a move left on this target: kept (logins off) until ``drop_after``."""
+    await conn.execute(
+        sql.SQL("UPDATE {} SET state = 'moved', drop_after = %s, deleted_at = now(), updated_at = now()"
+                " WHERE id = %s").format(_t(control, "tenants")), [drop_after, tenant_id])
+
+
+async def moved_due(conn: Conn, control: str) -> list[RegistryRow]:
+    """Copies left by moves whose grace period is over."""
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT id::text, namespace, name, schema_name, role_name, state, provisioned_at,"
+            " schema_recreated_at, schema_recreated_ack, k8s_uid, secret_uid, secret_claim,"
+            + _CRED_COLUMNS + " FROM {} WHERE state = 'moved' AND drop_after <= now()"
+        ).format(_t(control, "tenants")))
+    return [RegistryRow(**r) for r in await cur.fetchall()]  # type: ignore[arg-type]
+
+
+async def move_archive(conn: Conn, control: str, tenant_id: str) -> str | None:
+    """The archive a move in progress was made from (writes stopped since), if any."""
+    cur = await conn.execute(sql.SQL("SELECT move_archive FROM {} WHERE id = %s").format(_t(control, "tenants")),
+                             [tenant_id])
+    row = await cur.fetchone()
+    return str(row["move_archive"]) if row and row["move_archive"] else None
+
+
+async def set_move_archive(conn: Conn, control: str, tenant_id: str, archive_id: str | None) -> None:
+    await conn.execute(sql.SQL("UPDATE {} SET move_archive = %s WHERE id = %s").format(_t(control, "tenants")),
+                       [archive_id, tenant_id])

@@ -54,8 +54,10 @@ def desired_status(body: Mapping[str, Any], out: Outcome, ident: str | None,
         "observedGeneration": generation,
         "phase": out.phase,
         "conditions": merge(old, conds, generation, drop=drop),
-        "database": spec.get("database", "default"),
+        "database": out.database or spec.get("database", "default"),
     }
+    if out.last_move is not None:
+        status["lastMove"] = dict(out.last_move)
     if ident and out.tenant_id:
         status.update({"tenantId": out.tenant_id, "schema": ident, "role": ident,
                        "secretName": secret_name(meta["name"])})
@@ -101,6 +103,7 @@ class TenantService:
             self._deleting.discard(key)
             self._seen.pop(key, None)
             self._gone.add(meta.get("uid"))
+            self.reconciler.forget_placement(str(meta.get("uid") or ""))
             metrics.PENDING.discard(KIND, key)  # whatever was waiting for it will not come
             metrics.STALLED.forget(KIND, key)
             return

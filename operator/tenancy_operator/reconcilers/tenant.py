@@ -54,11 +54,10 @@ from tenancy_operator.reconcilers.tenant_base import (
     secret_name,
     utcnow,
 )
-from tenancy_operator.reconcilers.tenant_credentials import CredentialSteps
-from tenancy_operator.reconcilers.tenant_lifecycle import LifecycleSteps
+from tenancy_operator.reconcilers.tenant_move import MoveSteps
 
 
-class TenantReconciler(CredentialSteps, LifecycleSteps):
+class TenantReconciler(MoveSteps):
 
 
     async def reconcile(self, body: Mapping[str, Any]) -> Outcome:
@@ -86,6 +85,15 @@ class TenantReconciler(CredentialSteps, LifecycleSteps):
                     "(TENANCY_DATABASE_TARGET_LABELS); nothing of this tenant is placed or changed there",
                     "Failed", stalled=True,
                 )
+        uid = str(body["metadata"].get("uid") or "")
+        try:
+            elsewhere = await self._located_elsewhere(body, spec, ident)
+            if elsewhere is not None:
+                not_moved = await self._move(body, spec, ident, *elsewhere)
+                if not_moved is not None:
+                    return not_moved
+        except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
+            raise Retry("DatabaseUnavailable", f"a database of the move is unavailable: {type(exc).__name__}") from exc
         # Kubernetes reads first, so that the pooled connection below is not held while they wait
         # on the API server (with a busy API server, held connections would limit the throughput).
         reads = await self._read_kubernetes(body, spec)
@@ -101,6 +109,14 @@ class TenantReconciler(CredentialSteps, LifecycleSteps):
                 await self._run_migrations(spec.database, body, ident, row, plan, out)
             async with self.ctx.targets.connection(spec.database) as conn:
                 await self._finish(conn, body, spec, ident, row, out)
+            out.last_move = self.take_move(uid)
+            if out.last_move is not None:
+                record = out.last_move
+                out.events.append(("Normal", "Moved", (
+                    f"moved from {record['source']!r} to {record['destination']!r}: writes stopped for "
+                    f"{record['writeDowntimeSeconds']} s, {record['tables']} tables and {record['rows']} rows "
+                    "verified; "
+                    f"the copy on {record['source']!r} is dropped after {record['sourceDroppedAfter']}")))
             return out
         except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
             raise Retry("DatabaseUnavailable", f"database {spec.database!r} unavailable: {type(exc).__name__}") from exc

@@ -66,6 +66,10 @@ class Outcome:
     """status.credentials as of this reconcile."""
     applied: dict[str, str] | None = None
     """The tenant's migration records (version -> checksum) as last read in this reconcile."""
+    database: str | None = None
+    """The target that holds the tenant's data when it is not spec.database (a move not done)."""
+    last_move: dict[str, Any] | None = None
+    """status.lastMove, when this reconcile moved the tenant."""
 
     def fail(self, reason: str, message: str, *, stalled: bool, retry: bool = False) -> None:
         self.ready, self.reason, self.message, self.phase = False, reason, message, "Failed"

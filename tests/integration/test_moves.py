@@ -1,0 +1,125 @@
+"""Moving a tenant between database targets by changing spec.database: the session's two targets
+are separate PostgreSQL clusters (default: residency eu, second: residency us)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from tenancy_devenv.stack import LocalStack
+
+from .harness import Cluster, OperatorProcess, as_owner, connect, eventually, sql_value, tenant
+
+PLURAL = "tenants"
+
+
+def status(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    return cluster.get(PLURAL, namespace, name).get("status") or {}
+
+
+def can_login(admin_dsn: str, ident: str) -> list[bool]:
+    with connect(admin_dsn) as conn:
+        rows = conn.execute("SELECT rolcanlogin FROM pg_roles WHERE rolname LIKE %s ORDER BY rolname",
+                            [f"tl_{ident.removeprefix('tenant_')}_%"]).fetchall()
+    return [bool(r[0]) for r in rows]
+
+
+def test_a_tenant_moves_with_its_data_verified_and_its_secret_switched(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    cluster.create(PLURAL, namespace, tenant("nomad", moveGracePeriod="20s"))
+    cluster.wait_condition(PLURAL, namespace, "nomad")
+    with as_owner(stack.admin_dsn(), "tenant_nomad") as owner:
+        owner.execute("CREATE TABLE ledger (id int PRIMARY KEY, note text)")
+    with connect(cluster.secret_data(namespace, "nomad-db")["uri"]) as conn:
+        conn.execute("INSERT INTO ledger SELECT g, 'entry ' || g FROM generate_series(1, 1000) g")
+    before = cluster.secret_data(namespace, "nomad-db")
+
+    cluster.patch(PLURAL, namespace, "nomad", {"spec": {"database": "second"}})
+
+    def moved() -> dict[str, Any]:
+        st = status(cluster, namespace, "nomad")
+        assert st.get("database") == "second" and st.get("lastMove"), st
+        ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+        assert ready["status"] == "True", ready
+        return st
+
+    st = eventually(moved, timeout=120, what="nomad moved to second and Ready")
+    move = st["lastMove"]
+    assert (move["source"], move["destination"]) == ("default", "second")
+    assert move["rows"] >= 1000 and move["tables"] >= 1 and move["writeDowntimeSeconds"] > 0
+    assert move["archive"] and cluster.get("tenantarchives", namespace, move["archive"])
+
+    # The Secret names the destination; the application reads and writes there.
+    after = cluster.secret_data(namespace, "nomad-db")
+    second_port = str(psycopg.conninfo.conninfo_to_dict(stack.admin_dsn("second"))["port"])
+    assert after["port"] == second_port and after["port"] != before["port"]
+    with connect(after["uri"]) as conn:
+        assert conn.execute("SELECT count(*), sum(id) FROM ledger").fetchone() == (1000, 500500)
+        conn.execute("INSERT INTO ledger VALUES (1001, 'after the move')")
+    assert eventually(lambda: cluster.has_event(namespace, "nomad", "Moved"))
+    assert sql_value(stack.admin_dsn("default"), "SELECT j.state FROM tenancy.lifecycle_jobs j JOIN tenancy.tenants t"
+                     " ON t.id = j.tenant_id WHERE t.namespace = %s AND t.name = 'nomad' AND j.kind = 'move'",
+                     [namespace]) == "succeeded"
+
+    # The old copy: kept with every login off, then dropped after the grace period.
+    admin = stack.admin_dsn("default")
+    assert sql_value(admin, "SELECT state FROM tenancy.tenants WHERE namespace = %s AND name = 'nomad'"
+                     " ORDER BY created_at DESC LIMIT 1", [namespace]) in ("moved", "dropped")
+    assert not any(can_login(admin, "tenant_nomad"))
+    try:
+        with psycopg.connect(before["uri"], connect_timeout=5):
+            raise AssertionError("the old login still works on the source")
+    except psycopg.OperationalError:
+        pass
+    eventually(lambda: sql_value(admin, "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_nomad'") == 0,
+               timeout=90, what="the source copy dropped after the grace period")
+    assert sql_value(admin, "SELECT count(*) FROM pg_roles WHERE rolname = 'tenant_nomad'") == 0
+    with connect(after["uri"]) as conn:  # the destination untouched by that
+        assert conn.execute("SELECT count(*) FROM ledger").fetchone() == (1001,)
+
+
+def test_a_move_the_destination_cannot_take_leaves_the_source_serving(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    cluster.create(PLURAL, namespace, tenant("rooted"))
+    cluster.wait_condition(PLURAL, namespace, "rooted")
+    with as_owner(stack.admin_dsn(), "tenant_rooted") as owner:
+        owner.execute("CREATE TABLE t (v int)")
+    uri = cluster.secret_data(namespace, "rooted-db")["uri"]
+    with connect(uri) as conn:
+        conn.execute("INSERT INTO t VALUES (7)")
+    # Someone else's schema of that name on the destination.
+    with connect(stack.admin_dsn("second")) as conn:
+        conn.execute("CREATE SCHEMA tenant_rooted")
+    try:
+        cluster.patch(PLURAL, namespace, "rooted", {"spec": {"database": "second"}})
+        found = cluster.wait_condition(PLURAL, namespace, "rooted", status="False", reason="MoveRefused")
+        message = next(c for c in found["status"]["conditions"] if c["type"] == "Ready")["message"]
+        assert "did not create for this Tenant" in message, message
+        assert found["status"]["database"] == "default"
+        with connect(uri) as conn:  # the source serves, untouched
+            assert conn.execute("SELECT v FROM t").fetchone() == (7,)
+        assert sql_value(stack.admin_dsn("second"), "SELECT count(*) FROM pg_tables WHERE schemaname = 'tenant_rooted'"
+                         ) == 0
+        # Back to where it is: Ready again, nothing moved.
+        cluster.patch(PLURAL, namespace, "rooted", {"spec": {"database": "default"}})
+        cluster.wait_condition(PLURAL, namespace, "rooted")
+    finally:
+        with connect(stack.admin_dsn("second")) as conn:
+            conn.execute("DROP SCHEMA IF EXISTS tenant_rooted")
+
+
+def test_a_move_that_would_break_placement_is_refused(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    cluster.create(PLURAL, namespace, tenant("settled", placement={"requiredLabels": {"residency": "eu"}}))
+    cluster.wait_condition(PLURAL, namespace, "settled")
+    uri = cluster.secret_data(namespace, "settled-db")["uri"]
+    cluster.patch(PLURAL, namespace, "settled", {"spec": {"database": "second"}})
+    cluster.wait_condition(PLURAL, namespace, "settled", status="False", reason="PlacementViolation")
+    with connect(uri) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert sql_value(stack.admin_dsn("second"), "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_settled'"
+                     ) == 0
