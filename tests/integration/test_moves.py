@@ -59,6 +59,8 @@ def test_a_tenant_moves_with_its_data_verified_and_its_secret_switched(
         assert conn.execute("SELECT count(*), sum(id) FROM ledger").fetchone() == (1000, 500500)
         conn.execute("INSERT INTO ledger VALUES (1001, 'after the move')")
     assert eventually(lambda: cluster.has_event(namespace, "nomad", "Moved"))
+    jobs = {j["kind"]: j for j in st.get("recentJobs") or []}
+    assert "move" in jobs and "writes stopped" in (jobs["move"].get("message") or ""), st.get("recentJobs")
     assert sql_value(stack.admin_dsn("default"), "SELECT j.state FROM tenancy.lifecycle_jobs j JOIN tenancy.tenants t"
                      " ON t.id = j.tenant_id WHERE t.namespace = %s AND t.name = 'nomad' AND j.kind = 'move'",
                      [namespace]) == "succeeded"
@@ -123,3 +125,47 @@ def test_a_move_that_would_break_placement_is_refused(
         assert conn.execute("SELECT 1").fetchone() == (1,)
     assert sql_value(stack.admin_dsn("second"), "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_settled'"
                      ) == 0
+
+
+def test_a_move_that_fails_after_the_cut_turns_the_source_back_on(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """The archive store is down when the move archives the source: the source's logins come back,
+    the application keeps working there, and the move completes once the store is back (retry)."""
+    cluster.create(PLURAL, namespace, tenant("drifter"))
+    cluster.wait_condition(PLURAL, namespace, "drifter")
+    with as_owner(stack.admin_dsn(), "tenant_drifter") as owner:
+        owner.execute("CREATE TABLE t (v int)")
+    uri = cluster.secret_data(namespace, "drifter-db")["uri"]
+    with connect(uri) as conn:
+        conn.execute("INSERT INTO t VALUES (1)")
+    stack.objectstore.stop()
+    try:
+        cluster.patch(PLURAL, namespace, "drifter", {"spec": {"database": "second"}})
+        cond = eventually(
+            lambda: (c := cluster.condition(PLURAL, namespace, "drifter", "Ready")).get("reason") == "MoveFailed" and c,
+            timeout=90, what="MoveFailed while the store is down")
+        assert "the archive of the source failed" in cond["message"], cond
+        assert "serves from 'default'" in cond["message"], cond
+        assert status(cluster, namespace, "drifter")["database"] == "default"
+
+        def writes_work() -> bool:
+            with connect(uri) as conn:
+                conn.execute("INSERT INTO t VALUES (2)")
+            return True
+
+        eventually(writes_work, timeout=30, what="the source's login on again")
+        assert sql_value(stack.admin_dsn("second"), "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_drifter'"
+                         ) == 0
+    finally:
+        stack.objectstore.start()
+    cluster.patch(PLURAL, namespace, "drifter", {"metadata": {"annotations": {"tenancy.dev/retry": "store-back"}}})
+
+    def moved() -> dict[str, Any]:
+        st = status(cluster, namespace, "drifter")
+        assert st.get("database") == "second" and st.get("lastMove"), st
+        return st
+
+    eventually(moved, timeout=120, what="the move done once the store is back")
+    with connect(cluster.secret_data(namespace, "drifter-db")["uri"]) as conn:
+        assert conn.execute("SELECT count(*) FROM t").fetchone()[0] >= 2

@@ -34,10 +34,12 @@ from tenancy_operator.api.common import parse_duration
 from tenancy_operator.api.names import ROTATE_ANNOTATION
 from tenancy_operator.api.tenant import TenantSpec
 from tenancy_operator.db import archives as archive_sql
+from tenancy_operator.db import jobs as ledger
 from tenancy_operator.db import tenant_migrations as tm
 from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.fingerprints import differences, fingerprints
 from tenancy_operator.db.targets import Conn
+from tenancy_operator.k8s.managed_fields import last_change
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.lifecycle import JobFailed, JobGate, using
 from tenancy_operator.reconcilers.tenant_base import (
@@ -235,14 +237,20 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
             await sqlt.update_row(dconn, self.control, row.id, uid=str(meta.get("uid") or ""),
                                   tier=enum_value(spec.tier), display_name=spec.display_name,
                                   state="suspended" if suspended else "active", provisioned=True)
-        finished = utcnow()
-        drop_after = finished + parse_duration(str(spec.move_grace_period))
-        return {
-            "source": source, "destination": dest, "startedAt": iso_ts(started), "finishedAt": iso_ts(finished),
-            "writeDowntimeSeconds": round((finished - started).total_seconds(), 3),
-            "tables": len(after), "rows": sum(n for n, _ in after.values()), "archive": archived.id,
-            "sourceDroppedAfter": iso_ts(drop_after),
-        }
+            finished = utcnow()
+            drop_after = finished + parse_duration(str(spec.move_grace_period))
+            record = {
+                "source": source, "destination": dest, "startedAt": iso_ts(started), "finishedAt": iso_ts(finished),
+                "writeDowntimeSeconds": round((finished - started).total_seconds(), 3),
+                "tables": len(after), "rows": sum(n for n, _ in after.values()), "archive": archived.id,
+                "sourceDroppedAfter": iso_ts(drop_after),
+            }
+            # The move in the destination's ledger too (status.recentJobs there), with its downtime.
+            await ledger.record(
+                dconn, self.control, row.id, "move", requested_by=last_change(meta, ("f:spec", "f:database"))[0],
+                detail=f"from {source!r}: writes stopped {record['writeDowntimeSeconds']} s, {record['tables']} "
+                       f"tables and {record['rows']} rows verified, archive {archived.id}")
+        return record
 
     async def _provision_destination(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
                                      row: sqlt.RegistryRow) -> tuple[str, str]:
