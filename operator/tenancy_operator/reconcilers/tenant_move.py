@@ -245,6 +245,9 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
                 "tables": len(after), "rows": sum(n for n, _ in after.values()), "archive": archived.id,
                 "sourceDroppedAfter": iso_ts(drop_after),
             }
+            # The restore is done: a spec.restoreFrom the Tenant still carries must not look for its
+            # archive in this target's catalog (the archive of the move is the source's).
+            await ledger.record(dconn, self.control, row.id, "restore", detail=f"from archive {archived.id} (a move)")
             # The move in the destination's ledger too (status.recentJobs there), with its downtime.
             await ledger.record(
                 dconn, self.control, row.id, "move", requested_by=last_change(meta, ("f:spec", "f:database"))[0],
