@@ -10,6 +10,7 @@ import psycopg
 from tenancy_devenv.stack import LocalStack
 
 from .harness import Cluster, OperatorProcess, as_owner, connect, eventually, sql_value, tenant
+from .test_archives import archive_with_rows
 
 PLURAL = "tenants"
 
@@ -169,3 +170,32 @@ def test_a_move_that_fails_after_the_cut_turns_the_source_back_on(
     eventually(moved, timeout=120, what="the move done once the store is back")
     with connect(cluster.secret_data(namespace, "drifter-db")["uri"]) as conn:
         assert conn.execute("SELECT count(*) FROM t").fetchone()[0] >= 2
+
+
+def test_a_restored_tenant_moves_and_stays_ready(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """A Tenant that still carries spec.restoreFrom (its archive lives in the source's catalog) moves:
+    the restore is not attempted again on the destination, and the Tenant is Ready there."""
+    archive = archive_with_rows(stack, cluster, namespace, "phoenix", rows=300)["metadata"]["name"]
+    cluster.create(PLURAL, namespace, tenant("phoenix", restoreFrom=archive, moveGracePeriod="1h"))
+    cluster.wait_condition(PLURAL, namespace, "phoenix", timeout=90)
+    with connect(cluster.secret_data(namespace, "phoenix-db")["uri"]) as conn:
+        conn.execute("INSERT INTO ledger VALUES (301, 'after the restore')")
+
+    cluster.patch(PLURAL, namespace, "phoenix", {"spec": {"database": "second"}})
+
+    def moved() -> dict[str, Any]:
+        st = status(cluster, namespace, "phoenix")
+        ready = next(c for c in st.get("conditions") or [] if c["type"] == "Ready")
+        assert st.get("database") == "second" and ready["status"] == "True", (st.get("database"), ready)
+        return st
+
+    eventually(moved, timeout=120, what="phoenix moved to second and Ready")
+    with connect(cluster.secret_data(namespace, "phoenix-db")["uri"]) as conn:
+        assert conn.execute("SELECT count(*), sum(id) FROM ledger").fetchone() == (301, 45451)
+    # Reconciled again on the destination (a spec change; wait_condition waits for its generation):
+    # still Ready, no restore looked for in the destination's catalog.
+    cluster.patch(PLURAL, namespace, "phoenix", {"spec": {"moveGracePeriod": "2h"}})
+    cluster.wait_condition(PLURAL, namespace, "phoenix")
+    assert not cluster.has_event(namespace, "phoenix", "ArchiveNotFound")
