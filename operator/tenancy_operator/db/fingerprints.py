@@ -5,10 +5,9 @@ security): with the tenant's rights, never the operator's."""
 
 from __future__ import annotations
 
-import asyncio
-
-import psycopg
 from psycopg import sql
+
+from . import tenant_login
 
 MAX_TABLES = 10_000
 
@@ -16,26 +15,22 @@ MAX_TABLES = 10_000
 async def fingerprints(tenant_dsn: str, schema: str, *, connect_timeout: float,
                        deadline: float) -> dict[str, tuple[int, str]]:
     """table name -> (rows, md5 of the sorted md5s of its rows as text)."""
-    async with await psycopg.AsyncConnection.connect(
-        tenant_dsn, autocommit=True, connect_timeout=max(1, int(connect_timeout)),
-        application_name="tenancy-operator-verify",
-        options=f"-c statement_timeout={int(deadline * 1000)} -c default_transaction_read_only=on",
-    ) as conn:
-        async with asyncio.timeout(deadline):
-            cur = await conn.execute(
-                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-                " WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY c.relname LIMIT %s",
-                [schema, MAX_TABLES])
-            tables = [str(r[0]) for r in await cur.fetchall()]
-            found: dict[str, tuple[int, str]] = {}
-            for table in tables:
-                cur = await conn.execute(sql.SQL(
-                    "SELECT count(*), md5(coalesce(string_agg(h, ',' ORDER BY h), ''))"
-                    " FROM (SELECT md5(t::text) AS h FROM {} t) rows"
-                ).format(sql.Identifier(schema, table)))
-                row = await cur.fetchone()
-                found[table] = (int(row[0]), str(row[1])) if row else (0, "")
-            return found
+    async with tenant_login.read_only(tenant_dsn, connect_timeout=connect_timeout, deadline=deadline,
+                                      application_name="tenancy-operator-verify") as conn:
+        cur = await conn.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY c.relname LIMIT %s",
+            [schema, MAX_TABLES])
+        tables = [str(r[0]) for r in await cur.fetchall()]
+        found: dict[str, tuple[int, str]] = {}
+        for table in tables:
+            cur = await conn.execute(sql.SQL(
+                "SELECT count(*), md5(coalesce(string_agg(h, ',' ORDER BY h), ''))"
+                " FROM (SELECT md5(t::text) AS h FROM {} t) rows"
+            ).format(sql.Identifier(schema, table)))
+            row = await cur.fetchone()
+            found[table] = (int(row[0]), str(row[1])) if row else (0, "")
+        return found
 
 
 def differences(source: dict[str, tuple[int, str]], destination: dict[str, tuple[int, str]]) -> list[str]:

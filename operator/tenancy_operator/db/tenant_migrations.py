@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 
+from tenancy_operator.db import tenant_login
 from tenancy_operator.db.targets import Conn
 
 RECORD_TABLE = "tenancy_schema_migrations"
@@ -261,19 +262,15 @@ async def read_records(tenant_dsn: str, schema: str, *, connect_timeout: float, 
     a restore, whose archive brought the records along). Bounded: at most MAX_MIGRATIONS rows, and
     the session ends at the deadline."""
     record = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(RECORD_TABLE))
-    async with await psycopg.AsyncConnection.connect(
-        tenant_dsn, autocommit=True, connect_timeout=max(1, int(connect_timeout)),
-        application_name="tenancy-operator-read",
-        options=f"-c statement_timeout={int(deadline * 1000)} -c default_transaction_read_only=on",
-    ) as conn:
-        async with asyncio.timeout(deadline):
-            cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f'"{schema}"."{RECORD_TABLE}"'])
-            present = await cur.fetchone()
-            if not present or not present[0]:
-                return {}
-            cur = await conn.execute(sql.SQL("SELECT version::text, checksum::text FROM {} LIMIT %s").format(record),
-                                     [MAX_MIGRATIONS])
-            return {str(v): str(c) for v, c in await cur.fetchall()}
+    async with tenant_login.read_only(tenant_dsn, connect_timeout=connect_timeout, deadline=deadline,
+                                      application_name="tenancy-operator-read") as conn:
+        cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f'"{schema}"."{RECORD_TABLE}"'])
+        present = await cur.fetchone()
+        if not present or not present[0]:
+            return {}
+        cur = await conn.execute(sql.SQL("SELECT version::text, checksum::text FROM {} LIMIT %s").format(record),
+                                 [MAX_MIGRATIONS])
+        return {str(v): str(c) for v, c in await cur.fetchall()}
 
 
 async def unmirror(conn: Conn, control: str, tenant_id: str, versions: Iterable[str]) -> None:
