@@ -220,12 +220,21 @@ def _read_credentials(directory: Path) -> tuple[str, str, str | None]:
     return access, secret, token or None
 
 
-def store_for_location(location: str, configs: list[StoreConfig]) -> Store:
-    """The store holding ``location``: the configured S3 store of its bucket, or the local directory."""
+def store_for_location(location: str, configs: list[StoreConfig], preferred: StoreConfig | None = None) -> Store:
+    """The store holding ``location``: the configured S3 store of its bucket, or the local directory.
+
+    Two stores (say one MinIO per region) may use the same bucket name, which a location does not
+    tell apart: ``preferred`` (the store of the archive's target) decides then; without it, such a
+    location is refused rather than looked for in the wrong store."""
     if location.startswith("s3://"):
         bucket = location[5:].split("/", 1)[0]
-        for config in configs:
-            if config.bucket == bucket:
-                return S3Store(config)
+        candidates = [c for c in configs if c.bucket == bucket]
+        if preferred is not None and preferred in candidates:
+            return S3Store(preferred)
+        if len({(c.endpoint, c.region) for c in candidates}) > 1:
+            raise StoreError(f"bucket {bucket!r} is configured on several archive stores (TENANCY_ARCHIVE_STORES); "
+                             f"cannot tell which one holds {location}")
+        if candidates:
+            return S3Store(candidates[0])
         raise StoreError(f"no archive store is configured for bucket {bucket!r} (TENANCY_ARCHIVE_STORE)")
     return LocalStore(Path(location).parent)

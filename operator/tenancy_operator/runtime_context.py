@@ -155,9 +155,11 @@ class OperatorContext:
         config = self.settings.store_for(target)
         return S3Store(config) if config is not None else LocalStore(self.settings.archive_dir)
 
-    def store_at(self, location: str) -> Store:
-        """The store holding an archive at ``location`` (StoreError if none is configured for it)."""
-        return store_for_location(location, list(self.settings.stores.values()))
+    def store_at(self, location: str, target: str | None) -> Store:
+        """The store holding an archive of ``target`` at ``location`` (StoreError if none is
+        configured for it)."""
+        preferred = self.settings.store_for(target) if target else None
+        return store_for_location(location, list(self.settings.stores.values()), preferred)
 
     def lock(self, kind: str, namespace: str, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         """The object's lock, for ``async with``."""

@@ -49,6 +49,19 @@ def test_a_location_finds_its_store() -> None:
         store_for_location("s3://gone-bucket/a.dump", configs)
 
 
+def test_a_bucket_name_on_two_stores_is_told_apart_by_the_archives_target() -> None:
+    eu = StoreConfig(url="s3://archives/x", endpoint="http://minio.eu:9000")
+    us = StoreConfig(url="s3://archives/x", endpoint="http://minio.us:9000", server_side_encryption="AES256")
+    store = store_for_location("s3://archives/x/ns/t/a.dump", [eu, us], preferred=us)
+    assert isinstance(store, S3Store) and store.config == us
+    assert store_for_location("s3://archives/x/ns/t/a.dump", [eu, us], preferred=eu).config == eu  # type: ignore[attr-defined]
+    with pytest.raises(StoreError, match="configured on several archive stores"):
+        store_for_location("s3://archives/x/ns/t/a.dump", [eu, us])
+    # A target's store that does not hold that bucket (changed since): the bucket's store.
+    other = StoreConfig(url="s3://elsewhere")
+    assert store_for_location("s3://archives/x/a.dump", [eu, other], preferred=other).config == eu  # type: ignore[attr-defined]
+
+
 def test_the_local_store_writes_whole_objects_only(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     location = store.location("ns/t/a.dump")

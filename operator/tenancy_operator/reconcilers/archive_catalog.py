@@ -105,7 +105,7 @@ async def purge(ctx: OperatorContext, conn: Conn, row: archive_sql.ArchiveRow, w
 
     async def step() -> None:
         try:
-            store = ctx.store_at(row.path)
+            store = ctx.store_at(row.path, row.target)
         except StoreError as exc:
             raise archive.ArchiveUnavailable(str(exc)) from exc
         await archive.purge(store, row.path)

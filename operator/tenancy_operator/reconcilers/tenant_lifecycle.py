@@ -69,7 +69,7 @@ class LifecycleSteps(TenantSteps):
         async def restore() -> dict[str, str]:
             settings = self.ctx.settings
             try:
-                store = self.ctx.store_at(found.path)
+                store = self.ctx.store_at(found.path, found.target)
                 async with sqlt.delegate_login(conn, ident, self._iterations) as (user, password):
                     login = {**self.ctx.targets.conninfo(spec.database), "user": user, "password": password}
                     await archive.restore_schema(
