@@ -41,6 +41,7 @@ venv: $(STAMP)
 
 binaries:
 	@hack/build-control-plane.sh >/dev/null
+	@hack/build-seaweedfs.sh >/dev/null
 
 lint: venv
 	$(VENV)/bin/ruff check operator devenv tests bench

@@ -21,6 +21,7 @@ from tenancy_devenv.controlplane import ControlPlane
 from tenancy_devenv.objectstore import REGION, ObjectStore
 from tenancy_devenv.postgres import PostgresCluster
 from tenancy_devenv.process import DevEnvError, Service, free_ports, wait_for
+from tenancy_devenv.seaweedfs import SeaweedStore
 from tenancy_operator.config import TARGET_NAME
 
 DEFAULT_TARGET = "default"
@@ -36,7 +37,9 @@ class LocalStack:
     """``detached`` processes outlive this Python process (``dev up``); otherwise they are killed
     with it (tests, ``dev run``). ``with_operator`` also starts the operator and applies examples/.
     ``pg_bindir`` picks the PostgreSQL (binaries.postgres_bindir); default: the one recorded by an
-    earlier ``up``, else the newest of Debian's."""
+    earlier ``up``, else the newest of Debian's. ``encrypted_store_for``: a target whose archives
+    go to a store of its own, SeaweedFS with server-side encryption (the test session's second
+    target; s3proxy, the main store, ignores encryption)."""
 
     def __init__(
         self,
@@ -48,6 +51,7 @@ class LocalStack:
         bin_dir: Path | None = None,
         pg_bindir: Path | None = None,
         operator_timeout: float = 60.0,
+        encrypted_store_for: str | None = None,
     ) -> None:
         self.workdir = workdir.resolve()
         self.state_file = self.workdir / "state.json"
@@ -86,6 +90,13 @@ class LocalStack:
             access_key=saved_store.get("access_key"),
             secret_key=saved_store.get("secret_key"),
         )
+        self.encrypted_store_for = encrypted_store_for or state.get("encrypted_store_for")
+        self.encrypted_store: SeaweedStore | None = None
+        if self.encrypted_store_for is not None:
+            saved_sse = state.get("objectstore-sse", {})
+            self.encrypted_store = SeaweedStore(
+                self.workdir, saved_sse.get("port"), detached=detached, access_key=saved_sse.get("access_key"),
+                secret_key=saved_sse.get("secret_key"), other_ports=saved_sse.get("other_ports"))
         self.postgres: dict[str, PostgresCluster] = {}
         for target, spare_port in zip(self.targets, ports[6:], strict=True):
             saved = state.get("postgres", {}).get(target, {})
@@ -128,11 +139,23 @@ class LocalStack:
             "credentialsDir": str(self.objectstore.credentials_dir),
         }
 
+    def archive_stores_config(self) -> dict[str, dict[str, str]]:
+        """The operator's TENANCY_ARCHIVE_STORES: the encrypted store's target, if any, archives there
+        with SSE-S3 (AES256)."""
+        if self.encrypted_store is None or self.encrypted_store_for is None:
+            return {}
+        store = self.encrypted_store
+        return {self.encrypted_store_for: {
+            "url": f"s3://{store.bucket}/archives", "endpoint": store.endpoint, "region": REGION,
+            "credentialsDir": str(store.credentials_dir), "serverSideEncryption": "AES256",
+        }}
+
     def services(self) -> list[Service]:
         """Every process of the stack, in stop order."""
         return [
             self.operator,
             self.objectstore.service,
+            *([self.encrypted_store.service] if self.encrypted_store else []),
             *(pg.service for pg in self.postgres.values()),
             *reversed(self.control_plane.services),
         ]
@@ -152,6 +175,8 @@ class LocalStack:
         for pg in self.postgres.values():
             pg.start()
         self.objectstore.start()
+        if self.encrypted_store is not None:
+            self.encrypted_store.start()
         crd_dir = repo_root() / "crds"
         if crd_dir.is_dir():
             self.control_plane.install_crds(crd_dir)
@@ -166,6 +191,7 @@ class LocalStack:
         for step in (
             self.operator.stop,
             self.objectstore.stop,
+            *([self.encrypted_store.stop] if self.encrypted_store else []),
             *(pg.stop for pg in self.postgres.values()),
             self.control_plane.stop,
         ):
@@ -190,6 +216,7 @@ class LocalStack:
                 "TENANCY_LOG_FORMAT": "console",
                 "TENANCY_ARCHIVE_DIR": str(self.workdir / "archive"),
                 "TENANCY_ARCHIVE_STORE": json.dumps(self.archive_store_config()),
+                "TENANCY_ARCHIVE_STORES": json.dumps(self.archive_stores_config()),
                 "TENANCY_PG_BIN_DIR": str(self.pg_bindir),  # pg_dump of the server's major
                 "TENANCY_DATABASE_TARGET_LABELS": json.dumps(
                     {t: labels for t, labels in TARGET_LABELS.items() if t in self.postgres}),
@@ -243,7 +270,7 @@ class LocalStack:
         return state
 
     def _save_state(self) -> None:
-        state = {
+        state: dict[str, Any] = {
             "bin_dir": str(self.bin_dir),
             "pg_bindir": str(self.pg_bindir),
             "etcd_port": self.control_plane.etcd_port,
@@ -268,6 +295,14 @@ class LocalStack:
                 "endpoint": self.objectstore.endpoint,
             },
         }
+        if self.encrypted_store is not None:
+            state["encrypted_store_for"] = self.encrypted_store_for
+            state["objectstore-sse"] = {
+                "port": self.encrypted_store.port,
+                "access_key": self.encrypted_store.access_key,
+                "secret_key": self.encrypted_store.secret_key,
+                "other_ports": self.encrypted_store.other_ports,
+            }
         self.state_file.write_text(json.dumps(state, indent=2) + "\n")
         self.state_file.chmod(0o600)  # it holds passwords and keys
 

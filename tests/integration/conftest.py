@@ -1,4 +1,6 @@
-"""A real control plane and two PostgreSQL clusters, started once per test session.
+"""A real control plane, two PostgreSQL clusters and two S3-compatible servers (s3proxy for the
+archives of the default target, SeaweedFS with server-side encryption for the second's), started
+once per test session.
 
 ``TENANCY_TEST_PG_MAJOR`` (e.g. 15 or 17; `make test` runs the suite once on each) picks the
 PostgreSQL major of every stack of the run (tenancy_devenv.binaries.postgres_bindir reads it, also for the
@@ -21,6 +23,7 @@ import pytest
 
 from tenancy_devenv import ensure_binaries
 from tenancy_devenv.binaries import PG_MAJOR_ENV
+from tenancy_devenv.seaweedfs import ensure_weed
 from tenancy_devenv.stack import LocalStack
 
 from .fixtures import cluster, gate, gate_exporter, gate_prometheus, operator, s3  # noqa: F401 - fixtures for every integration test
@@ -50,10 +53,12 @@ def stack(request: pytest.FixtureRequest) -> Iterator[LocalStack]:
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         bin_dir = ensure_binaries()
+        ensure_weed()
     # Not under pytest's 0700 basetemp: the postgres user must be able to traverse the path.
     workdir = Path(tempfile.mkdtemp(prefix="tenancy-it-"))
     workdir.chmod(0o755)
-    local = LocalStack(workdir, TARGETS, detached=False, with_operator=False, bin_dir=bin_dir)
+    local = LocalStack(workdir, TARGETS, detached=False, with_operator=False, bin_dir=bin_dir,
+                       encrypted_store_for="second")
     try:
         local.up()
         for target in TARGETS:

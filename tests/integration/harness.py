@@ -92,9 +92,9 @@ class OperatorProcess:
             "TENANCY_ARCHIVE_DIR": str(self.workdir / "archive"),
             "TENANCY_ARCHIVE_STORE": json.dumps(self.stack.archive_store_config()),
             "TENANCY_ARCHIVE_CATALOG_CHECK_SECONDS": "2",
-            # The second target's archives under a prefix of their own (test_archives.py).
-            "TENANCY_ARCHIVE_STORES": json.dumps(
-                {"second": {**self.stack.archive_store_config(), "url": "s3://tenancy-archives/second-target"}}),
+            # The second target's archives in a store of their own, SeaweedFS with server-side
+            # encryption (test_archives.py).
+            "TENANCY_ARCHIVE_STORES": json.dumps(self.stack.archive_stores_config()),
             # Placement: test_placement.py requires these of the session's two targets.
             "TENANCY_DATABASE_TARGET_LABELS": json.dumps({"default": {"residency": "eu", "disk": "ssd"},
                                                           "second": {"residency": "us"}}),

@@ -1,7 +1,8 @@
 """Archives in the object store (a real S3-compatible server, s3proxy, started by the harness), each
 listed as a TenantArchive: restore by its name, purge by deleting it (unless protected), a store
-outage during a deletion, a corrupted object, objects the operator did not create, and the catalog
-rebuilt from the store."""
+outage during a deletion, a corrupted object, objects the operator did not create, the catalog
+rebuilt from the store; and the second target's store of its own, SeaweedFS with server-side
+encryption."""
 
 from __future__ import annotations
 
@@ -215,12 +216,20 @@ def test_retention_purges_the_objects_and_the_tenantarchive(
                      [archive_id]) is True
 
 
-def test_a_target_with_a_store_of_its_own_archives_there(
-    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str, s3: Minio
+def test_a_target_with_a_store_of_its_own_archives_there_encrypted(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
-    """TENANCY_ARCHIVE_STORES gives the second target its own place (here a prefix of the bucket)."""
+    """TENANCY_ARCHIVE_STORES gives the second target its own store, SeaweedFS with server-side
+    encryption (SSE-S3): the object is stored encrypted, and restores like any."""
+    store = stack.encrypted_store
+    assert store is not None
+    sse = store.client()
     cluster.create(PLURAL, namespace, tenant("abroad", database="second", deletionPolicy="Archive"))
     cluster.wait_condition(PLURAL, namespace, "abroad")
+    with as_owner(stack.admin_dsn("second"), "tenant_abroad") as owner:
+        owner.execute("CREATE TABLE ledger (id int PRIMARY KEY, note text)")
+    with connect(cluster.secret_data(namespace, "abroad-db")["uri"]) as conn:
+        conn.execute("INSERT INTO ledger SELECT g, md5(g::text) FROM generate_series(1, 5000) g")
     cluster.delete(PLURAL, namespace, "abroad")
     eventually(lambda: cluster.gone(PLURAL, namespace, "abroad"), timeout=90, what="archived")
 
@@ -231,7 +240,19 @@ def test_a_target_with_a_store_of_its_own_archives_there(
 
     status = eventually(listed, timeout=60, what="the TenantArchive")["status"]
     assert status["target"] == "second"
-    assert status["location"].startswith(f"s3://{stack.objectstore.bucket}/second-target/{namespace}/abroad/")
-    assert exists(s3, status["location"])
+    assert status["location"].startswith(f"s3://{store.bucket}/archives/{namespace}/abroad/")
+    bucket, key = split(status["location"])
+    assert sse.stat_object(bucket, key).metadata.get("x-amz-server-side-encryption") == "AES256"
+    data = object_bytes(sse, status["location"])  # decrypted by the server for our keys
+    assert hashlib.sha256(data).hexdigest() == status["sha256"]
+    # Not one 64-byte run of the dump is on the volume server's disk...
+    windows = [data[i:i + 64] for i in range(0, len(data) - 64, max(1, len(data) // 16))]
+    assert windows and not any(w in store.volume_bytes() for w in windows)
+    # ...where the same bytes stored without encryption are found (the check can see plaintext).
+    sse.put_object(bucket, f"control/{namespace}.dump", io.BytesIO(data), len(data))
+    assert all(w in store.volume_bytes() for w in windows)
+
     cluster.create(PLURAL, namespace, tenant("abroad", database="second", restoreFrom="latest"))
     cluster.wait_condition(PLURAL, namespace, "abroad", timeout=90)
+    with connect(cluster.secret_data(namespace, "abroad-db")["uri"]) as conn:
+        assert conn.execute("SELECT count(*) FROM ledger").fetchone() == (5000,)
