@@ -199,3 +199,31 @@ def test_a_restored_tenant_moves_and_stays_ready(
     cluster.patch(PLURAL, namespace, "phoenix", {"spec": {"moveGracePeriod": "2h"}})
     cluster.wait_condition(PLURAL, namespace, "phoenix")
     assert not cluster.has_event(namespace, "phoenix", "ArchiveNotFound")
+
+
+def test_a_tenant_deleted_while_its_move_is_refused_is_deleted_where_it_lives(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """spec.database names the destination, the data is still on the source: the deletion policy
+    applies on the source (no schema left behind with its logins on), and the destination's schema
+    that the operator did not create stays."""
+    cluster.create(PLURAL, namespace, tenant("stranded", deletionPolicy="Delete"))
+    cluster.wait_condition(PLURAL, namespace, "stranded")
+    with as_owner(stack.admin_dsn(), "tenant_stranded") as owner:
+        owner.execute("CREATE TABLE t (v int)")
+    with connect(stack.admin_dsn("second")) as conn:
+        conn.execute("CREATE SCHEMA tenant_stranded")
+    try:
+        cluster.patch(PLURAL, namespace, "stranded", {"spec": {"database": "second"}})
+        cluster.wait_condition(PLURAL, namespace, "stranded", status="False", reason="MoveRefused")
+        cluster.delete(PLURAL, namespace, "stranded")
+        eventually(lambda: cluster.gone(PLURAL, namespace, "stranded"), timeout=60, what="stranded deleted")
+        admin = stack.admin_dsn("default")
+        assert sql_value(admin, "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_stranded'") == 0
+        assert sql_value(admin, "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'tenant_stranded%%'"
+                         " OR rolname LIKE 'tl_stranded_%%'") == 0
+        assert sql_value(stack.admin_dsn("second"),
+                         "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_stranded'") == 1
+    finally:
+        with connect(stack.admin_dsn("second")) as conn:
+            conn.execute("DROP SCHEMA IF EXISTS tenant_stranded")

@@ -223,6 +223,11 @@ class LifecycleSteps(TenantSteps):
             return events  # nothing was ever provisioned for it
         if spec.database not in self.ctx.targets.pools:
             return events
+        # Where the data is, which is not spec.database after a move that failed (or one not done
+        # yet): the policy applies there, or the source would outlive its Tenant with logins on.
+        held = await self._held_at(body, spec, ident)
+        if held != spec.database:
+            spec = spec.model_copy(update={"database": held})
         policy = enum_value(spec.deletion_policy)
         try:
             await self.ctx.ensure_control_schema(spec.database)
@@ -266,6 +271,25 @@ class LifecycleSteps(TenantSteps):
         await self._delete_own_secret(meta, secret_uid)
         return events
 
+    async def _held_at(self, body: Mapping[str, Any], spec: TenantSpec, ident: str) -> str:
+        """The target holding this Tenant's live registry row: spec.database if it does, else the
+        one status.database names, else any other configured target; spec.database if none does
+        (or one that does cannot be asked: the deletion then retries rather than guessing)."""
+        uid = str(body["metadata"].get("uid") or "")
+        reported = str((body.get("status") or {}).get("database") or "")
+        candidates = dict.fromkeys([spec.database, reported, *self.ctx.targets.pools])
+        for target in (t for t in candidates if t in self.ctx.targets.pools):
+            try:
+                await self.ctx.ensure_control_schema(target)
+                async with self.ctx.targets.connection(target) as conn:
+                    row = await sqlt.find_live_row(conn, self.control, ident)
+            except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
+                raise Retry("DatabaseUnavailable",
+                            f"database {target!r} unavailable: {type(exc).__name__}") from exc
+            if row is not None and row.k8s_uid == uid:
+                return target
+        return spec.database
+
     async def _delete_own_secret(self, meta: Mapping[str, Any], secret_uid: str | None) -> None:
         """The credentials Secret goes with the Tenant, if it is the one the operator created for it."""
         try:
@@ -279,7 +303,7 @@ class LifecycleSteps(TenantSteps):
             raise Retry("KubernetesAPI", f"deleting Secret failed: {exc.status}") from exc
 
     async def _archive(self, conn: Conn, gate: JobGate, body: Mapping[str, Any], spec: TenantSpec, ident: str,
-                       tenant_id: str) -> list[tuple[str, str, str]]:
+                       tenant_id: str, *, compression: int = archive.DEFAULT_COMPRESSION) -> list[tuple[str, str, str]]:
         meta = body["metadata"]
         retention = parse_duration(str(spec.archive_retention))
 
@@ -295,6 +319,7 @@ class LifecycleSteps(TenantSteps):
                         {**self.ctx.targets.conninfo(spec.database), "user": user, "password": password},
                         store=store, namespace=meta["namespace"], name=meta["name"], schema=ident, role=ident,
                         description=description, deadline=self.ctx.settings.archive_deadline_seconds,
+                        compression=compression,
                     )
             except (archive.ArchiveUnavailable, StoreError) as exc:
                 raise StepFailed(str(exc)) from exc
