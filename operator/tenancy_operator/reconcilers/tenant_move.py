@@ -166,7 +166,7 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
             if found is not None:
                 return found
         try:
-            await self._archive(conn, gate, body, src_spec, ident, src.id)
+            await self._archive(conn, gate, body, src_spec, ident, src.id, compression=archive.FAST_COMPRESSION)
         except ArchiveBlocked as exc:
             return self._failed(src_spec.database, dest, f"the archive of the source failed: {exc}", stalled=False)
         found = await archive_sql.find(conn, self.control, meta["namespace"], meta["name"], "latest")
