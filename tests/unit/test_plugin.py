@@ -156,6 +156,22 @@ def test_describe_shows_every_section_and_names_secrets_only() -> None:
     assert events[-1].split()[:4] == ["Warning", "MigrationFailed", "1m", "(x3)"]
 
 
+def test_describe_shows_where_the_tenant_serves_and_its_last_move() -> None:
+    body = tenant("acme", "Active")
+    body["spec"] = {"database": "us"}
+    body["status"].update({"database": "default"})
+    text = render.describe_text(body, quotas=[], flags=[], events=[], secrets_present={}, now=NOW)
+    assert "Database:       default (spec asks for us: see Ready)" in text
+    assert "Last move:      -" in text
+    body["status"].update({"database": "us", "lastMove": {
+        "source": "default", "destination": "us", "finishedAt": ts(timedelta(minutes=5)),
+        "writeDowntimeSeconds": 4.62, "tables": 3, "rows": 1200, "archive": "acme-20261203t1100z-ab12cd"}})
+    text = render.describe_text(body, quotas=[], flags=[], events=[], secrets_present={}, now=NOW)
+    assert "Database:       us\n" in text
+    assert ("Last move:      default -> us, 5m ago, writes stopped 4.6 s, 3 table(s) / 1200 row(s) verified,"
+            " from archive acme-20261203t1100z-ab12cd") in text
+
+
 def test_psql_environment_carries_the_password_only_in_pgpassword() -> None:
     data = {"host": "db.internal", "port": "5432", "user": "tenant_acme_a", "dbname": "app", "sslmode": "require",
             "password": "s3cret"}

@@ -300,6 +300,29 @@ def _presence(present: bool | None) -> str:
     return "" if present else " (missing)" if present is not None else " (not readable with your access)"
 
 
+def _database_text(spec: Mapping[str, Any], status: Mapping[str, Any]) -> str:
+    """Where the tenant serves from, and where spec.database asks it to be if that differs (a
+    move not done yet, refused or failed: the Ready condition says which)."""
+    wanted = str(spec.get("database", "default"))
+    serving = str(status.get("database") or wanted)
+    return serving if serving == wanted else f"{serving} (spec asks for {wanted}: see Ready)"
+
+
+def _move_text(move: Mapping[str, Any] | None, now: datetime) -> str | None:
+    if not move:
+        return None
+    text = f"{move.get('source')} -> {move.get('destination')}"
+    if move.get("finishedAt"):
+        text += f", {age(move['finishedAt'], now)} ago"
+    if move.get("writeDowntimeSeconds") is not None:
+        text += f", writes stopped {float(move['writeDowntimeSeconds']):.1f} s"
+    if move.get("tables") is not None:
+        text += f", {move['tables']} table(s) / {move.get('rows', 0)} row(s) verified"
+    if move.get("archive"):
+        text += f", from archive {move['archive']}"
+    return text
+
+
 def describe_text(tenant: Mapping[str, Any], *, quotas: Sequence[Mapping[str, Any]],
                   flags: Sequence[Mapping[str, Any]], events: Sequence[Mapping[str, Any]],
                   secrets_present: Mapping[str, bool | None], now: datetime) -> str:
@@ -314,7 +337,8 @@ def describe_text(tenant: Mapping[str, Any], *, quotas: Sequence[Mapping[str, An
         _field("Phase", ("Deleting" if meta.get("deletionTimestamp") else None) or status.get("phase")),
         _field("State", spec.get("state", "Active")),
         _field("Tier", spec.get("tier", "free")),
-        _field("Database", status.get("database") or spec.get("database", "default")),
+        _field("Database", _database_text(spec, status)),
+        _field("Last move", _move_text(status.get("lastMove"), now)),
         _field("Schema", f"{status['schema']} (version {status.get('schemaVersion') or 'none'})"
                if status.get("schema") else None),
         _field("Role", status.get("role")),
