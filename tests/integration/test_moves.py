@@ -227,3 +227,29 @@ def test_a_tenant_deleted_while_its_move_is_refused_is_deleted_where_it_lives(
     finally:
         with connect(stack.admin_dsn("second")) as conn:
             conn.execute("DROP SCHEMA IF EXISTS tenant_stranded")
+
+
+def test_a_quota_keeps_applying_where_the_tenant_serves_while_its_move_is_refused(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """The Quota follows status.database (where the data is), not spec.database (where a refused
+    move would take it): a changed limit still reaches the source's role."""
+    cluster.create(PLURAL, namespace, tenant("moored"))
+    cluster.wait_condition(PLURAL, namespace, "moored")
+    cluster.create("quotas", namespace, {"apiVersion": "tenancy.dev/v1alpha1", "kind": "Quota",
+                                         "metadata": {"name": "moored"},
+                                         "spec": {"tenantRef": {"name": "moored"}, "limits": {"connections": 4}}})
+    admin = stack.admin_dsn("default")
+    limit = "SELECT rolconnlimit FROM pg_roles WHERE rolname = 'tenant_moored'"
+    eventually(lambda: sql_value(admin, limit) == 4, timeout=30, what="the quota on the source")
+    with connect(stack.admin_dsn("second")) as conn:
+        conn.execute("CREATE SCHEMA tenant_moored")
+    try:
+        cluster.patch(PLURAL, namespace, "moored", {"spec": {"database": "second"}})
+        cluster.wait_condition(PLURAL, namespace, "moored", status="False", reason="MoveRefused")
+        cluster.patch("quotas", namespace, "moored", {"spec": {"limits": {"connections": 6}}})
+        eventually(lambda: sql_value(admin, limit) == 6, timeout=30, what="the new limit on the source")
+        cluster.wait_condition("quotas", namespace, "moored")
+    finally:
+        with connect(stack.admin_dsn("second")) as conn:
+            conn.execute("DROP SCHEMA IF EXISTS tenant_moored")

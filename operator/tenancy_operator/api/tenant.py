@@ -158,6 +158,16 @@ class Placement(ApiModel):
     PlacementViolation."""
 
 
+def serving_database(tenant: Mapping[str, object]) -> str:
+    """The database target a Tenant's data is served from: status.database (where the operator
+    put it), else spec.database. They differ while a move is not done (in progress, refused or
+    failed): the source keeps serving until the switch."""
+    status, spec = tenant.get("status"), tenant.get("spec")
+    reported = status.get("database") if isinstance(status, Mapping) else None
+    wanted = spec.get("database") if isinstance(spec, Mapping) else None
+    return str(reported or wanted or "default")
+
+
 def placement_violations(required: Mapping[str, str], labels: Mapping[str, str]) -> list[str]:
     """The required labels ``labels`` lacks or holds with another value, as `key=value`."""
     return [f"{k}={v}" for k, v in sorted(required.items()) if labels.get(k) != v]

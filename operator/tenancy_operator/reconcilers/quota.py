@@ -35,7 +35,7 @@ from tenancy_operator.api.quota import (
     NoisyNeighborPolicy,
     QuotaSpec,
 )
-from tenancy_operator.api.tenant import tenant_identifier
+from tenancy_operator.api.tenant import serving_database, tenant_identifier
 from tenancy_operator.db import jobs as dbjobs
 from tenancy_operator.db import load as dbload
 from tenancy_operator.db import quota as dbq
@@ -559,7 +559,7 @@ class QuotaService:
             subject = Subject(namespace, name, tenant, quotas)
             probe = None
             if tenant is not None and not tenant["metadata"].get("deletionTimestamp"):
-                target = str((tenant.get("spec") or {}).get("database") or "default")
+                target = serving_database(tenant)
                 probe = await self._probe_one(target, subject)
             plan = await self.apply(subject, probe, trigger=trigger)
             self.epochs[key] += 1
@@ -804,7 +804,7 @@ class QuotaService:
         by_target: dict[str, list[Subject]] = defaultdict(list)
         for k, s in subjects.items():
             if k not in waiting and s.tenant is not None and not s.tenant["metadata"].get("deletionTimestamp"):
-                by_target[str((s.tenant.get("spec") or {}).get("database") or "default")].append(s)
+                by_target[serving_database(s.tenant)].append(s)
         probes: dict[Key, Probe] = {}
         for target, items in by_target.items():
             with metrics.QUOTA_MEASURE_DURATION.labels(target=target).time():
