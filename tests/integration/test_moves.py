@@ -3,9 +3,12 @@ are separate PostgreSQL clusters (default: residency eu, second: residency us)."
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from tenancy_devenv.stack import LocalStack
 
@@ -17,6 +20,19 @@ PLURAL = "tenants"
 
 def status(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
     return cluster.get(PLURAL, namespace, name).get("status") or {}
+
+
+@contextlib.contextmanager
+def squatted(stack: LocalStack, schema: str) -> Iterator[None]:
+    """Someone else's schema of the tenant's name on the second target, for the block: a move
+    there is refused (MoveRefused)."""
+    with connect(stack.admin_dsn("second")) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    try:
+        yield
+    finally:
+        with connect(stack.admin_dsn("second")) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {}").format(sql.Identifier(schema)))
 
 
 def can_login(admin_dsn: str, ident: str) -> list[bool]:
@@ -94,9 +110,7 @@ def test_a_move_the_destination_cannot_take_leaves_the_source_serving(
     with connect(uri) as conn:
         conn.execute("INSERT INTO t VALUES (7)")
     # Someone else's schema of that name on the destination.
-    with connect(stack.admin_dsn("second")) as conn:
-        conn.execute("CREATE SCHEMA tenant_rooted")
-    try:
+    with squatted(stack, "tenant_rooted"):
         cluster.patch(PLURAL, namespace, "rooted", {"spec": {"database": "second"}})
         found = cluster.wait_condition(PLURAL, namespace, "rooted", status="False", reason="MoveRefused")
         message = next(c for c in found["status"]["conditions"] if c["type"] == "Ready")["message"]
@@ -109,9 +123,6 @@ def test_a_move_the_destination_cannot_take_leaves_the_source_serving(
         # Back to where it is: Ready again, nothing moved.
         cluster.patch(PLURAL, namespace, "rooted", {"spec": {"database": "default"}})
         cluster.wait_condition(PLURAL, namespace, "rooted")
-    finally:
-        with connect(stack.admin_dsn("second")) as conn:
-            conn.execute("DROP SCHEMA IF EXISTS tenant_rooted")
 
 
 def test_a_move_that_would_break_placement_is_refused(
@@ -211,9 +222,7 @@ def test_a_tenant_deleted_while_its_move_is_refused_is_deleted_where_it_lives(
     cluster.wait_condition(PLURAL, namespace, "stranded")
     with as_owner(stack.admin_dsn(), "tenant_stranded") as owner:
         owner.execute("CREATE TABLE t (v int)")
-    with connect(stack.admin_dsn("second")) as conn:
-        conn.execute("CREATE SCHEMA tenant_stranded")
-    try:
+    with squatted(stack, "tenant_stranded"):
         cluster.patch(PLURAL, namespace, "stranded", {"spec": {"database": "second"}})
         cluster.wait_condition(PLURAL, namespace, "stranded", status="False", reason="MoveRefused")
         cluster.delete(PLURAL, namespace, "stranded")
@@ -224,9 +233,6 @@ def test_a_tenant_deleted_while_its_move_is_refused_is_deleted_where_it_lives(
                          " OR rolname LIKE 'tl_stranded_%%'") == 0
         assert sql_value(stack.admin_dsn("second"),
                          "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_stranded'") == 1
-    finally:
-        with connect(stack.admin_dsn("second")) as conn:
-            conn.execute("DROP SCHEMA IF EXISTS tenant_stranded")
 
 
 def test_a_quota_keeps_applying_where_the_tenant_serves_while_its_move_is_refused(
@@ -242,14 +248,9 @@ def test_a_quota_keeps_applying_where_the_tenant_serves_while_its_move_is_refuse
     admin = stack.admin_dsn("default")
     limit = "SELECT rolconnlimit FROM pg_roles WHERE rolname = 'tenant_moored'"
     eventually(lambda: sql_value(admin, limit) == 4, timeout=30, what="the quota on the source")
-    with connect(stack.admin_dsn("second")) as conn:
-        conn.execute("CREATE SCHEMA tenant_moored")
-    try:
+    with squatted(stack, "tenant_moored"):
         cluster.patch(PLURAL, namespace, "moored", {"spec": {"database": "second"}})
         cluster.wait_condition(PLURAL, namespace, "moored", status="False", reason="MoveRefused")
         cluster.patch("quotas", namespace, "moored", {"spec": {"limits": {"connections": 6}}})
         eventually(lambda: sql_value(admin, limit) == 6, timeout=30, what="the new limit on the source")
         cluster.wait_condition("quotas", namespace, "moored")
-    finally:
-        with connect(stack.admin_dsn("second")) as conn:
-            conn.execute("DROP SCHEMA IF EXISTS tenant_moored")
