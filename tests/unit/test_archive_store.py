@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from tenancy_operator.api.names import ARCHIVE_TOKEN_ANNOTATION
 from tenancy_operator.archive_store import LocalStore, S3Store, StoreError, store_for_location
 from tenancy_operator.config import Settings, StoreConfig, store_config
 from tenancy_operator.db.archives import ArchiveRow
-from tenancy_operator.reconcilers.archive_catalog import TOKEN_ANNOTATION, managed, object_for
+from tenancy_operator.reconcilers.archive_catalog import managed, object_for
 
 
 def test_a_store_from_a_url_or_json() -> None:
@@ -98,10 +99,10 @@ def _row(token: str | None = "t0ken") -> ArchiveRow:  # noqa: S107 - a test valu
 def test_only_the_object_made_for_the_row_is_the_operators() -> None:
     row = _row()
     made = object_for(row)
-    assert made["metadata"]["annotations"][TOKEN_ANNOTATION] == "t0ken"
+    assert made["metadata"]["annotations"][ARCHIVE_TOKEN_ANNOTATION] == "t0ken"
     assert made["metadata"]["finalizers"] == ["tenancy.dev/finalizer"]
     assert managed(made, row)
-    assert not managed({"metadata": {"annotations": {TOKEN_ANNOTATION: "guess"}}}, row)
+    assert not managed({"metadata": {"annotations": {ARCHIVE_TOKEN_ANNOTATION: "guess"}}}, row)
     assert not managed({"metadata": {}}, row)
     assert not managed(made, None)
     assert not managed({"metadata": {"annotations": {}}}, _row(token=None))

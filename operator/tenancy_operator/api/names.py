@@ -39,6 +39,9 @@ SCHEMA_PIN_ANNOTATION = f"{GROUP}/schema-pin"
 SECRET_ROTATION_ANNOTATION = f"{GROUP}/rotated-for"
 SECRET_CLAIM_ANNOTATION = f"{GROUP}/claim"
 GENERATION_ANNOTATION = f"{GROUP}/generation"
+ARCHIVE_TOKEN_ANNOTATION = f"{GROUP}/archive-token"
+"""On a TenantArchive the operator made: the archive's secret token (from its catalog row), so a
+copied or hand-made object is told apart and never acted on."""
 
 
 REQUEST_TOKEN_MAX = 253

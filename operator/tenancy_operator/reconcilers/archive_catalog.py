@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tenancy_operator import GROUP, VERSION, archive
-from tenancy_operator.api.names import FINALIZER, MANAGED_BY, TENANT_LABEL
+from tenancy_operator.api.names import ARCHIVE_TOKEN_ANNOTATION, FINALIZER, MANAGED_BY, TENANT_LABEL
 from tenancy_operator.api.tenantarchive import TENANT_ARCHIVE, ArchivedTenant, TenantArchiveStatus
 from tenancy_operator.archive_store import StoreError
 from tenancy_operator.db import archives as archive_sql
@@ -27,13 +27,12 @@ from tenancy_operator.reconcilers.lifecycle import JobFailed, JobGate, using
 from tenancy_operator.runtime_context import OperatorContext
 
 PLURAL = TENANT_ARCHIVE.plural
-TOKEN_ANNOTATION = f"{GROUP}/archive-token"
 log = get_logger(__name__)
 
 
 def managed(body: Mapping[str, Any], row: archive_sql.ArchiveRow | None) -> bool:
     """Is this object the view of ``row`` that the operator created?"""
-    token = ((body.get("metadata") or {}).get("annotations") or {}).get(TOKEN_ANNOTATION)
+    token = ((body.get("metadata") or {}).get("annotations") or {}).get(ARCHIVE_TOKEN_ANNOTATION)
     return row is not None and bool(row.token) and token == row.token
 
 
@@ -54,7 +53,7 @@ def object_for(row: archive_sql.ArchiveRow) -> dict[str, Any]:
             "name": row.id,
             "namespace": row.namespace,
             "labels": {**MANAGED_BY, TENANT_LABEL: row.name},
-            "annotations": {TOKEN_ANNOTATION: row.token},
+            "annotations": {ARCHIVE_TOKEN_ANNOTATION: row.token},
             # From the start, so a deletion before the operator's first look still purges.
             "finalizers": [FINALIZER],
         },

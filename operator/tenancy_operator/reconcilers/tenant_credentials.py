@@ -12,6 +12,7 @@ from typing import Any
 
 from psycopg import sql
 
+from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.common import parse_duration
 from tenancy_operator.api.names import (
     MANAGED_BY,
@@ -296,7 +297,7 @@ class CredentialSteps(TenantSteps):
                 "annotations": {SECRET_ROTATION_ANNOTATION: rotation,
                                 **({SECRET_CLAIM_ANNOTATION: claim} if claim else {})},
                 "ownerReferences": [{
-                    "apiVersion": body.get("apiVersion", "tenancy.dev/v1alpha1"), "kind": "Tenant",
+                    "apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"), "kind": "Tenant",
                     "name": meta["name"], "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True,
                 }],
             },
