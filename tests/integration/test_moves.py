@@ -239,7 +239,8 @@ def test_a_quota_keeps_applying_where_the_tenant_serves_while_its_move_is_refuse
     stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
     """The Quota follows status.database (where the data is), not spec.database (where a refused
-    move would take it): a changed limit still reaches the source's role."""
+    move would take it): a changed limit still reaches the source's role, and once moved, the
+    destination's."""
     cluster.create(PLURAL, namespace, tenant("moored"))
     cluster.wait_condition(PLURAL, namespace, "moored")
     cluster.create("quotas", namespace, {"apiVersion": "tenancy.dev/v1alpha1", "kind": "Quota",
@@ -254,3 +255,9 @@ def test_a_quota_keeps_applying_where_the_tenant_serves_while_its_move_is_refuse
         cluster.patch("quotas", namespace, "moored", {"spec": {"limits": {"connections": 6}}})
         eventually(lambda: sql_value(admin, limit) == 6, timeout=30, what="the new limit on the source")
         cluster.wait_condition("quotas", namespace, "moored")
+    # The destination free now: the move done after a retry, the limit follows the tenant there.
+    cluster.patch(PLURAL, namespace, "moored", {"metadata": {"annotations": {"tenancy.dev/retry": "freed"}}})
+    eventually(lambda: status(cluster, namespace, "moored").get("database") == "second", timeout=120,
+               what="moored moved to second")
+    eventually(lambda: sql_value(stack.admin_dsn("second"), limit) == 6, timeout=30,
+               what="the limit on the destination's role")
