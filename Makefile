@@ -17,7 +17,7 @@ INTEGRATION_SUITE = failed=""; \
 	done; \
 	if [ -n "$$failed" ]; then echo "=== integration suite failed on PostgreSQL$$failed"; exit 1; fi
 
-.PHONY: help deps venv binaries lint helm-lint crds test test-unit test-integration dev dev-up dev-down dev-status bench bench-quick bench-soak clean
+.PHONY: help deps venv binaries seaweedfs lint helm-lint crds test test-unit test-integration dev dev-up dev-down dev-status bench bench-quick bench-soak clean
 
 help:
 	@echo "make dev        - build what is missing, start control plane + PostgreSQL + operator + examples (Ctrl-C stops)"
@@ -41,6 +41,10 @@ venv: $(STAMP)
 
 binaries:
 	@hack/build-control-plane.sh >/dev/null
+
+# The tests' second S3 server (server-side encryption); built here, before pytest, so a cold build
+# does not count against the first test's timeout. `make dev` does not need it.
+seaweedfs:
 	@hack/build-seaweedfs.sh >/dev/null
 
 lint: venv
@@ -56,14 +60,14 @@ crds: venv
 	cp crds/*.yaml helm/tenancy-operator/files/crds/
 	$(VENV)/bin/tenancy-operator api-docs
 
-test: deps venv binaries lint
+test: deps venv binaries seaweedfs lint
 	$(VENV)/bin/pytest -p no:cacheprovider tests --ignore=tests/integration
 	@$(INTEGRATION_SUITE)
 
 test-unit: venv
 	$(VENV)/bin/pytest -p no:cacheprovider tests --ignore=tests/integration
 
-test-integration: deps venv binaries
+test-integration: deps venv binaries seaweedfs
 	@$(INTEGRATION_SUITE)
 
 dev: deps venv binaries
