@@ -42,11 +42,12 @@ class SeaweedStore(ObjectStore):
     def __init__(self, workdir: Path, port: int | None = None, name: str = "objectstore-sse", *,
                  detached: bool = False, access_key: str | None = None, secret_key: str | None = None,
                  bucket: str = BUCKET, timeout: float = 90.0, other_ports: dict[str, int] | None = None) -> None:
-        super().__init__(workdir, port, name, detached=detached, access_key=access_key, secret_key=secret_key,
-                         bucket=bucket, timeout=timeout)
+        fresh = free_ports(len(PORT_FLAGS) + 1)  # in one call, so all distinct
+        super().__init__(workdir, port or fresh[-1], name, detached=detached, access_key=access_key,
+                         secret_key=secret_key, bucket=bucket, timeout=timeout)
         self.config_file = self.directory / "s3.json"
-        fresh = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
-        self.other_ports = {flag: (other_ports or {}).get(flag, port) for flag, port in fresh.items()}
+        saved = other_ports or {}
+        self.other_ports = {flag: saved.get(flag, free) for flag, free in zip(PORT_FLAGS, fresh[:-1], strict=True)}
         self.service = Service(name, workdir, ["weed", "mini", f"-dir={self.data_dir}"])
 
     def start(self) -> None:

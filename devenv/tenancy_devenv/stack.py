@@ -132,23 +132,14 @@ class LocalStack:
 
     def archive_store_config(self) -> dict[str, str]:
         """The operator's TENANCY_ARCHIVE_STORE for the stack's object store, keys read from files."""
-        return {
-            "url": f"s3://{self.objectstore.bucket}/archives",
-            "endpoint": self.objectstore.endpoint,
-            "region": REGION,
-            "credentialsDir": str(self.objectstore.credentials_dir),
-        }
+        return _store_config(self.objectstore)
 
     def archive_stores_config(self) -> dict[str, dict[str, str]]:
         """The operator's TENANCY_ARCHIVE_STORES: the encrypted store's target, if any, archives there
         with SSE-S3 (AES256)."""
         if self.encrypted_store is None or self.encrypted_store_for is None:
             return {}
-        store = self.encrypted_store
-        return {self.encrypted_store_for: {
-            "url": f"s3://{store.bucket}/archives", "endpoint": store.endpoint, "region": REGION,
-            "credentialsDir": str(store.credentials_dir), "serverSideEncryption": "AES256",
-        }}
+        return {self.encrypted_store_for: {**_store_config(self.encrypted_store), "serverSideEncryption": "AES256"}}
 
     def services(self) -> list[Service]:
         """Every process of the stack, in stop order."""
@@ -305,6 +296,15 @@ class LocalStack:
             }
         self.state_file.write_text(json.dumps(state, indent=2) + "\n")
         self.state_file.chmod(0o600)  # it holds passwords and keys
+
+
+def _store_config(store: ObjectStore) -> dict[str, str]:
+    return {
+        "url": f"s3://{store.bucket}/archives",
+        "endpoint": store.endpoint,
+        "region": REGION,
+        "credentialsDir": str(store.credentials_dir),
+    }
 
 
 def _listening(port: int) -> bool:
