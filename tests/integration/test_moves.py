@@ -188,28 +188,28 @@ def test_a_restored_tenant_moves_and_stays_ready(
 ) -> None:
     """A Tenant that still carries spec.restoreFrom (its archive lives in the source's catalog) moves:
     the restore is not attempted again on the destination, and the Tenant is Ready there."""
-    archive = archive_with_rows(stack, cluster, namespace, "phoenix", rows=300)["metadata"]["name"]
-    cluster.create(PLURAL, namespace, tenant("phoenix", restoreFrom=archive, moveGracePeriod="1h"))
-    cluster.wait_condition(PLURAL, namespace, "phoenix", timeout=90)
-    with connect(cluster.secret_data(namespace, "phoenix-db")["uri"]) as conn:
+    archive = archive_with_rows(stack, cluster, namespace, "wanderer", rows=300)["metadata"]["name"]
+    cluster.create(PLURAL, namespace, tenant("wanderer", restoreFrom=archive, moveGracePeriod="1h"))
+    cluster.wait_condition(PLURAL, namespace, "wanderer", timeout=90)
+    with connect(cluster.secret_data(namespace, "wanderer-db")["uri"]) as conn:
         conn.execute("INSERT INTO ledger VALUES (301, 'after the restore')")
 
-    cluster.patch(PLURAL, namespace, "phoenix", {"spec": {"database": "second"}})
+    cluster.patch(PLURAL, namespace, "wanderer", {"spec": {"database": "second"}})
 
     def moved() -> dict[str, Any]:
-        st = status(cluster, namespace, "phoenix")
+        st = status(cluster, namespace, "wanderer")
         ready = next(c for c in st.get("conditions") or [] if c["type"] == "Ready")
         assert st.get("database") == "second" and ready["status"] == "True", (st.get("database"), ready)
         return st
 
-    eventually(moved, timeout=120, what="phoenix moved to second and Ready")
-    with connect(cluster.secret_data(namespace, "phoenix-db")["uri"]) as conn:
+    eventually(moved, timeout=120, what="wanderer moved to second and Ready")
+    with connect(cluster.secret_data(namespace, "wanderer-db")["uri"]) as conn:
         assert conn.execute("SELECT count(*), sum(id) FROM ledger").fetchone() == (301, 45451)
     # Reconciled again on the destination (a spec change; wait_condition waits for its generation):
     # still Ready, no restore looked for in the destination's catalog.
-    cluster.patch(PLURAL, namespace, "phoenix", {"spec": {"moveGracePeriod": "2h"}})
-    cluster.wait_condition(PLURAL, namespace, "phoenix")
-    assert not cluster.has_event(namespace, "phoenix", "ArchiveNotFound")
+    cluster.patch(PLURAL, namespace, "wanderer", {"spec": {"moveGracePeriod": "2h"}})
+    cluster.wait_condition(PLURAL, namespace, "wanderer")
+    assert not cluster.has_event(namespace, "wanderer", "ArchiveNotFound")
 
 
 def test_a_tenant_deleted_while_its_move_is_refused_is_deleted_where_it_lives(
@@ -218,21 +218,21 @@ def test_a_tenant_deleted_while_its_move_is_refused_is_deleted_where_it_lives(
     """spec.database names the destination, the data is still on the source: the deletion policy
     applies on the source (no schema left behind with its logins on), and the destination's schema
     that the operator did not create stays."""
-    cluster.create(PLURAL, namespace, tenant("stranded", deletionPolicy="Delete"))
-    cluster.wait_condition(PLURAL, namespace, "stranded")
-    with as_owner(stack.admin_dsn(), "tenant_stranded") as owner:
+    cluster.create(PLURAL, namespace, tenant("castaway", deletionPolicy="Delete"))
+    cluster.wait_condition(PLURAL, namespace, "castaway")
+    with as_owner(stack.admin_dsn(), "tenant_castaway") as owner:
         owner.execute("CREATE TABLE t (v int)")
-    with squatted(stack, "tenant_stranded"):
-        cluster.patch(PLURAL, namespace, "stranded", {"spec": {"database": "second"}})
-        cluster.wait_condition(PLURAL, namespace, "stranded", status="False", reason="MoveRefused")
-        cluster.delete(PLURAL, namespace, "stranded")
-        eventually(lambda: cluster.gone(PLURAL, namespace, "stranded"), timeout=60, what="stranded deleted")
+    with squatted(stack, "tenant_castaway"):
+        cluster.patch(PLURAL, namespace, "castaway", {"spec": {"database": "second"}})
+        cluster.wait_condition(PLURAL, namespace, "castaway", status="False", reason="MoveRefused")
+        cluster.delete(PLURAL, namespace, "castaway")
+        eventually(lambda: cluster.gone(PLURAL, namespace, "castaway"), timeout=60, what="castaway deleted")
         admin = stack.admin_dsn("default")
-        assert sql_value(admin, "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_stranded'") == 0
-        assert sql_value(admin, "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'tenant_stranded%%'"
-                         " OR rolname LIKE 'tl_stranded_%%'") == 0
+        assert sql_value(admin, "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_castaway'") == 0
+        assert sql_value(admin, "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'tenant_castaway%%'"
+                         " OR rolname LIKE 'tl_castaway_%%'") == 0
         assert sql_value(stack.admin_dsn("second"),
-                         "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_stranded'") == 1
+                         "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_castaway'") == 1
 
 
 def test_a_quota_keeps_applying_where_the_tenant_serves_while_its_move_is_refused(
