@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tenancy_operator.api.quota import NEAR_LIMIT_RATIO
+from tenancy_operator.api.tenant import serving_database
 from tenancy_operator.observability.text import clean_message
 
 PHASE_ORDER = ("Provisioning", "Active", "Suspended", "Deleting", "Failed")
@@ -304,7 +305,7 @@ def _database_text(spec: Mapping[str, Any], status: Mapping[str, Any]) -> str:
     """Where the tenant serves from, and where spec.database asks it to be if that differs (a
     move not done yet, refused or failed: the Ready condition says which)."""
     wanted = str(spec.get("database", "default"))
-    serving = str(status.get("database") or wanted)
+    serving = serving_database({"spec": spec, "status": status})
     return serving if serving == wanted else f"{serving} (spec asks for {wanted}: see Ready)"
 
 
