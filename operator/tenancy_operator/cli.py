@@ -15,6 +15,7 @@ def _run(args: argparse.Namespace) -> int:
     from tenancy_operator.config import Settings
     from tenancy_operator.observability.logging import configure_logging
     from tenancy_operator.runtime import run_operator
+    from tenancy_operator.sharding import ShardingUnsupported
 
     try:
         cfg = Settings()
@@ -26,7 +27,11 @@ def _run(args: argparse.Namespace) -> int:
     if not targets:
         print("configuration error: no database target; set TENANCY_DATABASE_TARGETS", file=sys.stderr)
         return 2
-    asyncio.run(run_operator(cfg))
+    try:
+        asyncio.run(run_operator(cfg))
+    except ShardingUnsupported as exc:
+        print(f"refusing to run sharded: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

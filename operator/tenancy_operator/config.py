@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -177,6 +177,23 @@ class Settings(BaseSettings):
     # Kopf pauses a replica that sees a peer of higher *or equal* priority, so each replica needs
     # its own: unset picks a random one at start-up.
     peering_priority: int | None = Field(default=None, ge=0)
+    # Sharded replicas (sharding.py): every replica reconciles the slices of the fleet it holds
+    # through Leases in shard_namespace; needs an API server with ShardedListAndWatch (>= 1.36).
+    sharding: bool = False
+    shard_slices: int = Field(default=16, ge=1, le=1024,
+                              description="Slices of the uid hash space; at least the replicas.")
+    shard_lease_seconds: int = Field(default=15, ge=3, le=300)
+    shard_namespace: str = Field(default="", pattern=r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)?$",
+                                 description="Where the Leases live; empty: $POD_NAMESPACE, else 'default'.")
+    shard_group: str = Field(default="tenancy-operator", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+                             description="Lease name prefix: replicas sharing a fleet share it.")
+
+    @model_validator(mode="after")
+    def _one_way_of_running_replicas(self) -> Settings:
+        if self.sharding and self.peering_name:
+            raise ValueError("TENANCY_SHARDING and TENANCY_PEERING_NAME exclude each other: sharded replicas "
+                             "share the fleet, peered ones stand by")
+        return self
 
     @field_validator("log_level")
     @classmethod

@@ -28,6 +28,8 @@ from tenancy_operator.observability.events import EventRecorder
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.peering import PeeringGate
 from tenancy_operator.runtime_context import OperatorContext
+from tenancy_operator.sharding import ShardCoordinator
+from tenancy_operator.shards import Ownership, Slices
 from tenancy_operator.sweep import Sweeper
 
 log = get_logger(__name__)
@@ -39,6 +41,11 @@ PREFIX = "tenancy.dev"
 # Kopf ignores changes to every annotation under the prefix of its own storage, so its storage
 # gets a sub-prefix: user-facing annotations such as tenancy.dev/rotate-credentials stay visible.
 STORAGE_PREFIX = "kopf.tenancy.dev"
+# Kinds each replica watches only its slices of (server-side shardSelector). Quotas are watched
+# whole: a Quota is evaluated by the replica owning its Tenant, whatever the Quota's own uid.
+# SchemaRollouts too: every Tenant reconcile reads the rollout pacing its template from their
+# events, while only the rollout's owner reconciles it (handlers/common.owned).
+SHARDED_PLURALS = ("tenants", "featureflags", "tenantarchives")
 
 
 def exact_namespace(name: str) -> bool:
@@ -86,6 +93,11 @@ def build_registry() -> kopf.OperatorRegistry:
         settings.watching.inactivity_timeout = 70
         settings.networking.request_timeout = 30
         settings.execution.max_workers = 4
+        ownership: Ownership = memo.ownership
+        shard = ownership.selector()
+        if shard is not None:
+            for plural in SHARDED_PLURALS:
+                settings.watching.shard_selectors[PREFIX, plural] = shard
         # Given exact namespaces, Kopf watches just those and discovers our CRDs once at start
         # (discovery, which every authenticated client may read): it neither lists namespaces nor
         # watches CRDs cluster-wide, so the chart's namespaced mode needs no cluster-scoped grant.
@@ -102,6 +114,7 @@ def build_registry() -> kopf.OperatorRegistry:
             ),
             kube=kube,
             events=EventRecorder(kube),
+            ownership=ownership,
         )
         await ctx.targets.open()
         for target in cfg.targets:
@@ -166,8 +179,26 @@ def build_registry() -> kopf.OperatorRegistry:
 
 async def run_operator(cfg: Settings) -> None:
     metrics.start_metrics_server(cfg.metrics_port, cfg.bind_address)
+    if not cfg.sharding:
+        await _run_kopf(cfg, Ownership(), None)
+        return
+    identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{secrets.token_hex(4)}"
+    namespace = cfg.shard_namespace or os.environ.get("POD_NAMESPACE") or "default"
+    kube = await Kube.connect(cfg.namespace_list)
+    try:
+        coordinator = ShardCoordinator(kube, namespace, cfg.shard_group, identity, Slices(cfg.shard_slices),
+                                       cfg.shard_lease_seconds)
+        await coordinator.serve(lambda ownership, stop: _run_kopf(cfg, ownership, stop))
+    finally:
+        await kube.close()
+
+
+async def _run_kopf(cfg: Settings, ownership: Ownership, stop: asyncio.Event | None) -> None:
+    """One run of Kopf over what ``ownership`` covers, until ``stop`` is set or a signal comes.
+    Sharded, a new run starts for every change of the slices held: Kopf lists its slices afresh,
+    and nothing of the objects that went elsewhere stays in its memory or ours."""
     namespaces = cfg.namespace_list
-    memo = kopf.Memo(settings=cfg)
+    memo = kopf.Memo(settings=cfg, ownership=ownership)
     peering: dict[str, Any] = {}
     if cfg.peering_name:  # active/standby: the replica with the highest priority works, the others wait
         memo.peer_priority = (
@@ -182,5 +213,6 @@ async def run_operator(cfg: Settings) -> None:
         namespaces=namespaces,
         liveness_endpoint=f"http://{cfg.bind_address}:{cfg.health_port}/healthz",
         standalone=not cfg.peering_name,
+        stop_flag=stop,
         **peering,
     )

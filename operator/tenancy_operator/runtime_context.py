@@ -17,6 +17,7 @@ from tenancy_operator.db.control import migrate_control_schema
 from tenancy_operator.db.targets import DatabaseTargets
 from tenancy_operator.k8s.client import Kube
 from tenancy_operator.observability.events import EventRecorder
+from tenancy_operator.shards import Ownership
 
 
 @runtime_checkable
@@ -124,6 +125,8 @@ class OperatorContext:
     kube: Kube
     events: EventRecorder
     locks: KeyedLocks = field(default_factory=KeyedLocks)
+    # Which objects this replica reconciles (sharded replicas: the slices it holds; else all).
+    ownership: Ownership = field(default_factory=Ownership)
     control_ready: set[str] = field(default_factory=set)
     # When the sweep last completed (monotonic); the liveness probe fails if it stops completing.
     last_sweep_ok: float = field(default_factory=time.monotonic)

@@ -75,10 +75,11 @@ class Sweeper:
     async def sweep_once(self) -> int:
         """Returns how many tenants were reconciled because they differed."""
         self.ctx.targets.update_pool_metrics()
-        bodies = await self.ctx.kube.list_objects("tenants")
+        everyone = await self.ctx.kube.list_objects("tenants")
         namespaces = set(self.ctx.settings.namespace_list)
         if namespaces:
-            bodies = [b for b in bodies if b["metadata"]["namespace"] in namespaces]
+            everyone = [b for b in everyone if b["metadata"]["namespace"] in namespaces]
+        bodies = self.ctx.ownership.mine(everyone)  # sharded: this replica's slices only
         phases = Counter((b.get("status") or {}).get("phase", "Provisioning") for b in bodies)
         for phase in ("Provisioning", "Active", "Suspended", "Deleting", "Failed"):
             metrics.TENANTS.labels(phase=phase).set(phases.get(phase, 0))
@@ -140,6 +141,15 @@ class Sweeper:
                                 name=body["metadata"]["name"], error=type(exc).__name__)
 
         await asyncio.gather(*(one(b) for b in todo))
+        if self.ctx.ownership.chores:
+            await self.chores(everyone)
+        if reconciled:
+            # Listed ones left out: deleted or edited meanwhile, or their handler's reconcile in flight.
+            log.info("sweep repaired", tenants=reconciled, listed=len(todo))
+        return reconciled
+
+    async def chores(self, bodies: list[dict[str, Any]]) -> None:
+        """Each target's work that belongs to no single Tenant (one replica does it when sharded)."""
         for target in self.ctx.targets.pools:
             try:
                 await self.ctx.ensure_control_schema(target)
@@ -159,10 +169,6 @@ class Sweeper:
             if purged:
                 log.info("archives purged", target=target, archives=purged)
         await self.audit_isolation(bodies)
-        if reconciled:
-            # Listed ones left out: deleted or edited meanwhile, or their handler's reconcile in flight.
-            log.info("sweep repaired", tenants=reconciled, listed=len(todo))
-        return reconciled
 
     async def audit_isolation(self, bodies: list[dict[str, Any]]) -> int:
         """Audit every target, revoke what tenant roles hold beyond their schemas, report it.

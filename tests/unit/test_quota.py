@@ -42,6 +42,7 @@ from tenancy_operator.reconcilers.quota_policy import (
     used_amounts,
 )
 from tenancy_operator.runtime_context import KeyedLocks
+from tenancy_operator.shards import Ownership
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 NS = "acme"
@@ -442,7 +443,7 @@ class RecordingService(QuotaService):
 
     def __init__(self) -> None:
         ctx = SimpleNamespace(settings=Settings(quota_interval_seconds=3600),
-                              locks=defaultdict(asyncio.Lock))
+                              locks=defaultdict(asyncio.Lock), ownership=Ownership())
         super().__init__(ctx)  # type: ignore[arg-type]
         self.passes = 0
         self.evaluated: list[tuple[str, str, str, float]] = []
@@ -514,7 +515,7 @@ class CountingService(QuotaService):
 
     def __init__(self) -> None:
         locks = KeyedLocks()
-        ctx = SimpleNamespace(settings=Settings(), locks=locks,
+        ctx = SimpleNamespace(settings=Settings(), locks=locks, ownership=Ownership(),
                               lock=lambda kind, namespace, name: locks.hold((kind, namespace, name)))
         super().__init__(ctx)  # type: ignore[arg-type]
         self.initial_pass_done = True

@@ -21,13 +21,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 log = get_logger(__name__)
 
 
+def owned(body: kopf.Body, memo: kopf.Memo, **_: Any) -> bool:
+    """This replica reconciles the object (always, unsharded): a sharded replica's watch brings only
+    its slices, except for kinds watched whole (runtime.SHARDED_PLURALS), which this filters."""
+    ctx = getattr(memo, "ctx", None)
+    return ctx is None or bool(ctx.ownership.owns(body))
+
+
 def on_reconcile(registry: kopf.OperatorRegistry, plural: str) -> Callable[[F], F]:
     """One level-based reconcile as Kopf's resume, create and update handler of a kind (one id, so
-    Kopf tracks it as one handler whichever cause comes)."""
+    Kopf tracks it as one handler whichever cause comes), for the objects this replica owns."""
 
     def decorate(fn: F) -> F:
         for on in (kopf.on.update, kopf.on.create, kopf.on.resume):
-            on(GROUP, VERSION, plural, registry=registry, id="reconcile")(fn)
+            on(GROUP, VERSION, plural, registry=registry, id="reconcile", when=owned)(fn)
         return fn
 
     return decorate

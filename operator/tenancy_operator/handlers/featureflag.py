@@ -323,7 +323,7 @@ class FeatureFlagService:
         checked = 0
         tenants: dict[str, set[str]] = {}
         seen: set[str] = set()
-        for item in await self._list(None if nudged is None else set(nudged)):
+        for item in self.ctx.ownership.mine(await self._list(None if nudged is None else set(nudged))):
             meta = item["metadata"]
             seen.add(meta["namespace"])
             if meta.get("deletionTimestamp") or FINALIZER not in (meta.get("finalizers") or []):

@@ -313,7 +313,7 @@ class TenantService:
         One tenant's failure is its own (condition, Event, metric); the others go on. The summary
         goes to the ConfigMap as an Event, so a rollout is visible without reading every Tenant.
         """
-        bodies = [b for b in await self.ctx.kube.list_objects(PLURAL, namespace)
+        bodies = [b for b in self.ctx.ownership.mine(await self.ctx.kube.list_objects(PLURAL, namespace))
                   if (b.get("spec") or {}).get("schemaTemplate") == template
                   and not b["metadata"].get("deletionTimestamp")]
         if not bodies:

@@ -98,6 +98,7 @@ class Kube:
         # The generated stubs want model classes; the client accepts plain dicts, which we use.
         self.core: Any = client.CoreV1Api(api)
         self.custom: Any = client.CustomObjectsApi(api)
+        self.coordination: Any = client.CoordinationV1Api(api)
 
     @classmethod
     async def connect(cls, namespaces: Sequence[str] = ()) -> Kube:
@@ -212,6 +213,52 @@ class Kube:
             result = safejson.loads(await raw(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, plural))
             items += result.get("items") or []
         return items
+
+    # --- Leases (sharding.py: which replica holds which slice of the fleet) ---------------------
+
+    async def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await _read_or_none(self.coordination.read_namespaced_lease, name, namespace)
+
+    async def list_leases(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        listed = await raw(self.coordination.list_namespaced_lease, namespace, label_selector=label_selector)
+        result = json.loads(listed)
+        return list(result.get("items") or [])
+
+    async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Raises ApiError 409 when a Lease of that name exists."""
+        return json.loads(await raw(self.coordination.create_namespaced_lease, namespace, body))  # type: ignore[no-any-return]
+
+    async def replace_lease(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Optimistic: ``body``'s metadata.resourceVersion must be current, else ApiError 409."""
+        return json.loads(await raw(self.coordination.replace_namespaced_lease, name, namespace, body))  # type: ignore[no-any-return]
+
+    async def delete_lease(self, namespace: str, name: str, uid: str) -> None:
+        try:
+            await raw(self.coordination.delete_namespaced_lease, name, namespace, body={"preconditions": {"uid": uid}})
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                raise
+
+    async def shard_selector_applied(self, namespace: str, shard_selector: str) -> bool:
+        """Whether the API server applies ``shardSelector`` (KEP-5866): a list answered with the
+        selector echoed in ``metadata.shardInfo``. A server without the ShardedListAndWatch feature
+        (gate off, or older than 1.36) ignores the parameter and answers every object, unmarked.
+        Leases are asked because built-in kinds' lists echo it (custom resources' do not in 1.36)."""
+        response = await self.api.call_api(
+            "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases", "GET",
+            path_params={"namespace": namespace},
+            query_params=[("shardSelector", shard_selector), ("limit", "1")],
+            header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
+            _preload_content=False, _return_http_data_only=True,
+        )
+        try:
+            data = await response.read()
+        finally:
+            response.release()
+        if not 200 <= response.status <= 299:
+            raise ApiException(http_resp=RESTResponse(response, data))  # type: ignore[arg-type]
+        info = (json.loads(data).get("metadata") or {}).get("shardInfo") or {}
+        return bool(info.get("selector"))
 
     async def create_object(self, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         """Create one of our objects; returns it as created."""

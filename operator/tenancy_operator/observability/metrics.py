@@ -28,6 +28,15 @@ RECONCILE_DURATION = Histogram(
 QUEUE_DEPTH = Gauge(
     "queue_depth", "Objects with a reconcile waiting (including retry backoff) or running.", ["kind"]
 )
+SHARD_SLICES_HELD = Gauge(
+    "shard_slices_held", "Slices of the fleet this replica holds (sharded replicas); 0 while it waits for its share."
+)
+SHARD_SLICE_HELD = Gauge(
+    "shard_slice_held", "1 for each slice this replica holds (its Lease names this replica).", ["slice"]
+)
+SHARD_HANDOVERS = Counter(
+    "shard_handovers_total", "Changes of the slices this replica holds, by direction.", ["direction"]
+)
 TENANTS = Gauge("tenants", "Tenants by phase, as last reconciled.", ["phase"])
 DB_POOL_CONNECTIONS = Gauge(
     "db_pool_connections", "Database pool connections by state.", ["target", "state"]

@@ -183,6 +183,9 @@ class QuotaService:
         self._quotas_by_tenant: dict[Key, dict[str, dict[str, Any]]] = {}
         self._quota_refs: dict[Key, str] = {}
         self._seen_listing = {QUOTAS: False, TENANTS: False}
+        self._elsewhere: set[Key] = set()
+        """Sharded replicas: Tenants that exist and another replica owns, as of the last LIST (their
+        Quotas are that replica's to evaluate; Quotas are watched whole, Tenants by slice)."""
         self._aggregates_due = False
         self._probe_batches: dict[str, list[tuple[Subject, asyncio.Future[Probe]]]] = {}
         self._passes = 0
@@ -311,6 +314,14 @@ class QuotaService:
     def _watched(self, namespace: str) -> bool:
         namespaces = self.ctx.settings.namespace_list
         return not namespaces or namespace in namespaces
+
+    def _ours(self, key: Key, tenant: Mapping[str, Any] | None, quotas: Sequence[Mapping[str, Any]]) -> bool:
+        """Sharded replicas: a tenant's quotas are evaluated by the replica owning the Tenant; those
+        naming no existing Tenant (TenantNotFound) by the one owning the Quota."""
+        ownership = self.ctx.ownership
+        if tenant is not None:
+            return ownership.owns(tenant)
+        return key not in self._elsewhere and any(ownership.owns(q) for q in quotas)
 
     async def _get_tenant(self, namespace: str, name: str) -> dict[str, Any] | None:
         cached = self._tenants.get((namespace, name))
@@ -556,6 +567,8 @@ class QuotaService:
                 quotas = sort_quotas(await self._tenant_quotas(namespace, name))
             except ApiError as exc:
                 raise Retry("KubernetesAPI", f"reading Tenant/Quotas failed: {exc.status}") from exc
+            if self.ctx.ownership.sharded and not self._ours(key, tenant, quotas):
+                return None  # another replica's tenant
             subject = Subject(namespace, name, tenant, quotas)
             probe = None
             if tenant is not None and not tenant["metadata"].get("deletionTimestamp"):
@@ -756,6 +769,11 @@ class QuotaService:
                 return [q for by_name in self._quotas.values() for q in by_name.values()]
             return list(self._tenants.values())
         items = await self.ctx.kube.list_objects(plural)
+        if plural == TENANTS and self.ctx.ownership.sharded:
+            mine = self.ctx.ownership.mine(items)
+            self._elsewhere = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in items} - {
+                (o["metadata"]["namespace"], o["metadata"]["name"]) for o in mine}
+            items = mine
         listed = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in items}
         if plural == QUOTAS:
             for namespace, by_name in self._quotas.items():
@@ -792,6 +810,8 @@ class QuotaService:
             # delivered yet (thousands created at once): only a LIST may conclude TenantNotFound.
             # Its own events judge it meanwhile (a Quota event reads a missing Tenant with a GET).
             subjects = {k: s for k, s in subjects.items() if s.tenant is not None or k in self.memory}
+        if self.ctx.ownership.sharded:
+            subjects = {k: s for k, s in subjects.items() if self._ours(k, s.tenant, s.quotas)}
         for s in subjects.values():
             s.quotas = sort_quotas(s.quotas)
 
@@ -896,6 +916,8 @@ class QuotaService:
         key = (body["metadata"]["namespace"], ref)
         if self._quota_enforced(key, _quota_version(body)):
             return
+        if key not in self._tenants and not self.ctx.ownership.owns(body):
+            return  # sharded: the Tenant's owner evaluates it (its events), or it is unseen yet
         task = asyncio.get_running_loop().create_task(
             self._handle_quota_with_retries(dict(body), created=type_ == "ADDED"),
             name=f"quota-changed-{key[0]}-{body['metadata']['name']}",
@@ -920,7 +942,7 @@ class QuotaService:
         """A deleted Quota returns its tenant to tier defaults (or lets a conflicting one apply)."""
         metrics.PENDING.discard(KIND, f"{body['metadata']['namespace']}/{body['metadata']['name']}")
         ref = _tenant_ref(body)
-        if ref is not None:
+        if ref is not None and ((body["metadata"]["namespace"], ref) in self._tenants or self.ctx.ownership.owns(body)):
             self.spawn(body["metadata"]["namespace"], ref, "quota-deleted")
 
     def expected_limits(self, tenant: Mapping[str, Any]) -> dict[str, str] | None:

@@ -1,0 +1,284 @@
+"""Sharded replicas: each live replica holds its share of the fleet's slices through Leases.
+
+Every replica renews a member Lease (``<group>-member-<identity>``); the live members, sorted,
+split the slices into contiguous blocks (shards.assign). A slice is held through its own Lease
+(``<group>-slice-<i>``, holderIdentity = the replica): taken only when free, released by its holder
+or expired, and renewed while held. Expiry is judged as client-go's leader election does, by how
+long this replica has seen the Lease unchanged, never by comparing clocks.
+
+``serve`` runs the operator's work (Kopf, in runtime.py) over the held slices and stops it whenever
+they must change: a member joined or left, a held Lease was lost, or renewals failed for longer
+than a lease (the replica fences itself: another may take its slices then). Slices are released
+only after the work stopped, and taken before it starts, so two replicas never work on one slice
+at once while their Leases are honoured; the per-tenant lock in PostgreSQL covers the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from tenancy_operator.k8s.client import ApiError, Kube
+from tenancy_operator.observability import metrics
+from tenancy_operator.observability.logging import get_logger
+from tenancy_operator.shards import SPACE, Ownership, Slices, assign, describe, selector
+
+log = get_logger(__name__)
+GROUP_LABEL = "tenancy.dev/shard-group"
+ROLE_LABEL = "tenancy.dev/shard-lease"
+MANAGED = {"app.kubernetes.io/managed-by": "tenancy-operator"}
+
+
+class ShardingUnsupported(RuntimeError):
+    """The API server ignores shardSelector: every replica would see, and work on, everything."""
+
+
+def lease_safe(identity: str) -> str:
+    """An identity as part of a Lease name (DNS subdomain characters, bounded length)."""
+    name = re.sub(r"[^a-z0-9.-]+", "-", identity.lower()).strip("-.")
+    return name[:200] or "replica"
+
+
+def micro_time(now: datetime | None = None) -> str:
+    return (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Observed:
+    """Per Lease, the resourceVersion last seen and when (monotonic) it was first seen: a Lease
+    unchanged for its duration is expired, whatever its renewTime says."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[str, float]] = {}
+
+    def expired(self, lease: dict[str, Any], now: float) -> bool:
+        meta, spec = lease["metadata"], lease.get("spec") or {}
+        version = str(meta.get("resourceVersion"))
+        seen = self._seen.get(meta["name"])
+        if seen is None or seen[0] != version:
+            self._seen[meta["name"]] = seen = (version, now)
+        return now - seen[1] > float(spec.get("leaseDurationSeconds") or 15)
+
+
+Work = Callable[[Ownership, asyncio.Event], Awaitable[None]]
+"""The operator's work over the held slices, until the event is set."""
+
+
+class ShardCoordinator:
+    def __init__(self, kube: Kube, namespace: str, group: str, identity: str, slices: Slices,
+                 lease_seconds: int = 15) -> None:
+        self.kube, self.namespace, self.group, self.identity = kube, namespace, group, identity
+        self.slices, self.lease_seconds = slices, lease_seconds
+        self.renew_seconds = max(1.0, lease_seconds / 3)
+        self.held: dict[int, dict[str, Any]] = {}
+        """Slice -> its Lease as last written by us."""
+        self.desired: frozenset[int] = frozenset()
+        self._observed = Observed()
+        self._member: dict[str, Any] | None = None
+        self._last_renewed = time.monotonic()
+
+    # --- names and bodies ----------------------------------------------------------------------
+
+    @property
+    def member_name(self) -> str:
+        return f"{self.group}-member-{lease_safe(self.identity)}"[:253]
+
+    def slice_name(self, index: int) -> str:
+        return f"{self.group}-slice-{index}"
+
+    def _lease(self, name: str, role: str, transitions: int = 0) -> dict[str, Any]:
+        now = micro_time()
+        return {
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": name, "namespace": self.namespace,
+                         "labels": {**MANAGED, GROUP_LABEL: self.group, ROLE_LABEL: role}},
+            "spec": {"holderIdentity": self.identity, "leaseDurationSeconds": self.lease_seconds,
+                     "acquireTime": now, "renewTime": now, "leaseTransitions": transitions},
+        }
+
+    # --- the server ----------------------------------------------------------------------------
+
+    async def check_server(self) -> None:
+        """Refuse to run sharded on a server that would ignore the selector."""
+        if not await self.kube.shard_selector_applied(self.namespace, selector(0, SPACE)):
+            raise ShardingUnsupported(
+                "the API server ignores shardSelector (Kubernetes older than 1.36, or its feature gate "
+                "ShardedListAndWatch is off): sharded replicas would each reconcile every object. "
+                "Enable the gate, or run one replica (sharding off, or active/standby with peering).")
+
+    # --- membership ----------------------------------------------------------------------------
+
+    async def _renew_member(self) -> None:
+        if self._member is None:
+            existing = await self.kube.get_lease(self.namespace, self.member_name)
+            if existing is None:
+                self._member = await self.kube.create_lease(self.namespace, self._lease(self.member_name, "member"))
+                return
+            self._member = existing
+        body = dict(self._member)
+        body["spec"] = {**(body.get("spec") or {}), "holderIdentity": self.identity,
+                        "leaseDurationSeconds": self.lease_seconds, "renewTime": micro_time()}
+        try:
+            self._member = await self.kube.replace_lease(self.namespace, self.member_name, body)
+        except ApiError as exc:
+            if exc.status in (404, 409):
+                self._member = None  # read again next time
+            raise
+
+    async def live_members(self) -> set[str]:
+        leases = await self.kube.list_leases(
+            self.namespace, f"{GROUP_LABEL}={self.group},{ROLE_LABEL}=member")
+        now = time.monotonic()
+        live = {self.identity}
+        for lease in leases:
+            holder = (lease.get("spec") or {}).get("holderIdentity")
+            if holder and holder != self.identity and not self._observed.expired(lease, now):
+                live.add(str(holder))
+        return live
+
+    # --- slices --------------------------------------------------------------------------------
+
+    async def _take(self, index: int) -> bool:
+        """Take one slice if it is free, expired, or already ours; False if another holds it."""
+        name = self.slice_name(index)
+        lease = await self.kube.get_lease(self.namespace, name)
+        try:
+            if lease is None:
+                self.held[index] = await self.kube.create_lease(self.namespace, self._lease(name, "slice"))
+                return True
+            spec = lease.get("spec") or {}
+            holder = spec.get("holderIdentity")
+            if holder and holder != self.identity and not self._observed.expired(lease, time.monotonic()):
+                return False
+            body = self._lease(name, "slice", int(spec.get("leaseTransitions") or 0) + (holder != self.identity))
+            body["metadata"]["resourceVersion"] = lease["metadata"]["resourceVersion"]
+            self.held[index] = await self.kube.replace_lease(self.namespace, name, body)
+        except ApiError as exc:
+            if exc.status == 409:  # another replica wrote it first
+                return False
+            raise
+        if holder and holder != self.identity:
+            log.info("slice taken over", slice=index, previous=holder)
+        return True
+
+    async def _renew_slices(self) -> set[int]:
+        """Renew every held slice; returns the ones lost (someone else wrote their Lease)."""
+        lost = set()
+        for index, lease in list(self.held.items()):
+            body = dict(lease)
+            body["spec"] = {**(lease.get("spec") or {}), "renewTime": micro_time()}
+            try:
+                self.held[index] = await self.kube.replace_lease(self.namespace, self.slice_name(index), body)
+            except ApiError as exc:
+                if exc.status not in (404, 409):
+                    raise
+                del self.held[index]
+                lost.add(index)
+        return lost
+
+    async def _release(self, indices: set[int]) -> None:
+        for index in sorted(indices):
+            lease = self.held.pop(index, None)
+            if lease is None:
+                continue
+            body = dict(lease)
+            body["spec"] = {k: v for k, v in (lease.get("spec") or {}).items()
+                            if k not in ("holderIdentity", "renewTime", "acquireTime")}
+            with contextlib.suppress(ApiError):  # lost meanwhile: then it is not ours to release
+                await self.kube.replace_lease(self.namespace, self.slice_name(index), body)
+        if indices:
+            metrics.SHARD_HANDOVERS.labels(direction="released").inc(len(indices))
+            log.info("slices released", slices=describe(self.slices, indices))
+
+    def _publish(self) -> None:
+        metrics.SHARD_SLICES_HELD.set(len(self.held))
+        for index in range(self.slices.count):
+            if index in self.held:
+                metrics.SHARD_SLICE_HELD.labels(slice=str(index)).set(1)
+            else:
+                with contextlib.suppress(KeyError):
+                    metrics.SHARD_SLICE_HELD.remove(str(index))
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    async def _tick(self) -> tuple[frozenset[int], set[int]]:
+        """Renew; returns the desired slices and the held ones just lost."""
+        await self._renew_member()
+        lost = await self._renew_slices()
+        self._last_renewed = time.monotonic()
+        desired = assign(await self.live_members(), self.slices.count).get(self.identity, frozenset())
+        return desired, lost
+
+    async def _acquire(self) -> None:
+        """Until this replica holds exactly its share (and the share stays the same meanwhile)."""
+        while True:
+            try:
+                desired, _ = await self._tick()
+                if desired != self.desired:
+                    log.info("share of the fleet", slices=describe(self.slices, desired))
+                self.desired = desired
+                await self._release(set(self.held) - desired)
+                gained = [i for i in sorted(desired - set(self.held)) if await self._take(i)]
+                if gained:
+                    metrics.SHARD_HANDOVERS.labels(direction="taken").inc(len(gained))
+                self._publish()
+                if desired and set(self.held) == desired:
+                    return
+            except ApiError as exc:
+                log.warning("slice leases not renewed", error=exc.status)
+            await asyncio.sleep(self.renew_seconds)
+
+    async def _watch(self, running: frozenset[int], stop: asyncio.Event) -> None:
+        """While the work runs: renew, and stop it when its slices must change."""
+        while not stop.is_set():
+            await asyncio.sleep(self.renew_seconds)
+            try:
+                desired, lost = await self._tick()
+            except ApiError as exc:
+                log.warning("slice leases not renewed", error=exc.status)
+                if time.monotonic() - self._last_renewed > self.lease_seconds * 2 / 3:
+                    log.error("slice leases could not be renewed for most of a lease: stopping work on them",
+                              slices=describe(self.slices, running))
+                    self.held.clear()  # another replica may take them once they expire
+                    stop.set()
+                continue
+            if lost:
+                log.error("slices lost to another replica", slices=describe(self.slices, lost))
+            if lost or desired != running:
+                log.info("share of the fleet changes", held=describe(self.slices, running),
+                         wanted=describe(self.slices, desired))
+                stop.set()
+
+    async def serve(self, work: Work) -> None:
+        """Hold this replica's share and run ``work`` over it, again after every change, until
+        cancelled; then release everything so the others take over at once."""
+        await self.check_server()
+        log.info("sharded replica", identity=self.identity, slices=self.slices.count, lease=self.member_name)
+        try:
+            while True:
+                await self._acquire()
+                running = frozenset(self.held)
+                stop = asyncio.Event()
+                watcher = asyncio.create_task(self._watch(running, stop), name="shard-leases")
+                log.info("working on slices", slices=describe(self.slices, running))
+                try:
+                    await work(Ownership(self.slices, running), stop)
+                finally:
+                    watcher.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watcher
+                if not stop.is_set():
+                    return  # the work ended by itself (a signal): leave
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._leave())
+
+    async def _leave(self) -> None:
+        await self._release(set(self.held))
+        self._publish()
+        if self._member is not None:
+            await self.kube.delete_lease(self.namespace, self.member_name, self._member["metadata"]["uid"])

@@ -1,0 +1,131 @@
+"""Which objects this replica owns when several replicas share the fleet (pure; no I/O).
+
+The 64-bit hash space of ``metadata.uid`` is cut into ``count`` equal slices. The live replicas,
+sorted by identity, each take one contiguous block of slices (``assign``), and a server-side
+``shardSelector`` (KEP-5866) of the slices it holds gives a replica exactly its objects.
+Which replica holds a slice is decided by that slice's Lease (sharding.py); this module only
+computes. Unsharded, one Ownership owns everything.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+SPACE = 1 << 64
+B = TypeVar("B", bound=Mapping[str, Any])
+FIELD = "object.metadata.uid"
+
+
+def fnv1a_64(text: str) -> int:
+    """The hash the API server applies to the selected field (k8s.io/apimachinery/pkg/sharding)."""
+    h = 0xCBF29CE484222325
+    for byte in text.encode():
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def bound(value: int) -> str:
+    """A range bound as the API server wants it: quoted, 0x and exactly 16 hex digits, or 2^64
+    (the whole space's exclusive end) as 0x1 followed by 16 zeros. The short form '0x0' is refused."""
+    return f"'0x{value:016x}'"
+
+
+def selector(start: int, end: int) -> str:
+    """The shardSelector of the uids hashing into [start, end)."""
+    if not 0 <= start < end <= SPACE:
+        raise ValueError(f"not a range of the hash space: [{start:#x}, {end:#x})")
+    return f"shardRange({FIELD}, {bound(start)}, {bound(end)})"
+
+
+@dataclass(frozen=True)
+class Slices:
+    """The hash space cut into ``count`` slices of (almost) equal width."""
+
+    count: int
+    starts: tuple[int, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.count <= 1024:
+            raise ValueError(f"slice count must be 1..1024, not {self.count}")
+        object.__setattr__(self, "starts", tuple(i * SPACE // self.count for i in range(self.count)))
+
+    def range_of(self, index: int) -> tuple[int, int]:
+        end = self.starts[index + 1] if index + 1 < self.count else SPACE
+        return self.starts[index], end
+
+    def slice_of(self, uid: str) -> int:
+        return bisect.bisect_right(self.starts, fnv1a_64(uid)) - 1
+
+
+def assign(members: Iterable[str], count: int) -> dict[str, frozenset[int]]:
+    """Each live member's slices: contiguous blocks in the members' sorted order, sizes differing
+    by at most one. Every replica computes the same answer from the same member list."""
+    ordered = sorted(set(members))
+    n = len(ordered)
+    return {m: frozenset(range(k * count // n, (k + 1) * count // n)) for k, m in enumerate(ordered)}
+
+
+def describe(slices: Slices, indices: Iterable[int]) -> str:
+    """Slices for logs and metrics: '4-7' or '0,2' or '-'."""
+    ordered = sorted(set(indices))
+    if not ordered:
+        return "-"
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs(ordered))
+
+
+class Ownership:
+    """What this replica may reconcile: everything when unsharded, else the objects whose uid falls
+    in a slice it holds. Held slices change only while Kopf is stopped (runtime.py), so a reconcile
+    never sees its object change hands under it; the check is a client-side second line behind the
+    server's selector."""
+
+    def __init__(self, slices: Slices | None = None, held: Iterable[int] = ()) -> None:
+        self.slices = slices
+        self.held: frozenset[int] = frozenset(held)
+
+    @property
+    def sharded(self) -> bool:
+        return self.slices is not None
+
+    @property
+    def chores(self) -> bool:
+        """Whether this replica does the fleet-wide work that belongs to no one object (each target's
+        isolation audit, archive catalog, dropping moved copies): the holder of slice 0."""
+        return self.slices is None or 0 in self.held
+
+    def owns_uid(self, uid: str) -> bool:
+        return self.slices is None or self.slices.slice_of(uid) in self.held
+
+    def owns(self, body: Mapping[str, Any]) -> bool:
+        return self.owns_uid(str(body["metadata"].get("uid") or ""))
+
+    def mine(self, bodies: Sequence[B]) -> list[B]:
+        return list(bodies) if self.slices is None else [b for b in bodies if self.owns(b)]
+
+    def selector(self) -> str | None:
+        """The shardSelector of the held slices: one shardRange per contiguous run, joined with
+        ``||`` (the server answers their union); None unsharded."""
+        if self.slices is None:
+            return None
+        return selector_of(self.slices, self.held)
+
+
+def runs(indices: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted indices as inclusive runs of consecutive values: {0, 1, 2, 5} -> [(0, 2), (5, 5)]."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(set(indices)):
+        if out and out[-1][1] + 1 == i:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return out
+
+
+def selector_of(slices: Slices, indices: Iterable[int]) -> str:
+    parts = [selector(slices.range_of(a)[0], slices.range_of(b)[1]) for a, b in runs(indices)]
+    if not parts:
+        raise ValueError("no slices held: nothing to select")
+    return " || ".join(parts)

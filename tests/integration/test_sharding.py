@@ -1,0 +1,160 @@
+"""Sharded replicas: two operator processes share one fleet through Leases and the API server's
+sharded watch (control plane of the module's own, ShardedListAndWatch on).
+
+What a user checks: every Tenant and Quota converges; each Tenant was provisioned by exactly one
+replica, the one whose slice Lease covers its uid (the Provisioned Event names the replica that
+posted it); `kubectl get leases` shows the split; a killed replica's slices go to the other within
+the lease time and its tenants are served again; a replica that joins takes its share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from tenancy_devenv.stack import LocalStack
+from tenancy_operator.shards import Slices
+
+from .harness import Cluster, OperatorProcess, eventually, own_stack, tenant
+
+SLICES = 4
+LEASE_SECONDS = 6
+GROUP_NAME = "tenancy-operator"
+
+
+class Fleet:
+    def __init__(self, stack: LocalStack) -> None:
+        self.stack = stack
+        self.cluster = Cluster(stack.kubeconfig)
+        self.coordination = client.CoordinationV1Api(self.cluster.api)
+        self.replicas: dict[str, OperatorProcess] = {}
+
+    def start(self, identity: str) -> OperatorProcess:
+        workdir = self.stack.workdir / identity
+        workdir.mkdir(exist_ok=True)
+        operator = OperatorProcess(self.stack, workdir, sweep_interval=5.0, env={
+            "TENANCY_SHARDING": "true", "TENANCY_SHARD_SLICES": str(SLICES),
+            "TENANCY_SHARD_LEASE_SECONDS": str(LEASE_SECONDS), "TENANCY_SHARD_NAMESPACE": "default",
+            "POD_NAME": identity,
+        })
+        operator.start()
+        self.replicas[identity] = operator
+        return operator
+
+    def holders(self) -> dict[int, str]:
+        """Slice -> the replica its Lease names (kubectl get leases -l tenancy.dev/shard-group=...)."""
+        leases = self.coordination.list_namespaced_lease(
+            "default", label_selector=f"tenancy.dev/shard-group={GROUP_NAME},tenancy.dev/shard-lease=slice")
+        out = {}
+        for lease in leases.items:
+            if lease.spec.holder_identity:
+                out[int(lease.metadata.name.rsplit("-", 1)[1])] = lease.spec.holder_identity
+        return out
+
+    def split(self, *identities: str) -> dict[int, str]:
+        """Wait until every slice is held and the given replicas hold them in equal shares."""
+        def check() -> dict[int, str]:
+            holders = self.holders()
+            assert sorted(holders) == list(range(SLICES)), holders
+            shares = Counter(holders.values())
+            assert set(shares) == set(identities), holders
+            assert max(shares.values()) - min(shares.values()) <= 1, holders
+            for identity in identities:
+                assert self.replicas[identity].metric("shard_slices_held") == shares[identity]
+            return holders
+        return eventually(check, timeout=60, interval=0.5, what=f"slices split between {identities}")
+
+    def namespace(self, prefix: str) -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+        self.cluster.core.create_namespace({"metadata": {"name": name}})
+        return name
+
+    def provisioned_by(self, namespace: str, name: str) -> set[str]:
+        """The replicas that posted the Tenant's Provisioned Event."""
+        events = self.cluster.core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
+        return {e.reporting_instance for e in events.items if e.reason == "Provisioned"}
+
+
+def quota(name: str, tenant_name: str) -> dict[str, Any]:
+    return {"apiVersion": "tenancy.dev/v1alpha1", "kind": "Quota", "metadata": {"name": name},
+            "spec": {"tenantRef": {"name": tenant_name}, "limits": {"connections": 7}}}
+
+
+@pytest.fixture(scope="module")
+def fleet(request: pytest.FixtureRequest) -> Iterator[Fleet]:
+    with own_stack(request, "shards") as stack:
+        fleet = Fleet(stack)
+        try:
+            fleet.start("replica-a")
+            fleet.start("replica-b")
+            yield fleet
+        finally:
+            for operator in fleet.replicas.values():
+                with contextlib.suppress(Exception):
+                    operator.stop()
+
+
+def owner_of(holders: dict[int, str], uid: str) -> str:
+    return holders[Slices(SLICES).slice_of(uid)]
+
+
+def test_two_replicas_share_the_fleet_each_tenant_served_by_its_slices_holder(fleet: Fleet) -> None:
+    holders = fleet.split("replica-a", "replica-b")
+    cluster = fleet.cluster
+    # All in one namespace, and one namespace each: both spread over the replicas.
+    shared = fleet.namespace("shared")
+    placed = [(shared, f"one-{i}") for i in range(12)] + [(fleet.namespace("own"), f"solo-{i}") for i in range(4)]
+    uids = {}
+    for namespace, name in placed:
+        uids[(namespace, name)] = cluster.create("tenants", namespace, tenant(name))["metadata"]["uid"]
+        cluster.create("quotas", namespace, quota(f"{name}-limits", name))
+    for namespace, name in placed:
+        cluster.wait_condition("tenants", namespace, name, timeout=120)
+        cluster.wait_condition("quotas", namespace, f"{name}-limits", timeout=120)
+    owners = Counter()
+    for key, uid in uids.items():
+        expected = owner_of(holders, uid)
+        assert fleet.provisioned_by(*key) == {expected}, key
+        owners[expected] += 1
+    assert set(owners) == {"replica-a", "replica-b"}, owners  # 16 uids over 4 slices: both have work
+    # A Quota is evaluated by its Tenant's replica, whichever replica's slice the Quota's own uid is in.
+    crossed = [key for key in uids
+               if owner_of(holders, cluster.get("quotas", key[0], f"{key[1]}-limits")["metadata"]["uid"])
+               != owner_of(holders, uids[key])]
+    assert crossed, "no Quota in another replica's slice than its Tenant: the test proves nothing"
+    for namespace, name in crossed:
+        status = cluster.get("quotas", namespace, f"{name}-limits")["status"]
+        assert status["hard"]["connections"] == "7", status
+
+
+def test_a_killed_replicas_slices_go_to_the_other_and_its_tenants_are_served(fleet: Fleet) -> None:
+    holders = fleet.split("replica-a", "replica-b")
+    fleet.replicas["replica-b"].kill()
+    eventually(lambda: set(fleet.holders().values()) == {"replica-a"} and len(fleet.holders()) == SLICES,
+               timeout=LEASE_SECONDS * 4, interval=0.5, what="replica-a holds every slice")
+    namespace = fleet.namespace("after-kill")
+    # A new Tenant in a slice replica-b held: served by replica-a now.
+    for i in range(20):
+        body = fleet.cluster.create("tenants", namespace, tenant(f"late-{i}"))
+        if owner_of(holders, body["metadata"]["uid"]) == "replica-b":
+            fleet.cluster.wait_condition("tenants", namespace, f"late-{i}", timeout=90)
+            assert fleet.provisioned_by(namespace, f"late-{i}") == {"replica-a"}
+            return
+    pytest.fail("no tenant of 20 hashed into replica-b's slices")
+
+
+def test_a_joining_replica_takes_its_share(fleet: Fleet) -> None:
+    fleet.start("replica-c")
+    holders = fleet.split("replica-a", "replica-c")
+    namespace = fleet.namespace("after-join")
+    names = [f"joined-{i}" for i in range(8)]
+    uids = {n: fleet.cluster.create("tenants", namespace, tenant(n))["metadata"]["uid"] for n in names}
+    for name in names:
+        fleet.cluster.wait_condition("tenants", namespace, name, timeout=90)
+        assert fleet.provisioned_by(namespace, name) == {owner_of(holders, uids[name])}, name

@@ -1,0 +1,81 @@
+"""Slices of the fleet for sharded replicas: what each replica owns and the selector it sends."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+
+import pytest
+
+from tenancy_operator.sharding import Observed, lease_safe
+from tenancy_operator.shards import SPACE, Ownership, Slices, assign, describe, fnv1a_64, runs, selector, selector_of
+
+
+def test_the_hash_is_the_api_servers_fnv1a_64() -> None:
+    # FNV-1a 64 reference values (offset basis for the empty string; "a" from the FNV test suite).
+    assert fnv1a_64("") == 0xCBF29CE484222325
+    assert fnv1a_64("a") == 0xAF63DC4C8601EC8C
+
+
+def test_slices_cover_the_space_without_gaps_or_overlaps() -> None:
+    for count in (1, 2, 3, 7, 16, 1024):
+        slices = Slices(count)
+        ranges = [slices.range_of(i) for i in range(count)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == SPACE
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+        for _ in range(50):
+            uid = str(uuid.uuid4())
+            start, end = slices.range_of(slices.slice_of(uid))
+            assert start <= fnv1a_64(uid) < end
+
+
+def test_live_members_split_the_slices_in_contiguous_blocks_everyone_computes_alike() -> None:
+    shares = assign(["b", "a", "c"], 16)
+    assert shares == assign(["c", "a", "b", "a"], 16)
+    assert sorted(i for s in shares.values() for i in s) == list(range(16))
+    assert all(len(runs(s)) == 1 for s in shares.values())
+    assert sorted(len(s) for s in shares.values()) == [5, 5, 6]
+    # More replicas than slices: some wait with none.
+    assert sorted(len(s) for s in assign([str(i) for i in range(5)], 3).values()) == [0, 0, 1, 1, 1]
+
+
+def test_the_selector_is_what_the_api_server_accepts() -> None:
+    assert selector(0, SPACE) == (
+        "shardRange(object.metadata.uid, '0x0000000000000000', '0x10000000000000000')")
+    assert selector(0, 1 << 63).endswith("'0x8000000000000000')")
+    with pytest.raises(ValueError, match="not a range"):
+        selector(5, 5)
+    slices = Slices(4)
+    # Held slices that are not one run: one range per run, their union.
+    assert selector_of(slices, {0, 1, 3}) == (
+        "shardRange(object.metadata.uid, '0x0000000000000000', '0x8000000000000000') || "
+        "shardRange(object.metadata.uid, '0xc000000000000000', '0x10000000000000000')")
+    assert describe(slices, {0, 1, 3}) == "0-1,3" and describe(slices, ()) == "-"
+
+
+def test_ownership() -> None:
+    everything = Ownership()
+    assert not everything.sharded and everything.chores and everything.selector() is None
+    slices = Slices(2)
+    uids = [str(uuid.uuid4()) for _ in range(40)]
+    low, high = Ownership(slices, {0}), Ownership(slices, {1})
+    bodies = [{"metadata": {"uid": u}} for u in uids]
+    assert len(low.mine(bodies)) + len(high.mine(bodies)) == len(bodies)
+    assert not set(map(id, low.mine(bodies))) & set(map(id, high.mine(bodies)))
+    assert low.chores and not high.chores
+    assert everything.mine(bodies) == bodies
+
+
+def test_a_lease_is_expired_when_seen_unchanged_for_its_duration() -> None:
+    observed = Observed()
+    lease = {"metadata": {"name": "x", "resourceVersion": "1"}, "spec": {"leaseDurationSeconds": 15}}
+    assert not observed.expired(lease, 100.0)
+    assert not observed.expired(lease, 114.0)
+    assert observed.expired(lease, 116.0)
+    renewed = {"metadata": {"name": "x", "resourceVersion": "2"}, "spec": {"leaseDurationSeconds": 15}}
+    assert not observed.expired(renewed, 117.0)  # renewed: fresh again, whatever the clocks say
+
+
+def test_identities_become_lease_names() -> None:
+    assert lease_safe("tenancy-operator-7d9f/ABC_1") == "tenancy-operator-7d9f-abc-1"
+    assert lease_safe("///") == "replica"
