@@ -51,6 +51,29 @@ app.kubernetes.io/part-of: tenancy-operator
 {{- default (include "tenancy-operator.fullname" .) .Values.peering.name -}}
 {{- end -}}
 
+{{/* Sharded replicas' Lease name prefix and tenancy.dev/shard-group label (TENANCY_SHARD_GROUP). */}}
+{{- define "tenancy-operator.shardGroup" -}}
+{{- include "tenancy-operator.fullname" . -}}
+{{- end -}}
+
+{{/* What values.schema.json cannot say about sharding: checks across values, with a message
+that names them (deployment.yaml includes it, so every render runs it). */}}
+{{- define "tenancy-operator.checkSharding" -}}
+{{- with .Values.sharding -}}
+{{- if .enabled -}}
+{{- if $.Values.peering.enabled -}}
+{{- fail "sharding.enabled and peering.enabled exclude each other: sharded replicas share the fleet, peered ones stand by" -}}
+{{- end -}}
+{{- if lt (int .slices) (int .replicas) -}}
+{{- fail (printf "sharding.slices (%d) must be at least sharding.replicas (%d): a replica without a slice has nothing to do" (int .slices) (int .replicas)) -}}
+{{- end -}}
+{{- if and (not (kindIs "invalid" $.Values.terminationGracePeriodSeconds)) (le (int $.Values.terminationGracePeriodSeconds) (int .leaseSeconds)) -}}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed sharding.leaseSeconds (%d)" (int $.Values.terminationGracePeriodSeconds) (int .leaseSeconds)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "tenancy-operator.archiveClaim" -}}
 {{- default (printf "%s-archive" (include "tenancy-operator.fullname" .)) .Values.archive.existingClaim -}}
 {{- end -}}
