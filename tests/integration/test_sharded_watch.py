@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from tenancy_devenv.stack import LocalStack
+from tenancy_operator.shards import fnv1a_64  # the hash the server applies (k8s.io/apimachinery/pkg/sharding)
 
 from .harness import GROUP, VERSION, Cluster, tenant
 
@@ -36,14 +37,6 @@ HALF = 0x8000000000000000
 SHARD_LOW = "shardRange(object.metadata.uid, '0x0000000000000000', '0x8000000000000000')"
 SHARD_HIGH = "shardRange(object.metadata.uid, '0x8000000000000000', '0x10000000000000000')"
 TENANTS = 20
-
-
-def fnv1a_64(text: str) -> int:
-    """The hash the server applies to the selected field (k8s.io/apimachinery/pkg/sharding)."""
-    h = 0xCBF29CE484222325
-    for byte in text.encode():
-        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return h
 
 
 def in_low_shard(uid: str) -> bool:
