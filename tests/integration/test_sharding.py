@@ -4,7 +4,8 @@ sharded watch (control plane of the module's own, ShardedListAndWatch on).
 What a user checks: every Tenant and Quota converges; each Tenant was provisioned by exactly one
 replica, the one whose slice Lease covers its uid (the Provisioned Event names the replica that
 posted it); `kubectl get leases` shows the split; a killed replica's slices go to the other within
-the lease time and its tenants are served again; a replica that joins takes its share.
+the lease time and its tenants are served again; a replica that joins takes its share; a tenant
+whose PostgreSQL lock another session holds is left alone until it is released.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import pytest
 from kubernetes import client
 
 from tenancy_devenv.stack import LocalStack
+from tenancy_operator.api.tenant import tenant_identifier
+from tenancy_operator.db.tenants import TENANT_LOCK_CLASS
 from tenancy_operator.shards import Slices
 
-from .harness import Cluster, OperatorProcess, eventually, own_stack, tenant
+from .harness import Cluster, OperatorProcess, connect, eventually, own_stack, sql_value, tenant
 
 SLICES = 4
 LEASE_SECONDS = 6
@@ -46,6 +49,9 @@ class Fleet:
         operator.start()
         self.replicas[identity] = operator
         return operator
+
+    def live(self) -> list[str]:
+        return [k for k, o in self.replicas.items() if o.proc is not None and o.proc.poll() is None]
 
     def holders(self) -> dict[int, str]:
         """Slice -> the replica its Lease names (kubectl get leases -l tenancy.dev/shard-group=...)."""
@@ -158,3 +164,26 @@ def test_a_joining_replica_takes_its_share(fleet: Fleet) -> None:
     for name in names:
         fleet.cluster.wait_condition("tenants", namespace, name, timeout=90)
         assert fleet.provisioned_by(namespace, name) == {owner_of(holders, uids[name])}, name
+
+
+def test_a_tenant_whose_lock_another_session_holds_waits_for_it(fleet: Fleet) -> None:
+    """The second line behind the Leases: while another session (a replica still finishing its work
+    on a slice that changed hands) holds a tenant's advisory lock, the new holder's reconcile does
+    not touch the tenant; it retries (reason Conflict) and goes on once the lock is released."""
+    holders = fleet.split(*fleet.live())
+    namespace = fleet.namespace("locked")
+    uid = fleet.cluster.create("tenants", namespace, tenant("latched"))["metadata"]["uid"]
+    fleet.cluster.wait_condition("tenants", namespace, "latched", timeout=90)
+    owner = fleet.replicas[owner_of(holders, uid)]
+    conflicts = owner.metric("reconcile_failures_total", kind="Tenant", reason="Conflict")
+    state = "SELECT state FROM tenancy.tenants WHERE namespace = %s AND name = 'latched'"
+    with connect(fleet.stack.admin_dsn()) as other:
+        other.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", [TENANT_LOCK_CLASS, tenant_identifier("latched")])
+        fleet.cluster.patch("tenants", namespace, "latched", {"spec": {"state": "Suspended"}})
+        eventually(lambda: owner.metric("reconcile_failures_total", kind="Tenant", reason="Conflict") > conflicts,
+                   timeout=60, what="the reconcile waited for the lock and gave up with Conflict")
+        assert sql_value(fleet.stack.admin_dsn(), state, [namespace]) == "active"  # nothing done meanwhile
+        other.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", [TENANT_LOCK_CLASS, tenant_identifier("latched")])
+    obj = fleet.cluster.wait_condition("tenants", namespace, "latched", reason="Suspended", timeout=90)
+    assert obj["status"]["phase"] == "Suspended"
+    assert sql_value(fleet.stack.admin_dsn(), state, [namespace]) == "suspended"

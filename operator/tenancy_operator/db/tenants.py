@@ -24,11 +24,40 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from tenancy_operator.db.targets import Conn
 
 LIVE_STATES = ("provisioning", "active", "suspended", "deleted")
+# pg_advisory_lock(classid, objid): a constant class for "tenancy-operator tenant" (db/flags.py
+# has the feature flags' own).
+TENANT_LOCK_CLASS = 0x7E4A12
+
+
+class TenantBusy(Exception):
+    """Another session (another replica, during a hand-over of its slices) works on this tenant."""
+
+
+@contextlib.asynccontextmanager
+async def tenant_lock(conn: Conn, ident: str) -> AsyncIterator[None]:
+    """This tenant's advisory lock on the target for the block, a second line behind the slice
+    Leases of sharded replicas: a replica still finishing a reconcile of a slice that just changed
+    hands, and the new holder, never interleave their statements on one tenant. Waiting is bounded
+    by the session's lock_timeout (TenantBusy then). Session-level, so the block may run its own
+    transactions; released at the end, or, if the session cannot say so, by closing it (the pool
+    replaces a closed connection)."""
+    try:
+        await conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", [TENANT_LOCK_CLASS, ident])
+    except psycopg.errors.LockNotAvailable as exc:
+        raise TenantBusy(ident) from exc
+    try:
+        yield
+    finally:
+        try:
+            await conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", [TENANT_LOCK_CLASS, ident])
+        except psycopg.Error:
+            await conn.close()
 
 
 @dataclass(frozen=True)

@@ -101,13 +101,13 @@ class TenantReconciler(MoveSteps):
             await self.ctx.ensure_control_schema(spec.database)
             # Three phases, so that no pool connection is held while a tenant migration runs over
             # the tenant's own login: slow migrations cannot starve every other tenant of the pool.
-            async with self.ctx.targets.connection(spec.database) as conn:
+            async with self.ctx.targets.connection(spec.database) as conn, sqlt.tenant_lock(conn, ident):
                 out, row, plan = await self._reconcile_in(conn, body, spec, ident, reads)
             if row is None:
                 return out
             if plan is not None:
                 await self._run_migrations(spec.database, body, ident, row, plan, out)
-            async with self.ctx.targets.connection(spec.database) as conn:
+            async with self.ctx.targets.connection(spec.database) as conn, sqlt.tenant_lock(conn, ident):
                 await self._finish(conn, body, spec, ident, row, out)
             out.last_move = self.take_move(uid)
             if out.last_move is not None:
@@ -120,6 +120,9 @@ class TenantReconciler(MoveSteps):
             return out
         except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
             raise Retry("DatabaseUnavailable", f"database {spec.database!r} unavailable: {type(exc).__name__}") from exc
+        except sqlt.TenantBusy as exc:
+            raise Retry("Conflict", f"another session holds tenant {ident}'s lock on {spec.database!r} "
+                                    "(a replica handing its slices over); retrying") from exc
 
     async def _read_kubernetes(self, body: Mapping[str, Any], spec: TenantSpec) -> KubeReads:
         meta = body["metadata"]

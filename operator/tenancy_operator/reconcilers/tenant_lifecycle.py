@@ -231,7 +231,7 @@ class LifecycleSteps(TenantSteps):
         policy = enum_value(spec.deletion_policy)
         try:
             await self.ctx.ensure_control_schema(spec.database)
-            async with self.ctx.targets.connection(spec.database) as conn:
+            async with self.ctx.targets.connection(spec.database) as conn, sqlt.tenant_lock(conn, ident):
                 row = await sqlt.find_live_row(conn, self.control, ident)
                 if same_uid and (row is None or row.k8s_uid != meta.get("uid")):
                     return events
@@ -268,6 +268,8 @@ class LifecycleSteps(TenantSteps):
                                        f"schema {ident} kept, login disabled; re-apply the Tenant to restore"))
         except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
             raise Retry("DatabaseUnavailable", f"database {spec.database!r} unavailable: {type(exc).__name__}") from exc
+        except sqlt.TenantBusy as exc:
+            raise Retry("Conflict", f"another session holds tenant {ident}'s lock; retrying") from exc
         await self._delete_own_secret(meta, secret_uid)
         return events
 

@@ -1,0 +1,274 @@
+"""Scale benchmark: N Tenants (a Quota each, 10 FeatureFlags) against 1, 2, 4... sharded replicas.
+
+    bench/scale --tenants 10000 --replicas 1,2,4
+    bench/scale --tenants 1000 --replicas 1,2 --no-floor
+
+The floor (bench/floor.py: the same writes without an operator) runs once, on the first stack.
+Each replica count then gets a fresh stack (control plane and PostgreSQL of its own) and:
+
+- converge: R replicas with TENANCY_SHARDING=true split the slices (Leases), everything is applied
+  at once, time until every object is Ready; each replica's peak RSS and CPU seconds; the DDL
+  statements counted by pg_stat_statements beyond the floor's (``duplicate_ddl``). With R > 1 one
+  replica is SIGKILLed once half the Tenants are Ready: ``handover_seconds`` runs from the kill to
+  the first Tenant of its slices (not Ready then) that becomes Ready, served by another replica.
+- restart: every replica stopped and started again with the fleet converged; time until all are
+  idle with every object resumed, the DDL statements and API writes meanwhile.
+
+Prints one line per replica count and writes a JSON record to bench/results/:
+
+    scale tenants=N replicas=R seconds=S floor_ratio=X max_replica_rss_mb=M max_replica_cpu_s=C
+          handover_seconds=H duplicate_ddl=D restart_seconds=T restart_ddl=E restart_writes=W
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kubernetes_asyncio import client
+
+from bench.common import (
+    ROOT,
+    ApiServerMetrics,
+    Operator,
+    PgMeter,
+    Sampler,
+    Stack,
+    delta,
+    log,
+    machine,
+    template_cm,
+    writes,
+)
+from bench.converge import FLAGS, IDLE_CPU_FRACTION, IDLE_WINDOW, Bench, all_ready_at, objects_for
+from bench.kube import Kube, Watcher, apply_all
+from tenancy_operator.shards import Slices
+
+GROUP_NAME = "tenancy-operator"
+
+
+class Replicas:
+    """R operator processes sharing the fleet, each as users run it (TENANCY_SHARDING=true)."""
+
+    def __init__(self, stack: Stack, workdir: Path, count: int, slices: int, lease_seconds: int) -> None:
+        self.stack, self.slices, self.lease_seconds = stack, slices, lease_seconds
+        self.operators: dict[str, Operator] = {}
+        for i in range(count):
+            identity = f"replica-{i}"
+            wd = workdir / identity
+            wd.mkdir(parents=True, exist_ok=True)
+            self.operators[identity] = Operator(stack.kubeconfig, stack.operator_dsn, wd, {
+                "TENANCY_SHARDING": "true", "TENANCY_SHARD_SLICES": str(slices),
+                "TENANCY_SHARD_LEASE_SECONDS": str(lease_seconds), "TENANCY_SHARD_NAMESPACE": "default",
+                "POD_NAME": identity,
+            })
+
+    def live(self) -> dict[str, Operator]:
+        return {k: o for k, o in self.operators.items() if o.alive()}
+
+    async def start(self) -> None:
+        for operator in self.operators.values():
+            await asyncio.to_thread(operator.start, 120.0)
+        await self.wait_split()
+
+    async def wait_split(self, within: float = 120.0) -> None:
+        """Until the live replicas hold every slice between them, each its share."""
+        deadline = time.monotonic() + within
+        while True:
+            held = {k: o.metric("shard_slices_held") for k, o in self.live().items()}
+            if sum(held.values()) == self.slices and min(held.values()) >= self.slices // len(held):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"slices not split within {within:.0f}s: {held}")
+            await asyncio.sleep(0.5)  # polling the replicas' metrics
+
+    async def stop(self) -> None:
+        for operator in self.operators.values():
+            await asyncio.to_thread(operator.stop)
+
+
+async def holders(kube: Kube) -> dict[int, str]:
+    leases = await client.CoordinationV1Api(kube.api).list_namespaced_lease(
+        "default", label_selector=f"tenancy.dev/shard-group={GROUP_NAME},tenancy.dev/shard-lease=slice")
+    return {int(lease.metadata.name.rsplit("-", 1)[1]): lease.spec.holder_identity
+            for lease in leases.items if lease.spec.holder_identity}
+
+
+class Scale:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.n: int = args.tenants
+        base = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir()) / "tenancy-bench-runs"
+        self.workdir = base / f"scale-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.result: dict[str, Any] = {"tenants": self.n, "runs": []}
+        self.floor: dict[str, Any] | None = None
+
+    async def run_floor(self, stack: Stack) -> None:
+        bench = Bench(argparse.Namespace(tenants=self.n, apply_concurrency=self.args.apply_concurrency,
+                                         workdir=str(self.workdir / "floor"), kopf_idle_timeout=None), stack)
+        bench.kube = await Kube.connect(stack.kubeconfig)
+        try:
+            self.floor = await bench.floor()
+        finally:
+            await bench.kube.close()
+
+    async def one(self, stack: Stack, replicas: int) -> dict[str, Any]:
+        kube = await Kube.connect(stack.kubeconfig)
+        api, pg = ApiServerMetrics(stack.kubeconfig), PgMeter(stack.admin_dsn)
+        fleet = Replicas(stack, self.workdir / f"r{replicas}", replicas, self.args.slices, self.args.lease_seconds)
+        ns = f"scale-{replicas}"
+        _, objs = objects_for("t", self.n)
+        try:
+            await kube.ensure_namespace(ns)
+            await kube.create(ns, template_cm())
+            await fleet.start()
+            w = await Watcher(kube, ns).start()
+            samplers = {k: Sampler(o.pid).start() for k, o in fleet.operators.items()}
+            cpu0 = {k: o.sample().cpu_seconds for k, o in fleet.operators.items()}
+            pg.reset()
+            log(f"scale: {replicas} replica(s), applying {self.n} tenants + quotas + {FLAGS} flags")
+            started = time.monotonic()
+            kill: asyncio.Task[tuple[float, str, set[int]] | None] | None = None
+            if replicas > 1:
+                kill = asyncio.get_running_loop().create_task(self.kill_at_half(kube, fleet, w))
+            await apply_all(kube, ns, objs, w, concurrency=self.args.apply_concurrency)
+            await w.wait_for(lambda: w.count("tenants") >= self.n and w.count("quotas") >= self.n
+                             and w.count("featureflags") >= FLAGS, max(900.0, self.n * 0.5), "all Ready",
+                             lambda: f"tenants {w.count('tenants')}/{self.n}")
+            seconds = all_ready_at(w) - started
+            killed = await kill if kill is not None else None
+            cpu = {k: o.sample().cpu_seconds - cpu0[k] if o.alive() else math.nan for k, o in fleet.operators.items()}
+            for s in samplers.values():
+                await s.stop()
+            rss = {k: s.peak_rss_mb for k, s in samplers.items()}
+            sql = pg.read()
+            ddl = sql.total("operator", "DDL") + sql.total("tenant", "DDL")
+            floor_ddl = (self.floor or {}).get("sql", {}).get("ddl")
+            handover = math.nan
+            if killed is not None:
+                at, _, slices = killed
+                cut = Slices(self.args.slices)
+                after = [t.ready for (p, _), t in w.tracks.items()
+                         if p == "tenants" and t.ready > at and cut.slice_of(t.uid) in slices]
+                handover = min(after) - at if after else math.nan
+            await w.stop()
+            restart = await self.restart(fleet, api, pg, ns)
+            data = {
+                "replicas": replicas, "seconds": seconds,
+                "floor_ratio": (self.floor["seconds"] / seconds) if self.floor else math.nan,
+                "replica_peak_rss_mb": rss, "replica_cpu_seconds": cpu,
+                "max_replica_rss_mb": max(rss.values()), "max_replica_cpu_s": max(v for v in cpu.values()
+                                                                                  if not math.isnan(v)),
+                "killed": killed[1] if killed else None, "handover_seconds": handover,
+                "ddl": ddl, "floor_ddl": floor_ddl,
+                "duplicate_ddl": ddl - floor_ddl if floor_ddl is not None else math.nan,
+                "restart": restart,
+            }
+            self.result["runs"].append(data)
+            print(line(self.n, data), flush=True)
+            return data
+        finally:
+            await fleet.stop()
+            await kube.close()
+
+    async def kill_at_half(self, kube: Kube, fleet: Replicas, w: Watcher) -> tuple[float, str, set[int]] | None:
+        """SIGKILL the last replica once half the Tenants are Ready; (when, who, its slices)."""
+        await w.wait_for(lambda: w.count("tenants") >= self.n // 2, max(900.0, self.n * 0.5), "half Ready",
+                         lambda: f"tenants {w.count('tenants')}/{self.n}")
+        victim = list(fleet.operators)[-1]
+        slices = {i for i, h in (await holders(kube)).items() if h == victim}
+        operator = fleet.operators[victim]
+        assert operator.proc is not None
+        operator.proc.send_signal(signal.SIGKILL)
+        at = time.monotonic()
+        operator.proc.wait()
+        log(f"scale: {victim} killed at {w.count('tenants')}/{self.n} Ready (it held slices {sorted(slices)})")
+        return at, victim, slices
+
+    async def restart(self, fleet: Replicas, api: ApiServerMetrics, pg: PgMeter, ns: str) -> dict[str, Any]:
+        """Stop every replica, start them all again; until all are idle with every object resumed."""
+        await fleet.stop()
+        for o in fleet.operators.values():
+            o.log_counts()
+            o.resumed.clear()
+        pg.reset()
+        a0 = api.snapshot()
+        t0 = time.monotonic()
+        await fleet.start()
+        deadline = t0 + max(600.0, self.n * 0.2)
+        samples: dict[str, list[tuple[float, float]]] = {k: [] for k in fleet.operators}
+        while True:
+            resumed: set[tuple[str, str, str]] = set()
+            quiet = True
+            for k, o in fleet.operators.items():
+                await asyncio.to_thread(o.log_counts)
+                resumed |= {r for r in o.resumed if r[1] == ns and r[0] != "Quota"}
+                s = o.sample()
+                samples[k].append((s.t, s.cpu_seconds))
+                window = [x for x in samples[k] if x[0] >= s.t - IDLE_WINDOW]
+                busy = window[-1][1] - window[0][1] > IDLE_CPU_FRACTION * (window[-1][0] - window[0][0])
+                quiet = quiet and s.t - t0 >= IDLE_WINDOW and window[0][0] <= s.t - IDLE_WINDOW + 0.3 and not busy
+            if len(resumed) >= self.n + FLAGS and quiet:
+                idle = min(samples[k][-1][0] for k in samples) - IDLE_WINDOW
+                break
+            if time.monotonic() > deadline:
+                return {"error": f"not idle within {deadline - t0:.0f}s ({len(resumed)} resumed)"}
+            await asyncio.sleep(0.25)  # sampling interval
+        sql = pg.read()
+        return {"seconds": idle - t0, "ddl": sql.total("operator", "DDL") + sql.total("tenant", "DDL"),
+                "writes": sum(writes(delta(api.snapshot(), a0)).values())}
+
+
+def line(n: int, d: dict[str, Any]) -> str:
+    r = d["restart"]
+    return (f"scale tenants={n} replicas={d['replicas']} seconds={d['seconds']:.1f} floor_ratio={d['floor_ratio']:.3f} "
+            f"max_replica_rss_mb={d['max_replica_rss_mb']:.0f} max_replica_cpu_s={d['max_replica_cpu_s']:.1f} "
+            f"handover_seconds={d['handover_seconds']:.1f} duplicate_ddl={d['duplicate_ddl']} "
+            f"restart_seconds={r.get('seconds', math.nan):.1f} restart_ddl={r.get('ddl')} "
+            f"restart_writes={r.get('writes')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/scale", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tenants", "-n", type=int, default=10000)
+    p.add_argument("--replicas", default="1,2,4", help="comma-separated replica counts, one run each")
+    p.add_argument("--slices", type=int, default=16)
+    p.add_argument("--lease-seconds", type=int, default=15)
+    p.add_argument("--no-floor", action="store_true")
+    p.add_argument("--apply-concurrency", type=int, default=16)
+    p.add_argument("--workdir", default="")
+    args = p.parse_args(argv)
+    counts = [int(x) for x in args.replicas.split(",") if x.strip()]
+    bench = Scale(args)
+    bench.result.update({"when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(),
+                         "command": "bench/scale " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))})
+    try:
+        for i, replicas in enumerate(counts):
+            stack = Stack.own()
+            try:
+                if i == 0 and not args.no_floor:
+                    asyncio.run(bench.run_floor(stack))
+                    bench.result["floor"] = {k: (bench.floor or {}).get(k) for k in ("seconds", "throughput_per_s")}
+                    bench.result["floor"]["ddl"] = (bench.floor or {}).get("sql", {}).get("ddl")
+                asyncio.run(bench.one(stack, replicas))
+            finally:
+                stack.close()
+    finally:
+        out = ROOT / "bench/results" / f"scale-{args.tenants}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        out.write_text(json.dumps(bench.result, indent=2, default=str) + "\n")
+        log(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
