@@ -25,6 +25,7 @@ from tenancy_operator.k8s import safejson
 from tenancy_operator.k8s.client import Kube
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.events import EventRecorder
+from tenancy_operator.observability.health import waiting_health
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.peering import PeeringGate
 from tenancy_operator.runtime_context import OperatorContext
@@ -188,7 +189,10 @@ async def run_operator(cfg: Settings) -> None:
     try:
         coordinator = ShardCoordinator(kube, namespace, cfg.shard_group, identity, Slices(cfg.shard_slices),
                                        cfg.shard_lease_seconds)
-        await coordinator.serve(lambda ownership, stop: _run_kopf(cfg, ownership, stop))
+        await coordinator.serve(
+            lambda ownership, stop: _run_kopf(cfg, ownership, stop),
+            lambda: waiting_health(cfg.bind_address, cfg.health_port, coordinator.state, coordinator.renewing),
+        )
     finally:
         await kube.close()
 

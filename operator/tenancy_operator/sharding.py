@@ -11,6 +11,11 @@ they must change: a member joined or left, a held Lease was lost, or renewals fa
 than a lease (the replica fences itself: another may take its slices then). Slices are released
 only after the work stopped, and taken before it starts, so two replicas never work on one slice
 at once while their Leases are honoured; the per-tenant lock in PostgreSQL covers the rest.
+
+Each member Lease carries the replica's slice count (annotation ``tenancy.dev/shard-slices``).
+Only the count of the oldest live member is in force (shards.sharing): a replica configured with
+another count holds nothing until those replicas are gone, so a change of the count rolls through
+without two replicas owning the same object.
 """
 
 from __future__ import annotations
@@ -20,18 +25,28 @@ import contextlib
 import re
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
 from tenancy_operator.k8s.client import ApiError, Kube
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
-from tenancy_operator.shards import SPACE, Ownership, Slices, assign, describe, selector
+from tenancy_operator.shards import SPACE, Member, Ownership, Slices, assign, describe, selector, sharing
 
 log = get_logger(__name__)
 GROUP_LABEL = "tenancy.dev/shard-group"
 ROLE_LABEL = "tenancy.dev/shard-lease"
+SLICES_ANNOTATION = "tenancy.dev/shard-slices"
 MANAGED = {"app.kubernetes.io/managed-by": "tenancy-operator"}
+
+
+def slice_count_of(lease: dict[str, Any]) -> int | None:
+    raw = ((lease.get("metadata") or {}).get("annotations") or {}).get(SLICES_ANNOTATION)
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
 
 
 class ShardingUnsupported(RuntimeError):
@@ -80,6 +95,7 @@ class ShardCoordinator:
         self._observed = Observed()
         self._member: dict[str, Any] | None = None
         self._last_renewed = time.monotonic()
+        self._count_in_force: int | None = slices.count
 
     # --- names and bodies ----------------------------------------------------------------------
 
@@ -95,7 +111,8 @@ class ShardCoordinator:
         return {
             "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
             "metadata": {"name": name, "namespace": self.namespace,
-                         "labels": {**MANAGED, GROUP_LABEL: self.group, ROLE_LABEL: role}},
+                         "labels": {**MANAGED, GROUP_LABEL: self.group, ROLE_LABEL: role},
+                         "annotations": {SLICES_ANNOTATION: str(self.slices.count)}},
             "spec": {"holderIdentity": self.identity, "leaseDurationSeconds": self.lease_seconds,
                      "acquireTime": now, "renewTime": now, "leaseTransitions": transitions},
         }
@@ -115,6 +132,11 @@ class ShardCoordinator:
     async def _renew_member(self) -> None:
         if self._member is None:
             existing = await self.kube.get_lease(self.namespace, self.member_name)
+            if existing is not None and slice_count_of(existing) != self.slices.count:
+                # Left by this identity under another slice count: a Lease of our own, created now,
+                # so that the replicas still cutting the space the old way keep precedence.
+                await self.kube.delete_lease(self.namespace, self.member_name, existing["metadata"]["uid"])
+                existing = None
             if existing is None:
                 self._member = await self.kube.create_lease(self.namespace, self._lease(self.member_name, "member"))
                 return
@@ -129,16 +151,33 @@ class ShardCoordinator:
                 self._member = None  # read again next time
             raise
 
-    async def live_members(self) -> set[str]:
+    async def live_members(self) -> list[Member]:
         leases = await self.kube.list_leases(
             self.namespace, f"{GROUP_LABEL}={self.group},{ROLE_LABEL}=member")
         now = time.monotonic()
-        live = {self.identity}
+        since = ((self._member or {}).get("metadata") or {}).get("creationTimestamp") or ""
+        live = [Member(self.identity, self.slices.count, str(since))]
         for lease in leases:
             holder = (lease.get("spec") or {}).get("holderIdentity")
             if holder and holder != self.identity and not self._observed.expired(lease, now):
-                live.add(str(holder))
+                live.append(Member(str(holder), slice_count_of(lease), str(lease["metadata"].get("creationTimestamp"))))
         return live
+
+    def _share(self, members: list[Member]) -> frozenset[int]:
+        """This replica's slices: none while another slice count is in force (logged, metric)."""
+        count, peers = sharing(members)
+        if count != self._count_in_force:
+            if count == self.slices.count:
+                log.info("replicas agree on the slice count again", slices=count)
+            else:
+                log.error("another slice count is in force: holding no slices until every replica using it "
+                          "has left", slices=self.slices.count, in_force=count,
+                          replicas=sorted(m.identity for m in members if m.slice_count == count))
+            self._count_in_force = count
+        metrics.SHARD_SLICE_COUNT_CONFLICT.set(0 if count == self.slices.count else 1)
+        if count != self.slices.count:
+            return frozenset()
+        return assign(peers, self.slices.count).get(self.identity, frozenset())
 
     # --- slices --------------------------------------------------------------------------------
 
@@ -210,8 +249,7 @@ class ShardCoordinator:
         await self._renew_member()
         lost = await self._renew_slices()
         self._last_renewed = time.monotonic()
-        desired = assign(await self.live_members(), self.slices.count).get(self.identity, frozenset())
-        return desired, lost
+        return self._share(await self.live_members()), lost
 
     async def _acquire(self) -> None:
         """Until this replica holds exactly its share (and the share stays the same meanwhile)."""
@@ -253,14 +291,25 @@ class ShardCoordinator:
                          wanted=describe(self.slices, desired))
                 stop.set()
 
-    async def serve(self, work: Work) -> None:
+    def renewing(self) -> bool:
+        """Whether the Leases were renewed within a lease time (liveness while no work runs)."""
+        return time.monotonic() - self._last_renewed <= self.lease_seconds
+
+    def state(self) -> dict[str, Any]:
+        return {"identity": self.identity, "slices": self.slices.count, "held": describe(self.slices, self.held),
+                "wanted": describe(self.slices, self.desired), "countInForce": self._count_in_force}
+
+    async def serve(self, work: Work,
+                    between: Callable[[], AbstractAsyncContextManager[None]] | None = None) -> None:
         """Hold this replica's share and run ``work`` over it, again after every change, until
-        cancelled; then release everything so the others take over at once."""
+        cancelled; then release everything so the others take over at once. ``between`` wraps each
+        wait for the share (the health endpoint while no work runs)."""
         await self.check_server()
         log.info("sharded replica", identity=self.identity, slices=self.slices.count, lease=self.member_name)
         try:
             while True:
-                await self._acquire()
+                async with (between or nullcontext)():
+                    await self._acquire()
                 running = frozenset(self.held)
                 stop = asyncio.Event()
                 watcher = asyncio.create_task(self._watch(running, stop), name="shard-leases")

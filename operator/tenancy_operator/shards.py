@@ -68,6 +68,30 @@ def assign(members: Iterable[str], count: int) -> dict[str, frozenset[int]]:
     return {m: frozenset(range(k * count // n, (k + 1) * count // n)) for k, m in enumerate(ordered)}
 
 
+@dataclass(frozen=True)
+class Member:
+    """A live replica as its member Lease shows it: the slice count it cuts the space into, and
+    when its Lease was created (RFC 3339, second precision: sorts as text)."""
+
+    identity: str
+    slice_count: int | None
+    since: str
+
+
+def sharing(members: Iterable[Member]) -> tuple[int | None, frozenset[str]]:
+    """The slice count in force and the members that share the slices under it.
+
+    Replicas that cut the space differently would each own objects the others own too, so only one
+    count is in force: that of the oldest live member (ties broken by identity). Members with
+    another count hold nothing until every member of the count in force is gone; a rolling change
+    of the count thus hands the fleet over once the last replica of the old count has left."""
+    ordered = sorted(members, key=lambda m: (m.since, m.identity))
+    if not ordered:
+        return None, frozenset()
+    count = ordered[0].slice_count
+    return count, frozenset(m.identity for m in ordered if m.slice_count == count)
+
+
 def describe(slices: Slices, indices: Iterable[int]) -> str:
     """Slices for logs and metrics: '4-7' or '0,2' or '-'."""
     ordered = sorted(set(indices))

@@ -5,7 +5,8 @@ What a user checks: every Tenant and Quota converges; each Tenant was provisione
 replica, the one whose slice Lease covers its uid (the Provisioned Event names the replica that
 posted it); `kubectl get leases` shows the split; a killed replica's slices go to the other within
 the lease time and its tenants are served again; a replica that joins takes its share; a tenant
-whose PostgreSQL lock another session holds is left alone until it is released.
+whose PostgreSQL lock another session holds is left alone until it is released; a replica
+configured with another slice count holds nothing until the replicas of the count in force are gone.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ class Fleet:
         self.coordination = client.CoordinationV1Api(self.cluster.api)
         self.replicas: dict[str, OperatorProcess] = {}
 
-    def start(self, identity: str) -> OperatorProcess:
+    def start(self, identity: str, slices: int = SLICES) -> OperatorProcess:
         workdir = self.stack.workdir / identity
         workdir.mkdir(exist_ok=True)
         operator = OperatorProcess(self.stack, workdir, sweep_interval=5.0, env={
-            "TENANCY_SHARDING": "true", "TENANCY_SHARD_SLICES": str(SLICES),
+            "TENANCY_SHARDING": "true", "TENANCY_SHARD_SLICES": str(slices),
             "TENANCY_SHARD_LEASE_SECONDS": str(LEASE_SECONDS), "TENANCY_SHARD_NAMESPACE": "default",
             "POD_NAME": identity,
         })
@@ -53,14 +54,16 @@ class Fleet:
     def live(self) -> list[str]:
         return [k for k, o in self.replicas.items() if o.proc is not None and o.proc.poll() is None]
 
-    def holders(self) -> dict[int, str]:
+    def holders(self, slices: int = SLICES) -> dict[int, str]:
         """Slice -> the replica its Lease names (kubectl get leases -l tenancy.dev/shard-group=...)."""
         leases = self.coordination.list_namespaced_lease(
             "default", label_selector=f"tenancy.dev/shard-group={GROUP_NAME},tenancy.dev/shard-lease=slice")
         out = {}
         for lease in leases.items:
             if lease.spec.holder_identity:
-                out[int(lease.metadata.name.rsplit("-", 1)[1])] = lease.spec.holder_identity
+                index = int(lease.metadata.name.rsplit("-", 1)[1])
+                if index < slices:
+                    out[index] = lease.spec.holder_identity
         return out
 
     def split(self, *identities: str) -> dict[int, str]:
@@ -187,3 +190,26 @@ def test_a_tenant_whose_lock_another_session_holds_waits_for_it(fleet: Fleet) ->
     obj = fleet.cluster.wait_condition("tenants", namespace, "latched", reason="Suspended", timeout=90)
     assert obj["status"]["phase"] == "Suspended"
     assert sql_value(fleet.stack.admin_dsn(), state, [namespace]) == "suspended"
+
+
+def test_a_replica_with_another_slice_count_holds_nothing_until_the_others_are_gone(fleet: Fleet) -> None:
+    """A change of TENANCY_SHARD_SLICES rolling through: the newcomer cuts the space differently, so
+    while replicas of the old count live it holds no slice (else two replicas would own the same
+    tenants); once they have left it takes every slice of its own count and serves the fleet."""
+    before = fleet.split(*fleet.live())
+    other = SLICES * 2
+    newcomer = fleet.start("replica-d", slices=other)
+    eventually(lambda: newcomer.metric("shard_slice_count_conflict") == 1, timeout=60,
+               what="replica-d reports the conflicting slice count")
+    assert newcomer.metric("shard_slices_held") == 0
+    assert newcomer.healthy()  # waiting is what it should do: the kubelet must not restart it
+    assert fleet.holders() == before  # the replicas of the count in force keep their shares
+    for identity in [i for i in fleet.live() if i != "replica-d"]:
+        fleet.replicas[identity].stop()
+    eventually(lambda: set(fleet.holders(other).values()) == {"replica-d"} and len(fleet.holders(other)) == other,
+               timeout=LEASE_SECONDS * 4, interval=0.5, what="replica-d holds every slice of its count")
+    assert newcomer.metric("shard_slice_count_conflict") == 0
+    namespace = fleet.namespace("recut")
+    fleet.cluster.create("tenants", namespace, tenant("recut"))
+    fleet.cluster.wait_condition("tenants", namespace, "recut", timeout=90)
+    assert fleet.provisioned_by(namespace, "recut") == {"replica-d"}

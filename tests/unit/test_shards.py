@@ -7,8 +7,20 @@ import uuid
 
 import pytest
 
-from tenancy_operator.sharding import Observed, lease_safe
-from tenancy_operator.shards import SPACE, Ownership, Slices, assign, describe, fnv1a_64, runs, selector, selector_of
+from tenancy_operator.sharding import SLICES_ANNOTATION, Observed, lease_safe, slice_count_of
+from tenancy_operator.shards import (
+    SPACE,
+    Member,
+    Ownership,
+    Slices,
+    assign,
+    describe,
+    fnv1a_64,
+    runs,
+    selector,
+    selector_of,
+    sharing,
+)
 
 
 def test_the_hash_is_the_api_servers_fnv1a_64() -> None:
@@ -79,3 +91,22 @@ def test_a_lease_is_expired_when_seen_unchanged_for_its_duration() -> None:
 def test_identities_become_lease_names() -> None:
     assert lease_safe("tenancy-operator-7d9f/ABC_1") == "tenancy-operator-7d9f-abc-1"
     assert lease_safe("///") == "replica"
+
+
+def test_the_oldest_members_slice_count_is_in_force_and_the_others_hold_nothing() -> None:
+    old = [Member("b", 16, "2026-12-03T10:00:00Z"), Member("a", 16, "2026-12-03T10:00:05Z")]
+    new = Member("c", 32, "2026-12-03T11:00:00Z")
+    assert sharing([new, *old]) == (16, frozenset({"a", "b"}))
+    # The last replica of the old count leaves: the new count is in force, whatever the order seen.
+    assert sharing([new]) == (32, frozenset({"c"}))
+    assert sharing([Member("d", 32, "2026-12-03T11:00:00Z"), new]) == (32, frozenset({"c", "d"}))
+    # Same second: the identity decides, alike for everyone.
+    tie = [Member("y", 8, "2026-12-03T12:00:00Z"), Member("x", 4, "2026-12-03T12:00:00Z")]
+    assert sharing(tie) == sharing(list(reversed(tie))) == (4, frozenset({"x"}))
+    assert sharing([]) == (None, frozenset())
+
+
+def test_a_member_lease_says_its_slice_count() -> None:
+    assert slice_count_of({"metadata": {"annotations": {SLICES_ANNOTATION: "16"}}}) == 16
+    assert slice_count_of({"metadata": {"annotations": {SLICES_ANNOTATION: "many"}}}) is None
+    assert slice_count_of({"metadata": {}}) is None

@@ -34,6 +34,10 @@ SHARD_SLICES_HELD = Gauge(
 SHARD_SLICE_HELD = Gauge(
     "shard_slice_held", "1 for each slice this replica holds (its Lease names this replica).", ["slice"]
 )
+SHARD_SLICE_COUNT_CONFLICT = Gauge(
+    "shard_slice_count_conflict",
+    "1 while this replica holds nothing because older replicas cut the fleet into another number of slices.",
+)
 SHARD_HANDOVERS = Counter(
     "shard_handovers_total", "Changes of the slices this replica holds, by direction.", ["direction"]
 )
