@@ -137,8 +137,9 @@ class Operator:
     def start(self, timeout: float = 60.0) -> None:
         with self.log_path.open("ab") as out:
             self.started_at = time.monotonic()
-            # bench.operator_whatif only when a what-if Kopf setting is asked for; else exactly as users run it.
-            module = "bench.operator_whatif" if self.env().get("BENCH_KOPF_IDLE_TIMEOUT") else "tenancy_operator"
+            # bench.operator_whatif only for a what-if Kopf setting or memory tracing; else exactly as users run it.
+            whatif = self.env().get("BENCH_KOPF_IDLE_TIMEOUT") or self.env().get("BENCH_TRACEMALLOC")
+            module = "bench.operator_whatif" if whatif else "tenancy_operator"
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", module, "run"], env=self.env(), stdout=out, cwd=ROOT,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent(),

@@ -18,6 +18,10 @@ Prints one line per replica count and writes a JSON record to bench/results/:
 
     scale tenants=N replicas=R seconds=S floor_ratio=X max_replica_rss_mb=M max_replica_cpu_s=C
           handover_seconds=H duplicate_ddl=D restart_seconds=T restart_ddl=E restart_writes=W
+          converged_rss_mb=A restart_rss_mb=B
+
+(``max_replica_rss_mb`` is the largest replica's peak; the last two its RSS once converged and once
+idle after the restart: what it holds for its tenants.)
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ GROUP_NAME = "tenancy-operator"
 class Replicas:
     """R operator processes sharing the fleet, each as users run it (TENANCY_SHARDING=true)."""
 
-    def __init__(self, stack: Stack, workdir: Path, count: int, slices: int, lease_seconds: int) -> None:
+    def __init__(self, stack: Stack, workdir: Path, count: int, slices: int, lease_seconds: int,
+                 trace_memory: bool = False) -> None:
         self.stack, self.slices, self.lease_seconds = stack, slices, lease_seconds
         self.operators: dict[str, Operator] = {}
         for i in range(count):
@@ -70,6 +75,7 @@ class Replicas:
                 "TENANCY_SHARDING": "true", "TENANCY_SHARD_SLICES": str(slices),
                 "TENANCY_SHARD_LEASE_SECONDS": str(lease_seconds), "TENANCY_SHARD_NAMESPACE": "default",
                 "POD_NAME": identity,
+                **({"BENCH_TRACEMALLOC": str(wd / "memory.txt")} if trace_memory else {}),
             })
 
     def live(self) -> dict[str, Operator]:
@@ -94,6 +100,27 @@ class Replicas:
     async def stop(self) -> None:
         for operator in self.operators.values():
             await asyncio.to_thread(operator.stop)
+
+    def rss_mb(self) -> dict[str, float]:
+        """Each live replica's RSS now (what it holds, not its peak)."""
+        return {k: o.sample().rss_mb for k, o in self.live().items()}
+
+    async def trace(self, label: str) -> None:
+        """With --trace-memory: each live replica writes its live allocations to <workdir>/memory-<label>.txt."""
+        for operator in self.live().values():
+            out = operator.workdir / "memory.txt"
+            if operator.env().get("BENCH_TRACEMALLOC") != str(out):
+                return
+            request = out.with_name("memory.txt.request")
+            request.touch()
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                if not request.exists():
+                    break
+                await asyncio.sleep(0.5)  # polling for the dump to be written
+            target = operator.workdir / f"memory-{label}.txt"
+            out.replace(target)
+            log(f"scale: live allocations ({label}): {target}")
 
 
 async def holders(kube: Kube) -> dict[int, str]:
@@ -125,7 +152,8 @@ class Scale:
     async def one(self, stack: Stack, replicas: int) -> dict[str, Any]:
         kube = await Kube.connect(stack.kubeconfig)
         api, pg = ApiServerMetrics(stack.kubeconfig), PgMeter(stack.admin_dsn)
-        fleet = Replicas(stack, self.workdir / f"r{replicas}", replicas, self.args.slices, self.args.lease_seconds)
+        fleet = Replicas(stack, self.workdir / f"r{replicas}", replicas, self.args.slices, self.args.lease_seconds,
+                         self.args.trace_memory)
         ns = f"scale-{replicas}"
         _, objs = objects_for("t", self.n)
         try:
@@ -162,11 +190,13 @@ class Scale:
                          if p == "tenants" and t.ready > at and cut.slice_of(t.uid) in slices]
                 handover = min(after) - at if after else math.nan
             await w.stop()
+            converged_rss = fleet.rss_mb()
+            await fleet.trace("converged")
             restart = await self.restart(fleet, api, pg, ns)
             data = {
                 "replicas": replicas, "seconds": seconds,
                 "floor_ratio": (self.floor["seconds"] / seconds) if self.floor else math.nan,
-                "replica_peak_rss_mb": rss, "replica_cpu_seconds": cpu,
+                "replica_peak_rss_mb": rss, "replica_cpu_seconds": cpu, "replica_converged_rss_mb": converged_rss,
                 "max_replica_rss_mb": max(rss.values()), "max_replica_cpu_s": max(v for v in cpu.values()
                                                                                   if not math.isnan(v)),
                 "killed": killed[1] if killed else None, "handover_seconds": handover,
@@ -225,7 +255,10 @@ class Scale:
                 return {"error": f"not idle within {deadline - t0:.0f}s ({len(resumed)} resumed)"}
             await asyncio.sleep(0.25)  # sampling interval
         sql = pg.read()
-        return {"seconds": idle - t0, "ddl": sql.total("operator", "DDL") + sql.total("tenant", "DDL"),
+        rss = fleet.rss_mb()
+        await fleet.trace("restarted")
+        return {"seconds": idle - t0, "replica_rss_mb": rss,
+                "ddl": sql.total("operator", "DDL") + sql.total("tenant", "DDL"),
                 "writes": sum(writes(delta(api.snapshot(), a0)).values())}
 
 
@@ -235,7 +268,9 @@ def line(n: int, d: dict[str, Any]) -> str:
             f"max_replica_rss_mb={d['max_replica_rss_mb']:.0f} max_replica_cpu_s={d['max_replica_cpu_s']:.1f} "
             f"handover_seconds={d['handover_seconds']:.1f} duplicate_ddl={d['duplicate_ddl']} "
             f"restart_seconds={r.get('seconds', math.nan):.1f} restart_ddl={r.get('ddl')} "
-            f"restart_writes={r.get('writes')}")
+            f"restart_writes={r.get('writes')} "
+            f"converged_rss_mb={max(d['replica_converged_rss_mb'].values()):.0f} "
+            f"restart_rss_mb={max((r.get('replica_rss_mb') or {'-': math.nan}).values()):.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-floor", action="store_true")
     p.add_argument("--apply-concurrency", type=int, default=16)
     p.add_argument("--workdir", default="")
+    p.add_argument("--trace-memory", action="store_true",
+                   help="tracemalloc in each replica; live allocations written after converge and restart "
+                        "(slows the operator: its times mean nothing then)")
     args = p.parse_args(argv)
     counts = [int(x) for x in args.replicas.split(",") if x.strip()]
     bench = Scale(args)
