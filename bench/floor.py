@@ -131,11 +131,6 @@ class Floor:
 
         await asyncio.gather(*(worker() for _ in range(self.settings.reconcile_concurrency)))
 
-    async def _end(self, pid: int) -> None:
-        """A migration past its deadline (the floor's template never runs that long)."""
-        async with self.pool.connection() as conn:
-            await conn.execute("SELECT pg_terminate_backend(%s)", [pid])
-
     async def tenant(self, body: dict[str, Any]) -> None:
         assert self.pool is not None
         meta, spec = body["metadata"], TenantSpec.model_validate(body.get("spec") or {})
@@ -150,31 +145,53 @@ class Floor:
             job = await ledger.start(conn, self.control, row.id, "provision", attempt=1, generation=gen,
                                      detail=f"schema and role {ident}")
             # The operator's provisioning statements, sent the way it sends them: one round trip.
+            # The owner role never logs in; the application logs in as login role "a" (the second
+            # slot, "b", is created too, for rotations); see reconcilers/tenant.py _provision.
+            dbname = psycopg.conninfo.conninfo_to_dict(self.dsn).get("dbname") or "postgres"
+            marker, idle = sqlt.owner_marker(str(dbname), ns, name), self.settings.tenant_idle_in_transaction_timeout
+            user = sqlt.login_role(ident, "a")
+            grants: list[Any] = []
+            logins: list[Any] = []
+            for slot in sqlt.SLOTS:
+                role = sqlt.login_role(ident, slot)
+                logins += sqlt.create_login(role, sqlt.login_marker(marker, slot), ident, idle)
+                grants += sqlt.grant_statements(ident, ident, role, read_only=False)
             await sqlt.run_batch(conn, [
-                *sqlt.create_role(ident, sqlt.owner_marker("bench", ns, name)),
-                sqlt.set_idle_timeout(ident, self.settings.tenant_idle_in_transaction_timeout),
+                *sqlt.create_role(ident, marker),
+                sqlt.set_idle_timeout(ident, idle),
                 *sqlt.membership_statements(ident, [sqlt.create_schema(ident, ident)]),
                 sqlt.set_search_path(ident, ident),
-                await sqlt.password_statement(ident, password, self.settings.scram_iterations),
-                sqlt.login_statement(ident, True),
+                sqlt.login_statement(ident, False),
+                *logins,
+                *sqlt.membership_statements(ident, [*grants, sqlt.private_functions(ident)]),
+                await sqlt.password_statement(user, password, self.settings.scram_iterations),
+                sqlt.login_statement(user, True),
             ])
-            await self.kube.create(ns, self._secrets._secret_body(body, spec, ident, password, ""))
+            await sqlt.set_credentials(conn, self.control, row.id, login_slot="a", retiring_role=None,
+                                       retire_at=None, rotated_at=datetime.datetime.now(datetime.UTC))
+            await self.kube.create(ns, self._secrets._secret_body(body, spec, ident, password, "", user=user))
             await ledger.finish(conn, self.control, job, ok=True)
             mjob = await ledger.start(conn, self.control, row.id, "migrate", attempt=1, generation=gen,
                                       detail=", ".join(m.version for m in self.template))
-        dsn = psycopg.conninfo.make_conninfo(self.dsn, user=ident, password=password)
+            # Migrations run over a temporary login that is a member of the owner, as the operator's do.
+            delegate, delegate_password = await sqlt.create_delegate(conn, ident, self.settings.scram_iterations)
+        dsn = psycopg.conninfo.make_conninfo(self.dsn, user=delegate, password=delegate_password)
+        records: dict[str, str] = {}
+
+        async def end_backend(pid: int) -> None:
+            async with self.pool.connection() as conn:  # type: ignore[union-attr]
+                await sqlt.terminate_backend(conn, delegate, pid)
+
         async with self.migration_slots:
             await tm.apply_as_tenant(dsn, ident, self.template, lock_timeout=self.settings.migration_lock_timeout,
                                      statement_timeout=self.settings.migration_statement_timeout,
                                      connect_timeout=self.settings.db_connect_timeout_seconds,
-                                     deadline=self.settings.migration_deadline_seconds, end_backend=self._end)
+                                     deadline=self.settings.migration_deadline_seconds, end_backend=end_backend,
+                                     records=records, role=ident, app_roles=sqlt.app_roles_setting(ident))
         async with self.pool.connection() as conn:
+            await tm.mirror(conn, self.control, row.id, records)
+            await sqlt.drop_delegate_now(conn, delegate)
             await ledger.finish(conn, self.control, mjob, ok=True)
-            await conn.execute(
-                psycopg.sql.SQL("INSERT INTO {}.tenant_migrations (tenant_id, version, checksum)"
-                                " SELECT %s::uuid, v, c FROM unnest(%s::text[], %s::text[]) AS x(v, c)").format(
-                    psycopg.sql.Identifier(self.control)),
-                [row.id, [m.version for m in self.template], [m.checksum for m in self.template]])
             await sqlt.update_row(conn, self.control, row.id, uid=uid, tier=tier, display_name=spec.display_name,
                                   state="active", provisioned=True)
         # Its Quota (created by the apply right after the Tenant).
@@ -267,5 +284,12 @@ async def cleanup(admin_dsn: str, namespace: str, control: str = "tenancy") -> f
                 ident(control), ident(table)), [namespace])
         for _, schema in rows:
             await conn.execute(psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(ident(schema)))
-            await conn.execute(psycopg.sql.SQL("DROP ROLE IF EXISTS {}").format(ident(schema)))
+            # The owner and its login roles; DROP OWNED takes their default privileges too.
+            cur = await conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)",
+                                     [[schema, *sqlt.login_roles(schema)]])
+            names = [r for (r,) in await cur.fetchall()]
+            if names:
+                roles = psycopg.sql.SQL(", ").join(ident(r) for r in names)
+                await conn.execute(psycopg.sql.SQL("DROP OWNED BY {}").format(roles))
+                await conn.execute(psycopg.sql.SQL("DROP ROLE {}").format(roles))
     return time.monotonic() - started

@@ -18,10 +18,10 @@ Prints one line per replica count and writes a JSON record to bench/results/:
 
     scale tenants=N replicas=R seconds=S floor_ratio=X max_replica_rss_mb=M max_replica_cpu_s=C
           handover_seconds=H duplicate_ddl=D restart_seconds=T restart_ddl=E restart_writes=W
-          converged_rss_mb=A restart_rss_mb=B
+          converged_rss_mb=A restart_rss_mb=B empty_rss_mb=E
 
 (``max_replica_rss_mb`` is the largest replica's peak; the last two its RSS once converged and once
-idle after the restart: what it holds for its tenants.)
+idle after the restart: what it holds for its tenants; ``empty_rss_mb`` its RSS before any object existed.)
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from bench.common import (
     Sampler,
     Stack,
     delta,
+    format_requests,
     log,
     machine,
     template_cm,
@@ -100,6 +101,25 @@ class Replicas:
     async def stop(self) -> None:
         for operator in self.operators.values():
             await asyncio.to_thread(operator.stop)
+
+    async def idle(self, within: float) -> float:
+        """Until every live replica has been idle (CPU below IDLE_CPU_FRACTION) for IDLE_WINDOW
+        seconds; returns when that window began. Raises TimeoutError after ``within`` seconds."""
+        t0 = time.monotonic()
+        samples: dict[str, list[tuple[float, float]]] = {k: [] for k in self.live()}
+        while True:
+            quiet = True
+            for k, o in self.live().items():
+                s = o.sample()
+                samples[k].append((s.t, s.cpu_seconds))
+                window = [x for x in samples[k] if x[0] >= s.t - IDLE_WINDOW]
+                busy = window[-1][1] - window[0][1] > IDLE_CPU_FRACTION * (window[-1][0] - window[0][0])
+                quiet = quiet and s.t - t0 >= IDLE_WINDOW and window[0][0] <= s.t - IDLE_WINDOW + 0.3 and not busy
+            if quiet:
+                return min(v[-1][0] for v in samples.values()) - IDLE_WINDOW
+            if time.monotonic() - t0 > within:
+                raise TimeoutError(f"replicas not idle within {within:.0f}s")
+            await asyncio.sleep(0.25)  # sampling interval
 
     def rss_mb(self) -> dict[str, float]:
         """Each live replica's RSS now (what it holds, not its peak)."""
@@ -160,6 +180,7 @@ class Scale:
             await kube.ensure_namespace(ns)
             await kube.create(ns, template_cm())
             await fleet.start()
+            start_rss = fleet.rss_mb()
             w = await Watcher(kube, ns).start()
             samplers = {k: Sampler(o.pid).start() for k, o in fleet.operators.items()}
             cpu0 = {k: o.sample().cpu_seconds for k, o in fleet.operators.items()}
@@ -175,6 +196,9 @@ class Scale:
                              lambda: f"tenants {w.count('tenants')}/{self.n}")
             seconds = all_ready_at(w) - started
             killed = await kill if kill is not None else None
+            # Work a replica finishes after Ready (a Quota's limits reach the role, the Tenant's
+            # effectiveLimits) counts too: the DDL is read once the replicas are idle.
+            await fleet.idle(max(300.0, self.n * 0.1))
             cpu = {k: o.sample().cpu_seconds - cpu0[k] if o.alive() else math.nan for k, o in fleet.operators.items()}
             for s in samplers.values():
                 await s.stop()
@@ -197,6 +221,7 @@ class Scale:
                 "replicas": replicas, "seconds": seconds,
                 "floor_ratio": (self.floor["seconds"] / seconds) if self.floor else math.nan,
                 "replica_peak_rss_mb": rss, "replica_cpu_seconds": cpu, "replica_converged_rss_mb": converged_rss,
+                "replica_start_rss_mb": start_rss,
                 "max_replica_rss_mb": max(rss.values()), "max_replica_cpu_s": max(v for v in cpu.values()
                                                                                   if not math.isnan(v)),
                 "killed": killed[1] if killed else None, "handover_seconds": handover,
@@ -256,10 +281,11 @@ class Scale:
             await asyncio.sleep(0.25)  # sampling interval
         sql = pg.read()
         rss = fleet.rss_mb()
+        written = writes(delta(api.snapshot(), a0))
         await fleet.trace("restarted")
         return {"seconds": idle - t0, "replica_rss_mb": rss,
                 "ddl": sql.total("operator", "DDL") + sql.total("tenant", "DDL"),
-                "writes": sum(writes(delta(api.snapshot(), a0)).values())}
+                "writes": sum(written.values()), "write_requests": format_requests(written)}
 
 
 def line(n: int, d: dict[str, Any]) -> str:
@@ -270,7 +296,8 @@ def line(n: int, d: dict[str, Any]) -> str:
             f"restart_seconds={r.get('seconds', math.nan):.1f} restart_ddl={r.get('ddl')} "
             f"restart_writes={r.get('writes')} "
             f"converged_rss_mb={max(d['replica_converged_rss_mb'].values()):.0f} "
-            f"restart_rss_mb={max((r.get('replica_rss_mb') or {'-': math.nan}).values()):.0f}")
+            f"restart_rss_mb={max((r.get('replica_rss_mb') or {'-': math.nan}).values()):.0f} "
+            f"empty_rss_mb={max(d['replica_start_rss_mb'].values()):.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:

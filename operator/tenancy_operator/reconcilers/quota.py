@@ -104,15 +104,36 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+TENANT_METADATA = ("name", "namespace", "uid", "generation", "resourceVersion", "creationTimestamp",
+                   "deletionTimestamp")
+TENANT_STATUS = ("conditions", "effectiveLimits", "database", "phase")
+"""What an evaluation reads of a Tenant (quota_policy.evaluate, serving_database, Events about it)."""
+
+
 def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What the cache keeps of an object: not its managedFields, never read here and often its
-    largest part; the cache holds every Tenant and Quota, so this is most of the memory that grows
-    with the fleet."""
+    """What the cache keeps of a Quota: not its managedFields nor kubectl's copy of its last
+    applied spec, never read here and often its largest parts."""
     out = dict(body)
     meta = dict(out.get("metadata") or {})
     meta.pop("managedFields", None)
+    annotations = meta.get("annotations")
+    if annotations and LAST_APPLIED in annotations:
+        meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
     out["metadata"] = meta
     return out
+
+
+def _slim_tenant(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the cache keeps of a Tenant: the fields an evaluation reads. The cache holds every
+    Tenant the replica owns, so its size per Tenant is most of this service's memory."""
+    meta, status = body.get("metadata") or {}, body.get("status") or {}
+    return {
+        "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+        "metadata": {k: meta[k] for k in TENANT_METADATA if k in meta},
+        "spec": body.get("spec") or {},
+        **({"status": {k: status[k] for k in TENANT_STATUS if k in status}} if "status" in body else {}),
+    }
 
 
 def _tenant_ref(quota: Mapping[str, Any]) -> str | None:
@@ -229,7 +250,7 @@ class QuotaService:
             stored = self._quotas.setdefault(namespace, {})[name] = _slim(body)
             self._index_quota(namespace, name, stored)
         else:
-            self._tenants[(namespace, name)] = _slim(body)
+            self._tenants[(namespace, name)] = _slim_tenant(body)
 
     def _index_quota(self, namespace: str, name: str, body: dict[str, Any] | None) -> None:
         old = self._quota_refs.pop((namespace, name), None)
