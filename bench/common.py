@@ -305,14 +305,19 @@ class Stack:
         """Load pg_stat_statements (a restart of this PostgreSQL if it was not preloaded)."""
         with self.admin() as conn:
             loaded = conn.execute("SHOW shared_preload_libraries").fetchone()
-            restart = not loaded or "pg_stat_statements" not in str(loaded[0])
+            preloaded = bool(loaded) and "pg_stat_statements" in str(loaded[0])
+            # The stack may preload it already (the operator's load readings use it), with the
+            # default of 5000 entries: every tenant's DDL is an entry of its own, so counts of a
+            # larger fleet would lose the entries evicted.
+            size = conn.execute("SHOW pg_stat_statements.max").fetchone() if preloaded else None
+            restart = not preloaded or not size or int(size[0]) < PG_STAT_STATEMENTS_MAX
         if restart:
             pg = self.local.postgres["default"]
             # postgresql.conf, not ALTER SYSTEM: the extension's settings are unknown until it is loaded.
             with (pg.data_dir / "postgresql.conf").open("a") as conf:
                 conf.write("\n# added by bench/ (tenancy-operator benchmarks)\n"
-                           "shared_preload_libraries = 'pg_stat_statements'\n"
-                           f"pg_stat_statements.max = {PG_STAT_STATEMENTS_MAX}\n"
+                           + ("" if preloaded else "shared_preload_libraries = 'pg_stat_statements'\n")
+                           + f"pg_stat_statements.max = {PG_STAT_STATEMENTS_MAX}\n"
                            "pg_stat_statements.track_utility = on\n")
             pg.stop()
             pg.start()

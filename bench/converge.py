@@ -130,7 +130,7 @@ def sql_dict(c: SqlCounts, n: int) -> dict[str, Any]:
         "per_tenant_operator": round(c.total("operator") / n, 2) if n else None,
         "per_tenant_tenant_login": round(c.total("tenant") / n, 2) if n else None,
         "xacts": c.xacts, "xacts_per_tenant": round(c.xacts / n, 2) if n else None,
-        "ddl_shapes": dict(c.ddl_texts.most_common(12)),
+        "ddl_shapes": dict(c.ddl_texts.most_common(40)),
         "top_statements": dict(c.top.most_common(30)),
         "top_statements_ms": dict(c.top_ms.most_common(20)),
     }

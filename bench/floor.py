@@ -200,8 +200,10 @@ class Floor:
         now = datetime.datetime.now(datetime.UTC)
         hard = effective_limits(self.settings.tier_limits[tier], qspec, now)
         async with self.pool.connection() as conn:
-            await dbq.set_connection_limit(conn, ident, int(hard["connections"]))
-            await dbq.set_statement_timeout(conn, ident, limit_amount("statementTimeout", hard["statementTimeout"]))
+            # The owner's attributes are the record; its login roles get the same (as the Quota's apply).
+            for role in [ident, *await sqlt.existing_logins(conn, ident)]:
+                await dbq.set_connection_limit(conn, role, int(hard["connections"]))
+                await dbq.set_statement_timeout(conn, role, limit_amount("statementTimeout", hard["statementTimeout"]))
             await dbq.publish(conn, self.control, row.id, registry_document(
                 hard, enforcement="Warn", blocked=False, active={}, quota=quota["metadata"]["name"]))
         jobs = [ledger.Job(mjob, "migrate", "succeeded", 1, gen, None, None, None, None, now, now),

@@ -10,7 +10,8 @@ Each replica count then gets a fresh stack (control plane and PostgreSQL of its 
   at once, time until every object is Ready; each replica's peak RSS and CPU seconds; the DDL
   statements counted by pg_stat_statements beyond the floor's (``duplicate_ddl``). With R > 1 one
   replica is SIGKILLed once half the Tenants are Ready: ``handover_seconds`` runs from the kill to
-  the first Tenant of its slices (not Ready then) that becomes Ready, served by another replica.
+  the first Tenant of its slices (not Ready then) that becomes Ready, provisioned by another
+  replica (the one its Provisioned Event names).
 - restart: every replica stopped and started again with the fleet converged; time until all are
   idle with every object resumed, the DDL statements and API writes meanwhile.
 
@@ -150,6 +151,12 @@ async def holders(kube: Kube) -> dict[int, str]:
             for lease in leases.items if lease.spec.holder_identity}
 
 
+async def provisioned_by(kube: Kube, namespace: str) -> dict[str, str]:
+    """Tenant uid -> the replica that posted its Provisioned Event (reportingInstance)."""
+    events = await client.CoreV1Api(kube.api).list_namespaced_event(namespace, field_selector="reason=Provisioned")
+    return {e.involved_object.uid: e.reporting_instance for e in events.items if e.reporting_instance}
+
+
 class Scale:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -208,10 +215,14 @@ class Scale:
             floor_ddl = (self.floor or {}).get("sql", {}).get("ddl")
             handover = math.nan
             if killed is not None:
-                at, _, slices = killed
+                at, victim, slices = killed
                 cut = Slices(self.args.slices)
+                # Served by another replica: its Provisioned Event names it (a Ready the victim's
+                # last request brought after the kill does not count).
+                by = await provisioned_by(kube, ns)
                 after = [t.ready for (p, _), t in w.tracks.items()
-                         if p == "tenants" and t.ready > at and cut.slice_of(t.uid) in slices]
+                         if p == "tenants" and t.ready > at and cut.slice_of(t.uid) in slices
+                         and by.get(t.uid) not in (None, victim)]
                 handover = min(after) - at if after else math.nan
             await w.stop()
             converged_rss = fleet.rss_mb()
@@ -225,7 +236,7 @@ class Scale:
                 "max_replica_rss_mb": max(rss.values()), "max_replica_cpu_s": max(v for v in cpu.values()
                                                                                   if not math.isnan(v)),
                 "killed": killed[1] if killed else None, "handover_seconds": handover,
-                "ddl": ddl, "floor_ddl": floor_ddl,
+                "ddl": ddl, "floor_ddl": floor_ddl, "ddl_shapes": dict(sql.ddl_texts.most_common(20)),
                 "duplicate_ddl": ddl - floor_ddl if floor_ddl is not None else math.nan,
                 "restart": restart,
             }
@@ -325,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                     asyncio.run(bench.run_floor(stack))
                     bench.result["floor"] = {k: (bench.floor or {}).get(k) for k in ("seconds", "throughput_per_s")}
                     bench.result["floor"]["ddl"] = (bench.floor or {}).get("sql", {}).get("ddl")
+                    bench.result["floor"]["ddl_shapes"] = (bench.floor or {}).get("sql", {}).get("ddl_shapes")
                 asyncio.run(bench.one(stack, replicas))
             finally:
                 stack.close()
