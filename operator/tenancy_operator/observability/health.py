@@ -4,7 +4,7 @@ Kopf serves the liveness endpoint only while it runs. A sharded replica also spe
 run: waiting for its slices' Leases to expire or be released, or holding none while another slice
 count is in force (sharding.py). Then the kubelet would see no answer and restart a replica that is
 doing what it should. This endpoint answers on the same address in those gaps: 200 while the
-replica keeps its Leases renewed, 500 once it could not for longer than ``stale_after`` seconds.
+replica keeps its Leases renewed, 500 once it could not for longer than a lease (``alive``).
 It is stopped before Kopf binds the address again.
 """
 
