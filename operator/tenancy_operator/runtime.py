@@ -8,6 +8,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -137,6 +138,8 @@ def build_registry() -> kopf.OperatorRegistry:
             memo.background = [asyncio.create_task(gate.run_while_leading(loops), name="peering-gate")]
         else:
             memo.background = [asyncio.create_task(run(), name=name) for name, run in loops.items()]
+        if memo.take_signals is not None:
+            memo.take_signals()
         log.info("operator started", targets=sorted(cfg.targets), namespaces=cfg.namespace_list or "all")
 
     @kopf.on.cleanup(registry=registry)
@@ -200,19 +203,21 @@ async def _run(cfg: Settings) -> None:
         coordinator = ShardCoordinator(kube, namespace, cfg.shard_group, identity, Slices(cfg.shard_slices),
                                        cfg.shard_lease_seconds)
         await coordinator.serve(
-            lambda ownership, stop: _run_kopf(cfg, ownership, stop),
+            lambda ownership, stop: _run_kopf(cfg, ownership, stop, coordinator.take_signals),
             lambda: waiting_health(cfg.bind_address, cfg.health_port, coordinator.state, coordinator.renewing),
         )
     finally:
         await kube.close()
 
 
-async def _run_kopf(cfg: Settings, ownership: Ownership, stop: asyncio.Event | None) -> None:
+async def _run_kopf(cfg: Settings, ownership: Ownership, stop: asyncio.Event | None,
+                    take_signals: Callable[[], None] | None = None) -> None:
     """One run of Kopf over what ``ownership`` covers, until ``stop`` is set or a signal comes.
     Sharded, a new run starts for every change of the slices held: Kopf lists its slices afresh,
-    and nothing of the objects that went elsewhere stays in its memory or ours."""
+    and nothing of the objects that went elsewhere stays in its memory or ours. ``take_signals``
+    is called once Kopf has started (it installs signal handlers of its own for each run)."""
     namespaces = cfg.namespace_list
-    memo = kopf.Memo(settings=cfg, ownership=ownership)
+    memo = kopf.Memo(settings=cfg, ownership=ownership, take_signals=take_signals)
     peering: dict[str, Any] = {}
     if cfg.peering_name:  # active/standby: the replica with the highest priority works, the others wait
         memo.peer_priority = (

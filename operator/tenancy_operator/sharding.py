@@ -1,7 +1,9 @@
 """Sharded replicas: each live replica holds its share of the fleet's slices through Leases.
 
-Every replica renews a member Lease (``<group>-member-<identity>``); the live members, sorted,
-split the slices into contiguous blocks (shards.assign). A slice is held through its own Lease
+Every replica renews a member Lease (``<group>-member-<identity>``); the live members share the
+slices evenly, each keeping what it holds where it can (shards.assign), so a replica that dies
+costs the others no slice of their own and one that joins takes its share without moving anything
+between the rest. A slice is held through its own Lease
 (``<group>-slice-<i>``, holderIdentity = the replica): taken only when free, released by its holder
 or expired, and renewed while held. Expiry is judged as client-go's leader election does, by how
 long this replica has seen the Lease unchanged, never by comparing clocks.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
@@ -47,6 +50,13 @@ def slice_count_of(lease: dict[str, Any]) -> int | None:
         return int(raw) if raw is not None else None
     except ValueError:
         return None
+
+
+def slice_index(group: str, name: str) -> int | None:
+    """The slice a Lease named ``<group>-slice-<i>`` stands for."""
+    prefix = f"{group}-slice-"
+    tail = name[len(prefix):] if name.startswith(prefix) else ""
+    return int(tail) if tail.isdigit() else None
 
 
 class ShardingUnsupported(RuntimeError):
@@ -89,6 +99,12 @@ class ShardCoordinator:
         self.kube, self.namespace, self.group, self.identity = kube, namespace, group, identity
         self.slices, self.lease_seconds = slices, lease_seconds
         self.renew_seconds = max(1.0, lease_seconds / 3)
+        self.settle_seconds = min(2.0, self.renew_seconds)
+        self._members: frozenset[str] = frozenset()
+        self._settled = False
+        self.terminating = asyncio.Event()
+        """Set by SIGTERM or SIGINT (take_signals): the replica leaves."""
+        self._stop: asyncio.Event | None = None
         self.held: dict[int, dict[str, Any]] = {}
         """Slice -> its Lease as last written by us."""
         self.desired: frozenset[int] = frozenset()
@@ -163,7 +179,22 @@ class ShardCoordinator:
                 live.append(Member(str(holder), slice_count_of(lease), str(lease["metadata"].get("creationTimestamp"))))
         return live
 
-    def _share(self, members: list[Member]) -> frozenset[int]:
+    async def holders(self) -> dict[int, str]:
+        """Slice -> the replica holding it: ours as we hold them, the others' from their Leases
+        (while not expired)."""
+        leases = await self.kube.list_leases(
+            self.namespace, f"{GROUP_LABEL}={self.group},{ROLE_LABEL}=slice")
+        now = time.monotonic()
+        out: dict[int, str] = {}
+        for lease in leases:
+            holder = (lease.get("spec") or {}).get("holderIdentity")
+            index = slice_index(self.group, lease["metadata"]["name"])
+            if holder and holder != self.identity and index is not None and not self._observed.expired(lease, now):
+                out[index] = str(holder)
+        out.update(dict.fromkeys(self.held, self.identity))
+        return out
+
+    def _share(self, members: list[Member], holders: dict[int, str]) -> frozenset[int]:
         """This replica's slices: none while another slice count is in force (logged, metric)."""
         count, peers = sharing(members)
         if count != self._count_in_force:
@@ -177,7 +208,7 @@ class ShardCoordinator:
         metrics.SHARD_SLICE_COUNT_CONFLICT.set(0 if count == self.slices.count else 1)
         if count != self.slices.count:
             return frozenset()
-        return assign(peers, self.slices.count).get(self.identity, frozenset())
+        return assign(peers, self.slices.count, holders).get(self.identity, frozenset())
 
     # --- slices --------------------------------------------------------------------------------
 
@@ -249,13 +280,28 @@ class ShardCoordinator:
         await self._renew_member()
         lost = await self._renew_slices()
         self._last_renewed = time.monotonic()
-        return self._share(await self.live_members()), lost
+        members = await self.live_members()
+        self._members = frozenset(m.identity for m in members)
+        return self._share(members, await self.holders()), lost
 
     async def _acquire(self) -> None:
-        """Until this replica holds exactly its share (and the share stays the same meanwhile)."""
-        while True:
+        """Until this replica holds exactly its share (and the share stays the same meanwhile).
+
+        A replica just started first waits until it sees the same members twice ``settle_seconds``
+        apart: replicas started together (a new Deployment, a restart of all) then split the fleet
+        once, instead of the first taking everything and giving most of it back a moment later.
+        While a slice of its share is still held by a replica that died, it looks again every
+        second rather than every renewal, to take it as soon as its Lease has expired."""
+        seen = None
+        while not self.terminating.is_set():
+            wait = self.renew_seconds
             try:
                 desired, _ = await self._tick()
+                if not self._settled and self._members != seen:
+                    seen = self._members
+                    await self._pause(self.settle_seconds)
+                    continue
+                self._settled = True
                 if desired != self.desired:
                     log.info("share of the fleet", slices=describe(self.slices, desired))
                 self.desired = desired
@@ -266,9 +312,11 @@ class ShardCoordinator:
                 self._publish()
                 if desired and set(self.held) == desired:
                     return
+                if desired - set(self.held):
+                    wait = min(wait, 1.0)
             except ApiError as exc:
                 log.warning("slice leases not renewed", error=exc.status)
-            await asyncio.sleep(self.renew_seconds)
+            await self._pause(wait)
 
     async def _watch(self, running: frozenset[int], stop: asyncio.Event) -> None:
         """While the work runs: renew, and stop it when its slices must change."""
@@ -299,29 +347,57 @@ class ShardCoordinator:
         return {"identity": self.identity, "slices": self.slices.count, "held": describe(self.slices, self.held),
                 "wanted": describe(self.slices, self.desired), "countInForce": self._count_in_force}
 
+    def take_signals(self) -> None:
+        """Make SIGTERM and SIGINT end the work and this replica's membership, whenever they come.
+
+        Kopf installs handlers of its own at the start of each run, and they outlive the run: a
+        signal between two runs (while the share changes) would go to a finished run and be lost,
+        and the replica would keep its Leases until killed. So this is called at the start, by
+        each run once Kopf has started (runtime.py), and after each run."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                loop.add_signal_handler(sig, self._terminate)
+
+    def _terminate(self) -> None:
+        log.info("signal received: leaving", slices=describe(self.slices, self.held))
+        self.terminating.set()
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, unless a signal comes first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.terminating.wait(), seconds)
+
     async def serve(self, work: Work,
                     between: Callable[[], AbstractAsyncContextManager[None]] | None = None) -> None:
-        """Hold this replica's share and run ``work`` over it, again after every change, until
-        cancelled; then release everything so the others take over at once. ``between`` wraps each
-        wait for the share (the health endpoint while no work runs)."""
+        """Hold this replica's share and run ``work`` over it, again after every change, until a
+        signal or cancellation; then release everything so the others take over at once.
+        ``between`` wraps each wait for the share (the health endpoint while no work runs)."""
         await self.check_server()
         log.info("sharded replica", identity=self.identity, slices=self.slices.count, lease=self.member_name)
+        self.take_signals()
         try:
             while True:
                 async with (between or nullcontext)():
                     await self._acquire()
+                if self.terminating.is_set():
+                    return
                 running = frozenset(self.held)
-                stop = asyncio.Event()
+                stop = self._stop = asyncio.Event()
                 watcher = asyncio.create_task(self._watch(running, stop), name="shard-leases")
                 log.info("working on slices", slices=describe(self.slices, running))
                 try:
                     await work(Ownership(self.slices, running), stop)
                 finally:
+                    self._stop = None
+                    self.take_signals()
                     watcher.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await watcher
-                if not stop.is_set():
-                    return  # the work ended by itself (a signal): leave
+                if self.terminating.is_set() or not stop.is_set():
+                    return  # a signal (ours, or Kopf's before the run took them over): leave
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._leave())

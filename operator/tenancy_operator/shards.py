@@ -1,7 +1,7 @@
 """Which objects this replica owns when several replicas share the fleet (pure; no I/O).
 
-The 64-bit hash space of ``metadata.uid`` is cut into ``count`` equal slices. The live replicas,
-sorted by identity, each take one contiguous block of slices (``assign``), and a server-side
+The 64-bit hash space of ``metadata.uid`` is cut into ``count`` equal slices. The live replicas
+share the slices (``assign``: even shares, moving as few slices as possible), and a server-side
 ``shardSelector`` (KEP-5866) of the slices it holds gives a replica exactly its objects.
 Which replica holds a slice is decided by that slice's Lease (sharding.py); this module only
 computes. Unsharded, one Ownership owns everything.
@@ -60,12 +60,36 @@ class Slices:
         return bisect.bisect_right(self.starts, fnv1a_64(uid)) - 1
 
 
-def assign(members: Iterable[str], count: int) -> dict[str, frozenset[int]]:
-    """Each live member's slices: contiguous blocks in the members' sorted order, sizes differing
-    by at most one. Every replica computes the same answer from the same member list."""
+def assign(members: Iterable[str], count: int,
+           holders: Mapping[int, str] | None = None) -> dict[str, frozenset[int]]:
+    """Each live member's slices, sizes differing by at most one, moving as few slices as possible.
+
+    ``holders`` is who holds which slice now (slice Leases of live members only). Each member keeps
+    what it holds up to its share; the members holding more than the smaller share get the larger ones; the slices
+    left over (free, a departed member's, or a member's beyond its share) go to the members short
+    of their share, lowest slice to the first such member in sorted order. So when a replica dies
+    the others only gain (their own work goes on unmoved), and one that joins takes a share from
+    the others without moving anything between them. With nothing held this is contiguous blocks
+    in the members' sorted order. Every replica that sees the same Leases computes the same answer.
+    """
     ordered = sorted(set(members))
-    n = len(ordered)
-    return {m: frozenset(range(k * count // n, (k + 1) * count // n)) for k, m in enumerate(ordered)}
+    if not ordered:
+        return {}
+    held: dict[str, list[int]] = {m: [] for m in ordered}
+    for index, holder in sorted((holders or {}).items()):
+        if holder in held and 0 <= index < count:
+            held[holder].append(index)
+    base, extra = divmod(count, len(ordered))
+    # Only holding more than ``base`` earns a larger share (then by name): while slices change
+    # hands no one's share changes, however far the others have got.
+    by_holding = sorted(ordered, key=lambda m: (len(held[m]) <= base, m))
+    share = {m: base + (1 if rank < extra else 0) for rank, m in enumerate(by_holding)}
+    kept = {m: held[m][:share[m]] for m in ordered}
+    taken = {i for slices in kept.values() for i in slices}
+    left = iter(i for i in range(count) if i not in taken)
+    for m in ordered:
+        kept[m] += [next(left) for _ in range(share[m] - len(kept[m]))]
+    return {m: frozenset(kept[m]) for m in ordered}
 
 
 @dataclass(frozen=True)

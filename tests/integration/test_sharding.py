@@ -4,9 +4,11 @@ sharded watch (control plane of the module's own, ShardedListAndWatch on).
 What a user checks: every Tenant and Quota converges; each Tenant was provisioned by exactly one
 replica, the one whose slice Lease covers its uid (the Provisioned Event names the replica that
 posted it); `kubectl get leases` shows the split; a killed replica's slices go to the other within
-the lease time and its tenants are served again; a replica that joins takes its share; a tenant
+the lease time and its tenants are served again; a replica that joins takes its share; slices move
+only from or to the replica that joins or dies, never between the others; a tenant
 whose PostgreSQL lock another session holds is left alone until it is released; a replica
-configured with another slice count holds nothing until the replicas of the count in force are gone.
+configured with another slice count holds nothing until the replicas of the count in force are gone,
+and leaves cleanly when stopped while it waits.
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ class Fleet:
                 if index < slices:
                     out[index] = lease.spec.holder_identity
         return out
+
+    def members(self) -> set[str]:
+        """The replicas with a member Lease (kubectl get leases -l tenancy.dev/shard-lease=member)."""
+        leases = self.coordination.list_namespaced_lease(
+            "default", label_selector=f"tenancy.dev/shard-group={GROUP_NAME},tenancy.dev/shard-lease=member")
+        return {lease.spec.holder_identity for lease in leases.items}
 
     def split(self, *identities: str) -> dict[int, str]:
         """Wait until every slice is held and the given replicas hold them in equal shares."""
@@ -158,15 +166,38 @@ def test_a_killed_replicas_slices_go_to_the_other_and_its_tenants_are_served(fle
     pytest.fail("no tenant of 20 hashed into replica-b's slices")
 
 
+def held_by(holders: dict[int, str]) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for index, holder in holders.items():
+        out.setdefault(holder, set()).add(index)
+    return out
+
+
 def test_a_joining_replica_takes_its_share(fleet: Fleet) -> None:
     fleet.start("replica-c")
     holders = fleet.split("replica-a", "replica-c")
+    # Another joins: it takes its share from the others, and nothing moves between them (a replica
+    # whose slices changed would restart its work on all of them).
+    fleet.start("replica-d")
+    after = held_by(fleet.split("replica-a", "replica-c", "replica-d"))
+    for identity, before in held_by(holders).items():
+        assert after[identity] <= before, (identity, before, after)
+    holders = fleet.holders()
     namespace = fleet.namespace("after-join")
     names = [f"joined-{i}" for i in range(8)]
     uids = {n: fleet.cluster.create("tenants", namespace, tenant(n))["metadata"]["uid"] for n in names}
     for name in names:
         fleet.cluster.wait_condition("tenants", namespace, name, timeout=90)
         assert fleet.provisioned_by(namespace, name) == {owner_of(holders, uids[name])}, name
+
+
+def test_when_a_replica_dies_the_others_keep_their_slices_and_take_its_own(fleet: Fleet) -> None:
+    before = held_by(fleet.split("replica-a", "replica-c", "replica-d"))
+    fleet.replicas["replica-d"].kill()
+    after = held_by(fleet.split("replica-a", "replica-c"))
+    for identity in ("replica-a", "replica-c"):
+        assert before[identity] <= after[identity], (identity, before, after)
+    assert after["replica-a"] | after["replica-c"] == set(range(SLICES))
 
 
 def test_a_tenant_whose_lock_another_session_holds_waits_for_it(fleet: Fleet) -> None:
@@ -198,18 +229,25 @@ def test_a_replica_with_another_slice_count_holds_nothing_until_the_others_are_g
     tenants); once they have left it takes every slice of its own count and serves the fleet."""
     before = fleet.split(*fleet.live())
     other = SLICES * 2
-    newcomer = fleet.start("replica-d", slices=other)
+    newcomer = fleet.start("replica-e", slices=other)
     eventually(lambda: newcomer.metric("shard_slice_count_conflict") == 1, timeout=60,
-               what="replica-d reports the conflicting slice count")
+               what="replica-e reports the conflicting slice count")
     assert newcomer.metric("shard_slices_held") == 0
     assert newcomer.healthy()  # waiting is what it should do: the kubelet must not restart it
     assert fleet.holders() == before  # the replicas of the count in force keep their shares
-    for identity in [i for i in fleet.live() if i != "replica-d"]:
+    # Asked to stop while it waits (no Kopf run is there to take the signal), it leaves at once:
+    # exit code 0 and its member Lease gone, not killed with its Lease left to expire.
+    assert newcomer.stop(timeout=20) == 0
+    assert "replica-e" not in fleet.members()
+    newcomer = fleet.start("replica-e", slices=other)
+    eventually(lambda: newcomer.metric("shard_slice_count_conflict") == 1, timeout=60,
+               what="replica-e, started again, reports the conflicting slice count")
+    for identity in [i for i in fleet.live() if i != "replica-e"]:
         fleet.replicas[identity].stop()
-    eventually(lambda: set(fleet.holders(other).values()) == {"replica-d"} and len(fleet.holders(other)) == other,
-               timeout=LEASE_SECONDS * 4, interval=0.5, what="replica-d holds every slice of its count")
+    eventually(lambda: set(fleet.holders(other).values()) == {"replica-e"} and len(fleet.holders(other)) == other,
+               timeout=LEASE_SECONDS * 4, interval=0.5, what="replica-e holds every slice of its count")
     assert newcomer.metric("shard_slice_count_conflict") == 0
     namespace = fleet.namespace("recut")
     fleet.cluster.create("tenants", namespace, tenant("recut"))
     fleet.cluster.wait_condition("tenants", namespace, "recut", timeout=90)
-    assert fleet.provisioned_by(namespace, "recut") == {"replica-d"}
+    assert fleet.provisioned_by(namespace, "recut") == {"replica-e"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 import uuid
 
 import pytest
@@ -49,6 +50,53 @@ def test_live_members_split_the_slices_in_contiguous_blocks_everyone_computes_al
     assert sorted(len(s) for s in shares.values()) == [5, 5, 6]
     # More replicas than slices: some wait with none.
     assert sorted(len(s) for s in assign([str(i) for i in range(5)], 3).values()) == [0, 0, 1, 1, 1]
+
+
+def holding(shares: dict[str, frozenset[int]]) -> dict[int, str]:
+    return {i: m for m, s in shares.items() for i in s}
+
+
+def test_when_a_replica_dies_the_others_keep_their_slices_and_share_out_its_own() -> None:
+    before = assign(["a", "b", "c", "d"], 16)
+    survivors = {i: m for i, m in holding(before).items() if m != "b"}
+    after = assign(["a", "c", "d"], 16, survivors)
+    for m in ("a", "c", "d"):
+        assert before[m] <= after[m], m  # nothing of its own moves: its work goes on
+    assert sorted(i for s in after.values() for i in s) == list(range(16))
+    assert sorted(len(s) for s in after.values()) == [5, 5, 6]
+    assert set().union(*(after[m] - before[m] for m in after)) == before["b"]
+
+
+def test_a_joining_replica_takes_a_share_and_nothing_moves_between_the_others() -> None:
+    before = assign(["a", "b", "c"], 16)
+    after = assign(["a", "b", "c", "d"], 16, holding(before))
+    for m in ("a", "b", "c"):
+        assert after[m] <= before[m], m
+    assert sorted(len(s) for s in after.values()) == [4, 4, 4, 4]
+    assert sorted(i for s in after.values() for i in s) == list(range(16))
+
+
+def test_no_replica_changes_its_mind_while_slices_change_hands() -> None:
+    """From any holding, with the members each releasing what is beyond their share and taking what
+    is theirs in any order, every intermediate state gives the same answer as the first: a running
+    replica is never told to give up what it was just told to keep (which would restart its work)."""
+    rng = random.Random(7)
+    for _ in range(300):
+        count = rng.choice([4, 7, 16, 32])
+        members = rng.sample(["a", "b", "c", "d", "e", "f"], rng.randint(1, 5))
+        holding = {i: rng.choice([*members, "gone"]) for i in range(count) if rng.random() < 0.8}
+        holding = {i: m for i, m in holding.items() if m in members}
+        want = assign(members, count, holding)
+        while holding != {i: m for m, s in want.items() for i in s}:
+            assert assign(members, count, holding) == want, (members, holding)
+            moves = [("release", i) for i, m in holding.items() if i not in want[m]]
+            moves += [("take", i) for m, s in want.items() for i in s if i not in holding]
+            action, index = rng.choice(moves)
+            if action == "release":
+                del holding[index]
+            else:
+                holding[index] = next(m for m, s in want.items() if index in s)
+        assert assign(members, count, holding) == want  # and then it stays
 
 
 def test_the_selector_is_what_the_api_server_accepts() -> None:
