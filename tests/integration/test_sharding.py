@@ -100,8 +100,10 @@ class Fleet:
     def assert_provisioned_by(self, namespace: str, name: str, replica: str) -> None:
         """The Tenant's Provisioned Event names ``replica``, and only it. Events are posted in the
         background, so the Event may come a moment after the Tenant shows Ready."""
-        def check() -> None:
-            assert self.provisioned_by(namespace, name) == {replica}, (namespace, name, replica)
+        def check() -> bool:
+            got = self.provisioned_by(namespace, name)
+            assert got == {replica}, (namespace, name, got)
+            return True
         eventually(check, timeout=30, interval=0.5, what=f"{namespace}/{name} provisioned by {replica}")
 
 
