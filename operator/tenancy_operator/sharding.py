@@ -236,9 +236,9 @@ class ShardCoordinator:
         return True
 
     async def _renew_slices(self) -> set[int]:
-        """Renew every held slice; returns the ones lost (someone else wrote their Lease)."""
-        lost = set()
-        for index, lease in list(self.held.items()):
+        """Renew every held slice, all at once; returns the ones lost (someone else wrote their Lease)."""
+
+        async def renew(index: int, lease: dict[str, Any]) -> int | None:
             body = dict(lease)
             body["spec"] = {**(lease.get("spec") or {}), "renewTime": micro_time()}
             try:
@@ -246,9 +246,16 @@ class ShardCoordinator:
             except ApiError as exc:
                 if exc.status not in (404, 409):
                     raise
-                del self.held[index]
-                lost.add(index)
-        return lost
+                self.held.pop(index, None)
+                return index
+            return None
+
+        results = await asyncio.gather(*(renew(i, lease) for i, lease in list(self.held.items())),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return {r for r in results if isinstance(r, int)}
 
     async def _release(self, indices: set[int]) -> None:
         for index in sorted(indices):
@@ -276,13 +283,17 @@ class ShardCoordinator:
     # --- the loop ------------------------------------------------------------------------------
 
     async def _tick(self) -> tuple[frozenset[int], set[int]]:
-        """Renew; returns the desired slices and the held ones just lost."""
-        await self._renew_member()
-        lost = await self._renew_slices()
+        """Renew; returns the desired slices and the held ones just lost. The requests of a step go
+        out together: under a loaded API server one after the other could take longer than a lease."""
+        renewed = await asyncio.gather(self._renew_member(), self._renew_slices(), return_exceptions=True)
+        for result in renewed:
+            if isinstance(result, BaseException):
+                raise result
+        lost = renewed[1] if isinstance(renewed[1], set) else set()
         self._last_renewed = time.monotonic()
-        members = await self.live_members()
+        members, holders = await asyncio.gather(self.live_members(), self.holders())
         self._members = frozenset(m.identity for m in members)
-        return self._share(members, await self.holders()), lost
+        return self._share(members, holders), lost
 
     async def _acquire(self) -> None:
         """Until this replica holds exactly its share (and the share stays the same meanwhile).
@@ -319,25 +330,29 @@ class ShardCoordinator:
             await self._pause(wait)
 
     async def _watch(self, running: frozenset[int], stop: asyncio.Event) -> None:
-        """While the work runs: renew, and stop it when its slices must change."""
-        while not stop.is_set():
-            await asyncio.sleep(self.renew_seconds)
+        """While the work runs, and until it has ended (cancelled then): renew every renew_seconds
+        from the start of one renewal to the next, and stop the work when its slices must change.
+        Renewals go on while Kopf shuts down, since its handlers may still be at work."""
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
             try:
                 desired, lost = await self._tick()
             except ApiError as exc:
                 log.warning("slice leases not renewed", error=exc.status)
-                if time.monotonic() - self._last_renewed > self.lease_seconds * 2 / 3:
+                if self.held and time.monotonic() - self._last_renewed > self.lease_seconds * 2 / 3:
                     log.error("slice leases could not be renewed for most of a lease: stopping work on them",
                               slices=describe(self.slices, running))
                     self.held.clear()  # another replica may take them once they expire
                     stop.set()
-                continue
-            if lost:
-                log.error("slices lost to another replica", slices=describe(self.slices, lost))
-            if lost or desired != running:
-                log.info("share of the fleet changes", held=describe(self.slices, running),
-                         wanted=describe(self.slices, desired))
-                stop.set()
+            else:
+                if lost:
+                    log.error("slices lost to another replica", slices=describe(self.slices, lost))
+                if not stop.is_set() and (lost or desired != running):
+                    log.info("share of the fleet changes", held=describe(self.slices, running),
+                             wanted=describe(self.slices, desired))
+                    stop.set()
+            await asyncio.sleep(max(0.0, started + self.renew_seconds - loop.time()))
 
     def renewing(self) -> bool:
         """Whether the Leases were renewed within a lease time (liveness while no work runs)."""
