@@ -65,12 +65,13 @@ def assign(members: Iterable[str], count: int,
     """Each live member's slices, sizes differing by at most one, moving as few slices as possible.
 
     ``holders`` is who holds which slice now (slice Leases of live members only). Each member keeps
-    what it holds up to its share; the members holding more than the smaller share get the larger ones; the slices
-    left over (free, a departed member's, or a member's beyond its share) go to the members short
-    of their share, lowest slice to the first such member in sorted order. So when a replica dies
-    the others only gain (their own work goes on unmoved), and one that joins takes a share from
-    the others without moving anything between them. With nothing held this is contiguous blocks
-    in the members' sorted order. Every replica that sees the same Leases computes the same answer.
+    what it holds up to its share; the members holding more than the smaller share get the larger
+    ones; the slices left over (free, a departed member's, or a member's beyond its share) go to
+    the members short of their share, lowest slice to the first such member in sorted order. So
+    when a replica dies the others only gain (their own work goes on unmoved), and one that joins
+    takes a share from the others without moving anything between them. With nothing held this is
+    contiguous blocks in the members' sorted order. Every replica that sees the same Leases
+    computes the same answer.
     """
     ordered = sorted(set(members))
     if not ordered:
