@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from tenancy_operator.k8s.client import ApiError, Kube
 from tenancy_operator.observability import metrics
@@ -41,6 +41,7 @@ log = get_logger(__name__)
 GROUP_LABEL = "tenancy.dev/shard-group"
 ROLE_LABEL = "tenancy.dev/shard-lease"
 SLICES_ANNOTATION = "tenancy.dev/shard-slices"
+T = TypeVar("T")
 MANAGED = {"app.kubernetes.io/managed-by": "tenancy-operator"}
 
 
@@ -50,6 +51,15 @@ def slice_count_of(lease: dict[str, Any]) -> int | None:
         return int(raw) if raw is not None else None
     except ValueError:
         return None
+
+
+async def every(*aws: Awaitable[T]) -> list[T]:
+    """Await them all at once; if any failed, raise its error once all have ended."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return [r for r in results if not isinstance(r, BaseException)]
 
 
 def slice_index(group: str, name: str) -> int | None:
@@ -250,12 +260,8 @@ class ShardCoordinator:
                 return index
             return None
 
-        results = await asyncio.gather(*(renew(i, lease) for i, lease in list(self.held.items())),
-                                       return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return {r for r in results if isinstance(r, int)}
+        results = await every(*(renew(i, lease) for i, lease in list(self.held.items())))
+        return {r for r in results if r is not None}
 
     async def _release(self, indices: set[int]) -> None:
         for index in sorted(indices):
@@ -285,11 +291,8 @@ class ShardCoordinator:
     async def _tick(self) -> tuple[frozenset[int], set[int]]:
         """Renew; returns the desired slices and the held ones just lost. The requests of a step go
         out together: under a loaded API server one after the other could take longer than a lease."""
-        renewed = await asyncio.gather(self._renew_member(), self._renew_slices(), return_exceptions=True)
-        for result in renewed:
-            if isinstance(result, BaseException):
-                raise result
-        lost = renewed[1] if isinstance(renewed[1], set) else set()
+        member: Awaitable[set[int] | None] = self._renew_member()
+        lost = (await every(member, self._renew_slices()))[1] or set()
         self._last_renewed = time.monotonic()
         members, holders = await asyncio.gather(self.live_members(), self.holders())
         self._members = frozenset(m.identity for m in members)
