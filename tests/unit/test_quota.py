@@ -521,6 +521,7 @@ class CountingService(QuotaService):
         self.initial_pass_done = True
         self._seen_listing = {"quotas": True, "tenants": True}  # as after Kopf's initial listing
         self.evaluations: list[str] = []
+        self.probes.probe_target = self.measure  # type: ignore[method-assign]
 
     async def apply(self, subject: Subject, probe: Probe | None, *, trigger: str) -> Any:
         self.evaluations.append(trigger)
@@ -530,7 +531,7 @@ class CountingService(QuotaService):
                                                  for q in subject.quotas}
         return None
 
-    async def probe_target(self, target: str, subjects: Any) -> dict[Any, Probe]:
+    async def measure(self, target: str, subjects: Any) -> dict[Any, Probe]:
         return {s.key: probe() for s in subjects}
 
 
@@ -543,8 +544,7 @@ def cached(svc: QuotaService, plural: str, body: dict[str, Any], rv: int) -> dic
 
 
 async def settle(svc: QuotaService) -> None:
-    while svc._tasks:
-        await asyncio.gather(*list(svc._tasks))
+    await svc.work.join()
 
 
 def test_the_cache_never_goes_back_to_an_older_version() -> None:
@@ -588,12 +588,14 @@ async def test_a_quota_handler_for_an_enforced_version_evaluates_nothing() -> No
     svc.tenant_event("MODIFIED", t)  # Ready: evaluated at once, the Quota from the cache included
     await settle(svc)
     assert svc.evaluations == ["tenant-changed"]
-    await svc.handle_quota(q, created=True)  # its create handler comes later: nothing new to do
+    svc.quota_changed("ADDED", q)  # its ADDED event comes later: nothing new to do
+    await settle(svc)
     assert svc.evaluations == ["tenant-changed"]
     edited = copy.deepcopy(q)
     edited["metadata"]["generation"] = 2
     svc.observe("quotas", "MODIFIED", edited)
-    await svc.handle_quota(edited)  # an edit takes effect at once
+    svc.quota_changed("MODIFIED", edited)  # an edit takes effect at once
+    await settle(svc)
     assert svc.evaluations == ["tenant-changed", "quota-changed"]
 
 
@@ -629,7 +631,8 @@ async def test_a_new_quota_of_a_tenant_not_seen_yet_waits_for_it(monkeypatch: py
         return None
 
     svc._get_tenant = get_tenant  # type: ignore[method-assign]
-    await svc.handle_quota(cached(svc, "quotas", quota_body(), 1), created=True)
+    svc.quota_changed("ADDED", cached(svc, "quotas", quota_body(), 1))
+    await settle(svc)
     assert svc.evaluations == [] and reads == []  # created together with its Tenant: no GET
     svc.tenant_event("MODIFIED", cached(svc, "tenants", tenant_body(), 2))  # it shows up, Ready
     await settle(svc)
@@ -637,7 +640,8 @@ async def test_a_new_quota_of_a_tenant_not_seen_yet_waits_for_it(monkeypatch: py
 
     typo = quota_body("typo")
     typo["spec"]["tenantRef"]["name"] = "nobody"
-    await svc.handle_quota(cached(svc, "quotas", typo, 3), created=True)
+    svc.quota_changed("ADDED", cached(svc, "quotas", typo, 3))
+    await settle(svc)
     deadline = time.monotonic() + 10
     while "tenant-unseen" not in svc.evaluations and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
@@ -647,18 +651,18 @@ async def test_a_new_quota_of_a_tenant_not_seen_yet_waits_for_it(monkeypatch: py
 
 
 async def test_evaluations_starting_together_share_one_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tenancy_operator.reconcilers import quota as quota_module
+    from tenancy_operator.reconcilers import quota_probe
 
-    monkeypatch.setattr(quota_module, "PROBE_GATHER_SECONDS", 0.5)  # generous: the loop may be slow
+    monkeypatch.setattr(quota_probe, "PROBE_GATHER_SECONDS", 0.5)  # generous: the loop may be slow
     svc = CountingService()
     batches: list[list[str]] = []
-    probe_all = svc.probe_target
+    probe_all = svc.measure
 
     async def counting_probe(target: str, subjects: Any) -> dict[Any, Probe]:
         batches.append(sorted(s.name for s in subjects))
         return await probe_all(target, subjects)
 
-    svc.probe_target = counting_probe  # type: ignore[method-assign]
+    svc.probes.probe_target = counting_probe  # type: ignore[method-assign]
     names = [f"t{i}" for i in range(5)]
     for i, name in enumerate(names):
         body = tenant_body()
@@ -673,7 +677,8 @@ async def test_a_new_quota_waits_for_its_tenants_first_provisioning() -> None:
     svc = CountingService()
     provisioning = cached(svc, "tenants", tenant_body(conditions=False), 1)
     q = cached(svc, "quotas", quota_body(), 2)
-    await svc.handle_quota(q, created=True)
+    svc.quota_changed("ADDED", q)
+    await settle(svc)
     assert svc.evaluations == []  # no TenantNotReady status that Ready replaces seconds later
     ready = cached(svc, "tenants", tenant_body(), 3)
     svc.tenant_event("MODIFIED", ready)
@@ -684,7 +689,8 @@ async def test_a_new_quota_waits_for_its_tenants_first_provisioning() -> None:
     svc = CountingService()
     cached(svc, "tenants", provisioning, 1)
     cached(svc, "quotas", q, 2)
-    await svc.handle_quota(q, created=True)
+    svc.quota_changed("ADDED", q)
+    await settle(svc)
     retrying = copy.deepcopy(provisioning)
     retrying["status"] = {"conditions": [{"type": "Ready", "status": "False"},
                                          {"type": "Reconciling", "status": "True"}]}
@@ -701,11 +707,13 @@ async def test_a_new_quota_waits_for_its_tenants_first_provisioning() -> None:
     # An edit is evaluated at once; so is a new Quota of a Tenant provisioning for too long.
     svc = CountingService()
     cached(svc, "tenants", provisioning, 1)
-    await svc.handle_quota(cached(svc, "quotas", q, 2))
+    svc.quota_changed("MODIFIED", cached(svc, "quotas", q, 2))
+    await settle(svc)
     assert svc.evaluations == ["quota-changed"]
     svc = CountingService()
     old = cached(svc, "tenants", provisioning, 1)
     old["metadata"]["creationTimestamp"] = iso(datetime.now(UTC) - timedelta(hours=1))
     svc.observe("tenants", "MODIFIED", old)
-    await svc.handle_quota(cached(svc, "quotas", q, 2), created=True)
+    svc.quota_changed("ADDED", cached(svc, "quotas", q, 2))
+    await settle(svc)
     assert svc.evaluations == ["quota-changed"]

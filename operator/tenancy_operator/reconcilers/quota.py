@@ -1,11 +1,13 @@
 """Quota enforcement: effective limits per tenant, measured usage, role attributes, status.
 
 One code path for everything: a *subject* is one tenant key (namespace, tenant name) with its
-Tenant, the Quotas naming it and what the database says about it. ``evaluate`` (pure) turns a
-subject into a plan (reconcilers/quota_policy.py); ``QuotaService.apply`` carries it out (role attributes, registry,
-status, Events, metrics). The periodic pass measures every tenant of a target with one query
-per measure and evaluates all subjects; Kopf handlers evaluate one subject at once (edits take
-effect immediately); a scheduled wake-up evaluates the subjects whose override ends now.
+Tenant, the Quotas naming it and what the database says about it (reconcilers/quota_probe.py
+measures it). ``evaluate`` (pure, reconcilers/quota_policy.py) turns a subject into a plan;
+``QuotaService.apply`` carries it out (role attributes, registry, status, Events, metrics). The
+periodic pass measures every tenant of a target with one query per measure and evaluates all
+subjects; Quota and Tenant watch events evaluate one subject in the background at once (edits take
+effect immediately; keyed_work.py runs one evaluation per tenant at a time); a scheduled wake-up
+evaluates the subjects whose override ends now.
 
 Level-based: role attributes and the registry are compared with the computed limits and changed
 only where they differ. Our own status is read only to avoid repeating Events across restarts.
@@ -15,11 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,36 +29,29 @@ import psycopg_pool
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from tenancy_operator.api.common import parse_duration
 from tenancy_operator.api.names import OPERATOR
 from tenancy_operator.api.quota import (
     LIMIT_NAMES,
-    NoisyNeighborPolicy,
     QuotaSpec,
 )
-from tenancy_operator.api.tenant import serving_database, tenant_identifier
+from tenancy_operator.api.tenant import serving_database
 from tenancy_operator.db import jobs as dbjobs
-from tenancy_operator.db import load as dbload
 from tenancy_operator.db import quota as dbq
 from tenancy_operator.db import tenants as sqlt
-from tenancy_operator.db.quota import RoleQuotaState
-from tenancy_operator.db.targets import Conn
 from tenancy_operator.k8s.client import ApiError, older_version
+from tenancy_operator.keyed_work import KeyedWork
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.reconcilers.lifecycle import is_transient
-from tenancy_operator.reconcilers.noisy import Histories, Policy, assess
 from tenancy_operator.reconcilers.quota_policy import (
     EXCEEDED,
     EXPIRY_GRACE,
     LEVEL_NAMES,
-    LOAD_COUNTERS,
     LOAD_SERIES,
     NEAR,
     STALE_MEASUREMENTS,
     Key,
-    LoadView,
     Memory,
     Plan,
     Probe,
@@ -66,8 +60,10 @@ from tenancy_operator.reconcilers.quota_policy import (
     evaluate,
     metric_amount,
     parse_time,
+    quota_version,
     sort_quotas,
 )
+from tenancy_operator.reconcilers.quota_probe import QuotaProbes
 from tenancy_operator.runtime_context import OperatorContext
 
 log = get_logger(__name__)
@@ -75,8 +71,6 @@ log = get_logger(__name__)
 KIND = "Quota"
 QUOTAS, TENANTS = "quotas", "tenants"
 LOCK_KIND = "QuotaTenant"
-CAPABILITIES_EVERY = 10
-"""Every how many passes a target's statistics capabilities (db/load.py) are read again."""
 RETRY_FAILED_PASS_SECONDS = 5.0
 RELIST_EVERY = 10
 """Every how many periodic passes Tenants and Quotas are LISTed instead of read from the watch cache."""
@@ -86,11 +80,6 @@ AGGREGATES_DELAY_SECONDS = 1.0
 """The tenants-per-state gauges are recounted at most this often."""
 UNSEEN_TENANT_GRACE_SECONDS = 10.0
 """How long a new Quota waits for its Tenant to show in the watch before reading it with a GET."""
-PROBE_GATHER_SECONDS = 0.25
-"""Evaluations starting within this window share one probe query (see QuotaService._probe_one).
-During a burst of new tenants each probe is expensive (planning and catalog scans on caches the
-DDL burst keeps invalidating) and the largest statement cost the floor does not have, so a wider
-window means far fewer of them; a quarter second more before a Quota's status is cheap."""
 FIRST_PROVISIONING_GRACE = timedelta(minutes=10)
 """A tenant in its first provisioning is evaluated when its Tenant reports Ready (or Stalled), not
 before: its Quota's first status is then the final one instead of a TenantNotReady that Ready
@@ -146,11 +135,6 @@ def _tenant_state(tenant: Mapping[str, Any]) -> tuple[str, str]:
     return (str(tenant["metadata"].get("uid") or ""), str((tenant.get("spec") or {}).get("tier") or "free"))
 
 
-def _quota_version(quota: Mapping[str, Any]) -> tuple[str, int]:
-    """What a Quota's evaluation depends on: (uid, generation); status and metadata edits do not count."""
-    return (str(quota["metadata"].get("uid") or ""), int(quota["metadata"].get("generation") or 0))
-
-
 def _first_provisioning(tenant: Mapping[str, Any], now: datetime) -> bool:
     """The Tenant's own status says its first provisioning is under way: no status yet, or
     Reconciling without ever having been provisioned (no tenantId) and neither Ready nor Stalled;
@@ -166,6 +150,20 @@ def _first_provisioning(tenant: Mapping[str, Any], now: datetime) -> bool:
         return True
     return (not status.get("tenantId") and conds.get("Reconciling") == "True"
             and conds.get("Ready") != "True" and conds.get("Stalled") != "True")
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """Why a tenant is evaluated in the background (QuotaService.spawn, quota_changed)."""
+
+    cause: str
+    """tenant-changed, tenant-settled, tenant-unseen, tenant-deleted, quota-changed, quota-deleted"""
+    quota: str | None = None
+    """The Quota (namespace/name) whose event this is: queue_depth counts it until evaluated."""
+    version: tuple[str, int] | None = None
+    """That Quota's (uid, generation)."""
+    created: bool = False
+    """The Quota is new (its ADDED event)."""
 
 
 def _is_ready(body: Mapping[str, Any]) -> bool:
@@ -190,9 +188,8 @@ class QuotaService:
         self.series: dict[Key, set[str]] = {}
         self.initial_pass_done = False
         self._wake: asyncio.Event | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._inflight: set[Key] = set()
-        self._rerun: dict[Key, set[str]] = {}
+        self.work: KeyedWork[Trigger] = KeyedWork(KIND, self._evaluate, pending=lambda t: t.quota)
+        """Evaluations in the background, one per tenant at a time (Quota and Tenant events)."""
         self._deferred: set[Key] = set()
         """Tenants whose new Quota waits for the end of their first provisioning (see reconcile_tenant)."""
         # What the watch streams last showed, like an informer cache: a Tenant event must not cost
@@ -208,14 +205,8 @@ class QuotaService:
         """Sharded replicas: Tenants that exist and another replica owns, as of the last LIST (their
         Quotas are that replica's to evaluate; Quotas are watched whole, Tenants by slice)."""
         self._aggregates_due = False
-        self._probe_batches: dict[str, list[tuple[Subject, asyncio.Future[Probe]]]] = {}
         self._passes = 0
-        self.histories: Histories[Key] = Histories()
-        """Load samples per tenant (reconcilers/noisy.py), from the periodic passes."""
-        self.load_views: dict[Key, LoadView] = {}
-        """The last pass's load of each tenant: a handler's evaluation keeps its verdict."""
-        self._capabilities: dict[str, tuple[int, dbload.LoadCapabilities]] = {}
-        self._policies: dict[tuple[str, int], tuple[NoisyNeighborPolicy, Policy]] = {}
+        self.probes = QuotaProbes(ctx, noisy=lambda key: bool((m := self.memory.get(key)) is not None and m.noisy))
 
     def observe(self, plural: str, type_: str | None, body: Mapping[str, Any]) -> None:
         """Keep the cache of Quotas and Tenants from their watch events (Kopf's initial listing too)."""
@@ -283,8 +274,8 @@ class QuotaService:
         try:
             await self._loop()
         finally:  # shutdown: background evaluations must not outlive the clients they use
-            for task in list(self._tasks):
-                task.cancel()
+            self.work.cancel()
+            self.probes.cancel()
 
     async def _loop(self) -> None:
         self._wake = asyncio.Event()
@@ -358,201 +349,7 @@ class QuotaService:
 
     # --- reading the databases ---------------------------------------------------------------------
 
-    async def probe_target(self, target: str, subjects: Sequence[Subject], *, load: bool = False) -> dict[Key, Probe]:
-        """Measure every subject of one target with one query per measure; with ``load`` (the
-        periodic pass), also every tenant's load (db/load.py) and the target's verdicts."""
-        idents: dict[Key, str] = {}
-        probes: dict[Key, Probe] = {}
-        for s in subjects:
-            try:
-                idents[s.key] = tenant_identifier(s.name)
-            except ValueError as exc:
-                probes[s.key] = Probe(problem=("TenantNotReady", str(exc)))
-        if not idents:
-            return probes
-        if target not in self.ctx.targets.pools:
-            known = ", ".join(sorted(self.ctx.targets.pools)) or "none"
-            problem = ("UnknownDatabase", f"database target {target!r} is not configured (known: {known})")
-            return {**probes, **{k: Probe(problem=problem) for k in idents}}
-        names = sorted(set(idents.values()))
-        try:
-            await self.ctx.ensure_control_schema(target)
-            async with self.ctx.targets.connection(target) as conn:
-                # Registry, roles and (only where a row and a role exist) usage: one statement. The
-                # usage upsert and the platform's rows: one more, and only for subjects we enforce,
-                # so a tenant still being provisioned costs a single statement.
-                states, measured = await dbq.observe(conn, self.control, names)
-                owned: dict[Key, RoleQuotaState] = {}
-                for key, ident in idents.items():
-                    state = states[ident]
-                    if (state.tenant_id and (state.row_namespace, state.row_name) == key and state.role_exists
-                            and ident in measured):
-                        owned[key] = state
-                reported = await dbq.record_usage(conn, self.control, {
-                    str(st.tenant_id): {"storage": measured[idents[k]].storage,
-                                        "connections": measured[idents[k]].connections}
-                    for k, st in owned.items()
-                })
-                views: dict[Key, LoadView] = {}
-                if load and owned:
-                    try:
-                        views = await self._measure_load(conn, target, subjects, {k: idents[k] for k in owned},
-                                                         measured)
-                    except psycopg.Error as exc:  # load is extra detail: limits are enforced without it
-                        if isinstance(exc, psycopg.OperationalError):
-                            raise
-                        log.warning("tenant load measurement failed", target=target, error=type(exc).__name__)
-        except (psycopg_pool.PoolTimeout, psycopg.Error) as exc:
-            if not isinstance(exc, psycopg_pool.PoolTimeout | psycopg.OperationalError):
-                log.warning("quota measurement failed", target=target, error=type(exc).__name__)
-            problem = ("DatabaseUnavailable", f"database {target!r} unavailable: {type(exc).__name__}")
-            return {**probes, **{k: Probe(problem=problem, target=target) for k in idents}}
-        for key, ident in idents.items():
-            state = states[ident]
-            if key in owned:
-                probes[key] = Probe(
-                    state=state, storage=measured[ident].storage, connections=measured[ident].connections,
-                    reported=reported.get(str(state.tenant_id), {}), target=target, ident=ident,
-                    load=views.get(key) if load else self.load_views.get(key),
-                )
-            elif state.tenant_id and (state.row_namespace, state.row_name) != key:
-                probes[key] = Probe(problem=(
-                    "TenantNotReady",
-                    f"schema {ident} belongs to tenant {state.row_namespace}/{state.row_name}; limits not applied",
-                ), target=target, ident=ident)
-            else:
-                problem = ("TenantNotReady", f"tenant has no provisioned schema and role {ident} yet")
-                probes[key] = Probe(problem=problem, target=target, ident=ident)
-        return probes
-
-    def _policy(self, subject: Subject) -> tuple[NoisyNeighborPolicy, Policy]:
-        """The NoisyNeighbor policy of the Quota in force (defaults without one), parsed once per
-        Quota generation."""
-        quota = subject.quotas[0] if subject.quotas else None
-        version = _quota_version(quota) if quota is not None else ("", 0)
-        cached = self._policies.get(version)
-        if cached is None:
-            spec = NoisyNeighborPolicy()
-            if quota is not None:
-                with contextlib.suppress(ValidationError):
-                    spec = QuotaSpec.model_validate(quota.get("spec") or {}).noisy_neighbor
-            cached = (spec, Policy(multiple=spec.multiple, window=parse_duration(spec.window).total_seconds(),
-                                   min_load=parse_duration(spec.min_load).total_seconds()))
-            if len(self._policies) > 4 * max(len(self._tenants), 256):
-                self._policies.clear()
-            self._policies[version] = cached
-        return cached
-
-    async def _capabilities_of(self, conn: Conn, target: str) -> dbload.LoadCapabilities:
-        cached = self._capabilities.get(target)
-        if cached is None or self._passes - cached[0] >= CAPABILITIES_EVERY:
-            caps = await dbload.capabilities(conn)
-            if cached is None or cached[1] != caps:
-                log.info("tenant load statistics", target=target, pg_stat_statements=caps.statements,
-                         pg_read_all_stats=caps.read_all_stats)
-            self._capabilities[target] = (self._passes, caps)
-            metrics.TENANT_LOAD_STATEMENTS.labels(target=target).set(1 if caps.statements else 0)
-            return caps
-        return cached[1]
-
-    async def _measure_load(
-        self, conn: Conn, target: str, subjects: Sequence[Subject], idents: Mapping[Key, str],
-        measured: Mapping[str, dbq.Measured],
-    ) -> dict[Key, LoadView]:
-        """Read the load of every tenant of the target (one statement), add it to their histories
-        and judge them against each other."""
-        caps = await self._capabilities_of(conn, target)
-        try:
-            loads = await dbload.read(conn, caps, sorted(set(idents.values())))
-        except dbload.STATEMENTS_UNAVAILABLE as exc:
-            if not caps.statements:
-                raise
-            log.warning("pg_stat_statements unreadable; sampling sessions", target=target, error=type(exc).__name__)
-            caps = replace(caps, statements=False)
-            self._capabilities[target] = (self._passes, caps)
-            metrics.TENANT_LOAD_STATEMENTS.labels(target=target).set(0)
-            loads = await dbload.read(conn, caps, sorted(set(idents.values())))
-        at = time.monotonic()
-        source = "pg_stat_statements" if caps.statements else "pg_stat_activity"
-        per_tenant = self.ctx.settings.quota_per_tenant_metrics
-        by_key = {s.key: s for s in subjects}
-        policies: dict[Key, Policy] = {}
-        windows: dict[Key, str] = {}
-        for key, ident in idents.items():
-            role = loads.get(ident, dbload.RoleLoad())
-            history = self.histories.get(key, source)
-            before = history.samples[-1] if history.samples else None
-            storage = measured[ident].storage if ident in measured else 0
-            if caps.statements:
-                history.add_counters(at, role.exec_seconds, role.calls, role.rows, role.shared_blocks,
-                                     role.temp_blocks, storage)
-            else:
-                history.add_sessions(at, role.active, storage)
-            spec, policies[key] = self._policy(by_key[key])
-            windows[key] = spec.window
-            if per_tenant:
-                self._count_load(key, before, history.samples[-1], role)
-        noisy_now = [k for k in idents if (m := self.memory.get(k)) is not None and m.noisy]
-        verdicts = assess({k: self.histories.by_key[k] for k in idents}, policies, noisy_now)
-        views: dict[Key, LoadView] = {}
-        for key, ident in idents.items():
-            role = loads.get(ident, dbload.RoleLoad())
-            views[key] = LoadView(verdicts.get(key), source, caps.detail(), windows[key], role.active, role.waiting,
-                                  role.wait_events)
-        self.load_views.update(views)
-        return views
-
-    def _count_load(self, key: Key, before: Any, after: Any, role: dbload.RoleLoad) -> None:
-        labels = {"namespace": key[0], "tenant": key[1]}
-        if before is not None:
-            for counter, amount in (
-                (metrics.TENANT_RESOURCE_USAGE, after.load - before.load),
-                (metrics.TENANT_RESOURCE_CALLS, after.calls - before.calls),
-                (metrics.TENANT_RESOURCE_ROWS, after.rows - before.rows),
-                (metrics.TENANT_RESOURCE_SHARED_BLOCKS, after.shared_blocks - before.shared_blocks),
-                (metrics.TENANT_RESOURCE_TEMP_BLOCKS, after.temp_blocks - before.temp_blocks),
-            ):
-                counter.labels(**labels).inc(max(float(amount), 0.0))
-        else:
-            for counter in LOAD_COUNTERS:
-                counter.labels(**labels)  # the series exist from the first pass, at 0
-        metrics.TENANT_SESSIONS_ACTIVE.labels(**labels).set(role.active)
-        metrics.TENANT_SESSIONS_WAITING.labels(**labels).set(role.waiting)
-        self.series.setdefault(key, set()).add("load")
-
     # --- evaluating and applying --------------------------------------------------------------------
-
-    async def _probe_one(self, target: str, subject: Subject) -> Probe:
-        """Measure one tenant together with the others whose evaluations start meanwhile: a burst
-        of new tenants becomes one probe query per few dozen tenants instead of one each (its
-        planning and catalog scans cost about the same for 1 tenant as for 30)."""
-        loop = asyncio.get_running_loop()
-        batch = self._probe_batches.get(target)
-        if batch is None:
-            batch = self._probe_batches[target] = []
-            loop.call_later(PROBE_GATHER_SECONDS, self._probe_batch, target)
-        future: asyncio.Future[Probe] = loop.create_future()
-        batch.append((subject, future))
-        return await future
-
-    def _probe_batch(self, target: str) -> None:
-        batch = self._probe_batches.pop(target, [])
-
-        async def run() -> None:
-            try:
-                probes = await self.probe_target(target, [s for s, _ in batch])
-            except Exception as exc:  # every waiter's evaluation fails with it (and is retried)
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                return
-            for s, future in batch:
-                if not future.done():
-                    future.set_result(probes[s.key])
-
-        task = asyncio.get_running_loop().create_task(run(), name=f"quota-probe-{target}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def reconcile_tenant(
         self, namespace: str, name: str, *, trigger: str, wanted: Callable[[], bool] | None = None,
@@ -594,7 +391,7 @@ class QuotaService:
             probe = None
             if tenant is not None and not tenant["metadata"].get("deletionTimestamp"):
                 target = serving_database(tenant)
-                probe = await self._probe_one(target, subject)
+                probe = await self.probes.probe_one(target, subject)
             plan = await self.apply(subject, probe, trigger=trigger)
             self.epochs[key] += 1
         if probe is not None and probe.problem and probe.problem[0] == "DatabaseUnavailable":
@@ -628,7 +425,7 @@ class QuotaService:
             self.expiries.pop(key, None)
         if plan.enforce and subject.tenant is not None and (subject.tenant.get("status") or {}).get("conditions"):
             self.applied[key] = _tenant_state(subject.tenant)
-            self.enforced_quotas[key] = {_quota_version(q) for q in subject.quotas}
+            self.enforced_quotas[key] = {quota_version(q) for q in subject.quotas}
         else:
             # Not enforced, or enforced before the Tenant's first status (which effectiveLimits
             # waits for): its next Ready event evaluates it again.
@@ -721,9 +518,10 @@ class QuotaService:
         if plan is not None and plan.noisy is not None:
             metrics.TENANT_NOISY_NEIGHBOR.labels(**labels).set(1 if plan.noisy else 0)
             wanted.add("noisy")
-        if plan is not None and "load" in self.series.get(key, set()):
+        held = self.series.get(key, set()) | ({"load"} if key in self.probes.load_series else set())
+        if plan is not None and "load" in held:
             wanted.add("load")
-        for series in self.series.get(key, set()) - wanted:
+        for series in held - wanted:
             if series in ("share", "noisy", "load"):
                 gauges = {"share": (metrics.TENANT_LOAD_SHARE,), "noisy": (metrics.TENANT_NOISY_NEIGHBOR,)}.get(
                     series, LOAD_SERIES)
@@ -774,9 +572,8 @@ class QuotaService:
         self.enforced_quotas.pop(key, None)
         self._deferred.discard(key)
         self.epochs.pop(key, None)
-        self.histories.forget(key)
-        self.load_views.pop(key, None)
         self._update_series(key, None)
+        self.probes.forget(key)
 
     # --- the periodic pass --------------------------------------------------------------------------
 
@@ -849,7 +646,7 @@ class QuotaService:
         probes: dict[Key, Probe] = {}
         for target, items in by_target.items():
             with metrics.QUOTA_MEASURE_DURATION.labels(target=target).time():
-                probes.update(await self.probe_target(target, items, load=True))
+                probes.update(await self.probes.probe_target(target, items, load=True))
 
         sem = asyncio.Semaphore(self.ctx.settings.reconcile_concurrency)
 
@@ -871,43 +668,13 @@ class QuotaService:
         for start in range(0, len(due), PASS_SLICE):
             await asyncio.gather(*(one(s) for s in due[start:start + PASS_SLICE]))
             await asyncio.sleep(0)
-        for key in (set(self.memory) | set(self.series) | set(self.expiries)) - set(subjects):
+        for key in (set(self.memory) | set(self.series) | set(self.expiries) | self.probes.load_series) - set(subjects):
             self.forget(key)  # neither a Tenant nor a Quota names it any more
         self._update_aggregates()
         metrics.QUOTA_PASS_DURATION.observe(time.monotonic() - started)
         return len(subjects)
 
     # --- handler entry points -------------------------------------------------------------------------
-
-    async def handle_quota(self, body: Mapping[str, Any], retry: int = 0, *, created: bool = False) -> None:
-        """A new or changed Quota: evaluate its tenant now (edits take effect at once).
-        A new Quota of a Tenant still being provisioned for the first time waits for the Tenant's
-        Ready (or Stalled) status instead of reporting TenantNotReady for a few seconds: one status
-        write instead of two. The periodic pass reports TenantNotReady if provisioning takes longer."""
-        ref = _tenant_ref(body)
-        if ref is None:
-            return
-        namespace = body["metadata"]["namespace"]
-        pending = f"{namespace}/{body['metadata']['name']}"
-        key, version = (namespace, ref), _quota_version(body)
-
-        def wanted() -> bool:
-            return not self._quota_enforced(key, version)
-
-        metrics.PENDING.add(KIND, pending)
-        try:
-            with metrics.observe_reconcile(KIND):
-                await self.reconcile_tenant(namespace, ref, trigger="quota-changed", wanted=wanted,
-                                            defer_first_provisioning=created)
-        except Retry as exc:
-            metrics.record_result(KIND, False, exc.reason)
-            raise
-        except Exception:
-            metrics.record_result(KIND, False, "Internal")
-            raise
-        metrics.record_result(KIND, True)
-        metrics.PENDING.discard(KIND, pending)
-        self._update_aggregates()
 
     def _quota_enforced(self, key: Key, version: tuple[str, int]) -> bool:
         """This version of a Quota is enforced on the tenant as the cache shows it (a tenant-changed
@@ -935,33 +702,16 @@ class QuotaService:
         if ref is None:
             return
         key = (body["metadata"]["namespace"], ref)
-        if self._quota_enforced(key, _quota_version(body)):
+        if self._quota_enforced(key, quota_version(body)):
             return
         if key not in self._tenants and not self.ctx.ownership.owns(body):
             return  # sharded: the Tenant's owner evaluates it (its events), or it is unseen yet
-        task = asyncio.get_running_loop().create_task(
-            self._handle_quota_with_retries(dict(body), created=type_ == "ADDED"),
-            name=f"quota-changed-{key[0]}-{body['metadata']['name']}",
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _handle_quota_with_retries(self, body: dict[str, Any], *, created: bool) -> None:
-        for attempt in range(8):
-            try:
-                await self.handle_quota(body, attempt, created=created)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # reported in status and metrics; the periodic pass catches up
-                log.warning("quota evaluation failed", namespace=body["metadata"]["namespace"],
-                            quota=body["metadata"]["name"], trigger="quota-changed", error=type(exc).__name__,
-                            attempt=attempt + 1)
-                await asyncio.sleep(min(30.0, 2.0 ** attempt) * random.uniform(0.8, 1.2))  # noqa: S311
+        meta = body["metadata"]
+        self.work.submit(key, Trigger("quota-changed", quota=f"{meta['namespace']}/{meta['name']}",
+                                      version=quota_version(body), created=type_ == "ADDED"))
 
     async def quota_deleted(self, body: Mapping[str, Any]) -> None:
         """A deleted Quota returns its tenant to tier defaults (or lets a conflicting one apply)."""
-        metrics.PENDING.discard(KIND, f"{body['metadata']['namespace']}/{body['metadata']['name']}")
         ref = _tenant_ref(body)
         if ref is not None and ((body["metadata"]["namespace"], ref) in self._tenants or self.ctx.ownership.owns(body)):
             self.spawn(body["metadata"]["namespace"], ref, "quota-deleted")
@@ -1016,49 +766,44 @@ class QuotaService:
         return body is not None and _is_ready(body) and self.applied.get(key) != _tenant_state(body)
 
     def spawn(self, namespace: str, name: str, trigger: str) -> None:
-        """Evaluate a tenant in the background, so a Kopf event handler never waits on it. Events
-        arriving while one evaluation runs fold into one more evaluation after it. A
-        ``tenant-changed`` evaluation is skipped when, by the time it holds the tenant's lock, the
-        cached Tenant is enforced as it is (another evaluation did it: a Quota handler, or the
-        one before a rerun, whose own Tenant status write caused the event)."""
-        key = (namespace, name)
-        if key in self._inflight:
-            self._rerun.setdefault(key, set()).add(trigger)
-            return
-        self._inflight.add(key)
+        """Evaluate a tenant in the background, so a Kopf event handler never waits on it."""
+        self.work.submit((namespace, name), Trigger(trigger))
 
-        async def run() -> None:
-            triggers = {trigger}
+    async def _evaluate(self, key: Key, triggers: Sequence[Trigger]) -> None:
+        """One background evaluation of a tenant, for every trigger that came since the last.
+
+        Triggers that only say "this may have changed" are asked again once the tenant's lock is
+        held: a ``tenant-changed`` evaluation is skipped when the cached Tenant is enforced as it
+        is, a ``quota-changed`` one when each Quota version it names is (another evaluation did
+        it: a Quota event's, or the one before this, whose own status writes caused the event).
+        A new Quota of a Tenant in its first provisioning waits for the Tenant's Ready (or
+        Stalled) status instead of reporting TenantNotReady for a few seconds: one status write
+        instead of two; the periodic pass reports TenantNotReady if provisioning takes longer."""
+        causes = {t.cause for t in triggers}
+        quota_events = [t for t in triggers if t.quota is not None]
+        wanted: Callable[[], bool] | None = None
+        if causes == {"tenant-changed"}:
+            wanted = lambda: self._tenant_changed(key, self._tenants.get(key))  # noqa: E731
+        elif causes == {"quota-changed"}:
+            wanted = lambda: any(t.version is None or not self._quota_enforced(key, t.version)  # noqa: E731
+                                 for t in quota_events)
+        evaluate = self.reconcile_tenant(
+            key[0], key[1], trigger=",".join(sorted(causes)), wanted=wanted,
+            defer_first_provisioning=causes == {"quota-changed"} and all(t.created for t in quota_events),
+        )
+        if not quota_events:
+            await evaluate
+        else:  # a Quota's own reconcile, as reconcile_total and the failure reasons count it
             try:
-                while True:
-                    only_changed = triggers == {"tenant-changed"}
-                    await self._evaluate_with_retries(
-                        namespace, name, ",".join(sorted(triggers)),
-                        wanted=(lambda: self._tenant_changed(key, self._tenants.get(key))) if only_changed else None,
-                    )
-                    triggers = self._rerun.pop(key, set())
-                    if not triggers:
-                        return
-            finally:
-                self._inflight.discard(key)
-
-        task = asyncio.get_running_loop().create_task(run(), name=f"quota-{namespace}-{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _evaluate_with_retries(
-        self, namespace: str, name: str, trigger: str, wanted: Callable[[], bool] | None = None
-    ) -> None:
-        for attempt in range(6):
-            try:
-                await self.reconcile_tenant(namespace, name, trigger=trigger, wanted=wanted)
-                if "tenant-deleted" in trigger.split(",") and not await self._tenant_quotas(namespace, name):
-                    self.forget((namespace, name))
-                self._update_aggregates()
-                return
-            except asyncio.CancelledError:
+                with metrics.observe_reconcile(KIND):
+                    await evaluate
+            except Retry as exc:
+                metrics.record_result(KIND, False, exc.reason)
                 raise
-            except Exception as exc:  # the periodic pass catches up if this keeps failing
-                log.warning("quota evaluation failed", namespace=namespace, tenant=name, trigger=trigger,
-                            error=type(exc).__name__, attempt=attempt + 1)
-                await asyncio.sleep(min(30.0, 2.0 ** attempt) * random.uniform(0.8, 1.2))  # noqa: S311
+            except Exception:
+                metrics.record_result(KIND, False, "Internal")
+                raise
+            metrics.record_result(KIND, True)
+        if "tenant-deleted" in causes and not await self._tenant_quotas(*key):
+            self.forget(key)
+        self._update_aggregates()

@@ -599,3 +599,6 @@ def metric_amount(limit: str, value: str) -> float:
     return amount / 1000 if limit == "statementTimeout" else float(amount)
 
 
+def quota_version(quota: Mapping[str, Any]) -> tuple[str, int]:
+    """What a Quota's evaluation depends on: (uid, generation); status and metadata edits do not count."""
+    return (str(quota["metadata"].get("uid") or ""), int(quota["metadata"].get("generation") or 0))
