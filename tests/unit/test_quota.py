@@ -519,7 +519,7 @@ class CountingService(QuotaService):
                               lock=lambda kind, namespace, name: locks.hold((kind, namespace, name)))
         super().__init__(ctx)  # type: ignore[arg-type]
         self.initial_pass_done = True
-        self._seen_listing = {"quotas": True, "tenants": True}  # as after Kopf's initial listing
+        self.quotas.listed = self.tenants.listed = True  # as after Kopf's initial listing
         self.evaluations: list[str] = []
         self.probes.probe_target = self.measure  # type: ignore[method-assign]
 
@@ -553,9 +553,9 @@ def test_the_cache_never_goes_back_to_an_older_version() -> None:
     older = quota_body()
     older["status"] = {"stale": True}
     cached(svc, "quotas", older, 9)  # e.g. the watch event of a write older than our own patch's answer
-    assert "status" not in svc._quotas[NS]["acme-corp"]
+    assert "status" not in svc.quotas.get((NS, "acme-corp"))
     cached(svc, "quotas", older, 11)
-    assert svc._quotas[NS]["acme-corp"]["status"] == {"stale": True}
+    assert svc.quotas.get((NS, "acme-corp"))["status"] == {"stale": True}
 
 
 def test_the_cache_keeps_no_managed_fields() -> None:
@@ -563,7 +563,7 @@ def test_the_cache_keeps_no_managed_fields() -> None:
     body = quota_body()
     body["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
     cached(svc, "quotas", body, 1)
-    assert "managedFields" not in svc._quotas[NS]["acme-corp"]["metadata"]
+    assert "managedFields" not in svc.quotas.get((NS, "acme-corp"))["metadata"]
     assert "managedFields" in body["metadata"]  # the event's own body is left as it was
 
 
@@ -578,7 +578,7 @@ async def test_a_tenants_quotas_come_from_the_cache_by_tenant() -> None:
     assert [x["metadata"]["resourceVersion"] for x in await svc._tenant_quotas(NS, "globex")] == ["2"]
     svc.observe("quotas", "DELETED", moved)
     assert await svc._tenant_quotas(NS, "globex") == []
-    assert svc._quota_refs == {}
+    assert len(svc.quotas) == 0
 
 
 async def test_a_quota_handler_for_an_enforced_version_evaluates_nothing() -> None:
@@ -625,8 +625,8 @@ async def test_a_new_quota_of_a_tenant_not_seen_yet_waits_for_it(monkeypatch: py
     reads: list[str] = []
 
     async def get_tenant(namespace: str, name: str) -> dict[str, Any] | None:
-        if (namespace, name) in svc._tenants:
-            return svc._tenants[(namespace, name)]
+        if (namespace, name) in svc.tenants:
+            return svc.tenants.get((namespace, name))
         reads.append(name)  # stands for the GET of a Tenant the cache has not seen
         return None
 

@@ -38,7 +38,7 @@ from tenancy_operator.api.tenant import serving_database
 from tenancy_operator.db import jobs as dbjobs
 from tenancy_operator.db import quota as dbq
 from tenancy_operator.db import tenants as sqlt
-from tenancy_operator.k8s.client import ApiError, older_version
+from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.keyed_work import KeyedWork
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
@@ -65,6 +65,7 @@ from tenancy_operator.reconcilers.quota_policy import (
 )
 from tenancy_operator.reconcilers.quota_probe import QuotaProbes
 from tenancy_operator.runtime_context import OperatorContext
+from tenancy_operator.watch_cache import WatchCache
 
 log = get_logger(__name__)
 
@@ -130,6 +131,12 @@ def _tenant_ref(quota: Mapping[str, Any]) -> str | None:
     return str(ref) if ref else None
 
 
+def _tenant_of(quota: Mapping[str, Any]) -> Key | None:
+    """The tenant key a Quota names (the quota cache's index)."""
+    ref = _tenant_ref(quota)
+    return (quota["metadata"]["namespace"], ref) if ref is not None else None
+
+
 def _tenant_state(tenant: Mapping[str, Any]) -> tuple[str, str]:
     """What a Tenant's limits depend on: (uid, tier)."""
     return (str(tenant["metadata"].get("uid") or ""), str((tenant.get("spec") or {}).get("tier") or "free"))
@@ -192,15 +199,12 @@ class QuotaService:
         """Evaluations in the background, one per tenant at a time (Quota and Tenant events)."""
         self._deferred: set[Key] = set()
         """Tenants whose new Quota waits for the end of their first provisioning (see reconcile_tenant)."""
-        # What the watch streams last showed, like an informer cache: a Tenant event must not cost
-        # a LIST of every Quota (O(N^2) API traffic and JSON parsing in a mass creation).
-        self._quotas: dict[str, dict[str, dict[str, Any]]] = {}
-        self._tenants: dict[Key, dict[str, Any]] = {}
-        # The cached Quotas by the tenant they name: one tenant's evaluation must not scan every
-        # Quota of its namespace (that would make a mass creation quadratic).
-        self._quotas_by_tenant: dict[Key, dict[str, dict[str, Any]]] = {}
-        self._quota_refs: dict[Key, str] = {}
-        self._seen_listing = {QUOTAS: False, TENANTS: False}
+        # What the watch streams last showed (watch_cache.py): a Tenant event must not cost a LIST
+        # of every Quota, and with the Quotas indexed by the tenant they name, one tenant's
+        # evaluation does not scan every Quota of its namespace (a mass creation stays linear).
+        self.quotas = WatchCache(_slim, index=_tenant_of)
+        self.tenants = WatchCache(_slim_tenant)
+        self._caches = {QUOTAS: self.quotas, TENANTS: self.tenants}
         self._elsewhere: set[Key] = set()
         """Sharded replicas: Tenants that exist and another replica owns, as of the last LIST (their
         Quotas are that replica's to evaluate; Quotas are watched whole, Tenants by slice)."""
@@ -210,50 +214,7 @@ class QuotaService:
 
     def observe(self, plural: str, type_: str | None, body: Mapping[str, Any]) -> None:
         """Keep the cache of Quotas and Tenants from their watch events (Kopf's initial listing too)."""
-        meta = body["metadata"]
-        namespace, name = meta["namespace"], meta["name"]
-        self._seen_listing[plural] = True
-        if type_ == "DELETED":
-            if plural == QUOTAS:
-                self._quotas.get(namespace, {}).pop(name, None)
-                self._index_quota(namespace, name, None)
-            else:
-                self._tenants.pop((namespace, name), None)
-            return
-        self._store(plural, body)
-
-    def _cached(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
-        if plural == QUOTAS:
-            return self._quotas.get(namespace, {}).get(name)
-        return self._tenants.get((namespace, name))
-
-    def _store(self, plural: str, body: Mapping[str, Any]) -> None:
-        """Cache ``body`` unless the cache already holds a newer version of the object: the answer
-        to our own status patch is cached at once, and its watch event, or an older one still in
-        flight, must not take the cache back (an evaluation from a stale status would write the
-        same status again)."""
-        meta = body["metadata"]
-        namespace, name = meta["namespace"], meta["name"]
-        cached = self._cached(plural, namespace, name)
-        if cached is not None and older_version(meta, cached["metadata"]):
-            return
-        if plural == QUOTAS:
-            stored = self._quotas.setdefault(namespace, {})[name] = _slim(body)
-            self._index_quota(namespace, name, stored)
-        else:
-            self._tenants[(namespace, name)] = _slim_tenant(body)
-
-    def _index_quota(self, namespace: str, name: str, body: dict[str, Any] | None) -> None:
-        old = self._quota_refs.pop((namespace, name), None)
-        if old is not None:
-            by_name = self._quotas_by_tenant.get((namespace, old), {})
-            by_name.pop(name, None)
-            if not by_name:
-                self._quotas_by_tenant.pop((namespace, old), None)
-        ref = _tenant_ref(body) if body is not None else None
-        if body is not None and ref is not None:
-            self._quota_refs[(namespace, name)] = ref
-            self._quotas_by_tenant.setdefault((namespace, ref), {})[name] = body
+        self._caches[plural].observe(type_, body)
 
     @property
     def control(self) -> str:
@@ -336,15 +297,15 @@ class QuotaService:
         return key not in self._elsewhere and any(ownership.owns(q) for q in quotas)
 
     async def _get_tenant(self, namespace: str, name: str) -> dict[str, Any] | None:
-        cached = self._tenants.get((namespace, name))
+        cached = self.tenants.get((namespace, name))
         if cached is not None:
             return cached
         return await self.ctx.kube.get_object(TENANTS, namespace, name)
 
     async def _tenant_quotas(self, namespace: str, tenant: str) -> list[dict[str, Any]]:
         """The Quotas naming ``tenant``: from the watch cache, from a LIST before it filled."""
-        if self._seen_listing[QUOTAS]:
-            return list(self._quotas_by_tenant.get((namespace, tenant), {}).values())
+        if self.quotas.listed:
+            return self.quotas.group((namespace, tenant))
         return [q for q in await self.ctx.kube.list_objects(QUOTAS, namespace) if _tenant_ref(q) == tenant]
 
     # --- reading the databases ---------------------------------------------------------------------
@@ -365,7 +326,7 @@ class QuotaService:
             if wanted is not None and not wanted():
                 log.debug("quota evaluation not needed", namespace=namespace, tenant=name, trigger=trigger)
                 return None
-            if defer_first_provisioning and key not in self._tenants and self._seen_listing[TENANTS]:
+            if defer_first_provisioning and key not in self.tenants and self.tenants.listed:
                 # A new Quota whose Tenant the watch has not shown yet: in a bulk creation, the
                 # Tenant created just before it. The Tenant's own events evaluate it (at its first
                 # Ready); only if it stays unseen is it read (a GET for each would be one per tenant).
@@ -375,7 +336,7 @@ class QuotaService:
             try:
                 tenant = await self._get_tenant(namespace, name)
                 # The watch cache may have seen more than a GET that just returned (a Stalled status).
-                latest = self._tenants.get(key) or tenant
+                latest = self.tenants.get(key) or tenant
                 if (defer_first_provisioning and latest is not None and key not in self.applied
                         and _first_provisioning(latest, _now())):
                     self._deferred.add(key)
@@ -491,8 +452,9 @@ class QuotaService:
                 return  # changed meanwhile: the next evaluation decides again from the newer object
             raise Retry("KubernetesAPI", f"writing {plural} status failed: {exc.status}") from exc
         # The next evaluation compares with what we just wrote, even before its watch event arrives.
-        if self._cached(plural, meta["namespace"], meta["name"]) is not None:
-            self._store(plural, written)
+        cache = self._caches[plural]
+        if (meta["namespace"], meta["name"]) in cache:
+            cache.store(written)
 
     # --- metrics -----------------------------------------------------------------------------------
 
@@ -582,27 +544,16 @@ class QuotaService:
         cache) when ``relist`` or before any watch event came: parsing every object of a large
         fleet at every pass would hold the event loop for long; the periodic LIST still drops what
         a watch re-list may have missed (a deletion while the stream was down)."""
-        if self._seen_listing[plural] and not relist:
-            if plural == QUOTAS:
-                return [q for by_name in self._quotas.values() for q in by_name.values()]
-            return list(self._tenants.values())
+        cache = self._caches[plural]
+        if cache.listed and not relist:
+            return cache.values()
         items = await self.ctx.kube.list_objects(plural)
         if plural == TENANTS and self.ctx.ownership.sharded:
             mine = self.ctx.ownership.mine(items)
             self._elsewhere = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in items} - {
                 (o["metadata"]["namespace"], o["metadata"]["name"]) for o in mine}
             items = mine
-        listed = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in items}
-        if plural == QUOTAS:
-            for namespace, by_name in self._quotas.items():
-                for name in [n for n in by_name if (namespace, n) not in listed]:
-                    del by_name[name]
-                    self._index_quota(namespace, name, None)
-        else:
-            for key in [k for k in self._tenants if k not in listed]:
-                del self._tenants[key]
-        for obj in items:
-            self._store(plural, obj)
+        cache.replace_all(items)
         return items
 
     async def pass_once(self) -> int:
@@ -680,7 +631,7 @@ class QuotaService:
         """This version of a Quota is enforced on the tenant as the cache shows it (a tenant-changed
         evaluation that saw the new Quota, a rerun, or our own status write's event): measuring
         again cannot change anything."""
-        tenant = self._tenants.get(key)
+        tenant = self.tenants.get(key)
         return (
             version in self.enforced_quotas.get(key, ())
             and tenant is not None
@@ -704,7 +655,7 @@ class QuotaService:
         key = (body["metadata"]["namespace"], ref)
         if self._quota_enforced(key, quota_version(body)):
             return
-        if key not in self._tenants and not self.ctx.ownership.owns(body):
+        if key not in self.tenants and not self.ctx.ownership.owns(body):
             return  # sharded: the Tenant's owner evaluates it (its events), or it is unseen yet
         meta = body["metadata"]
         self.work.submit(key, Trigger("quota-changed", quota=f"{meta['namespace']}/{meta['name']}",
@@ -713,7 +664,7 @@ class QuotaService:
     async def quota_deleted(self, body: Mapping[str, Any]) -> None:
         """A deleted Quota returns its tenant to tier defaults (or lets a conflicting one apply)."""
         ref = _tenant_ref(body)
-        if ref is not None and ((body["metadata"]["namespace"], ref) in self._tenants or self.ctx.ownership.owns(body)):
+        if ref is not None and ((body["metadata"]["namespace"], ref) in self.tenants or self.ctx.ownership.owns(body)):
             self.spawn(body["metadata"]["namespace"], ref, "quota-deleted")
 
     def expected_limits(self, tenant: Mapping[str, Any]) -> dict[str, str] | None:
@@ -721,10 +672,10 @@ class QuotaService:
         the Tenant's own first status carries them, so the evaluation right after it has nothing
         to write there (one status PATCH and one watch event fewer per new tenant). None before
         any Quota was seen."""
-        if not self._seen_listing[QUOTAS]:
+        if not self.quotas.listed:
             return None
         meta = tenant["metadata"]
-        quotas = sort_quotas(list(self._quotas_by_tenant.get((meta["namespace"], meta["name"]), {}).values()))
+        quotas = sort_quotas(self.quotas.group((meta["namespace"], meta["name"])))
         spec: QuotaSpec | None = None
         if quotas:
             with contextlib.suppress(ValidationError):
@@ -757,7 +708,7 @@ class QuotaService:
             self.spawn(key[0], key[1], "tenant-settled")
 
     def _still_unseen(self, key: Key) -> None:
-        if key not in self._tenants and key in self._deferred:
+        if key not in self.tenants and key in self._deferred:
             self._deferred.discard(key)
             self.spawn(key[0], key[1], "tenant-unseen")  # reads it: TenantNotFound, or evaluated
 
@@ -783,7 +734,7 @@ class QuotaService:
         quota_events = [t for t in triggers if t.quota is not None]
         wanted: Callable[[], bool] | None = None
         if causes == {"tenant-changed"}:
-            wanted = lambda: self._tenant_changed(key, self._tenants.get(key))  # noqa: E731
+            wanted = lambda: self._tenant_changed(key, self.tenants.get(key))  # noqa: E731
         elif causes == {"quota-changed"}:
             wanted = lambda: any(t.version is None or not self._quota_enforced(key, t.version)  # noqa: E731
                                  for t in quota_events)

@@ -1,0 +1,66 @@
+"""WatchCache: the newer-version guard, slimming, the index, and a LIST replacing what it holds."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from tenancy_operator.watch_cache import WatchCache
+
+
+def obj(name: str, rv: int, group: str | None = None, uid: str = "u1", **extra: Any) -> dict[str, Any]:
+    return {"metadata": {"namespace": "ns", "name": name, "uid": uid, "resourceVersion": str(rv),
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"group": group}, **extra}
+
+
+def slim(body: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(body)
+    out["metadata"] = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
+    return out
+
+
+def group_of(body: Mapping[str, Any]) -> tuple[str, str] | None:
+    group = body["spec"].get("group")
+    return (body["metadata"]["namespace"], group) if group else None
+
+
+def names(bodies: list[dict[str, Any]]) -> list[str]:
+    return sorted(b["metadata"]["name"] for b in bodies)
+
+
+def test_an_older_version_never_replaces_a_newer_one_but_a_new_object_of_the_same_name_does() -> None:
+    cache = WatchCache(slim)
+    assert not cache.listed
+    cache.observe("ADDED", obj("a", 10, status={"phase": "new"}))
+    assert cache.listed
+    cache.observe("MODIFIED", obj("a", 9, status={"phase": "old"}))  # a late event of an older write
+    assert cache.get(("ns", "a"))["status"] == {"phase": "new"}  # type: ignore[index]
+    assert "managedFields" not in cache.get(("ns", "a"))["metadata"]  # type: ignore[index]
+    cache.observe("ADDED", obj("a", 5, uid="u2", status={"phase": "re-created"}))  # another uid: not older
+    assert cache.get(("ns", "a"))["status"] == {"phase": "re-created"}  # type: ignore[index]
+
+
+def test_the_index_follows_edits_and_deletions() -> None:
+    cache = WatchCache(slim, index=group_of)
+    cache.observe(None, obj("q1", 1, "t1"))
+    cache.observe(None, obj("q2", 2, "t1"))
+    cache.observe(None, obj("q3", 3))  # names no group
+    assert names(cache.group(("ns", "t1"))) == ["q1", "q2"]
+    cache.observe("MODIFIED", obj("q2", 4, "t2"))  # moved to another group
+    assert names(cache.group(("ns", "t1"))) == ["q1"]
+    assert names(cache.group(("ns", "t2"))) == ["q2"]
+    cache.observe("DELETED", obj("q1", 5, "t1"))
+    assert cache.group(("ns", "t1")) == [] and ("ns", "q1") not in cache
+    assert len(cache) == 2
+
+
+def test_a_list_drops_what_it_does_not_hold_and_fills_the_cache() -> None:
+    cache = WatchCache(slim, index=group_of)
+    cache.store(obj("gone", 1, "t1"))
+    cache.store(obj("kept", 2, "t1"))
+    cache.replace_all([obj("kept", 3, "t1"), obj("new", 4, "t1")])
+    assert cache.listed
+    assert names(cache.values()) == ["kept", "new"]
+    assert names(cache.group(("ns", "t1"))) == ["kept", "new"]
+    assert cache.get(("ns", "kept"))["metadata"]["resourceVersion"] == "3"  # type: ignore[index]
