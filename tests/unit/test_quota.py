@@ -617,6 +617,27 @@ async def test_tenant_events_during_an_evaluation_rerun_it_only_if_still_needed(
     assert svc.evaluations[-1] == "tenant-changed"
 
 
+async def test_tenant_and_quota_events_during_an_evaluation_fold_into_a_rerun_only_if_still_needed() -> None:
+    svc = CountingService()
+    t = cached(svc, "tenants", tenant_body(), 1)
+    q = cached(svc, "quotas", quota_body(), 2)
+    svc.tenant_event("MODIFIED", t)  # starts an evaluation, which sees the Quota in the cache
+    svc.quota_changed("ADDED", q)  # both come while it runs: one rerun with both triggers,
+    svc.tenant_event("MODIFIED", t)  # which finds the Tenant and this Quota version enforced
+    await settle(svc)
+    assert svc.evaluations == ["tenant-changed"]
+    edited = copy.deepcopy(q)
+    edited["metadata"]["generation"] = 2
+    svc.spawn(NS, "acme-corp", "quota-deleted")  # another Quota of it went: evaluated
+    svc.quota_changed("MODIFIED", cached(svc, "quotas", edited, 3))  # an edit, before that one starts:
+    await settle(svc)  # that evaluation reads the edited Quota, and the rerun finds it enforced
+    assert svc.evaluations == ["tenant-changed", "quota-deleted"]
+    svc.quota_changed("MODIFIED", cached(svc, "quotas", {**edited, "metadata": {**edited["metadata"],
+                                                                            "generation": 3}}, 4))
+    await settle(svc)
+    assert svc.evaluations == ["tenant-changed", "quota-deleted", "quota-changed"]
+
+
 async def test_a_new_quota_of_a_tenant_not_seen_yet_waits_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from tenancy_operator.reconcilers import quota as quota_module
 

@@ -733,11 +733,11 @@ class QuotaService:
         causes = {t.cause for t in triggers}
         quota_events = [t for t in triggers if t.quota is not None]
         wanted: Callable[[], bool] | None = None
-        if causes == {"tenant-changed"}:
-            wanted = lambda: self._tenant_changed(key, self.tenants.get(key))  # noqa: E731
-        elif causes == {"quota-changed"}:
-            wanted = lambda: any(t.version is None or not self._quota_enforced(key, t.version)  # noqa: E731
-                                 for t in quota_events)
+        if causes <= {"tenant-changed", "quota-changed"}:  # each may find nothing left to do
+
+            def wanted() -> bool:
+                return ("tenant-changed" in causes and self._tenant_changed(key, self.tenants.get(key))) or any(
+                    t.version is None or not self._quota_enforced(key, t.version) for t in quota_events)
         evaluate = self.reconcile_tenant(
             key[0], key[1], trigger=",".join(sorted(causes)), wanted=wanted,
             defer_first_provisioning=causes == {"quota-changed"} and all(t.created for t in quota_events),
