@@ -148,6 +148,32 @@ def test_flag_is_written_to_every_target_and_flagd_configmap(
     assert cluster.get(PLURAL, namespace, "new-dashboard")["status"]["unknownTenants"] == []
 
 
+def test_a_write_held_up_by_a_lock_reports_database_busy_and_lands_once_the_lock_goes(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """Another session holds the flags table of one target past the operator's lock_timeout: the
+    flag says DatabaseBusy (the server answers; something holds it up), not DatabaseUnavailable,
+    keeps what it wrote elsewhere, and is written there once the lock is released."""
+    with psycopg.connect(stack.admin_dsn("second"), autocommit=True) as holder:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE tenancy.feature_flags IN ACCESS EXCLUSIVE MODE")
+
+        def busy() -> dict[str, Any]:
+            ready = cluster.condition(PLURAL, namespace, "held-up", "Ready")
+            return ready if ready.get("reason") == "DatabaseBusy" else {}
+
+        cluster.create(PLURAL, namespace, featureflag("held-up"))
+        ready = eventually(busy, timeout=90, what="Ready=False DatabaseBusy while the lock is held")
+        assert ready["status"] == "False"
+        assert "database 'second' busy" in ready["message"], ready
+        assert ready["message"].endswith("written to default"), ready
+        assert stored(stack, namespace, "held-up", "default")[1] == 1
+        holder.execute("ROLLBACK")
+    written(stack, namespace, "held-up", 1)
+    eventually(lambda: cluster.condition(PLURAL, namespace, "held-up", "Ready")["status"] == "True", timeout=60,
+               what="Ready once the lock is gone")
+
+
 # --- precedence, kill switch, stickiness through the CLI -----------------------------------------
 
 def test_precedence_and_kill_switch_through_the_cli(

@@ -93,6 +93,7 @@ BUILD_INFO = Info("tenancy_operator_build", "Build information.")
 # Bounded reasons for reconcile_failures_total.
 REASONS = (
     "DatabaseUnavailable",
+    "DatabaseBusy",
     "UnknownDatabase",
     "Conflict",
     "InvalidSpec",

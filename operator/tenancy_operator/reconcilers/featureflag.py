@@ -30,8 +30,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-import psycopg_pool
 from pydantic import ValidationError
 
 from tenancy_operator import GROUP, VERSION
@@ -57,7 +55,7 @@ from tenancy_operator.k8s.managed_fields import last_change, parse_time
 from tenancy_operator.observability import metrics, prometheus
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.observability.prometheus import GateReading
-from tenancy_operator.reconcilers.errors import Retry, Verdict
+from tenancy_operator.reconcilers.errors import DATABASE_ERRORS, Retry, Verdict, database_retry
 from tenancy_operator.reconcilers.records import LatestRecords
 from tenancy_operator.runtime_context import OperatorContext
 
@@ -206,7 +204,7 @@ class FeatureFlagReconciler:
         changed_by, changed_at = last_spec_change(meta)
 
         results: dict[str, dbf.WriteResult] = {}
-        unavailable: list[str] = []
+        unavailable: dict[str, Retry] = {}
         for target in sorted(self.ctx.targets.pools):
             try:
                 await self.ctx.ensure_control_schema(target)
@@ -219,8 +217,8 @@ class FeatureFlagReconciler:
                     res = await dbf.replace(conn, self.control, **kwargs)
                     if res.conflict is not None and not await self._flag_exists(namespace, res.conflict):
                         res = await dbf.replace(conn, self.control, take_over=True, **kwargs)
-            except (psycopg_pool.PoolTimeout, psycopg.OperationalError):
-                unavailable.append(target)
+            except DATABASE_ERRORS as exc:
+                unavailable[target] = database_retry(exc, f"database {target!r}")
                 continue
             results[target] = res
 
@@ -247,8 +245,10 @@ class FeatureFlagReconciler:
         out.source = await self.publish_source(namespace, changed=changed)
 
         if unavailable:
-            out.ready, out.retry, out.reason = False, True, "DatabaseUnavailable"
-            out.message = (f"database target(s) {', '.join(unavailable)} unavailable; written to "
+            reasons = {r.reason for r in unavailable.values()}
+            out.ready, out.retry = False, True
+            out.reason = "DatabaseBusy" if reasons == {"DatabaseBusy"} else "DatabaseUnavailable"
+            out.message = (f"{'; '.join(r.message for r in unavailable.values())}; written to "
                            f"{', '.join(sorted(results)) or 'none'}")
         else:
             out.message = (f"flag {flag.key!r} written to database target(s) {', '.join(sorted(results))} "
@@ -500,7 +500,7 @@ class FeatureFlagReconciler:
                 await self.ctx.ensure_control_schema(target)
                 async with self.ctx.targets.connection(target) as conn:
                     stored = await dbf.load(conn, self.control, namespace, key)
-            except (psycopg_pool.PoolTimeout, psycopg.OperationalError):
+            except DATABASE_ERRORS:
                 continue
             return stored.name if stored is not None else None
         return None
@@ -518,7 +518,7 @@ class FeatureFlagReconciler:
         except ValidationError:
             key = name
         removed = False
-        unavailable: list[str] = []
+        unavailable: list[Retry] = []
         for target in sorted(self.ctx.targets.pools):
             try:
                 await self.ctx.ensure_control_schema(target)
@@ -529,10 +529,12 @@ class FeatureFlagReconciler:
                         changed_at=parse_time(meta.get("deletionTimestamp")), same_uid=same_uid,
                     )
                     removed = removed or res.operation is not None
-            except (psycopg_pool.PoolTimeout, psycopg.OperationalError):
-                unavailable.append(target)
+            except DATABASE_ERRORS as exc:
+                unavailable.append(database_retry(exc, f"database {target!r}"))
         if unavailable:
-            raise Retry("DatabaseUnavailable", f"database target(s) {', '.join(unavailable)} unavailable")
+            reasons = {r.reason for r in unavailable}
+            raise Retry("DatabaseBusy" if reasons == {"DatabaseBusy"} else "DatabaseUnavailable",
+                        "; ".join(r.message for r in unavailable))
         try:
             current = await self.ctx.kube.get_configmap(namespace, configmap_name(name))
             if current is not None and (current["metadata"].get("labels") or {}).get(FLAG_LABEL) == name \

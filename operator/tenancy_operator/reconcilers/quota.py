@@ -25,7 +25,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-import psycopg_pool
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
@@ -42,7 +41,7 @@ from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.keyed_work import KeyedWork
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
-from tenancy_operator.reconcilers.errors import Retry
+from tenancy_operator.reconcilers.errors import DATABASE_ERRORS, Retry, database_retry
 from tenancy_operator.reconcilers.lifecycle import is_transient
 from tenancy_operator.reconcilers.quota_policy import (
     EXCEEDED,
@@ -355,7 +354,7 @@ class QuotaService:
                 probe = await self.probes.probe_one(target, subject)
             plan = await self.apply(subject, probe, trigger=trigger)
             self.epochs[key] += 1
-        if probe is not None and probe.problem and probe.problem[0] == "DatabaseUnavailable":
+        if probe is not None and probe.problem and probe.problem[0] in ("DatabaseUnavailable", "DatabaseBusy"):
             raise Retry(*probe.problem)
         return plan
 
@@ -434,8 +433,8 @@ class QuotaService:
                                                     requested_by=OPERATOR)
         except psycopg.errors.UndefinedObject:
             log.info("role vanished while applying limits", role=role)  # dropped meanwhile: nothing to limit
-        except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
-            raise Retry("DatabaseUnavailable", f"database {plan.target!r} unavailable: {type(exc).__name__}") from exc
+        except DATABASE_ERRORS as exc:
+            raise database_retry(exc, f"database {plan.target!r}") from exc
 
     async def _patch_status(self, plural: str, body: Mapping[str, Any], patch: dict[str, Any],
                             resource_version: str | None = None) -> None:

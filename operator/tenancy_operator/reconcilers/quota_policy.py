@@ -42,7 +42,7 @@ LEVEL_NAMES = {NEAR: "near", EXCEEDED: "exceeded"}
 STALE_MEASUREMENTS = 30
 """lastMeasuredAt is refreshed with any other status change, and at least every 30 intervals, so an
 idle tenant's Quota is not rewritten every interval just to move a timestamp."""
-TRANSIENT_REASONS = ("TenantNotReady", "DatabaseUnavailable")
+TRANSIENT_REASONS = ("TenantNotReady", "DatabaseUnavailable", "DatabaseBusy")
 """Ready=False reasons that resolve by themselves (a tenant being provisioned): no Warning Event."""
 EXPIRY_GRACE = timedelta(milliseconds=50)
 """Wake a little after an override's expiry so the evaluation sees it expired."""

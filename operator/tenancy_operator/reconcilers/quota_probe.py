@@ -30,6 +30,7 @@ from tenancy_operator.db.quota import RoleQuotaState
 from tenancy_operator.db.targets import Conn
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
+from tenancy_operator.reconcilers.errors import DATABASE_ERRORS, database_retry
 from tenancy_operator.reconcilers.noisy import Histories, Policy, assess
 from tenancy_operator.reconcilers.quota_policy import LOAD_COUNTERS, Key, LoadView, Probe, Subject, quota_version
 from tenancy_operator.runtime_context import OperatorContext
@@ -124,9 +125,10 @@ class QuotaProbes:
                             raise
                         log.warning("tenant load measurement failed", target=target, error=type(exc).__name__)
         except (psycopg_pool.PoolTimeout, psycopg.Error) as exc:
-            if not isinstance(exc, psycopg_pool.PoolTimeout | psycopg.OperationalError):
+            if not isinstance(exc, DATABASE_ERRORS):
                 log.warning("quota measurement failed", target=target, error=type(exc).__name__)
-            problem = ("DatabaseUnavailable", f"database {target!r} unavailable: {type(exc).__name__}")
+            retry = database_retry(exc, f"database {target!r}")
+            problem = (retry.reason, retry.message)
             return {**probes, **{k: Probe(problem=problem, target=target) for k in idents}}
         for key, ident in idents.items():
             state = states[ident]

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import psycopg
-import psycopg_pool
 from psycopg import sql
 from pydantic import ValidationError
 
@@ -34,7 +33,7 @@ from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.targets import Conn
 from tenancy_operator.k8s.managed_fields import last_change
 from tenancy_operator.observability import metrics
-from tenancy_operator.reconcilers.errors import Retry
+from tenancy_operator.reconcilers.errors import DATABASE_ERRORS, Retry, database_retry
 from tenancy_operator.reconcilers.lifecycle import JobFailed, using
 from tenancy_operator.reconcilers.tenant_base import (
     KubeReads,
@@ -92,8 +91,8 @@ class TenantReconciler(MoveSteps):
                 not_moved = await self._move(body, spec, ident, *elsewhere)
                 if not_moved is not None:
                     return not_moved
-        except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
-            raise Retry("DatabaseUnavailable", f"a database of the move is unavailable: {type(exc).__name__}") from exc
+        except DATABASE_ERRORS as exc:
+            raise database_retry(exc, "a database of the move") from exc
         # Kubernetes reads first, so that the pooled connection below is not held while they wait
         # on the API server (with a busy API server, held connections would limit the throughput).
         reads = await self._read_kubernetes(body, spec)
@@ -118,8 +117,8 @@ class TenantReconciler(MoveSteps):
                     "verified; "
                     f"the copy on {record['source']!r} is dropped after {record['sourceDroppedAfter']}")))
             return out
-        except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
-            raise Retry("DatabaseUnavailable", f"database {spec.database!r} unavailable: {type(exc).__name__}") from exc
+        except DATABASE_ERRORS as exc:
+            raise database_retry(exc, f"database {spec.database!r}") from exc
         except sqlt.TenantBusy as exc:
             raise Retry("Conflict", f"another session holds tenant {ident}'s lock on {spec.database!r} "
                                     "(a replica handing its slices over); retrying") from exc

@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import psycopg
-import psycopg_pool
 
 from tenancy_operator import archive
 from tenancy_operator.api.common import parse_duration
@@ -23,7 +22,7 @@ from tenancy_operator.db.targets import Conn
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.k8s.managed_fields import last_change
 from tenancy_operator.reconcilers import archive_catalog as catalog
-from tenancy_operator.reconcilers.errors import Retry
+from tenancy_operator.reconcilers.errors import DATABASE_ERRORS, Retry, database_retry
 from tenancy_operator.reconcilers.lifecycle import JobFailed, JobGate, using
 from tenancy_operator.reconcilers.tenant_base import (
     ArchiveBlocked,
@@ -266,8 +265,8 @@ class LifecycleSteps(TenantSteps):
                         await sqlt.mark_deleted(conn, self.control, row.id, "deleted")
                         events.append(("Normal", "Retained",
                                        f"schema {ident} kept, login disabled; re-apply the Tenant to restore"))
-        except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
-            raise Retry("DatabaseUnavailable", f"database {spec.database!r} unavailable: {type(exc).__name__}") from exc
+        except DATABASE_ERRORS as exc:
+            raise database_retry(exc, f"database {spec.database!r}") from exc
         except sqlt.TenantBusy as exc:
             raise Retry("Conflict", f"another session holds tenant {ident}'s lock; retrying") from exc
         await self._delete_own_secret(meta, secret_uid)
@@ -285,9 +284,8 @@ class LifecycleSteps(TenantSteps):
                 await self.ctx.ensure_control_schema(target)
                 async with self.ctx.targets.connection(target) as conn:
                     row = await sqlt.find_live_row(conn, self.control, ident)
-            except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
-                raise Retry("DatabaseUnavailable",
-                            f"database {target!r} unavailable: {type(exc).__name__}") from exc
+            except DATABASE_ERRORS as exc:
+                raise database_retry(exc, f"database {target!r}") from exc
             if row is not None and row.k8s_uid == uid:
                 return target
         return spec.database

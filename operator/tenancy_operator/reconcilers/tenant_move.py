@@ -27,7 +27,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import psycopg
-import psycopg_pool
 
 from tenancy_operator import archive
 from tenancy_operator.api.common import parse_duration
@@ -41,6 +40,7 @@ from tenancy_operator.db.fingerprints import differences, fingerprints
 from tenancy_operator.db.targets import Conn
 from tenancy_operator.k8s.managed_fields import last_change
 from tenancy_operator.observability.logging import get_logger
+from tenancy_operator.reconcilers.errors import DATABASE_ERRORS
 from tenancy_operator.reconcilers.lifecycle import JobFailed, JobGate, using
 from tenancy_operator.reconcilers.tenant_base import (
     ArchiveBlocked,
@@ -88,7 +88,7 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
                 await self.ctx.ensure_control_schema(target)
                 async with self.ctx.targets.connection(target) as conn:
                     row = await sqlt.find_live_row(conn, self.control, ident)
-            except (psycopg_pool.PoolTimeout, psycopg.OperationalError):
+            except DATABASE_ERRORS:
                 unknown = True  # that target is down: look again next time
                 continue
             if row is not None and row.k8s_uid == uid and row.provisioned_at is not None \

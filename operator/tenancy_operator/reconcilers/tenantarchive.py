@@ -11,13 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
-import psycopg_pool
-
 from tenancy_operator.api.tenantarchive import TenantArchiveSpec, TenantArchiveStatus
 from tenancy_operator.db import archives as archive_sql
 from tenancy_operator.reconcilers import archive_catalog as catalog
-from tenancy_operator.reconcilers.errors import Retry, Verdict
+from tenancy_operator.reconcilers.errors import DATABASE_ERRORS, Verdict, database_retry
 from tenancy_operator.reconcilers.lifecycle import JobFailed
 from tenancy_operator.runtime_context import OperatorContext
 
@@ -45,8 +42,8 @@ class TenantArchiveReconciler:
         meta = body["metadata"]
         try:
             return await catalog.find_row(self.ctx, str(meta["namespace"]), str(meta["name"]))
-        except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
-            raise Retry("DatabaseUnavailable", f"archive catalog unavailable: {type(exc).__name__}") from exc
+        except DATABASE_ERRORS as exc:
+            raise database_retry(exc, "archive catalog") from exc
 
     async def reconcile(self, body: Mapping[str, Any]) -> Outcome:
         row = await self._row(body)
@@ -83,7 +80,7 @@ class TenantArchiveReconciler:
             message = f"purge failed, retrying: {exc.error}"
             return Outcome(False, "PurgeFailed", message, status=status, done=False,
                            events=[("Warning", "PurgeFailed", message)])
-        except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
-            raise Retry("DatabaseUnavailable", f"archive catalog unavailable: {type(exc).__name__}") from exc
+        except DATABASE_ERRORS as exc:
+            raise database_retry(exc, "archive catalog") from exc
         return Outcome(True, "Purged", f"archive {row.id} purged from {row.path.rsplit('/', 1)[0]}/",
                        events=[("Normal", "Purged", f"archive {row.id} removed from its store")])
