@@ -493,7 +493,7 @@ def test_per_tenant_series_can_be_switched_off(per_tenant: bool) -> None:
     tenant_name = f"metrics-{per_tenant}".lower()
     q = quota_body(limits={"connections": 10})
     plan = run(Subject("m", tenant_name, tenant_body(), [q]), probe(connections=9))
-    svc._update_series(("m", tenant_name), plan)
+    svc.series.update_series(("m", tenant_name), plan)
     labels = {"namespace": "m", "tenant": tenant_name, "resource": "connections"}
     expected = (10.0, 9.0) if per_tenant else (None, None)
     assert (REGISTRY.get_sample_value("tenant_quota_limit", labels),
@@ -501,7 +501,7 @@ def test_per_tenant_series_can_be_switched_off(per_tenant: bool) -> None:
     assert REGISTRY.get_sample_value(
         "tenant_quota_limit", {**labels, "resource": "statementTimeout"}) == (30.0 if per_tenant else None)
     svc.memory[("m", tenant_name)] = plan.memory
-    svc._update_aggregates()  # always on: tenants per resource and state
+    svc.series.update_aggregates()  # always on: tenants per resource and state
     assert REGISTRY.get_sample_value("tenant_quota_tenants", {"resource": "connections", "state": "near"}) >= 1
     svc.forget(("m", tenant_name))  # a deleted tenant leaves no series behind
     assert REGISTRY.get_sample_value("tenant_quota_limit", labels) is None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,7 +30,6 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from tenancy_operator.api.names import OPERATOR
 from tenancy_operator.api.quota import (
-    LIMIT_NAMES,
     QuotaSpec,
 )
 from tenancy_operator.api.tenant import serving_database
@@ -43,12 +42,9 @@ from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import DATABASE_ERRORS, Retry, database_retry
 from tenancy_operator.reconcilers.lifecycle import is_transient
+from tenancy_operator.reconcilers.quota_metrics import QuotaSeries
 from tenancy_operator.reconcilers.quota_policy import (
-    EXCEEDED,
     EXPIRY_GRACE,
-    LEVEL_NAMES,
-    LOAD_SERIES,
-    NEAR,
     STALE_MEASUREMENTS,
     Key,
     Memory,
@@ -57,7 +53,6 @@ from tenancy_operator.reconcilers.quota_policy import (
     Subject,
     effective_limits,
     evaluate,
-    metric_amount,
     parse_time,
     quota_version,
     sort_quotas,
@@ -76,8 +71,6 @@ RELIST_EVERY = 10
 """Every how many periodic passes Tenants and Quotas are LISTed instead of read from the watch cache."""
 PASS_SLICE = 32
 """Tenants a periodic pass evaluates per turn of the event loop."""
-AGGREGATES_DELAY_SECONDS = 1.0
-"""The tenants-per-state gauges are recounted at most this often."""
 UNSEEN_TENANT_GRACE_SECONDS = 10.0
 """How long a new Quota waits for its Tenant to show in the watch before reading it with a GET."""
 FIRST_PROVISIONING_GRACE = timedelta(minutes=10)
@@ -191,7 +184,6 @@ class QuotaService:
         self.enforced_quotas: dict[Key, set[tuple[str, int]]] = {}
         """(uid, generation) of the Quotas naming a tenant at its last enforced evaluation: a Quota
         handler for a version already enforced has nothing to change (the pass re-measures)."""
-        self.series: dict[Key, set[str]] = {}
         self.initial_pass_done = False
         self._wake: asyncio.Event | None = None
         self.work: KeyedWork[Trigger] = KeyedWork(KIND, self._evaluate, pending=lambda t: t.quota)
@@ -207,9 +199,11 @@ class QuotaService:
         self._elsewhere: set[Key] = set()
         """Sharded replicas: Tenants that exist and another replica owns, as of the last LIST (their
         Quotas are that replica's to evaluate; Quotas are watched whole, Tenants by slice)."""
-        self._aggregates_due = False
         self._passes = 0
         self.probes = QuotaProbes(ctx, noisy=lambda key: bool((m := self.memory.get(key)) is not None and m.noisy))
+        self.series = QuotaSeries(per_tenant=lambda: self.ctx.settings.quota_per_tenant_metrics,
+                                  has_load=lambda key: key in self.probes.load_series,
+                                  memories=lambda: self.memory.values())
 
     def observe(self, plural: str, type_: str | None, body: Mapping[str, Any]) -> None:
         """Keep the cache of Quotas and Tenants from their watch events (Kopf's initial listing too)."""
@@ -392,7 +386,7 @@ class QuotaService:
             self.enforced_quotas.pop(key, None)
             if subject.tenant is None or plan.enforce:
                 self.applied.pop(key, None)
-        self._update_series(key, plan if subject.tenant is not None else None)
+        self.series.update_series(key, plan if subject.tenant is not None else None)
         if plan.role_changes or plan.publish is not None or plan.expired:
             log.info("quota applied", namespace=key[0], tenant=key[1], trigger=trigger,
                      role_changes=plan.role_changes or None, published=plan.publish is not None,
@@ -455,76 +449,6 @@ class QuotaService:
         if (meta["namespace"], meta["name"]) in cache:
             cache.store(written)
 
-    # --- metrics -----------------------------------------------------------------------------------
-
-    def _update_series(self, key: Key, plan: Plan | None) -> None:
-        """Per-tenant gauges from an enforced plan; None removes them (the tenant is gone). A plan
-        that could not measure (database down) leaves the last values."""
-        if not self.ctx.settings.quota_per_tenant_metrics or (plan is not None and not plan.enforce):
-            return
-        labels = {"namespace": key[0], "tenant": key[1]}
-        wanted: set[str] = set()
-        if plan is not None:
-            for name, value in plan.hard.items():
-                metrics.TENANT_QUOTA_LIMIT.labels(**labels, resource=name).set(metric_amount(name, value))
-                wanted.add(f"limit:{name}")
-            for name, amount in plan.amounts_used.items():
-                metrics.TENANT_QUOTA_USED.labels(**labels, resource=name).set(float(amount))
-                wanted.add(f"used:{name}")
-        if plan is not None and plan.load_share is not None:
-            metrics.TENANT_LOAD_SHARE.labels(**labels).set(plan.load_share)
-            wanted.add("share")
-        elif "share" in self.series.get(key, set()) and plan is not None:
-            wanted.add("share")
-        if plan is not None and plan.noisy is not None:
-            metrics.TENANT_NOISY_NEIGHBOR.labels(**labels).set(1 if plan.noisy else 0)
-            wanted.add("noisy")
-        held = self.series.get(key, set()) | ({"load"} if key in self.probes.load_series else set())
-        if plan is not None and "load" in held:
-            wanted.add("load")
-        for series in held - wanted:
-            if series in ("share", "noisy", "load"):
-                gauges = {"share": (metrics.TENANT_LOAD_SHARE,), "noisy": (metrics.TENANT_NOISY_NEIGHBOR,)}.get(
-                    series, LOAD_SERIES)
-                for g in gauges:
-                    with contextlib.suppress(KeyError):
-                        g.remove(key[0], key[1])
-                continue
-            kind, name = series.split(":", 1)
-            gauge = metrics.TENANT_QUOTA_LIMIT if kind == "limit" else metrics.TENANT_QUOTA_USED
-            with contextlib.suppress(KeyError):
-                gauge.remove(key[0], key[1], name)
-        if wanted:
-            self.series[key] = wanted
-        else:
-            self.series.pop(key, None)
-
-    def _update_aggregates(self) -> None:
-        """Recount the per-state gauges soon, at most once a second: a count over every tenant
-        after each evaluation would make a mass creation quadratic."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._recount_aggregates()
-            return
-        if not self._aggregates_due:
-            self._aggregates_due = True
-            loop.call_later(AGGREGATES_DELAY_SECONDS, self._recount_aggregates)
-
-    def _recount_aggregates(self) -> None:
-        self._aggregates_due = False
-        counts: Counter[tuple[str, int]] = Counter()
-        for mem in self.memory.values():
-            for name, lv in mem.levels.items():
-                if lv >= NEAR:
-                    counts[(name, NEAR)] += 1
-                if lv == EXCEEDED:
-                    counts[(name, EXCEEDED)] += 1
-        metrics.TENANT_NOISY_NEIGHBORS.set(sum(1 for mem in self.memory.values() if mem.noisy))
-        for name in LIMIT_NAMES:
-            for lv, state in LEVEL_NAMES.items():
-                metrics.TENANT_QUOTA_TENANTS.labels(resource=name, state=state).set(counts.get((name, lv), 0))
-
     def forget(self, key: Key) -> None:
         """Drop what this process remembers about a tenant key (its Tenant and Quotas are gone)."""
         self.memory.pop(key, None)
@@ -533,7 +457,7 @@ class QuotaService:
         self.enforced_quotas.pop(key, None)
         self._deferred.discard(key)
         self.epochs.pop(key, None)
-        self._update_series(key, None)
+        self.series.update_series(key, None)
         self.probes.forget(key)
 
     # --- the periodic pass --------------------------------------------------------------------------
@@ -618,9 +542,10 @@ class QuotaService:
         for start in range(0, len(due), PASS_SLICE):
             await asyncio.gather(*(one(s) for s in due[start:start + PASS_SLICE]))
             await asyncio.sleep(0)
-        for key in (set(self.memory) | set(self.series) | set(self.expiries) | self.probes.load_series) - set(subjects):
+        remembered = set(self.memory) | set(self.series.held) | set(self.expiries) | self.probes.load_series
+        for key in remembered - set(subjects):
             self.forget(key)  # neither a Tenant nor a Quota names it any more
-        self._update_aggregates()
+        self.series.update_aggregates()
         metrics.QUOTA_PASS_DURATION.observe(time.monotonic() - started)
         return len(subjects)
 
@@ -756,4 +681,4 @@ class QuotaService:
             metrics.record_result(KIND, True)
         if "tenant-deleted" in causes and not await self._tenant_quotas(*key):
             self.forget(key)
-        self._update_aggregates()
+        self.series.update_aggregates()
