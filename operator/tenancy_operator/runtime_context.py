@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -118,6 +118,35 @@ class KeyedLocks:
         return len(self._entries)
 
 
+class Tombstones:
+    """UIDs of objects whose deletion this process has seen through (finalizer run or DELETED).
+
+    The sweeps and fleet migrations act on LISTed snapshots, and by the time an object's lock is
+    theirs the object may be finalized and gone: reconciling the snapshot then would bring back a
+    deleted tenant's role and schema, or a deleted flag's rows. A snapshot is seconds to minutes
+    old, so the newest ``limit`` deletions are enough to remember. One set serves every kind
+    (uids are unique across kinds).
+    """
+
+    def __init__(self, limit: int = 20_000) -> None:
+        self._uids: OrderedDict[str, None] = OrderedDict()
+        self._limit = limit
+
+    def add(self, uid: str | None) -> None:
+        if not uid:
+            return
+        self._uids[uid] = None
+        self._uids.move_to_end(uid)
+        while len(self._uids) > self._limit:
+            self._uids.popitem(last=False)
+
+    def __contains__(self, uid: object) -> bool:
+        return uid in self._uids
+
+    def __len__(self) -> int:
+        return len(self._uids)
+
+
 @dataclass
 class OperatorContext:
     settings: Settings
@@ -125,6 +154,8 @@ class OperatorContext:
     kube: Kube
     events: EventRecorder
     locks: KeyedLocks = field(default_factory=KeyedLocks)
+    # Objects whose deletion this process has seen through, of every kind (see Tombstones).
+    gone: Tombstones = field(default_factory=Tombstones)
     # Which objects this replica reconciles (sharded replicas: the slices it holds; else all).
     ownership: Ownership = field(default_factory=Ownership)
     control_ready: set[str] = field(default_factory=set)

@@ -6,7 +6,8 @@ from typing import Any
 
 import kopf
 
-from tenancy_operator.handlers.common import MemoryDiffBaseStorage, Tombstones
+from tenancy_operator.handlers.common import MemoryDiffBaseStorage
+from tenancy_operator.runtime_context import Tombstones
 
 
 def body(**annotations: str) -> kopf.Body:

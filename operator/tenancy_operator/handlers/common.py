@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import copy
 import random
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -143,34 +142,6 @@ def service_of(memo: Any, kind: str) -> Any:
 def backoff(retry: int) -> float:
     """Delay before Kopf's next retry: exponential with jitter, 1, 2, 4 ... 60 s."""
     return min(60.0, 2.0 ** min(retry, 6)) * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
-
-
-class Tombstones:
-    """UIDs of objects whose deletion this process has seen through (finalizer run or DELETED).
-
-    The sweeps and fleet migrations act on LISTed snapshots, and by the time an object's lock is
-    theirs the object may be finalized and gone: reconciling the snapshot then would bring back a
-    deleted tenant's role and schema, or a deleted flag's rows. A snapshot is seconds to minutes
-    old, so the newest ``limit`` deletions are enough to remember.
-    """
-
-    def __init__(self, limit: int = 10_000) -> None:
-        self._uids: OrderedDict[str, None] = OrderedDict()
-        self._limit = limit
-
-    def add(self, uid: str | None) -> None:
-        if not uid:
-            return
-        self._uids[uid] = None
-        self._uids.move_to_end(uid)
-        while len(self._uids) > self._limit:
-            self._uids.popitem(last=False)
-
-    def __contains__(self, uid: object) -> bool:
-        return uid in self._uids
-
-    def __len__(self) -> int:
-        return len(self._uids)
 
 
 class MemoryDiffBaseStorage(kopf.DiffBaseStorage):

@@ -22,7 +22,7 @@ import kopf
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.names import FINALIZER
 from tenancy_operator.conditions import Cond, merge, readiness, status_differs
-from tenancy_operator.handlers.common import Rechecks, Tombstones, backoff, on_reconcile, service_of, write_status
+from tenancy_operator.handlers.common import Rechecks, backoff, on_reconcile, service_of, write_status
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
@@ -98,8 +98,6 @@ class FeatureFlagService:
         burst of new Tenants re-checks flags without a LIST of every Tenant each half second."""
         self._listing: dict[str, list[tuple[str | None, str]]] = {}
         """Tenant events that arrived while a namespace's LIST was in flight, applied after it."""
-        self._gone = Tombstones()
-        """Flags finalized: the sweep's LISTed snapshot of one must not write its rows again."""
         self.rechecks = Rechecks(self._recheck, ctx.settings.rollout_check_seconds)
         """Running stepped rollouts: when each wants another look."""
 
@@ -128,7 +126,7 @@ class FeatureFlagService:
             except Retry:
                 tenants = None  # the reconcile reads them itself and reports what fails
         async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
-            if meta.get("uid") in self._gone:  # a sweep's snapshot of a flag deleted meanwhile
+            if meta.get("uid") in self.ctx.gone:  # a sweep's snapshot of a flag deleted meanwhile
                 metrics.PENDING.discard(KIND, key)
                 return
             failed: Retry | None = None
@@ -192,7 +190,7 @@ class FeatureFlagService:
         would have removed them."""
         meta = body["metadata"]
         async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
-            if meta.get("uid") in self._gone:
+            if meta.get("uid") in self.ctx.gone:
                 return
             try:
                 await self.reconciler.finalize(body, same_uid=True)
@@ -200,7 +198,7 @@ class FeatureFlagService:
                 log.error("featureflag gone without its deletion: its rows are left in the database",
                           kind=KIND, namespace=meta["namespace"], name=meta["name"], reason=exc.reason)
                 return
-            self._gone.add(meta.get("uid"))
+            self.ctx.gone.add(meta.get("uid"))
         log.warning("featureflag gone without its deletion: its rows were removed", kind=KIND,
                     namespace=meta["namespace"], name=meta["name"])
 
@@ -217,7 +215,7 @@ class FeatureFlagService:
                     (body.get("status") or {}).get("conditions"), [Cond("Ready", "False", exc.reason, exc.message)],
                     int(meta.get("generation") or 0))})
                 raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
-            self._gone.add(meta.get("uid"))  # before the lock is released to a waiting snapshot
+            self.ctx.gone.add(meta.get("uid"))  # before the lock is released to a waiting snapshot
         for type_, reason, message in events:
             self.ctx.events.post(body, type_, reason, message)
         metrics.PENDING.discard(KIND, key)

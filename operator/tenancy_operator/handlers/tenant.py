@@ -16,7 +16,7 @@ from tenancy_operator.api.names import ACK_SCHEMA_RECREATED_ANNOTATION
 from tenancy_operator.api.schemarollout import SCHEMA_ROLLOUT
 from tenancy_operator.api.tenant import tenant_identifier
 from tenancy_operator.conditions import Cond, merge, readiness
-from tenancy_operator.handlers.common import Tombstones, backoff, on_reconcile, service_of, write_status
+from tenancy_operator.handlers.common import backoff, on_reconcile, service_of, write_status
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import WATCH_HANDLER_ID, get_logger
@@ -90,8 +90,6 @@ class TenantService:
         """Tenants whose deletion has begun, from the watch (TenantWatcher)."""
         self._seen: dict[str, tuple[str, int]] = {}
         """key -> (uid, generation) of the newest version the watch delivered."""
-        self._gone = Tombstones()
-        """Tenants finalized or deleted: a LISTed snapshot of one must not provision it again."""
         self._in_flight: Counter[str] = Counter()
         """Tenants with a handler's reconcile waiting or running."""
         self.limits: Callable[[Mapping[str, Any]], Mapping[str, str] | None] | None = None
@@ -102,7 +100,7 @@ class TenantService:
         if type_ == "DELETED":
             self._deleting.discard(key)
             self._seen.pop(key, None)
-            self._gone.add(meta.get("uid"))
+            self.ctx.gone.add(meta.get("uid"))
             self.reconciler.forget_placement(str(meta.get("uid") or ""))
             metrics.PENDING.discard(KIND, key)  # whatever was waiting for it will not come
             metrics.STALLED.forget(KIND, key)
@@ -116,7 +114,7 @@ class TenantService:
         delivered a newer generation (or a new Tenant of the same name), whose handler acts on it."""
         meta = body["metadata"]
         uid = str(meta.get("uid") or "")
-        if uid in self._gone:
+        if uid in self.ctx.gone:
             return True
         seen = self._seen.get(_key(body))
         return seen is not None and (seen[0] != uid or seen[1] > int(meta.get("generation") or 0))
@@ -180,7 +178,7 @@ class TenantService:
         started = time.monotonic()
         async with (self.ctx.lock(KIND, meta["namespace"], meta["name"]),
                     self.ctx.reconcile_slots.hold(meta["namespace"])):
-            if meta.get("uid") in self._gone:
+            if meta.get("uid") in self.ctx.gone:
                 # Finalized, or gone from the watch: Kopf can still run a handler on a body of it
                 # (its progress patch met the gone object, and the event its finalizer patch made
                 # came next). Provisioning it again would leave what nothing is left to drop.
@@ -239,7 +237,7 @@ class TenantService:
             log.error("tenant gone without its deletion: what it was given is left in the database",
                       kind=KIND, namespace=meta["namespace"], name=meta["name"], error=type(exc).__name__)
             return
-        self._gone.add(meta.get("uid"))
+        self.ctx.gone.add(meta.get("uid"))
         self._track_template(body, deleted=True)
         log.warning("tenant gone without its deletion: its deletion policy was applied", kind=KIND,
                     namespace=meta["namespace"], name=meta["name"], done=[r for _, r, _ in events] or None)
@@ -301,7 +299,7 @@ class TenantService:
                     "conditions": merge(old, [Cond("Ready", "False", reason, message)], generation),
                 })
                 raise kopf.TemporaryError(message, delay=backoff(retry)) from exc
-            self._gone.add(meta.get("uid"))  # before the lock is released to a waiting snapshot
+            self.ctx.gone.add(meta.get("uid"))  # before the lock is released to a waiting snapshot
         for type_, reason, message in evs:
             self.ctx.events.post(body, type_, reason, message)
         self._track_template(body, deleted=True)
