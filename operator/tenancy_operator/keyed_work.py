@@ -107,13 +107,10 @@ class KeyedWork(Generic[Item]):
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(Exception), stop=stop_after_attempt(self._attempts),
-                wait=self._wait,
-                before_sleep=failed, reraise=True,
+                wait=self._wait, before_sleep=failed, reraise=True,
             ):
                 with attempt:
                     await self._work(key, items)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # the last attempt failed: a caller with a periodic pass catches up
             log.warning("background work gave up", kind=self.kind, namespace=key[0], name=key[1],
                         error=type(exc).__name__, attempts=self._attempts)
