@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import psycopg
@@ -33,6 +34,13 @@ def database_retry(exc: BaseException, where: str) -> Retry:
     if isinstance(exc, psycopg.errors.QueryCanceled):
         return Retry("DatabaseBusy", f"{where} busy: a statement was cancelled at its timeout")
     return Retry("DatabaseUnavailable", f"{where} unavailable: {type(exc).__name__}")
+
+
+def combined(retries: Sequence[Retry]) -> Retry:
+    """One Retry for the troubles of several targets: DatabaseBusy only if every one is busy."""
+    reasons = {r.reason for r in retries}
+    return Retry("DatabaseBusy" if reasons == {"DatabaseBusy"} else "DatabaseUnavailable",
+                 "; ".join(r.message for r in retries))
 
 
 @dataclass

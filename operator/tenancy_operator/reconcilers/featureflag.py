@@ -55,7 +55,7 @@ from tenancy_operator.k8s.managed_fields import last_change, parse_time
 from tenancy_operator.observability import metrics, prometheus
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.observability.prometheus import GateReading
-from tenancy_operator.reconcilers.errors import DATABASE_ERRORS, Retry, Verdict, database_retry
+from tenancy_operator.reconcilers.errors import DATABASE_ERRORS, Retry, Verdict, combined, database_retry
 from tenancy_operator.reconcilers.records import LatestRecords
 from tenancy_operator.runtime_context import OperatorContext
 
@@ -245,11 +245,9 @@ class FeatureFlagReconciler:
         out.source = await self.publish_source(namespace, changed=changed)
 
         if unavailable:
-            reasons = {r.reason for r in unavailable.values()}
-            out.ready, out.retry = False, True
-            out.reason = "DatabaseBusy" if reasons == {"DatabaseBusy"} else "DatabaseUnavailable"
-            out.message = (f"{'; '.join(r.message for r in unavailable.values())}; written to "
-                           f"{', '.join(sorted(results)) or 'none'}")
+            trouble = combined(list(unavailable.values()))
+            out.ready, out.retry, out.reason = False, True, trouble.reason
+            out.message = f"{trouble.message}; written to {', '.join(sorted(results)) or 'none'}"
         else:
             out.message = (f"flag {flag.key!r} written to database target(s) {', '.join(sorted(results))} "
                            f"and ConfigMap {out.config_map}")
@@ -532,9 +530,7 @@ class FeatureFlagReconciler:
             except DATABASE_ERRORS as exc:
                 unavailable.append(database_retry(exc, f"database {target!r}"))
         if unavailable:
-            reasons = {r.reason for r in unavailable}
-            raise Retry("DatabaseBusy" if reasons == {"DatabaseBusy"} else "DatabaseUnavailable",
-                        "; ".join(r.message for r in unavailable))
+            raise combined(unavailable)
         try:
             current = await self.ctx.kube.get_configmap(namespace, configmap_name(name))
             if current is not None and (current["metadata"].get("labels") or {}).get(FLAG_LABEL) == name \
