@@ -18,6 +18,7 @@ from tenancy_operator.db.targets import DatabaseTargets
 from tenancy_operator.k8s.client import Kube
 from tenancy_operator.observability.events import EventRecorder
 from tenancy_operator.shards import Ownership
+from tenancy_operator.status_writer import StatusWriter
 
 
 @runtime_checkable
@@ -167,8 +168,11 @@ class OperatorContext:
     # Tenant reconciles and deletions at once, process-wide (Kopf's workers are many more), shared
     # fairly between namespaces.
     reconcile_slots: FairSlots = field(init=False)
+    # The one way status is written, every kind's (status_writer.py).
+    status: StatusWriter = field(init=False)
 
     def __post_init__(self) -> None:
+        self.status = StatusWriter(self.kube)
         self.migration_slots = FairSlots(self.settings.migration_concurrency)
         self.reconcile_slots = FairSlots(self.settings.reconcile_concurrency)
 

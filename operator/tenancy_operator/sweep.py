@@ -242,14 +242,9 @@ class Sweeper:
                     cond.status, cond.reason, cond.message):
                 return
             generation = int(fresh["metadata"].get("generation") or 0)
-            try:
-                await self.ctx.kube.patch_status_if("tenants", meta["namespace"], meta["name"],
-                                                    {"conditions": merge(old, [cond], generation)},
-                                                    fresh["metadata"]["resourceVersion"])
+            if await self.ctx.status.write("tenants", fresh, {"conditions": merge(old, [cond], generation)},
+                                           if_version=fresh["metadata"]["resourceVersion"]):
                 return
-            except ApiError as exc:
-                if exc.status != 409:
-                    raise
 
 
 _RoleFindings = list[tuple[str, list[audit.Finding]]]

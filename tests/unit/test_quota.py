@@ -43,6 +43,7 @@ from tenancy_operator.reconcilers.quota_policy import (
 )
 from tenancy_operator.runtime_context import KeyedLocks
 from tenancy_operator.shards import Ownership
+from tenancy_operator.status_writer import StatusWriter
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 NS = "acme"
@@ -443,7 +444,8 @@ class RecordingService(QuotaService):
 
     def __init__(self) -> None:
         ctx = SimpleNamespace(settings=Settings(quota_interval_seconds=3600),
-                              locks=defaultdict(asyncio.Lock), ownership=Ownership())
+                              locks=defaultdict(asyncio.Lock), ownership=Ownership(),
+                              status=StatusWriter(None))  # type: ignore[arg-type]  # writes nothing
         super().__init__(ctx)  # type: ignore[arg-type]
         self.passes = 0
         self.evaluated: list[tuple[str, str, str, float]] = []
@@ -516,6 +518,7 @@ class CountingService(QuotaService):
     def __init__(self) -> None:
         locks = KeyedLocks()
         ctx = SimpleNamespace(settings=Settings(), locks=locks, ownership=Ownership(),
+                              status=StatusWriter(None),  # type: ignore[arg-type]  # writes nothing
                               lock=lambda kind, namespace, name: locks.hold((kind, namespace, name)))
         super().__init__(ctx)  # type: ignore[arg-type]
         self.initial_pass_done = True

@@ -12,8 +12,7 @@ from typing import Any, TypeVar
 import kopf
 
 from tenancy_operator import GROUP, VERSION
-from tenancy_operator.conditions import merge, readiness, status_patch
-from tenancy_operator.k8s.client import Kube
+from tenancy_operator.conditions import merge, readiness
 from tenancy_operator.observability.logging import get_logger
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -55,15 +54,6 @@ def record_status(body: Mapping[str, Any], ready: bool, stalled: bool, reason: s
         status.update({k: None for k in old if k not in record and k not in ("conditions", "observedGeneration")})
         status.update(record)
     return status
-
-
-async def write_status(kube: Kube, plural: str, body: Mapping[str, Any], desired: Mapping[str, Any]) -> None:
-    """The one way a handler writes status: the merge patch of what differs from the status the
-    body holds (maps' dropped entries as null), nothing when nothing differs."""
-    patch = status_patch(body.get("status"), desired)
-    if patch:
-        meta = body["metadata"]
-        await kube.patch_status(plural, meta["namespace"], meta["name"], patch)
 
 
 class Rechecks:

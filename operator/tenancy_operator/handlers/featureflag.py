@@ -22,7 +22,7 @@ import kopf
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.names import FINALIZER
 from tenancy_operator.conditions import Cond, merge, readiness, status_differs
-from tenancy_operator.handlers.common import Rechecks, backoff, on_reconcile, service_of, write_status
+from tenancy_operator.handlers.common import Rechecks, backoff, on_reconcile, service_of
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
@@ -101,9 +101,6 @@ class FeatureFlagService:
         self.rechecks = Rechecks(self._recheck, ctx.settings.rollout_check_seconds)
         """Running stepped rollouts: when each wants another look."""
 
-    async def write_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
-        await write_status(self.ctx.kube, PLURAL, body, status)
-
     async def run(self, body: Mapping[str, Any], retry: int = 0, tenants: set[str] | None = None) -> None:
         """One reconcile with its reporting. Raises kopf.TemporaryError to be retried."""
         meta = body["metadata"]
@@ -111,7 +108,7 @@ class FeatureFlagService:
         metrics.PENDING.add(KIND, key)
         if not body.get("status"):  # first sight: tell GitOps tools we are working on it
             generation = int(meta.get("generation") or 0)
-            await self.write_status(body, {
+            await self.ctx.status.write(PLURAL, body, {
                 "observedGeneration": generation,
                 "conditions": merge(None, [Cond("Ready", "Unknown", "Publishing", "publishing started"),
                                            Cond("Reconciling", "True", "Publishing", "publishing started")],
@@ -173,11 +170,7 @@ class FeatureFlagService:
         (log.debug if quiet else log.info)(
             "reconciled", kind=KIND, namespace=body["metadata"]["namespace"], name=body["metadata"]["name"],
             result="ready" if out.ready else out.reason)
-        try:
-            await self.write_status(body, status)
-        except ApiError as exc:
-            if exc.status != 404:
-                raise
+        if not await self.ctx.status.write(PLURAL, body, status):
             return False
         meta = body["metadata"]
         metrics.STALLED.update(KIND, f"{meta['namespace']}/{meta['name']}", out.reason if out.stalled else None)
@@ -211,7 +204,7 @@ class FeatureFlagService:
                 events = await self.reconciler.finalize(body)
             except Retry as exc:
                 metrics.record_result(KIND, False, exc.reason)
-                await self.write_status(body, {"conditions": merge(
+                await self.ctx.status.write(PLURAL, body, {"conditions": merge(
                     (body.get("status") or {}).get("conditions"), [Cond("Ready", "False", exc.reason, exc.message)],
                     int(meta.get("generation") or 0))})
                 raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc

@@ -16,8 +16,7 @@ from tenancy_operator.api.names import ACK_SCHEMA_RECREATED_ANNOTATION
 from tenancy_operator.api.schemarollout import SCHEMA_ROLLOUT
 from tenancy_operator.api.tenant import tenant_identifier
 from tenancy_operator.conditions import Cond, merge, readiness
-from tenancy_operator.handlers.common import backoff, on_reconcile, service_of, write_status
-from tenancy_operator.k8s.client import ApiError
+from tenancy_operator.handlers.common import backoff, on_reconcile, service_of
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import WATCH_HANDLER_ID, get_logger
 from tenancy_operator.reconcilers.errors import Retry
@@ -134,9 +133,6 @@ class TenantService:
         template = (body.get("spec") or {}).get("schemaTemplate")
         if template and not deleted:
             self._template_users.setdefault((namespace, template), set()).add(name)
-
-    async def write_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
-        await write_status(self.ctx.kube, PLURAL, body, status)
 
     async def run(self, body: Mapping[str, Any], retry: int = 0) -> Outcome:
         """One reconcile with its reporting. Raises kopf.TemporaryError to be retried.
@@ -262,11 +258,7 @@ class TenantService:
                message=None if out.ready else out.message,
                repairs=out.repairs or None)
         limits = self.limits(body) if self.limits is not None and out.ready else None
-        try:
-            await self.write_status(body, desired_status(body, out, ident, limits))
-        except ApiError as exc:
-            if exc.status != 404:
-                raise
+        if not await self.ctx.status.write(PLURAL, body, desired_status(body, out, ident, limits)):
             return False
         metrics.STALLED.update(KIND, _key(body), out.reason if out.stalled else None)
         return True
@@ -294,7 +286,7 @@ class TenantService:
                 old_reason = next((c.get("reason") for c in old or [] if c.get("type") == "Ready"), None)
                 if old_reason != reason:
                     self.ctx.events.warning(body, reason, message)
-                await self.write_status(body, {
+                await self.ctx.status.write(PLURAL, body, {
                     "phase": "Deleting",
                     "conditions": merge(old, [Cond("Ready", "False", reason, message)], generation),
                 })

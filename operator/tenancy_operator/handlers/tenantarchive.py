@@ -11,8 +11,7 @@ from typing import Any
 import kopf
 
 from tenancy_operator import GROUP, VERSION
-from tenancy_operator.handlers.common import backoff, on_reconcile, record_status, service_of, write_status
-from tenancy_operator.k8s.client import ApiError
+from tenancy_operator.handlers.common import backoff, on_reconcile, record_status, service_of
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import Retry
@@ -63,11 +62,7 @@ class TenantArchiveService:
         if out.events or not out.ready:
             log.info("reconciled", kind=KIND, namespace=meta["namespace"], name=meta["name"],
                      result="ready" if out.ready else out.reason)
-        try:
-            await write_status(self.ctx.kube, PLURAL, body, desired_status(body, out))
-        except ApiError as exc:
-            if exc.status != 404:
-                raise
+        await self.ctx.status.write(PLURAL, body, desired_status(body, out))  # False: gone meanwhile
 
 
 SERVICE = TenantArchiveService

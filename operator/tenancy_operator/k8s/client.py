@@ -179,20 +179,17 @@ class Kube:
             raise
         return True
 
-    async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
-        await raw(self.custom.patch_namespaced_custom_object_status,
-                  GROUP, VERSION, namespace, plural, name, {"status": status}, _content_type=MERGE_PATCH)
-
-    async def patch_status_if(self, plural: str, namespace: str, name: str, status: dict[str, Any],
-                              resource_version: str | None) -> dict[str, Any]:
+    async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any], *,
+                           resource_version: str | None = None, decode: bool = False) -> dict[str, Any] | None:
         """Merge-patch the status; with ``resource_version``, only if the object is still that
-        version (409 otherwise). Returns the object as written."""
+        version (409 otherwise). With ``decode``, returns the object as written (else None: most
+        writers never read it, and decoding costs CPU per write)."""
         document: dict[str, Any] = {"status": status}
         if resource_version:
             document["metadata"] = {"resourceVersion": resource_version}
         written = await raw(self.custom.patch_namespaced_custom_object_status,
                             GROUP, VERSION, namespace, plural, name, document, _content_type=MERGE_PATCH)
-        return safejson.loads(written)  # type: ignore[no-any-return]
+        return safejson.loads(written) if decode else None
 
     async def get_object(self, plural: str, namespace: str, name: str, *,
                          group: str = GROUP, version: str = VERSION) -> dict[str, Any] | None:

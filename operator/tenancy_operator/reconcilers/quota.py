@@ -196,6 +196,8 @@ class QuotaService:
         self.quotas = WatchCache(_slim, index=_tenant_of)
         self.tenants = WatchCache(_slim_tenant)
         self._caches = {QUOTAS: self.quotas, TENANTS: self.tenants}
+        for plural, cache in self._caches.items():
+            ctx.status.keep_fresh(plural, cache)
         self._elsewhere: set[Key] = set()
         """Sharded replicas: Tenants that exist and another replica owns, as of the last LIST (their
         Quotas are that replica's to evaluate; Quotas are watched whole, Tenants by slice)."""
@@ -364,7 +366,7 @@ class QuotaService:
         for body, patch in plan.quota_patches:
             await self._patch_status(QUOTAS, body, patch)
         if plan.tenant_patch and subject.tenant is not None:
-            await self._patch_status(TENANTS, subject.tenant, plan.tenant_patch, resource_version=plan.tenant_version)
+            await self._patch_status(TENANTS, subject.tenant, plan.tenant_patch, if_version=plan.tenant_version)
         for body, type_, reason, message in plan.events:
             self.ctx.events.post(body, type_, reason, message)
         if plan.memory is not None:
@@ -431,23 +433,11 @@ class QuotaService:
             raise database_retry(exc, f"database {plan.target!r}") from exc
 
     async def _patch_status(self, plural: str, body: Mapping[str, Any], patch: dict[str, Any],
-                            resource_version: str | None = None) -> None:
-        """Merge-patch the status; with ``resource_version``, only if the object is still that version
-        (a patch replacing a list, such as the Tenant's conditions, must not undo a newer write)."""
-        meta = body["metadata"]
+                            if_version: str | None = None) -> None:
         try:
-            written = await self.ctx.kube.patch_status_if(plural, meta["namespace"], meta["name"], patch,
-                                                          resource_version)
+            await self.ctx.status.patch(plural, body, patch, if_version=if_version)
         except ApiError as exc:
-            if exc.status == 404:
-                return  # deleted meanwhile
-            if exc.status == 409 and resource_version:
-                return  # changed meanwhile: the next evaluation decides again from the newer object
             raise Retry("KubernetesAPI", f"writing {plural} status failed: {exc.status}") from exc
-        # The next evaluation compares with what we just wrote, even before its watch event arrives.
-        cache = self._caches[plural]
-        if (meta["namespace"], meta["name"]) in cache:
-            cache.store(written)
 
     def forget(self, key: Key) -> None:
         """Drop what this process remembers about a tenant key (its Tenant and Quotas are gone)."""

@@ -1,0 +1,62 @@
+"""The one way the operator writes an object's status.
+
+Every kind writes status the same way: a JSON merge patch of what differs from the status the
+object holds (``conditions.status_patch``: a map's dropped entries as null, lists whole), no
+request at all when nothing differs. Two options cover what some writers need:
+
+- ``if_version``: only if the object is still that resourceVersion. A patch that replaces a list
+  (a Tenant's conditions, written by another kind than the Tenant's own reconcile) must not undo
+  a newer write; a 409 then means "changed meanwhile", and the writer decides again from the
+  newer object.
+- the watch caches registered with ``keep_fresh`` store the object as written, so the next
+  evaluation compares with it even before its watch event arrives (watch_cache.py keeps a newer
+  version from being taken back by an older event).
+
+A status write to an object that is gone (404), or changed since ``if_version`` (409), returns
+False; any other error of the API server is raised (``ApiError``) for the caller's retry.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+from tenancy_operator.conditions import status_patch
+from tenancy_operator.k8s.client import ApiError, Kube
+from tenancy_operator.watch_cache import WatchCache
+
+
+class StatusWriter:
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        self._caches: defaultdict[str, list[WatchCache]] = defaultdict(list)
+
+    def keep_fresh(self, plural: str, cache: WatchCache) -> None:
+        """Store every status written to a ``plural`` object that ``cache`` holds."""
+        self._caches[plural].append(cache)
+
+    async def write(self, plural: str, body: Mapping[str, Any], desired: Mapping[str, Any], *,
+                    if_version: str | None = None) -> bool:
+        """Make the status hold ``desired`` (its keys; others are left as they are)."""
+        return await self.patch(plural, body, status_patch(body.get("status"), desired), if_version=if_version)
+
+    async def patch(self, plural: str, body: Mapping[str, Any], patch: dict[str, Any], *,
+                    if_version: str | None = None) -> bool:
+        """Send ``patch``, a difference already computed (``status_patch``); nothing when empty."""
+        if not patch:
+            return True
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        caches = [c for c in self._caches.get(plural, ()) if key in c]
+        try:
+            written = await self.kube.patch_status(plural, key[0], key[1], patch, resource_version=if_version,
+                                                   decode=bool(caches))
+        except ApiError as exc:
+            if exc.status == 404 or (exc.status == 409 and if_version):
+                return False
+            raise
+        if written is not None:
+            for cache in caches:
+                cache.store(written)
+        return True
