@@ -128,7 +128,7 @@ def build_registry() -> kopf.OperatorRegistry:
                 log.warning("control schema not migrated yet", target=target, error=type(exc).__name__)
         memo.ctx = ctx
         memo.services = {module.KIND: module.SERVICE(ctx) for module in HANDLER_MODULES}
-        memo.services["Tenant"].limits = memo.services["Quota"].expected_limits
+        memo.services["Tenant"].limits = memo.services["Quota"].cluster.expected_limits
         loops = {"sweep": Sweeper(ctx, memo.services["Tenant"]).run_forever}
         for kind, service in memo.services.items():
             if hasattr(service, "run_forever"):

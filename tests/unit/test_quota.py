@@ -542,7 +542,7 @@ def cached(svc: QuotaService, plural: str, body: dict[str, Any], rv: int) -> dic
     body = copy.deepcopy(body)
     body["metadata"]["resourceVersion"] = str(rv)
     body["metadata"]["creationTimestamp"] = iso(datetime.now(UTC).replace(microsecond=0))
-    svc.observe(plural, "MODIFIED", body)
+    svc.cluster.observe(plural, "MODIFIED", body)
     return body
 
 
@@ -573,14 +573,14 @@ def test_the_cache_keeps_no_managed_fields() -> None:
 async def test_a_tenants_quotas_come_from_the_cache_by_tenant() -> None:
     svc = CountingService()
     q = cached(svc, "quotas", quota_body(), 1)
-    assert [x["metadata"]["name"] for x in await svc._tenant_quotas(NS, "acme-corp")] == ["acme-corp"]
+    assert [x["metadata"]["name"] for x in await svc.cluster.tenant_quotas(NS, "acme-corp")] == ["acme-corp"]
     moved = copy.deepcopy(q)
     moved["spec"]["tenantRef"]["name"] = "globex"
     cached(svc, "quotas", moved, 2)  # its tenantRef edited: it now counts for the other tenant only
-    assert await svc._tenant_quotas(NS, "acme-corp") == []
-    assert [x["metadata"]["resourceVersion"] for x in await svc._tenant_quotas(NS, "globex")] == ["2"]
-    svc.observe("quotas", "DELETED", moved)
-    assert await svc._tenant_quotas(NS, "globex") == []
+    assert await svc.cluster.tenant_quotas(NS, "acme-corp") == []
+    assert [x["metadata"]["resourceVersion"] for x in await svc.cluster.tenant_quotas(NS, "globex")] == ["2"]
+    svc.cluster.observe("quotas", "DELETED", moved)
+    assert await svc.cluster.tenant_quotas(NS, "globex") == []
     assert len(svc.quotas) == 0
 
 
@@ -596,7 +596,7 @@ async def test_a_quota_handler_for_an_enforced_version_evaluates_nothing() -> No
     assert svc.evaluations == ["tenant-changed"]
     edited = copy.deepcopy(q)
     edited["metadata"]["generation"] = 2
-    svc.observe("quotas", "MODIFIED", edited)
+    svc.cluster.observe("quotas", "MODIFIED", edited)
     svc.quota_changed("MODIFIED", edited)  # an edit takes effect at once
     await settle(svc)
     assert svc.evaluations == ["tenant-changed", "quota-changed"]
@@ -654,7 +654,7 @@ async def test_a_new_quota_of_a_tenant_not_seen_yet_waits_for_it(monkeypatch: py
         reads.append(name)  # stands for the GET of a Tenant the cache has not seen
         return None
 
-    svc._get_tenant = get_tenant  # type: ignore[method-assign]
+    svc.cluster.get_tenant = get_tenant  # type: ignore[method-assign]
     svc.quota_changed("ADDED", cached(svc, "quotas", quota_body(), 1))
     await settle(svc)
     assert svc.evaluations == [] and reads == []  # created together with its Tenant: no GET
@@ -737,7 +737,7 @@ async def test_a_new_quota_waits_for_its_tenants_first_provisioning() -> None:
     svc = CountingService()
     old = cached(svc, "tenants", provisioning, 1)
     old["metadata"]["creationTimestamp"] = iso(datetime.now(UTC) - timedelta(hours=1))
-    svc.observe("tenants", "MODIFIED", old)
+    svc.cluster.observe("tenants", "MODIFIED", old)
     svc.quota_changed("ADDED", cached(svc, "quotas", q, 2))
     await settle(svc)
     assert svc.evaluations == ["quota-changed"]

@@ -1,9 +1,10 @@
 """Quota enforcement: effective limits per tenant, measured usage, role attributes, status.
 
 One code path for everything: a *subject* is one tenant key (namespace, tenant name) with its
-Tenant, the Quotas naming it and what the database says about it (reconcilers/quota_probe.py
-measures it). ``evaluate`` (pure, reconcilers/quota_policy.py) turns a subject into a plan;
-``QuotaService.apply`` carries it out (role attributes, registry, status, Events, metrics). The
+Tenant and the Quotas naming it (quota_cluster.py: the watch caches) and what the database says
+about it (quota_probe.py measures it). ``evaluate`` (pure, quota_policy.py) turns a subject into a
+plan; ``QuotaService.apply`` carries it out: the database part (quota_enforce.py), status, Events
+and metrics (quota_metrics.py). The
 periodic pass measures every tenant of a target with one query per measure and evaluates all
 subjects; Quota and Tenant watch events evaluate one subject in the background at once (edits take
 effect immediately; keyed_work.py runs one evaluation per tenant at a time); a scheduled wake-up
@@ -24,24 +25,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psycopg
-from pydantic import ValidationError
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
-
-from tenancy_operator.api.names import OPERATOR
-from tenancy_operator.api.quota import (
-    QuotaSpec,
-)
 from tenancy_operator.api.tenant import serving_database
-from tenancy_operator.db import jobs as dbjobs
-from tenancy_operator.db import quota as dbq
-from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.keyed_work import KeyedWork
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
-from tenancy_operator.reconcilers.errors import DATABASE_ERRORS, Retry, database_retry
-from tenancy_operator.reconcilers.lifecycle import is_transient
+from tenancy_operator.reconcilers.errors import Retry
+from tenancy_operator.reconcilers.quota_cluster import (
+    QUOTAS,
+    TENANTS,
+    QuotaCluster,
+    first_provisioning,
+    is_ready,
+    tenant_ref,
+    tenant_state,
+)
+from tenancy_operator.reconcilers.quota_enforce import write_database
 from tenancy_operator.reconcilers.quota_metrics import QuotaSeries
 from tenancy_operator.reconcilers.quota_policy import (
     EXPIRY_GRACE,
@@ -51,20 +50,16 @@ from tenancy_operator.reconcilers.quota_policy import (
     Plan,
     Probe,
     Subject,
-    effective_limits,
     evaluate,
-    parse_time,
     quota_version,
     sort_quotas,
 )
 from tenancy_operator.reconcilers.quota_probe import QuotaProbes
 from tenancy_operator.runtime_context import OperatorContext
-from tenancy_operator.watch_cache import WatchCache
 
 log = get_logger(__name__)
 
 KIND = "Quota"
-QUOTAS, TENANTS = "quotas", "tenants"
 LOCK_KIND = "QuotaTenant"
 RETRY_FAILED_PASS_SECONDS = 5.0
 RELIST_EVERY = 10
@@ -73,82 +68,11 @@ PASS_SLICE = 32
 """Tenants a periodic pass evaluates per turn of the event loop."""
 UNSEEN_TENANT_GRACE_SECONDS = 10.0
 """How long a new Quota waits for its Tenant to show in the watch before reading it with a GET."""
-FIRST_PROVISIONING_GRACE = timedelta(minutes=10)
-"""A tenant in its first provisioning is evaluated when its Tenant reports Ready (or Stalled), not
-before: its Quota's first status is then the final one instead of a TenantNotReady that Ready
-replaces seconds later. Past this age the periodic pass evaluates it anyway."""
-
-
 # --- The service --------------------------------------------------------------------------------------
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
-TENANT_METADATA = ("name", "namespace", "uid", "generation", "resourceVersion", "creationTimestamp",
-                   "deletionTimestamp")
-TENANT_STATUS = ("conditions", "effectiveLimits", "database", "phase")
-"""What an evaluation reads of a Tenant (quota_policy.evaluate, serving_database, Events about it)."""
-
-
-def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What the cache keeps of a Quota: not its managedFields nor kubectl's copy of its last
-    applied spec, never read here and often its largest parts."""
-    out = dict(body)
-    meta = dict(out.get("metadata") or {})
-    meta.pop("managedFields", None)
-    annotations = meta.get("annotations")
-    if annotations and LAST_APPLIED in annotations:
-        meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
-    out["metadata"] = meta
-    return out
-
-
-def _slim_tenant(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What the cache keeps of a Tenant: the fields an evaluation reads. The cache holds every
-    Tenant the replica owns, so its size per Tenant is most of this service's memory."""
-    meta, status = body.get("metadata") or {}, body.get("status") or {}
-    return {
-        "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-        "metadata": {k: meta[k] for k in TENANT_METADATA if k in meta},
-        "spec": body.get("spec") or {},
-        **({"status": {k: status[k] for k in TENANT_STATUS if k in status}} if "status" in body else {}),
-    }
-
-
-def _tenant_ref(quota: Mapping[str, Any]) -> str | None:
-    ref = ((quota.get("spec") or {}).get("tenantRef") or {}).get("name")
-    return str(ref) if ref else None
-
-
-def _tenant_of(quota: Mapping[str, Any]) -> Key | None:
-    """The tenant key a Quota names (the quota cache's index)."""
-    ref = _tenant_ref(quota)
-    return (quota["metadata"]["namespace"], ref) if ref is not None else None
-
-
-def _tenant_state(tenant: Mapping[str, Any]) -> tuple[str, str]:
-    """What a Tenant's limits depend on: (uid, tier)."""
-    return (str(tenant["metadata"].get("uid") or ""), str((tenant.get("spec") or {}).get("tier") or "free"))
-
-
-def _first_provisioning(tenant: Mapping[str, Any], now: datetime) -> bool:
-    """The Tenant's own status says its first provisioning is under way: no status yet, or
-    Reconciling without ever having been provisioned (no tenantId) and neither Ready nor Stalled;
-    and it was created less than FIRST_PROVISIONING_GRACE ago (past that, its Quota is evaluated
-    anyway and says TenantNotReady)."""
-    meta = tenant["metadata"]
-    created = parse_time(meta.get("creationTimestamp"))
-    if meta.get("deletionTimestamp") or created is None or now - created > FIRST_PROVISIONING_GRACE:
-        return False
-    status = tenant.get("status") or {}
-    conds = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
-    if not conds:
-        return True
-    return (not status.get("tenantId") and conds.get("Reconciling") == "True"
-            and conds.get("Ready") != "True" and conds.get("Stalled") != "True")
 
 
 @dataclass(frozen=True)
@@ -163,11 +87,6 @@ class Trigger:
     """That Quota's (uid, generation)."""
     created: bool = False
     """The Quota is new (its ADDED event)."""
-
-
-def _is_ready(body: Mapping[str, Any]) -> bool:
-    status = body.get("status") or {}
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
 
 
 class QuotaService:
@@ -190,26 +109,13 @@ class QuotaService:
         """Evaluations in the background, one per tenant at a time (Quota and Tenant events)."""
         self._deferred: set[Key] = set()
         """Tenants whose new Quota waits for the end of their first provisioning (see reconcile_tenant)."""
-        # What the watch streams last showed (watch_cache.py): a Tenant event must not cost a LIST
-        # of every Quota, and with the Quotas indexed by the tenant they name, one tenant's
-        # evaluation does not scan every Quota of its namespace (a mass creation stays linear).
-        self.quotas = WatchCache(_slim, index=_tenant_of)
-        self.tenants = WatchCache(_slim_tenant)
-        self._caches = {QUOTAS: self.quotas, TENANTS: self.tenants}
-        for plural, cache in self._caches.items():
-            ctx.status.keep_fresh(plural, cache)
-        self._elsewhere: set[Key] = set()
-        """Sharded replicas: Tenants that exist and another replica owns, as of the last LIST (their
-        Quotas are that replica's to evaluate; Quotas are watched whole, Tenants by slice)."""
+        self.cluster = QuotaCluster(ctx)
+        self.quotas, self.tenants = self.cluster.quotas, self.cluster.tenants
         self._passes = 0
         self.probes = QuotaProbes(ctx, noisy=lambda key: bool((m := self.memory.get(key)) is not None and m.noisy))
         self.series = QuotaSeries(per_tenant=lambda: self.ctx.settings.quota_per_tenant_metrics,
                                   has_load=lambda key: key in self.probes.load_series,
                                   memories=lambda: self.memory.values())
-
-    def observe(self, plural: str, type_: str | None, body: Mapping[str, Any]) -> None:
-        """Keep the cache of Quotas and Tenants from their watch events (Kopf's initial listing too)."""
-        self._caches[plural].observe(type_, body)
 
     @property
     def control(self) -> str:
@@ -277,32 +183,6 @@ class QuotaService:
                             error=type(exc).__name__)
                 self.expiries[key] = now + timedelta(seconds=5)
 
-    # --- reading the cluster --------------------------------------------------------------------
-
-    def _watched(self, namespace: str) -> bool:
-        namespaces = self.ctx.settings.namespace_list
-        return not namespaces or namespace in namespaces
-
-    def _ours(self, key: Key, tenant: Mapping[str, Any] | None, quotas: Sequence[Mapping[str, Any]]) -> bool:
-        """Sharded replicas: a tenant's quotas are evaluated by the replica owning the Tenant; those
-        naming no existing Tenant (TenantNotFound) by the one owning the Quota."""
-        ownership = self.ctx.ownership
-        if tenant is not None:
-            return ownership.owns(tenant)
-        return key not in self._elsewhere and any(ownership.owns(q) for q in quotas)
-
-    async def _get_tenant(self, namespace: str, name: str) -> dict[str, Any] | None:
-        cached = self.tenants.get((namespace, name))
-        if cached is not None:
-            return cached
-        return await self.ctx.kube.get_object(TENANTS, namespace, name)
-
-    async def _tenant_quotas(self, namespace: str, tenant: str) -> list[dict[str, Any]]:
-        """The Quotas naming ``tenant``: from the watch cache, from a LIST before it filled."""
-        if self.quotas.listed:
-            return self.quotas.group((namespace, tenant))
-        return [q for q in await self.ctx.kube.list_objects(QUOTAS, namespace) if _tenant_ref(q) == tenant]
-
     # --- reading the databases ---------------------------------------------------------------------
 
     # --- evaluating and applying --------------------------------------------------------------------
@@ -329,19 +209,19 @@ class QuotaService:
                 asyncio.get_running_loop().call_later(UNSEEN_TENANT_GRACE_SECONDS, self._still_unseen, key)
                 return None
             try:
-                tenant = await self._get_tenant(namespace, name)
+                tenant = await self.cluster.get_tenant(namespace, name)
                 # The watch cache may have seen more than a GET that just returned (a Stalled status).
                 latest = self.tenants.get(key) or tenant
                 if (defer_first_provisioning and latest is not None and key not in self.applied
-                        and _first_provisioning(latest, _now())):
+                        and first_provisioning(latest, _now())):
                     self._deferred.add(key)
                     log.debug("quota evaluation deferred until the tenant is provisioned",
                               namespace=namespace, tenant=name, trigger=trigger)
                     return None
-                quotas = sort_quotas(await self._tenant_quotas(namespace, name))
+                quotas = sort_quotas(await self.cluster.tenant_quotas(namespace, name))
             except ApiError as exc:
                 raise Retry("KubernetesAPI", f"reading Tenant/Quotas failed: {exc.status}") from exc
-            if self.ctx.ownership.sharded and not self._ours(key, tenant, quotas):
+            if self.ctx.ownership.sharded and not self.cluster.ours(key, tenant, quotas):
                 return None  # another replica's tenant
             subject = Subject(namespace, name, tenant, quotas)
             probe = None
@@ -362,7 +242,7 @@ class QuotaService:
         plan = evaluate(subject, probe, tier_limits=self.ctx.settings.tier_limits, now=_now(), memory=memory,
                         stale_after=self.stale_after)
         if plan.enforce and (plan.role_changes or plan.publish is not None or plan.ledger):
-            await self._write_database(plan)
+            await write_database(self.ctx, plan)
         for body, patch in plan.quota_patches:
             await self._patch_status(QUOTAS, body, patch)
         if plan.tenant_patch and subject.tenant is not None:
@@ -380,7 +260,7 @@ class QuotaService:
         else:
             self.expiries.pop(key, None)
         if plan.enforce and subject.tenant is not None and (subject.tenant.get("status") or {}).get("conditions"):
-            self.applied[key] = _tenant_state(subject.tenant)
+            self.applied[key] = tenant_state(subject.tenant)
             self.enforced_quotas[key] = {quota_version(q) for q in subject.quotas}
         else:
             # Not enforced, or enforced before the Tenant's first status (which effectiveLimits
@@ -394,43 +274,6 @@ class QuotaService:
                      role_changes=plan.role_changes or None, published=plan.publish is not None,
                      sessions_ended=plan.terminate or None, overrides_expired=plan.expired or None)
         return plan
-
-    async def _write_database(self, plan: Plan) -> None:
-        assert plan.target
-        assert plan.ident
-        assert plan.role is not None
-        role, want = plan.ident, plan.role
-        try:
-            # Every step is idempotent: a try that met a concurrent change of the same role
-            # (a rotation, a deletion) is simply made again.
-            async for attempt in AsyncRetrying(retry=retry_if_exception(is_transient), stop=stop_after_attempt(4),
-                                               wait=wait_exponential_jitter(multiplier=0.1, max=1.0), reraise=True):
-                with attempt:
-                    # Pipeline mode: the statements go in one round trip (an error skips the rest,
-                    # and the whole attempt is made again).
-                    async with self.ctx.targets.connection(plan.target) as conn:
-                        # The owner's attributes are the record; its login roles get the same.
-                        roles = [role, *await sqlt.existing_logins(conn, role)] if plan.role_changes else [role]
-                    async with self.ctx.targets.connection(plan.target) as conn, conn.pipeline():
-                        for r in roles:
-                            if "connections" in plan.role_changes:
-                                await dbq.set_connection_limit(conn, r, want.connection_limit)
-                            if "statementTimeout" in plan.role_changes:
-                                await dbq.set_statement_timeout(conn, r, want.statement_timeout_ms)
-                            if "readOnly" in plan.role_changes:
-                                await dbq.set_read_only(conn, r, want.read_only)
-                                # Sessions keep the default they logged in with: end them so the change holds.
-                                await sqlt.terminate_sessions(conn, r)
-                        if plan.publish is not None and plan.tenant_id:
-                            await dbq.publish(conn, self.control, plan.tenant_id, plan.publish)
-                        for kind, detail in plan.ledger:
-                            if plan.tenant_id:
-                                await dbjobs.record(conn, self.control, plan.tenant_id, kind, detail=detail,
-                                                    requested_by=OPERATOR)
-        except psycopg.errors.UndefinedObject:
-            log.info("role vanished while applying limits", role=role)  # dropped meanwhile: nothing to limit
-        except DATABASE_ERRORS as exc:
-            raise database_retry(exc, f"database {plan.target!r}") from exc
 
     async def _patch_status(self, plural: str, body: Mapping[str, Any], patch: dict[str, Any],
                             if_version: str | None = None) -> None:
@@ -452,37 +295,21 @@ class QuotaService:
 
     # --- the periodic pass --------------------------------------------------------------------------
 
-    async def _every(self, plural: str, relist: bool) -> list[dict[str, Any]]:
-        """Every Tenant or Quota, from the watch cache; from a LIST (which then refreshes the
-        cache) when ``relist`` or before any watch event came: parsing every object of a large
-        fleet at every pass would hold the event loop for long; the periodic LIST still drops what
-        a watch re-list may have missed (a deletion while the stream was down)."""
-        cache = self._caches[plural]
-        if cache.listed and not relist:
-            return cache.values()
-        items = await self.ctx.kube.list_objects(plural)
-        if plural == TENANTS and self.ctx.ownership.sharded:
-            mine = self.ctx.ownership.mine(items)
-            self._elsewhere = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in items} - {
-                (o["metadata"]["namespace"], o["metadata"]["name"]) for o in mine}
-            items = mine
-        cache.replace_all(items)
-        return items
-
     async def pass_once(self) -> int:
         """Measure and evaluate every tenant; returns how many subjects were evaluated."""
         started = time.monotonic()
         epochs = dict(self.epochs)
         relist = self._passes % RELIST_EVERY == 0
         self._passes += 1
-        tenants = [t for t in await self._every(TENANTS, relist) if self._watched(t["metadata"]["namespace"])]
-        quotas = [q for q in await self._every(QUOTAS, relist) if self._watched(q["metadata"]["namespace"])]
+        watched = self.cluster.watched
+        tenants = [t for t in await self.cluster.every(TENANTS, relist) if watched(t["metadata"]["namespace"])]
+        quotas = [q for q in await self.cluster.every(QUOTAS, relist) if watched(q["metadata"]["namespace"])]
         subjects: dict[Key, Subject] = {}
         for t in tenants:
             key = (t["metadata"]["namespace"], t["metadata"]["name"])
             subjects[key] = Subject(key[0], key[1], t, [])
         for q in quotas:
-            ref = _tenant_ref(q)
+            ref = tenant_ref(q)
             if ref is None:
                 continue
             key = (q["metadata"]["namespace"], ref)
@@ -493,7 +320,7 @@ class QuotaService:
             # Its own events judge it meanwhile (a Quota event reads a missing Tenant with a GET).
             subjects = {k: s for k, s in subjects.items() if s.tenant is not None or k in self.memory}
         if self.ctx.ownership.sharded:
-            subjects = {k: s for k, s in subjects.items() if self._ours(k, s.tenant, s.quotas)}
+            subjects = {k: s for k, s in subjects.items() if self.cluster.ours(k, s.tenant, s.quotas)}
         for s in subjects.values():
             s.quotas = sort_quotas(s.quotas)
 
@@ -501,7 +328,7 @@ class QuotaService:
         # Quota's handler does: measuring them now would only write a status replaced seconds later.
         now = _now()
         waiting = {k for k, s in subjects.items()
-                   if s.tenant is not None and k not in self.applied and _first_provisioning(s.tenant, now)}
+                   if s.tenant is not None and k not in self.applied and first_provisioning(s.tenant, now)}
         self._deferred |= waiting
         by_target: dict[str, list[Subject]] = defaultdict(list)
         for k, s in subjects.items():
@@ -550,7 +377,7 @@ class QuotaService:
             version in self.enforced_quotas.get(key, ())
             and tenant is not None
             and not tenant["metadata"].get("deletionTimestamp")
-            and self.applied.get(key) == _tenant_state(tenant)
+            and self.applied.get(key) == tenant_state(tenant)
         )
 
     def quota_changed(self, type_: str | None, body: Mapping[str, Any]) -> None:
@@ -563,7 +390,7 @@ class QuotaService:
         cache, so events handled out of order cannot apply an older spec)."""
         if not self.initial_pass_done:
             return  # the start-up pass evaluates every tenant in bulk
-        ref = _tenant_ref(body)
+        ref = tenant_ref(body)
         if ref is None:
             return
         key = (body["metadata"]["namespace"], ref)
@@ -577,29 +404,13 @@ class QuotaService:
 
     async def quota_deleted(self, body: Mapping[str, Any]) -> None:
         """A deleted Quota returns its tenant to tier defaults (or lets a conflicting one apply)."""
-        ref = _tenant_ref(body)
+        ref = tenant_ref(body)
         if ref is not None and ((body["metadata"]["namespace"], ref) in self.tenants or self.ctx.ownership.owns(body)):
             self.spawn(body["metadata"]["namespace"], ref, "quota-deleted")
 
-    def expected_limits(self, tenant: Mapping[str, Any]) -> dict[str, str] | None:
-        """The effective limits this Tenant's next evaluation will publish, from the watch cache:
-        the Tenant's own first status carries them, so the evaluation right after it has nothing
-        to write there (one status PATCH and one watch event fewer per new tenant). None before
-        any Quota was seen."""
-        if not self.quotas.listed:
-            return None
-        meta = tenant["metadata"]
-        quotas = sort_quotas(self.quotas.group((meta["namespace"], meta["name"])))
-        spec: QuotaSpec | None = None
-        if quotas:
-            with contextlib.suppress(ValidationError):
-                spec = QuotaSpec.model_validate(quotas[0].get("spec") or {})
-        tier = str((tenant.get("spec") or {}).get("tier") or "free")
-        return effective_limits(self.ctx.settings.tier_limits.get(tier, {}), spec, _now())
-
     def tenant_changed(self, type_: str | None, body: Mapping[str, Any]) -> None:
         """A Tenant watch event (TenantWatcher): keep the cache, evaluate if needed."""
-        self.observe(TENANTS, type_, body)
+        self.cluster.observe(TENANTS, type_, body)
         self.tenant_event(type_, body)
 
     def tenant_event(self, type_: str | None, body: Mapping[str, Any]) -> None:
@@ -609,7 +420,7 @@ class QuotaService:
             return  # the first pass covers every tenant at start-up
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
-        if not self._watched(key[0]):
+        if not self.cluster.watched(key[0]):
             return
         if type_ == "DELETED":
             self.applied.pop(key, None)
@@ -617,7 +428,7 @@ class QuotaService:
             return
         if self._tenant_changed(key, body):
             self.spawn(key[0], key[1], "tenant-changed")
-        elif key in self._deferred and not _first_provisioning(body, _now()):
+        elif key in self._deferred and not first_provisioning(body, _now()):
             self._deferred.discard(key)  # not Ready, but no longer provisioning (e.g. Stalled)
             self.spawn(key[0], key[1], "tenant-settled")
 
@@ -628,7 +439,7 @@ class QuotaService:
 
     def _tenant_changed(self, key: Key, body: Mapping[str, Any] | None) -> bool:
         """A Ready Tenant this process has not enforced as it is now (new, re-created, new tier)."""
-        return body is not None and _is_ready(body) and self.applied.get(key) != _tenant_state(body)
+        return body is not None and is_ready(body) and self.applied.get(key) != tenant_state(body)
 
     def spawn(self, namespace: str, name: str, trigger: str) -> None:
         """Evaluate a tenant in the background, so a Kopf event handler never waits on it."""
@@ -669,6 +480,6 @@ class QuotaService:
                 metrics.record_result(KIND, False, "Internal")
                 raise
             metrics.record_result(KIND, True)
-        if "tenant-deleted" in causes and not await self._tenant_quotas(*key):
+        if "tenant-deleted" in causes and not await self.cluster.tenant_quotas(*key):
             self.forget(key)
         self.series.update_aggregates()

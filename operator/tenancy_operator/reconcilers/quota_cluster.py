@@ -1,0 +1,170 @@
+"""What the quota service knows of the cluster: the Tenants and Quotas it evaluates.
+
+The watch streams feed two caches (watch_cache.py): a Tenant event must not cost a LIST of every
+Quota, and with the Quotas indexed by the tenant they name, one tenant's evaluation does not scan
+every Quota of its namespace (a mass creation stays linear). The periodic pass LISTs now and then
+(``every``), which also drops what a watch re-list may have missed. The status writer stores our
+own status writes here (status_writer.keep_fresh), so the next evaluation compares with them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+
+from tenancy_operator.api.quota import QuotaSpec
+from tenancy_operator.reconcilers.quota_policy import Key, effective_limits, parse_time, sort_quotas
+from tenancy_operator.runtime_context import OperatorContext
+from tenancy_operator.watch_cache import WatchCache
+
+QUOTAS, TENANTS = "quotas", "tenants"
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+TENANT_METADATA = ("name", "namespace", "uid", "generation", "resourceVersion", "creationTimestamp",
+                   "deletionTimestamp")
+TENANT_STATUS = ("conditions", "effectiveLimits", "database", "phase")
+"""What an evaluation reads of a Tenant (quota_policy.evaluate, serving_database, Events about it)."""
+FIRST_PROVISIONING_GRACE = timedelta(minutes=10)
+"""A tenant in its first provisioning is evaluated when its Tenant reports Ready (or Stalled), not
+before: its Quota's first status is then the final one instead of a TenantNotReady that Ready
+replaces seconds later. Past this age the periodic pass evaluates it anyway."""
+
+
+def slim_quota(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the cache keeps of a Quota: not its managedFields nor kubectl's copy of its last
+    applied spec, never read here and often its largest parts."""
+    out = dict(body)
+    meta = dict(out.get("metadata") or {})
+    meta.pop("managedFields", None)
+    annotations = meta.get("annotations")
+    if annotations and LAST_APPLIED in annotations:
+        meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
+    out["metadata"] = meta
+    return out
+
+
+def slim_tenant(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the cache keeps of a Tenant: the fields an evaluation reads. The cache holds every
+    Tenant the replica owns, so its size per Tenant is most of this service's memory."""
+    meta, status = body.get("metadata") or {}, body.get("status") or {}
+    return {
+        "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+        "metadata": {k: meta[k] for k in TENANT_METADATA if k in meta},
+        "spec": body.get("spec") or {},
+        **({"status": {k: status[k] for k in TENANT_STATUS if k in status}} if "status" in body else {}),
+    }
+
+
+def tenant_ref(quota: Mapping[str, Any]) -> str | None:
+    ref = ((quota.get("spec") or {}).get("tenantRef") or {}).get("name")
+    return str(ref) if ref else None
+
+
+def tenant_of(quota: Mapping[str, Any]) -> Key | None:
+    """The tenant key a Quota names (the quota cache's index)."""
+    ref = tenant_ref(quota)
+    return (quota["metadata"]["namespace"], ref) if ref is not None else None
+
+
+def tenant_state(tenant: Mapping[str, Any]) -> tuple[str, str]:
+    """What a Tenant's limits depend on: (uid, tier)."""
+    return (str(tenant["metadata"].get("uid") or ""), str((tenant.get("spec") or {}).get("tier") or "free"))
+
+
+def is_ready(body: Mapping[str, Any]) -> bool:
+    status = body.get("status") or {}
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def first_provisioning(tenant: Mapping[str, Any], now: datetime) -> bool:
+    """The Tenant's own status says its first provisioning is under way: no status yet, or
+    Reconciling without ever having been provisioned (no tenantId) and neither Ready nor Stalled;
+    and it was created less than FIRST_PROVISIONING_GRACE ago (past that, its Quota is evaluated
+    anyway and says TenantNotReady)."""
+    meta = tenant["metadata"]
+    created = parse_time(meta.get("creationTimestamp"))
+    if meta.get("deletionTimestamp") or created is None or now - created > FIRST_PROVISIONING_GRACE:
+        return False
+    status = tenant.get("status") or {}
+    conds = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    if not conds:
+        return True
+    return (not status.get("tenantId") and conds.get("Reconciling") == "True"
+            and conds.get("Ready") != "True" and conds.get("Stalled") != "True")
+
+
+class QuotaCluster:
+    def __init__(self, ctx: OperatorContext) -> None:
+        self.ctx = ctx
+        self.quotas = WatchCache(slim_quota, index=tenant_of)
+        self.tenants = WatchCache(slim_tenant)
+        self._caches = {QUOTAS: self.quotas, TENANTS: self.tenants}
+        for plural, cache in self._caches.items():
+            ctx.status.keep_fresh(plural, cache)
+        self.elsewhere: set[Key] = set()
+        """Sharded replicas: Tenants that exist and another replica owns, as of the last LIST (their
+        Quotas are that replica's to evaluate; Quotas are watched whole, Tenants by slice)."""
+
+    def observe(self, plural: str, type_: str | None, body: Mapping[str, Any]) -> None:
+        """A Quota or Tenant watch event (type None: Kopf's initial listing)."""
+        self._caches[plural].observe(type_, body)
+
+    def watched(self, namespace: str) -> bool:
+        namespaces = self.ctx.settings.namespace_list
+        return not namespaces or namespace in namespaces
+
+    def ours(self, key: Key, tenant: Mapping[str, Any] | None, quotas: Sequence[Mapping[str, Any]]) -> bool:
+        """Sharded replicas: a tenant's quotas are evaluated by the replica owning the Tenant; those
+        naming no existing Tenant (TenantNotFound) by the one owning the Quota."""
+        ownership = self.ctx.ownership
+        if tenant is not None:
+            return ownership.owns(tenant)
+        return key not in self.elsewhere and any(ownership.owns(q) for q in quotas)
+
+    async def get_tenant(self, namespace: str, name: str) -> dict[str, Any] | None:
+        cached = self.tenants.get((namespace, name))
+        if cached is not None:
+            return cached
+        return await self.ctx.kube.get_object(TENANTS, namespace, name)
+
+    async def tenant_quotas(self, namespace: str, tenant: str) -> list[dict[str, Any]]:
+        """The Quotas naming ``tenant``: from the watch cache, from a LIST before it filled."""
+        if self.quotas.listed:
+            return self.quotas.group((namespace, tenant))
+        return [q for q in await self.ctx.kube.list_objects(QUOTAS, namespace) if tenant_ref(q) == tenant]
+
+    async def every(self, plural: str, relist: bool) -> list[dict[str, Any]]:
+        """Every Tenant or Quota, from the watch cache; from a LIST (which then refreshes the
+        cache) when ``relist`` or before any watch event came: parsing every object of a large
+        fleet at every pass would hold the event loop for long; the periodic LIST still drops what
+        a watch re-list may have missed (a deletion while the stream was down)."""
+        cache = self._caches[plural]
+        if cache.listed and not relist:
+            return cache.values()
+        items = await self.ctx.kube.list_objects(plural)
+        if plural == TENANTS and self.ctx.ownership.sharded:
+            mine = self.ctx.ownership.mine(items)
+            self.elsewhere = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in items} - {
+                (o["metadata"]["namespace"], o["metadata"]["name"]) for o in mine}
+            items = mine
+        cache.replace_all(items)
+        return items
+
+    def expected_limits(self, tenant: Mapping[str, Any]) -> dict[str, str] | None:
+        """The effective limits this Tenant's next evaluation will publish, from the watch cache:
+        the Tenant's own first status carries them, so the evaluation right after it has nothing
+        to write there (one status PATCH and one watch event fewer per new tenant). None before
+        any Quota was seen."""
+        if not self.quotas.listed:
+            return None
+        meta = tenant["metadata"]
+        quotas = sort_quotas(self.quotas.group((meta["namespace"], meta["name"])))
+        spec: QuotaSpec | None = None
+        if quotas:
+            with contextlib.suppress(ValidationError):
+                spec = QuotaSpec.model_validate(quotas[0].get("spec") or {})
+        tier = str((tenant.get("spec") or {}).get("tier") or "free")
+        return effective_limits(self.ctx.settings.tier_limits.get(tier, {}), spec, datetime.now(UTC))
