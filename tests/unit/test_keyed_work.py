@@ -92,3 +92,21 @@ async def test_cancel_ends_every_run_and_leaves_nothing_pending() -> None:
     queue.cancel()
     await queue.join()
     assert len(queue) == 0 and metrics.PENDING.count(KIND) == 0
+
+
+def test_a_handlers_work_is_outstanding_until_its_block_ends_and_after_it_raises() -> None:
+    """queue_depth for Kopf-driven kinds: a reconcile that ends is done; one that raises is tried
+    again by Kopf, so the object stays counted until then (or until its DELETED event)."""
+    kind = "OutstandingTest"
+    with metrics.PENDING.outstanding(kind, "ns/a"):
+        assert metrics.PENDING.count(kind) == 1
+    assert metrics.PENDING.count(kind) == 0
+    try:
+        with metrics.PENDING.outstanding(kind, "ns/a"):
+            raise RuntimeError("database down")
+    except RuntimeError:
+        pass
+    assert metrics.PENDING.count(kind) == 1
+    with metrics.PENDING.outstanding(kind, "ns/a"):  # Kopf's retry, which succeeds
+        pass
+    assert metrics.PENDING.count(kind) == 0

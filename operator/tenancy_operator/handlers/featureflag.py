@@ -104,8 +104,11 @@ class FeatureFlagService:
     async def run(self, body: Mapping[str, Any], retry: int = 0, tenants: set[str] | None = None) -> None:
         """One reconcile with its reporting. Raises kopf.TemporaryError to be retried."""
         meta = body["metadata"]
-        key = f"{meta['namespace']}/{meta['name']}"
-        metrics.PENDING.add(KIND, key)
+        with metrics.PENDING.outstanding(KIND, f"{meta['namespace']}/{meta['name']}"):
+            await self._run(body, retry, tenants)
+
+    async def _run(self, body: Mapping[str, Any], retry: int, tenants: set[str] | None) -> None:
+        meta = body["metadata"]
         if not body.get("status"):  # first sight: tell GitOps tools we are working on it
             generation = int(meta.get("generation") or 0)
             await self.ctx.status.write(PLURAL, body, {
@@ -124,7 +127,6 @@ class FeatureFlagService:
                 tenants = None  # the reconcile reads them itself and reports what fails
         async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
             if meta.get("uid") in self.ctx.gone:  # a sweep's snapshot of a flag deleted meanwhile
-                metrics.PENDING.discard(KIND, key)
                 return
             failed: Retry | None = None
             with metrics.observe_reconcile(KIND):
@@ -137,20 +139,17 @@ class FeatureFlagService:
                     metrics.record_result(KIND, False, "Internal")
                     raise
         if out.stale:
-            metrics.PENDING.discard(KIND, key)
             return
         self.rechecks.schedule((meta["namespace"], meta["name"]), out.check_in)
         if failed is None:
             metrics.record_result(KIND, out.ready, None if out.ready else out.reason)
         if not await self._report(body, out):
-            metrics.PENDING.discard(KIND, key)
             await self._clean_up_gone(body)  # nothing left to report on or to retry
             return
         if failed is not None:
             raise kopf.TemporaryError(failed.message, delay=backoff(retry)) from failed
         if out.retry:
             raise kopf.TemporaryError(out.message, delay=backoff(retry))
-        metrics.PENDING.discard(KIND, key)
 
     async def _report(self, body: Mapping[str, Any], out: Outcome) -> bool:
         """Events, the log line and the status; False when the FeatureFlag is gone."""
@@ -198,20 +197,19 @@ class FeatureFlagService:
     async def delete(self, body: Mapping[str, Any], retry: int = 0) -> None:
         meta = body["metadata"]
         key = f"{meta['namespace']}/{meta['name']}"
-        metrics.PENDING.add(KIND, key)
-        async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
-            try:
-                events = await self.reconciler.finalize(body)
-            except Retry as exc:
-                metrics.record_result(KIND, False, exc.reason)
-                await self.ctx.status.write(PLURAL, body, {"conditions": merge(
-                    (body.get("status") or {}).get("conditions"), [Cond("Ready", "False", exc.reason, exc.message)],
-                    int(meta.get("generation") or 0))})
-                raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
-            self.ctx.gone.add(meta.get("uid"))  # before the lock is released to a waiting snapshot
-        for type_, reason, message in events:
-            self.ctx.events.post(body, type_, reason, message)
-        metrics.PENDING.discard(KIND, key)
+        with metrics.PENDING.outstanding(KIND, key):
+            async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
+                try:
+                    events = await self.reconciler.finalize(body)
+                except Retry as exc:
+                    metrics.record_result(KIND, False, exc.reason)
+                    await self.ctx.status.write(PLURAL, body, {"conditions": merge(
+                        (body.get("status") or {}).get("conditions"), [Cond("Ready", "False", exc.reason, exc.message)],
+                        int(meta.get("generation") or 0))})
+                    raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
+                self.ctx.gone.add(meta.get("uid"))  # before the lock is released to a waiting snapshot
+            for type_, reason, message in events:
+                self.ctx.events.post(body, type_, reason, message)
         metrics.STALLED.forget(KIND, key)
         self.rechecks.schedule((meta["namespace"], meta["name"]), None)
         self.nudge(meta["namespace"])  # a FeatureFlag refused for a key conflict may take the key now

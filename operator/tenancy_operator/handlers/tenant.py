@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -142,11 +143,11 @@ class TenantService:
         the Argo CD health check already read as in progress.
         """
         key = _key(body)
-        metrics.PENDING.add(KIND, key)
         self._track_template(body)
         self._in_flight[key] += 1
         try:
-            out = await self._run(body, retry, listed=False)
+            with metrics.PENDING.outstanding(KIND, key):
+                out = await self._run(body, retry)
         finally:
             self._in_flight[key] -= 1
             if not self._in_flight[key]:
@@ -166,11 +167,14 @@ class TenantService:
         not skip: a reconcile already running may have read the template before it changed.)"""
         if unless_in_flight and self._in_flight.get(_key(body)):
             return None
-        return await self._run(body, 0, listed=True)
+        with contextlib.ExitStack() as pending:
+            return await self._run(body, 0, listed=pending)
 
-    async def _run(self, body: Mapping[str, Any], retry: int, *, listed: bool) -> Outcome | None:
+    async def _run(self, body: Mapping[str, Any], retry: int, *,
+                   listed: contextlib.ExitStack | None = None) -> Outcome | None:
+        """``listed``: a LISTed snapshot's reconcile, which counts in queue_depth from the moment
+        it is known to be current (a handler's counts from its event: ``run``)."""
         meta = body["metadata"]
-        key = _key(body)
         started = time.monotonic()
         async with (self.ctx.lock(KIND, meta["namespace"], meta["name"]),
                     self.ctx.reconcile_slots.hold(meta["namespace"])):
@@ -178,13 +182,13 @@ class TenantService:
                 # Finalized, or gone from the watch: Kopf can still run a handler on a body of it
                 # (its progress patch met the gone object, and the event its finalizer patch made
                 # came next). Provisioning it again would leave what nothing is left to drop.
-                return None if listed else Outcome(False, "Deleted", "the tenant is gone", "Deleting")
-            if listed:
-                if key in self._deleting or self._superseded(body):
+                return None if listed is not None else Outcome(False, "Deleted", "the tenant is gone", "Deleting")
+            if listed is not None:
+                if _key(body) in self._deleting or self._superseded(body):
                     return None
-                metrics.PENDING.add(KIND, key)
+                listed.enter_context(metrics.PENDING.outstanding(KIND, _key(body)))
                 self._track_template(body)
-            elif key in self._deleting:
+            elif _key(body) in self._deleting:
                 # The deletion handler owns it now; its status must not be overwritten here.
                 return Outcome(False, "Deleting", "the tenant is being deleted", "Deleting")
             with metrics.observe_reconcile(KIND):
@@ -211,7 +215,6 @@ class TenantService:
             return out
         if out.retry:  # a job attempt failed; the next one comes after a backoff
             raise kopf.TemporaryError(out.message, delay=backoff(retry))
-        metrics.PENDING.discard(KIND, key)
         return out
 
     async def _clean_up_gone(self, body: Mapping[str, Any]) -> None:
@@ -222,8 +225,6 @@ class TenantService:
         must not outlive it: the deletion policy applies now, to the registry row that is still
         this object's. Called with the Tenant's lock and a reconcile slot held."""
         meta = body["metadata"]
-        key = _key(body)
-        metrics.PENDING.discard(KIND, key)
         # Even if the uid is among the gone: the watch's DELETED event says the object is gone, not
         # that its deletion was applied. finalize(same_uid=True) finds nothing live of a Tenant
         # already finalized, so it is safe to repeat.
@@ -264,8 +265,10 @@ class TenantService:
         return True
 
     async def delete(self, body: Mapping[str, Any], retry: int = 0) -> None:
-        key = _key(body)
-        metrics.PENDING.add(KIND, key)
+        with metrics.PENDING.outstanding(KIND, _key(body)):
+            await self._delete(body, retry)
+
+    async def _delete(self, body: Mapping[str, Any], retry: int) -> None:
         meta = body["metadata"]
         generation = int(meta.get("generation") or 0)
         async with (self.ctx.lock(KIND, meta["namespace"], meta["name"]),
@@ -295,7 +298,6 @@ class TenantService:
         for type_, reason, message in evs:
             self.ctx.events.post(body, type_, reason, message)
         self._track_template(body, deleted=True)
-        metrics.PENDING.discard(KIND, key)
 
     async def migrate_fleet(self, namespace: str, template: str, configmap: Mapping[str, Any]) -> None:
         """A template changed: reconcile every Tenant using it, a bounded number at a time.

@@ -151,6 +151,14 @@ class PendingObjects:
         self._pending.setdefault(kind, set()).discard(key)
         QUEUE_DEPTH.labels(kind=kind).set(len(self._pending[kind]))
 
+    @contextmanager
+    def outstanding(self, kind: str, key: str) -> Iterator[None]:
+        """The object has work outstanding from here on. A block that ends is done with it; one
+        that raises leaves it outstanding (Kopf tries it again; its DELETED event discards it)."""
+        self.add(kind, key)
+        yield
+        self.discard(kind, key)
+
     def count(self, kind: str) -> int:
         return len(self._pending.get(kind, ()))
 
