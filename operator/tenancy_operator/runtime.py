@@ -30,14 +30,14 @@ from tenancy_operator.observability.health import waiting_health
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.observability.memory import trim_forever
 from tenancy_operator.peering import PeeringGate
-from tenancy_operator.runtime_context import OperatorContext
+from tenancy_operator.runtime_context import Background, OperatorContext
 from tenancy_operator.sharding import ShardCoordinator
 from tenancy_operator.shards import Ownership, Slices
 from tenancy_operator.sweep import Sweeper
 
 log = get_logger(__name__)
 # Each kind's handler module has ``register(registry)`` and ``SERVICE`` (its service class); a service
-# with a ``run_forever()`` coroutine (a periodic sweep) gets a background task.
+# that is a runtime_context.Background (a periodic pass, re-checks) gets a background task.
 HANDLER_MODULES = (tenant_handlers, quota_handlers, featureflag_handlers, schemarollout_handlers,
                    tenantarchive_handlers)
 PREFIX = "tenancy.dev"
@@ -131,7 +131,7 @@ def build_registry() -> kopf.OperatorRegistry:
         memo.services["Tenant"].limits = memo.services["Quota"].cluster.expected_limits
         loops = {"sweep": Sweeper(ctx, memo.services["Tenant"]).run_forever}
         for kind, service in memo.services.items():
-            if hasattr(service, "run_forever"):
+            if isinstance(service, Background):
                 loops[f"{kind}-loop"] = service.run_forever
         if cfg.peering_name:  # a standby's loops pause as Kopf pauses its handlers
             gate = PeeringGate(kube, cfg.peering_name, cfg.namespace_list, memo.peer_identity, memo.peer_priority)

@@ -28,6 +28,14 @@ class TenantWatcher(Protocol):
     def tenant_changed(self, type_: str | None, body: Mapping[str, Any]) -> None: ...
 
 
+@runtime_checkable
+class Background(Protocol):
+    """A service with work of its own beside its handlers (a periodic pass, scheduled re-checks):
+    the runtime runs ``run_forever`` as a background task while the replica leads."""
+
+    async def run_forever(self) -> None: ...
+
+
 class FairSlots:
     """At most ``capacity`` holders at once, shared fairly between keys (namespaces): one key holds
     at most ``per_key`` (all but a quarter, at least one slot is kept for the others), and a freed
