@@ -2,7 +2,9 @@
 
 Quotas are followed through their watch events only, with no Kopf create/update/resume handler:
 those stored a last-handled annotation on every Quota (one PATCH and one watch event each); the
-service decides from the Quota's generation what still needs evaluating. Quotas get no
+service decides from the Quota's generation what still needs evaluating. Nor is Kopf's per-object
+queue the right one: an evaluation is of a tenant, not of one Quota (its Tenant's events and every
+Quota naming it share it), so the service queues by tenant (keyed_work.KeyedWork). Quotas get no
 finalizer: nothing must be undone before one disappears, and its deletion is seen as a watch event
 (tenant back to tier defaults at once). The periodic pass catches anything an event missed, so a
 deletion while the operator is down is handled at the next start.
