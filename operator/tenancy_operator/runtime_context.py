@@ -19,6 +19,24 @@ from tenancy_operator.k8s.client import Kube
 from tenancy_operator.observability.events import EventRecorder
 from tenancy_operator.shards import Ownership
 from tenancy_operator.status_writer import StatusWriter
+from tenancy_operator.watch_cache import WatchCache
+
+TENANT_METADATA = ("name", "namespace", "uid", "generation", "resourceVersion", "creationTimestamp",
+                   "deletionTimestamp")
+TENANT_STATUS = ("conditions", "effectiveLimits", "database", "phase")
+
+
+def slim_tenant(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the Tenant cache keeps of a Tenant: the fields its readers use (the Tenant service's
+    superseded snapshots, a quota evaluation: quota_policy.evaluate, serving_database, Events).
+    It holds every Tenant the replica owns, so its size per Tenant counts."""
+    meta, status = body.get("metadata") or {}, body.get("status") or {}
+    return {
+        "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+        "metadata": {k: meta[k] for k in TENANT_METADATA if k in meta},
+        "spec": body.get("spec") or {},
+        **({"status": {k: status[k] for k in TENANT_STATUS if k in status}} if "status" in body else {}),
+    }
 
 
 @runtime_checkable
@@ -178,9 +196,16 @@ class OperatorContext:
     reconcile_slots: FairSlots = field(init=False)
     # The one way status is written, every kind's (status_writer.py).
     status: StatusWriter = field(init=False)
+    # The Tenants the replica watches, fed by the Tenant watch (handlers/tenant.py) and kept fresh
+    # by our own status writes: the one view of them every kind reads (the Tenant service's
+    # superseded snapshots, quota evaluations). (FeatureFlags need every Tenant name of a
+    # namespace, which a sharded replica's watch does not bring: they keep their own listing.)
+    tenants: WatchCache = field(init=False)
 
     def __post_init__(self) -> None:
         self.status = StatusWriter(self.kube)
+        self.tenants = WatchCache(slim_tenant)
+        self.status.keep_fresh("tenants", self.tenants)
         self.migration_slots = FairSlots(self.settings.migration_concurrency)
         self.reconcile_slots = FairSlots(self.settings.reconcile_concurrency)
 

@@ -94,13 +94,20 @@ def flag_rows(stack: LocalStack, namespace: str, key: str) -> int:
                          " WHERE namespace = %s AND flag_key = %s", [namespace, key]))
 
 
+def watch_event(ctx: OperatorContext, svc: TenantService, type_: str, body: dict[str, Any]) -> None:
+    """A Tenant watch event as the Tenant watch handler delivers it: to the runtime's Tenant
+    cache, then to the service."""
+    ctx.tenants.observe(type_, body)
+    svc.tenant_changed(type_, body)
+
+
 async def provisioned(ctx: OperatorContext, cluster: Cluster, namespace: str, name: str, *,
                       watched: bool = True) -> tuple[TenantService, dict[str, Any]]:
     """A Tenant provisioned by Kopf's create handler, and the snapshot a sweep listed of it."""
     svc = TenantService(ctx)
     listed = taken_on(cluster, TENANTS, namespace, tenant(name, deletionPolicy="Delete"))
     if watched:
-        svc.tenant_changed("ADDED", listed)
+        watch_event(ctx, svc, "ADDED", listed)
     assert (await svc.run(listed)).ready
     return svc, cluster.get(TENANTS, namespace, name)
 
@@ -116,10 +123,10 @@ async def test_a_tenant_deleted_after_the_sweep_listed_it_is_not_provisioned_aga
     assert role_count(stack, "tenant_lapsed") == 1
     # The sweep lists it here; then the user deletes it, and the deletion runs to its end.
     deleting = delete_marked(cluster, TENANTS, namespace, "lapsed")
-    svc.tenant_changed("MODIFIED", deleting)
+    watch_event(ctx, svc, "MODIFIED", deleting)
     await svc.delete(deleting)
     release(cluster, TENANTS, namespace, "lapsed")
-    svc.tenant_changed("DELETED", deleting)
+    watch_event(ctx, svc, "DELETED", deleting)
     assert role_count(stack, "tenant_lapsed") == 0
 
     assert await svc.run_listed(listed) is None  # the sweep's turn comes
@@ -147,7 +154,7 @@ async def test_an_older_listed_generation_does_not_undo_an_edit(
 ) -> None:
     svc, listed = await provisioned(ctx, cluster, namespace, "edited")
     suspended = cluster.patch(TENANTS, namespace, "edited", {"spec": {"state": "Suspended"}})
-    svc.tenant_changed("MODIFIED", suspended)
+    watch_event(ctx, svc, "MODIFIED", suspended)
     assert (await svc.run(suspended)).phase == "Suspended"  # Kopf's update handler
 
     assert await svc.run_listed(listed) is None  # the sweep's snapshot from before the edit
@@ -188,7 +195,7 @@ async def test_the_sweep_leaves_a_tenant_to_the_handler_reconcile_in_flight(
     longer than the sweep interval, every Tenant still queued would be reconciled twice."""
     svc = TenantService(ctx)
     listed = taken_on(cluster, TENANTS, namespace, tenant("queued", deletionPolicy="Delete"))
-    svc.tenant_changed("ADDED", listed)
+    watch_event(ctx, svc, "ADDED", listed)
     queued = metrics.PENDING.count("Tenant") + 1
     async with ctx.lock("Tenant", namespace, "queued"):  # whatever holds it, the handler waits
         handler = asyncio.create_task(svc.run(listed))  # Kopf's create handler
@@ -240,7 +247,7 @@ async def test_a_tenant_whose_deleted_event_comes_during_that_reconcile_leaves_n
 
     async def reconcile_then_watch_event(body: Any) -> Any:
         out = await reconcile(body)
-        svc.tenant_changed("DELETED", taken)  # the event is handled here, in this order
+        watch_event(ctx, svc, "DELETED", taken)  # the event is handled here, in this order
         return out
 
     svc.reconciler.reconcile = reconcile_then_watch_event  # type: ignore[method-assign]

@@ -41,9 +41,10 @@ from tenancy_operator.reconcilers.quota_policy import (
     usage_ratios,
     used_amounts,
 )
-from tenancy_operator.runtime_context import KeyedLocks
+from tenancy_operator.runtime_context import KeyedLocks, slim_tenant
 from tenancy_operator.shards import Ownership
 from tenancy_operator.status_writer import StatusWriter
+from tenancy_operator.watch_cache import WatchCache
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 NS = "acme"
@@ -445,6 +446,7 @@ class RecordingService(QuotaService):
     def __init__(self) -> None:
         ctx = SimpleNamespace(settings=Settings(quota_interval_seconds=3600),
                               locks=defaultdict(asyncio.Lock), ownership=Ownership(),
+                              tenants=WatchCache(slim_tenant),
                               status=StatusWriter(None))  # type: ignore[arg-type]  # writes nothing
         super().__init__(ctx)  # type: ignore[arg-type]
         self.passes = 0
@@ -519,6 +521,7 @@ class CountingService(QuotaService):
         locks = KeyedLocks()
         ctx = SimpleNamespace(settings=Settings(), locks=locks, ownership=Ownership(),
                               status=StatusWriter(None),  # type: ignore[arg-type]  # writes nothing
+                              tenants=WatchCache(slim_tenant),
                               lock=lambda kind, namespace, name: locks.hold((kind, namespace, name)))
         super().__init__(ctx)  # type: ignore[arg-type]
         self.initial_pass_done = True
@@ -542,7 +545,7 @@ def cached(svc: QuotaService, plural: str, body: dict[str, Any], rv: int) -> dic
     body = copy.deepcopy(body)
     body["metadata"]["resourceVersion"] = str(rv)
     body["metadata"]["creationTimestamp"] = iso(datetime.now(UTC).replace(microsecond=0))
-    svc.cluster.observe(plural, "MODIFIED", body)
+    (svc.tenants if plural == "tenants" else svc.quotas).observe("MODIFIED", body)
     return body
 
 
@@ -579,7 +582,7 @@ async def test_a_tenants_quotas_come_from_the_cache_by_tenant() -> None:
     cached(svc, "quotas", moved, 2)  # its tenantRef edited: it now counts for the other tenant only
     assert await svc.cluster.tenant_quotas(NS, "acme-corp") == []
     assert [x["metadata"]["resourceVersion"] for x in await svc.cluster.tenant_quotas(NS, "globex")] == ["2"]
-    svc.cluster.observe("quotas", "DELETED", moved)
+    svc.cluster.observe("DELETED", moved)
     assert await svc.cluster.tenant_quotas(NS, "globex") == []
     assert len(svc.quotas) == 0
 
@@ -588,7 +591,7 @@ async def test_a_quota_handler_for_an_enforced_version_evaluates_nothing() -> No
     svc = CountingService()
     t = cached(svc, "tenants", tenant_body(), 1)
     q = cached(svc, "quotas", quota_body(limits={"connections": 3}), 2)
-    svc.tenant_event("MODIFIED", t)  # Ready: evaluated at once, the Quota from the cache included
+    svc.tenant_changed("MODIFIED", t)  # Ready: evaluated at once, the Quota from the cache included
     await settle(svc)
     assert svc.evaluations == ["tenant-changed"]
     svc.quota_changed("ADDED", q)  # its ADDED event comes later: nothing new to do
@@ -596,7 +599,7 @@ async def test_a_quota_handler_for_an_enforced_version_evaluates_nothing() -> No
     assert svc.evaluations == ["tenant-changed"]
     edited = copy.deepcopy(q)
     edited["metadata"]["generation"] = 2
-    svc.cluster.observe("quotas", "MODIFIED", edited)
+    svc.cluster.observe("MODIFIED", edited)
     svc.quota_changed("MODIFIED", edited)  # an edit takes effect at once
     await settle(svc)
     assert svc.evaluations == ["tenant-changed", "quota-changed"]
@@ -605,8 +608,8 @@ async def test_a_quota_handler_for_an_enforced_version_evaluates_nothing() -> No
 async def test_tenant_events_during_an_evaluation_rerun_it_only_if_still_needed() -> None:
     svc = CountingService()
     t = cached(svc, "tenants", tenant_body(), 1)
-    svc.tenant_event("MODIFIED", t)
-    svc.tenant_event("MODIFIED", t)  # e.g. our own effectiveLimits write, while the first one runs
+    svc.tenant_changed("MODIFIED", t)
+    svc.tenant_changed("MODIFIED", t)  # e.g. our own effectiveLimits write, while the first one runs
     await settle(svc)
     assert svc.evaluations == ["tenant-changed"]
     svc.spawn(NS, "acme-corp", "quota-deleted")
@@ -615,7 +618,7 @@ async def test_tenant_events_during_an_evaluation_rerun_it_only_if_still_needed(
     assert svc.evaluations == ["tenant-changed", "quota-deleted", "quota-deleted"]
     retiered = copy.deepcopy(t)
     retiered["spec"]["tier"] = "enterprise"
-    svc.tenant_event("MODIFIED", cached(svc, "tenants", retiered, 2))
+    svc.tenant_changed("MODIFIED", cached(svc, "tenants", retiered, 2))
     await settle(svc)
     assert svc.evaluations[-1] == "tenant-changed"
 
@@ -624,9 +627,9 @@ async def test_tenant_and_quota_events_during_an_evaluation_fold_into_a_rerun_on
     svc = CountingService()
     t = cached(svc, "tenants", tenant_body(), 1)
     q = cached(svc, "quotas", quota_body(), 2)
-    svc.tenant_event("MODIFIED", t)  # starts an evaluation, which sees the Quota in the cache
+    svc.tenant_changed("MODIFIED", t)  # starts an evaluation, which sees the Quota in the cache
     svc.quota_changed("ADDED", q)  # both come while it runs: one rerun with both triggers,
-    svc.tenant_event("MODIFIED", t)  # which finds the Tenant and this Quota version enforced
+    svc.tenant_changed("MODIFIED", t)  # which finds the Tenant and this Quota version enforced
     await settle(svc)
     assert svc.evaluations == ["tenant-changed"]
     edited = copy.deepcopy(q)
@@ -658,7 +661,7 @@ async def test_a_new_quota_of_a_tenant_not_seen_yet_waits_for_it(monkeypatch: py
     svc.quota_changed("ADDED", cached(svc, "quotas", quota_body(), 1))
     await settle(svc)
     assert svc.evaluations == [] and reads == []  # created together with its Tenant: no GET
-    svc.tenant_event("MODIFIED", cached(svc, "tenants", tenant_body(), 2))  # it shows up, Ready
+    svc.tenant_changed("MODIFIED", cached(svc, "tenants", tenant_body(), 2))  # it shows up, Ready
     await settle(svc)
     assert svc.evaluations == ["tenant-changed"]
 
@@ -691,7 +694,7 @@ async def test_evaluations_starting_together_share_one_probe(monkeypatch: pytest
     for i, name in enumerate(names):
         body = tenant_body()
         body["metadata"].update(name=name, uid=f"u-{name}")
-        svc.tenant_event("MODIFIED", cached(svc, "tenants", body, i + 1))  # a burst of new Ready tenants
+        svc.tenant_changed("MODIFIED", cached(svc, "tenants", body, i + 1))  # a burst of new Ready tenants
     await settle(svc)
     assert sorted(svc.evaluations) == ["tenant-changed"] * 5
     assert batches == [names]  # one probe query for the five
@@ -705,7 +708,7 @@ async def test_a_new_quota_waits_for_its_tenants_first_provisioning() -> None:
     await settle(svc)
     assert svc.evaluations == []  # no TenantNotReady status that Ready replaces seconds later
     ready = cached(svc, "tenants", tenant_body(), 3)
-    svc.tenant_event("MODIFIED", ready)
+    svc.tenant_changed("MODIFIED", ready)
     await settle(svc)
     assert svc.evaluations == ["tenant-changed"]  # one evaluation, one status write
 
@@ -718,13 +721,13 @@ async def test_a_new_quota_waits_for_its_tenants_first_provisioning() -> None:
     retrying = copy.deepcopy(provisioning)
     retrying["status"] = {"conditions": [{"type": "Ready", "status": "False"},
                                          {"type": "Reconciling", "status": "True"}]}
-    svc.tenant_event("MODIFIED", cached(svc, "tenants", retrying, 3))  # still its first provisioning
+    svc.tenant_changed("MODIFIED", cached(svc, "tenants", retrying, 3))  # still its first provisioning
     await settle(svc)
     assert svc.evaluations == []
     stalled = copy.deepcopy(provisioning)
     stalled["status"] = {"conditions": [{"type": "Ready", "status": "False"},
                                         {"type": "Stalled", "status": "True"}]}
-    svc.tenant_event("MODIFIED", cached(svc, "tenants", stalled, 4))
+    svc.tenant_changed("MODIFIED", cached(svc, "tenants", stalled, 4))
     await settle(svc)
     assert svc.evaluations == ["tenant-settled"]
 
@@ -737,7 +740,7 @@ async def test_a_new_quota_waits_for_its_tenants_first_provisioning() -> None:
     svc = CountingService()
     old = cached(svc, "tenants", provisioning, 1)
     old["metadata"]["creationTimestamp"] = iso(datetime.now(UTC) - timedelta(hours=1))
-    svc.cluster.observe("tenants", "MODIFIED", old)
+    svc.tenants.observe("MODIFIED", old)
     svc.quota_changed("ADDED", cached(svc, "quotas", q, 2))
     await settle(svc)
     assert svc.evaluations == ["quota-changed"]

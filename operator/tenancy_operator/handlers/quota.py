@@ -38,7 +38,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id=WATCH_HANDLER_ID)
     async def quota_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        service(memo).cluster.observe(PLURAL, type, body)
+        service(memo).cluster.observe(type, body)
         if type == "DELETED":
             await service(memo).quota_deleted(body)
         else:

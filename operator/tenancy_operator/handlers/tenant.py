@@ -86,10 +86,6 @@ class TenantService:
         # for index readiness, which can starve the operator at start-up with many ConfigMaps.)
         self._template_users: dict[tuple[str, str], set[str]] = {}
         self.resume_check = ResumeChecker(ctx)
-        self._deleting: set[str] = set()
-        """Tenants whose deletion has begun, from the watch (TenantWatcher)."""
-        self._seen: dict[str, tuple[str, int]] = {}
-        """key -> (uid, generation) of the newest version the watch delivered."""
         self._in_flight: Counter[str] = Counter()
         """Tenants with a handler's reconcile waiting or running."""
         self.limits: Callable[[Mapping[str, Any]], Mapping[str, str] | None] | None = None
@@ -98,16 +94,15 @@ class TenantService:
     def tenant_changed(self, type_: str | None, body: Mapping[str, Any]) -> None:
         key, meta = _key(body), body["metadata"]
         if type_ == "DELETED":
-            self._deleting.discard(key)
-            self._seen.pop(key, None)
             self.ctx.gone.add(meta.get("uid"))
             self.reconciler.forget_placement(str(meta.get("uid") or ""))
             metrics.PENDING.discard(KIND, key)  # whatever was waiting for it will not come
             metrics.STALLED.forget(KIND, key)
-            return
-        self._seen[key] = (str(meta.get("uid") or ""), int(meta.get("generation") or 0))
-        if meta.get("deletionTimestamp"):
-            self._deleting.add(key)
+
+    def _deleting(self, body: Mapping[str, Any]) -> bool:
+        """The watch has shown this Tenant's deletion begun (the runtime's Tenant cache)."""
+        seen = self.ctx.tenants.get((body["metadata"]["namespace"], body["metadata"]["name"]))
+        return seen is not None and bool(seen["metadata"].get("deletionTimestamp"))
 
     def _superseded(self, body: Mapping[str, Any]) -> bool:
         """A LISTed snapshot that must not be reconciled: its Tenant is gone, or the watch has
@@ -116,8 +111,9 @@ class TenantService:
         uid = str(meta.get("uid") or "")
         if uid in self.ctx.gone:
             return True
-        seen = self._seen.get(_key(body))
-        return seen is not None and (seen[0] != uid or seen[1] > int(meta.get("generation") or 0))
+        seen = self.ctx.tenants.get((meta["namespace"], meta["name"]))
+        return seen is not None and (str(seen["metadata"].get("uid") or "") != uid
+                                     or int(seen["metadata"].get("generation") or 0) > int(meta.get("generation") or 0))
 
     def confirm_in_sync(self, body: Mapping[str, Any]) -> None:
         self._track_template(body)
@@ -184,11 +180,11 @@ class TenantService:
                 # came next). Provisioning it again would leave what nothing is left to drop.
                 return None if listed is not None else Outcome(False, "Deleted", "the tenant is gone", "Deleting")
             if listed is not None:
-                if _key(body) in self._deleting or self._superseded(body):
+                if self._deleting(body) or self._superseded(body):
                     return None
                 listed.enter_context(metrics.PENDING.outstanding(KIND, _key(body)))
                 self._track_template(body)
-            elif _key(body) in self._deleting:
+            elif self._deleting(body):
                 # The deletion handler owns it now; its status must not be overwritten here.
                 return Outcome(False, "Deleting", "the tenant is being deleted", "Deleting")
             with metrics.observe_reconcile(KIND):
@@ -362,7 +358,9 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id=WATCH_HANDLER_ID)
     async def tenant_watch(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         # One watch handler for every service that follows Tenants (quotas, flag overrides): one
-        # handler call per Tenant event instead of one per service.
+        # handler call per Tenant event instead of one per service. The Tenant cache first: the
+        # services read it.
+        memo.ctx.tenants.observe(type, body)  # the start-up handler made it before any watch
         for svc in getattr(memo, "services", {}).values():
             if isinstance(svc, TenantWatcher):
                 svc.tenant_changed(type, body)

@@ -409,13 +409,9 @@ class QuotaService:
             self.spawn(body["metadata"]["namespace"], ref, "quota-deleted")
 
     def tenant_changed(self, type_: str | None, body: Mapping[str, Any]) -> None:
-        """A Tenant watch event (TenantWatcher): keep the cache, evaluate if needed."""
-        self.cluster.observe(TENANTS, type_, body)
-        self.tenant_event(type_, body)
-
-    def tenant_event(self, type_: str | None, body: Mapping[str, Any]) -> None:
-        """A Tenant changed: evaluate it now if this process has not enforced it as it is now
-        (new, re-created or tier changed), or if it is gone (its Quota reports TenantNotFound)."""
+        """A Tenant watch event (TenantWatcher, after the runtime's Tenant cache took it): evaluate
+        it now if this process has not enforced it as it is now (new, re-created or tier
+        changed), or if it is gone (its Quota reports TenantNotFound)."""
         if not self.initial_pass_done:
             return  # the first pass covers every tenant at start-up
         meta = body["metadata"]

@@ -23,10 +23,6 @@ from tenancy_operator.watch_cache import WatchCache
 
 QUOTAS, TENANTS = "quotas", "tenants"
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
-TENANT_METADATA = ("name", "namespace", "uid", "generation", "resourceVersion", "creationTimestamp",
-                   "deletionTimestamp")
-TENANT_STATUS = ("conditions", "effectiveLimits", "database", "phase")
-"""What an evaluation reads of a Tenant (quota_policy.evaluate, serving_database, Events about it)."""
 FIRST_PROVISIONING_GRACE = timedelta(minutes=10)
 """A tenant in its first provisioning is evaluated when its Tenant reports Ready (or Stalled), not
 before: its Quota's first status is then the final one instead of a TenantNotReady that Ready
@@ -44,18 +40,6 @@ def slim_quota(body: Mapping[str, Any]) -> dict[str, Any]:
         meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
     out["metadata"] = meta
     return out
-
-
-def slim_tenant(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What the cache keeps of a Tenant: the fields an evaluation reads. The cache holds every
-    Tenant the replica owns, so its size per Tenant is most of this service's memory."""
-    meta, status = body.get("metadata") or {}, body.get("status") or {}
-    return {
-        "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-        "metadata": {k: meta[k] for k in TENANT_METADATA if k in meta},
-        "spec": body.get("spec") or {},
-        **({"status": {k: status[k] for k in TENANT_STATUS if k in status}} if "status" in body else {}),
-    }
 
 
 def tenant_ref(quota: Mapping[str, Any]) -> str | None:
@@ -100,17 +84,17 @@ class QuotaCluster:
     def __init__(self, ctx: OperatorContext) -> None:
         self.ctx = ctx
         self.quotas = WatchCache(slim_quota, index=tenant_of)
-        self.tenants = WatchCache(slim_tenant)
+        self.tenants = ctx.tenants
         self._caches = {QUOTAS: self.quotas, TENANTS: self.tenants}
-        for plural, cache in self._caches.items():
-            ctx.status.keep_fresh(plural, cache)
+        ctx.status.keep_fresh(QUOTAS, self.quotas)
         self.elsewhere: set[Key] = set()
         """Sharded replicas: Tenants that exist and another replica owns, as of the last LIST (their
         Quotas are that replica's to evaluate; Quotas are watched whole, Tenants by slice)."""
 
-    def observe(self, plural: str, type_: str | None, body: Mapping[str, Any]) -> None:
-        """A Quota or Tenant watch event (type None: Kopf's initial listing)."""
-        self._caches[plural].observe(type_, body)
+    def observe(self, type_: str | None, body: Mapping[str, Any]) -> None:
+        """A Quota watch event (type None: Kopf's initial listing). The Tenants' cache is the
+        runtime context's, fed by the Tenant watch (handlers/tenant.py)."""
+        self.quotas.observe(type_, body)
 
     def watched(self, namespace: str) -> bool:
         namespaces = self.ctx.settings.namespace_list
