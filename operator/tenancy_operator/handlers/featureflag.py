@@ -20,6 +20,7 @@ from typing import Any
 import kopf
 
 from tenancy_operator import GROUP, VERSION
+from tenancy_operator.api.featureflag import FeatureFlagStatus
 from tenancy_operator.api.names import FINALIZER
 from tenancy_operator.conditions import Cond, merge, readiness, status_differs
 from tenancy_operator.handlers.common import Rechecks, backoff, on_reconcile, service_of
@@ -42,10 +43,6 @@ NAMES_TTL_SECONDS = 30.0
 """How long a LIST of a namespace's Tenant names serves flag edits and re-checks, kept current by the watch."""
 
 
-def _iso(when: datetime.datetime) -> str:
-    return when.astimezone(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
 def desired_status(body: Mapping[str, Any], out: Outcome) -> dict[str, Any]:
     generation = int(body["metadata"].get("generation") or 0)
     old = (body.get("status") or {}).get("conditions")
@@ -65,25 +62,34 @@ def desired_status(body: Mapping[str, Any], out: Outcome) -> dict[str, Any]:
                           out.source.message))
     elif out.stalled:
         drop.append(SOURCE_CONDITION)  # refused (key conflict, invalid spec): not published by this object
-    status: dict[str, Any] = {
+    d = out.definition
+    record = FeatureFlagStatus(
+        conditions=[],
+        unknown_tenants=out.unknown_tenants,
+        variant_shares=d.variant_shares() if d is not None else {},
+        tenant_overrides=len(d.tenants) if d is not None else 0,
+        user_overrides=len(d.users) if d is not None else 0,
+        key=d.key if d is not None else None,
+        rollout=out.rollout,
+        last_written_at=out.written_at.astimezone(datetime.UTC).replace(microsecond=0) if out.written_at else None,
+        config_map=out.config_map,
+    )
+    # What this reconcile knows; the rest stays as the status holds it: without a definition (an
+    # invalid spec, the database down) the shares and counts last published still describe what
+    # is served, and a reconcile that wrote nothing leaves lastWrittenAt and configMap alone.
+    known = {"unknown_tenants"}
+    if d is not None:
+        known |= {"variant_shares", "tenant_overrides", "user_overrides", "key", "rollout"}
+    if out.written_at is not None:
+        known.add("last_written_at")
+    if out.config_map is not None:
+        known.add("config_map")
+    return {
         "observedGeneration": generation,
         "conditions": merge(old, conds, generation, drop=drop),
-        "unknownTenants": out.unknown_tenants,
+        # exclude_unset: a rollout's fields it never set are absent, as before they were written.
+        **record.model_dump(mode="json", include=known, exclude_unset=True),
     }
-    if out.definition is not None:
-        status.update({
-            "variantShares": out.definition.variant_shares(),
-            "tenantOverrides": len(out.definition.tenants),
-            "userOverrides": len(out.definition.users),
-            "key": out.definition.key,
-        })
-    if out.written_at is not None:
-        status["lastWrittenAt"] = _iso(out.written_at)
-    if out.config_map is not None:
-        status["configMap"] = out.config_map
-    if out.definition is not None:
-        status["rollout"] = out.rollout.model_dump(mode="json", exclude_none=True) if out.rollout else None
-    return status
 
 
 class FeatureFlagService:

@@ -1,0 +1,55 @@
+"""A FeatureFlag's status, from its reconcile's outcome (handlers/featureflag.desired_status)."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from tenancy_operator.api.featureflag import RolloutStatus
+from tenancy_operator.conditions import status_patch
+from tenancy_operator.flags.model import FlagDefinition, Rollout
+from tenancy_operator.handlers.featureflag import desired_status
+from tenancy_operator.reconcilers.featureflag import Outcome
+
+
+def flag(status: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"metadata": {"namespace": "acme", "name": "new-checkout", "generation": 3}, "status": status or {}}
+
+
+def published() -> Outcome:
+    definition = FlagDefinition(key="new-checkout", enabled=True, variants={"on": True, "off": False},
+                                default_variant="off", rollout=Rollout(variant="on", percentage=25))
+    written = datetime.datetime(2026, 12, 4, 7, 0, 1, 250_000, tzinfo=ZoneInfo("Europe/Berlin"))
+    return Outcome(True, "Published", "published", definition=definition, written_at=written,
+                   config_map="new-checkout-flagd", rollout=RolloutStatus(percentage=25))
+
+
+def test_a_published_flag_reports_what_it_serves() -> None:
+    status = desired_status(flag(), published())
+    assert {k: v for k, v in status.items() if k != "conditions"} == {
+        "observedGeneration": 3,
+        "unknownTenants": [],
+        "variantShares": {"on": 0.25, "off": 0.75},
+        "tenantOverrides": 0,
+        "userOverrides": 0,
+        "key": "new-checkout",
+        "rollout": {"percentage": 25},
+        "lastWrittenAt": "2026-12-04T06:00:01Z",
+        "configMap": "new-checkout-flagd",
+    }
+
+
+def test_a_reconcile_without_a_definition_leaves_what_was_published_alone() -> None:
+    """An invalid spec or the database down: the shares, counts, rollout, write time and ConfigMap
+    last published still describe what is served; nothing in the patch removes them."""
+    before = desired_status(flag(), published())
+    status = desired_status(flag(before), Outcome(False, "DatabaseUnavailable", "database 'default' is down"))
+    patch = status_patch(before, status)
+    assert set(patch) == {"conditions"}
+    assert status["unknownTenants"] == []
+
+
+def test_the_same_outcome_again_writes_nothing() -> None:
+    before = desired_status(flag(), published())
+    assert status_patch(before, desired_status(flag(before), published())) == {}
