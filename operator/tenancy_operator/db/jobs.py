@@ -12,6 +12,7 @@ from typing import Any
 
 from psycopg import sql
 
+from tenancy_operator.api.tenant import JobRef
 from tenancy_operator.db.targets import Conn
 from tenancy_operator.observability.text import clean_message
 
@@ -36,21 +37,19 @@ class Job:
     """Who asked for it: a field manager, or "tenancy-operator" for its own schedule and repairs."""
     requested_at: Any = None
 
-    def summary(self) -> dict[str, Any]:
-        """The shape of TenantStatus.currentJob / recentJobs."""
-        out: dict[str, Any] = {"id": self.id, "kind": self.kind, "state": self.state, "attempt": self.attempt}
-        if self.started_at is not None:
-            out["startedAt"] = self.started_at.isoformat()
-        if self.finished_at is not None:
-            out["finishedAt"] = self.finished_at.isoformat()
-        if self.requested_by:
-            out["requestedBy"] = clean_message(self.requested_by, limit=256)  # a manager name the user chose
-        if self.requested_at is not None:
-            out["requestedAt"] = self.requested_at.isoformat()
+    def summary(self) -> JobRef:
+        """The job as TenantStatus.currentJob / recentJobs show it."""
         message = self.error or self.note or self.detail
-        if message:
-            out["message"] = clean_message(message)  # often a tenant's own error text
-        return out
+        known = {
+            "started_at": self.started_at, "finished_at": self.finished_at, "requested_at": self.requested_at,
+            # A manager name the user chose, and often a tenant's own error text: one clean line.
+            "requested_by": clean_message(self.requested_by, limit=256) if self.requested_by else None,
+            "message": clean_message(message) if message else None,
+        }
+        # Only what is known is set: a job is an item of a list, which the status holds as written
+        # (the API server drops nulls there), so a null would differ from it at every compare.
+        return JobRef(id=self.id, kind=self.kind, state=self.state, attempt=self.attempt,
+                      **{k: v for k, v in known.items() if v is not None})
 
 
 _COLUMNS = sql.SQL(

@@ -15,7 +15,7 @@ import psycopg
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.names import ACK_SCHEMA_RECREATED_ANNOTATION
 from tenancy_operator.api.schemarollout import SCHEMA_ROLLOUT
-from tenancy_operator.api.tenant import tenant_identifier
+from tenancy_operator.api.tenant import CredentialsStatus, MoveRecord, TenantStatus, tenant_identifier
 from tenancy_operator.conditions import Cond, merge, readiness
 from tenancy_operator.handlers.common import backoff, on_reconcile, service_of
 from tenancy_operator.observability import metrics
@@ -50,31 +50,44 @@ def desired_status(body: Mapping[str, Any], out: Outcome, ident: str | None,
         ))
     else:
         drop.append("SchemaRecreated")
-    status: dict[str, Any] = {
-        "observedGeneration": generation,
-        "phase": out.phase,
-        "conditions": merge(old, conds, generation, drop=drop),
-        "database": out.database or spec.get("database", "default"),
-    }
-    if out.last_move is not None:
-        status["lastMove"] = dict(out.last_move)
-    if ident and out.tenant_id:
-        status.update({"tenantId": out.tenant_id, "schema": ident, "role": ident,
-                       "secretName": secret_name(meta["name"])})
-    if out.schema_version:
-        status["schemaVersion"] = out.schema_version
-    if out.credentials is not None:
-        # None removes a field the status holds (merge patch): a retired login, a dropped schedule.
-        status["credentials"] = dict(out.credentials)
-    if limits and out.ready and not (body.get("status") or {}).get("effectiveLimits"):
-        status["effectiveLimits"] = dict(limits)  # the quota service keeps them up to date from here
-    if out.jobs:
-        latest = out.jobs[0]
+    provisioned = bool(ident and out.tenant_id)
+    latest = out.jobs[0] if out.jobs else None
+    record = TenantStatus(
+        conditions=[],
+        observed_generation=generation,
+        phase=out.phase,
+        database=out.database or spec.get("database", "default"),
+        last_move=MoveRecord.model_validate(out.last_move) if out.last_move is not None else None,
+        tenant_id=out.tenant_id if provisioned else None,
+        schema_name=ident if provisioned else None,
+        role=ident if provisioned else None,
+        secret_name=secret_name(meta["name"]) if provisioned else None,
+        schema_version=out.schema_version or None,
+        credentials=CredentialsStatus.model_validate(out.credentials) if out.credentials is not None else None,
+        effective_limits=dict(limits or {}),
         # currentJob: the job still needing attention (failed, awaiting a retry or an admin); else none.
-        status["currentJob"] = latest.summary() if latest.state != "succeeded" else None
-        status["recentJobs"] = [j.summary() for j in out.jobs]
-    return status
-
+        current_job=latest.summary() if latest is not None and latest.state != "succeeded" else None,
+        recent_jobs=[j.summary() for j in out.jobs],
+    )
+    # What this reconcile knows; the rest stays as the status holds it (a reconcile that failed
+    # before reading the registry still shows the schema, role and Secret it was given).
+    known = {"observed_generation", "phase", "database"}
+    if out.last_move is not None:
+        known.add("last_move")
+    if provisioned:
+        known |= {"tenant_id", "schema_name", "role", "secret_name"}
+    if out.schema_version:
+        known.add("schema_version")
+    if out.credentials is not None:
+        known.add("credentials")  # its None fields remove what the status holds (a retired login)
+    if limits and out.ready and not (body.get("status") or {}).get("effectiveLimits"):
+        known.add("effective_limits")  # the quota service keeps them up to date from here
+    if out.jobs:
+        known |= {"current_job", "recent_jobs"}
+    return {
+        "conditions": merge(old, conds, generation, drop=drop),
+        **record.model_dump(mode="json", include=known, exclude_unset=True),
+    }
 
 
 class TenantService:

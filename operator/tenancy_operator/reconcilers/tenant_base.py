@@ -21,7 +21,7 @@ from tenancy_operator.api.names import (
     SECRET_ROTATION_ANNOTATION,
 )
 from tenancy_operator.api.schemarollout import SCHEMA_ROLLOUT, SchemaRolloutStatus, governing, version_cap
-from tenancy_operator.api.tenant import TenantSpec
+from tenancy_operator.api.tenant import TenantPhase, TenantSpec
 from tenancy_operator.db import jobs as ledger
 from tenancy_operator.db import tenant_migrations as tm
 from tenancy_operator.k8s.client import ApiError, Kube, older_version
@@ -51,7 +51,7 @@ class Outcome:
     ready: bool
     reason: str
     message: str
-    phase: str
+    phase: TenantPhase
     stalled: bool = False
     retry: bool = False  # a job attempt failed and will be tried again after a backoff
     tenant_id: str | None = None

@@ -260,7 +260,7 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
         """Role, schema, grants and the first login (off until the switch): (login, password)."""
         meta = body["metadata"]
         marker = sqlt.owner_marker(self._dbname(spec), meta["namespace"], meta["name"])
-        scratch = Outcome(True, "", "", "")
+        scratch = Outcome(True, "", "", "Provisioning")
         obs = (await sqlt.observe(conn, [ident]))[ident]
         lobs = await sqlt.observe_logins(conn, ident)
         user, password = sqlt.login_role(ident, "a"), sqlt.generate_password()
