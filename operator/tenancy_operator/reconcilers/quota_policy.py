@@ -27,6 +27,7 @@ from tenancy_operator.api.quota import (
     NoisyNeighborPolicy,
     QuotaOverride,
     QuotaSpec,
+    QuotaStatus,
     limit_amount,
 )
 from tenancy_operator.conditions import Cond, merge, status_patch
@@ -288,17 +289,25 @@ def _not_in_force(quota: dict[str, Any], reason: str, message: str, *, hard: Map
     """Status of a Quota that does not apply now; (patch, Ready reason changed)."""
     status = quota.get("status") or {}
     generation = int(quota["metadata"].get("generation") or 0)
-    desired: dict[str, Any] = {
-        "observedGeneration": generation,
-        "conditions": merge(status.get("conditions"), [Cond("Ready", "False", reason, message)], generation,
-                            drop=[CONDITION_NEAR_LIMIT, CONDITION_EXCEEDED]),
-        "hard": dict(hard or {}),
-        "activeOverrides": [],
-    }
+    record = QuotaStatus(conditions=[], observed_generation=generation, hard=dict(hard or {}), active_overrides=[])
+    desired = _status_doc(status, record, [Cond("Ready", "False", reason, message)],
+                          drop=[CONDITION_NEAR_LIMIT, CONDITION_EXCEEDED])
     if not keep_usage:
         desired.update({"used": {}, "usageRatio": {}})
     changed = _ready(status.get("conditions")).get("reason") != reason
     return status_patch(status, desired), changed
+
+
+def _status_doc(current: Mapping[str, Any], record: QuotaStatus, conds: list[Cond], *,
+                drop: Sequence[str] = ()) -> dict[str, Any]:
+    """The desired status from its typed record and conditions. No field of a Quota's status is
+    removed by a null (an item of activeOverrides is kept as written, the API server drops nulls
+    there), so unset fields are left out; lastMeasuredAt and load are decided by the caller."""
+    generation = record.observed_generation or 0
+    return {
+        "conditions": merge(current.get("conditions"), conds, generation, drop=list(drop)),
+        **record.model_dump(mode="json", exclude={"conditions", "last_measured_at", "load"}, exclude_none=True),
+    }
 
 
 def _describe(limit: str, used: str, hard: str, ratio: float) -> str:
@@ -509,17 +518,12 @@ def evaluate(
             if over else Cond(CONDITION_EXCEEDED, "False", "WithinLimits", "every limit under its value"),
             noisy_cond,
         ]
-        desired = {
-            "observedGeneration": generation,
-            "conditions": merge(quota_status.get("conditions"), conds, generation),
-            "hard": hard,
-            "used": used,
-            "usageRatio": ratios,
-            "activeOverrides": [
-                ActiveOverride(limit=o.limit, value=o.value, expires_at=o.expires_at, reason=o.reason).to_api()
-                for _, o in sorted(active.items())
-            ],
-        }
+        record = QuotaStatus(
+            conditions=[], observed_generation=generation, hard=hard, used=used, usage_ratio=ratios,
+            active_overrides=[ActiveOverride(limit=o.limit, value=o.value, expires_at=o.expires_at, reason=o.reason)
+                              for _, o in sorted(active.items())],
+        )
+        desired = _status_doc(quota_status, record, conds)
         last = parse_time(quota_status.get("lastMeasuredAt"))
         stale = last is None or now - last >= stale_after
         load_doc = _load_status(quota_status.get("load"), view, contained, stale=stale)
