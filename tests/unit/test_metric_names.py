@@ -17,12 +17,13 @@ from tenancy_operator.observability.events import reporting_instance
 ROOT = Path(__file__).resolve().parents[2]
 OPERATIONS = ROOT / "docs" / "operations.md"
 OURS = {name: m for name, m in vars(metrics).items() if isinstance(m, MetricWrapperBase)}
+PER_TENANT = {name: m for name, m in vars(metrics).items() if isinstance(m, metrics.TenantSeries)}
 
 
 def exposed_names() -> set[str]:
     """The name each of the operator's metrics is scraped under (a counter's with _total, an info's with _info)."""
     names = set()
-    for m in OURS.values():
+    for m in [*OURS.values(), *PER_TENANT.values()]:
         for family in m.describe():
             suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
             names.add(family.name + suffix)
@@ -35,10 +36,12 @@ def test_no_label_is_a_prometheus_target_label() -> None:
     overwrite them, or be renamed exported_job."""
     for name, m in OURS.items():
         assert not {"job", "instance"} & set(m._labelnames), name
+    for name, s in PER_TENANT.items():
+        assert not {"job", "instance"} & set(s.labelnames), name
 
 
 def test_names_carry_their_unit_and_type() -> None:
-    for name, m in OURS.items():
+    for name, m in [*OURS.items(), *PER_TENANT.items()]:
         for family in m.describe():
             if family.type == "histogram":
                 assert family.name.endswith("_seconds"), f"{name}: a histogram of durations is in seconds"

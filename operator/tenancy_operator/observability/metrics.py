@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tenancy_operator import __version__
 
@@ -195,15 +195,58 @@ def start_metrics_server(port: int, addr: str) -> None:
     start_http_server(port, addr=addr)
 
 
+class TenantSeries:
+    """One family of per-tenant series (labels namespace, tenant and, with ``resource``, the
+    resource), kept as plain floats by label values and exported when Prometheus scrapes.
+
+    A prometheus_client child per series holds its own lock, value object and label dict, about
+    600 bytes; a tenant has up to 15 of these series, so a fleet's share of a replica's memory was
+    mostly them. Here a series is one dict entry. ``key`` is the tenant's (namespace, name), with
+    the resource appended for families that have one."""
+
+    def __init__(self, name: str, documentation: str, *, counter: bool = False, resource: bool = False,
+                 registry: CollectorRegistry = REGISTRY) -> None:
+        self.name, self.documentation, self.counter = name, documentation, counter
+        self.labelnames = ("namespace", "tenant", *(("resource",) if resource else ()))
+        self.values: dict[tuple[str, ...], float] = {}
+        registry.register(self)
+
+    def set(self, key: tuple[str, ...], value: float) -> None:
+        self.values[key] = float(value)
+
+    def inc(self, key: tuple[str, ...], amount: float = 0.0) -> None:
+        """A counter's series goes up by ``amount`` (0: it exists from now on, at 0)."""
+        if amount < 0:
+            raise ValueError(f"{self.name}: a counter only goes up")
+        self.values[key] = self.values.get(key, 0.0) + amount
+
+    def remove(self, key: tuple[str, ...]) -> None:
+        self.values.pop(key, None)
+
+    def _family(self) -> CounterMetricFamily | GaugeMetricFamily:
+        kind = CounterMetricFamily if self.counter else GaugeMetricFamily
+        return kind(self.name, self.documentation, labels=self.labelnames)
+
+    def describe(self) -> list[CounterMetricFamily | GaugeMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        family = self._family()
+        # Scrapes run in the HTTP server's thread: iterate a copy (one C-level call, atomic under
+        # the GIL) while the event loop goes on changing the values.
+        for key, value in self.values.copy().items():
+            family.add_metric(key, value)
+        yield family
+
+
 # Quotas. Per-tenant series (namespace, tenant) can be switched off (TENANCY_QUOTA_PER_TENANT_METRICS)
 # for very large fleets; the aggregate by resource stays.
-TENANT_QUOTA_USED = Gauge(
-    "tenant_quota_used", "Measured usage of a tenant's limit (bytes for storage).",
-    ["namespace", "tenant", "resource"],
+TENANT_QUOTA_USED = TenantSeries(
+    "tenant_quota_used", "Measured usage of a tenant's limit (bytes for storage).", resource=True,
 )
-TENANT_QUOTA_LIMIT = Gauge(
+TENANT_QUOTA_LIMIT = TenantSeries(
     "tenant_quota_limit", "Effective limit of a tenant (bytes for storage, seconds for statementTimeout).",
-    ["namespace", "tenant", "resource"],
+    resource=True,
 )
 TENANT_QUOTA_TENANTS = Gauge(
     "tenant_quota_tenants", "Tenants at 90% or more of a limit (near) or at the limit (exceeded).",
@@ -234,34 +277,35 @@ ISOLATION_VIOLATIONS_HELD = Gauge(
 # Tenant load (reconcilers/noisy.py): per tenant, counted from PostgreSQL's statistics at each quota
 # pass. Per-tenant series follow TENANCY_QUOTA_PER_TENANT_METRICS like the quota gauges; the
 # aggregates (noisy neighbours, detail per target) always exist.
-_TENANT = ["namespace", "tenant"]
-TENANT_RESOURCE_USAGE = Counter(
+TENANT_RESOURCE_USAGE = TenantSeries(
     "tenant_resource_usage_seconds_total",
     "Database time of a tenant: execution seconds of its finished statements (pg_stat_statements), "
     "or busy session seconds sampled from pg_stat_activity where pg_stat_statements is not available.",
-    _TENANT,
+    counter=True,
 )
-TENANT_RESOURCE_CALLS = Counter("tenant_resource_calls_total", "Statements a tenant executed.", _TENANT)
-TENANT_RESOURCE_ROWS = Counter("tenant_resource_rows_total", "Rows a tenant's statements returned or changed.", _TENANT)
-TENANT_RESOURCE_SHARED_BLOCKS = Counter(
+TENANT_RESOURCE_CALLS = TenantSeries("tenant_resource_calls_total", "Statements a tenant executed.", counter=True)
+TENANT_RESOURCE_ROWS = TenantSeries(
+    "tenant_resource_rows_total", "Rows a tenant's statements returned or changed.", counter=True
+)
+TENANT_RESOURCE_SHARED_BLOCKS = TenantSeries(
     "tenant_resource_shared_blocks_total",
     "Shared blocks (of the server's block_size, 8 KiB by default) a tenant's statements hit, read, dirtied or wrote.",
-    _TENANT,
+    counter=True,
 )
-TENANT_RESOURCE_TEMP_BLOCKS = Counter(
+TENANT_RESOURCE_TEMP_BLOCKS = TenantSeries(
     "tenant_resource_temp_blocks_total",
     "Temporary blocks (of the server's block_size) a tenant's statements read or wrote.",
-    _TENANT,
+    counter=True,
 )
-TENANT_SESSIONS_ACTIVE = Gauge("tenant_sessions_active", "Active sessions of a tenant at the last pass.", _TENANT)
-TENANT_SESSIONS_WAITING = Gauge(
-    "tenant_sessions_waiting", "Active sessions of a tenant waiting on a wait event at the last pass.", _TENANT
+TENANT_SESSIONS_ACTIVE = TenantSeries("tenant_sessions_active", "Active sessions of a tenant at the last pass.")
+TENANT_SESSIONS_WAITING = TenantSeries(
+    "tenant_sessions_waiting", "Active sessions of a tenant waiting on a wait event at the last pass."
 )
-TENANT_LOAD_SHARE = Gauge(
-    "tenant_load_share_ratio", "Fraction of its database target's load that is the tenant's, over its window.", _TENANT
+TENANT_LOAD_SHARE = TenantSeries(
+    "tenant_load_share_ratio", "Fraction of its database target's load that is the tenant's, over its window."
 )
-TENANT_NOISY_NEIGHBOR = Gauge(
-    "tenant_noisy_neighbor", "1 while the tenant is a noisy neighbour (its Quota's NoisyNeighbor condition).", _TENANT
+TENANT_NOISY_NEIGHBOR = TenantSeries(
+    "tenant_noisy_neighbor", "1 while the tenant is a noisy neighbour (its Quota's NoisyNeighbor condition)."
 )
 TENANT_NOISY_NEIGHBORS = Gauge("tenant_noisy_neighbors", "Tenants that are noisy neighbours now.")
 TENANT_LOAD_STATEMENTS = Gauge(

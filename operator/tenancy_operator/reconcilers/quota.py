@@ -114,7 +114,6 @@ class QuotaService:
         self._passes = 0
         self.probes = QuotaProbes(ctx, noisy=lambda key: bool((m := self.memory.get(key)) is not None and m.noisy))
         self.series = QuotaSeries(per_tenant=lambda: self.ctx.settings.quota_per_tenant_metrics,
-                                  has_load=lambda key: key in self.probes.load_series,
                                   memories=lambda: self.memory.values())
 
     @property
@@ -359,7 +358,7 @@ class QuotaService:
         for start in range(0, len(due), PASS_SLICE):
             await asyncio.gather(*(one(s) for s in due[start:start + PASS_SLICE]))
             await asyncio.sleep(0)
-        remembered = set(self.memory) | set(self.series.held) | set(self.expiries) | self.probes.load_series
+        remembered = set(self.memory) | self.series.tenants() | set(self.expiries) | self.probes.load_series
         for key in remembered - set(subjects):
             self.forget(key)  # neither a Tenant nor a Quota names it any more
         self.series.update_aggregates()

@@ -5,7 +5,6 @@ the tenant, and the per-state tenant counts, recounted at most once a second."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 
@@ -26,61 +25,52 @@ AGGREGATES_DELAY_SECONDS = 1.0
 """The tenants-per-state gauges are recounted at most this often."""
 
 
+QUOTA_SERIES = (metrics.TENANT_QUOTA_LIMIT, metrics.TENANT_QUOTA_USED, metrics.TENANT_LOAD_SHARE,
+                metrics.TENANT_NOISY_NEIGHBOR)
+
+
 class QuotaSeries:
-    """``per_tenant()``: the per-tenant series are on; ``has_load(key)``: the measurements hold
-    per-tenant load series of the tenant (removed with it); ``memories()``: every tenant's last
+    """``per_tenant()``: the per-tenant series are on; ``memories()``: every tenant's last
     evaluation, for the per-state counts."""
 
-    def __init__(self, *, per_tenant: Callable[[], bool], has_load: Callable[[Key], bool],
-                 memories: Callable[[], Iterable[Memory]]) -> None:
+    def __init__(self, *, per_tenant: Callable[[], bool], memories: Callable[[], Iterable[Memory]]) -> None:
         self._per_tenant = per_tenant
-        self._has_load = has_load
         self._memories = memories
-        self.held: dict[Key, set[str]] = {}
-        """The per-tenant series each tenant has now."""
         self._aggregates_due = False
 
     def update_series(self, key: Key, plan: Plan | None) -> None:
-        """Per-tenant gauges from an enforced plan; None removes them (the tenant is gone). A plan
-        that could not measure (database down) leaves the last values."""
+        """Per-tenant series from an enforced plan; None removes them, the load series too (the
+        tenant is gone). A plan that could not measure (database down) leaves the last values, and
+        one without a load share the last share."""
         if not self._per_tenant() or (plan is not None and not plan.enforce):
             return
-        labels = {"namespace": key[0], "tenant": key[1]}
-        wanted: set[str] = set()
-        if plan is not None:
-            for name, value in plan.hard.items():
-                metrics.TENANT_QUOTA_LIMIT.labels(**labels, resource=name).set(metric_amount(name, value))
-                wanted.add(f"limit:{name}")
-            for name, amount in plan.amounts_used.items():
-                metrics.TENANT_QUOTA_USED.labels(**labels, resource=name).set(float(amount))
-                wanted.add(f"used:{name}")
-        if plan is not None and plan.load_share is not None:
-            metrics.TENANT_LOAD_SHARE.labels(**labels).set(plan.load_share)
-            wanted.add("share")
-        elif "share" in self.held.get(key, set()) and plan is not None:
-            wanted.add("share")
-        if plan is not None and plan.noisy is not None:
-            metrics.TENANT_NOISY_NEIGHBOR.labels(**labels).set(1 if plan.noisy else 0)
-            wanted.add("noisy")
-        held = self.held.get(key, set()) | ({"load"} if self._has_load(key) else set())
-        if plan is not None and "load" in held:
-            wanted.add("load")
-        for series in held - wanted:
-            if series in ("share", "noisy", "load"):
-                gauges = {"share": (metrics.TENANT_LOAD_SHARE,), "noisy": (metrics.TENANT_NOISY_NEIGHBOR,)}.get(
-                    series, LOAD_SERIES)
-                for g in gauges:
-                    with contextlib.suppress(KeyError):
-                        g.remove(key[0], key[1])
-                continue
-            kind, name = series.split(":", 1)
-            gauge = metrics.TENANT_QUOTA_LIMIT if kind == "limit" else metrics.TENANT_QUOTA_USED
-            with contextlib.suppress(KeyError):
-                gauge.remove(key[0], key[1], name)
-        if wanted:
-            self.held[key] = wanted
+        if plan is None:
+            for family in (*QUOTA_SERIES, *LOAD_SERIES):
+                family.remove(key)
+            for name in LIMIT_NAMES:
+                metrics.TENANT_QUOTA_LIMIT.remove((*key, name))
+                metrics.TENANT_QUOTA_USED.remove((*key, name))
+            return
+        for name in LIMIT_NAMES:
+            if name in plan.hard:
+                metrics.TENANT_QUOTA_LIMIT.set((*key, name), metric_amount(name, plan.hard[name]))
+            else:
+                metrics.TENANT_QUOTA_LIMIT.remove((*key, name))
+            if name in plan.amounts_used:
+                metrics.TENANT_QUOTA_USED.set((*key, name), float(plan.amounts_used[name]))
+            else:
+                metrics.TENANT_QUOTA_USED.remove((*key, name))
+        if plan.load_share is not None:
+            metrics.TENANT_LOAD_SHARE.set(key, plan.load_share)
+        if plan.noisy is not None:
+            metrics.TENANT_NOISY_NEIGHBOR.set(key, 1 if plan.noisy else 0)
         else:
-            self.held.pop(key, None)
+            metrics.TENANT_NOISY_NEIGHBOR.remove(key)
+
+    @staticmethod
+    def tenants() -> set[Key]:
+        """Tenants with per-tenant quota series."""
+        return {(k[0], k[1]) for family in QUOTA_SERIES for k in family.values}
 
     def update_aggregates(self) -> None:
         """Recount the per-state gauges soon, at most once a second: a count over every tenant

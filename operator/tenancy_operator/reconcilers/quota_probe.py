@@ -228,7 +228,6 @@ class QuotaProbes:
         return views
 
     def _count_load(self, key: Key, before: Any, after: Any, role: dbload.RoleLoad) -> None:
-        labels = {"namespace": key[0], "tenant": key[1]}
         if before is not None:
             for counter, amount in (
                 (metrics.TENANT_RESOURCE_USAGE, after.load - before.load),
@@ -237,12 +236,12 @@ class QuotaProbes:
                 (metrics.TENANT_RESOURCE_SHARED_BLOCKS, after.shared_blocks - before.shared_blocks),
                 (metrics.TENANT_RESOURCE_TEMP_BLOCKS, after.temp_blocks - before.temp_blocks),
             ):
-                counter.labels(**labels).inc(max(float(amount), 0.0))
+                counter.inc(key, max(float(amount), 0.0))
         else:
             for counter in LOAD_COUNTERS:
-                counter.labels(**labels)  # the series exist from the first pass, at 0
-        metrics.TENANT_SESSIONS_ACTIVE.labels(**labels).set(role.active)
-        metrics.TENANT_SESSIONS_WAITING.labels(**labels).set(role.waiting)
+                counter.inc(key)  # the series exist from the first pass, at 0
+        metrics.TENANT_SESSIONS_ACTIVE.set(key, role.active)
+        metrics.TENANT_SESSIONS_WAITING.set(key, role.waiting)
         self.load_series.add(key)
 
     async def probe_one(self, target: str, subject: Subject) -> Probe:

@@ -1,0 +1,68 @@
+"""Per-tenant series (observability.metrics.TenantSeries) scrape as prometheus_client's own
+gauges and counters would: same names, labels and values, gone when removed."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from tenancy_operator.observability.metrics import TenantSeries
+
+
+def scrape(registry: CollectorRegistry) -> list[str]:
+    return [line for line in generate_latest(registry).decode().splitlines() if not line.startswith("#")]
+
+
+def test_gauge_with_resource_scrapes_and_is_removed() -> None:
+    registry = CollectorRegistry()
+    limit = TenantSeries("tenant_quota_limit", "Effective limit.", resource=True, registry=registry)
+    limit.set(("ns", "acme", "connections"), 10)
+    limit.set(("ns", "acme", "connections"), 12)
+    limit.set(("ns", "beta", "storage"), 1024)
+    assert scrape(registry) == [
+        'tenant_quota_limit{namespace="ns",resource="connections",tenant="acme"} 12.0',
+        'tenant_quota_limit{namespace="ns",resource="storage",tenant="beta"} 1024.0',
+    ]
+    assert registry.get_sample_value("tenant_quota_limit",
+                                     {"namespace": "ns", "tenant": "acme", "resource": "connections"}) == 12.0
+    limit.remove(("ns", "acme", "connections"))
+    limit.remove(("ns", "acme", "connections"))  # a series already gone is no error
+    assert scrape(registry) == ['tenant_quota_limit{namespace="ns",resource="storage",tenant="beta"} 1024.0']
+
+
+def test_counter_is_exposed_with_total_and_only_goes_up() -> None:
+    registry = CollectorRegistry()
+    calls = TenantSeries("tenant_resource_calls_total", "Statements.", counter=True, registry=registry)
+    calls.inc(("ns", "acme"))  # exists from now on, at 0
+    assert scrape(registry) == ['tenant_resource_calls_total{namespace="ns",tenant="acme"} 0.0']
+    calls.inc(("ns", "acme"), 3)
+    calls.inc(("ns", "acme"), 2.5)
+    assert registry.get_sample_value("tenant_resource_calls_total", {"namespace": "ns", "tenant": "acme"}) == 5.5
+    with pytest.raises(ValueError, match="only goes up"):
+        calls.inc(("ns", "acme"), -1)
+    assert [f.type for f in registry.collect()] == ["counter"]
+
+
+def test_a_scrape_while_the_series_change_never_fails() -> None:
+    """Prometheus scrapes from the HTTP server's thread while the event loop adds and removes series."""
+    registry = CollectorRegistry()
+    share = TenantSeries("tenant_load_share_ratio", "Share.", registry=registry)
+    stop = threading.Event()
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            share.set(("ns", f"t{i % 500}"), 0.5)
+            share.remove(("ns", f"t{(i + 250) % 500}"))
+            i += 1
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        for _ in range(200):
+            generate_latest(registry)
+    finally:
+        stop.set()
+        thread.join()
