@@ -28,7 +28,7 @@ from tenancy_operator.observability import metrics
 from tenancy_operator.observability.events import EventRecorder
 from tenancy_operator.observability.health import waiting_health
 from tenancy_operator.observability.logging import get_logger
-from tenancy_operator.observability.memory import trim_forever
+from tenancy_operator.observability.memory import trim_when_quiet
 from tenancy_operator.peering import PeeringGate
 from tenancy_operator.runtime_context import Background, OperatorContext
 from tenancy_operator.sharding import ShardCoordinator
@@ -49,7 +49,6 @@ STORAGE_PREFIX = "kopf.tenancy.dev"
 # SchemaRollouts too: every Tenant reconcile reads the rollout pacing its template from their
 # events, while only the rollout's owner reconciles it (handlers/common.owned).
 SHARDED_PLURALS = ("tenants", "featureflags", "tenantarchives")
-MEMORY_TRIM_SECONDS = 30.0  # observability/memory.py: how often freed heap pages go back to the system
 
 
 def exact_namespace(name: str) -> bool:
@@ -185,7 +184,7 @@ def build_registry() -> kopf.OperatorRegistry:
 
 async def run_operator(cfg: Settings) -> None:
     metrics.start_metrics_server(cfg.metrics_port, cfg.bind_address)
-    trimmer = asyncio.create_task(trim_forever(MEMORY_TRIM_SECONDS), name="malloc-trim")
+    trimmer = asyncio.create_task(trim_when_quiet(), name="malloc-trim")
     try:
         await _run(cfg)
     finally:

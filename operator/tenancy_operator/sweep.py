@@ -214,7 +214,11 @@ class Sweeper:
     async def _report_isolation(self, target: str, ref: audit.TenantRef, body: dict[str, Any] | None,
                                 report: audit.Report, findings: list[audit.Finding]) -> None:
         previously = self._held.get((target, ref.role), frozenset())
-        self._held[(target, ref.role)] = frozenset(f.key for f in report.remaining(ref.role))
+        remaining = frozenset(f.key for f in report.remaining(ref.role))
+        if remaining:
+            self._held[(target, ref.role)] = remaining
+        else:  # only roles that hold something are kept: the others would be an entry per tenant role
+            self._held.pop((target, ref.role), None)
         new = [f for f in findings if f.key not in previously]
         if new:
             for f in new:
