@@ -7,7 +7,8 @@ would be O(N^2) API traffic and JSON parsing. What it adds to a plain dict:
 - the newer-version guard: an object is never replaced by an older version of itself (the answer
   to our own status patch is stored at once, and its watch event, or an older one still in
   flight, must not take the cache back: an evaluation from a stale status would write it again);
-- ``slim``: what the cache keeps of each object (the fields its readers use, not managedFields);
+- ``slim``: what the cache keeps of each object (the fields its readers use, not managedFields),
+  as a ``compact`` copy;
 - one optional index (``index(body)`` names the group an object belongs to, e.g. the tenant a
   Quota names), kept with every store and removal;
 - ``listed``: whether a watch event or a LIST has filled it yet (before that, readers LIST).
@@ -15,6 +16,7 @@ would be O(N^2) API traffic and JSON parsing. What it adds to a plain dict:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
@@ -22,6 +24,24 @@ from tenancy_operator.k8s.client import older_version
 
 Key = tuple[str, str]
 """(namespace, name)"""
+
+SHARED_STRING_LENGTH = 64
+
+
+def compact(value: Any) -> Any:
+    """A deep copy of JSON data that shares what repeats between objects: every key and every
+    string up to SHARED_STRING_LENGTH characters is interned.
+
+    Each watch event is parsed on its own, so every cached object had its own copy of each key
+    ("type", "status", "lastTransitionTime", ...) and of values such as "True" or a reason: about
+    half of a cached Tenant's size. The copy also lets the parsed event go as a whole."""
+    if isinstance(value, dict):
+        return {sys.intern(k) if type(k) is str else k: compact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [compact(v) for v in value]
+    if type(value) is str and len(value) <= SHARED_STRING_LENGTH:
+        return sys.intern(value)
+    return value
 
 
 class WatchCache:
@@ -49,7 +69,7 @@ class WatchCache:
         cached = self._objects.get(key)
         if cached is not None and older_version(body["metadata"], cached["metadata"]):
             return
-        stored = self._objects[key] = self._slim(body)
+        stored = self._objects[key] = compact(self._slim(body))
         self._reindex(key, stored)
 
     def remove(self, key: Key) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
-from tenancy_operator.watch_cache import WatchCache
+from tenancy_operator.watch_cache import SHARED_STRING_LENGTH, WatchCache, compact
 
 
 def obj(name: str, rv: int, group: str | None = None, uid: str = "u1", **extra: Any) -> dict[str, Any]:
@@ -64,3 +65,23 @@ def test_a_list_drops_what_it_does_not_hold_and_fills_the_cache() -> None:
     assert names(cache.values()) == ["kept", "new"]
     assert names(cache.group(("ns", "t1"))) == ["kept", "new"]
     assert cache.get(("ns", "kept"))["metadata"]["resourceVersion"] == "3"  # type: ignore[index]
+
+
+def test_cached_objects_are_copies_that_share_repeated_keys_and_short_strings() -> None:
+    """Two objects parsed from separate watch events hold one copy of each key and short value."""
+    long_text = "x" * (SHARED_STRING_LENGTH + 1)
+    text = json.dumps({"metadata": {"namespace": "ns", "name": "a", "resourceVersion": "1"},
+                       "status": {"conditions": [{"type": "Ready", "status": "True", "message": long_text}]}})
+    first, second = json.loads(text), json.loads(text)
+    assert first["status"]["conditions"][0]["type"] is not second["status"]["conditions"][0]["type"]
+    cache = WatchCache(lambda body: dict(body))
+    cache.store(first)
+    kept = cache.get(("ns", "a"))
+    assert kept == first and kept is not first
+    other = compact(second)
+    kept_condition, other_condition = kept["status"]["conditions"][0], other["status"]["conditions"][0]  # type: ignore[index]
+    assert next(k for k in kept_condition if k == "status") is next(k for k in other_condition if k == "status")
+    assert kept_condition["status"] is other_condition["status"]  # "True"
+    assert kept_condition["message"] == other_condition["message"] == long_text
+    first["status"]["conditions"][0]["status"] = "False"  # the cached copy is not the parsed event
+    assert kept_condition["status"] == "True"

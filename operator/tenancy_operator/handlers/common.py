@@ -14,6 +14,7 @@ import kopf
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.conditions import merge, readiness
 from tenancy_operator.observability.logging import get_logger
+from tenancy_operator.watch_cache import compact
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = get_logger(__name__)
@@ -164,7 +165,7 @@ class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
         return copy.deepcopy(essence) if essence is not None else None
 
     def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
-        self._essences[str(body.metadata.uid)] = copy.deepcopy(essence)
+        self._essences[str(body.metadata.uid)] = compact(essence)  # a deep copy, sharing repeated strings
 
     def forget(self, uid: str | None) -> None:
         if uid:
