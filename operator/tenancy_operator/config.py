@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     reconcile_concurrency: int = Field(
         default=64, ge=1, le=4096, description="Tenant reconciles and deletions at once, process-wide."
     )
+    kube_max_connections: int = Field(
+        default=32, ge=2, le=1000,
+        description="Connections to the API server the operator's own client keeps at most (Kopf's watches and "
+                    "patches have their own). Each holds about 200 KB of TLS buffers, and under the periodic "
+                    "passes' light traffic every connection once opened stays open.",
+    )
     consistency_timeout_seconds: float = Field(default=0.5, ge=0)
     sweep_interval_seconds: float = Field(default=300.0, gt=0)
     pool_min_size: int = Field(default=1, ge=0)

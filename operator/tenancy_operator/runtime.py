@@ -107,7 +107,7 @@ def build_registry() -> kopf.OperatorRegistry:
         if cfg.namespace_list and all(exact_namespace(n) for n in cfg.namespace_list):
             settings.scanning.disabled = True
 
-        kube = await Kube.connect(cfg.namespace_list)
+        kube = await Kube.connect(cfg.namespace_list, max_connections=cfg.kube_max_connections)
         ctx = OperatorContext(
             settings=cfg,
             targets=DatabaseTargets(
@@ -197,7 +197,7 @@ async def _run(cfg: Settings) -> None:
         return
     identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{secrets.token_hex(4)}"
     namespace = cfg.shard_namespace or os.environ.get("POD_NAMESPACE") or "default"
-    kube = await Kube.connect(cfg.namespace_list)
+    kube = await Kube.connect(cfg.namespace_list, max_connections=4)  # the slices' Leases only
     try:
         coordinator = ShardCoordinator(kube, namespace, cfg.shard_group, identity, Slices(cfg.shard_slices),
                                        cfg.shard_lease_seconds)

@@ -101,12 +101,17 @@ class Kube:
         self.coordination: Any = client.CoordinationV1Api(api)
 
     @classmethod
-    async def connect(cls, namespaces: Sequence[str] = ()) -> Kube:
+    async def connect(cls, namespaces: Sequence[str] = (), *, max_connections: int = 32) -> Kube:
+        """``max_connections``: the pool's bound. aiohttp reuses the longest-idle connection first,
+        so periodic light traffic keeps every pooled connection alive: without a small bound a
+        burst's hundred connections (128 KiB of TLS buffer each) would stay for good."""
         if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
             config.load_incluster_config()  # type: ignore[no-untyped-call]
         else:
             await config.load_kube_config()
-        api = client.ApiClient()
+        configuration = client.Configuration.get_default_copy()
+        configuration.connection_pool_maxsize = max_connections
+        api = client.ApiClient(configuration)
         # kubernetes_asyncio's session trusts the environment, so aiohttp looks up ~/.netrc and the
         # proxy variables in a thread for every request: two thread hops and a file read each, for
         # settings that never change. Kopf's own client does not; neither do we.
