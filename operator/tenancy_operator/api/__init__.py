@@ -8,6 +8,7 @@ from tenancy_operator.api.common import (
     Condition,
     ConditionStatus,
     Duration,
+    KubeObject,
     ObjectMeta,
     PositiveDuration,
     PositiveQuantity,
@@ -21,7 +22,6 @@ from tenancy_operator.api.common import (
 )
 from tenancy_operator.api.featureflag import (
     FEATURE_FLAG,
-    FeatureFlag,
     FeatureFlagSpec,
     FeatureFlagStatus,
     Rollout,
@@ -33,7 +33,6 @@ from tenancy_operator.api.quota import (
     QUOTA,
     ActiveOverride,
     LimitName,
-    Quota,
     QuotaEnforcement,
     QuotaLimits,
     QuotaOverride,
@@ -43,14 +42,12 @@ from tenancy_operator.api.quota import (
 )
 from tenancy_operator.api.schemarollout import (
     SCHEMA_ROLLOUT,
-    SchemaRollout,
     SchemaRolloutSpec,
     SchemaRolloutStatus,
 )
 from tenancy_operator.api.tenant import (
     TENANT,
     JobRef,
-    Tenant,
     TenantSpec,
     TenantStatus,
     tenant_identifier,
@@ -61,6 +58,12 @@ from tenancy_operator.api.tenantarchive import (
     TenantArchiveSpec,
     TenantArchiveStatus,
 )
+
+Tenant = KubeObject[TenantSpec, TenantStatus]
+Quota = KubeObject[QuotaSpec, QuotaStatus]
+FeatureFlag = KubeObject[FeatureFlagSpec, FeatureFlagStatus]
+SchemaRollout = KubeObject[SchemaRolloutSpec, SchemaRolloutStatus]
+"""Whole objects of each kind as read from the API server."""
 
 RESOURCES: tuple[ResourceInfo, ...] = (TENANT, QUOTA, FEATURE_FLAG, SCHEMA_ROLLOUT, TENANT_ARCHIVE)
 

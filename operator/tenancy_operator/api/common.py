@@ -192,6 +192,14 @@ def _at_most(maximum: str) -> AfterValidator:
     return AfterValidator(lambda value: check_duration_at_most(value, maximum))
 
 
+def duration_field(maximum: str, *rules: JsonDict, positive: bool = False, what: str = "duration") -> Any:
+    """The Field of a duration string in the CRD: its syntax, greater than zero if ``positive``, at
+    most ``maximum``, and further CEL ``rules``."""
+    bounds = (_POSITIVE,) if positive else ()
+    return Field(pattern=DURATION_PATTERN, max_length=DURATION_MAX_LENGTH,
+                 json_schema_extra=validations(*bounds, duration_at_most_rule(maximum, what=what), *rules))
+
+
 ARCHIVE_RETENTION_MAX = "3650d"
 """Longest archive retention (about ten years): `now() + interval` stays far inside PostgreSQL's
 timestamps (up to the year 294276) and Python's datetime (up to 9999)."""
@@ -201,11 +209,7 @@ STATEMENT_TIMEOUT_MAX = "2147483647ms"
 
 Duration = Annotated[
     str,
-    Field(
-        pattern=DURATION_PATTERN,
-        max_length=DURATION_MAX_LENGTH,
-        json_schema_extra=validations(duration_at_most_rule(ARCHIVE_RETENTION_MAX)),
-    ),
+    duration_field(ARCHIVE_RETENTION_MAX),
     AfterValidator(_check_duration),
     _at_most(ARCHIVE_RETENTION_MAX),
 ]
@@ -214,11 +218,7 @@ most ARCHIVE_RETENTION_MAX."""
 
 PositiveDuration = Annotated[
     str,
-    Field(
-        pattern=DURATION_PATTERN,
-        max_length=DURATION_MAX_LENGTH,
-        json_schema_extra=validations(_POSITIVE, duration_at_most_rule(STATEMENT_TIMEOUT_MAX)),
-    ),
+    duration_field(STATEMENT_TIMEOUT_MAX, positive=True),
     AfterValidator(_check_duration),
     AfterValidator(_check_positive),
     _at_most(STATEMENT_TIMEOUT_MAX),
@@ -386,15 +386,17 @@ class ResourceInfo:
     """Names of one custom resource kind, for the CRD and for API calls (Kopf handlers, clients)."""
 
     kind: str
-    short_names: tuple[str, ...]
     spec_model: type[ApiModel]
     status_model: type[ApiModel]
+    short_names: tuple[str, ...]
     description: str
     plural: str = ""
     """Default: the kind in lower case with an s (tenants, quotas, featureflags)."""
     singular: str = ""
     """Default: the kind in lower case."""
     printer_columns: tuple[PrinterColumn, ...] = ()
+    """The kind's own columns for ``kubectl get``; Ready (where the kind does not place it) and Age
+    follow, as on every kind."""
     root_validations: tuple[JsonDict, ...] = ()
     categories: tuple[str, ...] = ("tenancy",)
     initial_phase: str | None = None
@@ -406,6 +408,8 @@ class ResourceInfo:
     def __post_init__(self) -> None:
         object.__setattr__(self, "singular", self.singular or self.kind.lower())
         object.__setattr__(self, "plural", self.plural or f"{self.kind.lower()}s")
+        ready = () if READY_COLUMN in self.printer_columns else (READY_COLUMN,)
+        object.__setattr__(self, "printer_columns", (*self.printer_columns, *ready, AGE_COLUMN))
 
     @property
     def api_version(self) -> str:

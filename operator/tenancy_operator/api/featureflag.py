@@ -12,13 +12,10 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, AwareDatetime, Field, WithJsonSchema, model_validator
 
 from tenancy_operator.api.common import (
-    AGE_COLUMN,
-    READY_COLUMN,
     ApiModel,
     Conditions,
     Duration,
     JsonDict,
-    KubeObject,
     PrinterColumn,
     ResourceInfo,
     cel,
@@ -432,15 +429,9 @@ class FeatureFlagStatus(ApiModel):
     """The share of users the flag-wide rollout serves now and, with steps, their progress."""
 
 
-FeatureFlag = KubeObject[FeatureFlagSpec, FeatureFlagStatus]
-"""A whole FeatureFlag object as read from the API server."""
-
 
 FEATURE_FLAG = ResourceInfo(
-    kind="FeatureFlag",
-    short_names=("ff",),
-    spec_model=FeatureFlagSpec,
-    status_model=FeatureFlagStatus,
+    "FeatureFlag", FeatureFlagSpec, FeatureFlagStatus, short_names=("ff",),
     description=(
         "A feature flag with variants, a percentage or weighted rollout, and per-tenant and "
         "per-user overrides, published in a flagd-compatible form."
@@ -449,7 +440,5 @@ FEATURE_FLAG = ResourceInfo(
         PrinterColumn("Enabled", "boolean", ".spec.enabled"),
         PrinterColumn("Rollout", "integer", ".status.rollout.percentage", "Percentage of users in the rollout now"),
         PrinterColumn("Step", "string", ".status.rollout.phase", "Stepped rollout: Progressing, Paused, ..."),
-        READY_COLUMN,
-        AGE_COLUMN,
     ),
 )

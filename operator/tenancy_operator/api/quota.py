@@ -10,17 +10,14 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import AfterValidator, AwareDatetime, Field, WithJsonSchema, model_validator
 
 from tenancy_operator.api.common import (
-    AGE_COLUMN,
     DURATION_MAX_LENGTH,
     DURATION_PATTERN,
     QUANTITY_MAX,
     QUANTITY_MAX_VALUE,
     QUANTITY_PATTERN,
-    READY_COLUMN,
     STATEMENT_TIMEOUT_MAX,
     ApiModel,
     Conditions,
-    KubeObject,
     PositiveDuration,
     PositiveQuantity,
     PrinterColumn,
@@ -28,7 +25,7 @@ from tenancy_operator.api.common import (
     cel,
     cel_string,
     check_duration_at_most,
-    duration_at_most_rule,
+    duration_field,
     duration_millis_cel,
     immutable,
     list_map,
@@ -176,12 +173,7 @@ def _positive_window(value: str) -> str:
 
 Window = Annotated[
     str,
-    Field(
-        pattern=DURATION_PATTERN,
-        max_length=DURATION_MAX_LENGTH,
-        json_schema_extra=validations(cel("self.matches('[1-9]')", "must be greater than zero"),
-                                      duration_at_most_rule(NOISY_WINDOW_MAX)),
-    ),
+    duration_field(NOISY_WINDOW_MAX, positive=True),
     AfterValidator(_positive_window),
 ]
 """A duration greater than zero and at most NOISY_WINDOW_MAX."""
@@ -345,15 +337,9 @@ class QuotaStatus(ApiModel):
     """Share of the database target's load (see spec.noisyNeighbor)."""
 
 
-Quota = KubeObject[QuotaSpec, QuotaStatus]
-"""A whole Quota object as read from the API server."""
-
 
 QUOTA = ResourceInfo(
-    kind="Quota",
-    short_names=("tq",),
-    spec_model=QuotaSpec,
-    status_model=QuotaStatus,
+    "Quota", QuotaSpec, QuotaStatus, short_names=("tq",),
     description="Resource limits of one Tenant (storage, connections, request rate, jobs, timeouts).",
     printer_columns=(
         PrinterColumn("Tenant", "string", ".spec.tenantRef.name"),
@@ -362,8 +348,6 @@ QUOTA = ResourceInfo(
         PrinterColumn("Conns-Used", "string", ".status.used.connections"),
         PrinterColumn("Conns-Hard", "string", ".status.hard.connections"),
         PrinterColumn("Load-Share", "number", ".status.load.share"),
-        READY_COLUMN,
-        AGE_COLUMN,
     ),
 )
 

@@ -22,13 +22,10 @@ from typing import Annotated, Any, Literal
 from pydantic import AwareDatetime, Field, model_validator
 
 from tenancy_operator.api.common import (
-    AGE_COLUMN,
-    READY_COLUMN,
     ApiModel,
     Conditions,
     DnsSubdomain,
     Duration,
-    KubeObject,
     PrinterColumn,
     ResourceInfo,
     cel,
@@ -213,14 +210,9 @@ class SchemaRolloutStatus(ApiModel):
     message: str | None = Field(default=None, max_length=1024)
 
 
-SchemaRollout = KubeObject[SchemaRolloutSpec, SchemaRolloutStatus]
-
 
 SCHEMA_ROLLOUT = ResourceInfo(
-    kind="SchemaRollout",
-    short_names=("sro",),
-    spec_model=SchemaRolloutSpec,
-    status_model=SchemaRolloutStatus,
+    "SchemaRollout", SchemaRolloutSpec, SchemaRolloutStatus, short_names=("sro",),
     description=(
         "Waves in which a schema template's new migrations reach its Tenants: a canary, then "
         "batches, each gated on the Tenants' health, a failure budget and optionally a Prometheus query."
@@ -233,8 +225,6 @@ SCHEMA_ROLLOUT = ResourceInfo(
         PrinterColumn("Failed", "integer", ".status.failed"),
         PrinterColumn("Pending", "integer", ".status.pending"),
         PrinterColumn("Phase", "string", ".status.phase"),
-        READY_COLUMN,
-        AGE_COLUMN,
     ),
 )
 

@@ -9,21 +9,17 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, AwareDatetime, Field
 
 from tenancy_operator.api.common import (
-    AGE_COLUMN,
-    DURATION_MAX_LENGTH,
-    DURATION_PATTERN,
     READY_COLUMN,
     ApiModel,
     Conditions,
     DnsSubdomain,
     Duration,
-    KubeObject,
     PrinterColumn,
     ResourceInfo,
     cel,
     cel_string,
     check_duration_at_most,
-    duration_at_most_rule,
+    duration_field,
     duration_millis_cel,
     list_map,
     parse_duration,
@@ -104,17 +100,16 @@ def _rotate_every(value: str) -> str:
 
 GracePeriod = Annotated[
     str,
-    Field(pattern=DURATION_PATTERN, max_length=DURATION_MAX_LENGTH,
-          json_schema_extra=validations(duration_at_most_rule(GRACE_PERIOD_MAX, what="gracePeriod"))),
+    duration_field(GRACE_PERIOD_MAX, what="gracePeriod"),
     AfterValidator(_grace),
 ]
 RotateEvery = Annotated[
     str,
-    Field(pattern=DURATION_PATTERN, max_length=DURATION_MAX_LENGTH,
-          json_schema_extra=validations(
-              duration_at_most_rule(ROTATE_EVERY_MAX, what="rotateEvery"),
-              cel(f"{duration_millis_cel()} >= {float(parse_duration(ROTATE_EVERY_MIN).total_seconds() * 1000)!r}",
-                  f"rotateEvery must be at least {ROTATE_EVERY_MIN}"))),
+    duration_field(
+        ROTATE_EVERY_MAX,
+        cel(f"{duration_millis_cel()} >= {float(parse_duration(ROTATE_EVERY_MIN).total_seconds() * 1000)!r}",
+            f"rotateEvery must be at least {ROTATE_EVERY_MIN}"),
+        what="rotateEvery"),
     AfterValidator(_rotate_every),
 ]
 
@@ -282,15 +277,9 @@ class TenantStatus(ApiModel):
     """The last finished jobs, newest first."""
 
 
-Tenant = KubeObject[TenantSpec, TenantStatus]
-"""A whole Tenant object as read from the API server."""
-
 
 TENANT = ResourceInfo(
-    kind="Tenant",
-    short_names=("tn",),
-    spec_model=TenantSpec,
-    status_model=TenantStatus,
+    "Tenant", TenantSpec, TenantStatus, short_names=("tn",),
     description=(
         "A SaaS tenant: the operator gives it a PostgreSQL schema and role, credentials in a "
         "Secret, quotas and feature flags. The name becomes the identifier tenant_<name>."
@@ -301,7 +290,6 @@ TENANT = ResourceInfo(
         PrinterColumn("Tier", "string", ".spec.tier"),
         PrinterColumn("Schema", "string", ".status.schema"),
         PrinterColumn("Version", "string", ".status.schemaVersion", "Latest schema migration applied"),
-        AGE_COLUMN,
     ),
     initial_phase="Provisioning",
     root_validations=(

@@ -16,8 +16,6 @@ from typing import Literal
 from pydantic import AwareDatetime, Field
 
 from tenancy_operator.api.common import (
-    AGE_COLUMN,
-    READY_COLUMN,
     ApiModel,
     Conditions,
     PrinterColumn,
@@ -68,10 +66,7 @@ class TenantArchiveStatus(ApiModel):
 
 
 TENANT_ARCHIVE = ResourceInfo(
-    kind="TenantArchive",
-    short_names=("tarc",),
-    spec_model=TenantArchiveSpec,
-    status_model=TenantArchiveStatus,
+    "TenantArchive", TenantArchiveSpec, TenantArchiveStatus, short_names=("tarc",),
     description=(
         "One archive of a Tenant's schema (a verified pg_dump in the archive store): listed, restorable "
         "with a Tenant's restoreFrom, purged when deleted unless protected."
@@ -83,7 +78,5 @@ TENANT_ARCHIVE = ResourceInfo(
         PrinterColumn("Expires", "string", ".status.expiresAt"),
         PrinterColumn("Protected", "boolean", ".spec.protected"),
         PrinterColumn("Phase", "string", ".status.phase"),
-        READY_COLUMN,
-        AGE_COLUMN,
     ),
 )

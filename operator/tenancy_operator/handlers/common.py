@@ -7,16 +7,19 @@ import contextlib
 import copy
 import random
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import kopf
 
 from tenancy_operator import GROUP, VERSION
+from tenancy_operator.api.common import ApiModel
 from tenancy_operator.conditions import merge, readiness
 from tenancy_operator.observability.logging import get_logger
+from tenancy_operator.reconcilers.errors import Verdict
 from tenancy_operator.watch_cache import compact
 
 F = TypeVar("F", bound=Callable[..., Any])
+S = TypeVar("S")
 log = get_logger(__name__)
 
 
@@ -39,21 +42,21 @@ def on_reconcile(registry: kopf.OperatorRegistry, plural: str) -> Callable[[F], 
     return decorate
 
 
-def record_status(body: Mapping[str, Any], ready: bool, stalled: bool, reason: str, message: str,
-                  record: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The status of a kind whose reconcile returns a verdict and a record (the typed status model's
-    fields, as JSON): conditions from the verdict, the record's fields, and null for fields the
-    record no longer has (a merge patch then removes them)."""
+def record_status(body: Mapping[str, Any], out: Verdict, record: ApiModel | None) -> dict[str, Any]:
+    """The status of a kind whose reconcile returns a verdict and a record (its typed status model):
+    conditions from the verdict, the record's fields, and null for fields the record no longer has
+    (a merge patch then removes them). No record: the conditions only, the rest as it was."""
     generation = int(body["metadata"].get("generation") or 0)
-    conds, drop = readiness(ready, stalled, reason, message)
+    conds, drop = readiness(out.ready, out.stalled, out.reason, out.message)
     old = body.get("status") or {}
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "conditions": merge(old.get("conditions"), conds, generation, drop=drop),
     }
     if record is not None:
-        status.update({k: None for k in old if k not in record and k not in ("conditions", "observedGeneration")})
-        status.update(record)
+        fields = record.model_dump(mode="json", exclude_none=True, exclude={"conditions", "observed_generation"})
+        status.update({k: None for k in old if k not in fields and k not in ("conditions", "observedGeneration")})
+        status.update(fields)
     return status
 
 
@@ -125,9 +128,27 @@ class Rechecks:
                 task.add_done_callback(running.discard)
 
 
-def service_of(memo: Any, kind: str) -> Any:
-    """The kind's service, made at start-up (runtime.py) and kept in Kopf's memo."""
-    return memo.services[kind]
+def services(kind: str, cls: type[S]) -> Callable[[Any], S]:
+    """How a kind's handlers find its service (``cls``), made at start-up (runtime.py) and kept in
+    Kopf's memo (``memo.services[kind]``)."""
+
+    def service(memo: Any) -> S:
+        svc: S = memo.services[kind]
+        return svc
+
+    return service
+
+
+class Reconciles(Protocol):
+    async def run(self, body: Mapping[str, Any], retry: int) -> None: ...
+
+
+def reconcile_with(registry: kopf.OperatorRegistry, plural: str, service: Callable[[Any], Reconciles]) -> None:
+    """Register the kind's reconcile (``on_reconcile``) as a call to its service's ``run``."""
+
+    @on_reconcile(registry, plural)
+    async def reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+        await service(memo).run(body, retry)
 
 
 def backoff(retry: int) -> float:

@@ -23,7 +23,7 @@ from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.featureflag import FeatureFlagStatus
 from tenancy_operator.api.names import FINALIZER
 from tenancy_operator.conditions import Cond, merge, readiness, status_differs
-from tenancy_operator.handlers.common import Rechecks, backoff, on_reconcile, service_of
+from tenancy_operator.handlers.common import Rechecks, backoff, reconcile_with, services
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
@@ -362,13 +362,8 @@ SERVICE = FeatureFlagService
 
 def register(registry: kopf.OperatorRegistry) -> None:
     """Attach the FeatureFlag handlers to ``registry``."""
-
-    def service(memo: Any) -> FeatureFlagService:
-        return service_of(memo, KIND)  # type: ignore[no-any-return]
-
-    @on_reconcile(registry, PLURAL)
-    async def featureflag_reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
-        await service(memo).run(body, retry)
+    service = services(KIND, FeatureFlagService)
+    reconcile_with(registry, PLURAL, service)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="finalize")
     async def featureflag_delete(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:

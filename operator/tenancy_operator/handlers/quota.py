@@ -17,7 +17,7 @@ from typing import Any
 import kopf
 
 from tenancy_operator import GROUP, VERSION
-from tenancy_operator.handlers.common import service_of
+from tenancy_operator.handlers.common import services
 from tenancy_operator.observability.logging import WATCH_HANDLER_ID
 from tenancy_operator.reconcilers.quota import QuotaService
 
@@ -32,9 +32,7 @@ enforce, expire overrides) runs in the background."""
 def register(registry: kopf.OperatorRegistry) -> None:
     """Attach the Quota handlers to ``registry`` (Tenant events reach the service through the
     Tenant handlers' watch: QuotaService.tenant_changed)."""
-
-    def service(memo: Any) -> QuotaService:
-        return service_of(memo, KIND)  # type: ignore[no-any-return]
+    service = services(KIND, QuotaService)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id=WATCH_HANDLER_ID)
     async def quota_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import kopf
 
 from tenancy_operator import GROUP, VERSION
-from tenancy_operator.handlers.common import Rechecks, backoff, on_reconcile, record_status, service_of
+from tenancy_operator.handlers.common import Rechecks, backoff, reconcile_with, record_status, services
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import Retry
@@ -20,12 +20,6 @@ from tenancy_operator.runtime_context import OperatorContext
 
 KIND = "SchemaRollout"
 log = get_logger(__name__)
-
-
-def desired_status(body: Mapping[str, Any], out: Outcome) -> dict[str, Any]:
-    record = None if out.status is None else out.status.model_dump(
-        mode="json", exclude_none=True, exclude={"conditions", "observed_generation"})
-    return record_status(body, out.ready, out.stalled, out.reason, out.message, record)
 
 
 class SchemaRolloutService:
@@ -67,7 +61,7 @@ class SchemaRolloutService:
         if out.events or not out.ready:
             log.info("reconciled", kind=KIND, namespace=meta["namespace"], name=meta["name"],
                      result="ready" if out.ready else out.reason, phase=out.status.phase if out.status else None)
-        await self.ctx.status.write(PLURAL, body, desired_status(body, out))  # False: gone meanwhile
+        await self.ctx.status.write(PLURAL, body, record_status(body, out, out.status))  # False: gone meanwhile
         metrics.STALLED.update(KIND, f"{meta['namespace']}/{meta['name']}", out.reason if out.stalled else None)
 
     def forget(self, body: Mapping[str, Any]) -> None:
@@ -88,13 +82,8 @@ SERVICE = SchemaRolloutService
 
 def register(registry: kopf.OperatorRegistry) -> None:
     """Attach the SchemaRollout handlers to ``registry``."""
-
-    def service(memo: Any) -> SchemaRolloutService:
-        return service_of(memo, KIND)  # type: ignore[no-any-return]
-
-    @on_reconcile(registry, PLURAL)
-    async def schemarollout_reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
-        await service(memo).run(body, retry)
+    service = services(KIND, SchemaRolloutService)
+    reconcile_with(registry, PLURAL, service)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="schemarollout-gone")
     async def schemarollout_gone(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

@@ -17,7 +17,7 @@ from tenancy_operator.api.names import ACK_SCHEMA_RECREATED_ANNOTATION
 from tenancy_operator.api.schemarollout import SCHEMA_ROLLOUT
 from tenancy_operator.api.tenant import CredentialsStatus, MoveRecord, TenantStatus, tenant_identifier
 from tenancy_operator.conditions import Cond, merge, readiness
-from tenancy_operator.handlers.common import backoff, on_reconcile, service_of
+from tenancy_operator.handlers.common import backoff, on_reconcile, services
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import WATCH_HANDLER_ID, get_logger
 from tenancy_operator.reconcilers.errors import Retry
@@ -353,9 +353,7 @@ SERVICE = TenantService
 
 def register(registry: kopf.OperatorRegistry) -> None:
     """Attach the Tenant handlers to ``registry`` (no import-time side effects)."""
-
-    def service(memo: Any) -> TenantService:
-        return service_of(memo, KIND)  # type: ignore[no-any-return]
+    service = services(KIND, TenantService)
 
     @on_reconcile(registry, PLURAL)
     async def tenant_reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, reason: str, **_: Any) -> None:

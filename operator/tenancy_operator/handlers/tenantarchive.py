@@ -11,7 +11,7 @@ from typing import Any
 import kopf
 
 from tenancy_operator import GROUP, VERSION
-from tenancy_operator.handlers.common import backoff, on_reconcile, record_status, service_of
+from tenancy_operator.handlers.common import backoff, reconcile_with, record_status, services
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import Retry
@@ -22,12 +22,6 @@ KIND = "TenantArchive"
 PROTECTED_RECHECK_SECONDS = 10.0
 """How soon a deletion held by spec.protected looks again (Kopf runs no update handler meanwhile)."""
 log = get_logger(__name__)
-
-
-def desired_status(body: Mapping[str, Any], out: Outcome) -> dict[str, Any]:
-    record = None if out.status is None else out.status.model_dump(
-        mode="json", exclude_none=True, exclude={"conditions", "observed_generation"})
-    return record_status(body, out.ready, out.stalled, out.reason, out.message, record)
 
 
 class TenantArchiveService:
@@ -62,7 +56,7 @@ class TenantArchiveService:
         if out.events or not out.ready:
             log.info("reconciled", kind=KIND, namespace=meta["namespace"], name=meta["name"],
                      result="ready" if out.ready else out.reason)
-        await self.ctx.status.write(PLURAL, body, desired_status(body, out))  # False: gone meanwhile
+        await self.ctx.status.write(PLURAL, body, record_status(body, out, out.status))  # False: gone meanwhile
 
 
 SERVICE = TenantArchiveService
@@ -71,13 +65,8 @@ SERVICE = TenantArchiveService
 
 def register(registry: kopf.OperatorRegistry) -> None:
     """Attach the TenantArchive handlers to ``registry``."""
-
-    def service(memo: Any) -> TenantArchiveService:
-        return service_of(memo, KIND)  # type: ignore[no-any-return]
-
-    @on_reconcile(registry, PLURAL)
-    async def tenantarchive_reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
-        await service(memo).run(body, retry)
+    service = services(KIND, TenantArchiveService)
+    reconcile_with(registry, PLURAL, service)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="purge")
     async def tenantarchive_purge(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
