@@ -21,30 +21,36 @@ from bench.common import ROOT, log
 
 RATE = 100  # samples per second
 
+
+def _rules(table: dict[str, str]) -> list[tuple[str, re.Pattern[str]]]:
+    """(label, compiled pattern) in the table's order: the first label that matches wins."""
+    return [(label, re.compile(pattern)) for label, pattern in table.items()]
+
+
 # A busy sample is charged to the category of the frame nearest its leaf that belongs to a
 # library or to our code; standard-library frames (json, ssl, asyncio, selectors ...) are skipped,
 # so JSON decoding inside kubernetes_asyncio counts as Kubernetes client, a log call from Kopf as
 # logging, a socket write for a query as PostgreSQL client. Samples with no such frame count as
 # "event loop, stdlib".
-CATEGORIES: list[tuple[str, re.Pattern[str]]] = [
-    ("logging (structlog, logging)", re.compile(r"structlog|/logging/")),
-    ("PostgreSQL client (psycopg, pool)", re.compile(r"psycopg")),
-    ("Kubernetes client (kubernetes_asyncio, aiohttp)", re.compile(r"kubernetes_asyncio|aiohttp|yarl|multidict")),
-    ("prometheus_client", re.compile(r"prometheus_client")),
-    ("pydantic", re.compile(r"pydantic")),
-    ("Kopf (its own logic)", re.compile(r"/kopf/")),
+CATEGORIES = _rules({
+    "logging (structlog, logging)": r"structlog|/logging/",
+    "PostgreSQL client (psycopg, pool)": r"psycopg",
+    "Kubernetes client (kubernetes_asyncio, aiohttp)": r"kubernetes_asyncio|aiohttp|yarl|multidict",
+    "prometheus_client": r"prometheus_client",
+    "pydantic": r"pydantic",
+    "Kopf (its own logic)": r"/kopf/",
     # py-spy names some of our modules by their bare file name (quota.py for reconcilers/quota.py).
-    ("tenancy_operator (our logic)",
-     re.compile(r"tenancy_operator/(?!cli\.py|__main__\.py)|^(quota|tenant|lifecycle|featureflag|sweep|errors)\.py$")),
-]
-OWNERS: list[tuple[str, re.Pattern[str]]] = [
+    "tenancy_operator (our logic)":
+        r"tenancy_operator/(?!cli\.py|__main__\.py)|^(quota|tenant|lifecycle|featureflag|sweep|errors)\.py$",
+})
+OWNERS = _rules({
     # Which part of the operator a busy sample works for: the frame nearest the root that names one.
-    ("FeatureFlag handlers and flag sweep", re.compile(r"(^|/)featureflag\.py|db/flags\.py")),
-    ("Quota handlers and quota pass", re.compile(r"(^|/)quota\.py")),
-    ("Tenant handlers", re.compile(r"(^|/)(tenant|lifecycle|sweep|tenant_migrations|tenants|jobs)\.py")),
-    ("Kopf watch streams (receiving events)", re.compile(r"kopf/_cogs/clients/watching\.py")),
-    ("Kopf processing (patches, progress, logging)", re.compile(r"/kopf/")),
-]
+    "FeatureFlag handlers and flag sweep": r"(^|/)featureflag\.py|db/flags\.py",
+    "Quota handlers and quota pass": r"(^|/)quota\.py",
+    "Tenant handlers": r"(^|/)(tenant|lifecycle|sweep|tenant_migrations|tenants|jobs)\.py",
+    "Kopf watch streams (receiving events)": r"kopf/_cogs/clients/watching\.py",
+    "Kopf processing (patches, progress, logging)": r"/kopf/",
+})
 
 
 @dataclass

@@ -9,6 +9,7 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -26,58 +27,45 @@ SERVING_IPS = ("127.0.0.1", "10.0.0.1")  # 10.0.0.1: first address of --service-
 VALIDITY = datetime.timedelta(days=3650)  # the dev stack's workdir may live for years
 
 
+class _File:
+    """A read-only attribute of :class:`Certs`: the path of one file in its directory."""
+
+    def __init__(self, filename: str, doc: str | None = None) -> None:
+        self.filename = filename
+        self.__doc__ = doc
+
+    @overload
+    def __get__(self, certs: None, owner: type[Certs]) -> _File: ...
+
+    @overload
+    def __get__(self, certs: Certs, owner: type[Certs]) -> Path: ...
+
+    def __get__(self, certs: Certs | None, owner: type[Certs]) -> _File | Path:
+        return self if certs is None else certs.directory / self.filename
+
+
 @dataclass(frozen=True)
 class Certs:
     """Paths of the PEM files in one directory."""
 
     directory: Path
 
-    @property
-    def ca_cert(self) -> Path:
-        return self.directory / "ca.crt"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.directory / "ca.key"
-
-    @property
-    def serving_cert(self) -> Path:
-        return self.directory / "apiserver.crt"
-
-    @property
-    def serving_key(self) -> Path:
-        return self.directory / "apiserver.key"
-
-    @property
-    def admin_cert(self) -> Path:
-        return self.directory / "admin.crt"
-
-    @property
-    def admin_key(self) -> Path:
-        return self.directory / "admin.key"
-
-    @property
-    def sa_key(self) -> Path:
+    ca_cert = _File("ca.crt")
+    ca_key = _File("ca.key")
+    serving_cert = _File("apiserver.crt")
+    serving_key = _File("apiserver.key")
+    admin_cert = _File("admin.crt")
+    admin_key = _File("admin.key")
+    sa_key = _File(
+        "sa.key",
         """Private key: --service-account-signing-key-file, controller-manager's
-        --service-account-private-key-file."""
-        return self.directory / "sa.key"
-
-    @property
-    def sa_pub(self) -> Path:
-        """Public key: --service-account-key-file (verifies tokens)."""
-        return self.directory / "sa.pub"
+        --service-account-private-key-file.""",
+    )
+    sa_pub = _File("sa.pub", """Public key: --service-account-key-file (verifies tokens).""")
 
     def all(self) -> list[Path]:
-        return [
-            self.ca_cert,
-            self.ca_key,
-            self.serving_cert,
-            self.serving_key,
-            self.admin_cert,
-            self.admin_key,
-            self.sa_key,
-            self.sa_pub,
-        ]
+        """Every file, in the order of the attributes above."""
+        return [self.directory / f.filename for f in vars(Certs).values() if isinstance(f, _File)]
 
 
 def write_certs(directory: Path) -> Certs:
@@ -89,61 +77,48 @@ def write_certs(directory: Path) -> Certs:
     directory.mkdir(parents=True, exist_ok=True)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tenancy-devenv-ca")])
+    ca_name = _name("tenancy-devenv-ca")
     ca_cert = (
-        _builder(ca_name, ca_name, ca_key.public_key())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        _builder(ca_name, ca_name, ca_key.public_key(), ca=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
 
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in SERVING_DNS_NAMES]
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in SERVING_IPS]
-    serving_key, serving_cert = _leaf(
-        ca_cert,
-        ca_key,
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]),
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        sans,
-    )
-    admin_name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
-            x509.NameAttribute(NameOID.COMMON_NAME, "admin"),
-        ]
-    )
+    serving_key, serving_cert = _leaf(ca_cert, ca_key, _name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, sans)
+    admin_name = _name("admin", organization="system:masters")
     admin_key, admin_cert = _leaf(ca_cert, ca_key, admin_name, ExtendedKeyUsageOID.CLIENT_AUTH, [])
     sa_key = ec.generate_private_key(ec.SECP256R1())
 
-    _write(certs.ca_key, _key_pem(ca_key), private=True)
-    _write(certs.serving_key, _key_pem(serving_key), private=True)
-    _write(certs.admin_key, _key_pem(admin_key), private=True)
-    _write(certs.sa_key, _key_pem(sa_key), private=True)
+    for path, key in (
+        (certs.ca_key, ca_key),
+        (certs.serving_key, serving_key),
+        (certs.admin_key, admin_key),
+        (certs.sa_key, sa_key),
+    ):
+        _write(path, _key_pem(key), private=True)
     _write(
         certs.sa_pub,
         sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
     )
-    _write(certs.serving_cert, serving_cert.public_bytes(serialization.Encoding.PEM))
-    _write(certs.admin_cert, admin_cert.public_bytes(serialization.Encoding.PEM))
-    _write(certs.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))  # last: marks completion
+    # The CA last: its presence marks completion.
+    for path, cert in ((certs.serving_cert, serving_cert), (certs.admin_cert, admin_cert), (certs.ca_cert, ca_cert)):
+        _write(path, cert.public_bytes(serialization.Encoding.PEM))
     return certs
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+def _name(common_name: str, *, organization: str | None = None) -> x509.Name:
+    """O (if given), then CN."""
+    attributes = [] if organization is None else [x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)]
+    return x509.Name([*attributes, x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _builder(
+    subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePublicKey, *, ca: bool
+) -> x509.CertificateBuilder:
+    """Validity, basic constraints and key usage: a CA signs certificates and CRLs, a leaf only
+    signs (ECDSA: no key encipherment)."""
     now = datetime.datetime.now(datetime.UTC)
     return (
         x509.CertificateBuilder()
@@ -153,6 +128,21 @@ def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePublicK
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))  # tolerate clock skew
         .not_valid_after(now + VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
     )
 
 
@@ -165,22 +155,7 @@ def _leaf(
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
-        _builder(subject, ca_cert.subject, key.public_key())
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_encipherment=False,
-                content_commitment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        _builder(subject, ca_cert.subject, key.public_key(), ca=False)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
     )

@@ -14,6 +14,7 @@ import ssl
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -101,32 +102,23 @@ class ControlPlane:
         self._write_kubeconfig(self.kubeconfig)
         self._write_kubeconfig(self._cm_kubeconfig)
 
-        if self.etcd.pid() is None:
-            self.etcd.start(self._etcd_argv(), detached=self.detached)
-        wait_for(
-            "etcd /health",
-            lambda: self._get(f"http://127.0.0.1:{self.etcd_port}/health")[0] == 200,
-            self.timeout,
-            alive=self.etcd.check_alive,
-        )
-        if self.apiserver.pid() is None:
-            self.apiserver.start(self._apiserver_argv(), detached=self.detached)
-        wait_for(
-            "kube-apiserver /readyz",
-            lambda: self._get(f"{self.url}/readyz")[0] == 200,
-            self.timeout,
-            alive=self.apiserver.check_alive,
-        )
-        if self.controller_manager.pid() is None:
-            self.controller_manager.start(self._controller_manager_argv(), detached=self.detached)
+        self._ensure(self.etcd, self._etcd_flags, "etcd /health", f"http://127.0.0.1:{self.etcd_port}/health")
+        self._ensure(self.apiserver, self._apiserver_flags, "kube-apiserver /readyz", f"{self.url}/readyz")
         # The default ServiceAccount appears once the controllers run: a readiness signal that
         # needs no controller-manager serving port.
-        wait_for(
+        self._ensure(
+            self.controller_manager,
+            self._controller_manager_flags,
             "kube-controller-manager to create ServiceAccount default/default",
-            lambda: self._get(f"{self.url}/api/v1/namespaces/default/serviceaccounts/default")[0] == 200,
-            self.timeout,
-            alive=self.controller_manager.check_alive,
+            f"{self.url}/api/v1/namespaces/default/serviceaccounts/default",
         )
+
+    def _ensure(self, service: Service, flags: Callable[[], list[str]], what: str, ready_url: str) -> None:
+        """Start ``service`` (its binary has the service's name) with ``flags()`` unless it runs, then
+        wait until a GET of ``ready_url`` answers 200."""
+        if service.pid() is None:
+            service.start([str(self.bin_dir / service.name), *flags()], detached=self.detached)
+        wait_for(what, lambda: self._get(ready_url)[0] == 200, self.timeout, alive=service.check_alive)
 
     def stop(self) -> None:
         """Stop every component (reverse start order); idempotent."""
@@ -174,11 +166,10 @@ class ControlPlane:
             wait_for("the CRDs to be Established", ready, self.timeout, interval=0.2)
         return crds
 
-    def _etcd_argv(self) -> list[str]:
+    def _etcd_flags(self) -> list[str]:
         client = f"http://127.0.0.1:{self.etcd_port}"
         peer = f"http://127.0.0.1:{self.etcd_peer_port}"
         return [
-            str(self.bin_dir / "etcd"),
             "--name=tenancy-dev",
             f"--data-dir={self.workdir / 'etcd'}",
             f"--listen-client-urls={client}",
@@ -190,10 +181,9 @@ class ControlPlane:
             "--log-level=warn",
         ]
 
-    def _apiserver_argv(self) -> list[str]:
+    def _apiserver_flags(self) -> list[str]:
         c = self.certs
         return [
-            str(self.bin_dir / "kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
             f"--tls-cert-file={c.serving_cert}",
             f"--tls-private-key-file={c.serving_key}",
@@ -212,10 +202,9 @@ class ControlPlane:
             "--feature-gates=ShardedListAndWatch=true",
         ]
 
-    def _controller_manager_argv(self) -> list[str]:
+    def _controller_manager_flags(self) -> list[str]:
         c = self.certs
         return [
-            str(self.bin_dir / "kube-controller-manager"),
             f"--kubeconfig={self._cm_kubeconfig}",
             "--leader-elect=false",
             f"--root-ca-file={c.ca_cert}",

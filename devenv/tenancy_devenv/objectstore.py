@@ -24,7 +24,7 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from tenancy_devenv.process import DevEnvError, Service, free_ports, wait_for
+from tenancy_devenv.process import DevEnvError, LoopbackServer, Service, wait_for
 
 S3PROXY_VERSION = "3.1.0"
 S3PROXY_JAR = f"s3proxy-{S3PROXY_VERSION}-jar-with-dependencies.jar"
@@ -111,7 +111,7 @@ def _java() -> str:
     return java
 
 
-class ObjectStore:
+class ObjectStore(LoopbackServer):
     """s3proxy with one bucket: buckets in ``<workdir>/<name>/data``, config in
     ``<workdir>/<name>/s3proxy.conf``, pid file ``<workdir>/<name>.pid``.
 
@@ -133,16 +133,10 @@ class ObjectStore:
         bucket: str = BUCKET,
         timeout: float = 60.0,
     ) -> None:
-        self.workdir = workdir
-        self.port = port or free_ports(1)[0]
-        self.name = name
-        self.detached = detached
+        super().__init__(workdir, port, name, detached=detached, timeout=timeout)
         self.access_key = access_key or secrets.token_hex(10)
         self.secret_key = secret_key or secrets.token_hex(20)
         self.bucket = bucket
-        self.timeout = timeout
-        self.directory = workdir / name
-        self.data_dir = self.directory / "data"
         self.config_file = self.directory / "s3proxy.conf"
         self.credentials_dir = workdir / f"{name}-credentials"
         # The trailing space keeps <name>/s3proxy.conf from matching <name>/s3proxy.conf.orig and the like.
@@ -151,9 +145,6 @@ class ObjectStore:
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def pid(self) -> int | None:
-        return self.service.pid()
 
     def client(self, *, probe: bool = False) -> Minio:
         """An S3 client (minio's, as the operator's) with the store's keys. ``probe``: one attempt

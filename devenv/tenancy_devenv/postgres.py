@@ -21,14 +21,14 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from tenancy_devenv.process import DevEnvError, Service, free_ports, run, wait_for
+from tenancy_devenv.process import DevEnvError, LoopbackServer, Service, run, wait_for
 
 DATABASE = "tenancy"
 OPERATOR_ROLE = "tenancy_operator"
 SUPERUSER = "postgres"
 
 
-class PostgresCluster:
+class PostgresCluster(LoopbackServer):
     """Data, unix socket and config in ``<workdir>/<name>/``; pid file ``<workdir>/<name>.pid``.
 
     Passwords are set (again) on every start, so whoever keeps them (the stack's state.json) stays
@@ -47,16 +47,10 @@ class PostgresCluster:
         operator_password: str | None = None,
         timeout: float = 60.0,
     ) -> None:
-        self.workdir = workdir
+        super().__init__(workdir, port, name, detached=detached, timeout=timeout)
         self.bindir = bindir
-        self.port = port or free_ports(1)[0]
-        self.name = name
-        self.detached = detached
         self.superuser_password = superuser_password or secrets.token_hex(16)
         self.operator_password = operator_password or secrets.token_hex(16)
-        self.timeout = timeout
-        self.directory = workdir / name
-        self.data_dir = self.directory / "data"
         self.socket_dir = self.directory / "run"
         # As root, run as the postgres OS user (Debian's package creates it).
         self.user: pwd.struct_passwd | None = _postgres_user() if os.geteuid() == 0 else None
@@ -70,9 +64,6 @@ class PostgresCluster:
     @property
     def operator_dsn(self) -> str:
         return f"postgresql://{OPERATOR_ROLE}:{self.operator_password}@127.0.0.1:{self.port}/{DATABASE}"
-
-    def pid(self) -> int | None:
-        return self.service.pid()
 
     def start(self) -> None:
         """initdb on first use, start the server unless it runs, then (idempotently) bootstrap."""

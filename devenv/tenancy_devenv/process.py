@@ -184,6 +184,29 @@ class Service:
         return True
 
 
+class LoopbackServer:
+    """A server of the stack on a loopback port, run as one :class:`Service` (``service``, set by
+    the subclass): its files in ``<workdir>/<name>/``, data in ``<workdir>/<name>/data``.
+
+    The port may be given so that a restarted stack keeps its address; otherwise a free one is
+    picked now, so it is known before ``start``.
+    """
+
+    service: Service
+
+    def __init__(self, workdir: Path, port: int | None, name: str, *, detached: bool, timeout: float) -> None:
+        self.workdir = workdir
+        self.port = port or free_ports(1)[0]
+        self.name = name
+        self.detached = detached
+        self.timeout = timeout
+        self.directory = workdir / name
+        self.data_dir = self.directory / "data"
+
+    def pid(self) -> int | None:
+        return self.service.pid()
+
+
 def _exists(pid: int) -> bool:
     """True until ``pid`` has exited (a zombie counts as exited; ours is reaped here)."""
     try:
