@@ -54,7 +54,7 @@ from tenancy_operator.handlers.featureflag import desired_status as flag_status
 from tenancy_operator.handlers.tenant import desired_status as tenant_status
 from tenancy_operator.reconcilers.featureflag import Outcome as FlagOutcome
 from tenancy_operator.reconcilers.featureflag import configmap_name
-from tenancy_operator.reconcilers.quota_policy import effective_limits, registry_document
+from tenancy_operator.reconcilers.quota_limits import effective_limits, registry_document
 from tenancy_operator.reconcilers.tenant import TenantReconciler
 from tenancy_operator.reconcilers.tenant_base import Outcome
 

@@ -20,18 +20,15 @@ from tenancy_operator.api.quota import TIER_DEFAULTS, QuotaSpec, limit_amount, t
 from tenancy_operator.conditions import status_patch
 from tenancy_operator.config import Settings
 from tenancy_operator.db.quota import RoleQuotaState, is_on, role_setting
+from tenancy_operator.reconcilers.noisy import Delta, Verdict
 from tenancy_operator.reconcilers.quota import QuotaService
-from tenancy_operator.reconcilers.quota_policy import (
+from tenancy_operator.reconcilers.quota_limits import (
     EXCEEDED,
     NEAR,
     OK,
-    Memory,
-    Probe,
     RoleSettings,
-    Subject,
     desired_role,
     effective_limits,
-    evaluate,
     format_used,
     level,
     next_expiry,
@@ -41,6 +38,8 @@ from tenancy_operator.reconcilers.quota_policy import (
     usage_ratios,
     used_amounts,
 )
+from tenancy_operator.reconcilers.quota_policy import evaluate
+from tenancy_operator.reconcilers.quota_types import LoadView, Memory, Probe, Subject
 from tenancy_operator.runtime_context import KeyedLocks, slim_tenant
 from tenancy_operator.shards import Ownership
 from tenancy_operator.status_writer import StatusWriter
@@ -262,9 +261,9 @@ def quota_body(name: str = "acme-corp", created: str = "2026-01-01T00:00:00Z", *
     }
 
 
-def probe(storage: int = 0, connections: int = 0, **st: Any) -> Probe:
+def probe(storage: int = 0, connections: int = 0, load: LoadView | None = None, **st: Any) -> Probe:
     return Probe(state=state(**st), storage=storage, connections=connections, target="default",
-                 ident="tenant_acme_corp")
+                 ident="tenant_acme_corp", load=load)
 
 
 def run(subject: Subject, p: Probe | None, memory: Memory | None = None, now: datetime = NOW) -> Any:
@@ -359,6 +358,22 @@ def test_storage_over_the_limit_with_block_writes() -> None:
     assert freed.role.read_only is False
     assert events(freed) == [("Normal", "QuotaBackUnderLimit"), ("Normal", "WritesAllowed")]
     assert conds(freed.quota_patches[0][1])["Exceeded"] == ("False", "WithinLimits")
+
+
+def test_the_noisy_neighbor_condition_names_the_target_when_a_limit_is_freed_too() -> None:
+    # A limit back under its threshold and a measured load in one evaluation: the condition still
+    # speaks of the tenant's database target, whatever the limit Events say.
+    q = quota_body(limits={"storage": "1Mi"})
+    t = tenant_body()
+    measured = LoadView(Verdict(False, 0.1, 1.0, Delta(seconds=60.0, load=1.0), 3), "pg_stat_statements", None,
+                        "5m")
+    full = run(Subject(NS, "acme-corp", t, [q]), probe(storage=2 * MiB, load=measured))
+    freed = run(Subject(NS, "acme-corp", t, [applied(q, full.quota_patches[0][1])]),
+                probe(storage=MiB // 2, load=measured), memory=full.memory)
+    assert ("Normal", "QuotaBackUnderLimit") in events(freed)
+    [noisy] = [c for c in freed.quota_patches[0][1]["conditions"] if c["type"] == "NoisyNeighbor"]
+    assert noisy["reason"] == "LoadWithinThreshold"
+    assert noisy["message"].endswith("the average tenant's load on database target 'default' over 5m")
 
 
 def test_warn_enforcement_reports_but_never_blocks() -> None:
@@ -525,7 +540,7 @@ class CountingService(QuotaService):
                               lock=lambda kind, namespace, name: locks.hold((kind, namespace, name)))
         super().__init__(ctx)  # type: ignore[arg-type]
         self.initial_pass_done = True
-        self.quotas.listed = self.tenants.listed = True  # as after Kopf's initial listing
+        self.cluster.quotas.listed = self.cluster.tenants.listed = True  # as after Kopf's initial listing
         self.evaluations: list[str] = []
         self.probes.probe_target = self.measure  # type: ignore[method-assign]
 
@@ -545,7 +560,7 @@ def cached(svc: QuotaService, plural: str, body: dict[str, Any], rv: int) -> dic
     body = copy.deepcopy(body)
     body["metadata"]["resourceVersion"] = str(rv)
     body["metadata"]["creationTimestamp"] = iso(datetime.now(UTC).replace(microsecond=0))
-    (svc.tenants if plural == "tenants" else svc.quotas).observe("MODIFIED", body)
+    (svc.cluster.tenants if plural == "tenants" else svc.cluster.quotas).observe("MODIFIED", body)
     return body
 
 
@@ -559,9 +574,9 @@ def test_the_cache_never_goes_back_to_an_older_version() -> None:
     older = quota_body()
     older["status"] = {"stale": True}
     cached(svc, "quotas", older, 9)  # e.g. the watch event of a write older than our own patch's answer
-    assert "status" not in svc.quotas.get((NS, "acme-corp"))
+    assert "status" not in svc.cluster.quotas.get((NS, "acme-corp"))
     cached(svc, "quotas", older, 11)
-    assert svc.quotas.get((NS, "acme-corp"))["status"] == {"stale": True}
+    assert svc.cluster.quotas.get((NS, "acme-corp"))["status"] == {"stale": True}
 
 
 def test_the_cache_keeps_no_managed_fields() -> None:
@@ -569,7 +584,7 @@ def test_the_cache_keeps_no_managed_fields() -> None:
     body = quota_body()
     body["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
     cached(svc, "quotas", body, 1)
-    assert "managedFields" not in svc.quotas.get((NS, "acme-corp"))["metadata"]
+    assert "managedFields" not in svc.cluster.quotas.get((NS, "acme-corp"))["metadata"]
     assert "managedFields" in body["metadata"]  # the event's own body is left as it was
 
 
@@ -584,7 +599,7 @@ async def test_a_tenants_quotas_come_from_the_cache_by_tenant() -> None:
     assert [x["metadata"]["resourceVersion"] for x in await svc.cluster.tenant_quotas(NS, "globex")] == ["2"]
     svc.cluster.observe("DELETED", moved)
     assert await svc.cluster.tenant_quotas(NS, "globex") == []
-    assert len(svc.quotas) == 0
+    assert len(svc.cluster.quotas) == 0
 
 
 async def test_a_quota_handler_for_an_enforced_version_evaluates_nothing() -> None:
@@ -652,8 +667,8 @@ async def test_a_new_quota_of_a_tenant_not_seen_yet_waits_for_it(monkeypatch: py
     reads: list[str] = []
 
     async def get_tenant(namespace: str, name: str) -> dict[str, Any] | None:
-        if (namespace, name) in svc.tenants:
-            return svc.tenants.get((namespace, name))
+        if (namespace, name) in svc.cluster.tenants:
+            return svc.cluster.tenants.get((namespace, name))
         reads.append(name)  # stands for the GET of a Tenant the cache has not seen
         return None
 
@@ -740,7 +755,7 @@ async def test_a_new_quota_waits_for_its_tenants_first_provisioning() -> None:
     svc = CountingService()
     old = cached(svc, "tenants", provisioning, 1)
     old["metadata"]["creationTimestamp"] = iso(datetime.now(UTC) - timedelta(hours=1))
-    svc.tenants.observe("MODIFIED", old)
+    svc.cluster.tenants.observe("MODIFIED", old)
     svc.quota_changed("ADDED", cached(svc, "quotas", q, 2))
     await settle(svc)
     assert svc.evaluations == ["quota-changed"]

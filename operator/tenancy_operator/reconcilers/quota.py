@@ -2,9 +2,9 @@
 
 One code path for everything: a *subject* is one tenant key (namespace, tenant name) with its
 Tenant and the Quotas naming it (quota_cluster.py: the watch caches) and what the database says
-about it (quota_probe.py measures it). ``evaluate`` (pure, quota_policy.py) turns a subject into a
-plan; ``QuotaService.apply`` carries it out: the database part (quota_enforce.py), status, Events
-and metrics (quota_metrics.py). The
+about it (quota_probe.py measures it). ``evaluate`` (pure, quota_policy.py, on the limit arithmetic
+of quota_limits.py) turns a subject into a plan (quota_types.py); ``QuotaService.apply`` carries it
+out: the database part (quota_enforce.py), status, Events and metrics (quota_metrics.py). The
 periodic pass measures every tenant of a target with one query per measure and evaluates all
 subjects; Quota and Tenant watch events evaluate one subject in the background at once (edits take
 effect immediately; keyed_work.py runs one evaluation per tenant at a time); a scheduled wake-up
@@ -41,20 +41,11 @@ from tenancy_operator.reconcilers.quota_cluster import (
     tenant_state,
 )
 from tenancy_operator.reconcilers.quota_enforce import write_database
+from tenancy_operator.reconcilers.quota_limits import quota_version, sort_quotas
 from tenancy_operator.reconcilers.quota_metrics import QuotaSeries
-from tenancy_operator.reconcilers.quota_policy import (
-    EXPIRY_GRACE,
-    STALE_MEASUREMENTS,
-    Key,
-    Memory,
-    Plan,
-    Probe,
-    Subject,
-    evaluate,
-    quota_version,
-    sort_quotas,
-)
+from tenancy_operator.reconcilers.quota_policy import STALE_MEASUREMENTS, evaluate
 from tenancy_operator.reconcilers.quota_probe import QuotaProbes
+from tenancy_operator.reconcilers.quota_types import Key, Memory, Plan, Probe, Subject
 from tenancy_operator.runtime_context import OperatorContext
 
 log = get_logger(__name__)
@@ -68,6 +59,8 @@ PASS_SLICE = 32
 """Tenants a periodic pass evaluates per turn of the event loop."""
 UNSEEN_TENANT_GRACE_SECONDS = 10.0
 """How long a new Quota waits for its Tenant to show in the watch before reading it with a GET."""
+EXPIRY_GRACE = timedelta(milliseconds=50)
+"""Wake a little after an override's expiry so the evaluation sees it expired."""
 # --- The service --------------------------------------------------------------------------------------
 
 
@@ -110,7 +103,6 @@ class QuotaService:
         self._deferred: set[Key] = set()
         """Tenants whose new Quota waits for the end of their first provisioning (see reconcile_tenant)."""
         self.cluster = QuotaCluster(ctx)
-        self.quotas, self.tenants = self.cluster.quotas, self.cluster.tenants
         self._passes = 0
         self.probes = QuotaProbes(ctx, noisy=lambda key: bool((m := self.memory.get(key)) is not None and m.noisy))
         self.series = QuotaSeries(per_tenant=lambda: self.ctx.settings.quota_per_tenant_metrics,
@@ -200,7 +192,7 @@ class QuotaService:
             if wanted is not None and not wanted():
                 log.debug("quota evaluation not needed", namespace=namespace, tenant=name, trigger=trigger)
                 return None
-            if defer_first_provisioning and key not in self.tenants and self.tenants.listed:
+            if defer_first_provisioning and key not in self.cluster.tenants and self.cluster.tenants.listed:
                 # A new Quota whose Tenant the watch has not shown yet: in a bulk creation, the
                 # Tenant created just before it. The Tenant's own events evaluate it (at its first
                 # Ready); only if it stays unseen is it read (a GET for each would be one per tenant).
@@ -210,7 +202,7 @@ class QuotaService:
             try:
                 tenant = await self.cluster.get_tenant(namespace, name)
                 # The watch cache may have seen more than a GET that just returned (a Stalled status).
-                latest = self.tenants.get(key) or tenant
+                latest = self.cluster.tenants.get(key) or tenant
                 if (defer_first_provisioning and latest is not None and key not in self.applied
                         and first_provisioning(latest, _now())):
                     self._deferred.add(key)
@@ -371,7 +363,7 @@ class QuotaService:
         """This version of a Quota is enforced on the tenant as the cache shows it (a tenant-changed
         evaluation that saw the new Quota, a rerun, or our own status write's event): measuring
         again cannot change anything."""
-        tenant = self.tenants.get(key)
+        tenant = self.cluster.tenants.get(key)
         return (
             version in self.enforced_quotas.get(key, ())
             and tenant is not None
@@ -395,7 +387,7 @@ class QuotaService:
         key = (body["metadata"]["namespace"], ref)
         if self._quota_enforced(key, quota_version(body)):
             return
-        if key not in self.tenants and not self.ctx.ownership.owns(body):
+        if key not in self.cluster.tenants and not self.ctx.ownership.owns(body):
             return  # sharded: the Tenant's owner evaluates it (its events), or it is unseen yet
         meta = body["metadata"]
         self.work.submit(key, Trigger("quota-changed", quota=f"{meta['namespace']}/{meta['name']}",
@@ -404,7 +396,8 @@ class QuotaService:
     async def quota_deleted(self, body: Mapping[str, Any]) -> None:
         """A deleted Quota returns its tenant to tier defaults (or lets a conflicting one apply)."""
         ref = tenant_ref(body)
-        if ref is not None and ((body["metadata"]["namespace"], ref) in self.tenants or self.ctx.ownership.owns(body)):
+        if ref is not None and ((body["metadata"]["namespace"], ref) in self.cluster.tenants
+                                or self.ctx.ownership.owns(body)):
             self.spawn(body["metadata"]["namespace"], ref, "quota-deleted")
 
     def tenant_changed(self, type_: str | None, body: Mapping[str, Any]) -> None:
@@ -428,7 +421,7 @@ class QuotaService:
             self.spawn(key[0], key[1], "tenant-settled")
 
     def _still_unseen(self, key: Key) -> None:
-        if key not in self.tenants and key in self._deferred:
+        if key not in self.cluster.tenants and key in self._deferred:
             self._deferred.discard(key)
             self.spawn(key[0], key[1], "tenant-unseen")  # reads it: TenantNotFound, or evaluated
 
@@ -456,7 +449,8 @@ class QuotaService:
         if causes <= {"tenant-changed", "quota-changed"}:  # each may find nothing left to do
 
             def wanted() -> bool:
-                return ("tenant-changed" in causes and self._tenant_changed(key, self.tenants.get(key))) or any(
+                return ("tenant-changed" in causes
+                        and self._tenant_changed(key, self.cluster.tenants.get(key))) or any(
                     t.version is None or not self._quota_enforced(key, t.version) for t in quota_events)
         evaluate = self.reconcile_tenant(
             key[0], key[1], trigger=",".join(sorted(causes)), wanted=wanted,

@@ -17,7 +17,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from tenancy_operator.api.quota import QuotaSpec
-from tenancy_operator.reconcilers.quota_policy import Key, effective_limits, parse_time, sort_quotas
+from tenancy_operator.reconcilers.quota_limits import effective_limits, parse_time, sort_quotas
+from tenancy_operator.reconcilers.quota_types import Key
 from tenancy_operator.runtime_context import OperatorContext
 from tenancy_operator.watch_cache import WatchCache
 

@@ -12,7 +12,7 @@ from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import DATABASE_ERRORS, database_retry
 from tenancy_operator.reconcilers.lifecycle import is_transient
-from tenancy_operator.reconcilers.quota_policy import Plan
+from tenancy_operator.reconcilers.quota_types import Plan
 from tenancy_operator.runtime_context import OperatorContext
 
 log = get_logger(__name__)

@@ -10,16 +10,8 @@ from collections.abc import Callable, Iterable
 
 from tenancy_operator.api.quota import LIMIT_NAMES
 from tenancy_operator.observability import metrics
-from tenancy_operator.reconcilers.quota_policy import (
-    EXCEEDED,
-    LEVEL_NAMES,
-    LOAD_SERIES,
-    NEAR,
-    Key,
-    Memory,
-    Plan,
-    metric_amount,
-)
+from tenancy_operator.reconcilers.quota_limits import EXCEEDED, LEVEL_NAMES, NEAR, metric_amount
+from tenancy_operator.reconcilers.quota_types import Key, Memory, Plan
 
 AGGREGATES_DELAY_SECONDS = 1.0
 """The tenants-per-state gauges are recounted at most this often."""
@@ -27,6 +19,10 @@ AGGREGATES_DELAY_SECONDS = 1.0
 
 QUOTA_SERIES = (metrics.TENANT_QUOTA_LIMIT, metrics.TENANT_QUOTA_USED, metrics.TENANT_LOAD_SHARE,
                 metrics.TENANT_NOISY_NEIGHBOR)
+LOAD_COUNTERS = (metrics.TENANT_RESOURCE_USAGE, metrics.TENANT_RESOURCE_CALLS, metrics.TENANT_RESOURCE_ROWS,
+                 metrics.TENANT_RESOURCE_SHARED_BLOCKS, metrics.TENANT_RESOURCE_TEMP_BLOCKS)
+LOAD_SERIES = (*LOAD_COUNTERS, metrics.TENANT_SESSIONS_ACTIVE, metrics.TENANT_SESSIONS_WAITING)
+"""Per-tenant load series, removed with the tenant."""
 
 
 class QuotaSeries:

@@ -1,29 +1,27 @@
 """Quota decisions, pure: a subject (one tenant key with its Tenant, its Quotas and what the
-database says) becomes a plan (``evaluate``): effective limits, role attributes, usage levels,
-status, Events, the registry document and the noisy-neighbour verdict's consequences. Nothing here
-reads or writes anything; ``QuotaService`` (reconcilers/quota.py) observes and applies.
+database says) becomes a plan (``evaluate``): the Quota's and the Tenant's status and conditions,
+the Events, and the noisy-neighbour verdict's consequences, from the limits and usage that
+quota_limits.py computes. Nothing here reads or writes anything; ``QuotaService``
+(reconcilers/quota.py) observes and applies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
 
-from tenancy_operator.api.common import format_quantity
 from tenancy_operator.api.quota import (
     CONDITION_EXCEEDED,
     CONDITION_NEAR_LIMIT,
     CONDITION_NOISY_NEIGHBOR,
-    CONNECTION_LIMIT_MAX,
-    LIMIT_NAMES,
     NEAR_LIMIT_RATIO,
     ActiveOverride,
     LoadStatus,
+    NoisyContainment,
     NoisyNeighborPolicy,
     QuotaOverride,
     QuotaSpec,
@@ -31,240 +29,19 @@ from tenancy_operator.api.quota import (
     limit_amount,
 )
 from tenancy_operator.conditions import Cond, merge, status_patch
-from tenancy_operator.db.quota import RoleQuotaState
-from tenancy_operator.observability import metrics
-from tenancy_operator.reconcilers.noisy import Verdict, contain
+from tenancy_operator.reconcilers import quota_limits as limits
+from tenancy_operator.reconcilers.noisy import contain
+from tenancy_operator.reconcilers.quota_limits import iso, parse_time
+from tenancy_operator.reconcilers.quota_types import LoadView, Memory, Plan, Probe, Subject
 
-Key = tuple[str, str]
-"""(namespace, tenant name): quotas are per tenant, so is every lock and memory entry."""
-
-OK, NEAR, EXCEEDED = 0, 1, 2
-LEVEL_NAMES = {NEAR: "near", EXCEEDED: "exceeded"}
 STALE_MEASUREMENTS = 30
 """lastMeasuredAt is refreshed with any other status change, and at least every 30 intervals, so an
 idle tenant's Quota is not rewritten every interval just to move a timestamp."""
 TRANSIENT_REASONS = ("TenantNotReady", "DatabaseUnavailable", "DatabaseBusy")
 """Ready=False reasons that resolve by themselves (a tenant being provisioned): no Warning Event."""
-EXPIRY_GRACE = timedelta(milliseconds=50)
-"""Wake a little after an override's expiry so the evaluation sees it expired."""
-
-# --- Pure logic -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RoleSettings:
-    """The role attributes the operator owns for quotas."""
-
-    connection_limit: int
-    """-1: unlimited."""
-    statement_timeout_ms: int | None
-    read_only: bool
-
-
-@dataclass(frozen=True)
-class Probe:
-    """What the database says about one subject (or why it could not be asked)."""
-
-    state: RoleQuotaState | None = None
-    storage: int = 0
-    connections: int = 0
-    reported: Mapping[str, Decimal] = field(default_factory=dict)
-    problem: tuple[str, str] | None = None
-    """(reason, message) when the tenant's limits cannot be enforced now."""
-    target: str | None = None
-    ident: str | None = None
-    load: LoadView | None = None
-    """The tenant's load on its target (periodic passes; a handler's evaluation reuses the last)."""
-
-
-@dataclass(frozen=True)
-class LoadView:
-    """What the last pass found about a tenant's load."""
-
-    verdict: Verdict | None
-    """None until two samples cover some time."""
-    source: str
-    detail: str | None
-    window: str
-    active: int = 0
-    waiting: int = 0
-    wait_events: tuple[str, ...] = ()
-
-
-@dataclass
-class Subject:
-    """One tenant key and what the API server says about it."""
-
-    namespace: str
-    name: str
-    tenant: dict[str, Any] | None
-    quotas: list[dict[str, Any]]
-    """Quotas naming the tenant, the one in force first (see ``sort_quotas``)."""
-
-    @property
-    def key(self) -> Key:
-        return (self.namespace, self.name)
-
-
-@dataclass
-class Memory:
-    """What the last evaluation of a subject found, for transition Events (in memory only)."""
-
-    uid: str
-    tier: str
-    levels: dict[str, int]
-    active: set[tuple[str, str]]
-    """(limit, expiresAt) of the overrides in force."""
-    noisy: bool | None = None
-    """The NoisyNeighbor verdict in force (None: never judged)."""
-    contained: tuple[str, ...] = ()
-    """Role attributes lowered by containment."""
-
-
-@dataclass
-class Plan:
-    """What one evaluation decided; ``QuotaService.apply`` does it."""
-
-    enforce: bool = False
-    target: str | None = None
-    ident: str | None = None
-    tenant_id: str | None = None
-    role: RoleSettings | None = None
-    role_changes: list[str] = field(default_factory=list)
-    terminate: bool = False
-    publish: dict[str, Any] | None = None
-    quota_patches: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
-    tenant_patch: dict[str, Any] | None = None
-    events: list[tuple[dict[str, Any], str, str, str]] = field(default_factory=list)
-    hard: dict[str, str] = field(default_factory=dict)
-    amounts_used: dict[str, Decimal] = field(default_factory=dict)
-    levels: dict[str, int] = field(default_factory=dict)
-    next_expiry: datetime | None = None
-    memory: Memory | None = None
-    expired: list[str] = field(default_factory=list)
-    """Limits whose override ended at this evaluation (for logs)."""
-    ledger: list[tuple[str, str]] = field(default_factory=list)
-    """(kind, detail) of containment jobs to record in the lifecycle ledger with the role change."""
-    tenant_version: str | None = None
-    """resourceVersion the Tenant status patch is conditional on (it replaces the conditions list)."""
-    noisy: bool | None = None
-    load_share: float | None = None
-
-
-def parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def iso(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def sort_quotas(quotas: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The Quota in force first: the oldest (creationTimestamp, then name); later ones conflict."""
-    return sorted(quotas, key=lambda q: (q["metadata"].get("creationTimestamp") or "", q["metadata"]["name"]))
-
-
-def effective_limits(defaults: Mapping[str, str], spec: QuotaSpec | None, now: datetime) -> dict[str, str]:
-    """Tier defaults, then the Quota's limits, then its unexpired overrides."""
-    hard = dict(defaults)
-    if spec is not None:
-        hard.update(spec.effective_limits(now))
-    return {name: hard[name] for name in LIMIT_NAMES if name in hard}
-
-
-def next_expiry(spec: QuotaSpec | None, now: datetime) -> datetime | None:
-    """When the next override ends: the limits change then, so the operator wakes then."""
-    if spec is None:
-        return None
-    upcoming = [o.expires_at for o in spec.overrides if o.expires_at > now]
-    return min(upcoming) if upcoming else None
-
-
-def used_amounts(storage: int, connections: int, reported: Mapping[str, Decimal]) -> dict[str, Decimal]:
-    """Usage by limit name: measured storage and connections, platform-reported for the rest."""
-    used = {name: Decimal(value) for name, value in reported.items() if name in LIMIT_NAMES}
-    used.pop("statementTimeout", None)  # a timeout has no usage
-    used["storage"] = Decimal(storage)
-    used["connections"] = Decimal(connections)
-    return {name: used[name] for name in LIMIT_NAMES if name in used}
-
-
-def format_used(limit: str, amount: Decimal) -> str:
-    if limit == "storage":
-        return format_quantity(int(amount))
-    if amount == amount.to_integral_value():
-        return str(int(amount))
-    return format(amount.normalize(), "f")
-
-
-def usage_ratios(hard: Mapping[str, str], used: Mapping[str, Decimal]) -> dict[str, float]:
-    """used / hard for every limit that has both (1.0 = at the limit)."""
-    ratios: dict[str, float] = {}
-    for name, amount in used.items():
-        if name in hard and name != "statementTimeout":
-            ratios[name] = round(float(amount) / limit_amount(name, hard[name]), 4)
-    return ratios
-
-
-def level(ratio: float) -> int:
-    if ratio >= 1.0:
-        return EXCEEDED
-    if ratio >= NEAR_LIMIT_RATIO:
-        return NEAR
-    return OK
-
-
-def desired_role(hard: Mapping[str, str], read_only: bool) -> RoleSettings:
-    connections = hard.get("connections")
-    timeout = hard.get("statementTimeout")
-    return RoleSettings(
-        connection_limit=min(int(connections), CONNECTION_LIMIT_MAX) if connections else -1,
-        statement_timeout_ms=limit_amount("statementTimeout", timeout) if timeout else None,
-        read_only=read_only,
-    )
-
-
-def role_changes(state: RoleQuotaState, want: RoleSettings) -> list[str]:
-    """Which owned attributes differ from the catalog (a hand-made '30s' differs from 30000: it is
-    rewritten once in the operator's form)."""
-    changes = []
-    if state.connection_limit != want.connection_limit:
-        changes.append("connections")
-    current_timeout = state.statement_timeout
-    wanted_timeout = None if want.statement_timeout_ms is None else str(want.statement_timeout_ms)
-    if current_timeout != wanted_timeout:
-        changes.append("statementTimeout")
-    if state.read_only != want.read_only:
-        changes.append("readOnly")
-    return changes
-
-
-def registry_document(
-    hard: Mapping[str, str], *, enforcement: str, blocked: bool, active: Mapping[str, QuotaOverride],
-    quota: str | None,
-) -> dict[str, Any]:
-    """tenants.quotas: what the platform's rate limiter and job runner read. Counts as numbers,
-    storage and statementTimeout both as written and in bytes / milliseconds."""
-    doc: dict[str, Any] = {}
-    for name, value in hard.items():
-        if name == "storage":
-            doc["storage"] = value
-            doc["storageBytes"] = limit_amount(name, value)
-        elif name == "statementTimeout":
-            doc["statementTimeout"] = value
-            doc["statementTimeoutMs"] = limit_amount(name, value)
-        else:
-            doc[name] = int(value)
-    doc["storageEnforcement"] = enforcement
-    doc["writesBlocked"] = blocked
-    doc["overrides"] = [
-        {"limit": o.limit, "value": str(o.value), "expiresAt": iso(o.expires_at)}
-        for _, o in sorted(active.items())
-    ]
-    doc["quota"] = quota
-    return doc
+# --- Status ---------------------------------------------------------------------------------------------
 
 
 def _active_from_status(status: Mapping[str, Any]) -> set[tuple[str, str]]:
@@ -277,16 +54,17 @@ def _active_from_status(status: Mapping[str, Any]) -> set[tuple[str, str]]:
 
 
 def _levels_from_status(status: Mapping[str, Any]) -> dict[str, int]:
-    return {str(k): level(float(v)) for k, v in (status.get("usageRatio") or {}).items()}
+    return {str(k): limits.level(float(v)) for k, v in (status.get("usageRatio") or {}).items()}
 
 
 def _ready(conditions: Sequence[Mapping[str, Any]] | None) -> Mapping[str, Any]:
     return next((c for c in conditions or [] if c.get("type") == "Ready"), {})
 
 
-def _not_in_force(quota: dict[str, Any], reason: str, message: str, *, hard: Mapping[str, str] | None = None,
-                  keep_usage: bool = False) -> tuple[dict[str, Any], bool]:
-    """Status of a Quota that does not apply now; (patch, Ready reason changed)."""
+def _not_in_force(plan: Plan, quota: dict[str, Any], reason: str, message: str, *,
+                  hard: Mapping[str, str] | None = None, keep_usage: bool = False, warn: bool = True) -> None:
+    """A Quota that does not apply now: its status says why, with a Warning Event (unless not
+    ``warn``) when the Ready reason changes."""
     status = quota.get("status") or {}
     generation = int(quota["metadata"].get("generation") or 0)
     record = QuotaStatus(conditions=[], observed_generation=generation, hard=dict(hard or {}), active_overrides=[])
@@ -294,8 +72,11 @@ def _not_in_force(quota: dict[str, Any], reason: str, message: str, *, hard: Map
                           drop=[CONDITION_NEAR_LIMIT, CONDITION_EXCEEDED])
     if not keep_usage:
         desired.update({"used": {}, "usageRatio": {}})
-    changed = _ready(status.get("conditions")).get("reason") != reason
-    return status_patch(status, desired), changed
+    patch = status_patch(status, desired)
+    if patch:
+        plan.quota_patches.append((quota, patch))
+    if warn and _ready(status.get("conditions")).get("reason") != reason:
+        plan.events.append((quota, "Warning", reason, message))
 
 
 def _status_doc(current: Mapping[str, Any], record: QuotaStatus, conds: list[Cond], *,
@@ -324,11 +105,7 @@ def evaluate(
     for loser in losers:
         message = (f"tenant {subject.name} already has Quota {winner['metadata']['name']} "  # type: ignore[index]
                    "(the older one applies); delete one of them")
-        patch, changed = _not_in_force(loser, "Conflict", message)
-        if patch:
-            plan.quota_patches.append((loser, patch))
-        if changed:
-            plan.events.append((loser, "Warning", "Conflict", message))
+        _not_in_force(plan, loser, "Conflict", message)
 
     tenant = subject.tenant
     if tenant is None or tenant["metadata"].get("deletionTimestamp"):
@@ -336,24 +113,14 @@ def evaluate(
             reason = "TenantNotFound" if tenant is None else "TenantDeleting"
             message = (f"Tenant {subject.name} not found in namespace {subject.namespace}"
                        if tenant is None else f"Tenant {subject.name} is being deleted")
-            patch, changed = _not_in_force(winner, reason, message)
-            if patch:
-                plan.quota_patches.append((winner, patch))
-            if changed:
-                plan.events.append((winner, "Warning", reason, message))
+            _not_in_force(plan, winner, reason, message)
         return plan
 
     tier = str((tenant.get("spec") or {}).get("tier") or "free")
-    spec: QuotaSpec | None = None
-    invalid: str | None = None
-    if winner is not None:
-        try:
-            spec = QuotaSpec.model_validate(winner.get("spec") or {})
-        except ValidationError as exc:
-            invalid = "; ".join(e["msg"] for e in exc.errors())[:512]
-    hard = effective_limits(tier_limits.get(tier, {}), spec, now)
+    spec, invalid = _quota_spec(winner)
+    hard = limits.effective_limits(tier_limits.get(tier, {}), spec, now)
     plan.hard = hard
-    plan.next_expiry = next_expiry(spec, now)
+    plan.next_expiry = limits.next_expiry(spec, now)
     active: dict[str, QuotaOverride] = (
         {str(name): o for name, o in spec.active_overrides(now).items()} if spec is not None else {}
     )
@@ -374,46 +141,31 @@ def evaluate(
     event_target = winner if winner is not None else tenant
 
     if spec is not None:
-        by_key: dict[tuple[str, str], QuotaOverride] = {(o.limit, iso(o.expires_at)): o for o in spec.overrides}
-        for limit, expires in sorted(prev_active - active_keys):
-            override = by_key.get((limit, expires))
-            if override is None or override.expires_at > now:
-                continue  # removed by hand, not expired
-            plan.expired.append(limit)
-            plan.events.append((event_target, "Normal", "OverrideExpired",
-                                f"override of {limit} to {override.value} expired at {expires}"
-                                f"{f' ({override.reason})' if override.reason else ''}; "
-                                f"{limit} is {hard.get(limit, 'unlimited')} again"))
+        _expired_overrides(plan, event_target, spec, prev_active - active_keys, hard, now)
 
     if invalid is not None and winner is not None:
-        patch, changed = _not_in_force(winner, "InvalidSpec", invalid)
-        if patch:
-            plan.quota_patches.append((winner, patch))
-        if changed:
-            plan.events.append((winner, "Warning", "InvalidSpec", invalid))
+        _not_in_force(plan, winner, "InvalidSpec", invalid)
         winner = None  # the tenant falls back to its tier defaults; the Quota says why
     if probe is None or probe.problem is not None or probe.state is None:
         reason, message = probe.problem if probe and probe.problem else ("TenantNotReady", "not measured yet")
         if winner is not None:
-            patch, changed = _not_in_force(winner, reason, message, hard=hard, keep_usage=True)
-            if patch:
-                plan.quota_patches.append((winner, patch))
-            if changed and reason not in TRANSIENT_REASONS:
-                plan.events.append((winner, "Warning", reason, message))
+            _not_in_force(plan, winner, reason, message, hard=hard, keep_usage=True,
+                          warn=reason not in TRANSIENT_REASONS)
         plan.memory = Memory(uid, tier, prev_levels, active_keys)
         return plan
 
     state = probe.state
     plan.enforce, plan.target, plan.ident, plan.tenant_id = True, probe.target, probe.ident, state.tenant_id
-    amounts = used_amounts(probe.storage, probe.connections, probe.reported)
+    amounts = limits.used_amounts(probe.storage, probe.connections, probe.reported)
     plan.amounts_used = amounts
-    used = {name: format_used(name, amount) for name, amount in amounts.items()}
-    ratios = usage_ratios(hard, amounts)
-    levels = {name: level(r) for name, r in ratios.items()}
+    used = {name: limits.format_used(name, amount) for name, amount in amounts.items()}
+    ratios = limits.usage_ratios(hard, amounts)
+    levels = {name: limits.level(r) for name, r in ratios.items()}
     plan.levels = levels
+    texts = {name: _describe(name, used[name], hard[name], r) for name, r in ratios.items()}
     enforcement = spec.enforcement.storage if spec is not None and winner is not None else "Warn"
-    blocked = enforcement == "BlockWrites" and levels.get("storage") == EXCEEDED
-    plan.role = desired_role(hard, blocked)
+    blocked = enforcement == "BlockWrites" and levels.get("storage") == limits.EXCEEDED
+    role = limits.desired_role(hard, blocked)
     policy = spec.noisy_neighbor if spec is not None and winner is not None else NoisyNeighborPolicy()
     prev_noisy: bool | None
     if memory is not None and memory.uid == uid and memory.noisy is not None:
@@ -426,55 +178,32 @@ def evaluate(
     noisy: bool | None = verdict.noisy if verdict is not None else prev_noisy
     contained: list[str] = []
     if noisy and policy.containment is not None:
-        c = policy.containment
-        conn_limit, timeout, contained = contain(
-            plan.role.connection_limit, plan.role.statement_timeout_ms,
-            connections=(c.connections.factor, c.connections.floor) if c.connections else None,
-            statement_timeout=((c.statement_timeout.factor, limit_amount("statementTimeout", c.statement_timeout.floor))
-                               if c.statement_timeout else None),
-        )
-        plan.role = replace(plan.role, connection_limit=conn_limit, statement_timeout_ms=timeout)
-    plan.role_changes = role_changes(state, plan.role)
+        role, contained = _contain(role, policy.containment)
+    plan.role = role
+    plan.role_changes = limits.role_changes(state, role)
     plan.noisy = noisy
     plan.load_share = verdict.share if verdict is not None else None
     where = f"database target {probe.target!r}"
-    if verdict is not None and view is not None:
-        load_text = (f"{verdict.share:.0%} of the load on {where} over {view.window} "
-                     f"({verdict.ratio:g}x the average of {verdict.tenants} tenants, threshold {policy.multiple:g}x)")
-    else:
-        load_text = f"load on {where} not measured over a window yet"
-    if noisy and not prev_noisy:
-        plan.events.append((event_target, "Warning", "NoisyNeighbor", f"noisy neighbour: {load_text}"))
-    elif prev_noisy and noisy is False:
-        plan.events.append((event_target, "Normal", "NoisyNeighborCalm", f"no longer a noisy neighbour: {load_text}"))
-    lowered = sorted(set(contained) - set(prev_contained))
-    restored = sorted(set(prev_contained) - set(contained))
-    if lowered:
-        what = _contained_text(lowered, plan.role)
-        plan.events.append((event_target, "Warning", "NoisyNeighborContained", f"contained while noisy: {what}"))
-        plan.ledger.append(("contain", f"lowered {what}"))
-    if restored:
-        what = _contained_text(restored, plan.role)
-        plan.events.append((event_target, "Normal", "NoisyNeighborReleased", f"containment undone: {what}"))
-        plan.ledger.append(("release", f"restored {what}"))
+    _noisy_events(plan, event_target, noisy, prev_noisy, _load_text(where, view, policy))
+    _containment_events(plan, event_target, role, contained, prev_contained)
     plan.terminate = "readOnly" in plan.role_changes
-    doc = registry_document(hard, enforcement=enforcement, blocked=blocked, active=active,
-                            quota=winner["metadata"]["name"] if winner is not None else None)
+    doc = limits.registry_document(hard, enforcement=enforcement, blocked=blocked, active=active,
+                                   quota=winner["metadata"]["name"] if winner is not None else None)
     if doc != state.published:
         plan.publish = doc
 
     for name, new in levels.items():
-        old = prev_levels.get(name, OK)
-        text = _describe(name, used[name], hard[name], ratios[name])
+        old = prev_levels.get(name, limits.OK)
+        text = texts[name]
         if new > old:
-            if new == EXCEEDED:
+            if new == limits.EXCEEDED:
                 plan.events.append((event_target, "Warning", "QuotaExceeded", f"limit reached: {text}"))
             else:
                 plan.events.append((event_target, "Warning", "QuotaNearLimit",
                                     f"at {NEAR_LIMIT_RATIO:.0%} or more of the limit: {text}"))
         elif new < old:
-            where = "under its limit" if new == NEAR else "under the near-limit threshold"
-            plan.events.append((event_target, "Normal", "QuotaBackUnderLimit", f"back {where}: {text}"))
+            below = "under its limit" if new == limits.NEAR else "under the near-limit threshold"
+            plan.events.append((event_target, "Normal", "QuotaBackUnderLimit", f"back {below}: {text}"))
     if "readOnly" in plan.role_changes:
         if blocked:
             plan.events.append((event_target, "Warning", "WritesBlocked",
@@ -491,39 +220,16 @@ def evaluate(
     )
 
     if winner is None and noisy is not None and tenant_status.get("conditions"):
-        current = next((c for c in tenant_status.get("conditions") or [] if c.get("type") == CONDITION_NOISY_NEIGHBOR),
-                       None)
-        if current is None or current.get("status") != noisy_cond.status:
-            generation = int(tenant["metadata"].get("generation") or 0)
-            plan.tenant_patch = {**(plan.tenant_patch or {}),
-                                 "conditions": merge(tenant_status.get("conditions"), [noisy_cond], generation)}
-            plan.tenant_version = tenant["metadata"].get("resourceVersion")
+        _tenant_noisy_condition(plan, tenant, noisy_cond)
 
     if winner is not None:
         generation = int(winner["metadata"].get("generation") or 0)
-        near = sorted(n for n, lv in levels.items() if lv >= NEAR)
-        over = sorted(n for n, lv in levels.items() if lv == EXCEEDED)
-        ready_message = f"limits in force on role {probe.ident}"
-        if blocked:
-            ready_message += "; writes blocked: storage over its limit"
-        conds = [
-            Cond("Ready", "True", "Enforced", ready_message),
-            Cond(CONDITION_NEAR_LIMIT, "True", "ThresholdReached",
-                 "; ".join(_describe(n, used[n], hard[n], ratios[n]) for n in near))
-            if near else Cond(CONDITION_NEAR_LIMIT, "False", "BelowThreshold",
-                              f"every limit under {NEAR_LIMIT_RATIO:.0%}"),
-            Cond(CONDITION_EXCEEDED, "True", "LimitReached",
-                 "; ".join(_describe(n, used[n], hard[n], ratios[n]) for n in over)
-                 + ("; writes blocked" if blocked else ""))
-            if over else Cond(CONDITION_EXCEEDED, "False", "WithinLimits", "every limit under its value"),
-            noisy_cond,
-        ]
         record = QuotaStatus(
             conditions=[], observed_generation=generation, hard=hard, used=used, usage_ratio=ratios,
             active_overrides=[ActiveOverride(limit=o.limit, value=o.value, expires_at=o.expires_at, reason=o.reason)
                               for _, o in sorted(active.items())],
         )
-        desired = _status_doc(quota_status, record, conds)
+        desired = _status_doc(quota_status, record, _quota_conditions(probe.ident, blocked, levels, texts, noisy_cond))
         last = parse_time(quota_status.get("lastMeasuredAt"))
         stale = last is None or now - last >= stale_after
         load_doc = _load_status(quota_status.get("load"), view, contained, stale=stale)
@@ -535,6 +241,109 @@ def evaluate(
         if patch:
             plan.quota_patches.append((winner, patch))
     return plan
+
+
+# --- The steps of an evaluation -------------------------------------------------------------------------
+
+
+def _quota_spec(quota: Mapping[str, Any] | None) -> tuple[QuotaSpec | None, str | None]:
+    """The Quota's spec, or why it is invalid (the API server's validation cannot catch everything)."""
+    if quota is None:
+        return None, None
+    try:
+        return QuotaSpec.model_validate(quota.get("spec") or {}), None
+    except ValidationError as exc:
+        return None, "; ".join(e["msg"] for e in exc.errors())[:512]
+
+
+def _expired_overrides(plan: Plan, target: dict[str, Any], spec: QuotaSpec, gone: set[tuple[str, str]],
+                       hard: Mapping[str, str], now: datetime) -> None:
+    """An Event for each override in force at the last evaluation that has expired since (not one
+    removed by hand)."""
+    by_key: dict[tuple[str, str], QuotaOverride] = {(o.limit, iso(o.expires_at)): o for o in spec.overrides}
+    for limit, expires in sorted(gone):
+        override = by_key.get((limit, expires))
+        if override is None or override.expires_at > now:
+            continue  # removed by hand, not expired
+        plan.expired.append(limit)
+        plan.events.append((target, "Normal", "OverrideExpired",
+                            f"override of {limit} to {override.value} expired at {expires}"
+                            f"{f' ({override.reason})' if override.reason else ''}; "
+                            f"{limit} is {hard.get(limit, 'unlimited')} again"))
+
+
+def _contain(role: limits.RoleSettings, c: NoisyContainment) -> tuple[limits.RoleSettings, list[str]]:
+    """The role attributes while noisy, and which of them containment lowered."""
+    conn_limit, timeout, contained = contain(
+        role.connection_limit, role.statement_timeout_ms,
+        connections=(c.connections.factor, c.connections.floor) if c.connections else None,
+        statement_timeout=((c.statement_timeout.factor, limit_amount("statementTimeout", c.statement_timeout.floor))
+                           if c.statement_timeout else None),
+    )
+    return replace(role, connection_limit=conn_limit, statement_timeout_ms=timeout), contained
+
+
+def _load_text(where: str, view: LoadView | None, policy: NoisyNeighborPolicy) -> str:
+    if view is None or view.verdict is None:
+        return f"load on {where} not measured over a window yet"
+    verdict = view.verdict
+    return (f"{verdict.share:.0%} of the load on {where} over {view.window} "
+            f"({verdict.ratio:g}x the average of {verdict.tenants} tenants, threshold {policy.multiple:g}x)")
+
+
+def _noisy_events(plan: Plan, target: dict[str, Any], noisy: bool | None, prev_noisy: bool | None,
+                  load_text: str) -> None:
+    """An Event when the noisy-neighbour verdict turns."""
+    if noisy and not prev_noisy:
+        plan.events.append((target, "Warning", "NoisyNeighbor", f"noisy neighbour: {load_text}"))
+    elif prev_noisy and noisy is False:
+        plan.events.append((target, "Normal", "NoisyNeighborCalm", f"no longer a noisy neighbour: {load_text}"))
+
+
+def _containment_events(plan: Plan, target: dict[str, Any], role: limits.RoleSettings, contained: Sequence[str],
+                        prev_contained: Sequence[str]) -> None:
+    """Events and ledger entries for the role attributes containment lowered or restored now."""
+    lowered = sorted(set(contained) - set(prev_contained))
+    restored = sorted(set(prev_contained) - set(contained))
+    if lowered:
+        what = _contained_text(lowered, role)
+        plan.events.append((target, "Warning", "NoisyNeighborContained", f"contained while noisy: {what}"))
+        plan.ledger.append(("contain", f"lowered {what}"))
+    if restored:
+        what = _contained_text(restored, role)
+        plan.events.append((target, "Normal", "NoisyNeighborReleased", f"containment undone: {what}"))
+        plan.ledger.append(("release", f"restored {what}"))
+
+
+def _tenant_noisy_condition(plan: Plan, tenant: Mapping[str, Any], cond: Cond) -> None:
+    """With no valid Quota to carry it, the NoisyNeighbor condition goes on the Tenant, written
+    when its status changes (the patch replaces the conditions list, hence tenant_version)."""
+    status = tenant.get("status") or {}
+    current = next((c for c in status.get("conditions") or [] if c.get("type") == CONDITION_NOISY_NEIGHBOR), None)
+    if current is None or current.get("status") != cond.status:
+        generation = int(tenant["metadata"].get("generation") or 0)
+        plan.tenant_patch = {**(plan.tenant_patch or {}),
+                             "conditions": merge(status.get("conditions"), [cond], generation)}
+        plan.tenant_version = tenant["metadata"].get("resourceVersion")
+
+
+def _quota_conditions(ident: str | None, blocked: bool, levels: Mapping[str, int], texts: Mapping[str, str],
+                      noisy: Cond) -> list[Cond]:
+    """The conditions of the Quota in force, enforced on role ``ident``."""
+    near = sorted(n for n, lv in levels.items() if lv >= limits.NEAR)
+    over = sorted(n for n, lv in levels.items() if lv == limits.EXCEEDED)
+    ready_message = f"limits in force on role {ident}"
+    if blocked:
+        ready_message += "; writes blocked: storage over its limit"
+    return [
+        Cond("Ready", "True", "Enforced", ready_message),
+        Cond(CONDITION_NEAR_LIMIT, "True", "ThresholdReached", "; ".join(texts[n] for n in near))
+        if near else Cond(CONDITION_NEAR_LIMIT, "False", "BelowThreshold", f"every limit under {NEAR_LIMIT_RATIO:.0%}"),
+        Cond(CONDITION_EXCEEDED, "True", "LimitReached",
+             "; ".join(texts[n] for n in over) + ("; writes blocked" if blocked else ""))
+        if over else Cond(CONDITION_EXCEEDED, "False", "WithinLimits", "every limit under its value"),
+        noisy,
+    ]
 
 
 def _noisy_from(status: Mapping[str, Any]) -> bool | None:
@@ -554,7 +363,7 @@ def _noisy_condition(noisy: bool | None, measured: bool, template: str) -> Cond:
     return Cond(CONDITION_NOISY_NEIGHBOR, "False", "LoadWithinThreshold", template.format("within"))
 
 
-def _contained_text(attributes: Sequence[str], role: RoleSettings) -> str:
+def _contained_text(attributes: Sequence[str], role: limits.RoleSettings) -> str:
     parts = []
     for a in attributes:
         if a == "connections":
@@ -589,20 +398,3 @@ def _load_status(current: Mapping[str, Any] | None, view: LoadView | None, conta
     if current and not stale and all(current.get(k) == doc.get(k) for k in LOAD_KEYS):
         return None
     return doc
-
-
-LOAD_COUNTERS = (metrics.TENANT_RESOURCE_USAGE, metrics.TENANT_RESOURCE_CALLS, metrics.TENANT_RESOURCE_ROWS,
-                 metrics.TENANT_RESOURCE_SHARED_BLOCKS, metrics.TENANT_RESOURCE_TEMP_BLOCKS)
-LOAD_SERIES = (*LOAD_COUNTERS, metrics.TENANT_SESSIONS_ACTIVE, metrics.TENANT_SESSIONS_WAITING)
-"""Per-tenant load series, removed with the tenant."""
-
-
-def metric_amount(limit: str, value: str) -> float:
-    """A limit for Prometheus: bytes, seconds (statementTimeout), counts."""
-    amount = limit_amount(limit, value)
-    return amount / 1000 if limit == "statementTimeout" else float(amount)
-
-
-def quota_version(quota: Mapping[str, Any]) -> tuple[str, int]:
-    """What a Quota's evaluation depends on: (uid, generation); status and metadata edits do not count."""
-    return (str(quota["metadata"].get("uid") or ""), int(quota["metadata"].get("generation") or 0))

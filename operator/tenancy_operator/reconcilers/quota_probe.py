@@ -32,7 +32,9 @@ from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import DATABASE_ERRORS, database_retry
 from tenancy_operator.reconcilers.noisy import Histories, Policy, assess
-from tenancy_operator.reconcilers.quota_policy import LOAD_COUNTERS, Key, LoadView, Probe, Subject, quota_version
+from tenancy_operator.reconcilers.quota_limits import quota_version
+from tenancy_operator.reconcilers.quota_metrics import LOAD_COUNTERS
+from tenancy_operator.reconcilers.quota_types import Key, LoadView, Probe, Subject
 from tenancy_operator.runtime_context import OperatorContext
 
 log = get_logger(__name__)
