@@ -174,6 +174,13 @@ def test_default_render_has_no_sharding(helm: Helm) -> None:
     assert one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
 
 
+def test_kube_max_connections_reaches_the_operator(helm: Helm) -> None:
+    assert container_env(helm.template())["TENANCY_KUBE_MAX_CONNECTIONS"]["value"] == "32"
+    env = container_env(helm.template("--set", "kubeMaxConnections=8"))
+    assert env["TENANCY_KUBE_MAX_CONNECTIONS"]["value"] == "8"
+    assert "kubeMaxConnections" in helm.refused("--set", "kubeMaxConnections=1")
+
+
 def test_sharding_renders_replicas_rolling_one_at_a_time(helm: Helm) -> None:
     docs = helm.template(*SHARDING)
     dep = one(docs, "Deployment")
