@@ -41,11 +41,11 @@ CATEGORIES = _rules({
     "Kopf (its own logic)": r"/kopf/",
     # py-spy names some of our modules by their bare file name (quota.py for reconcilers/quota.py).
     "tenancy_operator (our logic)":
-        r"tenancy_operator/(?!cli\.py|__main__\.py)|^(quota|tenant|lifecycle|featureflag|sweep|errors)\.py$",
+        r"tenancy_operator/(?!cli\.py|__main__\.py)|^(quota|tenant|lifecycle|featureflag(_policy|_source)?|sweep|errors)\.py$",
 })
 OWNERS = _rules({
     # Which part of the operator a busy sample works for: the frame nearest the root that names one.
-    "FeatureFlag handlers and flag sweep": r"(^|/)featureflag\.py|db/flags\.py",
+    "FeatureFlag handlers and flag sweep": r"(^|/)featureflag(_policy|_source)?\.py|db/flags\.py",
     "Quota handlers and quota pass": r"(^|/)quota\.py",
     "Tenant handlers": r"(^|/)(tenant|lifecycle|sweep|tenant_migrations|tenants|jobs)\.py",
     "Kopf watch streams (receiving events)": r"kopf/_cogs/clients/watching\.py",

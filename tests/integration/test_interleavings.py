@@ -26,7 +26,8 @@ from tenancy_operator.handlers.tenant import TenantService
 from tenancy_operator.k8s.client import Kube
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.events import EventRecorder
-from tenancy_operator.reconcilers.featureflag import SOURCE_CONFIGMAP, configmap_name
+from tenancy_operator.reconcilers.featureflag_policy import configmap_name
+from tenancy_operator.reconcilers.featureflag_source import SOURCE_CONFIGMAP
 from tenancy_operator.runtime_context import OperatorContext
 
 from .harness import Cluster, OperatorProcess, sql_value, tenant

@@ -24,7 +24,7 @@ from tenancy_operator.flags import (
     pick,
     summarize,
 )
-from tenancy_operator.reconcilers.featureflag import configmap_name, last_spec_change
+from tenancy_operator.reconcilers.featureflag_policy import configmap_name, last_spec_change
 
 
 def flag(name: str = "dash", **spec: Any) -> FlagDefinition:

@@ -28,7 +28,8 @@ from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import Retry
-from tenancy_operator.reconcilers.featureflag import PLURAL, FeatureFlagReconciler, Outcome
+from tenancy_operator.reconcilers.featureflag import FeatureFlagReconciler, Outcome
+from tenancy_operator.reconcilers.featureflag_policy import PLURAL
 from tenancy_operator.runtime_context import OperatorContext
 
 KIND = "FeatureFlag"
@@ -342,7 +343,7 @@ class FeatureFlagService:
         if nudged is None:  # each namespace's flagd source once a sweep: repairs it if changed by hand
             for namespace in sorted(seen):
                 try:
-                    await self.reconciler.publish_source(namespace)
+                    await self.reconciler.source.publish(namespace)
                 except Retry as exc:
                     log.warning("featureflag sweep: namespace flagd source", namespace=namespace,
                                 reason=exc.reason, detail=exc.message)

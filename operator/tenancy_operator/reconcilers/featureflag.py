@@ -2,7 +2,8 @@
 
 Level-based and idempotent: each target's rows are compared with the declared definition inside
 the writing transaction (db/flags.py) and rewritten only when they differ; the ConfigMap is read and
-replaced only when it differs. Our own status is never an input.
+replaced only when it differs. Our own status is never an input. What is published is worked out
+in featureflag_policy.py; the namespace's flagd source is featureflag_source.py's.
 
 Decisions (docs/featureflags.md):
 - Rows are keyed by (namespace, flag key): two namespaces may use the same key. Two FeatureFlags of
@@ -13,33 +14,22 @@ Decisions (docs/featureflags.md):
 - The flagd ConfigMap is `<name>-flagd`, owned by the FeatureFlag (ownerReference, so the garbage
   collector removes it too), with the document under `flagd.json`.
 - Besides, one ConfigMap per namespace, `tenancy-flagd-source`, holds every flag of the namespace in
-  one flagd document (what flagd or a provider's file mode mounts as one source). It is rebuilt
-  whole from a LIST of the namespace's FeatureFlags each time (level-based: no per-namespace map to
-  keep right across restarts, deletions and missed events), under one lock per namespace, and
-  written only when its content differs. Rebuilds that queued behind one that LISTed after their
-  change are skipped (a burst of edits costs a few LISTs, not one per flag).
+  one flagd document (featureflag_source.py).
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
-import itertools
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
-from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.featureflag import FeatureFlagSpec, RolloutStatus
 from tenancy_operator.api.names import (
     FLAG_LABEL,
-    FLAGD_LABEL,
-    FLAGD_SOURCE_LABEL,
     GENERATION_ANNOTATION,
-    MANAGED_BY,
     MANAGED_BY_KEY,
     MANAGED_BY_VALUE,
     RESUME_ROLLOUT_ANNOTATION,
@@ -47,40 +37,27 @@ from tenancy_operator.api.names import (
 )
 from tenancy_operator.db import flags as dbf
 from tenancy_operator.flags.diff import summarize
-from tenancy_operator.flags.flagd import flagd_document, flagd_flag, flagd_source
 from tenancy_operator.flags.model import FlagDefinition
 from tenancy_operator.flags.stepping import Decision, decide, wants_gate
 from tenancy_operator.k8s.client import ApiError
-from tenancy_operator.k8s.managed_fields import last_change, parse_time
+from tenancy_operator.k8s.managed_fields import parse_time
 from tenancy_operator.observability import metrics, prometheus
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.observability.prometheus import GateReading
 from tenancy_operator.reconcilers.errors import DATABASE_ERRORS, Retry, Verdict, combined, database_retry
+from tenancy_operator.reconcilers.featureflag_policy import (
+    PLURAL,
+    configmap_body,
+    configmap_name,
+    last_spec_change,
+    owned_by,
+    stored_rollout,
+)
+from tenancy_operator.reconcilers.featureflag_source import NamespaceSource, SourceState
 from tenancy_operator.reconcilers.records import LatestRecords
 from tenancy_operator.runtime_context import OperatorContext
 
-PLURAL = "featureflags"
-FLAGD_DATA_KEY = "flagd.json"
-CONFIGMAP_SUFFIX = "-flagd"
-MAX_NAME = 253
-SOURCE_CONFIGMAP = "tenancy-flagd-source"
-"""The namespace's flagd source. Not `<something>-flagd`: no FeatureFlag's own ConfigMap can have this name."""
-SOURCE_LABEL_VALUE = "namespace"
-SOURCE_LOCK = "FlagdSource"
-"""Lock kind of the namespace's source: one writer per namespace (the name is "")."""
-MAX_CONFIGMAP_BYTES = 1024 * 1024
-"""What the API server accepts in a ConfigMap's data (keys and values together)."""
 log = get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class SourceState:
-    """How the namespace's flagd source stands after the last rebuild."""
-
-    published: bool
-    reason: str
-    """Published, Removed (no FeatureFlag left), Conflict (a ConfigMap not ours), TooLarge."""
-    message: str
 
 
 @dataclass
@@ -102,63 +79,14 @@ class Outcome(Verdict):
     """A stepped rollout wants another look in this many seconds."""
 
 
-def configmap_name(flag_name: str) -> str:
-    """`<name>-flagd`, shortened with a hash when the FeatureFlag's name is very long."""
-    name = flag_name + CONFIGMAP_SUFFIX
-    if len(name) <= MAX_NAME:
-        return name
-    digest = hashlib.sha256(flag_name.encode()).hexdigest()[:10]
-    return f"{flag_name[: MAX_NAME - len(CONFIGMAP_SUFFIX) - 11].rstrip('.-')}-{digest}{CONFIGMAP_SUFFIX}"
-
-
-def last_spec_change(meta: Mapping[str, Any]) -> tuple[str | None, datetime.datetime | None]:
-    """The field manager (and time) of the most recent change to `spec`: the audit trail's actor."""
-    return last_change(meta, ("f:spec",))
-
-
-def _is_source(obj: Mapping[str, Any]) -> bool:
-    labels = (obj.get("metadata") or {}).get("labels") or {}
-    return bool(labels.get(MANAGED_BY_KEY) == MANAGED_BY_VALUE and labels.get(FLAGD_SOURCE_LABEL) == SOURCE_LABEL_VALUE)
-
-
-def _source_flags(obj: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
-    """The flags of the namespace's source as it stands (nothing when absent or unreadable)."""
-    try:
-        doc = json.loads(((obj or {}).get("data") or {}).get(FLAGD_DATA_KEY) or "{}")
-    except (ValueError, RecursionError):
-        return {}
-    flags = doc.get("flags") if isinstance(doc, dict) else None
-    return {str(k): v for k, v in flags.items() if isinstance(v, dict)} if isinstance(flags, dict) else {}
-
-
-def _source_owner(flag: Mapping[str, Any]) -> str | None:
-    meta = flag.get("metadata")
-    return str(meta.get("featureflag")) if isinstance(meta, dict) and meta.get("featureflag") else None
-
-
-def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
-    return any(o.get("uid") == uid for o in (obj.get("metadata") or {}).get("ownerReferences") or [])
-
-
-def _stored_rollout(body: Mapping[str, Any]) -> RolloutStatus | None:
-    """status.rollout of a stepped rollout (None: none, or unreadable: it starts again at its first step)."""
-    raw = (body.get("status") or {}).get("rollout")
-    try:
-        record = RolloutStatus.model_validate(raw) if isinstance(raw, Mapping) else None
-    except ValidationError:
-        return None
-    return record if record is not None and record.phase is not None else None
-
-
 class FeatureFlagReconciler:
     def __init__(self, ctx: OperatorContext) -> None:
         self.ctx = ctx
-        self._tickets = itertools.count(1)
-        self._sources: dict[str, tuple[int, SourceState]] = {}
-        """namespace -> (ticket taken before the LIST of its last completed source rebuild, result)."""
-        self._rollouts: LatestRecords[RolloutStatus] = LatestRecords(_stored_rollout)
+        self._rollouts: LatestRecords[RolloutStatus] = LatestRecords(stored_rollout)
         """Each flag's stepped rollout as last decided here: a lagging snapshot must neither step
         twice nor undo a rollback (reconcilers/records.py)."""
+        self.source = NamespaceSource(ctx, self._served)
+        """The namespace's flagd source, rebuilt after each change this reconciler publishes."""
 
     @property
     def control(self) -> str:
@@ -242,7 +170,7 @@ class FeatureFlagReconciler:
 
         out.config_map, rewritten = await self._ensure_configmap(body, flag, out)
         changed = rewritten or any(r.operation is not None for r in results.values())
-        out.source = await self.publish_source(namespace, changed=changed)
+        out.source = await self.source.publish(namespace, changed=changed)
 
         if unavailable:
             trouble = combined(list(unavailable.values()))
@@ -318,32 +246,13 @@ class FeatureFlagReconciler:
 
     # --- flagd ConfigMap ----------------------------------------------------------------------
 
-    def _configmap_body(self, body: Mapping[str, Any], flag: FlagDefinition) -> dict[str, Any]:
-        meta = body["metadata"]
-        doc = flagd_document([flag], {"namespace": meta["namespace"], "featureflag": meta["name"]})
-        return {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {
-                "name": configmap_name(meta["name"]),
-                "namespace": meta["namespace"],
-                "labels": {**MANAGED_BY, FLAG_LABEL: meta["name"], FLAGD_LABEL: "true"},
-                "annotations": {GENERATION_ANNOTATION: str(meta.get("generation") or 0)},
-                "ownerReferences": [{
-                    "apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"), "kind": "FeatureFlag",
-                    "name": meta["name"], "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True,
-                }],
-            },
-            "data": {FLAGD_DATA_KEY: json.dumps(doc, indent=2, sort_keys=True) + "\n"},
-        }
-
     async def _ensure_configmap(
         self, body: Mapping[str, Any], flag: FlagDefinition, out: Outcome
     ) -> tuple[str, bool]:
         """The ConfigMap's name, and whether it was written."""
         meta = body["metadata"]
         namespace, name = meta["namespace"], configmap_name(meta["name"])
-        desired = self._configmap_body(body, flag)
+        desired = configmap_body(body, flag)
         kube = self.ctx.kube
         try:
             current = await kube.get_configmap(namespace, name)
@@ -357,7 +266,7 @@ class FeatureFlagReconciler:
                 raise Retry("Conflict", f"ConfigMap {name} exists and is not managed by tenancy-operator "
                                         f"for FeatureFlag {meta['name']}; delete or rename it")
             their_generation = int((cmeta.get("annotations") or {}).get(GENERATION_ANNOTATION) or 0)
-            same_owner = _owned_by(current, meta["uid"])
+            same_owner = owned_by(current, meta["uid"])
             if same_owner and their_generation > int(meta.get("generation") or 0):
                 return name, False  # written from a newer generation already
             up_to_date = (
@@ -376,132 +285,6 @@ class FeatureFlagReconciler:
         except ApiError as exc:
             raise Retry("KubernetesAPI", f"writing ConfigMap {name} failed: {exc.status}") from exc
         return name, True
-
-    # --- the namespace's flagd source -----------------------------------------------------------
-
-    async def publish_source(self, namespace: str, *, changed: bool = True) -> SourceState:
-        """Make `tenancy-flagd-source` hold every flag of the namespace, and say how it stands.
-
-        ``changed``: something this flag publishes changed; without it the last result stands (the
-        periodic sweep rebuilds each namespace once, which repairs drift), unless this process has
-        not built the namespace's source yet. Raises Retry when the API server fails us."""
-        ticket = next(self._tickets)  # taken after our change: a rebuild that LISTs later sees it
-        last = self._sources.get(namespace)
-        if last is not None and not changed:
-            return last[1]
-        async with self.ctx.lock(SOURCE_LOCK, namespace, ""):
-            last = self._sources.get(namespace)
-            if last is not None and last[0] > ticket:
-                return last[1]  # a rebuild that began after our change completed while we waited
-            start = next(self._tickets)
-            state = await self._rebuild_source(namespace)
-            if state.reason == "Removed":
-                self._sources.pop(namespace, None)  # nothing to remember of a namespace without flags
-            else:
-                self._sources[namespace] = (start, state)
-        if last is None or last[1] != state:
-            (log.info if state.published else log.warning)(
-                "namespace flagd source", namespace=namespace, configmap=SOURCE_CONFIGMAP, result=state.reason,
-                detail=state.message)
-        return state
-
-    async def _rebuild_source(self, namespace: str) -> SourceState:
-        kube = self.ctx.kube
-        try:
-            items = await kube.list_objects(PLURAL, namespace)
-            current = await kube.get_configmap(namespace, SOURCE_CONFIGMAP)
-        except ApiError as exc:
-            raise Retry("KubernetesAPI", f"reading the namespace's flags for {SOURCE_CONFIGMAP} failed: "
-                                         f"{exc.status}") from exc
-        if current is not None and not _is_source(current):
-            return SourceState(False, "Conflict", f"ConfigMap {SOURCE_CONFIGMAP} exists and is not managed by "
-                                                  "tenancy-operator; delete or rename it to get the namespace's "
-                                                  "flagd source (the per-flag ConfigMaps are unaffected)")
-        live = [i for i in items if not (i.get("metadata") or {}).get("deletionTimestamp")]
-        try:
-            if not live:
-                if current is not None:
-                    await kube.delete_configmap(namespace, SOURCE_CONFIGMAP)
-                return SourceState(True, "Removed", f"no FeatureFlag left: ConfigMap {SOURCE_CONFIGMAP} removed")
-            previous = _source_flags(current)
-            flags = await self._source_flags(namespace, live, previous)
-            text = json.dumps(flagd_source(flags), sort_keys=True, separators=(",", ":")) + "\n"
-            size = len(FLAGD_DATA_KEY) + len(text.encode())
-            if size > MAX_CONFIGMAP_BYTES:
-                kept = f"its last document ({len(previous)} flag(s)) is kept" if current is not None else "none written"
-                return SourceState(False, "TooLarge", (
-                    f"the namespace's {len(flags)} flags make a flagd document of {size} bytes, over the "
-                    f"{MAX_CONFIGMAP_BYTES} a ConfigMap holds: ConfigMap {SOURCE_CONFIGMAP} is not updated, {kept}; "
-                    "each flag's own ConfigMap is current"))
-            desired: dict[str, Any] = {
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": {
-                    "name": SOURCE_CONFIGMAP, "namespace": namespace,
-                    "labels": {**MANAGED_BY, FLAGD_SOURCE_LABEL: SOURCE_LABEL_VALUE},
-                },
-                "data": {FLAGD_DATA_KEY: text},
-            }
-            if current is None:
-                await kube.create_configmap(namespace, desired)
-            else:
-                labels = (current.get("metadata") or {}).get("labels") or {}
-                if current.get("data") != desired["data"] or any(
-                        labels.get(k) != v for k, v in desired["metadata"]["labels"].items()):
-                    desired["metadata"]["resourceVersion"] = current["metadata"].get("resourceVersion")
-                    await kube.replace_configmap(namespace, SOURCE_CONFIGMAP, desired)
-        except ApiError as exc:
-            if not live and exc.status == 404:
-                return SourceState(True, "Removed", f"no FeatureFlag left: ConfigMap {SOURCE_CONFIGMAP} removed")
-            raise Retry("KubernetesAPI", f"writing ConfigMap {SOURCE_CONFIGMAP} failed: {exc.status}") from exc
-        return SourceState(True, "Published", f"ConfigMap {SOURCE_CONFIGMAP} (key {FLAGD_DATA_KEY}) holds every "
-                                              "flag of the namespace")
-
-    async def _source_flags(
-        self, namespace: str, items: list[dict[str, Any]], previous: Mapping[str, Mapping[str, Any]]
-    ) -> dict[str, dict[str, Any]]:
-        """The rendered flags of the namespace, by key: one flag per key, whatever the objects say.
-
-        Each flag is rendered exactly as in its own ConfigMap. A FeatureFlag whose spec no longer
-        validates keeps what the source held for it (its rows and own ConfigMap keep theirs too).
-        When FeatureFlags share a key, the one holding it in the database (the one that wrote
-        first) is in; while no target answers or none holds it, the one the source held, if any
-        (the take-over's reconcile rebuilds the source)."""
-        by_key: dict[str, list[tuple[str, dict[str, Any] | None]]] = {}
-        for item in sorted(items, key=lambda i: str(i["metadata"]["name"])):
-            name = str(item["metadata"]["name"])
-            try:
-                flag = FlagDefinition.from_spec(FeatureFlagSpec.model_validate(item.get("spec") or {}), name,
-                                                self._served(item))
-            except (ValidationError, ValueError):
-                for key, old in previous.items():
-                    if _source_owner(old) == name:
-                        by_key.setdefault(key, []).append((name, dict(old)))
-                continue
-            rendered = flagd_flag(flag, {"namespace": namespace, "featureflag": name})
-            by_key.setdefault(flag.key, []).append((name, rendered))
-        flags: dict[str, dict[str, Any]] = {}
-        for key, candidates in sorted(by_key.items()):
-            if len(candidates) > 1:
-                owner = await self._key_owner(namespace, key)
-                if owner is None:  # no target answers, or the holder went: the one published stays
-                    owner = _source_owner(previous.get(key) or {})
-                candidates = [c for c in candidates if c[0] == owner]
-            if candidates and candidates[0][1] is not None:
-                flags[key] = candidates[0][1]
-        return flags
-
-    async def _key_owner(self, namespace: str, key: str) -> str | None:
-        """The FeatureFlag holding ``key`` in the first target that answers; None if none does."""
-        for target in sorted(self.ctx.targets.pools):
-            try:
-                await self.ctx.ensure_control_schema(target)
-                async with self.ctx.targets.connection(target) as conn:
-                    stored = await dbf.load(conn, self.control, namespace, key)
-            except DATABASE_ERRORS:
-                continue
-            return stored.name if stored is not None else None
-        return None
 
     # --- deletion -----------------------------------------------------------------------------
 
@@ -534,13 +317,13 @@ class FeatureFlagReconciler:
         try:
             current = await self.ctx.kube.get_configmap(namespace, configmap_name(name))
             if current is not None and (current["metadata"].get("labels") or {}).get(FLAG_LABEL) == name \
-                    and (not same_uid or _owned_by(current, str(meta.get("uid") or ""))):
+                    and (not same_uid or owned_by(current, str(meta.get("uid") or ""))):
                 await self.ctx.kube.delete_configmap(namespace, configmap_name(name))
         except ApiError as exc:
             if exc.status != 404:
                 raise Retry("KubernetesAPI", f"deleting ConfigMap failed: {exc.status}") from exc
         try:
-            await self.publish_source(namespace)  # after the rows: a key's next holder is known
+            await self.source.publish(namespace)  # after the rows: a key's next holder is known
         except Retry as exc:
             if not same_uid:
                 raise  # the finalizer holds the flag until the source no longer does
