@@ -44,6 +44,7 @@ from tenancy_operator.conditions import Cond, merge
 from tenancy_operator.config import Settings
 from tenancy_operator.db import flags as dbf
 from tenancy_operator.db import jobs as ledger
+from tenancy_operator.db import logins, registry, role_sql
 from tenancy_operator.db import quota as dbq
 from tenancy_operator.db import tenant_migrations as tm
 from tenancy_operator.db import tenants as sqlt
@@ -53,7 +54,7 @@ from tenancy_operator.flags.model import FlagDefinition
 from tenancy_operator.handlers.featureflag import desired_status as flag_status
 from tenancy_operator.handlers.tenant import desired_status as tenant_status
 from tenancy_operator.reconcilers.featureflag import Outcome as FlagOutcome
-from tenancy_operator.reconcilers.featureflag import configmap_name
+from tenancy_operator.reconcilers.featureflag_policy import configmap_name
 from tenancy_operator.reconcilers.quota_limits import effective_limits, registry_document
 from tenancy_operator.reconcilers.tenant import TenantReconciler
 from tenancy_operator.reconcilers.tenant_base import Outcome
@@ -137,10 +138,10 @@ class Floor:
         ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
         ident = tenant_identifier(name)
         tier = str(getattr(spec.tier, "value", spec.tier))
-        password = sqlt.generate_password()
+        password = role_sql.generate_password()
         async with self.pool.connection() as conn:
-            row = await sqlt.insert_row(conn, self.control, namespace=ns, name=name, uid=uid, ident=ident, tier=tier,
-                                        display_name=spec.display_name)
+            row = await registry.insert_row(conn, self.control, namespace=ns, name=name, uid=uid, ident=ident,
+                                            tier=tier, display_name=spec.display_name)
             gen = int(meta.get("generation") or 1)
             job = await ledger.start(conn, self.control, row.id, "provision", attempt=1, generation=gen,
                                      detail=f"schema and role {ident}")
@@ -149,26 +150,26 @@ class Floor:
             # slot, "b", is created too, for rotations); see reconcilers/tenant.py _provision.
             dbname = psycopg.conninfo.conninfo_to_dict(self.dsn).get("dbname") or "postgres"
             marker, idle = sqlt.owner_marker(str(dbname), ns, name), self.settings.tenant_idle_in_transaction_timeout
-            user = sqlt.login_role(ident, "a")
+            user = logins.login_role(ident, "a")
             grants: list[Any] = []
-            logins: list[Any] = []
-            for slot in sqlt.SLOTS:
-                role = sqlt.login_role(ident, slot)
-                logins += sqlt.create_login(role, sqlt.login_marker(marker, slot), ident, idle)
-                grants += sqlt.grant_statements(ident, ident, role, read_only=False)
-            await sqlt.run_batch(conn, [
+            login_ddl: list[Any] = []
+            for slot in logins.SLOTS:
+                role = logins.login_role(ident, slot)
+                login_ddl += logins.create_login(role, logins.login_marker(marker, slot), ident, idle)
+                grants += logins.grant_statements(ident, ident, role, read_only=False)
+            await role_sql.run_batch(conn, [
                 *sqlt.create_role(ident, marker),
-                sqlt.set_idle_timeout(ident, idle),
-                *sqlt.membership_statements(ident, [sqlt.create_schema(ident, ident)]),
-                sqlt.set_search_path(ident, ident),
-                sqlt.login_statement(ident, False),
-                *logins,
-                *sqlt.membership_statements(ident, [*grants, sqlt.private_functions(ident)]),
-                await sqlt.password_statement(user, password, self.settings.scram_iterations),
-                sqlt.login_statement(user, True),
+                role_sql.set_idle_timeout(ident, idle),
+                *role_sql.membership_statements(ident, [sqlt.create_schema(ident, ident)]),
+                role_sql.set_search_path(ident, ident),
+                role_sql.login_statement(ident, False),
+                *login_ddl,
+                *role_sql.membership_statements(ident, [*grants, logins.private_functions(ident)]),
+                await role_sql.password_statement(user, password, self.settings.scram_iterations),
+                role_sql.login_statement(user, True),
             ])
-            await sqlt.set_credentials(conn, self.control, row.id, login_slot="a", retiring_role=None,
-                                       retire_at=None, rotated_at=datetime.datetime.now(datetime.UTC))
+            await registry.set_credentials(conn, self.control, row.id, login_slot="a", retiring_role=None,
+                                           retire_at=None, rotated_at=datetime.datetime.now(datetime.UTC))
             await self.kube.create(ns, self._secrets._secret_body(body, spec, ident, password, "", user=user))
             await ledger.finish(conn, self.control, job, ok=True)
             mjob = await ledger.start(conn, self.control, row.id, "migrate", attempt=1, generation=gen,
@@ -187,13 +188,13 @@ class Floor:
                                      statement_timeout=self.settings.migration_statement_timeout,
                                      connect_timeout=self.settings.db_connect_timeout_seconds,
                                      deadline=self.settings.migration_deadline_seconds, end_backend=end_backend,
-                                     records=records, role=ident, app_roles=sqlt.app_roles_setting(ident))
+                                     records=records, role=ident, app_roles=logins.app_roles_setting(ident))
         async with self.pool.connection() as conn:
             await tm.mirror(conn, self.control, row.id, records)
             await sqlt.drop_delegate_now(conn, delegate)
             await ledger.finish(conn, self.control, mjob, ok=True)
-            await sqlt.update_row(conn, self.control, row.id, uid=uid, tier=tier, display_name=spec.display_name,
-                                  state="active", provisioned=True)
+            await registry.update_row(conn, self.control, row.id, uid=uid, tier=tier, display_name=spec.display_name,
+                                      state="active", provisioned=True)
         # Its Quota (created by the apply right after the Tenant).
         quota = await self._quota_future(name)
         qspec = QuotaSpec.model_validate(quota["spec"])
@@ -201,7 +202,7 @@ class Floor:
         hard = effective_limits(self.settings.tier_limits[tier], qspec, now)
         async with self.pool.connection() as conn:
             # The owner's attributes are the record; its login roles get the same (as the Quota's apply).
-            for role in [ident, *await sqlt.existing_logins(conn, ident)]:
+            for role in [ident, *await logins.existing_logins(conn, ident)]:
                 await dbq.set_connection_limit(conn, role, int(hard["connections"]))
                 await dbq.set_statement_timeout(conn, role, limit_amount("statementTimeout", hard["statementTimeout"]))
             await dbq.publish(conn, self.control, row.id, registry_document(
@@ -288,7 +289,7 @@ async def cleanup(admin_dsn: str, namespace: str, control: str = "tenancy") -> f
             await conn.execute(psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(ident(schema)))
             # The owner and its login roles; DROP OWNED takes their default privileges too.
             cur = await conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)",
-                                     [[schema, *sqlt.login_roles(schema)]])
+                                     [[schema, *logins.login_roles(schema)]])
             names = [r for (r,) in await cur.fetchall()]
             if names:
                 roles = psycopg.sql.SQL(", ").join(ident(r) for r in names)

@@ -5,7 +5,7 @@ PostgreSQL 15 checks role membership by walking the whole list of the checking r
 (``roles_is_member_of``, quadratic in their number), and every CREATE/ALTER ROLE resets the cache
 of that list. An operator that is a member of N tenant roles therefore pays O(N²) for the next
 ``CREATE SCHEMA ... AUTHORIZATION``. The operator grants itself the membership inside the batch
-that needs it and revokes it there (db/tenants.py). This script measures both on a throwaway
+that needs it and revokes it there (db/role_sql.py). This script measures both on a throwaway
 PostgreSQL (the newest under /usr/lib/postgresql) with the operator's own statement helpers and
 prints milliseconds per new tenant::
 
@@ -25,6 +25,7 @@ from psycopg import sql
 
 from bench.common import log
 from tenancy_devenv.postgres import PostgresCluster
+from tenancy_operator.db import role_sql
 from tenancy_operator.db import tenants as sqlt
 
 SAMPLE = 50  # tenants timed at each size
@@ -34,12 +35,12 @@ def batch(ident: str, standing: bool) -> sql.Composed:
     """The first provisioning's catalog batch: with a standing membership, or as the operator
     sends it (membership granted and revoked inside the batch)."""
     if standing:  # the alternative the operator avoids: a GRANT kept for good
-        statements = [*sqlt.create_role(ident, "bench"), sqlt.grant_role_to_operator(ident),
+        statements = [*sqlt.create_role(ident, "bench"), role_sql.grant_role_to_operator(ident),
                       sqlt.create_schema(ident, ident)]
     else:
         statements = [*sqlt.create_role(ident, "bench"),
-                      *sqlt.membership_statements(ident, [sqlt.create_schema(ident, ident)])]
-    return sql.SQL("; ").join([*statements, sqlt.set_search_path(ident, ident)])
+                      *role_sql.membership_statements(ident, [sqlt.create_schema(ident, ident)])]
+    return sql.SQL("; ").join([*statements, role_sql.set_search_path(ident, ident)])
 
 
 def measure(bindir: Path, sizes: list[int], standing: bool) -> dict[int, float]:

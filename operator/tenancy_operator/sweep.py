@@ -25,7 +25,7 @@ from tenancy_operator.api.common import parse_duration
 from tenancy_operator.api.names import FINALIZER, MANAGED_BY, TENANT_LABEL
 from tenancy_operator.api.tenant import TenantSpec, tenant_identifier
 from tenancy_operator.conditions import Cond, merge
-from tenancy_operator.db import audit
+from tenancy_operator.db import audit, logins, registry
 from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
@@ -112,9 +112,9 @@ class Sweeper:
                 async with self.ctx.targets.connection(target) as conn:
                     observed = await sqlt.observe(conn, [ident for _, _, ident in items])
                     idents = [ident for _, _, ident in items]
-                    logins = await sqlt.observe_logins_of(conn, idents)
-                    due = await sqlt.credentials_due(conn, self.ctx.settings.control_schema, idents)
-                    creds = await sqlt.credentials_rows(conn, self.ctx.settings.control_schema, idents)
+                    login_obs = await logins.observe_logins_of(conn, idents)
+                    due = await registry.credentials_due(conn, self.ctx.settings.control_schema, idents)
+                    creds = await registry.credentials_rows(conn, self.ctx.settings.control_schema, idents)
             except (psycopg_pool.PoolTimeout, psycopg.OperationalError, LookupError):
                 todo.extend(body for body, _, _ in items)  # the reconcile reports why
                 continue
@@ -124,7 +124,7 @@ class Sweeper:
                 cred = creds.get(ident)
                 rotated = cred.rotated_at if cred else None
                 scheduled = every is not None and rotated is not None and rotated + parse_duration(str(every)) <= now
-                if drifted(spec, ident, observed[ident], logins[ident], cred) or ident in due or scheduled:
+                if drifted(spec, ident, observed[ident], login_obs[ident], cred) or ident in due or scheduled:
                     todo.append(body)
         sem = asyncio.Semaphore(self.ctx.settings.reconcile_concurrency)
         reconciled = 0

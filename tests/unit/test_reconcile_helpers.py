@@ -16,8 +16,11 @@ from tenancy_operator.api.tenant import TENANT, TenantSpec
 from tenancy_operator.archive import pg_env
 from tenancy_operator.conditions import Cond, merge, reported, status_differs
 from tenancy_operator.config import Settings
+from tenancy_operator.db.logins import LoginObserved, login_role
+from tenancy_operator.db.registry import CredentialsRow
+from tenancy_operator.db.role_sql import scram_sha256_verifier
 from tenancy_operator.db.tenant_migrations import ChecksumMismatch, Migration, migrations_from_data, pending
-from tenancy_operator.db.tenants import CredentialsRow, LoginObserved, Observed, login_role, scram_sha256_verifier
+from tenancy_operator.db.tenants import Observed
 from tenancy_operator.handlers.common import backoff
 from tenancy_operator.reconcilers.drift import drifted
 

@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from tenancy_operator.db import tenants as sqlt
+from tenancy_operator.db import logins, registry, role_sql
 from tenancy_operator.db.targets import Conn
 
 
@@ -161,7 +161,7 @@ async def live_tenants(conn: Conn, control: str, namespaces: Iterable[str] = ())
             "SELECT role_name, schema_name, namespace, name, k8s_uid FROM {}"
             " WHERE state = ANY(%s) AND (%s::text[] IS NULL OR namespace = ANY(%s))"
         ).format(_t(control, "tenants")),
-        [list(sqlt.LIVE_STATES), wanted, wanted],
+        [list(registry.LIVE_STATES), wanted, wanted],
     )
     out: dict[str, TenantRef] = {}
     for r in await cur.fetchall():
@@ -169,7 +169,7 @@ async def live_tenants(conn: Conn, control: str, namespaces: Iterable[str] = ())
         schema = str(r["schema_name"])
         # The tenant's login roles are audited with it: their schema is the tenant's (where they
         # hold data privileges), and they must hold nothing else either.
-        for role in (str(r["role_name"]), *sqlt.login_roles(str(r["role_name"]))):
+        for role in (str(r["role_name"]), *logins.login_roles(str(r["role_name"]))):
             out[role] = TenantRef(role, schema, str(r["namespace"]), str(r["name"]), uid)
     return out
 
@@ -463,10 +463,10 @@ async def revoke(
             async with conn.transaction():
                 await _limits(conn, statement_timeout, lock_timeout)
                 if owner:
-                    await conn.execute(sqlt.grant_role_to_operator(owner))
+                    await conn.execute(role_sql.grant_role_to_operator(owner))
                 await conn.execute(stmt)
                 if owner:
-                    await conn.execute(sqlt.revoke_role_from_operator(owner))
+                    await conn.execute(role_sql.revoke_role_from_operator(owner))
         except psycopg.Error as exc:
             failed[f.key] = _why(exc)
     return failed

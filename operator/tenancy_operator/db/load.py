@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from tenancy_operator.db.logins import login_roles
 from tenancy_operator.db.targets import Conn
-from tenancy_operator.db.tenants import login_roles
 
 MAX_WAIT_EVENTS = 8
 

@@ -18,7 +18,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from tenancy_operator.db import tenants as sqlt
+from tenancy_operator.db import logins
 from tenancy_operator.db.targets import Conn
 
 OPERATOR_SOURCE = "operator"
@@ -148,8 +148,8 @@ async def _observe(
         ).format(tenants=_t(control, "tenants"), estimate=sql.SQL(_ESTIMATE)),
         {"idents": idents, "gone": ["dropped", "archived"], "exact": exact,
          # Sessions of the tenant: of its owner and of each of its login roles.
-         "logins": [r for i in idents for r in (i, *sqlt.login_roles(i))],
-         "owners": [i for i in idents for _ in range(1 + len(sqlt.login_roles(i)))]},
+         "logins": [r for i in idents for r in (i, *logins.login_roles(i))],
+         "owners": [i for i in idents for _ in range(1 + len(logins.login_roles(i)))]},
     )
     states: dict[str, RoleQuotaState] = {}
     measured: dict[str, Measured] = {}

@@ -7,6 +7,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from tenancy_operator.api.names import OPERATOR
 from tenancy_operator.db import jobs as dbjobs
+from tenancy_operator.db import logins
 from tenancy_operator.db import quota as dbq
 from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.observability.logging import get_logger
@@ -35,7 +36,7 @@ async def write_database(ctx: OperatorContext, plan: Plan) -> None:
                 # Pipeline mode: the statements go in one round trip (an error skips the rest,
                 # and the whole attempt is made again).
                 async with ctx.targets.connection(plan.target) as conn:
-                    roles = [role, *await sqlt.existing_logins(conn, role)] if plan.role_changes else [role]
+                    roles = [role, *await logins.existing_logins(conn, role)] if plan.role_changes else [role]
                 async with ctx.targets.connection(plan.target) as conn, conn.pipeline():
                     for r in roles:
                         if "connections" in plan.role_changes:

@@ -28,6 +28,7 @@ from tenancy_operator.api.names import (
 from tenancy_operator.api.tenant import TenantSpec, placement_violations, tenant_identifier
 from tenancy_operator.conditions import reported
 from tenancy_operator.db import jobs as ledger
+from tenancy_operator.db import logins, registry, role_sql
 from tenancy_operator.db import tenant_migrations as tm
 from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.targets import Conn
@@ -141,23 +142,23 @@ class TenantReconciler(MoveSteps):
 
     async def _reconcile_in(
         self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, reads: KubeReads,
-    ) -> tuple[Outcome, sqlt.RegistryRow | None, MigrationPlan | None]:
+    ) -> tuple[Outcome, registry.RegistryRow | None, MigrationPlan | None]:
         meta = body["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid", "")
         suspended = enum_value(spec.state) == "Suspended"
         out = Outcome(True, "Suspended" if suspended else "Provisioned", "", "Suspended" if suspended else "Active")
 
-        row = await sqlt.find_live_row(conn, self.control, ident)
+        row = await registry.find_live_row(conn, self.control, ident)
         new_row = False
         if row is None:
             try:
-                row = await sqlt.insert_row(
+                row = await registry.insert_row(
                     conn, self.control, namespace=namespace, name=name, uid=uid, ident=ident,
                     tier=enum_value(spec.tier), display_name=spec.display_name, secret_claim=secrets.token_hex(16),
                 )
                 new_row = True
             except psycopg.errors.UniqueViolation:
-                row = await sqlt.find_live_row(conn, self.control, ident)
+                row = await registry.find_live_row(conn, self.control, ident)
                 assert row is not None
         if (row.namespace, row.name) != (namespace, name):
             return Outcome(
@@ -177,7 +178,7 @@ class TenantReconciler(MoveSteps):
         return out, row, plan
 
     async def _finish(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
-                      row: sqlt.RegistryRow, out: Outcome) -> None:
+                      row: registry.RegistryRow, out: Outcome) -> None:
         meta = body["metadata"]
         uid = meta.get("uid", "")
         suspended = enum_value(spec.state) == "Suspended"
@@ -188,14 +189,14 @@ class TenantReconciler(MoveSteps):
         # Pipeline mode: the writes go with the ledger read in one round trip.
         async with conn.pipeline():
             if out.ready:
-                await sqlt.update_row(
+                await registry.update_row(
                     conn, self.control, row.id, uid=uid, tier=enum_value(spec.tier), display_name=spec.display_name,
                     state="suspended" if suspended else "active", provisioned=True,
                     schema_recreated=out.schema_recreated,
                 )
             ack = (meta.get("annotations") or {}).get(ACK_SCHEMA_RECREATED_ANNOTATION)
             if recreated_at is not None and not out.schema_recreated and ack and ack != row.schema_recreated_ack:
-                await sqlt.acknowledge_schema_recreated(conn, self.control, row.id, ack)
+                await registry.acknowledge_schema_recreated(conn, self.control, row.id, ack)
                 recreated_at = None
             out.jobs = await ledger.recent(conn, self.control, row.id, limit=5)
         out.data_loss = out.schema_recreated or recreated_at is not None
@@ -211,7 +212,7 @@ class TenantReconciler(MoveSteps):
                                "its data is gone; restore from a backup"))
 
     async def _converge(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
-                        row: sqlt.RegistryRow, out: Outcome, reads: KubeReads, *,
+                        row: registry.RegistryRow, out: Outcome, reads: KubeReads, *,
                         new_row: bool) -> MigrationPlan | None:
         was_provisioned = row.provisioned_at is not None
         revived = row.state == "deleted"
@@ -245,8 +246,8 @@ class TenantReconciler(MoveSteps):
                 except OwnershipConflict as exc:
                     out.fail("Conflict", str(exc), stalled=True)
                     return None
-                await sqlt.run_batch(conn, [sqlt.login_statement(sqlt.login_role(ident, sqlt.READ_ONLY_SLOT),
-                                                                 not suspended)])
+                await role_sql.run_batch(conn, [role_sql.login_statement(
+                    logins.login_role(ident, logins.READ_ONLY_SLOT), not suspended)])
             del password
             return await self._plan_migrations(conn, body, spec, ident, row, out, reads, new_tenant=new_row)
 
@@ -254,7 +255,7 @@ class TenantReconciler(MoveSteps):
         if out.schema_recreated:  # forgotten first: a crash after the re-creation must not skip them
             await tm.forget(conn, self.control, row.id)
             out.applied = {}
-        await sqlt.run_batch(conn, statements)
+        await role_sql.run_batch(conn, statements)
         if spec.restore_from:
             await self._restore(conn, gate, body, spec, ident, row, out)
             if not out.ready:
@@ -272,7 +273,7 @@ class TenantReconciler(MoveSteps):
 
 
     async def _provision(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
-                         row: sqlt.RegistryRow, obs: sqlt.Observed, out: Outcome, claim: SecretClaim,
+                         row: registry.RegistryRow, obs: sqlt.Observed, out: Outcome, claim: SecretClaim,
                          marker: str) -> str:
         """A tenant's first provisioning: what is missing of role, schema, grants, password and
         login in one round trip (one transaction), and its Secret. Returns the password."""
@@ -280,16 +281,16 @@ class TenantReconciler(MoveSteps):
         rotation = (meta.get("annotations") or {}).get(ROTATE_ANNOTATION, "")
         statements = self._catalog_statements(ident, obs, out, marker, drift=False)
         password = claim.password
-        lobs = await sqlt.observe_logins(conn, ident)
-        user = sqlt.login_role(ident, "a")
-        await sqlt.run_batch(conn, [
-            *statements, sqlt.login_statement(ident, False),
+        lobs = await logins.observe_logins(conn, ident)
+        user = logins.login_role(ident, "a")
+        await role_sql.run_batch(conn, [
+            *statements, role_sql.login_statement(ident, False),
             *self._login_statements(ident, spec, lobs, marker, out, drift=False),
-            await sqlt.password_statement(user, password, self._iterations),
-            sqlt.login_statement(user, enum_value(spec.state) != "Suspended")])
+            await role_sql.password_statement(user, password, self._iterations),
+            role_sql.login_statement(user, enum_value(spec.state) != "Suspended")])
         now = utcnow()
-        await sqlt.set_credentials(conn, self.control, row.id, login_slot="a", retiring_role=None, retire_at=None,
-                                   rotated_at=now)
+        await registry.set_credentials(conn, self.control, row.id, login_slot="a", retiring_role=None, retire_at=None,
+                                       rotated_at=now)
         every = spec.credentials.rotate_every
         out.credentials = {"user": user, "lastRotatedAt": iso_ts(now),
                            "nextRotationAt": iso_ts(now + parse_duration(str(every))) if every else None}
@@ -334,10 +335,10 @@ class TenantReconciler(MoveSteps):
             todo += sqlt.create_role(ident, marker)
             out.repairs.append("role") if drift else None
         elif obs.owner_marker != marker:  # checked: an unmarked role of this tenant from an earlier version
-            todo.append(sqlt.mark_role(ident, marker))
+            todo.append(role_sql.mark_role(ident, marker))
         idle = self.ctx.settings.tenant_idle_in_transaction_timeout
         if not obs.role_exists or obs.idle_timeout != idle:
-            todo.append(sqlt.set_idle_timeout(ident, idle))
+            todo.append(role_sql.set_idle_timeout(ident, idle))
         as_role: list[sql.Composable] = []
         if not obs.schema_exists:
             as_role.append(sqlt.create_schema(ident, ident))
@@ -351,11 +352,11 @@ class TenantReconciler(MoveSteps):
             as_role.append(sqlt.grant_schema(ident, ident))
             out.repairs.append("grants")
         if as_role:
-            todo += sqlt.membership_statements(ident, as_role)
+            todo += role_sql.membership_statements(ident, as_role)
         elif obs.operator_member:  # standing, from an earlier version or an interrupted archive
-            todo.append(sqlt.revoke_role_from_operator(ident))
+            todo.append(role_sql.revoke_role_from_operator(ident))
         if obs.search_path not in (ident, f'"{ident}"'):
-            todo.append(sqlt.set_search_path(ident, ident))
+            todo.append(role_sql.set_search_path(ident, ident))
             if obs.role_exists and drift:
                 out.repairs.append("search-path")
         return todo

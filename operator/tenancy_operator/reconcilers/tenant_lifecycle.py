@@ -16,6 +16,7 @@ from tenancy_operator.api.tenant import TenantSpec, tenant_identifier
 from tenancy_operator.archive_store import StoreError
 from tenancy_operator.db import archives as archive_sql
 from tenancy_operator.db import jobs as ledger
+from tenancy_operator.db import logins, registry, role_sql
 from tenancy_operator.db import tenant_migrations as tm
 from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.targets import Conn
@@ -42,7 +43,7 @@ from tenancy_operator.reconcilers.tenant_base import (
 
 class LifecycleSteps(TenantSteps):
     async def _restore(self, conn: Conn, gate: JobGate, body: Mapping[str, Any], spec: TenantSpec, ident: str,
-                       row: sqlt.RegistryRow, out: Outcome) -> None:
+                       row: registry.RegistryRow, out: Outcome) -> None:
         """Restore ``spec.restoreFrom`` once into this tenant's new, empty schema."""
         if any(j.kind == "restore" and j.state == "succeeded"
                for j in await ledger.recent(conn, self.control, row.id, limit=1000)):
@@ -92,7 +93,7 @@ class LifecycleSteps(TenantSteps):
         out.events.append(("Normal", "Restored", f"restored from archive {found.id} (checksum verified)"))
 
     async def _plan_migrations(
-        self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, row: sqlt.RegistryRow,
+        self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str, row: registry.RegistryRow,
         out: Outcome, reads: KubeReads, *, new_tenant: bool = False,
     ) -> MigrationPlan | None:
         wanted = reads.template
@@ -140,7 +141,7 @@ class LifecycleSteps(TenantSteps):
         risky = next((m.version for m in todo if m.snapshot_before), None)
         return MigrationPlan(todo, new_tenant, snapshot=risky if not new_tenant else None)
 
-    async def _run_migrations(self, target: str, body: Mapping[str, Any], ident: str, row: sqlt.RegistryRow,
+    async def _run_migrations(self, target: str, body: Mapping[str, Any], ident: str, row: registry.RegistryRow,
                               plan: MigrationPlan, out: Outcome) -> None:
         """Apply pending migrations over the tenant's login; pool connections only for bookkeeping."""
 
@@ -204,7 +205,7 @@ class LifecycleSteps(TenantSteps):
             statement_timeout=self.ctx.settings.migration_statement_timeout,
             connect_timeout=self.ctx.settings.db_connect_timeout_seconds,
             deadline=self.ctx.settings.migration_deadline_seconds, end_backend=end_backend, records=records,
-            role=ident, app_roles=sqlt.app_roles_setting(ident), revert=plan.revert,
+            role=ident, app_roles=logins.app_roles_setting(ident), revert=plan.revert,
         )
 
     async def finalize(self, body: Mapping[str, Any], *, same_uid: bool = False) -> list[tuple[str, str, str]]:
@@ -231,7 +232,7 @@ class LifecycleSteps(TenantSteps):
         try:
             await self.ctx.ensure_control_schema(spec.database)
             async with self.ctx.targets.connection(spec.database) as conn, sqlt.tenant_lock(conn, ident):
-                row = await sqlt.find_live_row(conn, self.control, ident)
+                row = await registry.find_live_row(conn, self.control, ident)
                 if same_uid and (row is None or row.k8s_uid != meta.get("uid")):
                     return events
                 secret_uid: str | None = None
@@ -248,8 +249,8 @@ class LifecycleSteps(TenantSteps):
                     role_ours = obs.role_exists and (obs.owner_marker == marker
                                                      or (provisioned and obs.owner_marker is None))
                     if role_ours:
-                        for r in [ident, *await sqlt.existing_logins(conn, ident)]:
-                            await sqlt.set_login(conn, r, False)
+                        for r in [ident, *await logins.existing_logins(conn, ident)]:
+                            await role_sql.set_login(conn, r, False)
                         await sqlt.terminate_all_sessions(conn, ident)
                     if policy == "Archive" and role_ours and provisioned:
                         events += await self._archive(conn, gate, body, spec, ident, row.id)
@@ -259,10 +260,10 @@ class LifecycleSteps(TenantSteps):
                                 "delete", lambda: sqlt.drop_tenant_objects(conn, ident, ident, role_too=role_ours),
                                 detail=f"drop schema and role {ident}")
                             events.append(("Normal", "Dropped", f"schema and role {ident} dropped"))
-                        await sqlt.mark_deleted(conn, self.control, row.id,
-                                                "archived" if policy == "Archive" else "dropped")
+                        await registry.mark_deleted(conn, self.control, row.id,
+                                                    "archived" if policy == "Archive" else "dropped")
                     else:
-                        await sqlt.mark_deleted(conn, self.control, row.id, "deleted")
+                        await registry.mark_deleted(conn, self.control, row.id, "deleted")
                         events.append(("Normal", "Retained",
                                        f"schema {ident} kept, login disabled; re-apply the Tenant to restore"))
         except DATABASE_ERRORS as exc:
@@ -283,7 +284,7 @@ class LifecycleSteps(TenantSteps):
             try:
                 await self.ctx.ensure_control_schema(target)
                 async with self.ctx.targets.connection(target) as conn:
-                    row = await sqlt.find_live_row(conn, self.control, ident)
+                    row = await registry.find_live_row(conn, self.control, ident)
             except DATABASE_ERRORS as exc:
                 raise database_retry(exc, f"database {target!r}") from exc
             if row is not None and row.k8s_uid == uid:

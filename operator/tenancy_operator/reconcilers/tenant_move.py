@@ -34,6 +34,7 @@ from tenancy_operator.api.names import ROTATE_ANNOTATION
 from tenancy_operator.api.tenant import TenantSpec
 from tenancy_operator.db import archives as archive_sql
 from tenancy_operator.db import jobs as ledger
+from tenancy_operator.db import logins, registry, role_sql
 from tenancy_operator.db import tenant_migrations as tm
 from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.fingerprints import differences, fingerprints
@@ -75,7 +76,7 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
         raise NotImplementedError  # the core's (reconcilers/tenant.py)
 
     async def _located_elsewhere(self, body: Mapping[str, Any], spec: TenantSpec,
-                                 ident: str) -> tuple[str, sqlt.RegistryRow] | None:
+                                 ident: str) -> tuple[str, registry.RegistryRow] | None:
         """The target that holds this Tenant's data if it is not spec.database (a move is due)."""
         uid = str(body["metadata"].get("uid") or "")
         if self._placed.get(uid) == spec.database or len(self.ctx.targets.pools) < 2:
@@ -87,7 +88,7 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
             try:
                 await self.ctx.ensure_control_schema(target)
                 async with self.ctx.targets.connection(target) as conn:
-                    row = await sqlt.find_live_row(conn, self.control, ident)
+                    row = await registry.find_live_row(conn, self.control, ident)
             except DATABASE_ERRORS:
                 unknown = True  # that target is down: look again next time
                 continue
@@ -99,7 +100,7 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
         return None
 
     async def _move(self, body: Mapping[str, Any], spec: TenantSpec, ident: str, source: str,
-                    src: sqlt.RegistryRow) -> Outcome | None:
+                    src: registry.RegistryRow) -> Outcome | None:
         """Move the tenant from ``source`` to spec.database. None when it is there now (the
         reconcile goes on there); an Outcome to report otherwise."""
         meta = body["metadata"]
@@ -107,12 +108,12 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
         await self.ctx.ensure_control_schema(dest)
         uid = str(meta.get("uid") or "")
         async with self.ctx.targets.connection(dest) as dconn:
-            there = await sqlt.find_live_row(dconn, self.control, ident)
+            there = await registry.find_live_row(dconn, self.control, ident)
         if there is not None and there.k8s_uid == uid and there.provisioned_at is not None:
             # Switched already (the operator stopped before it marked the source): finish that.
             async with self.ctx.targets.connection(source) as sconn:
-                await sqlt.mark_moved(sconn, self.control, src.id,
-                                      utcnow() + parse_duration(str(spec.move_grace_period)))
+                await registry.mark_moved(sconn, self.control, src.id,
+                                          utcnow() + parse_duration(str(spec.move_grace_period)))
             self._placed[uid] = dest
             return None
         refused = await self._clear_destination(body, spec, ident, source)
@@ -123,8 +124,8 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
         async with self.ctx.targets.connection(source) as sconn:
             gate = self._gate(using(sconn), body, src.id)
             # The cut: no writes on the source from here on.
-            for role in [ident, *await sqlt.existing_logins(sconn, ident)]:
-                await sqlt.set_login(sconn, role, False)
+            for role in [ident, *await logins.existing_logins(sconn, ident)]:
+                await role_sql.set_login(sconn, role, False)
             await sqlt.terminate_all_sessions(sconn, ident)
             archived = await self._move_archive(sconn, gate, body, src_spec, ident, src, dest)
             if isinstance(archived, Outcome):
@@ -139,7 +140,7 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
             except JobFailed as exc:
                 await self._serve_from_source(sconn, spec, ident, src)
                 return self._failed(source, dest, exc.error, stalled=exc.stalled)
-            await sqlt.mark_moved(sconn, self.control, src.id, datetime.datetime.fromisoformat(
+            await registry.mark_moved(sconn, self.control, src.id, datetime.datetime.fromisoformat(
                 str(record["sourceDroppedAfter"]).replace("Z", "+00:00")))
         self._placed[str(meta.get("uid") or "")] = dest
         self._moved[str(meta.get("uid") or "")] = record
@@ -156,11 +157,11 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
         return self._moved.pop(uid, None)
 
     async def _move_archive(self, conn: Conn, gate: JobGate, body: Mapping[str, Any], src_spec: TenantSpec,
-                            ident: str, src: sqlt.RegistryRow, dest: str) -> archive_sql.ArchiveRow | Outcome:
+                            ident: str, src: registry.RegistryRow, dest: str) -> archive_sql.ArchiveRow | Outcome:
         """The archive the move restores: the one taken at an earlier attempt (writes have been off
         since), else a new one."""
         meta = body["metadata"]
-        taken = await sqlt.move_archive(conn, self.control, src.id)
+        taken = await registry.move_archive(conn, self.control, src.id)
         if taken is not None:
             found = await archive_sql.find(conn, self.control, meta["namespace"], meta["name"], taken)
             if found is not None:
@@ -171,7 +172,7 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
             return self._failed(src_spec.database, dest, f"the archive of the source failed: {exc}", stalled=False)
         found = await archive_sql.find(conn, self.control, meta["namespace"], meta["name"], "latest")
         assert found is not None  # just recorded
-        await sqlt.set_move_archive(conn, self.control, src.id, found.id)
+        await registry.set_move_archive(conn, self.control, src.id, found.id)
         return found
 
     async def _clear_destination(self, body: Mapping[str, Any], spec: TenantSpec, ident: str,
@@ -181,7 +182,7 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
         meta = body["metadata"]
         marker = sqlt.owner_marker(self._dbname(spec), meta["namespace"], meta["name"])
         async with self.ctx.targets.connection(spec.database) as conn:
-            row = await sqlt.find_live_row(conn, self.control, ident)
+            row = await registry.find_live_row(conn, self.control, ident)
             if row is not None and (row.namespace, row.name) != (meta["namespace"], meta["name"]):
                 return self._failed(source, spec.database, f"database {spec.database!r} holds schema {ident} of tenant "
                                     f"{row.namespace}/{row.name}", stalled=True, reason="MoveRefused")
@@ -193,11 +194,11 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
             if row is not None or obs.role_exists:
                 await sqlt.drop_tenant_objects(conn, ident, ident, role_too=obs.role_exists)
                 if row is not None:
-                    await sqlt.mark_deleted(conn, self.control, row.id, "dropped")
+                    await registry.mark_deleted(conn, self.control, row.id, "dropped")
         return None
 
     async def _build(self, body: Mapping[str, Any], spec: TenantSpec, ident: str, source: str,
-                     src: sqlt.RegistryRow, archived: archive_sql.ArchiveRow,
+                     src: registry.RegistryRow, archived: archive_sql.ArchiveRow,
                      started: datetime.datetime) -> dict[str, Any]:
         """Steps 3 to 6 (module docstring); a failure before the switch leaves nothing on the destination."""
         meta = body["metadata"]
@@ -206,7 +207,7 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
         async with self.ctx.targets.connection(source) as sconn:
             before = await self._fingerprints(sconn, source, ident)
         async with self.ctx.targets.connection(dest) as dconn:
-            row = await sqlt.insert_row(
+            row = await registry.insert_row(
                 dconn, self.control, namespace=meta["namespace"], name=meta["name"], uid=str(meta.get("uid") or ""),
                 ident=ident, tier=enum_value(spec.tier), display_name=spec.display_name,
                 secret_claim=src.secret_claim)
@@ -230,13 +231,13 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
                 await self._switch_secret(body, spec, ident, user, password, src)
             except BaseException:
                 await sqlt.drop_tenant_objects(dconn, ident, ident)
-                await sqlt.mark_deleted(dconn, self.control, row.id, "dropped")
+                await registry.mark_deleted(dconn, self.control, row.id, "dropped")
                 raise
             suspended = enum_value(spec.state) == "Suspended"
-            await sqlt.set_login(dconn, user, not suspended)
-            await sqlt.update_row(dconn, self.control, row.id, uid=str(meta.get("uid") or ""),
-                                  tier=enum_value(spec.tier), display_name=spec.display_name,
-                                  state="suspended" if suspended else "active", provisioned=True)
+            await role_sql.set_login(dconn, user, not suspended)
+            await registry.update_row(dconn, self.control, row.id, uid=str(meta.get("uid") or ""),
+                                      tier=enum_value(spec.tier), display_name=spec.display_name,
+                                      state="suspended" if suspended else "active", provisioned=True)
             finished = utcnow()
             drop_after = finished + parse_duration(str(spec.move_grace_period))
             record = {
@@ -256,24 +257,24 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
         return record
 
     async def _provision_destination(self, conn: Conn, body: Mapping[str, Any], spec: TenantSpec, ident: str,
-                                     row: sqlt.RegistryRow) -> tuple[str, str]:
+                                     row: registry.RegistryRow) -> tuple[str, str]:
         """Role, schema, grants and the first login (off until the switch): (login, password)."""
         meta = body["metadata"]
         marker = sqlt.owner_marker(self._dbname(spec), meta["namespace"], meta["name"])
         scratch = Outcome(True, "", "", "Provisioning")
         obs = (await sqlt.observe(conn, [ident]))[ident]
-        lobs = await sqlt.observe_logins(conn, ident)
-        user, password = sqlt.login_role(ident, "a"), sqlt.generate_password()
-        await sqlt.run_batch(conn, [
-            *self._catalog_statements(ident, obs, scratch, marker, drift=False), sqlt.login_statement(ident, False),
+        lobs = await logins.observe_logins(conn, ident)
+        user, password = logins.login_role(ident, "a"), role_sql.generate_password()
+        await role_sql.run_batch(conn, [
+            *self._catalog_statements(ident, obs, scratch, marker, drift=False), role_sql.login_statement(ident, False),
             *self._login_statements(ident, spec, lobs, marker, scratch, drift=False),
-            await sqlt.password_statement(user, password, self._iterations), sqlt.login_statement(user, False)])
-        await sqlt.set_credentials(conn, self.control, row.id, login_slot="a", retiring_role=None, retire_at=None,
-                                   rotated_at=utcnow())
+            await role_sql.password_statement(user, password, self._iterations), role_sql.login_statement(user, False)])
+        await registry.set_credentials(conn, self.control, row.id, login_slot="a", retiring_role=None, retire_at=None,
+                                       rotated_at=utcnow())
         return user, password
 
     async def _switch_secret(self, body: Mapping[str, Any], spec: TenantSpec, ident: str, user: str, password: str,
-                             src: sqlt.RegistryRow) -> None:
+                             src: registry.RegistryRow) -> None:
         meta = body["metadata"]
         current = await self._read_secret(meta["namespace"], secret_name(meta["name"]))
         rotation = (meta.get("annotations") or {}).get(ROTATE_ANNOTATION, "")
@@ -292,16 +293,16 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
             return await fingerprints(dsn, ident, connect_timeout=settings.db_connect_timeout_seconds,
                                       deadline=settings.archive_deadline_seconds)
 
-    async def _serve_from_source(self, conn: Conn, spec: TenantSpec, ident: str, src: sqlt.RegistryRow) -> None:
+    async def _serve_from_source(self, conn: Conn, spec: TenantSpec, ident: str, src: registry.RegistryRow) -> None:
         """A move that did not happen: the source's logins as they were (the Secret still names them).
         Writes resume, so a later attempt takes a new archive."""
-        await sqlt.set_move_archive(conn, self.control, src.id, None)
+        await registry.set_move_archive(conn, self.control, src.id, None)
         if enum_value(spec.state) == "Suspended":
             return
-        for slot in (src.login_slot or "a", *((sqlt.READ_ONLY_SLOT,) if spec.credentials.read_only_login else ())):
-            role = sqlt.login_role(ident, slot)
-            if role in await sqlt.existing_logins(conn, ident):
-                await sqlt.set_login(conn, role, True)
+        for slot in (src.login_slot or "a", *((logins.READ_ONLY_SLOT,) if spec.credentials.read_only_login else ())):
+            role = logins.login_role(ident, slot)
+            if role in await logins.existing_logins(conn, ident):
+                await role_sql.set_login(conn, role, True)
 
     @staticmethod
     def _failed(source: str, dest: str, message: str, *, stalled: bool,
@@ -323,7 +324,7 @@ async def drop_moved_copies(ctx: OperatorContext, target: str) -> list[str]:
     control = ctx.settings.control_schema
     dropped: list[str] = []
     async with ctx.targets.connection(target) as conn:
-        for row in await sqlt.moved_due(conn, control):
+        for row in await registry.moved_due(conn, control):
             gate = JobGate(using(conn), control, row.id, generation=None, retry_token=None, max_attempts=1_000_000)
             ident = row.schema_name
             obs = (await sqlt.observe(conn, [ident]))[ident]
@@ -336,6 +337,6 @@ async def drop_moved_copies(ctx: OperatorContext, target: str) -> list[str]:
                 await gate.run("delete", drop, detail=f"the copy of {ident} a move left here")
             except JobFailed:
                 continue
-            await sqlt.mark_deleted(conn, control, row.id, "dropped")
+            await registry.mark_deleted(conn, control, row.id, "dropped")
             dropped.append(f"{row.namespace}/{row.name}")
     return dropped
