@@ -11,7 +11,8 @@ import pytest
 
 from tenancy_operator.k8s.kubectl import kubeconfig_paths
 from tenancy_operator.plugin import render
-from tenancy_operator.plugin.cli import parse, psql_environment
+from tenancy_operator.plugin.cli import parse
+from tenancy_operator.plugin.psql import psql_environment
 
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 
