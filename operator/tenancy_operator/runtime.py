@@ -49,6 +49,8 @@ STORAGE_PREFIX = "kopf.tenancy.dev"
 # SchemaRollouts too: every Tenant reconcile reads the rollout pacing its template from their
 # events, while only the rollout's owner reconciles it (handlers/common.owned).
 SHARDED_PLURALS = ("tenants", "featureflags", "tenantarchives")
+LIST_CHUNK_SIZE = 100
+"""Objects per page of Kopf's initial LIST of a kind (with a shard selector too)."""
 
 
 def exact_namespace(name: str) -> bool:
@@ -92,6 +94,9 @@ def build_registry() -> kopf.OperatorRegistry:
         settings.queueing.idle_timeout = 0.5
         settings.queueing.worker_limit = cfg.worker_limit
         settings.watching.server_timeout = 300
+        # The initial LIST of each kind in pages: parsing the whole fleet at once made a burst of
+        # short-lived objects that the allocators kept after a restart (docs/scaling.md).
+        settings.watching.chunk_size = LIST_CHUNK_SIZE
         settings.watching.client_timeout = 330
         settings.watching.inactivity_timeout = 70
         settings.networking.request_timeout = 30
