@@ -137,8 +137,9 @@ class Operator:
     def start(self, timeout: float = 60.0) -> None:
         with self.log_path.open("ab") as out:
             self.started_at = time.monotonic()
-            # bench.operator_whatif only for a what-if Kopf setting or memory tracing; else exactly as users run it.
-            whatif = self.env().get("BENCH_KOPF_IDLE_TIMEOUT") or self.env().get("BENCH_TRACEMALLOC")
+            # bench.operator_whatif only for a what-if Kopf setting or memory figures; else exactly as users run it.
+            whatif = any(self.env().get(k) for k in ("BENCH_KOPF_IDLE_TIMEOUT", "BENCH_TRACEMALLOC",
+                                                       "BENCH_MALLOC_STATS"))
             module = "bench.operator_whatif" if whatif else "tenancy_operator"
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", module, "run"], env=self.env(), stdout=out, cwd=ROOT,

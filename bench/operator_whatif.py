@@ -8,16 +8,27 @@ BENCH_TRACEMALLOC: a file path. tracemalloc traces the operator's allocations (8
 allocation, so no timing of such a run means anything), and each time ``<path>.request`` appears
 the live allocations are written to ``<path>`` (by file and line, and by call stack) and the
 request file removed (bench/scale --trace-memory).
+
+BENCH_MALLOC_STATS: a file path. Each time ``<path>.request`` appears, what the allocators hold is
+written to ``<path>`` as JSON and the request file removed (bench/scale --malloc-stats): CPython's
+object allocator (``sys._debugmallocstats``: arenas, bytes in used and in free blocks) and glibc's
+heap (``mallinfo2``: in use, free, and the free part ``malloc_trim`` could not return). Reading
+them costs milliseconds; no timing changes.
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
+import re
 import runpy
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,23 +52,71 @@ def dump(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def trace_memory(path: Path) -> None:
-    tracemalloc.start(8)
+def serve(path: Path, write: Callable[[Path], None]) -> None:
+    """On a thread: ``write(path)`` each time ``<path>.request`` appears, then remove the request."""
 
-    def serve() -> None:
+    def loop() -> None:
         request = path.with_name(path.name + ".request")
         while True:
             if request.exists():
-                dump(path)
+                write(path)
                 request.unlink()
             time.sleep(0.5)  # polling for a request file
 
-    threading.Thread(target=serve, name="bench-tracemalloc", daemon=True).start()
+    threading.Thread(target=loop, name=f"bench-{path.stem}", daemon=True).start()
+
+
+def trace_memory(path: Path) -> None:
+    tracemalloc.start(8)
+    serve(path, dump)
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+PYMALLOC_FIGURES = {
+    "arenas": r"# arenas allocated current\s*=\s*([\d,]+)",
+    "allocated_blocks_bytes": r"# bytes in allocated blocks\s*=\s*([\d,]+)",
+    "available_blocks_bytes": r"# bytes in available blocks\s*=\s*([\d,]+)",
+    "unused_pools_bytes": r"\d+ unused pools \* \d+ bytes\s*=\s*([\d,]+)",
+    "total_bytes": r"^Total\s*=\s*([\d,]+)",
+}
+
+
+def malloc_stats(path: Path) -> None:
+    """Both allocators' figures as JSON (bytes). ``sys._debugmallocstats`` writes to the C stderr:
+    fd 2 points at a temporary file for that call (the operator logs to stdout)."""
+    with tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        text = tmp.read().decode(errors="replace")
+    figures: dict[str, int] = {}
+    for name, pattern in PYMALLOC_FIGURES.items():
+        m = re.search(pattern, text, re.MULTILINE)
+        if m:
+            figures[f"pymalloc_{name}"] = int(m.group(1).replace(",", ""))
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    figures.update(glibc_heap_bytes=info.arena, glibc_in_use_bytes=info.uordblks, glibc_free_bytes=info.fordblks,
+                   glibc_mmapped_bytes=info.hblkhd, glibc_top_releasable_bytes=info.keepcost)
+    path.write_text(json.dumps(figures, indent=1) + "\n")
 
 
 def main() -> None:
     if os.environ.get("BENCH_TRACEMALLOC"):
         trace_memory(Path(os.environ["BENCH_TRACEMALLOC"]))
+    if os.environ.get("BENCH_MALLOC_STATS"):
+        serve(Path(os.environ["BENCH_MALLOC_STATS"]), malloc_stats)
     idle = os.environ.get("BENCH_KOPF_IDLE_TIMEOUT")
     if idle:
         original = kopf.operator

@@ -23,6 +23,12 @@ Prints one line per replica count and writes a JSON record to bench/results/:
 
 (``max_replica_rss_mb`` is the largest replica's peak; the last two its RSS once converged and once
 idle after the restart: what it holds for its tenants; ``empty_rss_mb`` its RSS before any object existed.)
+
+``--malloc-stats`` adds, per replica, what its allocators hold when empty, converged and restarted
+(bench/operator_whatif.py), one line each and in the record:
+
+    malloc at=LABEL replica=NAME pymalloc_arenas=A pymalloc_used_mb=U pymalloc_free_mb=F
+           glibc_in_use_mb=G glibc_free_mb=H
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ class Replicas:
     """R operator processes sharing the fleet, each as users run it (TENANCY_SHARDING=true)."""
 
     def __init__(self, stack: Stack, workdir: Path, count: int, slices: int, lease_seconds: int,
-                 trace_memory: bool = False) -> None:
+                 trace_memory: bool = False, malloc_stats: bool = False) -> None:
         self.stack, self.slices, self.lease_seconds = stack, slices, lease_seconds
         self.operators: dict[str, Operator] = {}
         for i in range(count):
@@ -78,7 +84,10 @@ class Replicas:
                 "TENANCY_SHARD_LEASE_SECONDS": str(lease_seconds), "TENANCY_SHARD_NAMESPACE": "default",
                 "POD_NAME": identity,
                 **({"BENCH_TRACEMALLOC": str(wd / "memory.txt")} if trace_memory else {}),
+                **({"BENCH_MALLOC_STATS": str(wd / "malloc.json")} if malloc_stats else {}),
             })
+        self.malloc: dict[str, dict[str, dict[str, int]]] = {}
+        """With --malloc-stats: label -> replica -> the allocators' figures (bench/operator_whatif)."""
 
     def live(self) -> dict[str, Operator]:
         return {k: o for k, o in self.operators.items() if o.alive()}
@@ -127,21 +136,26 @@ class Replicas:
         return {k: o.sample().rss_mb for k, o in self.live().items()}
 
     async def trace(self, label: str) -> None:
-        """With --trace-memory: each live replica writes its live allocations to <workdir>/memory-<label>.txt."""
-        for operator in self.live().values():
-            out = operator.workdir / "memory.txt"
-            if operator.env().get("BENCH_TRACEMALLOC") != str(out):
-                return
-            request = out.with_name("memory.txt.request")
-            request.touch()
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                if not request.exists():
-                    break
-                await asyncio.sleep(0.5)  # polling for the dump to be written
-            target = operator.workdir / f"memory-{label}.txt"
-            out.replace(target)
-            log(f"scale: live allocations ({label}): {target}")
+        """With --trace-memory, each live replica writes its live allocations to
+        <workdir>/memory-<label>.txt; with --malloc-stats, its allocators' figures are kept under
+        ``label`` in self.malloc (and <workdir>/malloc-<label>.json)."""
+        for identity, operator in self.live().items():
+            for variable, name in (("BENCH_TRACEMALLOC", "memory.txt"), ("BENCH_MALLOC_STATS", "malloc.json")):
+                out = operator.workdir / name
+                if operator.env().get(variable) != str(out):
+                    continue
+                request = out.with_name(f"{name}.request")
+                request.touch()
+                deadline = time.monotonic() + 300
+                while time.monotonic() < deadline:
+                    if not request.exists():
+                        break
+                    await asyncio.sleep(0.5)  # polling for the dump to be written
+                target = out.with_name(f"{out.stem}-{label}{out.suffix}")
+                out.replace(target)
+                if variable == "BENCH_MALLOC_STATS":
+                    self.malloc.setdefault(label, {})[identity] = json.loads(target.read_text())
+                log(f"scale: {name} ({label}): {target}")
 
 
 async def holders(kube: Kube) -> dict[int, str]:
@@ -180,7 +194,7 @@ class Scale:
         kube = await Kube.connect(stack.kubeconfig)
         api, pg = ApiServerMetrics(stack.kubeconfig), PgMeter(stack.admin_dsn)
         fleet = Replicas(stack, self.workdir / f"r{replicas}", replicas, self.args.slices, self.args.lease_seconds,
-                         self.args.trace_memory)
+                         self.args.trace_memory, self.args.malloc_stats)
         ns = f"scale-{replicas}"
         _, objs = objects_for("t", self.n)
         try:
@@ -188,6 +202,7 @@ class Scale:
             await kube.create(ns, template_cm())
             await fleet.start()
             start_rss = fleet.rss_mb()
+            await fleet.trace("empty")
             w = await Watcher(kube, ns).start()
             samplers = {k: Sampler(o.pid).start() for k, o in fleet.operators.items()}
             cpu0 = {k: o.sample().cpu_seconds for k, o in fleet.operators.items()}
@@ -239,9 +254,12 @@ class Scale:
                 "ddl": ddl, "floor_ddl": floor_ddl, "ddl_shapes": dict(sql.ddl_texts.most_common(20)),
                 "duplicate_ddl": ddl - floor_ddl if floor_ddl is not None else math.nan,
                 "restart": restart,
+                **({"malloc": fleet.malloc} if fleet.malloc else {}),
             }
             self.result["runs"].append(data)
             print(line(self.n, data), flush=True)
+            for text in malloc_lines(fleet.malloc):
+                print(text, flush=True)
             return data
         finally:
             await fleet.stop()
@@ -311,6 +329,21 @@ def line(n: int, d: dict[str, Any]) -> str:
             f"empty_rss_mb={max(d['replica_start_rss_mb'].values()):.0f}")
 
 
+def malloc_lines(malloc: dict[str, dict[str, dict[str, int]]]) -> list[str]:
+    """One line per moment and replica (MB): CPython's arenas and the bytes in used and in free
+    blocks (free pools included); glibc's heap in use and free."""
+    lines = []
+    for label, replicas in malloc.items():
+        for replica, f in sorted(replicas.items()):
+            mb = {k: v / 2**20 for k, v in f.items()}
+            free = mb.get("pymalloc_available_blocks_bytes", 0) + mb.get("pymalloc_unused_pools_bytes", 0)
+            lines.append(f"malloc at={label} replica={replica} pymalloc_arenas={f.get('pymalloc_arenas')} "
+                         f"pymalloc_used_mb={mb.get('pymalloc_allocated_blocks_bytes', 0):.1f} "
+                         f"pymalloc_free_mb={free:.1f} glibc_in_use_mb={mb.get('glibc_in_use_bytes', 0):.1f} "
+                         f"glibc_free_mb={mb.get('glibc_free_bytes', 0):.1f}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/scale", description=__doc__.split("\n\n")[0])
     p.add_argument("--tenants", "-n", type=int, default=10000)
@@ -323,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace-memory", action="store_true",
                    help="tracemalloc in each replica; live allocations written after converge and restart "
                         "(slows the operator: its times mean nothing then)")
+    p.add_argument("--malloc-stats", action="store_true",
+                   help="each replica's allocator figures (CPython arenas, glibc heap) when empty, converged "
+                        "and restarted, in the record and printed")
     args = p.parse_args(argv)
     counts = [int(x) for x in args.replicas.split(",") if x.strip()]
     bench = Scale(args)
