@@ -114,6 +114,11 @@ def _name(common_name: str, *, organization: str | None = None) -> x509.Name:
     return x509.Name([*attributes, x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
+_UNUSED_KEY_USAGES = dict.fromkeys(("content_commitment", "key_encipherment", "data_encipherment", "key_agreement",
+                                    "encipher_only", "decipher_only"), False)
+"""Key usages no certificate here has (signing only; a CA also signs certificates and CRLs)."""
+
+
 def _builder(
     subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePublicKey, *, ca: bool
 ) -> x509.CertificateBuilder:
@@ -129,20 +134,8 @@ def _builder(
         .not_valid_before(now - datetime.timedelta(hours=1))  # tolerate clock skew
         .not_valid_after(now + VALIDITY)
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=ca,
-                crl_sign=ca,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=ca, crl_sign=ca, **_UNUSED_KEY_USAGES),
+                       critical=True)
     )
 
 
