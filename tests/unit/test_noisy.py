@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tenancy_operator.reconcilers.noisy import CLEAR_FRACTION, History, Policy, assess, contain, decide
+from tenancy_operator.reconcilers.noisy import CLEAR_FRACTION, Histories, History, Policy, assess, contain, decide
 
 POLICY = Policy(multiple=3.0, window=10.0, min_load=1.0)
 
@@ -41,6 +41,23 @@ def test_sessions_accumulate_busy_seconds() -> None:
     d = h.over(10)
     assert d is not None
     assert (d.load, d.storage_growth) == (4.0, 70)  # 2 active x 2 s; the 3 before the first sample are unseen
+
+
+def test_histories_keep_what_the_longest_window_of_the_target_reads() -> None:
+    # A pass a minute for three hours: a tenant with a 5-minute window and one with an hour. Each
+    # keeps about an hour of samples (the hour-long window averages over both), not MAX_SAMPLES,
+    # and the verdicts are those of the untrimmed histories.
+    policies = {"short": Policy(window=300.0), "long": Policy(window=3600.0)}
+    kept: Histories[str] = Histories()
+    full: dict[str, History] = {k: History("pg_stat_statements") for k in policies}
+    for minute in range(180):
+        for key, per_minute in (("short", 2.0), ("long", 0.5)):
+            for histories in (kept.get(key, "pg_stat_statements"), full[key]):
+                histories.add_counters(minute * 60.0, minute * per_minute, 0, 0, 0, 0, 0)
+        assert assess(kept.by_key, policies, []) == assess(full, policies, [])
+        kept.trim(policies)
+    assert all(len(h.samples) == 61 for h in kept.by_key.values())
+    assert all(len(h.samples) == 180 for h in full.values())
 
 
 def test_decide_has_hysteresis_and_a_minimum_load() -> None:

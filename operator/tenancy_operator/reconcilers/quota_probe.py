@@ -221,6 +221,7 @@ class QuotaProbes:
                 self._count_load(key, before, history.samples[-1], role)
         noisy_now = [k for k in idents if self._noisy(k)]
         verdicts = assess({k: self.histories.by_key[k] for k in idents}, policies, noisy_now)
+        self.histories.trim(policies)
         views: dict[Key, LoadView] = {}
         for key, ident in idents.items():
             role = loads.get(ident, dbload.RoleLoad())
