@@ -35,7 +35,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tenancy_devenv.binaries import ensure_binaries
-from tenancy_devenv.process import die_with_parent
+from tenancy_devenv.process import die_with_parent, http_ok
 from tenancy_devenv.stack import LocalStack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,11 +154,7 @@ class Operator:
             time.sleep(0.1)  # polling a health endpoint
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
+        return http_ok(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -54,6 +55,16 @@ def wait_for(
         if time.monotonic() > deadline:
             raise DevEnvError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def http_ok(url: str, timeout: float = 5.0) -> bool:
+    """True if a GET of ``url`` (a server of ours) answers 200; False while nothing listens, or on an
+    error status."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - our own http:// URL
+            return bool(response.status == 200)
+    except OSError:  # URLError and HTTPError included
+        return False
 
 
 def run(argv: Sequence[str], user: pwd.struct_passwd | None = None) -> subprocess.CompletedProcess[str]:

@@ -30,7 +30,7 @@ class Cond:
 
 def reported(body: Mapping[str, Any]) -> bool:
     """Whether the operator has written this object's status: until then the API server serves
-    the CRD's default, `observedGeneration: 0` (api/common.py, ResourceInfo.initial_status)."""
+    the CRD's default, `observedGeneration: 0` (api/resource.py, ResourceInfo.initial_status)."""
     return bool((body.get("status") or {}).get("observedGeneration"))
 
 

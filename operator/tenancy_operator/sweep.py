@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import psycopg_pool
 
-from tenancy_operator.api.common import parse_duration
+from tenancy_operator.api.durations import parse_duration
 from tenancy_operator.api.names import FINALIZER, MANAGED_BY, TENANT_LABEL
 from tenancy_operator.api.tenant import TenantSpec, tenant_identifier
 from tenancy_operator.conditions import Cond, merge

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql as psql
 
 from tenancy_devenv.binaries import ensure_binaries
-from tenancy_devenv.process import die_with_parent
+from tenancy_devenv.process import die_with_parent, http_ok
 from tenancy_devenv.stack import LocalStack
 
 GROUP, VERSION = "tenancy.dev", "v1alpha1"
@@ -119,11 +119,7 @@ class OperatorProcess:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise RuntimeError(f"operator exited with {self.proc.returncode}:\n{self.log_tail()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=5) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
+        return http_ok(f"http://127.0.0.1:{self.health_port}/healthz")
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

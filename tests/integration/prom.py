@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from tenancy_devenv.process import die_with_parent
+from tenancy_devenv.process import die_with_parent, http_ok
 
 from .harness import eventually, free_port
 
@@ -57,11 +57,7 @@ class Prometheus:
     def ready(self) -> bool:
         if self.proc.poll() is not None:
             raise RuntimeError(f"prometheus exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=5) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
+        return http_ok(f"http://127.0.0.1:{self.port}/-/ready")
 
     def api(self, path: str, **params: str) -> Any:
         url = f"http://127.0.0.1:{self.port}/api/v1/{path}"

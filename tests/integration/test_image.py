@@ -21,14 +21,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tenancy_devenv.process import die_with_parent
+from tenancy_devenv.process import die_with_parent, http_ok
 from tenancy_devenv.stack import LocalStack
 
 from .conftest import PG_MAJOR
@@ -163,11 +162,7 @@ class ImageOperator:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise RuntimeError(f"the image exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=5) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
+        return http_ok(f"http://127.0.0.1:{self.health_port}/healthz")
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -10,9 +10,17 @@ from typing import Any
 import pytest
 import yaml
 
-from tenancy_operator.api import RESOURCES
+from tenancy_operator.api import QUOTA, RESOURCES
 from tenancy_operator.api.common import ApiModel
-from tenancy_operator.api.crdgen import HEADER, SchemaError, generate_crds, model_schema, write_crds
+from tenancy_operator.api.crdgen import (
+    HEADER,
+    SchemaError,
+    crd_schema,
+    field_type,
+    generate_crds,
+    model_schema,
+    write_crds,
+)
 
 CRD_DIR = Path(__file__).resolve().parents[2] / "crds"
 FORBIDDEN_KEYS = {
@@ -131,6 +139,14 @@ def test_printer_columns_point_at_fields_that_exist() -> None:
                     break
                 assert "properties" in node or "additionalProperties" in node, column
                 node = node["properties"][part] if "properties" in node else node["additionalProperties"]
+
+
+def test_a_column_without_a_type_has_that_of_its_field() -> None:
+    schema = crd_schema(QUOTA)
+    assert field_type(schema, ".status.load.share") == "number"
+    assert field_type(schema, ".status.used.storage") == "string"  # a map's values
+    with pytest.raises(SchemaError):
+        field_type(schema, ".status.nothing")
 
 
 def test_conditions_are_a_list_map_keyed_by_type() -> None:

@@ -20,7 +20,7 @@ from tenancy_operator.api.quota import TIER_DEFAULTS, QuotaSpec, limit_amount, t
 from tenancy_operator.conditions import status_patch
 from tenancy_operator.config import Settings
 from tenancy_operator.db.quota import RoleQuotaState, is_on, role_setting
-from tenancy_operator.reconcilers.noisy import Delta, Verdict
+from tenancy_operator.reconcilers.noisy import Delta, Sample, Verdict
 from tenancy_operator.reconcilers.quota import QuotaService
 from tenancy_operator.reconcilers.quota_limits import (
     EXCEEDED,
@@ -365,8 +365,8 @@ def test_the_noisy_neighbor_condition_names_the_target_when_a_limit_is_freed_too
     # speaks of the tenant's database target, whatever the limit Events say.
     q = quota_body(limits={"storage": "1Mi"})
     t = tenant_body()
-    measured = LoadView(Verdict(False, 0.1, 1.0, Delta(seconds=60.0, load=1.0), 3), "pg_stat_statements", None,
-                        "5m")
+    minute = Delta.between(Sample(0.0, 0.0), Sample(60.0, 1.0))
+    measured = LoadView(Verdict(False, 0.1, 1.0, minute, 3), "pg_stat_statements", None, "5m")
     full = run(Subject(NS, "acme-corp", t, [q]), probe(storage=2 * MiB, load=measured))
     freed = run(Subject(NS, "acme-corp", t, [applied(q, full.quota_patches[0][1])]),
                 probe(storage=MiB // 2, load=measured), memory=full.memory)

@@ -3,23 +3,9 @@
 `crdgen` generates crds/*.yaml from these models; the operator parses watched objects with them.
 """
 
-from tenancy_operator.api.common import (
-    ApiModel,
-    Condition,
-    ConditionStatus,
-    Duration,
-    KubeObject,
-    ObjectMeta,
-    PositiveDuration,
-    PositiveQuantity,
-    PrinterColumn,
-    Quantity,
-    ResourceInfo,
-    find_condition,
-    format_quantity,
-    parse_duration,
-    parse_quantity,
-)
+from tenancy_operator.api.common import ApiModel
+from tenancy_operator.api.conditions import Condition, ConditionStatus, find_condition
+from tenancy_operator.api.durations import Duration, PositiveDuration, parse_duration
 from tenancy_operator.api.featureflag import (
     FEATURE_FLAG,
     FeatureFlagSpec,
@@ -29,6 +15,7 @@ from tenancy_operator.api.featureflag import (
     UserOverride,
     Weight,
 )
+from tenancy_operator.api.quantities import PositiveQuantity, Quantity, format_quantity, parse_quantity
 from tenancy_operator.api.quota import (
     QUOTA,
     ActiveOverride,
@@ -40,6 +27,7 @@ from tenancy_operator.api.quota import (
     QuotaStatus,
     TenantRef,
 )
+from tenancy_operator.api.resource import KubeObject, ObjectMeta, PrinterColumn, ResourceInfo
 from tenancy_operator.api.schemarollout import (
     SCHEMA_ROLLOUT,
     SchemaRolloutSpec,

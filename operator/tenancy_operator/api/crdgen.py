@@ -29,9 +29,11 @@ from typing import Any
 
 import yaml
 
-from tenancy_operator.api.common import ApiModel, JsonDict, ResourceInfo, cel, cel_string
+from tenancy_operator.api.common import ApiModel, JsonDict
 from tenancy_operator.api.featureflag import FEATURE_FLAG
 from tenancy_operator.api.quota import QUOTA
+from tenancy_operator.api.resource import ResourceInfo
+from tenancy_operator.api.schema_extra import cel, cel_string
 from tenancy_operator.api.schemarollout import SCHEMA_ROLLOUT
 from tenancy_operator.api.tenant import TENANT
 from tenancy_operator.api.tenantarchive import TENANT_ARCHIVE
@@ -201,8 +203,20 @@ def crd_schema(info: ResourceInfo) -> JsonDict:
     return sorted_schema
 
 
+def field_type(schema: JsonDict, json_path: str) -> str:
+    """The type of the field at ``json_path`` (`.status.used.storage`: map values too) in ``schema``."""
+    node = schema
+    for part in json_path.strip(".").split("."):
+        fields = node.get("properties", {})
+        node = fields[part] if part in fields else node.get("additionalProperties", {})
+    if "type" not in node:
+        raise SchemaError(f"{json_path}: no field with a type there")
+    return str(node["type"])
+
+
 def generate_crd(info: ResourceInfo) -> JsonDict:
     """The CustomResourceDefinition of one kind."""
+    schema = crd_schema(info)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -227,8 +241,10 @@ def generate_crd(info: ResourceInfo) -> JsonDict:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": [c.to_crd() for c in info.printer_columns],
-                    "schema": {"openAPIV3Schema": crd_schema(info)},
+                    "additionalPrinterColumns": [
+                        c.to_crd(c.type or field_type(schema, c.json_path)) for c in info.printer_columns
+                    ],
+                    "schema": {"openAPIV3Schema": schema},
                 }
             ],
         },

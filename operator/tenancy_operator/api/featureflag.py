@@ -11,19 +11,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, Field, WithJsonSchema, model_validator
 
-from tenancy_operator.api.common import (
-    ApiModel,
-    Conditions,
-    Duration,
-    JsonDict,
-    PrinterColumn,
-    ResourceInfo,
-    cel,
-    list_map,
-    list_set,
-    parse_duration,
-    validations,
-)
+from tenancy_operator.api.common import ApiModel, JsonDict
+from tenancy_operator.api.conditions import Conditions
+from tenancy_operator.api.durations import Duration, parse_duration
+from tenancy_operator.api.resource import PrinterColumn, ResourceInfo
+from tenancy_operator.api.schema_extra import cel, list_map, list_set, validations
 from tenancy_operator.api.tenant import TENANT_NAME_MAX_LENGTH, TENANT_NAME_PATTERN
 
 FLAG_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -437,8 +429,8 @@ FEATURE_FLAG = ResourceInfo(
         "per-user overrides, published in a flagd-compatible form."
     ),
     printer_columns=(
-        PrinterColumn("Enabled", "boolean", ".spec.enabled"),
-        PrinterColumn("Rollout", "integer", ".status.rollout.percentage", "Percentage of users in the rollout now"),
-        PrinterColumn("Step", "string", ".status.rollout.phase", "Stepped rollout: Progressing, Paused, ..."),
+        PrinterColumn("Enabled", ".spec.enabled"),
+        PrinterColumn("Rollout", ".status.rollout.percentage", "Percentage of users in the rollout now"),
+        PrinterColumn("Step", ".status.rollout.phase", "Stepped rollout: Progressing, Paused, ..."),
     ),
 )

@@ -9,31 +9,27 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, AwareDatetime, Field, WithJsonSchema, model_validator
 
-from tenancy_operator.api.common import (
+from tenancy_operator.api.common import ApiModel
+from tenancy_operator.api.conditions import Conditions
+from tenancy_operator.api.durations import (
     DURATION_MAX_LENGTH,
     DURATION_PATTERN,
-    QUANTITY_MAX,
-    QUANTITY_MAX_VALUE,
-    QUANTITY_PATTERN,
     STATEMENT_TIMEOUT_MAX,
-    ApiModel,
-    Conditions,
     PositiveDuration,
-    PositiveQuantity,
-    PrinterColumn,
-    ResourceInfo,
-    cel,
-    cel_string,
     check_duration_at_most,
     duration_field,
     duration_millis_cel,
-    immutable,
-    list_map,
-    list_set,
     parse_duration,
-    parse_quantity,
-    validations,
 )
+from tenancy_operator.api.quantities import (
+    QUANTITY_MAX,
+    QUANTITY_MAX_VALUE,
+    QUANTITY_PATTERN,
+    PositiveQuantity,
+    parse_quantity,
+)
+from tenancy_operator.api.resource import PrinterColumn, ResourceInfo
+from tenancy_operator.api.schema_extra import cel, cel_string, immutable, list_map, list_set, validations
 from tenancy_operator.api.tenant import TENANT_NAME_MAX_LENGTH, TENANT_NAME_PATTERN, LimitValue, Tier
 
 LimitName = Literal["storage", "connections", "requestsPerSecond", "burst", "concurrentJobs", "statementTimeout"]
@@ -342,12 +338,12 @@ QUOTA = ResourceInfo(
     "Quota", QuotaSpec, QuotaStatus, short_names=("tq",),
     description="Resource limits of one Tenant (storage, connections, request rate, jobs, timeouts).",
     printer_columns=(
-        PrinterColumn("Tenant", "string", ".spec.tenantRef.name"),
-        PrinterColumn("Storage-Used", "string", ".status.used.storage"),
-        PrinterColumn("Storage-Hard", "string", ".status.hard.storage"),
-        PrinterColumn("Conns-Used", "string", ".status.used.connections"),
-        PrinterColumn("Conns-Hard", "string", ".status.hard.connections"),
-        PrinterColumn("Load-Share", "number", ".status.load.share"),
+        PrinterColumn("Tenant", ".spec.tenantRef.name"),
+        PrinterColumn("Storage-Used", ".status.used.storage"),
+        PrinterColumn("Storage-Hard", ".status.hard.storage"),
+        PrinterColumn("Conns-Used", ".status.used.connections"),
+        PrinterColumn("Conns-Hard", ".status.hard.connections"),
+        PrinterColumn("Load-Share", ".status.load.share"),
     ),
 )
 

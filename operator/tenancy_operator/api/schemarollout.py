@@ -21,22 +21,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, Field, model_validator
 
-from tenancy_operator.api.common import (
-    ApiModel,
-    Conditions,
-    DnsSubdomain,
-    Duration,
-    PrinterColumn,
-    ResourceInfo,
-    cel,
-    immutable,
-    list_atomic,
-    list_map,
-    list_set,
-    parse_duration,
-    validations,
-)
+from tenancy_operator.api.common import ApiModel, DnsSubdomain
+from tenancy_operator.api.conditions import Conditions
+from tenancy_operator.api.durations import Duration, parse_duration
 from tenancy_operator.api.featureflag import RolloutGate
+from tenancy_operator.api.resource import PrinterColumn, ResourceInfo
+from tenancy_operator.api.schema_extra import cel, immutable, list_atomic, list_map, list_set, validations
 from tenancy_operator.api.tenant import TENANT_NAME_MAX_LENGTH, TENANT_NAME_PATTERN
 
 BUCKETS = 10_000
@@ -218,13 +208,13 @@ SCHEMA_ROLLOUT = ResourceInfo(
         "batches, each gated on the Tenants' health, a failure budget and optionally a Prometheus query."
     ),
     printer_columns=(
-        PrinterColumn("Template", "string", ".spec.template"),
-        PrinterColumn("Target", "string", ".status.targetVersion"),
-        PrinterColumn("Wave", "integer", ".status.wave"),
-        PrinterColumn("Migrated", "integer", ".status.migrated"),
-        PrinterColumn("Failed", "integer", ".status.failed"),
-        PrinterColumn("Pending", "integer", ".status.pending"),
-        PrinterColumn("Phase", "string", ".status.phase"),
+        PrinterColumn("Template", ".spec.template"),
+        PrinterColumn("Target", ".status.targetVersion"),
+        PrinterColumn("Wave", ".status.wave"),
+        PrinterColumn("Migrated", ".status.migrated"),
+        PrinterColumn("Failed", ".status.failed"),
+        PrinterColumn("Pending", ".status.pending"),
+        PrinterColumn("Phase", ".status.phase"),
     ),
 )
 

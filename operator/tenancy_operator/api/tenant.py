@@ -8,23 +8,17 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, AwareDatetime, Field
 
-from tenancy_operator.api.common import (
-    READY_COLUMN,
-    ApiModel,
-    Conditions,
-    DnsSubdomain,
+from tenancy_operator.api.common import ApiModel, DnsSubdomain
+from tenancy_operator.api.conditions import Conditions
+from tenancy_operator.api.durations import (
     Duration,
-    PrinterColumn,
-    ResourceInfo,
-    cel,
-    cel_string,
     check_duration_at_most,
     duration_field,
     duration_millis_cel,
-    list_map,
     parse_duration,
-    validations,
 )
+from tenancy_operator.api.resource import READY_COLUMN, PrinterColumn, ResourceInfo
+from tenancy_operator.api.schema_extra import cel, cel_string, list_map, validations
 
 TENANT_NAME_MAX_LENGTH = 56
 """`tenant_` (7 bytes) + 56 = 63 bytes, PostgreSQL's identifier limit (NAMEDATALEN - 1)."""
@@ -286,10 +280,10 @@ TENANT = ResourceInfo(
     ),
     printer_columns=(
         READY_COLUMN,
-        PrinterColumn("Phase", "string", ".status.phase"),
-        PrinterColumn("Tier", "string", ".spec.tier"),
-        PrinterColumn("Schema", "string", ".status.schema"),
-        PrinterColumn("Version", "string", ".status.schemaVersion", "Latest schema migration applied"),
+        PrinterColumn("Phase", ".status.phase"),
+        PrinterColumn("Tier", ".spec.tier"),
+        PrinterColumn("Schema", ".status.schema"),
+        PrinterColumn("Version", ".status.schemaVersion", "Latest schema migration applied"),
     ),
     initial_phase="Provisioning",
     root_validations=(

@@ -15,12 +15,9 @@ from typing import Literal
 
 from pydantic import AwareDatetime, Field
 
-from tenancy_operator.api.common import (
-    ApiModel,
-    Conditions,
-    PrinterColumn,
-    ResourceInfo,
-)
+from tenancy_operator.api.common import ApiModel
+from tenancy_operator.api.conditions import Conditions
+from tenancy_operator.api.resource import PrinterColumn, ResourceInfo
 
 ArchivePhase = Literal["Available", "Purging", "NotManaged"]
 
@@ -72,11 +69,11 @@ TENANT_ARCHIVE = ResourceInfo(
         "with a Tenant's restoreFrom, purged when deleted unless protected."
     ),
     printer_columns=(
-        PrinterColumn("Tenant", "string", ".status.tenant.name"),
-        PrinterColumn("Target", "string", ".status.target"),
-        PrinterColumn("Size", "integer", ".status.sizeBytes"),
-        PrinterColumn("Expires", "string", ".status.expiresAt"),
-        PrinterColumn("Protected", "boolean", ".spec.protected"),
-        PrinterColumn("Phase", "string", ".status.phase"),
+        PrinterColumn("Tenant", ".status.tenant.name"),
+        PrinterColumn("Target", ".status.target"),
+        PrinterColumn("Size", ".status.sizeBytes"),
+        PrinterColumn("Expires", ".status.expiresAt"),
+        PrinterColumn("Protected", ".spec.protected"),
+        PrinterColumn("Phase", ".status.phase"),
     ),
 )

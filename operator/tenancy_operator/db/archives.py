@@ -22,14 +22,14 @@ class ArchiveRow:
     """The archive's location: s3://bucket/key, or a path on the operator's volume."""
     sha256: str
     size_bytes: int
-    created_at: Any
-    expires_at: Any
+    created_at: datetime.datetime
+    expires_at: datetime.datetime
     target: str | None = None
     tenant_uid: str | None = None
     object_uid: str | None = None
     token: str | None = None
     protected: bool = False
-    purged_at: Any = None
+    purged_at: datetime.datetime | None = None
 
 
 _COLS = sql.SQL(
@@ -42,18 +42,21 @@ def _t(control: str) -> sql.Composed:
     return sql.SQL("{}.tenant_archives").format(sql.Identifier(control))
 
 
+def _insert(control: str, values: dict[str, Any]) -> sql.Composed:
+    """INSERT of one catalog row: ``values`` by column name, passed as named parameters."""
+    return sql.SQL("INSERT INTO {t} ({columns}) VALUES ({values})").format(
+        t=_t(control), columns=sql.SQL(", ").join(map(sql.Identifier, values)),
+        values=sql.SQL(", ").join(map(sql.Placeholder, values)),
+    )
+
+
 async def record(conn: Conn, control: str, *, archive_id: str, tenant_id: str, namespace: str, name: str,
                  schema: str, path: str, sha256: str, size_bytes: int, expires_at: datetime.datetime,
                  target: str, tenant_uid: str | None, token: str) -> ArchiveRow:
-    cur = await conn.execute(
-        sql.SQL(
-            "INSERT INTO {t} (id, tenant_id, namespace, name, schema_name, path, sha256, size_bytes, expires_at,"
-            " target, tenant_uid, token) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            " RETURNING {c}"
-        ).format(t=_t(control), c=_COLS),
-        [archive_id, tenant_id, namespace, name, schema, path, sha256, size_bytes, expires_at, target, tenant_uid,
-         token],
-    )
+    values = {"id": archive_id, "tenant_id": tenant_id, "namespace": namespace, "name": name, "schema_name": schema,
+              "path": path, "sha256": sha256, "size_bytes": size_bytes, "expires_at": expires_at, "target": target,
+              "tenant_uid": tenant_uid, "token": token}
+    cur = await conn.execute(_insert(control, values) + sql.SQL(" RETURNING {}").format(_COLS), values)
     row = await cur.fetchone()
     return ArchiveRow(**row)  # type: ignore[arg-type]
 
@@ -68,16 +71,11 @@ async def restore_row(conn: Conn, control: str, meta: dict[str, Any]) -> bool:
         ).format(sql.Identifier(control, "tenants")),
         [meta["tenant_id"], meta["namespace"], meta["name"], meta.get("tenant_uid"), meta["schema"], meta["schema"]],
     )
-    cur = await conn.execute(
-        sql.SQL(
-            "INSERT INTO {} (id, tenant_id, namespace, name, schema_name, path, sha256, size_bytes, created_at,"
-            " expires_at, target, tenant_uid, token) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT (id) DO NOTHING"
-        ).format(_t(control)),
-        [meta["id"], meta["tenant_id"], meta["namespace"], meta["name"], meta["schema"], meta["location"],
-         meta["sha256"], int(meta["size_bytes"]), meta["created_at"], meta["expires_at"], meta.get("target"),
-         meta.get("tenant_uid"), meta.get("token")],
-    )
+    values = {"id": meta["id"], "tenant_id": meta["tenant_id"], "namespace": meta["namespace"], "name": meta["name"],
+              "schema_name": meta["schema"], "path": meta["location"], "sha256": meta["sha256"],
+              "size_bytes": int(meta["size_bytes"]), "created_at": meta["created_at"], "expires_at": meta["expires_at"],
+              "target": meta.get("target"), "tenant_uid": meta.get("tenant_uid"), "token": meta.get("token")}
+    cur = await conn.execute(_insert(control, values) + sql.SQL(" ON CONFLICT (id) DO NOTHING"), values)
     return cur.rowcount == 1
 
 

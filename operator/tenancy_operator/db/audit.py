@@ -210,31 +210,29 @@ SELECT t.role, n.nspname::text AS name, o.rolname::text AS owner,
  GROUP BY t.role, n.nspname, o.rolname
 """
 
+# Grants on a relation, and grants on its columns (`UPDATE (col)`): a row for each, merged into one
+# finding by findings_from_rows.
 Q_RELATION = """
-SELECT t.role, s.nspname::text AS schema, c.relname::text AS name, c.relkind::text AS subkind,
-       o.rolname::text AS owner, array_agg(DISTINCT a.privilege_type ORDER BY a.privilege_type) AS privileges
-  FROM pg_catalog.pg_class c
-  CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
-  JOIN t ON t.roid = a.grantee
+SELECT g.role, s.nspname::text AS schema, c.relname::text AS name, c.relkind::text AS subkind,
+       o.rolname::text AS owner, g.privileges
+  FROM (SELECT t.role, c.oid, array_agg(DISTINCT a.privilege_type ORDER BY a.privilege_type) AS privileges
+          FROM pg_catalog.pg_class c
+          CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
+          JOIN t ON t.roid = a.grantee
+         WHERE c.relacl IS NOT NULL AND c.relnamespace IS DISTINCT FROM t.nsp AND a.grantee <> c.relowner
+         GROUP BY t.role, c.oid
+        UNION ALL
+        SELECT t.role, c.oid, array_agg(DISTINCT a.privilege_type || ' (' || at.attname || ')'
+                                        ORDER BY a.privilege_type || ' (' || at.attname || ')')
+          FROM pg_catalog.pg_attribute at
+          CROSS JOIN LATERAL pg_catalog.aclexplode(at.attacl) a
+          JOIN t ON t.roid = a.grantee
+          JOIN pg_catalog.pg_class c ON c.oid = at.attrelid
+         WHERE at.attacl IS NOT NULL AND c.relnamespace IS DISTINCT FROM t.nsp AND a.grantee <> c.relowner
+         GROUP BY t.role, c.oid) g
+  JOIN pg_catalog.pg_class c ON c.oid = g.oid
   JOIN pg_catalog.pg_namespace s ON s.oid = c.relnamespace
   JOIN pg_catalog.pg_roles o ON o.oid = c.relowner
- WHERE c.relacl IS NOT NULL AND c.relnamespace IS DISTINCT FROM t.nsp AND a.grantee <> c.relowner
- GROUP BY t.role, s.nspname, c.relname, c.relkind, o.rolname
-"""
-
-Q_COLUMN = """
-SELECT t.role, s.nspname::text AS schema, c.relname::text AS name, c.relkind::text AS subkind,
-       o.rolname::text AS owner,
-       array_agg(DISTINCT a.privilege_type || ' (' || at.attname || ')'
-                 ORDER BY a.privilege_type || ' (' || at.attname || ')') AS privileges
-  FROM pg_catalog.pg_attribute at
-  CROSS JOIN LATERAL pg_catalog.aclexplode(at.attacl) a
-  JOIN t ON t.roid = a.grantee
-  JOIN pg_catalog.pg_class c ON c.oid = at.attrelid
-  JOIN pg_catalog.pg_namespace s ON s.oid = c.relnamespace
-  JOIN pg_catalog.pg_roles o ON o.oid = c.relowner
- WHERE at.attacl IS NOT NULL AND c.relnamespace IS DISTINCT FROM t.nsp AND a.grantee <> c.relowner
- GROUP BY t.role, s.nspname, c.relname, c.relkind, o.rolname
 """
 
 Q_ROUTINE = """
@@ -340,7 +338,7 @@ def findings_from_rows(rows: dict[str, list[dict[str, Any]]]) -> list[Finding]:
     for r in rows.get("schema", []):
         add(Finding(r["role"], Kind.SCHEMA, "schema", r["name"], privileges=tuple(r["privileges"]),
                     owner=r["owner"]))
-    for r in [*rows.get("relation", []), *rows.get("column", [])]:
+    for r in rows.get("relation", []):
         add(Finding(r["role"], Kind.RELATION, RELKINDS.get(r["subkind"], "table"), r["name"], r["schema"],
                     tuple(r["privileges"]), owner=r["owner"]))
     for r in rows.get("routine", []):
@@ -371,7 +369,7 @@ async def find(
     }
     queries = {
         "attributes": Q_ATTRIBUTES, "membership": Q_MEMBERSHIP, "schema": Q_SCHEMA, "relation": Q_RELATION,
-        "column": Q_COLUMN, "routine": Q_ROUTINE, "database": Q_DATABASE, "ownership": Q_OWNERSHIP,
+        "routine": Q_ROUTINE, "database": Q_DATABASE, "ownership": Q_OWNERSHIP,
     }
     if conn.info.server_version >= 150000:  # pg_parameter_acl came with 15
         queries["parameter"] = Q_PARAMETER

@@ -143,12 +143,19 @@ class Reconciles(Protocol):
     async def run(self, body: Mapping[str, Any], retry: int) -> None: ...
 
 
-def reconcile_with(registry: kopf.OperatorRegistry, plural: str, service: Callable[[Any], Reconciles]) -> None:
-    """Register the kind's reconcile (``on_reconcile``) as a call to its service's ``run``."""
+R = TypeVar("R", bound=Reconciles)
+
+
+def reconciled_by(registry: kopf.OperatorRegistry, kind: str, plural: str, cls: type[R]) -> Callable[[Any], R]:
+    """How the kind's handlers find its service (``services``), with the kind's reconcile
+    (``on_reconcile``) registered as a call to the service's ``run``."""
+    service = services(kind, cls)
 
     @on_reconcile(registry, plural)
     async def reconcile(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
         await service(memo).run(body, retry)
+
+    return service
 
 
 def backoff(retry: int) -> float:

@@ -23,7 +23,7 @@ from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.featureflag import FeatureFlagStatus
 from tenancy_operator.api.names import FINALIZER
 from tenancy_operator.conditions import Cond, merge, readiness, status_differs
-from tenancy_operator.handlers.common import Rechecks, backoff, reconcile_with, services
+from tenancy_operator.handlers.common import Rechecks, backoff, reconciled_by
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
@@ -363,8 +363,7 @@ SERVICE = FeatureFlagService
 
 def register(registry: kopf.OperatorRegistry) -> None:
     """Attach the FeatureFlag handlers to ``registry``."""
-    service = services(KIND, FeatureFlagService)
-    reconcile_with(registry, PLURAL, service)
+    service = reconciled_by(registry, KIND, PLURAL, FeatureFlagService)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="finalize")
     async def featureflag_delete(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import kopf
 
 from tenancy_operator import GROUP, VERSION
-from tenancy_operator.handlers.common import Rechecks, backoff, reconcile_with, record_status, services
+from tenancy_operator.handlers.common import Rechecks, backoff, reconciled_by, record_status
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import Retry
@@ -82,8 +82,7 @@ SERVICE = SchemaRolloutService
 
 def register(registry: kopf.OperatorRegistry) -> None:
     """Attach the SchemaRollout handlers to ``registry``."""
-    service = services(KIND, SchemaRolloutService)
-    reconcile_with(registry, PLURAL, service)
+    service = reconciled_by(registry, KIND, PLURAL, SchemaRolloutService)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="schemarollout-gone")
     async def schemarollout_gone(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

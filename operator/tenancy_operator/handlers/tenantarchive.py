@@ -11,7 +11,7 @@ from typing import Any
 import kopf
 
 from tenancy_operator import GROUP, VERSION
-from tenancy_operator.handlers.common import backoff, reconcile_with, record_status, services
+from tenancy_operator.handlers.common import backoff, reconciled_by, record_status
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import Retry
@@ -65,8 +65,7 @@ SERVICE = TenantArchiveService
 
 def register(registry: kopf.OperatorRegistry) -> None:
     """Attach the TenantArchive handlers to ``registry``."""
-    service = services(KIND, TenantArchiveService)
-    reconcile_with(registry, PLURAL, service)
+    service = reconciled_by(registry, KIND, PLURAL, TenantArchiveService)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="purge")
     async def tenantarchive_purge(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:

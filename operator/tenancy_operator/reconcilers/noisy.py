@@ -41,17 +41,24 @@ class Sample:
     """Schema bytes now (not cumulative)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Delta:
     """What happened between two samples."""
 
-    seconds: float = 0.0
-    load: float = 0.0
-    calls: int = 0
-    rows: int = 0
-    shared_blocks: int = 0
-    temp_blocks: int = 0
-    storage_growth: int = 0
+    seconds: float
+    load: float
+    calls: int
+    rows: int
+    shared_blocks: int
+    temp_blocks: int
+    storage_growth: int
+
+    @classmethod
+    def between(cls, base: Sample, last: Sample) -> Delta:
+        """From ``base`` to the later ``last``."""
+        return cls(last.at - base.at, last.load - base.load, last.calls - base.calls, last.rows - base.rows,
+                   last.shared_blocks - base.shared_blocks, last.temp_blocks - base.temp_blocks,
+                   last.storage - base.storage)
 
 
 @dataclass
@@ -102,9 +109,7 @@ class History:
             if last.at - s.at >= window:
                 base = s
                 break
-        return Delta(last.at - base.at, last.load - base.load, last.calls - base.calls, last.rows - base.rows,
-                     last.shared_blocks - base.shared_blocks, last.temp_blocks - base.temp_blocks,
-                     last.storage - base.storage)
+        return Delta.between(base, last)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from tenancy_operator.api.common import format_quantity
+from tenancy_operator.api.quantities import format_quantity
 from tenancy_operator.api.quota import (
     CONNECTION_LIMIT_MAX,
     LIMIT_NAMES,

@@ -21,7 +21,7 @@ import psycopg
 import psycopg_pool
 from pydantic import ValidationError
 
-from tenancy_operator.api.common import parse_duration
+from tenancy_operator.api.durations import parse_duration
 from tenancy_operator.api.quota import NoisyNeighborPolicy, QuotaSpec
 from tenancy_operator.api.tenant import tenant_identifier
 from tenancy_operator.db import load as dbload

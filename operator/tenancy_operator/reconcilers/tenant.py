@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 from pydantic import ValidationError
 
-from tenancy_operator.api.common import parse_duration
+from tenancy_operator.api.durations import parse_duration
 from tenancy_operator.api.names import (
     ACK_SCHEMA_RECREATED_ANNOTATION,
     ROTATE_ANNOTATION,

@@ -13,7 +13,7 @@ from typing import Any
 from psycopg import sql
 
 from tenancy_operator import GROUP, VERSION
-from tenancy_operator.api.common import parse_duration
+from tenancy_operator.api.durations import parse_duration
 from tenancy_operator.api.names import (
     MANAGED_BY,
     OPERATOR,

@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 
 from tenancy_operator import archive
-from tenancy_operator.api.common import parse_duration
+from tenancy_operator.api.durations import parse_duration
 from tenancy_operator.api.tenant import TenantSpec, tenant_identifier
 from tenancy_operator.archive_store import StoreError
 from tenancy_operator.db import archives as archive_sql

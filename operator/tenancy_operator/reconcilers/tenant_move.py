@@ -29,7 +29,7 @@ from typing import Any
 import psycopg
 
 from tenancy_operator import archive
-from tenancy_operator.api.common import parse_duration
+from tenancy_operator.api.durations import parse_duration
 from tenancy_operator.api.names import ROTATE_ANNOTATION
 from tenancy_operator.api.tenant import TenantSpec
 from tenancy_operator.db import archives as archive_sql
