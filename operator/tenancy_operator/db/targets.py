@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
@@ -27,10 +27,6 @@ class DatabaseUnavailable(Exception):
 
 Conn = psycopg.AsyncConnection[dict[str, object]]
 Pool = AsyncConnectionPool[Conn]
-
-POOL_WAIT_ROUNDS = 6
-"""How many of the pool's timeouts (``db_connect_timeout_seconds`` each) a slot's holder waits for
-a pool that is still opening connections without error (``DatabaseTargets._getconn``)."""
 
 
 class DatabaseTargets:
@@ -71,28 +67,8 @@ class DatabaseTargets:
     async def connection(self, target: str) -> AsyncIterator[Conn]:
         """A pooled connection to ``target``, waiting (without a deadline) for a free slot first."""
         pool = self.pool(target)
-        async with self._slots[target]:
-            conn = await self._getconn(pool)
-            try:
-                yield conn
-            finally:
-                await pool.putconn(conn)
-
-    async def _getconn(self, pool: Pool) -> Conn:
-        """A connection once the slot is ours. The pool opens its connections one at a time, and on
-        an event loop busy with a burst (a restart resuming every object) each takes long: the
-        slot's holder may wait past the pool's timeout for a pool that is still growing. That is
-        no outage, so it waits again, up to POOL_WAIT_ROUNDS timeouts in all; a connection attempt
-        that failed meanwhile is one, and its PoolTimeout is raised at once."""
-        for round_ in range(1, POOL_WAIT_ROUNDS + 1):
-            errors = pool.get_stats().get("connections_errors", 0)
-            try:
-                return await pool.getconn()
-            except PoolTimeout:
-                if round_ == POOL_WAIT_ROUNDS or pool.get_stats().get("connections_errors", 0) != errors:
-                    raise
-                log.info("database pool still opening connections; waiting on", pool=pool.name, round=round_)
-        raise AssertionError("unreachable")
+        async with self._slots[target], pool.connection() as conn:
+            yield conn
 
     async def open(self) -> None:
         for name, pool in self.pools.items():
