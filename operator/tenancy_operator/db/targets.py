@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
@@ -27,6 +27,10 @@ class DatabaseUnavailable(Exception):
 
 Conn = psycopg.AsyncConnection[dict[str, object]]
 Pool = AsyncConnectionPool[Conn]
+
+POOL_WAIT_ROUNDS = 6
+"""How many of the pool's timeouts (``db_connect_timeout_seconds`` each) a slot's holder waits for
+a pool that is still opening connections without error (``DatabaseTargets._getconn``)."""
 
 
 class DatabaseTargets:
@@ -67,8 +71,31 @@ class DatabaseTargets:
     async def connection(self, target: str) -> AsyncIterator[Conn]:
         """A pooled connection to ``target``, waiting (without a deadline) for a free slot first."""
         pool = self.pool(target)
-        async with self._slots[target], pool.connection() as conn:
-            yield conn
+        async with self._slots[target]:
+            conn = await self._getconn(pool)
+            try:
+                yield conn
+            finally:
+                await pool.putconn(conn)
+
+    async def _getconn(self, pool: Pool) -> Conn:
+        """A connection once the slot is ours. The pool opens its connections one at a time, and on
+        an event loop busy with a burst (a restart resuming every object) each takes long: the
+        slot's holder may wait past the pool's timeout for a pool that is still growing. That is
+        no outage, so it waits again while the pool makes progress (it started or finished a
+        connection attempt, and none failed), up to POOL_WAIT_ROUNDS timeouts in all. A failed
+        attempt, or a pool doing nothing (backing off after failures), is an outage: its
+        PoolTimeout is raised at once."""
+        for round_ in range(1, POOL_WAIT_ROUNDS + 1):
+            before = _attempts(pool)
+            try:
+                return await pool.getconn()
+            except PoolTimeout:
+                (started, failed, succeeded), (started_0, failed_0, succeeded_0) = _attempts(pool), before
+                if round_ == POOL_WAIT_ROUNDS or failed > failed_0 or (started, succeeded) == (started_0, succeeded_0):
+                    raise
+                log.info("database pool still opening connections; waiting on", pool=pool.name, round=round_)
+        raise AssertionError("unreachable")
 
     async def open(self) -> None:
         for name, pool in self.pools.items():
@@ -107,3 +134,10 @@ class DatabaseTargets:
             application_name="tenancy-operator-probe",
         ) as conn:
             await conn.execute("SELECT 1")
+
+
+def _attempts(pool: Pool) -> tuple[int, int, int]:
+    """The pool's connection attempts so far: started, failed, and the milliseconds spent on the
+    successful ones (which grow with every success)."""
+    stats = pool.get_stats()
+    return stats.get("connections_num", 0), stats.get("connections_errors", 0), stats.get("connections_ms", 0)
