@@ -35,6 +35,11 @@ def _key(body: Mapping[str, Any]) -> str:
     return f"{body['metadata']['namespace']}/{body['metadata']['name']}"
 
 
+def _deleting_outcome() -> Outcome:
+    """What a reconcile returns when the Tenant's deletion handler owns its status."""
+    return Outcome(False, "Deleting", "the tenant is being deleted", "Deleting")
+
+
 def desired_status(body: Mapping[str, Any], out: Outcome, ident: str | None,
                    limits: Mapping[str, str] | None = None) -> dict[str, Any]:
     meta, spec = body["metadata"], body.get("spec") or {}
@@ -199,12 +204,17 @@ class TenantService:
                 self._track_template(body)
             elif self._deleting(body):
                 # The deletion handler owns it now; its status must not be overwritten here.
-                return Outcome(False, "Deleting", "the tenant is being deleted", "Deleting")
+                return _deleting_outcome()
             with metrics.observe_reconcile(KIND):
                 try:
                     out = await self.reconciler.reconcile(body)
                 except Retry as exc:
                     metrics.record_result(KIND, False, exc.reason)
+                    if self._deleting(body):
+                        # Its deletion began while this reconcile ran (waiting for the database,
+                        # say): the deletion handler, next in line, owns the status now. A
+                        # "Failed" written first would show a Tenant being deleted as failed.
+                        return None if listed is not None else _deleting_outcome()
                     out = Outcome(False, exc.reason, exc.message, "Provisioning"
                                   if not (body.get("status") or {}).get("tenantId") else "Failed")
                     if await self._report(body, out, started):
@@ -217,6 +227,8 @@ class TenantService:
                                   result="Internal")
                     raise
         metrics.record_result(KIND, out.ready, None if out.ready else out.reason)
+        if self._deleting(body):  # as for a failure above: the deletion handler reports now
+            return None if listed is not None else _deleting_outcome()
         if not await self._report(body, out, started):
             async with (self.ctx.lock(KIND, meta["namespace"], meta["name"]),
                         self.ctx.reconcile_slots.hold(meta["namespace"])):
