@@ -23,7 +23,7 @@ from tenancy_operator.watch_cache import WatchCache
 
 TENANT_METADATA = ("name", "namespace", "uid", "generation", "resourceVersion", "creationTimestamp",
                    "deletionTimestamp")
-TENANT_STATUS = ("conditions", "effectiveLimits", "database", "phase")
+TENANT_STATUS = ("observedGeneration", "conditions", "effectiveLimits", "database", "phase")
 
 
 def slim_tenant(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -43,11 +44,23 @@ log = get_logger(__name__)
 BREACH = "IsolationBreach"
 
 
-def _ready(body: dict[str, Any]) -> bool:
+def _ready(body: Mapping[str, Any]) -> bool:
     status = body.get("status") or {}
     if status.get("observedGeneration") != body["metadata"].get("generation"):
         return False
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def ready_since_listed(listed: Mapping[str, Any], seen: Mapping[str, Any] | None) -> bool:
+    """A Tenant LISTed as not Ready that the watch (``seen``: the Tenant cache's copy) has shown
+    Ready since, at the same generation: its handler's reconcile did the work meanwhile. In a
+    mass creation a sweep's LIST finds thousands not Ready yet, and reconciling each of them again
+    once its turn comes would double the work of every one already done."""
+    if seen is None:
+        return False
+    meta, now = listed["metadata"], seen["metadata"]
+    return (now.get("uid") == meta.get("uid") and now.get("generation") == meta.get("generation")
+            and _ready(seen))
 
 
 class Sweeper:
@@ -91,6 +104,8 @@ class Sweeper:
         }
         by_target: dict[str, list[tuple[dict[str, Any], TenantSpec, str]]] = defaultdict(list)
         todo: list[dict[str, Any]] = []
+        unready: set[str] = set()
+        """uids of the todo listed only for not being Ready (their Secret is there)."""
         for body in bodies:
             meta = body["metadata"]
             # Only objects Kopf has taken on (our finalizer is set): reconciling one before that would
@@ -105,6 +120,8 @@ class Sweeper:
             has_secret = (body["metadata"]["namespace"], secret_name(body["metadata"]["name"])) in secrets
             if not _ready(body) or not has_secret:
                 todo.append(body)
+                if has_secret:
+                    unready.add(str(meta.get("uid")))
             else:
                 by_target[spec.database].append((body, spec, ident))
         for target, items in by_target.items():
@@ -132,6 +149,10 @@ class Sweeper:
         async def one(body: dict[str, Any]) -> None:
             nonlocal reconciled
             async with sem:
+                meta = body["metadata"]
+                if (str(meta.get("uid")) in unready
+                        and ready_since_listed(body, self.ctx.tenants.get((meta["namespace"], meta["name"])))):
+                    return
                 try:
                     if await self.tenants.run_listed(body, unless_in_flight=True) is not None:
                         reconciled += 1
