@@ -81,3 +81,28 @@ async def test_a_database_that_refuses_connections_fails_at_the_first_timeout() 
         assert targets.pool("gone").get_stats().get("requests_errors") == 1  # one wait, not several
     finally:
         await targets.close()
+
+
+async def test_warming_opens_every_connection_before_the_burst(stack: LocalStack) -> None:
+    """A run warms its pools before Kopf lists anything: the burst that follows (a restart resuming
+    every object) finds max_size connections open and waits for none to be made on a busy loop."""
+    target = stack.targets[0]
+    targets = DatabaseTargets({target: stack.operator_dsn(target)}, min_size=1, max_size=HOLDERS, connect_timeout=5)
+    await targets.open()
+    try:
+        await targets.warm()
+        stats = targets.pool(target).get_stats()
+        assert stats["pool_size"] == HOLDERS and stats["pool_available"] == HOLDERS, stats
+    finally:
+        await targets.close()
+
+
+async def test_warming_a_database_that_refuses_connections_does_not_fail_the_start() -> None:
+    targets = DatabaseTargets({"gone": "host=127.0.0.1 port=1 dbname=postgres user=nobody"}, min_size=1,
+                              max_size=2, connect_timeout=1)
+    await targets.open()
+    try:
+        await targets.warm()  # logged, not raised: the target's first use reports it
+        assert targets.pool("gone").get_stats().get("pool_available", 0) == 0
+    finally:
+        await targets.close()

@@ -102,6 +102,30 @@ class DatabaseTargets:
             await pool.open(wait=False)
             metrics.DB_POOL_MAX.labels(target=name).set(pool.max_size)
 
+    async def warm(self) -> None:
+        """Open every pool's connections up to its max_size now, before a run lists its objects.
+        The pool opens connections one at a time, only when asked; asked in the burst that
+        follows (a restart resumes every object), each connect waits for turns of a loop busy with
+        that burst and can pass its connect timeout, which fails the reconcile waiting for it.
+        Opened now they stay (the pool closes idle ones above min_size after ten minutes). A
+        target that does not answer within the pool's timeout is left as it is: its first use
+        tells."""
+        async def fill(name: str, pool: Pool) -> None:
+            got: list[Conn] = []
+
+            async def one() -> None:
+                got.append(await pool.getconn())
+
+            results = await asyncio.gather(*(one() for _ in range(pool.max_size)), return_exceptions=True)
+            for conn in got:
+                await pool.putconn(conn)
+            if len(got) < pool.max_size:
+                errors = {type(r).__name__ for r in results if isinstance(r, BaseException)}
+                log.warning("database pool not filled before the start", target=name, connections=len(got),
+                            errors=sorted(errors))
+
+        await asyncio.gather(*(fill(name, pool) for name, pool in self.pools.items()))
+
     async def close(self) -> None:
         await asyncio.gather(*(pool.close(timeout=5) for pool in self.pools.values()))
 
