@@ -113,10 +113,15 @@ def build_registry() -> kopf.OperatorRegistry:
             settings.scanning.disabled = True
 
         kube = await Kube.connect(cfg.namespace_list, max_connections=cfg.kube_max_connections)
-        targets: DatabaseTargets | None = memo.targets
-        if targets is None:  # not given by a sharded replica's runner: this run's own
-            targets = memo.own_targets = database_targets(cfg)
-            await targets.open()
+        # Each run its own pools, closed when it ends: a reconcile cancelled by the end of a run
+        # (a sharded replica's share changed) must not leave its session, with the tenant lock it
+        # may hold, to the next run.
+        targets = DatabaseTargets(
+            cfg.targets, min_size=cfg.pool_min_size, max_size=cfg.pool_max_size,
+            connect_timeout=cfg.db_connect_timeout_seconds,
+            lock_timeout=cfg.db_lock_timeout, statement_timeout=cfg.db_statement_timeout,
+        )
+        await targets.open()
         await targets.warm()  # before Kopf lists anything: startup handlers run first
         ctx = OperatorContext(
             settings=cfg,
@@ -155,11 +160,9 @@ def build_registry() -> kopf.OperatorRegistry:
         ctx: OperatorContext | None = getattr(memo, "ctx", None)
         if ctx is not None:
             await ctx.events.drain()
+            await ctx.targets.close()
             await ctx.kube.close()
-        own: DatabaseTargets | None = getattr(memo, "own_targets", None)
-        if own is not None:
-            await own.close()
-        log.info("operator stopped", database_pools="closed" if own is not None else "kept for the next run")
+        log.info("operator stopped; database pools closed")
 
     # PERMANENT: a failing probe answers 500 at once instead of holding Kopf's 60 s retry.
     @kopf.on.probe(id="database", registry=registry, errors=kopf.ErrorsMode.PERMANENT)
@@ -189,14 +192,6 @@ def build_registry() -> kopf.OperatorRegistry:
     return registry
 
 
-def database_targets(cfg: Settings) -> DatabaseTargets:
-    return DatabaseTargets(
-        cfg.targets, min_size=cfg.pool_min_size, max_size=cfg.pool_max_size,
-        connect_timeout=cfg.db_connect_timeout_seconds,
-        lock_timeout=cfg.db_lock_timeout, statement_timeout=cfg.db_statement_timeout,
-    )
-
-
 async def run_operator(cfg: Settings) -> None:
     metrics.start_metrics_server(cfg.metrics_port, cfg.bind_address)
     trimmer = asyncio.create_task(trim_when_quiet(), name="malloc-trim")
@@ -213,35 +208,25 @@ async def _run(cfg: Settings) -> None:
     identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{secrets.token_hex(4)}"
     namespace = cfg.shard_namespace or os.environ.get("POD_NAMESPACE") or "default"
     kube = await Kube.connect(cfg.namespace_list, max_connections=4)  # the slices' Leases only
-    # The database pools outlive each run: a hand-over starts a new run, and opening fresh pools
-    # then, one connection at a time on a loop busy listing the new slices, held every reconcile
-    # of the run for seconds (and failed some with PoolTimeout). A cancelled reconcile's tenant
-    # lock is released or its connection closed (db/tenants.tenant_lock), so nothing of the last
-    # run stays held in a pooled session.
-    targets = database_targets(cfg)
-    await targets.open()
     try:
         coordinator = ShardCoordinator(kube, namespace, cfg.shard_group, identity, Slices(cfg.shard_slices),
                                        cfg.shard_lease_seconds)
         await coordinator.serve(
-            lambda ownership, stop: _run_kopf(cfg, ownership, stop, coordinator.take_signals, targets),
+            lambda ownership, stop: _run_kopf(cfg, ownership, stop, coordinator.take_signals),
             lambda: waiting_health(cfg.bind_address, cfg.health_port, coordinator.state, coordinator.renewing),
         )
     finally:
-        await targets.close()
         await kube.close()
 
 
 async def _run_kopf(cfg: Settings, ownership: Ownership, stop: asyncio.Event | None,
-                    take_signals: Callable[[], None] | None = None,
-                    targets: DatabaseTargets | None = None) -> None:
+                    take_signals: Callable[[], None] | None = None) -> None:
     """One run of Kopf over what ``ownership`` covers, until ``stop`` is set or a signal comes.
     Sharded, a new run starts for every change of the slices held: Kopf lists its slices afresh,
     and nothing of the objects that went elsewhere stays in its memory or ours. ``take_signals``
-    is called once Kopf has started (it installs signal handlers of its own for each run).
-    ``targets``: database pools kept across runs (the run opens and closes its own without)."""
+    is called once Kopf has started (it installs signal handlers of its own for each run)."""
     namespaces = cfg.namespace_list
-    memo = kopf.Memo(settings=cfg, ownership=ownership, take_signals=take_signals, targets=targets)
+    memo = kopf.Memo(settings=cfg, ownership=ownership, take_signals=take_signals)
     peering: dict[str, Any] = {}
     if cfg.peering_name:  # active/standby: the replica with the highest priority works, the others wait
         memo.peer_priority = (

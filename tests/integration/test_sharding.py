@@ -14,11 +14,9 @@ and leaves cleanly when stopped while it waits.
 from __future__ import annotations
 
 import contextlib
-import os
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -88,24 +86,6 @@ class Fleet:
                 assert self.replicas[identity].metric("shard_slices_held") == shares[identity]
             return holders
         return eventually(check, timeout=60, interval=0.5, what=f"slices split between {identities}")
-
-    def database_sessions(self, identity: str) -> set[int]:
-        """The backend pids of the replica's pooled PostgreSQL sessions (pg_stat_activity), found
-        by the client ports of the replica process's sockets."""
-        proc = self.replicas[identity].proc
-        assert proc is not None
-        inodes = set()
-        for fd in Path(f"/proc/{proc.pid}/fd").iterdir():
-            with contextlib.suppress(OSError):
-                if (target := os.readlink(fd)).startswith("socket:["):
-                    inodes.add(target[len("socket:["):-1])
-        ports = {int(fields[1].rsplit(":", 1)[1], 16)
-                 for fields in (line.split() for line in Path(f"/proc/{proc.pid}/net/tcp").read_text().splitlines()[1:])
-                 if fields[9] in inodes}
-        with connect(self.stack.admin_dsn()) as conn:
-            rows = conn.execute("SELECT pid, client_port FROM pg_stat_activity"
-                                " WHERE application_name = 'tenancy-operator'").fetchall()
-        return {pid for pid, port in rows if port in ports}
 
     def namespace(self, prefix: str) -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:6]}"
@@ -181,16 +161,9 @@ def test_two_replicas_share_the_fleet_each_tenant_served_by_its_slices_holder(fl
 
 def test_a_killed_replicas_slices_go_to_the_other_and_its_tenants_are_served(fleet: Fleet) -> None:
     holders = fleet.split("replica-a", "replica-b")
-    sessions = fleet.database_sessions("replica-a")
-    assert sessions, "replica-a has no database session to follow"
     fleet.replicas["replica-b"].kill()
     eventually(lambda: set(fleet.holders().values()) == {"replica-a"} and len(fleet.holders()) == SLICES,
                timeout=LEASE_SECONDS * 4, interval=0.5, what="replica-a holds every slice")
-    # Taking the slices restarts replica-a's work on them, not its database pools: no reconnect
-    # storm on the database, no reconcile waiting for fresh connections in the middle of a hand-over.
-    eventually(lambda: fleet.replicas["replica-a"].metric("shard_slices_held") == SLICES,
-               timeout=LEASE_SECONDS * 4, interval=0.5, what="replica-a works on every slice")
-    assert sessions & fleet.database_sessions("replica-a"), "replica-a's database sessions were all replaced"
     namespace = fleet.namespace("after-kill")
     # A new Tenant in a slice replica-b held: served by replica-a now.
     for i in range(20):
