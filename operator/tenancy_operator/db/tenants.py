@@ -36,18 +36,29 @@ async def tenant_lock(conn: Conn, ident: str) -> AsyncIterator[None]:
     hands, and the new holder, never interleave their statements on one tenant. Waiting is bounded
     by the session's lock_timeout (TenantBusy then). Session-level, so the block may run its own
     transactions; released at the end, or, if the session cannot say so, by closing it (the pool
-    replaces a closed connection)."""
+    replaces a closed connection).
+
+    A task cancelled while it waits for the lock may be cancelled just as the server granted it
+    (the grant is read after psycopg's cancel request came too late), and one cancelled again
+    while it unlocks cannot tell whether it unlocked: either way the session may hold the lock, and a pool
+    would hand it on with the lock to the next reconcile, where every other session waits for the
+    tenant until lock_timeout. So the session is closed then (the server releases its locks)."""
     try:
         await conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", [TENANT_LOCK_CLASS, ident])
     except psycopg.errors.LockNotAvailable as exc:
         raise TenantBusy(ident) from exc
+    except BaseException:
+        await conn.close()
+        raise
     try:
         yield
     finally:
         try:
             await conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", [TENANT_LOCK_CLASS, ident])
-        except psycopg.Error:
+        except BaseException as exc:
             await conn.close()
+            if not isinstance(exc, psycopg.Error):
+                raise  # cancelled: the task ends; a failed unlock leaves the block's own outcome
 
 
 @dataclass(frozen=True)
