@@ -55,9 +55,13 @@ class KeyedWork(Generic[Item]):
         """Items that came while their key ran: its next run's."""
         self._pending: Counter[str] = Counter()
         """Objects named by items not yet done (an object's events can be in two runs' items)."""
+        self._closed = False
 
     def submit(self, key: Key, item: Item) -> None:
-        """Run the work for ``key`` with ``item``: now if the key is idle, else after its run."""
+        """Run the work for ``key`` with ``item``: now if the key is idle, else after its run.
+        Nothing, once cancelled: the clients the work would use are closed or closing."""
+        if self._closed:
+            return
         name = self._pending_of(item)
         if name is not None:
             self._pending[name] += 1
@@ -81,7 +85,10 @@ class KeyedWork(Generic[Item]):
             await asyncio.gather(*list(self._runs.values()), return_exceptions=True)
 
     def cancel(self) -> None:
-        """Cancel every run (shutdown: no run outlives the clients it uses)."""
+        """Cancel every run, and start none after (shutdown: no run outlives the clients it uses;
+        one started by a late event would fail against closed clients and, retried with backoff,
+        hold up the end of the run, which Kopf gives such tasks 5 s to finish)."""
+        self._closed = True
         for task in list(self._runs.values()):
             task.cancel()
 

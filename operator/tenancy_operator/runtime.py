@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import secrets
 import socket
@@ -153,10 +152,11 @@ def build_registry() -> kopf.OperatorRegistry:
 
     @kopf.on.cleanup(registry=registry)
     async def shutdown(memo: kopf.Memo, **_: Any) -> None:
-        for task in getattr(memo, "background", []):
+        # All at once: a loop still running while another is awaited could start work for it.
+        background = getattr(memo, "background", [])
+        for task in background:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await asyncio.gather(*background, return_exceptions=True)
         ctx: OperatorContext | None = getattr(memo, "ctx", None)
         if ctx is not None:
             await ctx.events.drain()

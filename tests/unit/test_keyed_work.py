@@ -110,3 +110,18 @@ def test_a_handlers_work_is_outstanding_until_its_block_ends_and_after_it_raises
     with metrics.PENDING.outstanding(kind, "ns/a"):  # Kopf's retry, which succeeds
         pass
     assert metrics.PENDING.count(kind) == 0
+
+
+async def test_work_submitted_after_cancel_is_not_started() -> None:
+    """An event handled while the operator stops must not start work against clients that are
+    closing: it would fail, retry with backoff, and hold up the end of the run."""
+    ran: list[Key] = []
+
+    async def work(key: Key, items: Sequence[str]) -> None:
+        ran.append(key)
+
+    queue: KeyedWork[str] = KeyedWork(KIND, work, pending=lambda item: item)
+    queue.cancel()
+    queue.submit(("ns", "late"), "ns/q3")
+    await queue.join()
+    assert ran == [] and len(queue) == 0 and metrics.PENDING.count(KIND) == 0
