@@ -43,6 +43,8 @@ ROLE_LABEL = "tenancy.dev/shard-lease"
 SLICES_ANNOTATION = "tenancy.dev/shard-slices"
 T = TypeVar("T")
 MANAGED = {"app.kubernetes.io/managed-by": "tenancy-operator"}
+EXPIRY_MARGIN_SECONDS = 0.1
+"""How long after a Lease's expiry is due the replica looks at it (expiry is strictly later)."""
 
 
 def slice_count_of(lease: dict[str, Any]) -> int | None:
@@ -89,6 +91,8 @@ class Observed:
 
     def __init__(self) -> None:
         self._seen: dict[str, tuple[str, float]] = {}
+        self._due: dict[str, float] = {}
+        """Lease name -> when it is expired unless it changes first."""
 
     def expired(self, lease: dict[str, Any], now: float) -> bool:
         meta, spec = lease["metadata"], lease.get("spec") or {}
@@ -96,7 +100,14 @@ class Observed:
         seen = self._seen.get(meta["name"])
         if seen is None or seen[0] != version:
             self._seen[meta["name"]] = seen = (version, now)
-        return now - seen[1] > float(spec.get("leaseDurationSeconds") or 15)
+        duration = float(spec.get("leaseDurationSeconds") or 15)
+        self._due[meta["name"]] = seen[1] + duration
+        return now - seen[1] > duration
+
+    def next_expiry(self, now: float) -> float | None:
+        """When the first Lease judged live so far expires if it is not renewed before: a replica
+        that died is noticed then, not at the first renewal of ours after it."""
+        return min((due for due in self._due.values() if due >= now), default=None)
 
 
 Work = Callable[[Ownership, asyncio.Event], Awaitable[None]]
@@ -355,7 +366,11 @@ class ShardCoordinator:
                     log.info("share of the fleet changes", held=describe(self.slices, running),
                              wanted=describe(self.slices, desired))
                     stop.set()
-            await asyncio.sleep(max(0.0, started + self.renew_seconds - loop.time()))
+            delay = started + self.renew_seconds - loop.time()
+            due = self._observed.next_expiry(time.monotonic())
+            if due is not None:  # a peer's Lease runs out before then: look again just after
+                delay = min(delay, due - time.monotonic() + EXPIRY_MARGIN_SECONDS)
+            await asyncio.sleep(max(0.0, delay))
 
     def renewing(self) -> bool:
         """Whether the Leases were renewed within a lease time (liveness while no work runs)."""

@@ -136,6 +136,22 @@ def test_a_lease_is_expired_when_seen_unchanged_for_its_duration() -> None:
     assert not observed.expired(renewed, 117.0)  # renewed: fresh again, whatever the clocks say
 
 
+def test_the_next_expiry_is_when_the_first_lease_seen_live_runs_out() -> None:
+    """A replica looks at the Leases again when the first one it has seen live would expire, so a
+    replica that died is noticed then rather than at the next renewal after it."""
+    observed = Observed()
+    assert observed.next_expiry(100.0) is None
+    a = {"metadata": {"name": "a", "resourceVersion": "1"}, "spec": {"leaseDurationSeconds": 15}}
+    b = {"metadata": {"name": "b", "resourceVersion": "7"}, "spec": {"leaseDurationSeconds": 15}}
+    observed.expired(a, 100.0)
+    observed.expired(b, 103.0)
+    assert observed.next_expiry(104.0) == 115.0
+    observed.expired({**a, "metadata": {"name": "a", "resourceVersion": "2"}}, 105.0)  # a renewed
+    assert observed.next_expiry(106.0) == 118.0
+    assert observed.expired(b, 118.5) and observed.next_expiry(118.5) == 120.0  # b is past, a is next
+    assert observed.next_expiry(121.0) is None
+
+
 def test_identities_become_lease_names() -> None:
     assert lease_safe("tenancy-operator-7d9f/ABC_1") == "tenancy-operator-7d9f-abc-1"
     assert lease_safe("///") == "replica"
