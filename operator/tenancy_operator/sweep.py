@@ -63,6 +63,14 @@ def ready_since_listed(listed: Mapping[str, Any], seen: Mapping[str, Any] | None
             and _ready(seen))
 
 
+def left_to_handler(listed: Mapping[str, Any], seen: Mapping[str, Any] | None) -> bool:
+    """A LISTed Tenant the sweep leaves alone: listed as not Ready, and Ready since (with or without
+    its Secret at the sweep's Secret LIST: the reconcile that made it Ready made its Secret too; in
+    a mass creation most are listed before their Secret exists). One listed Ready without its
+    Secret is drift, and is reconciled."""
+    return not _ready(listed) and ready_since_listed(listed, seen)
+
+
 class Sweeper:
     def __init__(self, ctx: OperatorContext, tenants: TenantService) -> None:
         self.ctx = ctx
@@ -104,8 +112,6 @@ class Sweeper:
         }
         by_target: dict[str, list[tuple[dict[str, Any], TenantSpec, str]]] = defaultdict(list)
         todo: list[dict[str, Any]] = []
-        unready: set[str] = set()
-        """uids of the todo listed only for not being Ready (their Secret is there)."""
         for body in bodies:
             meta = body["metadata"]
             # Only objects Kopf has taken on (our finalizer is set): reconciling one before that would
@@ -120,8 +126,6 @@ class Sweeper:
             has_secret = (body["metadata"]["namespace"], secret_name(body["metadata"]["name"])) in secrets
             if not _ready(body) or not has_secret:
                 todo.append(body)
-                if has_secret:
-                    unready.add(str(meta.get("uid")))
             else:
                 by_target[spec.database].append((body, spec, ident))
         for target, items in by_target.items():
@@ -150,8 +154,7 @@ class Sweeper:
             nonlocal reconciled
             async with sem:
                 meta = body["metadata"]
-                if (str(meta.get("uid")) in unready
-                        and ready_since_listed(body, self.ctx.tenants.get((meta["namespace"], meta["name"])))):
+                if left_to_handler(body, self.ctx.tenants.get((meta["namespace"], meta["name"]))):
                     return
                 try:
                     if await self.tenants.run_listed(body, unless_in_flight=True) is not None:
