@@ -210,7 +210,8 @@ async def _run(cfg: Settings) -> None:
     kube = await Kube.connect(cfg.namespace_list, max_connections=4)  # the slices' Leases only
     try:
         coordinator = ShardCoordinator(kube, namespace, cfg.shard_group, identity, Slices(cfg.shard_slices),
-                                       cfg.shard_lease_seconds)
+                                       cfg.shard_lease_seconds,
+                                       connect=lambda: Kube.connect(cfg.namespace_list, max_connections=4))
         await coordinator.serve(
             lambda ownership, stop: _run_kopf(cfg, ownership, stop, coordinator.take_signals),
             lambda: waiting_health(cfg.bind_address, cfg.health_port, coordinator.state, coordinator.renewing),

@@ -12,7 +12,9 @@ long this replica has seen the Lease unchanged, never by comparing clocks.
 they must change: a member joined or left, a held Lease was lost, or renewals failed for longer
 than a lease (the replica fences itself: another may take its slices then). Slices are released
 only after the work stopped, and taken before it starts, so two replicas never work on one slice
-at once while their Leases are honoured; the per-tenant lock in PostgreSQL covers the rest.
+at once while their Leases are honoured; the per-tenant lock in PostgreSQL covers the rest. While
+the work runs, the Leases are renewed from a thread with an event loop and API client of its own
+(LeaseKeeper), so a burst of work on the operator's loop does not delay them.
 
 Each member Lease carries the replica's slice count (annotation ``tenancy.dev/shard-slices``).
 Only the count of the oldest live member is in force (shards.sharing): a replica configured with
@@ -26,8 +28,9 @@ import asyncio
 import contextlib
 import re
 import signal
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -114,10 +117,54 @@ Work = Callable[[Ownership, asyncio.Event], Awaitable[None]]
 """The operator's work over the held slices, until the event is set."""
 
 
+class LeaseKeeper:
+    """Runs one coroutine in a thread of its own, on its own event loop, until stopped.
+
+    While Kopf works, the operator's event loop can be busy for many seconds at a time (a restart
+    or a hand-over resumes thousands of objects at once). Renewals queued behind that work would
+    come later than a lease time: the peers would count this replica dead and take its slices
+    while it still works on them. On a loop of their own they are due to nothing but the GIL,
+    which the busy thread hands over every few milliseconds."""
+
+    def __init__(self, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._run = run
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._thread = threading.Thread(target=self._main, name="shard-leases", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+            self._ready.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._run()
+
+        try:
+            asyncio.run(main())
+        finally:
+            self._ready.set()
+
+    async def stop(self) -> None:
+        """Cancel the coroutine and wait for the thread to end (from the operator's loop)."""
+        await asyncio.to_thread(self._ready.wait)
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has ended already
+                loop.call_soon_threadsafe(task.cancel)
+        await asyncio.to_thread(self._thread.join)
+
+
 class ShardCoordinator:
     def __init__(self, kube: Kube, namespace: str, group: str, identity: str, slices: Slices,
-                 lease_seconds: int = 15) -> None:
+                 lease_seconds: int = 15, connect: Callable[[], Awaitable[Kube]] | None = None) -> None:
         self.kube, self.namespace, self.group, self.identity = kube, namespace, group, identity
+        self._connect = connect
+        """Makes the API client of the renewal thread (LeaseKeeper) while Kopf works; without it,
+        renewals run on the operator's own loop."""
         self.slices, self.lease_seconds = slices, lease_seconds
         self.renew_seconds = max(1.0, lease_seconds / 3)
         self.settle_seconds = min(2.0, self.renew_seconds)
@@ -166,30 +213,30 @@ class ShardCoordinator:
 
     # --- membership ----------------------------------------------------------------------------
 
-    async def _renew_member(self) -> None:
+    async def _renew_member(self, kube: Kube) -> None:
         if self._member is None:
-            existing = await self.kube.get_lease(self.namespace, self.member_name)
+            existing = await kube.get_lease(self.namespace, self.member_name)
             if existing is not None and slice_count_of(existing) != self.slices.count:
                 # Left by this identity under another slice count: a Lease of our own, created now,
                 # so that the replicas still cutting the space the old way keep precedence.
-                await self.kube.delete_lease(self.namespace, self.member_name, existing["metadata"]["uid"])
+                await kube.delete_lease(self.namespace, self.member_name, existing["metadata"]["uid"])
                 existing = None
             if existing is None:
-                self._member = await self.kube.create_lease(self.namespace, self._lease(self.member_name, "member"))
+                self._member = await kube.create_lease(self.namespace, self._lease(self.member_name, "member"))
                 return
             self._member = existing
         body = dict(self._member)
         body["spec"] = {**(body.get("spec") or {}), "holderIdentity": self.identity,
                         "leaseDurationSeconds": self.lease_seconds, "renewTime": micro_time()}
         try:
-            self._member = await self.kube.replace_lease(self.namespace, self.member_name, body)
+            self._member = await kube.replace_lease(self.namespace, self.member_name, body)
         except ApiError as exc:
             if exc.status in (404, 409):
                 self._member = None  # read again next time
             raise
 
-    async def live_members(self) -> list[Member]:
-        leases = await self.kube.list_leases(
+    async def live_members(self, kube: Kube) -> list[Member]:
+        leases = await kube.list_leases(
             self.namespace, f"{GROUP_LABEL}={self.group},{ROLE_LABEL}=member")
         now = time.monotonic()
         since = ((self._member or {}).get("metadata") or {}).get("creationTimestamp") or ""
@@ -200,10 +247,10 @@ class ShardCoordinator:
                 live.append(Member(str(holder), slice_count_of(lease), str(lease["metadata"].get("creationTimestamp"))))
         return live
 
-    async def holders(self) -> dict[int, str]:
+    async def holders(self, kube: Kube) -> dict[int, str]:
         """Slice -> the replica holding it: ours as we hold them, the others' from their Leases
         (while not expired)."""
-        leases = await self.kube.list_leases(
+        leases = await kube.list_leases(
             self.namespace, f"{GROUP_LABEL}={self.group},{ROLE_LABEL}=slice")
         now = time.monotonic()
         out: dict[int, str] = {}
@@ -256,14 +303,14 @@ class ShardCoordinator:
             log.info("slice taken over", slice=index, previous=holder)
         return True
 
-    async def _renew_slices(self) -> set[int]:
+    async def _renew_slices(self, kube: Kube) -> set[int]:
         """Renew every held slice, all at once; returns the ones lost (someone else wrote their Lease)."""
 
         async def renew(index: int, lease: dict[str, Any]) -> int | None:
             body = dict(lease)
             body["spec"] = {**(lease.get("spec") or {}), "renewTime": micro_time()}
             try:
-                self.held[index] = await self.kube.replace_lease(self.namespace, self.slice_name(index), body)
+                self.held[index] = await kube.replace_lease(self.namespace, self.slice_name(index), body)
             except ApiError as exc:
                 if exc.status not in (404, 409):
                     raise
@@ -299,13 +346,13 @@ class ShardCoordinator:
 
     # --- the loop ------------------------------------------------------------------------------
 
-    async def _tick(self) -> tuple[frozenset[int], set[int]]:
+    async def _tick(self, kube: Kube) -> tuple[frozenset[int], set[int]]:
         """Renew; returns the desired slices and the held ones just lost. The requests of a step go
         out together: under a loaded API server one after the other could take longer than a lease."""
-        member: Awaitable[set[int] | None] = self._renew_member()
-        lost = (await every(member, self._renew_slices()))[1] or set()
+        member: Awaitable[set[int] | None] = self._renew_member(kube)
+        lost = (await every(member, self._renew_slices(kube)))[1] or set()
         self._last_renewed = time.monotonic()
-        members, holders = await asyncio.gather(self.live_members(), self.holders())
+        members, holders = await asyncio.gather(self.live_members(kube), self.holders(kube))
         self._members = frozenset(m.identity for m in members)
         return self._share(members, holders), lost
 
@@ -321,7 +368,7 @@ class ShardCoordinator:
         while not self.terminating.is_set():
             wait = self.renew_seconds
             try:
-                desired, _ = await self._tick()
+                desired, _ = await self._tick(self.kube)
                 if not self._settled and self._members != seen:
                     seen = self._members
                     await self._pause(self.settle_seconds)
@@ -343,29 +390,31 @@ class ShardCoordinator:
                 log.warning("slice leases not renewed", error=exc.status)
             await self._pause(wait)
 
-    async def _watch(self, running: frozenset[int], stop: asyncio.Event) -> None:
+    async def _watch(self, running: frozenset[int], stop: Callable[[], None], stopped: Callable[[], bool],
+                     kube: Kube) -> None:
         """While the work runs, and until it has ended (cancelled then): renew every renew_seconds
         from the start of one renewal to the next, and stop the work when its slices must change.
-        Renewals go on while Kopf shuts down, since its handlers may still be at work."""
+        Renewals go on while Kopf shuts down, since its handlers may still be at work. ``stop``
+        and ``stopped`` set and read the work's stop flag (which may live on another loop)."""
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
             try:
-                desired, lost = await self._tick()
-            except ApiError as exc:
-                log.warning("slice leases not renewed", error=exc.status)
+                desired, lost = await self._tick(kube)
+            except Exception as exc:  # the API server, or the way to it: not renewed this time
+                log.warning("slice leases not renewed", error=getattr(exc, "status", None) or type(exc).__name__)
                 if self.held and time.monotonic() - self._last_renewed > self.lease_seconds * 2 / 3:
                     log.error("slice leases could not be renewed for most of a lease: stopping work on them",
                               slices=describe(self.slices, running))
                     self.held.clear()  # another replica may take them once they expire
-                    stop.set()
+                    stop()
             else:
                 if lost:
                     log.error("slices lost to another replica", slices=describe(self.slices, lost))
-                if not stop.is_set() and (lost or desired != running):
+                if not stopped() and (lost or desired != running):
                     log.info("share of the fleet changes", held=describe(self.slices, running),
                              wanted=describe(self.slices, desired))
-                    stop.set()
+                    stop()
             delay = started + self.renew_seconds - loop.time()
             due = self._observed.next_expiry(time.monotonic())
             if due is not None:  # a peer's Lease runs out before then: look again just after
@@ -419,21 +468,50 @@ class ShardCoordinator:
                     return
                 running = frozenset(self.held)
                 stop = self._stop = asyncio.Event()
-                watcher = asyncio.create_task(self._watch(running, stop), name="shard-leases")
+                keeper = self._keeper(running, stop)
                 log.info("working on slices", slices=describe(self.slices, running))
                 try:
                     await work(Ownership(self.slices, running), stop)
                 finally:
                     self._stop = None
                     self.take_signals()
-                    watcher.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await watcher
+                    await keeper()
                 if self.terminating.is_set() or not stop.is_set():
                     return  # a signal (ours, or Kopf's before the run took them over): leave
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._leave())
+
+    def _keeper(self, running: frozenset[int], stop: asyncio.Event) -> Callable[[], Awaitable[None]]:
+        """Start renewing while the work runs: in a LeaseKeeper thread with a client of its own
+        (``connect``), else on this loop. Returns what ends it (after the work)."""
+        if self._connect is None:
+            task = asyncio.create_task(self._watch(running, stop.set, stop.is_set, self.kube), name="shard-leases")
+
+            async def end_task() -> None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            return end_task
+        loop, connect = asyncio.get_running_loop(), self._connect
+
+        def stop_soon() -> None:
+            with contextlib.suppress(RuntimeError):  # the operator's loop has ended
+                loop.call_soon_threadsafe(stop.set)
+
+        async def renew() -> None:
+            kube = await connect()
+            try:
+                await self._watch(running, stop_soon, stop.is_set, kube)
+            except Exception:  # renewals ended: the work must not go on without them
+                log.exception("slice lease renewals failed: stopping work on the slices")
+                stop_soon()
+            finally:
+                await kube.close()
+
+        keeper = LeaseKeeper(renew)
+        keeper.start()
+        return keeper.stop
 
     async def _leave(self) -> None:
         await self._release(set(self.held))
