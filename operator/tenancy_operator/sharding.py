@@ -160,11 +160,10 @@ class LeaseKeeper:
 
 class ShardCoordinator:
     def __init__(self, kube: Kube, namespace: str, group: str, identity: str, slices: Slices,
-                 lease_seconds: int = 15, connect: Callable[[], Awaitable[Kube]] | None = None) -> None:
+                 lease_seconds: int = 15, *, connect: Callable[[], Awaitable[Kube]]) -> None:
         self.kube, self.namespace, self.group, self.identity = kube, namespace, group, identity
         self._connect = connect
-        """Makes the API client of the renewal thread (LeaseKeeper) while Kopf works; without it,
-        renewals run on the operator's own loop."""
+        """Makes the API client of the renewal thread (LeaseKeeper) while Kopf works."""
         self.slices, self.lease_seconds = slices, lease_seconds
         self.renew_seconds = max(1.0, lease_seconds / 3)
         self.settle_seconds = min(2.0, self.renew_seconds)
@@ -483,16 +482,8 @@ class ShardCoordinator:
                 await asyncio.shield(self._leave())
 
     def _keeper(self, running: frozenset[int], stop: asyncio.Event) -> Callable[[], Awaitable[None]]:
-        """Start renewing while the work runs: in a LeaseKeeper thread with a client of its own
-        (``connect``), else on this loop. Returns what ends it (after the work)."""
-        if self._connect is None:
-            task = asyncio.create_task(self._watch(running, stop.set, stop.is_set, self.kube), name="shard-leases")
-
-            async def end_task() -> None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            return end_task
+        """Start renewing while the work runs, in a LeaseKeeper thread with a client of its own
+        (``connect``). Returns what ends it (after the work)."""
         loop, connect = asyncio.get_running_loop(), self._connect
 
         def stop_soon() -> None:
