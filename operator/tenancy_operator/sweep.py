@@ -63,6 +63,13 @@ def ready_since_listed(listed: Mapping[str, Any], seen: Mapping[str, Any] | None
             and _ready(seen))
 
 
+def _taken_on(body: Mapping[str, Any]) -> bool:
+    """Not being deleted, and taken on by Kopf (our finalizer is set): reconciling one before that
+    would make it Ready with nothing to stop its deletion from skipping the deletion policy."""
+    meta = body["metadata"]
+    return not meta.get("deletionTimestamp") and FINALIZER in (meta.get("finalizers") or [])
+
+
 def left_to_handler(listed: Mapping[str, Any], seen: Mapping[str, Any] | None) -> bool:
     """A LISTed Tenant the sweep leaves alone: listed as not Ready, and Ready since (with or without
     its Secret at the sweep's Secret LIST: the reconcile that made it Ready made its Secret too; in
@@ -83,6 +90,12 @@ class Sweeper:
             metrics.ISOLATION_VIOLATIONS_HELD.labels(kind=kind.value).set(0)
 
     async def run_forever(self) -> None:
+        try:
+            await self.catch_up()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the first sweep does it all again
+            log.exception("catch-up failed")
         while True:
             await asyncio.sleep(self.ctx.settings.sweep_interval_seconds)
             try:
@@ -93,14 +106,56 @@ class Sweeper:
             except Exception:
                 log.exception("sweep failed")
 
-    async def sweep_once(self) -> int:
-        """Returns how many tenants were reconciled because they differed."""
-        self.ctx.targets.update_pool_metrics()
+    async def _listed(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Every Tenant in the watched namespaces, and those of them this replica owns."""
         everyone = await self.ctx.kube.list_objects("tenants")
         namespaces = set(self.ctx.settings.namespace_list)
         if namespaces:
             everyone = [b for b in everyone if b["metadata"]["namespace"] in namespaces]
-        bodies = self.ctx.ownership.mine(everyone)  # sharded: this replica's slices only
+        return everyone, self.ctx.ownership.mine(everyone)  # sharded: this replica's slices only
+
+    async def catch_up(self) -> int:
+        """At the start of a run: reconcile now every Tenant of this replica's that is not Ready.
+
+        Kopf resumes every object in the order of its LIST. After a hand-over the Tenants a dead
+        replica left half provisioned would wait behind the thousands already in sync; this takes
+        them at once, beside Kopf (a Tenant's reconciles take its lock in turn, and one Kopf has
+        made Ready meanwhile is left alone). Drift checks and the chores wait for the first sweep.
+        Returns how many were reconciled."""
+        _, bodies = await self._listed()
+        todo = [b for b in bodies if not _ready(b) and _taken_on(b)]
+        reconciled = await self._reconcile_listed(todo)
+        if reconciled:
+            log.info("caught up", tenants=reconciled, listed=len(todo))
+        return reconciled
+
+    async def _reconcile_listed(self, todo: list[dict[str, Any]]) -> int:
+        """Reconcile the listed snapshots, a bounded number at a time; returns how many were (the
+        others: deleted or edited meanwhile, their handler's reconcile in flight, or done by it)."""
+        sem = asyncio.Semaphore(self.ctx.settings.reconcile_concurrency)
+        reconciled = 0
+
+        async def one(body: dict[str, Any]) -> None:
+            nonlocal reconciled
+            async with sem:
+                meta = body["metadata"]
+                if left_to_handler(body, self.ctx.tenants.get((meta["namespace"], meta["name"]))):
+                    return
+                try:
+                    if await self.tenants.run_listed(body, unless_in_flight=True) is not None:
+                        reconciled += 1
+                except Exception as exc:  # the handler's retry will report; keep sweeping
+                    reconciled += 1
+                    log.warning("sweep reconcile failed", namespace=meta["namespace"], name=meta["name"],
+                                error=type(exc).__name__)
+
+        await asyncio.gather(*(one(b) for b in todo))
+        return reconciled
+
+    async def sweep_once(self) -> int:
+        """Returns how many tenants were reconciled because they differed."""
+        self.ctx.targets.update_pool_metrics()
+        everyone, bodies = await self._listed()
         phases = Counter((b.get("status") or {}).get("phase", "Provisioning") for b in bodies)
         for phase in ("Provisioning", "Active", "Suspended", "Deleting", "Failed"):
             metrics.TENANTS.labels(phase=phase).set(phases.get(phase, 0))
@@ -113,10 +168,7 @@ class Sweeper:
         by_target: dict[str, list[tuple[dict[str, Any], TenantSpec, str]]] = defaultdict(list)
         todo: list[dict[str, Any]] = []
         for body in bodies:
-            meta = body["metadata"]
-            # Only objects Kopf has taken on (our finalizer is set): reconciling one before that would
-            # make it Ready with nothing to stop its deletion from skipping the deletion policy.
-            if meta.get("deletionTimestamp") or FINALIZER not in (meta.get("finalizers") or []):
+            if not _taken_on(body):
                 continue
             try:
                 spec = TenantSpec.model_validate(body.get("spec") or {})
@@ -147,24 +199,7 @@ class Sweeper:
                 scheduled = every is not None and rotated is not None and rotated + parse_duration(str(every)) <= now
                 if drifted(spec, ident, observed[ident], login_obs[ident], cred) or ident in due or scheduled:
                     todo.append(body)
-        sem = asyncio.Semaphore(self.ctx.settings.reconcile_concurrency)
-        reconciled = 0
-
-        async def one(body: dict[str, Any]) -> None:
-            nonlocal reconciled
-            async with sem:
-                meta = body["metadata"]
-                if left_to_handler(body, self.ctx.tenants.get((meta["namespace"], meta["name"]))):
-                    return
-                try:
-                    if await self.tenants.run_listed(body, unless_in_flight=True) is not None:
-                        reconciled += 1
-                except Exception as exc:  # the handler's retry will report; keep sweeping
-                    reconciled += 1
-                    log.warning("sweep reconcile failed", namespace=body["metadata"]["namespace"],
-                                name=body["metadata"]["name"], error=type(exc).__name__)
-
-        await asyncio.gather(*(one(b) for b in todo))
+        reconciled = await self._reconcile_listed(todo)
         if self.ctx.ownership.chores:
             await self.chores(everyone)
         if reconciled:
