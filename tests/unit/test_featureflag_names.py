@@ -6,7 +6,10 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from tenancy_operator.handlers.featureflag import FeatureFlagService
+from tenancy_operator.reconcilers.errors import Retry
 
 
 def tenant(name: str) -> dict[str, Any]:
@@ -55,3 +58,47 @@ async def test_a_deletion_seen_while_the_list_is_in_flight_is_not_lost() -> None
     listing.answered.set()
     assert await pending == {"acme"}
     assert await svc.tenant_names("ns", fresh=False) == {"acme"}
+
+
+async def test_flags_asking_while_a_list_is_in_flight_share_it() -> None:
+    listing = Listing({"acme"})
+    svc = service(listing)
+    asking = [asyncio.ensure_future(svc.tenant_names("ns", fresh=fresh)) for fresh in (False, False, True)]
+    await listing.asked.wait()
+    await asyncio.sleep(0)  # the others have asked too
+    listing.answered.set()
+    assert [await a for a in asking] == [{"acme"}] * 3
+    assert listing.calls == 1
+
+
+async def test_a_cancelled_lister_leaves_the_others_to_list_themselves() -> None:
+    listing = Listing({"acme"})
+    svc = service(listing)
+    first = asyncio.ensure_future(svc.tenant_names("ns", fresh=False))
+    await listing.asked.wait()
+    second = asyncio.ensure_future(svc.tenant_names("ns", fresh=False))
+    await asyncio.sleep(0)  # waiting for the first one's LIST
+    first.cancel()
+    listing.answered.set()
+    assert await second == {"acme"}
+    assert first.cancelled() and listing.calls == 2
+
+
+async def test_a_failed_list_fails_every_flag_that_waited_for_it() -> None:
+    class Failing(Listing):
+        async def __call__(self, namespace: str) -> set[str]:
+            self.calls += 1
+            self.asked.set()
+            await self.answered.wait()
+            raise Retry("KubernetesAPI", "listing Tenants failed: 500")
+
+    listing = Failing(set())
+    svc = service(listing)
+    asking = [asyncio.ensure_future(svc.tenant_names("ns", fresh=False)) for _ in range(2)]
+    await listing.asked.wait()
+    await asyncio.sleep(0)
+    listing.answered.set()
+    for a in asking:
+        with pytest.raises(Retry):
+            await a
+    assert listing.calls == 1

@@ -96,10 +96,9 @@ class FeatureFlagReconciler:
 
     async def tenant_names(self, namespace: str) -> set[str]:
         try:
-            tenants = await self.ctx.kube.list_objects("tenants", namespace)
+            return await self.ctx.kube.list_names("tenants", namespace)
         except ApiError as exc:
             raise Retry("KubernetesAPI", f"listing Tenants failed: {exc.status}") from exc
-        return {str(t["metadata"]["name"]) for t in tenants}
 
     async def _flag_exists(self, namespace: str, name: str) -> bool:
         try:
