@@ -54,3 +54,20 @@ def test_tombstones_remember_the_newest_deletions_only() -> None:
     assert "a" in gone and "c" in gone
     assert "b" not in gone
     assert len(gone) == 2
+
+
+def test_the_essence_is_kopfs_own_without_copying_the_status() -> None:
+    raw: dict[str, Any] = {
+        "apiVersion": "tenancy.dev/v1alpha1", "kind": "Tenant",
+        "metadata": {"name": "acme", "namespace": "ns", "uid": "u-1", "resourceVersion": "7", "generation": 3,
+                     "labels": {"team": "a"}, "annotations": {"tenancy.dev/rotate-credentials": "1"},
+                     "finalizers": ["tenancy.dev/finalizer"], "managedFields": [{"manager": "kopf"}]},
+        "spec": {"tier": "pro", "placement": {"requiredLabels": {"residency": "eu"}}},
+        "status": {"phase": "Active", "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+    ours = MemoryDiffBaseStorage(ignored_prefix="kopf.tenancy.dev").build(body=kopf.Body(raw))  # type: ignore[arg-type]
+    assert ours == kopf.AnnotationsDiffBaseStorage(prefix="kopf.tenancy.dev").build(body=kopf.Body(raw))  # type: ignore[arg-type]
+    assert ours == {"metadata": {"labels": {"team": "a"}, "annotations": {"tenancy.dev/rotate-credentials": "1"}},
+                    "spec": {"tier": "pro", "placement": {"requiredLabels": {"residency": "eu"}}}}
+    ours["spec"]["placement"]["requiredLabels"]["residency"] = "us"
+    assert raw["spec"]["placement"]["requiredLabels"]["residency"] == "eu"  # a copy, not the body's own

@@ -7,7 +7,7 @@ import contextlib
 import copy
 import random
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import kopf
 
@@ -180,6 +180,13 @@ class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
         self._essences: dict[str, Any] = {}
 
     def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> Any:
+        if not extra_fields:
+            # Kopf's build deep-copies the whole body and then drops all but the spec, labels and
+            # annotations: for every event, a copy of the status and managedFields made for nothing.
+            meta = body.get("metadata") or {}
+            trimmed = {k: v for k, v in body.items() if k not in ("metadata", "status")}
+            trimmed["metadata"] = {k: meta[k] for k in ("labels", "annotations") if k in meta}
+            body = cast(kopf.Body, trimmed)
         essence = super().build(body=body, extra_fields=extra_fields)
         # Kopf's own progress and the annotation of the storage this one replaced are not ours.
         annotations = (essence.get("metadata") or {}).get("annotations") or {}
