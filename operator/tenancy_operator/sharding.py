@@ -47,6 +47,19 @@ SLICES_ANNOTATION = "tenancy.dev/shard-slices"
 T = TypeVar("T")
 MANAGED = {"app.kubernetes.io/managed-by": "tenancy-operator"}
 EXPIRY_MARGIN_SECONDS = 0.1
+LOOK_SECONDS = 1.0
+"""How often a working replica reads the peers' Leases between its renewals: a Lease counts as
+renewed when a change to it is seen, so a replica that died is noticed at most this long after its
+Lease ran out (two small LISTs a second, from the renewal thread)."""
+
+
+def next_wake(now: float, renewal: float, expiry: float | None) -> float:
+    """Seconds until the renewal loop's next step: the next renewal, the next look at the peers'
+    Leases, or just after the first Lease seen live would expire, whichever comes first."""
+    wake = min(renewal, now + LOOK_SECONDS)
+    if expiry is not None:
+        wake = min(wake, expiry + EXPIRY_MARGIN_SECONDS)
+    return max(0.0, wake - now)
 """How long after a Lease's expiry is due the replica looks at it (expiry is strictly later)."""
 
 
@@ -345,12 +358,15 @@ class ShardCoordinator:
 
     # --- the loop ------------------------------------------------------------------------------
 
-    async def _tick(self, kube: Kube) -> tuple[frozenset[int], set[int]]:
-        """Renew; returns the desired slices and the held ones just lost. The requests of a step go
-        out together: under a loaded API server one after the other could take longer than a lease."""
-        member: Awaitable[set[int] | None] = self._renew_member(kube)
-        lost = (await every(member, self._renew_slices(kube)))[1] or set()
-        self._last_renewed = time.monotonic()
+    async def _tick(self, kube: Kube, *, renew: bool = True) -> tuple[frozenset[int], set[int]]:
+        """Renew (unless only looking); returns the desired slices and the held ones just lost. The
+        requests of a step go out together: under a loaded API server one after the other could
+        take longer than a lease."""
+        lost: set[int] = set()
+        if renew:
+            member: Awaitable[set[int] | None] = self._renew_member(kube)
+            lost = (await every(member, self._renew_slices(kube)))[1] or set()
+            self._last_renewed = time.monotonic()
         members, holders = await asyncio.gather(self.live_members(kube), self.holders(kube))
         self._members = frozenset(m.identity for m in members)
         return self._share(members, holders), lost
@@ -392,16 +408,21 @@ class ShardCoordinator:
     async def _watch(self, running: frozenset[int], stop: Callable[[], None], stopped: Callable[[], bool],
                      kube: Kube) -> None:
         """While the work runs, and until it has ended (cancelled then): renew every renew_seconds
-        from the start of one renewal to the next, and stop the work when its slices must change.
-        Renewals go on while Kopf shuts down, since its handlers may still be at work. ``stop``
-        and ``stopped`` set and read the work's stop flag (which may live on another loop)."""
-        loop = asyncio.get_running_loop()
+        from the start of one renewal to the next, look at the peers' Leases in between, and stop
+        the work when its slices must change. Renewals go on while Kopf shuts down, since its
+        handlers may still be at work. ``stop`` and ``stopped`` set and read the work's stop flag
+        (which may live on another loop)."""
+        renewal = time.monotonic()
         while True:
-            started = loop.time()
+            renew = time.monotonic() >= renewal
+            if renew:
+                renewal = time.monotonic() + self.renew_seconds
             try:
-                desired, lost = await self._tick(kube)
-            except Exception as exc:  # the API server, or the way to it: not renewed this time
-                log.warning("slice leases not renewed", error=getattr(exc, "status", None) or type(exc).__name__)
+                desired, lost = await self._tick(kube, renew=renew)
+            except Exception as exc:  # the API server, or the way to it: not renewed (or looked) this time
+                error = getattr(exc, "status", None) or type(exc).__name__
+                (log.warning if renew else log.debug)(
+                    "slice leases not renewed" if renew else "peer leases not read", error=error)
                 if self.held and time.monotonic() - self._last_renewed > self.lease_seconds * 2 / 3:
                     log.error("slice leases could not be renewed for most of a lease: stopping work on them",
                               slices=describe(self.slices, running))
@@ -414,11 +435,8 @@ class ShardCoordinator:
                     log.info("share of the fleet changes", held=describe(self.slices, running),
                              wanted=describe(self.slices, desired))
                     stop()
-            delay = started + self.renew_seconds - loop.time()
-            due = self._observed.next_expiry(time.monotonic())
-            if due is not None:  # a peer's Lease runs out before then: look again just after
-                delay = min(delay, due - time.monotonic() + EXPIRY_MARGIN_SECONDS)
-            await asyncio.sleep(max(0.0, delay))
+            now = time.monotonic()
+            await asyncio.sleep(next_wake(now, renewal, self._observed.next_expiry(now)))
 
     def renewing(self) -> bool:
         """Whether the Leases were renewed within a lease time (liveness while no work runs)."""

@@ -8,7 +8,15 @@ import uuid
 
 import pytest
 
-from tenancy_operator.sharding import SLICES_ANNOTATION, Observed, lease_safe, slice_count_of
+from tenancy_operator.sharding import (
+    EXPIRY_MARGIN_SECONDS,
+    LOOK_SECONDS,
+    SLICES_ANNOTATION,
+    Observed,
+    lease_safe,
+    next_wake,
+    slice_count_of,
+)
 from tenancy_operator.shards import (
     SPACE,
     Member,
@@ -150,6 +158,15 @@ def test_the_next_expiry_is_when_the_first_lease_seen_live_runs_out() -> None:
     assert observed.next_expiry(106.0) == 118.0
     assert observed.expired(b, 118.5) and observed.next_expiry(118.5) == 120.0  # b is past, a is next
     assert observed.next_expiry(121.0) is None
+
+
+def test_between_renewals_the_peers_leases_are_read_every_look() -> None:
+    """A peer's renewal is seen within LOOK_SECONDS, not at this replica's next renewal: one that
+    died is noticed at most that long after its Lease ran out."""
+    assert next_wake(100.0, renewal=105.0, expiry=None) == LOOK_SECONDS
+    assert next_wake(104.5, renewal=105.0, expiry=None) == 0.5  # the renewal comes first
+    assert next_wake(100.0, renewal=105.0, expiry=100.4) == pytest.approx(0.4 + EXPIRY_MARGIN_SECONDS)
+    assert next_wake(106.0, renewal=105.0, expiry=None) == 0.0  # late: at once
 
 
 def test_identities_become_lease_names() -> None:
