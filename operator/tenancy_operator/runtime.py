@@ -49,6 +49,20 @@ STORAGE_PREFIX = "kopf.tenancy.dev"
 # events, while only the rollout's owner reconciles it (handlers/common.owned).
 SHARDED_PLURALS = ("tenants", "featureflags", "tenantarchives")
 LIST_CHUNK_SIZE = 100
+KOPF_PAUSE_WAITER = "pause-waiter for "
+"""How Kopf names the task each watch stream keeps waiting for a pause of the operator."""
+
+
+def cancel_pause_waiters() -> int:
+    """At the end of a run, once Kopf's watchers have all ended: cancel the pause-waiting tasks
+    their streams left. A watcher cancelled while it hands an event on leaves its stream's
+    generator open, and with it that task, until the generator is collected; Kopf then waits 5 s
+    for such leftover tasks before it cancels them itself, at the end of every such run (a
+    sharded replica's hand-over among them). Nothing waits for a pause any more. Returns how many."""
+    waiters = [t for t in asyncio.all_tasks() if t.get_name().startswith(KOPF_PAUSE_WAITER) and not t.done()]
+    for task in waiters:
+        task.cancel()
+    return len(waiters)
 """Objects per page of Kopf's initial LIST of a kind (with a shard selector too)."""
 
 
@@ -162,6 +176,8 @@ def build_registry() -> kopf.OperatorRegistry:
             await ctx.events.drain()
             await ctx.targets.close()
             await ctx.kube.close()
+        # Kopf runs the cleanup after its watchers have all ended.
+        log.debug("leftover pause-waiters cancelled", tasks=cancel_pause_waiters())
         log.info("operator stopped; database pools closed")
 
     # PERMANENT: a failing probe answers 500 at once instead of holding Kopf's 60 s retry.
