@@ -49,6 +49,7 @@ STORAGE_PREFIX = "kopf.tenancy.dev"
 # events, while only the rollout's owner reconciles it (handlers/common.owned).
 SHARDED_PLURALS = ("tenants", "featureflags", "tenantarchives")
 LIST_CHUNK_SIZE = 100
+"""Objects per page of Kopf's initial LIST of a kind (with a shard selector too)."""
 KOPF_PAUSE_WAITER = "pause-waiter for "
 """How Kopf names the task each watch stream keeps waiting for a pause of the operator."""
 
@@ -63,7 +64,6 @@ def cancel_pause_waiters() -> int:
     for task in waiters:
         task.cancel()
     return len(waiters)
-"""Objects per page of Kopf's initial LIST of a kind (with a shard selector too)."""
 
 
 def exact_namespace(name: str) -> bool:

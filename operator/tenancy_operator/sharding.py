@@ -47,6 +47,7 @@ SLICES_ANNOTATION = "tenancy.dev/shard-slices"
 T = TypeVar("T")
 MANAGED = {"app.kubernetes.io/managed-by": "tenancy-operator"}
 EXPIRY_MARGIN_SECONDS = 0.1
+"""How long after a Lease's expiry is due the replica looks at it (expiry is strictly later)."""
 LOOK_SECONDS = 1.0
 """How often a working replica reads the peers' Leases between its renewals: a Lease counts as
 renewed when a change to it is seen, so a replica that died is noticed at most this long after its
@@ -60,7 +61,6 @@ def next_wake(now: float, renewal: float, expiry: float | None) -> float:
     if expiry is not None:
         wake = min(wake, expiry + EXPIRY_MARGIN_SECONDS)
     return max(0.0, wake - now)
-"""How long after a Lease's expiry is due the replica looks at it (expiry is strictly later)."""
 
 
 def slice_count_of(lease: dict[str, Any]) -> int | None:

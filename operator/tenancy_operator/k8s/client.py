@@ -228,11 +228,12 @@ class Kube:
             header_params={"Accept": TABLE}, auth_settings=["BearerToken"], _return_http_data_only=True,
         )
         table = json.loads(data)
-        if not table.get("rows"):
+        rows = table.get("rows") or []
+        if not rows:
             return set()
         # The column of the object's name is the one of format "name" (the Table API's contract).
         column = next(i for i, c in enumerate(table.get("columnDefinitions") or []) if c.get("format") == "name")
-        return {str(row["cells"][column]) for row in table.get("rows") or []}
+        return {str(row["cells"][column]) for row in rows}
 
     # --- Leases (sharding.py: which replica holds which slice of the fleet) ---------------------
 
