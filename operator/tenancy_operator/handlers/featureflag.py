@@ -105,9 +105,9 @@ class FeatureFlagService:
         burst of new Tenants re-checks flags without a LIST of every Tenant each half second."""
         self._listing: dict[str, list[tuple[str | None, str]]] = {}
         """Tenant events that arrived while a namespace's LIST was in flight, applied after it."""
-        self._in_flight: dict[str, asyncio.Future[tuple[float, set[str]]]] = {}
-        """namespace -> its LIST in flight, which the flags asking meanwhile wait for: at start-up
-        every flag of a namespace asks at once, and each LIST of thousands of Tenants costs."""
+        self._listing_lock: dict[str, asyncio.Lock] = {}
+        """namespace -> held while its Tenant names are LISTed: the flags asking meanwhile (at
+        start-up every flag of a namespace asks at once) take that LIST's answer."""
         self.rechecks = Rechecks(self._recheck, ctx.settings.rollout_check_seconds)
         """Running stepped rollouts: when each wants another look."""
 
@@ -241,42 +241,23 @@ class FeatureFlagService:
             (entry[1].discard if type_ == "DELETED" else entry[1].add)(name)
 
     async def tenant_names(self, namespace: str, *, fresh: bool) -> set[str]:
-        """The Tenant names of a namespace: LISTed when ``fresh`` or older than NAMES_TTL_SECONDS."""
+        """The Tenant names of a namespace: LISTed when older than NAMES_TTL_SECONDS or, when
+        ``fresh``, LISTed since this call."""
         loop = asyncio.get_running_loop()
-        entry = self._names.get(namespace)
-        while fresh or entry is None or loop.time() - entry[0] > NAMES_TTL_SECONDS:
-            pending = self._in_flight.get(namespace)
-            if pending is None:
-                entry = await self._list_names(namespace)
-                break
-            await asyncio.wait([pending])  # neither cancels it nor raises what it raised
-            if not pending.cancelled():  # else the caller that LISTed was cancelled: ask again
-                entry = pending.result()  # or its Retry
-                break
+        asked = loop.time()
+        async with self._listing_lock.setdefault(namespace, asyncio.Lock()):
+            entry = self._names.get(namespace)
+            if entry is None or loop.time() - entry[0] > NAMES_TTL_SECONDS or (fresh and entry[0] <= asked):
+                during = self._listing.setdefault(namespace, [])
+                try:
+                    entry = (loop.time(), await self.reconciler.tenant_names(namespace))
+                    self._names[namespace] = entry
+                    for type_, name in during:
+                        self._note_tenant(namespace, type_, name)
+                finally:
+                    if self._listing.get(namespace) is during:
+                        del self._listing[namespace]
         return set(entry[1])
-
-    async def _list_names(self, namespace: str) -> tuple[float, set[str]]:
-        loop = asyncio.get_running_loop()
-        during = self._listing.setdefault(namespace, [])
-        answer = self._in_flight[namespace] = loop.create_future()
-        try:
-            entry = (loop.time(), await self.reconciler.tenant_names(namespace))
-            self._names[namespace] = entry
-            for type_, name in during:
-                self._note_tenant(namespace, type_, name)
-            answer.set_result(entry)
-            return entry
-        except Exception as exc:
-            answer.set_exception(exc)
-            answer.exception()  # retrieved: nobody else may be waiting, and that is no error
-            raise
-        finally:
-            if not answer.done():  # cancelled: a caller waiting LISTs itself
-                answer.cancel()
-            if self._listing.get(namespace) is during:
-                del self._listing[namespace]
-            if self._in_flight.get(namespace) is answer:
-                del self._in_flight[namespace]
 
     def nudge(self, namespace: str, tenant: str = ALL) -> None:
         """Tenant `tenant` appeared or went away in `namespace`: re-check soon the flags naming it
