@@ -338,14 +338,31 @@ class ShardCoordinator:
             lease = self.held.pop(index, None)
             if lease is None:
                 continue
-            body = dict(lease)
-            body["spec"] = {k: v for k, v in (lease.get("spec") or {}).items()
-                            if k not in ("holderIdentity", "renewTime", "acquireTime")}
-            with contextlib.suppress(ApiError):  # lost meanwhile: then it is not ours to release
-                await self.kube.replace_lease(self.namespace, self.slice_name(index), body)
+            with contextlib.suppress(ApiError):  # the API server: the Lease then expires by itself
+                await self._release_one(index, lease)
         if indices:
             metrics.SHARD_HANDOVERS.labels(direction="released").inc(len(indices))
             log.info("slices released", slices=describe(self.slices, indices))
+
+    async def _release_one(self, index: int, lease: dict[str, Any]) -> None:
+        name = self.slice_name(index)
+        for _ in range(2):
+            body = dict(lease)
+            body["spec"] = {k: v for k, v in (lease.get("spec") or {}).items()
+                            if k not in ("holderIdentity", "renewTime", "acquireTime")}
+            try:
+                await self.kube.replace_lease(self.namespace, name, body)
+                return
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+            # Our copy is older than the Lease. A renewal cancelled once sent (the end of the work
+            # stops the renewal thread) can have written it without our reading the answer: while
+            # it is still ours, release it as it is now; taken meanwhile, it is not ours to release.
+            current = await self.kube.get_lease(self.namespace, name)
+            if current is None or (current.get("spec") or {}).get("holderIdentity") != self.identity:
+                return
+            lease = current
 
     def _publish(self) -> None:
         metrics.SHARD_SLICES_HELD.set(len(self.held))

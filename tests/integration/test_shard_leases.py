@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 
 from kubernetes import client
 from kubernetes_asyncio import config
@@ -55,5 +56,41 @@ async def test_leases_are_renewed_while_the_work_holds_the_event_loop(stack: Loc
     # work found it (one value), and the peers would count this replica dead after one lease time.
     assert len(renewals) >= HOLD_SECONDS // LEASE_SECONDS + 1, sorted(renewals)
     leases = coordination.list_namespaced_lease("default", label_selector="tenancy.dev/shard-group=keeper-test")
+    assert not [lease.metadata.name for lease in leases.items if lease.spec.holder_identity], \
+        "a replica that left holds nothing"
+
+
+async def test_a_leaving_replica_releases_slices_renewed_behind_its_back(stack: LocalStack) -> None:
+    """The renewal thread stops when the work ends. A renewal it sent just then can be written
+    without its answer being read, so the replica's copy of the Lease is older than the Lease. It
+    must still release its slices when it leaves, or its peers wait a lease time to take them."""
+    coordination = client.CoordinationV1Api(Cluster(stack.kubeconfig).api)
+
+    async def connect() -> Kube:
+        return Kube(await config.new_client_from_config(config_file=str(stack.kubeconfig)))
+
+    kube = await connect()
+    # Long Leases: the renewal thread renews once at the start and not again while this runs.
+    coordinator = ShardCoordinator(kube, "default", "release-test", "replica-leaving", Slices(2), 60,
+                                   connect=connect)
+
+    async def work(ownership: Ownership, stop: asyncio.Event) -> None:
+        taken = {i: coordinator.held[i]["metadata"]["resourceVersion"] for i in ownership.held}
+        deadline = time.monotonic() + 30
+        while any(coordinator.held[i]["metadata"]["resourceVersion"] == rv for i, rv in taken.items()):
+            assert time.monotonic() < deadline, "the renewal thread renewed the slices"
+            await asyncio.sleep(0.05)
+        for index in ownership.held:  # a renewal whose answer was never read
+            lease = coordination.read_namespaced_lease(coordinator.slice_name(index), "default")
+            lease.spec.renew_time = datetime.now(UTC)
+            coordination.replace_namespaced_lease(coordinator.slice_name(index), "default", lease)
+        coordinator.terminating.set()
+
+    try:
+        await asyncio.wait_for(coordinator.serve(work), timeout=120)
+    finally:
+        await kube.close()
+    leases = coordination.list_namespaced_lease("default", label_selector="tenancy.dev/shard-group=release-test")
+    assert len(leases.items) == 2
     assert not [lease.metadata.name for lease in leases.items if lease.spec.holder_identity], \
         "a replica that left holds nothing"
