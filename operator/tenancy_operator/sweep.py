@@ -106,12 +106,13 @@ class Sweeper:
             except Exception:
                 log.exception("sweep failed")
 
+    def _watched(self, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        namespaces = set(self.ctx.settings.namespace_list)
+        return [b for b in bodies if b["metadata"]["namespace"] in namespaces] if namespaces else bodies
+
     async def _listed(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Every Tenant in the watched namespaces, and those of them this replica owns."""
-        everyone = await self.ctx.kube.list_objects("tenants")
-        namespaces = set(self.ctx.settings.namespace_list)
-        if namespaces:
-            everyone = [b for b in everyone if b["metadata"]["namespace"] in namespaces]
+        everyone = self._watched(await self.ctx.kube.list_objects("tenants"))
         return everyone, self.ctx.ownership.mine(everyone)  # sharded: this replica's slices only
 
     async def catch_up(self) -> int:
@@ -122,8 +123,9 @@ class Sweeper:
         them at once, beside Kopf (a Tenant's reconciles take its lock in turn, and one Kopf has
         made Ready meanwhile is left alone). Drift checks and the chores wait for the first sweep.
         Returns how many were reconciled."""
-        _, bodies = await self._listed()
-        todo = [b for b in bodies if not _ready(b) and _taken_on(b)]
+        todo: list[dict[str, Any]] = []
+        async for page in self.ctx.kube.list_pages("tenants"):  # a page at a time: most are Ready
+            todo += [b for b in self.ctx.ownership.mine(self._watched(page.items)) if not _ready(b) and _taken_on(b)]
         reconciled = await self._reconcile_listed(todo)
         if reconciled:
             log.info("caught up", tenants=reconciled, listed=len(todo))

@@ -17,10 +17,10 @@ would be O(N^2) API traffic and JSON parsing. What it adds to a plain dict:
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import AsyncIterable, Callable, Hashable, Mapping
 from typing import Any
 
-from tenancy_operator.k8s.client import older_version
+from tenancy_operator.k8s.client import Page, older_version
 
 Key = tuple[str, str]
 """(namespace, name)"""
@@ -76,14 +76,21 @@ class WatchCache:
         self._objects.pop(key, None)
         self._reindex(key, None)
 
-    def replace_all(self, items: Iterable[Mapping[str, Any]]) -> None:
-        """A LIST's answer: what it does not hold is gone (a deletion the watch may have missed)."""
-        items = list(items)
-        listed = {_key(o) for o in items}
-        for key in [k for k in self._objects if k not in listed]:
+    async def relist(self, pages: AsyncIterable[Page], keep: Callable[[Mapping[str, Any]], bool] | None = None) -> None:
+        """A paged LIST's answer (Kube.list_pages), stored a page at a time, so only one page of
+        whole objects is held at once; objects ``keep`` refuses are left out. What the listing
+        does not hold is gone (a deletion the watch may have missed), unless the cache holds a
+        version newer than the listing: created while the pages were read, its event came first."""
+        listed: set[Key] = set()
+        version = ""
+        async for page in pages:
+            version = page.resource_version
+            for body in page.items:
+                if keep is None or keep(body):
+                    listed.add(_key(body))
+                    self.store(body)
+        for key in [k for k in self._objects if k not in listed and not _newer(self._objects[k], version)]:
             self.remove(key)
-        for body in items:
-            self.store(body)
         self.listed = True
 
     def get(self, key: Key) -> dict[str, Any] | None:
@@ -115,6 +122,12 @@ class WatchCache:
         if body is not None and value is not None:
             self._group_of[key] = value
             self._groups.setdefault(value, {})[key] = body
+
+
+def _newer(body: Mapping[str, Any], version: str) -> bool:
+    """The object's version is later than a listing's (both etcd revisions; see older_version)."""
+    mine = str(body["metadata"].get("resourceVersion") or "")
+    return mine.isdigit() and version.isdigit() and int(mine) > int(version)
 
 
 def _key(body: Mapping[str, Any]) -> Key:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from tenancy_operator.k8s.client import Page
 from tenancy_operator.watch_cache import SHARED_STRING_LENGTH, WatchCache, compact
 
 
@@ -56,15 +57,29 @@ def test_the_index_follows_edits_and_deletions() -> None:
     assert len(cache) == 2
 
 
-def test_a_list_drops_what_it_does_not_hold_and_fills_the_cache() -> None:
+async def pages(*chunks: list[dict[str, Any]], version: str = "10") -> AsyncIterator[Page]:
+    for items in chunks:
+        yield Page(items, version)
+
+
+async def test_a_list_drops_what_it_does_not_hold_and_fills_the_cache() -> None:
     cache = WatchCache(slim, index=group_of)
     cache.store(obj("gone", 1, "t1"))
     cache.store(obj("kept", 2, "t1"))
-    cache.replace_all([obj("kept", 3, "t1"), obj("new", 4, "t1")])
+    await cache.relist(pages([obj("kept", 3, "t1")], [obj("new", 4, "t1")]))
     assert cache.listed
     assert names(cache.values()) == ["kept", "new"]
     assert names(cache.group(("ns", "t1"))) == ["kept", "new"]
     assert cache.get(("ns", "kept"))["metadata"]["resourceVersion"] == "3"  # type: ignore[index]
+
+
+async def test_a_list_keeps_what_the_watch_showed_after_it_and_leaves_out_what_it_is_told_to() -> None:
+    cache = WatchCache(slim)
+    cache.observe("ADDED", obj("created-meanwhile", 12, uid="u2"))  # its event came while pages were read
+    cache.observe("ADDED", obj("deleted-unseen", 8, uid="u3"))
+    await cache.relist(pages([obj("mine", 5)], [obj("theirs", 6, uid="u4")], version="10"),
+                       keep=lambda body: body["metadata"]["name"] != "theirs")
+    assert names(cache.values()) == ["created-meanwhile", "mine"]
 
 
 def test_cached_objects_are_copies_that_share_repeated_keys_and_short_strings() -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -36,6 +36,17 @@ def older_version(meta: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
         return False
     mine, theirs = str(meta.get("resourceVersion") or ""), str(than.get("resourceVersion") or "")
     return mine.isdigit() and theirs.isdigit() and int(mine) < int(theirs)
+
+
+LIST_PAGE = 500
+"""Objects per page of the operator's own LISTs (list_pages)."""
+
+
+class Page(NamedTuple):
+    """One page of a LIST: its objects, and the resourceVersion the whole listing is as of."""
+
+    items: list[dict[str, Any]]
+    resource_version: str
 
 
 THROTTLED_ATTEMPTS = 5
@@ -206,16 +217,29 @@ class Kube:
         return await _read_or_none(self.custom.get_cluster_custom_object, group, version, plural, name)
 
     async def list_objects(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
-        """Our objects of one kind in ``namespace``; None: in every watched namespace. Decoded with
-        safejson: one object nested deeper than Python's json allows must not fail the listing."""
-        if namespace is None and not self.namespaces:
-            result = safejson.loads(await raw(self.custom.list_cluster_custom_object, GROUP, VERSION, plural))
-            return list(result.get("items") or [])
-        items: list[dict[str, Any]] = []
-        for ns in (namespace,) if namespace is not None else self.namespaces:
-            result = safejson.loads(await raw(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, plural))
-            items += result.get("items") or []
-        return items
+        """Our objects of one kind in ``namespace``; None: in every watched namespace."""
+        return [body async for page in self.list_pages(plural, namespace) for body in page.items]
+
+    async def list_pages(self, plural: str, namespace: str | None = None) -> AsyncIterator[Page]:
+        """Our objects of one kind in ``namespace`` (None: every watched namespace), a LIST_PAGE
+        at a time: a reader that keeps a little of each object never holds the whole fleet's
+        bodies at once (their burst of short-lived objects is what the allocators keep after a
+        start). Decoded with safejson: one object nested deeper than Python's json allows must
+        not fail the listing."""
+        for ns in (namespace,) if namespace is not None else (self.namespaces or [None]):
+            token = ""
+            while True:
+                paging: dict[str, Any] = {"limit": LIST_PAGE, **({"_continue": token} if token else {})}
+                if ns is None:
+                    data = await raw(self.custom.list_cluster_custom_object, GROUP, VERSION, plural, **paging)
+                else:
+                    data = await raw(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, plural, **paging)
+                result = safejson.loads(data)
+                meta = result.get("metadata") or {}
+                yield Page(list(result.get("items") or []), str(meta.get("resourceVersion") or ""))
+                token = str(meta.get("continue") or "")
+                if not token:
+                    break
 
     async def list_names(self, plural: str, namespace: str) -> set[str]:
         """The names of our objects of one kind in ``namespace``, and nothing else of them: asked

@@ -129,14 +129,21 @@ class QuotaCluster:
         cache = self._caches[plural]
         if cache.listed and not relist:
             return cache.values()
-        items = await self.ctx.kube.list_objects(plural)
-        if plural == TENANTS and self.ctx.ownership.sharded:
-            mine = self.ctx.ownership.mine(items)
-            self.elsewhere = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in items} - {
-                (o["metadata"]["namespace"], o["metadata"]["name"]) for o in mine}
-            items = mine
-        cache.replace_all(items)
-        return items
+        ownership = self.ctx.ownership
+        if plural != TENANTS or not ownership.sharded:
+            await cache.relist(self.ctx.kube.list_pages(plural))
+            return cache.values()
+        elsewhere: set[Key] = set()
+
+        def mine(tenant: Mapping[str, Any]) -> bool:
+            if ownership.owns(tenant):
+                return True
+            elsewhere.add((tenant["metadata"]["namespace"], tenant["metadata"]["name"]))
+            return False
+
+        await cache.relist(self.ctx.kube.list_pages(plural), keep=mine)
+        self.elsewhere = elsewhere
+        return cache.values()
 
     def expected_limits(self, tenant: Mapping[str, Any]) -> dict[str, str] | None:
         """The effective limits this Tenant's next evaluation will publish, from the watch cache:

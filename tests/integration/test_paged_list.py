@@ -1,0 +1,48 @@
+"""The operator's own LISTs against the real API server, a page at a time.
+
+A LIST of thousands of objects is read in pages (``limit`` and ``continue``), so a reader that
+keeps a little of each object never holds the whole fleet's bodies at once. What must hold: every
+object comes exactly once, all pages are of one resourceVersion, and a cache relisted from them
+holds what the API server holds.
+"""
+
+from __future__ import annotations
+
+import pytest
+from kubernetes_asyncio import config
+
+from tenancy_devenv.stack import LocalStack
+from tenancy_operator import GROUP, VERSION
+from tenancy_operator.k8s import client as k8s_client
+from tenancy_operator.k8s.client import Kube
+from tenancy_operator.watch_cache import WatchCache
+
+from .harness import Cluster
+
+QUOTAS = 5
+
+
+async def test_a_list_comes_in_pages_of_one_version_and_holds_every_object(
+    stack: LocalStack, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = Cluster(stack.kubeconfig)
+    for i in range(QUOTAS):
+        cluster.create("quotas", namespace, {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Quota",
+                                             "metadata": {"name": f"q-{i}"}, "spec": {"tenantRef": {"name": "nobody"}}})
+    monkeypatch.setattr(k8s_client, "LIST_PAGE", 2)  # 5 objects: pages of 2, 2 and 1
+    kube = Kube(await config.new_client_from_config(config_file=str(stack.kubeconfig)))
+    try:
+        pages = [page async for page in kube.list_pages("quotas", namespace)]
+        listed = await kube.list_objects("quotas", namespace)
+        everywhere = [b async for page in kube.list_pages("quotas") for b in page.items]  # every namespace
+        cache = WatchCache(dict)
+        await cache.relist(kube.list_pages("quotas", namespace))
+    finally:
+        await kube.close()
+    assert [len(p.items) for p in pages] == [2, 2, 1]
+    assert len({p.resource_version for p in pages}) == 1 and pages[0].resource_version.isdigit()
+    expected = [f"q-{i}" for i in range(QUOTAS)]
+    assert sorted(b["metadata"]["name"] for p in pages for b in p.items) == expected
+    assert sorted(b["metadata"]["name"] for b in listed) == expected
+    assert sorted(b["metadata"]["name"] for b in cache.values()) == expected
+    assert sorted(b["metadata"]["name"] for b in everywhere if b["metadata"]["namespace"] == namespace) == expected
