@@ -35,7 +35,7 @@ from tenancy_operator.reconcilers.archive_catalog import CatalogSweep
 from tenancy_operator.reconcilers.drift import drifted
 from tenancy_operator.reconcilers.tenant_base import secret_name
 from tenancy_operator.reconcilers.tenant_move import drop_moved_copies
-from tenancy_operator.runtime_context import OperatorContext
+from tenancy_operator.runtime_context import OperatorContext, slim_tenant
 
 if TYPE_CHECKING:
     from tenancy_operator.handlers.tenant import TenantService
@@ -110,11 +110,6 @@ class Sweeper:
         namespaces = set(self.ctx.settings.namespace_list)
         return [b for b in bodies if b["metadata"]["namespace"] in namespaces] if namespaces else bodies
 
-    async def _listed(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Every Tenant in the watched namespaces, and those of them this replica owns."""
-        everyone = self._watched(await self.ctx.kube.list_objects("tenants"))
-        return everyone, self.ctx.ownership.mine(everyone)  # sharded: this replica's slices only
-
     async def catch_up(self) -> int:
         """At the start of a run: reconcile now every Tenant of this replica's that is not Ready.
 
@@ -122,19 +117,29 @@ class Sweeper:
         replica left half provisioned would wait behind the thousands already in sync; this takes
         them at once, beside Kopf (a Tenant's reconciles take its lock in turn, and one Kopf has
         made Ready meanwhile is left alone). Drift checks and the chores wait for the first sweep.
-        Returns how many were reconciled."""
-        todo: list[dict[str, Any]] = []
-        async for page in self.ctx.kube.list_pages("tenants"):  # a page at a time: most are Ready
-            todo += [b for b in self.ctx.ownership.mine(self._watched(page.items)) if not _ready(b) and _taken_on(b)]
-        reconciled = await self._reconcile_listed(todo)
+        Returns how many were reconciled.
+
+        Each page's Tenants are reconciled while the next pages are read: the first of those a
+        dead replica left start at once, not after the whole fleet has been listed."""
+        sem = asyncio.Semaphore(self.ctx.settings.reconcile_concurrency)
+        listed = 0
+        batches: list[asyncio.Task[int]] = []
+        async with asyncio.TaskGroup() as group:
+            async for page in self.ctx.kube.list_pages("tenants"):  # a page at a time: most are Ready
+                todo = [b for b in self.ctx.ownership.mine(self._watched(page.items)) if not _ready(b) and _taken_on(b)]
+                listed += len(todo)
+                if todo:
+                    batches.append(group.create_task(self._reconcile_listed(todo, sem)))
+        reconciled = sum(batch.result() for batch in batches)
         if reconciled:
-            log.info("caught up", tenants=reconciled, listed=len(todo))
+            log.info("caught up", tenants=reconciled, listed=listed)
         return reconciled
 
-    async def _reconcile_listed(self, todo: list[dict[str, Any]]) -> int:
-        """Reconcile the listed snapshots, a bounded number at a time; returns how many were (the
-        others: deleted or edited meanwhile, their handler's reconcile in flight, or done by it)."""
-        sem = asyncio.Semaphore(self.ctx.settings.reconcile_concurrency)
+    async def _reconcile_listed(self, todo: list[dict[str, Any]], sem: asyncio.Semaphore | None = None) -> int:
+        """Reconcile the listed snapshots, a bounded number at a time (``sem``: shared with other
+        batches); returns how many were (the others: deleted or edited meanwhile, their handler's
+        reconcile in flight, or done by it)."""
+        sem = sem or asyncio.Semaphore(self.ctx.settings.reconcile_concurrency)
         reconciled = 0
 
         async def one(body: dict[str, Any]) -> None:
@@ -155,18 +160,42 @@ class Sweeper:
         return reconciled
 
     async def sweep_once(self) -> int:
-        """Returns how many tenants were reconciled because they differed."""
+        """Returns how many tenants were reconciled because they differed.
+
+        The Tenants are read and checked a page of the LIST at a time (Kube.list_pages): only the
+        ones to reconcile are kept whole, and slim copies of the rest for the chores, so a sweep
+        of a large fleet does not hold every Tenant's body for its whole length (what the
+        allocators keep after such a burst stays in the process's RSS)."""
         self.ctx.targets.update_pool_metrics()
-        everyone, bodies = await self._listed()
-        phases = Counter((b.get("status") or {}).get("phase", "Provisioning") for b in bodies)
-        for phase in ("Provisioning", "Active", "Suspended", "Deleting", "Failed"):
-            metrics.TENANTS.labels(phase=phase).set(phases.get(phase, 0))
         secrets = {
             (s["metadata"]["namespace"], s["metadata"]["name"])
             for s in await self.ctx.kube.list_secrets(
                 ",".join(f"{k}={v}" for k, v in MANAGED_BY.items()) + f",{TENANT_LABEL}"
             )
         }
+        phases: Counter[str] = Counter()
+        everyone: list[dict[str, Any]] = []
+        todo: list[dict[str, Any]] = []
+        async for page in self.ctx.kube.list_pages("tenants"):
+            listed = self._watched(page.items)
+            if self.ctx.ownership.chores:
+                everyone += [slim_tenant(b) for b in listed]
+            bodies = self.ctx.ownership.mine(listed)  # sharded: this replica's slices only
+            phases.update((b.get("status") or {}).get("phase", "Provisioning") for b in bodies)
+            todo += await self._to_reconcile(bodies, secrets)
+        for phase in ("Provisioning", "Active", "Suspended", "Deleting", "Failed"):
+            metrics.TENANTS.labels(phase=phase).set(phases.get(phase, 0))
+        reconciled = await self._reconcile_listed(todo)
+        if self.ctx.ownership.chores:
+            await self.chores(everyone)
+        if reconciled:
+            # Listed ones left out: deleted or edited meanwhile, or their handler's reconcile in flight.
+            log.info("sweep repaired", tenants=reconciled, listed=len(todo))
+        return reconciled
+
+    async def _to_reconcile(self, bodies: list[dict[str, Any]], secrets: set[tuple[str, str]]) -> list[dict[str, Any]]:
+        """Those of ``bodies`` that are not Ready, lack their Secret, drifted from their spec in
+        the database, or are due a credential rotation."""
         by_target: dict[str, list[tuple[dict[str, Any], TenantSpec, str]]] = defaultdict(list)
         todo: list[dict[str, Any]] = []
         for body in bodies:
@@ -185,8 +214,8 @@ class Sweeper:
         for target, items in by_target.items():
             try:
                 async with self.ctx.targets.connection(target) as conn:
-                    observed = await sqlt.observe(conn, [ident for _, _, ident in items])
                     idents = [ident for _, _, ident in items]
+                    observed = await sqlt.observe(conn, idents)
                     login_obs = await logins.observe_logins_of(conn, idents)
                     due = await registry.credentials_due(conn, self.ctx.settings.control_schema, idents)
                     creds = await registry.credentials_rows(conn, self.ctx.settings.control_schema, idents)
@@ -201,13 +230,7 @@ class Sweeper:
                 scheduled = every is not None and rotated is not None and rotated + parse_duration(str(every)) <= now
                 if drifted(spec, ident, observed[ident], login_obs[ident], cred) or ident in due or scheduled:
                     todo.append(body)
-        reconciled = await self._reconcile_listed(todo)
-        if self.ctx.ownership.chores:
-            await self.chores(everyone)
-        if reconciled:
-            # Listed ones left out: deleted or edited meanwhile, or their handler's reconcile in flight.
-            log.info("sweep repaired", tenants=reconciled, listed=len(todo))
-        return reconciled
+        return todo
 
     async def chores(self, bodies: list[dict[str, Any]]) -> None:
         """Each target's work that belongs to no single Tenant (one replica does it when sharded)."""
