@@ -169,7 +169,7 @@ class Sweeper:
         self.ctx.targets.update_pool_metrics()
         secrets = {
             (s["metadata"]["namespace"], s["metadata"]["name"])
-            for s in await self.ctx.kube.list_secrets(
+            for s in await self.ctx.kube.list_secret_metadata(
                 ",".join(f"{k}={v}" for k, v in MANAGED_BY.items()) + f",{TENANT_LABEL}"
             )
         }

@@ -24,6 +24,7 @@ from tenancy_operator.k8s import safejson
 
 MERGE_PATCH = "application/merge-patch+json"
 TABLE = "application/json;as=Table;g=meta.k8s.io;v=v1"
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 ApiError = ApiException
 """A non-2xx answer of the API server (``.status`` holds the HTTP code)."""
 
@@ -158,15 +159,20 @@ class Kube:
             if exc.status not in (404, 409):  # gone, or another object of that name now
                 raise
 
-    async def list_secrets(self, label_selector: str) -> list[dict[str, Any]]:
-        """Secrets matching ``label_selector`` in every watched namespace."""
-        if not self.namespaces:
-            result = json.loads(await raw(self.core.list_secret_for_all_namespaces, label_selector=label_selector))
-            return list(result.get("items") or [])
+    async def list_secret_metadata(self, label_selector: str) -> list[dict[str, Any]]:
+        """The metadata of the Secrets matching ``label_selector`` in every watched namespace
+        (objects with a ``metadata`` only): asked as PartialObjectMetadata, so the tenants'
+        credentials are neither sent nor decoded when only their Secrets' existence and
+        annotations are wanted."""
         items: list[dict[str, Any]] = []
-        for namespace in self.namespaces:
-            result = json.loads(await raw(self.core.list_namespaced_secret, namespace, label_selector=label_selector))
-            items += result.get("items") or []
+        for namespace in self.namespaces or [None]:
+            path = "/api/v1/secrets" if namespace is None else "/api/v1/namespaces/{namespace}/secrets"
+            data = await raw(
+                self.api.call_api, path, "GET", path_params={"namespace": namespace} if namespace else {},
+                query_params=[("labelSelector", label_selector)], header_params={"Accept": METADATA_LIST},
+                auth_settings=["BearerToken"], _return_http_data_only=True,
+            )
+            items += json.loads(data).get("items") or []
         return items
 
     async def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:

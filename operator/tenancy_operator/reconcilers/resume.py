@@ -55,7 +55,7 @@ class ResumeChecker:
             if self._snapshot is None or time.monotonic() - self._snapshot.taken > SNAPSHOT_TTL_SECONDS:
                 snap = Snapshot(taken=time.monotonic())
                 selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items()) + f",{TENANT_LABEL}"
-                for s in await self.ctx.kube.list_secrets(selector):
+                for s in await self.ctx.kube.list_secret_metadata(selector):
                     meta = s["metadata"]
                     snap.secrets[(meta["namespace"], meta["name"])] = (meta.get("annotations") or {}).get(
                         SECRET_ROTATION_ANNOTATION, ""

@@ -1,0 +1,37 @@
+"""What the operator reads of the tenants' Secrets in bulk: their metadata, never their data.
+
+The sweep (every five minutes) and the resume check at a start only need to know which tenant
+Secrets exist and their rotation annotation. Asked as PartialObjectMetadata, the API server sends
+no credentials, so none are decoded and held in the operator's memory for it.
+"""
+
+from __future__ import annotations
+
+from kubernetes.client import V1ObjectMeta, V1Secret
+from kubernetes_asyncio import config
+
+from tenancy_devenv.stack import LocalStack
+from tenancy_operator.k8s.client import Kube
+
+from .harness import Cluster
+
+LABEL = "tenancy.dev/secret-read-test"
+
+
+async def test_bulk_secret_reads_carry_metadata_and_no_credentials(stack: LocalStack, namespace: str) -> None:
+    cluster = Cluster(stack.kubeconfig)
+    cluster.core.create_namespaced_secret(namespace, V1Secret(
+        metadata=V1ObjectMeta(name="creds", labels={LABEL: "yes"}, annotations={"tenancy.dev/note": "kept"}),
+        string_data={"password": "s3cr3t-value"}))
+    cluster.core.create_namespaced_secret(namespace, V1Secret(
+        metadata=V1ObjectMeta(name="other"), string_data={"password": "unrelated"}))
+    kube = Kube(await config.new_client_from_config(config_file=str(stack.kubeconfig)))
+    try:
+        everywhere = await kube.list_secret_metadata(f"{LABEL}=yes")
+    finally:
+        await kube.close()
+    mine = [s for s in everywhere if s["metadata"]["namespace"] == namespace]
+    assert [s["metadata"]["name"] for s in mine] == ["creds"]
+    assert mine[0]["metadata"]["annotations"]["tenancy.dev/note"] == "kept"
+    assert "data" not in mine[0] and "stringData" not in mine[0]
+    assert "s3cr3t-value" not in repr(everywhere)
