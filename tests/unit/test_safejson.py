@@ -63,6 +63,23 @@ def test_json_nested_thousands_deep_decodes_with_the_deep_part_replaced() -> Non
     assert depth_of(value) == safejson.MAX_DEPTH - 5  # five levels of envelope above it
 
 
+@given(st.recursive(st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+                    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4)))
+def test_decodes_what_json_loads_decodes(value: Any) -> None:
+    # orjson decodes first: it must give what json.loads gives, for every value the API server can
+    # send (its integers fit in 64 bits), as text and as bytes.
+    text = json.dumps(value)
+    assert safejson.loads(text) == json.loads(text)
+    assert safejson.loads(text.encode()) == json.loads(text)
+
+
+@pytest.mark.parametrize("text", ['"\\ud800"', '{"v": NaN}', '[1e400]', '{"a": 1, "a": 2}'])
+def test_what_orjson_refuses_decodes_as_json_loads(text: str) -> None:
+    decoded, expected = safejson.loads(text), json.loads(text)
+    assert repr(decoded) == repr(expected)  # repr: NaN is not equal to itself
+
+
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3)),
        st.integers(min_value=0, max_value=6))

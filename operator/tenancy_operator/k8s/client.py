@@ -10,7 +10,6 @@ a cost paid per request and so per tenant, and a write's response body is never 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -142,12 +141,12 @@ class Kube:
 
     async def create_secret(self, namespace: str, body: dict[str, Any]) -> str:
         """Returns the new Secret's uid."""
-        created = json.loads(await raw(self.core.create_namespaced_secret, namespace, body))
+        created = safejson.loads(await raw(self.core.create_namespaced_secret, namespace, body))
         return str(created["metadata"]["uid"])
 
     async def replace_secret(self, namespace: str, name: str, body: dict[str, Any]) -> str:
         """Returns the Secret's uid (a replace never changes it)."""
-        replaced = json.loads(await raw(self.core.replace_namespaced_secret, name, namespace, body))
+        replaced = safejson.loads(await raw(self.core.replace_namespaced_secret, name, namespace, body))
         return str(replaced["metadata"]["uid"])
 
     async def delete_secret(self, namespace: str, name: str, uid: str | None = None) -> None:
@@ -172,7 +171,7 @@ class Kube:
                 query_params=[("labelSelector", label_selector)], header_params={"Accept": METADATA_LIST},
                 auth_settings=["BearerToken"], _return_http_data_only=True,
             )
-            items += json.loads(data).get("items") or []
+            items += safejson.loads(data).get("items") or []
         return items
 
     async def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -189,7 +188,7 @@ class Kube:
 
     async def create_event(self, namespace: str, body: dict[str, Any]) -> str:
         """Create a core/v1 Event; returns its name."""
-        created = json.loads(await raw(self.core.create_namespaced_event, namespace, body))
+        created = safejson.loads(await raw(self.core.create_namespaced_event, namespace, body))
         return str(created["metadata"]["name"])
 
     async def patch_event(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
@@ -257,7 +256,7 @@ class Kube:
             path_params={"namespace": namespace}, query_params=[("includeObject", "None")],
             header_params={"Accept": TABLE}, auth_settings=["BearerToken"], _return_http_data_only=True,
         )
-        table = json.loads(data)
+        table = safejson.loads(data)
         rows = table.get("rows") or []
         if not rows:
             return set()
@@ -272,16 +271,16 @@ class Kube:
 
     async def list_leases(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         listed = await raw(self.coordination.list_namespaced_lease, namespace, label_selector=label_selector)
-        result = json.loads(listed)
+        result = safejson.loads(listed)
         return list(result.get("items") or [])
 
     async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         """Raises ApiError 409 when a Lease of that name exists."""
-        return json.loads(await raw(self.coordination.create_namespaced_lease, namespace, body))  # type: ignore[no-any-return]
+        return safejson.loads(await raw(self.coordination.create_namespaced_lease, namespace, body))  # type: ignore[no-any-return]
 
     async def replace_lease(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         """Optimistic: ``body``'s metadata.resourceVersion must be current, else ApiError 409."""
-        return json.loads(await raw(self.coordination.replace_namespaced_lease, name, namespace, body))  # type: ignore[no-any-return]
+        return safejson.loads(await raw(self.coordination.replace_namespaced_lease, name, namespace, body))  # type: ignore[no-any-return]
 
     async def delete_lease(self, namespace: str, name: str, uid: str) -> None:
         try:
@@ -302,7 +301,7 @@ class Kube:
             header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
             _return_http_data_only=True,
         )
-        info = (json.loads(data).get("metadata") or {}).get("shardInfo") or {}
+        info = (safejson.loads(data).get("metadata") or {}).get("shardInfo") or {}
         return bool(info.get("selector"))
 
     async def create_object(self, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
