@@ -140,6 +140,11 @@ class Ownership:
         return self.slices is not None
 
     @property
+    def whole(self) -> bool:
+        """This replica holds every slice (or is unsharded): its watches bring every object."""
+        return self.slices is None or len(self.held) == self.slices.count
+
+    @property
     def chores(self) -> bool:
         """Whether this replica does the fleet-wide work that belongs to no one object (each target's
         isolation audit, archive catalog, dropping moved copies): the holder of slice 0."""

@@ -3,7 +3,7 @@
 A LIST of thousands of objects is read in pages (``limit`` and ``continue``), so a reader that
 keeps a little of each object never holds the whole fleet's bodies at once. What must hold: every
 object comes exactly once, all pages are of one resourceVersion, and a cache relisted from them
-holds what the API server holds.
+holds what the API server holds. A count (a LIST of one object) says how many there are.
 """
 
 from __future__ import annotations
@@ -37,8 +37,16 @@ async def test_a_list_comes_in_pages_of_one_version_and_holds_every_object(
         everywhere = [b async for page in kube.list_pages("quotas") for b in page.items]  # every namespace
         cache = WatchCache(dict)
         await cache.relist(kube.list_pages("quotas", namespace))
+        counted = await kube.count("quotas")  # every namespace: the API server counts past the one listed
     finally:
         await kube.close()
+    here = Kube(await config.new_client_from_config(config_file=str(stack.kubeconfig)), namespaces=[namespace])
+    try:
+        counted_here = await here.count("quotas")
+    finally:
+        await here.close()
+    assert counted_here == QUOTAS
+    assert counted == len(everywhere)
     assert [len(p.items) for p in pages] == [2, 2, 1]
     assert len({p.resource_version for p in pages}) == 1 and pages[0].resource_version.isdigit()
     expected = [f"q-{i}" for i in range(QUOTAS)]

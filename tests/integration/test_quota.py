@@ -152,6 +152,33 @@ def test_tier_defaults_apply_without_quota_and_edits_change_the_registry(
                == TIER_DEFAULTS["professional"], what="Tenant effectiveLimits follow the tier")
 
 
+def test_quota_changes_made_while_the_operator_is_down_apply_at_its_start(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    # At start the first pass reads the Quotas Kopf's listing brought (QuotaCluster.filled_by_watch),
+    # not a LIST of its own: what changed meanwhile must be there all the same.
+    names = ("kept", "edited", "dropped", "added")
+    for name in names:
+        provision(cluster, namespace, name, tier="starter")
+    for name, connections in (("kept", 5), ("edited", 6), ("dropped", 7)):
+        cluster.create(QUOTAS, namespace, quota(name, name, limits={"connections": connections}))
+        cluster.wait_condition(QUOTAS, namespace, name)
+    assert [connection_limit(stack, n) for n in names] == [5, 6, 7, 20]
+    operator.stop()
+    try:
+        cluster.patch(QUOTAS, namespace, "edited", {"spec": {"limits": {"connections": 8}}})
+        cluster.delete(QUOTAS, namespace, "dropped")
+        cluster.create(QUOTAS, namespace, quota("added", "added", limits={"connections": 9}))
+    finally:
+        operator.start()
+    eventually(lambda: [connection_limit(stack, n) for n in names] == [5, 8, 20, 9], timeout=60,
+               what="the edit, the deletion and the new Quota applied after the start")
+    assert [published(stack, namespace, n)["quota"] for n in names] == ["kept", "edited", None, "added"]
+    cluster.wait_condition(QUOTAS, namespace, "added")
+    eventually(lambda: status(cluster, namespace, "edited").get("hard", {}).get("connections") == "8",
+               what="the edited Quota reports its new limit")
+
+
 def test_connection_limit_refuses_the_extra_connection(
     stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:

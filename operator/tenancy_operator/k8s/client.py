@@ -234,17 +234,36 @@ class Kube:
         for ns in (namespace,) if namespace is not None else (self.namespaces or [None]):
             token = ""
             while True:
-                paging: dict[str, Any] = {"limit": LIST_PAGE, **({"_continue": token} if token else {})}
-                if ns is None:
-                    data = await raw(self.custom.list_cluster_custom_object, GROUP, VERSION, plural, **paging)
-                else:
-                    data = await raw(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, plural, **paging)
-                result = safejson.loads(data)
+                result = await self._list(plural, ns, LIST_PAGE, token)
                 meta = result.get("metadata") or {}
                 yield Page(list(result.get("items") or []), str(meta.get("resourceVersion") or ""))
                 token = str(meta.get("continue") or "")
                 if not token:
                     break
+
+    async def count(self, plural: str) -> int | None:
+        """How many of our objects of one kind exist in every watched namespace, from a LIST of one
+        object each (the API server counts the rest: remainingItemCount); None when it does not
+        say. A shard selector would not narrow the count: it counts the whole kind."""
+        total = 0
+        for ns in self.namespaces or [None]:
+            result = await self._list(plural, ns, 1, "")
+            meta = result.get("metadata") or {}
+            total += len(result.get("items") or [])
+            if meta.get("continue"):
+                remaining = meta.get("remainingItemCount")
+                if not isinstance(remaining, int):
+                    return None
+                total += remaining
+        return total
+
+    async def _list(self, plural: str, namespace: str | None, limit: int, token: str) -> dict[str, Any]:
+        paging: dict[str, Any] = {"limit": limit, **({"_continue": token} if token else {})}
+        if namespace is None:
+            data = await raw(self.custom.list_cluster_custom_object, GROUP, VERSION, plural, **paging)
+        else:
+            data = await raw(self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural, **paging)
+        return safejson.loads(data)  # type: ignore[no-any-return]
 
     async def list_names(self, plural: str, namespace: str) -> set[str]:
         """The names of our objects of one kind in ``namespace``, and nothing else of them: asked

@@ -104,6 +104,7 @@ class QuotaService:
         """Tenants whose new Quota waits for the end of their first provisioning (see reconcile_tenant)."""
         self.cluster = QuotaCluster(ctx)
         self._passes = 0
+        self._relist_next = False
         self.probes = QuotaProbes(ctx, noisy=lambda key: bool((m := self.memory.get(key)) is not None and m.noisy))
         self.series = QuotaSeries(per_tenant=lambda: self.ctx.settings.quota_per_tenant_metrics,
                                   memories=lambda: self.memory.values())
@@ -290,11 +291,16 @@ class QuotaService:
         """Measure and evaluate every tenant; returns how many subjects were evaluated."""
         started = time.monotonic()
         epochs = dict(self.epochs)
-        relist = self._passes % RELIST_EVERY == 0
+        listing_due = self._passes % RELIST_EVERY == 0 or self._relist_next
+        relist = {TENANTS: listing_due, QUOTAS: listing_due}
+        if self._passes == 0:  # at start Kopf's listing fills the caches: read them, not a second LIST
+            relist = {plural: not await self.cluster.filled_by_watch(plural) for plural in relist}
+        # The start-up counts can be off by objects created or deleted meanwhile: the next pass LISTs.
+        self._relist_next = self._passes == 0 and not all(relist.values())
         self._passes += 1
         watched = self.cluster.watched
-        tenants = [t for t in await self.cluster.every(TENANTS, relist) if watched(t["metadata"]["namespace"])]
-        quotas = [q for q in await self.cluster.every(QUOTAS, relist) if watched(q["metadata"]["namespace"])]
+        tenants = [t for t in await self.cluster.every(TENANTS, relist[TENANTS]) if watched(t["metadata"]["namespace"])]
+        quotas = [q for q in await self.cluster.every(QUOTAS, relist[QUOTAS]) if watched(q["metadata"]["namespace"])]
         subjects: dict[Key, Subject] = {}
         for t in tenants:
             key = (t["metadata"]["namespace"], t["metadata"]["name"])
@@ -305,7 +311,7 @@ class QuotaService:
                 continue
             key = (q["metadata"]["namespace"], ref)
             subjects.setdefault(key, Subject(key[0], key[1], None, [])).quotas.append(q)
-        if not relist:
+        if not relist[TENANTS]:
             # A Quota whose Tenant the cache has not seen may name a Tenant that Kopf has not
             # delivered yet (thousands created at once): only a LIST may conclude TenantNotFound.
             # Its own events judge it meanwhile (a Quota event reads a missing Tenant with a GET).

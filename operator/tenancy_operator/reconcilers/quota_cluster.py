@@ -9,6 +9,7 @@ own status writes here (status_writer.keep_fresh), so the next evaluation compar
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tenancy_operator.api.quota import QuotaSpec
+from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.reconcilers.quota_limits import effective_limits, parse_time, sort_quotas
 from tenancy_operator.reconcilers.quota_types import Key
 from tenancy_operator.runtime_context import OperatorContext
@@ -28,6 +30,10 @@ FIRST_PROVISIONING_GRACE = timedelta(minutes=10)
 """A tenant in its first provisioning is evaluated when its Tenant reports Ready (or Stalled), not
 before: its Quota's first status is then the final one instead of a TenantNotReady that Ready
 replaces seconds later. Past this age the periodic pass evaluates it anyway."""
+FILL_STALL_SECONDS = 10.0
+"""At start, how long the first pass waits for a cache that has stopped growing short of the
+kind's count before it LISTs the kind instead (filled_by_watch)."""
+FILL_POLL_SECONDS = 0.25
 
 
 def slim_quota(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -120,6 +126,36 @@ class QuotaCluster:
         if self.quotas.listed:
             return self.quotas.group((namespace, tenant))
         return [q for q in await self.ctx.kube.list_objects(QUOTAS, namespace) if tenant_ref(q) == tenant]
+
+    async def filled_by_watch(self, plural: str) -> bool:
+        """At start: wait until the watch (Kopf's initial listing) has brought every object of
+        the kind into the cache, so the first pass reads the cache instead of decoding the whole
+        fleet a second time (a LIST of every Tenant and Quota was an eighth of a restart's work).
+        True once the cache holds as many objects as the API server counts.
+
+        False (the caller LISTs) when the kind is watched by slice (the Tenants of a replica that
+        holds some of the slices: the count is of all), when the API server gives no count, or
+        when the cache stops growing short of it for FILL_STALL_SECONDS. The count can be off by
+        objects created or deleted while it was taken; the pass after the first LISTs
+        (QuotaService.pass_once)."""
+        if plural == TENANTS and not self.ctx.ownership.whole:
+            return False
+        try:
+            count = await self.ctx.kube.count(plural)
+        except ApiError:
+            return False
+        if count is None:
+            return False
+        cache = self._caches[plural]
+        loop = asyncio.get_running_loop()
+        size, since = len(cache), loop.time()
+        while len(cache) < count:
+            if len(cache) != size:
+                size, since = len(cache), loop.time()
+            elif loop.time() - since > FILL_STALL_SECONDS:
+                return False
+            await asyncio.sleep(FILL_POLL_SECONDS)  # the cache grows with Kopf's resume: no event to wait on
+        return cache.listed or count == 0
 
     async def every(self, plural: str, relist: bool) -> list[dict[str, Any]]:
         """Every Tenant or Quota, from the watch cache; from a LIST (which then refreshes the
