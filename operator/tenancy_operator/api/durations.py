@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 from decimal import Decimal
+from functools import lru_cache
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
@@ -28,6 +29,7 @@ _MICROSECONDS = {
 }
 
 
+@lru_cache(maxsize=1024)  # a fleet's Quotas repeat a few durations; parsing each in Decimal is not free
 def _duration_micros(value: str) -> Decimal:
     if not _DURATION_RE.fullmatch(value):
         raise ValueError(f"invalid duration {value!r}: expected e.g. 30s, 5m, 1h30m, 30d")
