@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 BREACH = "IsolationBreach"
+UNSETTLED = "status.phase!=Active,status.phase!=Suspended"
+"""The Tenants the catch-up reads (the Tenant CRD's selectable field status.phase): being
+provisioned (or never reconciled), failed, or being deleted."""
 
 
 def _ready(body: Mapping[str, Any]) -> bool:
@@ -120,12 +123,15 @@ class Sweeper:
         Returns how many were reconciled.
 
         Each page's Tenants are reconciled while the next pages are read: the first of those a
-        dead replica left start at once, not after the whole fleet has been listed."""
+        dead replica left start at once, not after the whole fleet has been listed. Only the
+        Tenants not yet settled (phase neither Active nor Suspended) are listed: at a restart of
+        a converged fleet that is none, where a LIST of every Tenant cost a fourteenth of the
+        start's work. One Active but not Ready (edited while no replica ran) is Kopf's to resume."""
         sem = asyncio.Semaphore(self.ctx.settings.reconcile_concurrency)
         listed = 0
         batches: list[asyncio.Task[int]] = []
         async with asyncio.TaskGroup() as group:
-            async for page in self.ctx.kube.list_pages("tenants"):  # a page at a time: most are Ready
+            async for page in self.ctx.kube.list_pages("tenants", field_selector=UNSETTLED):
                 todo = [b for b in self.ctx.ownership.mine(self._watched(page.items)) if not _ready(b) and _taken_on(b)]
                 listed += len(todo)
                 if todo:

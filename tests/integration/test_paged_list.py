@@ -3,7 +3,9 @@
 A LIST of thousands of objects is read in pages (``limit`` and ``continue``), so a reader that
 keeps a little of each object never holds the whole fleet's bodies at once. What must hold: every
 object comes exactly once, all pages are of one resourceVersion, and a cache relisted from them
-holds what the API server holds. A count (a LIST of one object) says how many there are.
+holds what the API server holds. A count (a LIST of one object) says how many there are. A
+LIST can select Tenants on their phase (the catch-up at the start of a run reads only those not
+settled).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from tenancy_devenv.stack import LocalStack
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.k8s import client as k8s_client
 from tenancy_operator.k8s.client import Kube
+from tenancy_operator.sweep import UNSETTLED
 from tenancy_operator.watch_cache import WatchCache
 
-from .harness import Cluster
+from .harness import Cluster, OperatorProcess, eventually, tenant
 
 QUOTAS = 5
 
@@ -54,3 +57,22 @@ async def test_a_list_comes_in_pages_of_one_version_and_holds_every_object(
     assert sorted(b["metadata"]["name"] for b in listed) == expected
     assert sorted(b["metadata"]["name"] for b in cache.values()) == expected
     assert sorted(b["metadata"]["name"] for b in everywhere if b["metadata"]["namespace"] == namespace) == expected
+
+
+async def test_a_list_of_the_tenants_not_settled_leaves_out_the_active_and_suspended(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    cluster.create("tenants", namespace, tenant("settled"))
+    cluster.create("tenants", namespace, tenant("paused", state="Suspended"))
+    cluster.create("tenants", namespace, tenant("lost", database="nowhere"))  # no such target: Failed
+    cluster.wait_condition("tenants", namespace, "settled")
+    cluster.wait_condition("tenants", namespace, "lost", type_="Stalled")
+    eventually(lambda: (cluster.get("tenants", namespace, "paused").get("status") or {}).get("phase") == "Suspended",
+               what="the suspended Tenant's phase")
+    kube = Kube(await config.new_client_from_config(config_file=str(stack.kubeconfig)))
+    try:
+        listed = [b async for page in kube.list_pages("tenants", namespace, field_selector=UNSETTLED)
+                  for b in page.items]
+    finally:
+        await kube.close()
+    assert [(b["metadata"]["name"], b["status"]["phase"]) for b in listed] == [("lost", "Failed")]

@@ -245,6 +245,8 @@ def generate_crd(info: ResourceInfo) -> JsonDict:
                         c.to_crd(c.type or field_type(schema, c.json_path)) for c in info.printer_columns
                     ],
                     "schema": {"openAPIV3Schema": schema},
+                    **({"selectableFields": [{"jsonPath": path} for path in info.selectable_fields]}
+                       if info.selectable_fields else {}),
                 }
             ],
         },

@@ -56,6 +56,8 @@ class ResourceInfo:
     """The kind's own columns for ``kubectl get``; Ready (where the kind does not place it) and Age
     follow, as on every kind."""
     root_validations: tuple[JsonDict, ...] = ()
+    selectable_fields: tuple[str, ...] = ()
+    """JSON paths a LIST or watch may select on with a fieldSelector (the CRD's selectableFields)."""
     categories: tuple[str, ...] = ("tenancy",)
     initial_phase: str | None = None
     """`status.phase` the API server shows before the operator's first status write."""

@@ -286,6 +286,8 @@ TENANT = ResourceInfo(
         PrinterColumn("Version", ".status.schemaVersion", "Latest schema migration applied"),
     ),
     initial_phase="Provisioning",
+    # The start of a run reads only the Tenants not yet settled (sweep.Sweeper.catch_up).
+    selectable_fields=(".status.phase",),
     root_validations=(
         cel(
             f"self.metadata.name.size() <= {TENANT_NAME_MAX_LENGTH}",
