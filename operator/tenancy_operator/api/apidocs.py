@@ -128,7 +128,9 @@ def kind_section(info: ResourceInfo) -> str:
         f"## {info.kind}\n\n",
         f"`{info.group}/{info.version}`, {scope}; `kubectl get {info.plural}`",
         "".join(f" or `{name}`" for name in info.short_names),
-        (f" (categories: {', '.join(info.categories)})" if info.categories else "") + ".\n\n",
+        (f" (categories: {', '.join(info.categories)})" if info.categories else "") + ".",
+        "".join(f" `--field-selector` selects on `{path.lstrip('.')}`." for path in info.selectable_fields),
+        "\n\n",
         _tidy(info.description) + "\n\n",
     ]
     rules = [rule.get("message") or f"CEL: {_code(rule['rule'])}" for rule in schema.get(VALIDATIONS, [])]
