@@ -125,8 +125,8 @@ class Sweeper:
         Each page's Tenants are reconciled while the next pages are read: the first of those a
         dead replica left start at once, not after the whole fleet has been listed. Only the
         Tenants not yet settled (phase neither Active nor Suspended) are listed: at a restart of
-        a converged fleet that is none, where a LIST of every Tenant cost a fourteenth of the
-        start's work. One Active but not Ready (edited while no replica ran) is Kopf's to resume."""
+        a converged fleet that is none, instead of decoding every Tenant beside Kopf's resume.
+        One Active but not Ready (edited while no replica ran) is Kopf's to resume."""
         sem = asyncio.Semaphore(self.ctx.settings.reconcile_concurrency)
         listed = 0
         batches: list[asyncio.Task[int]] = []

@@ -6,12 +6,12 @@ so a single object nested that deep (a FeatureFlag variant value, stored before 
 its depth) would end the watch of its whole kind, and at every restart end it again: no object of
 the kind would be reconciled any more.
 
-`loads` decodes as `json.loads` does (with orjson, which decodes the API server's JSON about
-1.6 times as fast: decoding is a third of a replica's work at a restart); only when that runs
-out of recursion does it decode again with every list or object nested deeper than MAX_DEPTH
-replaced by `null`. The object still
-arrives with its metadata, and its handler reports it as invalid (its spec no longer fits the
-model); every other object is unaffected. `install_in_kopf` puts `loads` where Kopf decodes.
+`loads` decodes as `json.loads` does (with orjson first: decoding the fleet is much of a
+replica's work at a start, and orjson does it faster); only when that runs out of recursion
+does it decode again with every list or object nested deeper than MAX_DEPTH replaced by
+`null`. The object still arrives with its metadata, and its handler reports it as invalid (its
+spec no longer fits the model); every other object is unaffected. `install_in_kopf` puts `loads`
+where Kopf decodes.
 """
 
 from __future__ import annotations

@@ -130,8 +130,7 @@ class QuotaCluster:
     async def filled_by_watch(self, plural: str) -> bool:
         """At start: wait until the watch (Kopf's initial listing) has brought every object of
         the kind into the cache, so the first pass reads the cache instead of decoding the whole
-        fleet a second time (a LIST of every Tenant and Quota was an eighth of a restart's work).
-        True once the cache holds as many objects as the API server counts.
+        fleet a second time beside Kopf's resume. True once the cache holds as many objects as the API server counts.
 
         False (the caller LISTs) when the kind is watched by slice (the Tenants of a replica that
         holds some of the slices: the count is of all), when the API server gives no count, or
