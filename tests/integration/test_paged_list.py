@@ -62,12 +62,13 @@ async def test_a_list_comes_in_pages_of_one_version_and_holds_every_object(
 async def test_a_list_of_the_tenants_not_settled_leaves_out_the_active_and_suspended(
     stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
-    cluster.create("tenants", namespace, tenant("settled"))
-    cluster.create("tenants", namespace, tenant("paused", state="Suspended"))
-    cluster.create("tenants", namespace, tenant("lost", database="nowhere"))  # no such target: Failed
-    cluster.wait_condition("tenants", namespace, "settled")
-    cluster.wait_condition("tenants", namespace, "lost", type_="Stalled")
-    eventually(lambda: (cluster.get("tenants", namespace, "paused").get("status") or {}).get("phase") == "Suspended",
+    # Tenant names are one schema per database target, whatever the namespace: names of this test only.
+    cluster.create("tenants", namespace, tenant("pl-active"))
+    cluster.create("tenants", namespace, tenant("pl-paused", state="Suspended"))
+    cluster.create("tenants", namespace, tenant("pl-failed", database="nowhere"))  # no such target: Failed
+    cluster.wait_condition("tenants", namespace, "pl-active")
+    cluster.wait_condition("tenants", namespace, "pl-failed", type_="Stalled")
+    eventually(lambda: (cluster.get("tenants", namespace, "pl-paused").get("status") or {}).get("phase") == "Suspended",
                what="the suspended Tenant's phase")
     kube = Kube(await config.new_client_from_config(config_file=str(stack.kubeconfig)))
     try:
@@ -75,4 +76,4 @@ async def test_a_list_of_the_tenants_not_settled_leaves_out_the_active_and_suspe
                   for b in page.items]
     finally:
         await kube.close()
-    assert [(b["metadata"]["name"], b["status"]["phase"]) for b in listed] == [("lost", "Failed")]
+    assert [(b["metadata"]["name"], b["status"]["phase"]) for b in listed] == [("pl-failed", "Failed")]

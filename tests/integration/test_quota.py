@@ -157,25 +157,26 @@ def test_quota_changes_made_while_the_operator_is_down_apply_at_its_start(
 ) -> None:
     # At start the first pass reads the Quotas Kopf's listing brought (QuotaCluster.filled_by_watch),
     # not a LIST of its own: what changed meanwhile must be there all the same.
-    names = ("kept", "edited", "dropped", "added")
+    # Tenant names are one schema per database target, whatever the namespace: names of this test only.
+    names = ("qr-kept", "qr-edited", "qr-dropped", "qr-added")
     for name in names:
         provision(cluster, namespace, name, tier="starter")
-    for name, connections in (("kept", 5), ("edited", 6), ("dropped", 7)):
+    for name, connections in (("qr-kept", 5), ("qr-edited", 6), ("qr-dropped", 7)):
         cluster.create(QUOTAS, namespace, quota(name, name, limits={"connections": connections}))
         cluster.wait_condition(QUOTAS, namespace, name)
     assert [connection_limit(stack, n) for n in names] == [5, 6, 7, 20]
     operator.stop()
     try:
-        cluster.patch(QUOTAS, namespace, "edited", {"spec": {"limits": {"connections": 8}}})
-        cluster.delete(QUOTAS, namespace, "dropped")
-        cluster.create(QUOTAS, namespace, quota("added", "added", limits={"connections": 9}))
+        cluster.patch(QUOTAS, namespace, "qr-edited", {"spec": {"limits": {"connections": 8}}})
+        cluster.delete(QUOTAS, namespace, "qr-dropped")
+        cluster.create(QUOTAS, namespace, quota("qr-added", "qr-added", limits={"connections": 9}))
     finally:
         operator.start()
     eventually(lambda: [connection_limit(stack, n) for n in names] == [5, 8, 20, 9], timeout=60,
                what="the edit, the deletion and the new Quota applied after the start")
-    assert [published(stack, namespace, n)["quota"] for n in names] == ["kept", "edited", None, "added"]
-    cluster.wait_condition(QUOTAS, namespace, "added")
-    eventually(lambda: status(cluster, namespace, "edited").get("hard", {}).get("connections") == "8",
+    assert [published(stack, namespace, n)["quota"] for n in names] == ["qr-kept", "qr-edited", None, "qr-added"]
+    cluster.wait_condition(QUOTAS, namespace, "qr-added")
+    eventually(lambda: status(cluster, namespace, "qr-edited").get("hard", {}).get("connections") == "8",
                what="the edited Quota reports its new limit")
 
 
