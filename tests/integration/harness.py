@@ -269,6 +269,24 @@ def sql_value(dsn: str, query: str, params: list[Any] | None = None) -> Any:
         return row[0] if row else None
 
 
+def dba_execute(admin_dsn: str, statement: str) -> None:
+    """Run a DBA's statement on a role or grant (drift a test injects). PostgreSQL refuses it with
+    "tuple concurrently updated" when the operator alters the same catalog row at that moment (a
+    quota pass setting the tenant role's statement_timeout, say); a DBA would run it again, and so
+    does this."""
+    def run() -> bool:
+        try:
+            with connect(admin_dsn) as conn:
+                conn.execute(statement)  # type: ignore[arg-type]
+        except psycopg.errors.InternalError_ as exc:
+            if "tuple concurrently updated" not in (exc.diag.message_primary or ""):
+                raise
+            raise AssertionError(str(exc)) from exc
+        return True
+
+    eventually(run, timeout=30, what=f"{statement!r} ran")
+
+
 def as_owner(admin_dsn: str, owner: str) -> psycopg.Connection[tuple[Any, ...]]:
     """A session acting as a tenant's owner role (what a migration does): for tests that need
     objects in a tenant's schema; the application's login has data privileges only."""

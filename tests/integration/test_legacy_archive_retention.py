@@ -15,7 +15,7 @@ import pytest
 
 from tenancy_devenv.stack import LocalStack
 
-from .harness import GROUP, Cluster, OperatorProcess, connect, crd_schema_replaced, eventually, sql_value, tenant
+from .harness import GROUP, Cluster, OperatorProcess, crd_schema_replaced, dba_execute, eventually, sql_value, tenant
 
 PLURAL = "tenants"
 CRD = f"{PLURAL}.{GROUP}"
@@ -52,8 +52,7 @@ def test_out_of_range_retention_does_not_stop_the_sweep_for_others(
                timeout=30, what="the operator took on the legacy Tenant")
 
     # Drift only the sweep finds: the tenant role's search_path changed in the catalog.
-    with connect(stack.admin_dsn()) as conn:
-        conn.execute("ALTER ROLE tenant_bystander SET search_path = public")
+    dba_execute(stack.admin_dsn(), "ALTER ROLE tenant_bystander SET search_path = public")
     repaired = "SELECT 'search_path=tenant_bystander' = ANY(rolconfig) FROM pg_roles WHERE rolname = 'tenant_bystander'"
     eventually(lambda: sql_value(stack.admin_dsn(), repaired) is True, timeout=60, what="bystander's drift repaired")
     # The Tenant sweep's own failure line (not another service's, e.g. the flag sweep's on a passing 429).

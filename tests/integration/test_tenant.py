@@ -14,7 +14,7 @@ from psycopg import sql as psql
 from tenancy_devenv.postgres import OPERATOR_ROLE
 from tenancy_devenv.stack import LocalStack
 
-from .harness import Cluster, OperatorProcess, as_owner, connect, eventually, sql_value, tenant
+from .harness import Cluster, OperatorProcess, as_owner, connect, dba_execute, eventually, sql_value, tenant
 
 PLURAL = "tenants"
 
@@ -311,8 +311,7 @@ def test_catalog_drift_is_repaired(
     name = "drift-" + {"role": "0", "grants": "1", "search-path": "2"}[object_label]
     provision(cluster, namespace, name)
     before = operator.metric("drift_repairs_total", kind="Tenant", object=object_label)
-    with connect(stack.admin_dsn()) as conn:
-        conn.execute(damage)
+    dba_execute(stack.admin_dsn(), damage)
     eventually(lambda: sql_value(stack.admin_dsn(), repaired) is True, timeout=30, what=f"{object_label} repaired")
     eventually(
         lambda: operator.metric("drift_repairs_total", kind="Tenant", object=object_label) > before,
