@@ -145,7 +145,17 @@ def test_flag_is_written_to_every_target_and_flagd_configmap(
     cluster.create("tenants", namespace, tenant("ghost"))
     eventually(lambda: cluster.condition(PLURAL, namespace, "new-dashboard", "TenantsResolved")["status"] == "True",
                timeout=30, what="TenantsResolved=True once the Tenant exists")
-    assert cluster.get(PLURAL, namespace, "new-dashboard")["status"]["unknownTenants"] == []
+    after = cluster.get(PLURAL, namespace, "new-dashboard")["status"]
+    assert after["unknownTenants"] == []
+    assert after["lastWrittenAt"] == status["lastWrittenAt"]  # the rows stay as written
+
+    # And goes back when it is deleted.
+    cluster.delete("tenants", namespace, "ghost")
+    eventually(lambda: cluster.get(PLURAL, namespace, "new-dashboard")["status"]["unknownTenants"] == ["ghost"],
+               timeout=30, what="unknownTenants names the deleted Tenant again")
+    resolved = cluster.condition(PLURAL, namespace, "new-dashboard", "TenantsResolved")
+    assert (resolved["status"], resolved["reason"]) == ("False", "UnknownTenants")
+    assert cluster.condition(PLURAL, namespace, "new-dashboard", "Ready")["status"] == "True"
 
 
 def test_a_write_held_up_by_a_lock_reports_database_busy_and_lands_once_the_lock_goes(

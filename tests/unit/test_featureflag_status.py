@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 from tenancy_operator.api.featureflag import RolloutStatus
 from tenancy_operator.conditions import status_patch
 from tenancy_operator.flags.model import FlagDefinition, Rollout
-from tenancy_operator.handlers.featureflag import desired_status
+from tenancy_operator.handlers.featureflag import desired_status, resolved_status
 from tenancy_operator.reconcilers.featureflag import Outcome
 
 
@@ -53,3 +53,34 @@ def test_a_reconcile_without_a_definition_leaves_what_was_published_alone() -> N
 def test_the_same_outcome_again_writes_nothing() -> None:
     before = desired_status(flag(), published())
     assert status_patch(before, desired_status(flag(before), published())) == {}
+
+
+def named(status: dict[str, Any] | None = None, generation: int = 3) -> dict[str, Any]:
+    body = flag(status)
+    body["metadata"]["generation"] = generation
+    body["spec"] = {"tenants": [{"tenant": "acme-corp", "variant": "on"}, {"tenant": "ghost", "percentage": 50}],
+                    "users": [{"tenant": "initech", "user": "alice", "variant": "off"}]}
+    return body
+
+
+def test_a_tenant_appearing_changes_only_what_names_the_unknown_tenants() -> None:
+    """What a full reconcile would write about the Tenants, from the flag as listed: the same
+    condition and list, and nothing else of the status touched."""
+    out = published()
+    out.unknown_tenants = ["ghost", "initech"]
+    before = desired_status(named(), out)
+    desired = resolved_status(named(before), {"acme-corp", "ghost", "initech"})
+    assert desired is not None
+    out.unknown_tenants = []
+    full = desired_status(named(before), out)
+    assert status_patch(before, desired) == status_patch(before, full)
+    assert desired["unknownTenants"] == []
+    assert status_patch(before, resolved_status(named(before), {"acme-corp"}) or {}) == {}  # the same Tenants
+
+
+def test_a_status_not_current_leaves_the_tenants_to_a_whole_reconcile() -> None:
+    before = desired_status(named(), published())
+    assert resolved_status(named(before, generation=4), {"ghost"}) is None  # an edit not yet published
+    failed = desired_status(named(before), Outcome(False, "DatabaseUnavailable", "database 'default' is down"))
+    assert resolved_status(named(failed), {"ghost"}) is None
+    assert resolved_status(named(), {"ghost"}) is None  # never reconciled

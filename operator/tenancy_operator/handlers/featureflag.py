@@ -22,7 +22,7 @@ import kopf
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.api.featureflag import FeatureFlagStatus
 from tenancy_operator.api.names import FINALIZER
-from tenancy_operator.conditions import Cond, merge, readiness, status_differs
+from tenancy_operator.conditions import Cond, merge, readiness, status_differs, status_patch
 from tenancy_operator.handlers.common import Rechecks, backoff, reconciled_by
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
@@ -44,20 +44,36 @@ NAMES_TTL_SECONDS = 30.0
 """How long a LIST of a namespace's Tenant names serves flag edits and re-checks, kept current by the watch."""
 
 
+def tenants_resolved(unknown: list[str]) -> Cond:
+    """The TenantsResolved condition for the tenants overrides name that do not exist."""
+    if unknown:
+        return Cond("TenantsResolved", "False", "UnknownTenants",
+                    f"no Tenant named {', '.join(unknown)} in this namespace; their overrides are "
+                    "kept and apply to whatever passes that tenant name")
+    return Cond("TenantsResolved", "True", "AllTenantsExist", "every tenant named in an override exists")
+
+
+def resolved_status(body: Mapping[str, Any], tenants: set[str]) -> dict[str, Any] | None:
+    """After a Tenant named by the flag appeared or went away: the status with unknownTenants and
+    TenantsResolved for ``tenants`` (the namespace's), when the flag's status shows its generation
+    published (nothing else of a reconcile depends on which Tenants exist); None otherwise."""
+    status = body.get("status") or {}
+    generation = int(body["metadata"].get("generation") or 0)
+    held = {c.get("type"): c for c in status.get("conditions") or []}
+    if (status.get("observedGeneration") != generation or (held.get("Ready") or {}).get("status") != "True"
+            or "TenantsResolved" not in held):
+        return None
+    unknown = sorted(_named_tenants(body) - tenants)
+    return {"conditions": merge(status.get("conditions"), [tenants_resolved(unknown)], generation),
+            "unknownTenants": unknown}
+
+
 def desired_status(body: Mapping[str, Any], out: Outcome) -> dict[str, Any]:
     generation = int(body["metadata"].get("generation") or 0)
     old = (body.get("status") or {}).get("conditions")
     conds, drop = readiness(out.ready, out.stalled, out.reason, out.message)
     if out.definition is not None:
-        if out.unknown_tenants:
-            conds.append(Cond(
-                "TenantsResolved", "False", "UnknownTenants",
-                f"no Tenant named {', '.join(out.unknown_tenants)} in this namespace; their overrides are "
-                "kept and apply to whatever passes that tenant name",
-            ))
-        else:
-            conds.append(Cond("TenantsResolved", "True", "AllTenantsExist",
-                              "every tenant named in an override exists"))
+        conds.append(tenants_resolved(out.unknown_tenants))
     if out.source is not None:
         conds.append(Cond(SOURCE_CONDITION, "True" if out.source.published else "False", out.source.reason,
                           out.source.message))
@@ -316,6 +332,26 @@ class FeatureFlagService:
             items += await self.ctx.kube.list_objects(PLURAL, ns)
         return items
 
+    async def _resolve_tenants(self, item: Mapping[str, Any], tenants: set[str]) -> bool:
+        """A nudge's re-check of a flag whose status shows its generation published: only
+        unknownTenants and TenantsResolved can change, so only they are written (when they
+        differ), without the database reads and the ConfigMap of a whole reconcile: at a burst of
+        new Tenants each flag is re-checked every GATHER_SECONDS, and a whole reconcile costs as
+        much as the flag has overrides. False when the whole reconcile must run (the status is
+        not current, or the flag changed since it was listed)."""
+        desired = resolved_status(item, tenants)
+        if desired is None:
+            return False
+        patch = status_patch(item.get("status"), desired)
+        if not patch:
+            return True
+        meta = item["metadata"]
+        async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
+            if meta.get("uid") in self.ctx.gone:
+                return True
+            # Only onto the status as listed: a reconcile that wrote since has the newer word.
+            return await self.ctx.status.patch(PLURAL, item, patch, if_version=meta["resourceVersion"])
+
     async def sweep_once(self, nudged: Mapping[str, set[str]] | None = None) -> int:
         """Reconcile every flag (or, for `nudged` namespaces, the flags naming one of its tenants);
         returns how many were checked.
@@ -338,7 +374,8 @@ class FeatureFlagService:
             try:
                 if namespace not in tenants:
                     tenants[namespace] = await self.tenant_names(namespace, fresh=nudged is None)
-                await self.run(item, tenants=tenants[namespace])
+                if nudged is None or not await self._resolve_tenants(item, tenants[namespace]):
+                    await self.run(item, tenants=tenants[namespace])
             except (kopf.TemporaryError, Retry):
                 pass  # reported in status; the handler's own retries or the next sweep go on
             except ApiError as exc:
