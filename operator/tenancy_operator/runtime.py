@@ -50,6 +50,8 @@ STORAGE_PREFIX = "kopf.tenancy.dev"
 SHARDED_PLURALS = ("tenants", "featureflags", "tenantarchives")
 LIST_CHUNK_SIZE = 100
 """Objects per page of Kopf's initial LIST of a kind (with a shard selector too)."""
+STOPPING_EXIT_SECONDS = 0.2
+"""How long Kopf's workers may go on with their queues once a sharded run is told to stop."""
 KOPF_PAUSE_WAITER = "pause-waiter for "
 """How Kopf names the task each watch stream keeps waiting for a pause of the operator."""
 
@@ -251,13 +253,29 @@ async def _run_kopf(cfg: Settings, ownership: Ownership, stop: asyncio.Event | N
         )
         memo.peer_identity = os.environ.get("POD_ID") or f"{socket.gethostname()}/{secrets.token_hex(4)}"
         peering = {"peering_name": cfg.peering_name, "priority": memo.peer_priority, "identity": memo.peer_identity}
-    await kopf.operator(
-        registry=build_registry(),
-        memo=memo,
-        clusterwide=not namespaces,
-        namespaces=namespaces,
-        liveness_endpoint=f"http://{cfg.bind_address}:{cfg.health_port}/healthz",
-        standalone=not cfg.peering_name,
-        stop_flag=stop,
-        **peering,
-    )
+    settings = kopf.OperatorSettings()
+    hurry = asyncio.create_task(_hurry_when_stopped(stop, settings), name="hurry-when-stopped") if stop else None
+    try:
+        await kopf.operator(
+            registry=build_registry(),
+            settings=settings,
+            memo=memo,
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            liveness_endpoint=f"http://{cfg.bind_address}:{cfg.health_port}/healthz",
+            standalone=not cfg.peering_name,
+            stop_flag=stop,
+            **peering,
+        )
+    finally:
+        if hurry is not None:
+            hurry.cancel()
+
+
+async def _hurry_when_stopped(stop: asyncio.Event, settings: kopf.OperatorSettings) -> None:
+    """A sharded run stops to hand slices over (or to leave): the next holder of a slice waits for
+    this run's end. Kopf gives its workers ``exit_timeout`` (2 s) to finish their queues first, so
+    that much shorter then: a reconcile cut off is done again by the next run or holder, as after
+    a crash (every step is idempotent, and the run's pools close with its sessions and locks)."""
+    await stop.wait()
+    settings.queueing.exit_timeout = STOPPING_EXIT_SECONDS
