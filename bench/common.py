@@ -44,6 +44,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE", "APPLY")
 DDL_WORDS = ("CREATE", "ALTER", "GRANT", "REVOKE", "DROP", "COMMENT", "TRUNCATE")
 PG_STAT_STATEMENTS_MAX = 100_000  # every tenant's DDL is a distinct entry (identifiers are not normalised)
+STATEMENTS_PER_TENANT = 80  # distinct entries a tenant's provisioning, limits and flags leave, with room
 
 
 def log(msg: str) -> None:
@@ -256,14 +257,15 @@ class Stack:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def own(cls, workdir: Path | None = None, targets: tuple[str, ...] = ("default",)) -> Stack:
+    def own(cls, workdir: Path | None = None, targets: tuple[str, ...] = ("default",),
+            tenants: int = 0) -> Stack:
         bin_dir = ensure_binaries()
         wd = workdir or Path(tempfile.mkdtemp(prefix="tenancy-bench-"))
         wd.chmod(0o755)  # the postgres user must traverse it
         local = LocalStack(wd, list(targets), detached=False, with_operator=False, bin_dir=bin_dir)
         local.up()
         stack = cls("own", wd, local.kubeconfig, local.admin_dsn(), local.operator_dsn(), local, bin_dir)
-        stack.ensure_pg_stat_statements()
+        stack.ensure_pg_stat_statements(max(PG_STAT_STATEMENTS_MAX, tenants * STATEMENTS_PER_TENANT))
         return stack
 
     @classmethod
@@ -298,8 +300,9 @@ class Stack:
     def admin(self) -> psycopg.Connection[tuple[Any, ...]]:
         return psycopg.connect(self.admin_dsn, autocommit=True, connect_timeout=5)
 
-    def ensure_pg_stat_statements(self) -> None:
-        """Load pg_stat_statements (a restart of this PostgreSQL if it was not preloaded)."""
+    def ensure_pg_stat_statements(self, entries: int = PG_STAT_STATEMENTS_MAX) -> None:
+        """Load pg_stat_statements with room for ``entries`` statements (a restart of this
+        PostgreSQL if it was not preloaded or had less room)."""
         with self.admin() as conn:
             loaded = conn.execute("SHOW shared_preload_libraries").fetchone()
             preloaded = bool(loaded) and "pg_stat_statements" in str(loaded[0])
@@ -307,14 +310,14 @@ class Stack:
             # default of 5000 entries: every tenant's DDL is an entry of its own, so counts of a
             # larger fleet would lose the entries evicted.
             size = conn.execute("SHOW pg_stat_statements.max").fetchone() if preloaded else None
-            restart = not preloaded or not size or int(size[0]) < PG_STAT_STATEMENTS_MAX
+            restart = not preloaded or not size or int(size[0]) < entries
         if restart:
             pg = self.local.postgres["default"]
             # postgresql.conf, not ALTER SYSTEM: the extension's settings are unknown until it is loaded.
             with (pg.data_dir / "postgresql.conf").open("a") as conf:
                 conf.write("\n# added by bench/ (tenancy-operator benchmarks)\n"
                            + ("" if preloaded else "shared_preload_libraries = 'pg_stat_statements'\n")
-                           + f"pg_stat_statements.max = {PG_STAT_STATEMENTS_MAX}\n"
+                           + f"pg_stat_statements.max = {entries}\n"
                            "pg_stat_statements.track_utility = on\n")
             pg.stop()
             pg.start()
@@ -441,6 +444,10 @@ class SqlCounts:
     xacts: int  # xact_commit + xact_rollback of the tenancy database (all roles)
     top: Counter[str] = field(default_factory=Counter)  # "role: statement shape" -> calls
     top_ms: Counter[str] = field(default_factory=Counter)  # "role: statement shape" -> server time (ms)
+    # DDL shapes of statements run more than once with the same identifiers -> the calls beyond the first
+    ddl_repeats: Counter[str] = field(default_factory=Counter)
+    # Entries pg_stat_statements dropped to make room since the reset: counts are incomplete then.
+    evicted: int = 0
 
     def total(self, role: str | None = None, kind: str | None = None) -> int:
         return sum(v for (r, k), v in self.by_role_kind.items()
@@ -491,6 +498,7 @@ class PgMeter:
         ddl: Counter[str] = Counter()
         top: Counter[str] = Counter()
         top_ms: Counter[str] = Counter()
+        repeats: Counter[str] = Counter()
         with self._conn() as conn:
             rows = conn.execute(
                 "SELECT r.rolname, s.query, s.calls, s.total_plan_time + s.total_exec_time"
@@ -498,6 +506,7 @@ class PgMeter:
                 " JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = current_database()"
             ).fetchall()
             xacts = self._xacts(conn) - self._xacts0
+            info = conn.execute("SELECT dealloc FROM pg_stat_statements_info").fetchone()
         for rolname, query, calls, ms in rows:
             role = ("operator" if rolname == self.operator_role else
                     "tenant" if str(rolname).startswith("tenant_") else "other")
@@ -505,11 +514,13 @@ class PgMeter:
             by[(role, kind)] += int(calls)
             if kind == "DDL" and role != "other":
                 ddl[_mask(str(query))] += int(calls)
+                if int(calls) > 1:
+                    repeats[_mask(str(query))] += int(calls) - 1
             if role != "other":
                 shape = f"{role}: {_mask(' '.join(str(query).split()))}"
                 top[shape] += int(calls)
                 top_ms[shape] += round(float(ms or 0))
-        return SqlCounts(by, ddl, xacts, top, top_ms)
+        return SqlCounts(by, ddl, xacts, top, top_ms, repeats, int(info[0]) if info else 0)
 
     def statements(self) -> list[tuple[str, str, int]]:
         """(role, query, calls) of everything but the admin's own statements."""

@@ -133,6 +133,8 @@ def sql_dict(c: SqlCounts, n: int) -> dict[str, Any]:
         "ddl_shapes": dict(c.ddl_texts.most_common(40)),
         "top_statements": dict(c.top.most_common(30)),
         "top_statements_ms": dict(c.top_ms.most_common(20)),
+        "ddl_repeats": dict(c.ddl_repeats.most_common(20)),
+        "evicted": c.evicted,
     }
 
 

@@ -228,6 +228,11 @@ class Scale:
             sql = pg.read()
             ddl = sql.total("operator", "DDL") + sql.total("tenant", "DDL")
             floor_ddl = (self.floor or {}).get("sql", {}).get("ddl")
+            if sql.evicted or (self.floor or {}).get("sql", {}).get("evicted"):
+                # A count that lost entries says nothing about duplicates.
+                log(f"scale: pg_stat_statements evicted entries (run {sql.evicted}, floor "
+                    f"{(self.floor or {}).get('sql', {}).get('evicted')}): duplicate_ddl unknown")
+                floor_ddl = None
             handover = math.nan
             if killed is not None:
                 at, victim, slices = killed
@@ -251,7 +256,8 @@ class Scale:
                 "max_replica_rss_mb": max(rss.values()), "max_replica_cpu_s": max(v for v in cpu.values()
                                                                                   if not math.isnan(v)),
                 "killed": killed[1] if killed else None, "handover_seconds": handover,
-                "ddl": ddl, "floor_ddl": floor_ddl, "ddl_shapes": dict(sql.ddl_texts.most_common(20)),
+                "ddl": ddl, "floor_ddl": floor_ddl, "ddl_shapes": dict(sql.ddl_texts.most_common(40)),
+                "ddl_repeats": dict(sql.ddl_repeats.most_common(20)), "statements_evicted": sql.evicted,
                 "duplicate_ddl": ddl - floor_ddl if floor_ddl is not None else math.nan,
                 "restart": restart,
                 **({"malloc": fleet.malloc} if fleet.malloc else {}),
@@ -366,13 +372,15 @@ def main(argv: list[str] | None = None) -> int:
                          "command": "bench/scale " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))})
     try:
         for i, replicas in enumerate(counts):
-            stack = Stack.own()
+            stack = Stack.own(tenants=args.tenants)
             try:
                 if i == 0 and not args.no_floor:
                     asyncio.run(bench.run_floor(stack))
                     bench.result["floor"] = {k: (bench.floor or {}).get(k) for k in ("seconds", "throughput_per_s")}
                     bench.result["floor"]["ddl"] = (bench.floor or {}).get("sql", {}).get("ddl")
                     bench.result["floor"]["ddl_shapes"] = (bench.floor or {}).get("sql", {}).get("ddl_shapes")
+                    bench.result["floor"]["ddl_repeats"] = (bench.floor or {}).get("sql", {}).get("ddl_repeats")
+                    bench.result["floor"]["statements_evicted"] = (bench.floor or {}).get("sql", {}).get("evicted")
                 asyncio.run(bench.one(stack, replicas))
             finally:
                 stack.close()
