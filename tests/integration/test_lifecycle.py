@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tenancy_devenv.stack import LocalStack
+from tenancy_operator.db import logins
 
 from .harness import Cluster, OperatorProcess, as_owner, connect, eventually, sql_value, stored_bytes, tenant
 
@@ -166,6 +167,34 @@ def test_operator_killed_during_fleet_migration_finishes_after_restart(
     for n in names:
         schema = "tenant_" + n.replace("-", "_")
         assert sql_value(admin, f"SELECT count(*) FROM {schema}.migration_runs") == 1, n
+
+
+def test_first_provisioning_cut_off_before_its_migration_keeps_the_password_it_set(
+    stack: LocalStack, cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """The process ends (as a sharded run's stop cancels its reconciles) while a new Tenant's
+    first migration runs, after its login got its password. The next attempt finds the login and
+    its password in place and leaves them: the Secret already holds that password."""
+    set_template(cluster, namespace, "cutoff-schema",
+                 {"0001_slow.sql": "SELECT pg_sleep(5); CREATE TABLE accounts (id int PRIMARY KEY);"})
+    cluster.create(PLURAL, namespace, tenant("cutoff-first", schemaTemplate="cutoff-schema"))
+    admin = stack.admin_dsn()
+    login = logins.login_role("tenant_cutoff_first", "a")
+    verifier = "SELECT rolpassword FROM pg_authid WHERE rolname = %s"
+    eventually(
+        lambda: sql_value(admin, "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+                                 " 'tenancy-operator-migrate' AND query LIKE '%%pg_sleep(5)%%'") > 0,
+        interval=0.02, what="the first migration running",
+    )
+    before = sql_value(admin, verifier, [login])
+    assert before, "the login has no password while its first migration runs"
+    operator.kill()
+    operator.start()
+    obj = cluster.wait_condition(PLURAL, namespace, "cutoff-first", timeout=90)
+    assert obj["status"]["schemaVersion"] == "0001_slow"
+    assert sql_value(admin, verifier, [login]) == before, "the password was set again"
+    with connect(cluster.secret_data(namespace, "cutoff-first-db")["uri"]) as conn:
+        assert conn.execute("SELECT count(*) FROM accounts").fetchone() == (0,)
 
 
 def test_archive_then_restore_brings_every_row_back(

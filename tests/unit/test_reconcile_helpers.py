@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import hashlib
 import hmac
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,13 @@ from tenancy_operator.archive import pg_env
 from tenancy_operator.conditions import Cond, merge, reported, status_differs
 from tenancy_operator.config import Settings
 from tenancy_operator.db.logins import LoginObserved, login_role
-from tenancy_operator.db.registry import CredentialsRow
+from tenancy_operator.db.registry import CredentialsRow, RegistryRow
 from tenancy_operator.db.role_sql import scram_sha256_verifier
 from tenancy_operator.db.tenant_migrations import ChecksumMismatch, Migration, migrations_from_data, pending
 from tenancy_operator.db.tenants import Observed
 from tenancy_operator.handlers.common import backoff
 from tenancy_operator.reconcilers.drift import drifted
+from tenancy_operator.reconcilers.tenant_base import SecretClaim, first_login_set
 
 
 def test_condition_transition_time_moves_only_when_status_flips() -> None:
@@ -240,3 +242,20 @@ def test_the_secret_carries_the_targets_tls_settings(tmp_path: Path) -> None:
         "sslmode": "verify-full", "sslrootcert": "/etc/tenant-ca/ca.crt"}
     plain = connection_keys({"host": "h", "dbname": "app"}, None, None, user="u", password="p", schema="s")
     assert set(keys) - set(plain) == {"sslrootcert", "ca.crt"} and plain["sslmode"] == "prefer"
+
+
+def test_a_first_login_counts_as_set_only_for_this_tenant_with_its_secrets_password() -> None:
+    """An earlier attempt of this Tenant's first provisioning set the password the Secret holds;
+    anything else (another Tenant's row, no record, no login, a new or rotated password) sets it."""
+    row = RegistryRow("id", "ns", "t", "tenant_t", "tenant_t", "provisioning", None, None, None, k8s_uid="uid-1",
+                      login_slot="a", rotated_at=datetime(2026, 1, 1, tzinfo=UTC))
+    login = LoginObserved(exists=True, can_login=True, marker=None, search_path=None, grants_ok=True)
+    secret = {"metadata": {}, "data": {"password": base64.b64encode(b"pw").decode()}}
+    assert first_login_set(row, "uid-1", login, SecretClaim("pw", secret))
+    assert not first_login_set(row, "uid-2", login, SecretClaim("pw", secret))  # a Tenant of the same name before
+    assert not first_login_set(dataclasses.replace(row, login_slot=None, rotated_at=None), "uid-1", login,
+                               SecretClaim("pw", secret))  # cut off before the password was recorded
+    assert not first_login_set(row, "uid-1", None, SecretClaim("pw", secret))
+    assert not first_login_set(row, "uid-1", dataclasses.replace(login, exists=False), SecretClaim("pw", secret))
+    assert not first_login_set(row, "uid-1", login, SecretClaim("pw", None))  # the Secret created just now
+    assert not first_login_set(row, "uid-1", login, SecretClaim("new", secret))  # a rotation asked for meanwhile

@@ -44,6 +44,7 @@ from tenancy_operator.reconcilers.tenant_base import (
     SecretClaim,
     enum_value,
     first_error,
+    first_login_set,
     iso_ts,
     job_failed,
     latest_version,
@@ -283,14 +284,23 @@ class TenantReconciler(MoveSteps):
         password = claim.password
         lobs = await logins.observe_logins(conn, ident)
         user = logins.login_role(ident, "a")
+        login = lobs.get("a")
+        can_login = enum_value(spec.state) != "Suspended"
+        again = first_login_set(row, meta.get("uid", ""), login, claim)
+        # What is in place already stays as it is: this runs again after an attempt cut off.
         await role_sql.run_batch(conn, [
-            *statements, role_sql.login_statement(ident, False),
+            *statements,
+            *([role_sql.login_statement(ident, False)] if obs.can_login else []),
             *self._login_statements(ident, spec, lobs, marker, out, drift=False),
-            await role_sql.password_statement(user, password, self._iterations),
-            role_sql.login_statement(user, enum_value(spec.state) != "Suspended")])
-        now = utcnow()
-        await registry.set_credentials(conn, self.control, row.id, login_slot="a", retiring_role=None, retire_at=None,
-                                       rotated_at=now)
+            *([] if again else [await role_sql.password_statement(user, password, self._iterations)]),
+            *([] if login is not None and login.exists and login.can_login == can_login
+              else [role_sql.login_statement(user, can_login)])])
+        if again:
+            now = row.rotated_at
+        else:
+            now = utcnow()
+            await registry.set_credentials(conn, self.control, row.id, login_slot="a", retiring_role=None,
+                                           retire_at=None, rotated_at=now)
         every = spec.credentials.rotate_every
         out.credentials = {"user": user, "lastRotatedAt": iso_ts(now),
                            "nextRotationAt": iso_ts(now + parse_duration(str(every))) if every else None}

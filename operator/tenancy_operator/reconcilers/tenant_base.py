@@ -23,6 +23,7 @@ from tenancy_operator.api.names import (
 from tenancy_operator.api.schemarollout import SCHEMA_ROLLOUT, SchemaRolloutStatus, governing, version_cap
 from tenancy_operator.api.tenant import TenantPhase, TenantSpec
 from tenancy_operator.db import jobs as ledger
+from tenancy_operator.db import logins, registry
 from tenancy_operator.db import tenant_migrations as tm
 from tenancy_operator.k8s.client import ApiError, Kube, older_version
 from tenancy_operator.k8s.managed_fields import annotation_path, last_change
@@ -281,6 +282,18 @@ class SecretClaim:
     password: str
     current: dict[str, Any] | None
     """The existing Secret (this Tenant's own, from an earlier attempt); None: created just now."""
+
+
+def first_login_set(row: registry.RegistryRow, uid: str, login: logins.LoginObserved | None,
+                    claim: SecretClaim) -> bool:
+    """An earlier attempt of this very Tenant's first provisioning set its login's password: the
+    registry recorded the login (after the batch that set the password), the login is there, and
+    the Secret that attempt created still holds the password. The attempt ended before the
+    Tenant was Ready (a sharded run's stop cancels the reconciles that wait for their
+    migrations); the next one does not set the same password again."""
+    return (row.k8s_uid == uid and row.login_slot == "a" and row.rotated_at is not None
+            and login is not None and login.exists and claim.current is not None
+            and secret_data(claim.current).get("password") == claim.password)
 
 
 class ArchiveBlocked(Exception):
