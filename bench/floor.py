@@ -146,8 +146,9 @@ class Floor:
             job = await ledger.start(conn, self.control, row.id, "provision", attempt=1, generation=gen,
                                      detail=f"schema and role {ident}")
             # The operator's provisioning statements, sent the way it sends them: one round trip.
-            # The owner role never logs in; the application logs in as login role "a" (the second
-            # slot, "b", is created too, for rotations); see reconcilers/tenant.py _provision.
+            # The owner role never logs in (it is created NOLOGIN); the application logs in as login
+            # role "a" (the second slot, "b", is created too, for rotations); see reconcilers/tenant.py
+            # _provision.
             dbname = psycopg.conninfo.conninfo_to_dict(self.dsn).get("dbname") or "postgres"
             marker, idle = sqlt.owner_marker(str(dbname), ns, name), self.settings.tenant_idle_in_transaction_timeout
             user = logins.login_role(ident, "a")
@@ -162,7 +163,6 @@ class Floor:
                 role_sql.set_idle_timeout(ident, idle),
                 *role_sql.membership_statements(ident, [sqlt.create_schema(ident, ident)]),
                 role_sql.set_search_path(ident, ident),
-                role_sql.login_statement(ident, False),
                 *login_ddl,
                 *role_sql.membership_statements(ident, [*grants, logins.private_functions(ident)]),
                 await role_sql.password_statement(user, password, self.settings.scram_iterations),
