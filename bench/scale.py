@@ -125,11 +125,19 @@ class Replicas:
                 window = [x for x in samples[k] if x[0] >= s.t - IDLE_WINDOW]
                 busy = window[-1][1] - window[0][1] > IDLE_CPU_FRACTION * (window[-1][0] - window[0][0])
                 quiet = quiet and s.t - t0 >= IDLE_WINDOW and window[0][0] <= s.t - IDLE_WINDOW + 0.3 and not busy
-            if quiet:
+            if quiet and await self.drained():
                 return min(v[-1][0] for v in samples.values()) - IDLE_WINDOW
             if time.monotonic() - t0 > within:
                 raise TimeoutError(f"replicas not idle within {within:.0f}s")
             await asyncio.sleep(0.25)  # sampling interval
+
+    async def drained(self) -> bool:
+        """No live replica has work outstanding (queue_depth 0 for every kind): a replica's CPU can
+        be quiet while the quota service still has a Quota to apply."""
+        for o in self.live().values():
+            if await asyncio.to_thread(o.metric, "queue_depth"):
+                return False
+        return True
 
     def rss_mb(self) -> dict[str, float]:
         """Each live replica's RSS now (what it holds, not its peak)."""
@@ -308,7 +316,7 @@ class Scale:
                 window = [x for x in samples[k] if x[0] >= s.t - IDLE_WINDOW]
                 busy = window[-1][1] - window[0][1] > IDLE_CPU_FRACTION * (window[-1][0] - window[0][0])
                 quiet = quiet and s.t - t0 >= IDLE_WINDOW and window[0][0] <= s.t - IDLE_WINDOW + 0.3 and not busy
-            if len(resumed) >= self.n + FLAGS and quiet:
+            if len(resumed) >= self.n + FLAGS and quiet and await fleet.drained():
                 idle = min(samples[k][-1][0] for k in samples) - IDLE_WINDOW
                 break
             if time.monotonic() > deadline:
