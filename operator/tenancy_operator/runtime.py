@@ -178,7 +178,8 @@ def build_registry() -> kopf.OperatorRegistry:
             await ctx.events.drain()
             await ctx.targets.close()
             await ctx.kube.close()
-        # Kopf runs the cleanup after its watchers have all ended.
+        # Kopf runs the cleanup after its watchers and workers have all ended.
+        metrics.PENDING.reset()
         log.debug("leftover pause-waiters cancelled", tasks=cancel_pause_waiters())
         log.info("operator stopped; database pools closed")
 

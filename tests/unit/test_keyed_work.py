@@ -125,3 +125,23 @@ async def test_work_submitted_after_cancel_is_not_started() -> None:
     queue.submit(("ns", "late"), "ns/q3")
     await queue.join()
     assert ran == [] and len(queue) == 0 and metrics.PENDING.count(KIND) == 0
+
+
+async def test_work_cancelled_by_the_end_of_a_run_is_not_counted_after_it() -> None:
+    """A reconcile cancelled when its Kopf run ends stays counted (an error would be retried);
+    the run's end clears the count: the next run lists what it covers and counts it again."""
+    started = asyncio.Event()
+
+    async def reconcile() -> None:
+        with metrics.PENDING.outstanding("PendingTest", "ns/cut"):
+            started.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(reconcile())
+    await started.wait()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert metrics.PENDING.count("PendingTest") == 1
+    metrics.PENDING.reset()
+    assert metrics.PENDING.count("PendingTest") == 0
+    assert metrics.QUEUE_DEPTH.labels(kind="PendingTest")._value.get() == 0

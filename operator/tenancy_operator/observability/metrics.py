@@ -162,6 +162,14 @@ class PendingObjects:
     def count(self, kind: str) -> int:
         return len(self._pending.get(kind, ()))
 
+    def reset(self) -> None:
+        """A Kopf run has ended: its work ended with it (a reconcile cancelled by the end of a run
+        stays counted otherwise, and a sharded replica may never see that object again). The
+        next run lists every object it covers and counts what it has to do."""
+        for kind, keys in self._pending.items():
+            keys.clear()
+            QUEUE_DEPTH.labels(kind=kind).set(0)
+
 
 PENDING = PendingObjects()
 
