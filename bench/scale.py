@@ -135,7 +135,7 @@ class Replicas:
         """No live replica has work outstanding (queue_depth 0 for every kind): a replica's CPU can
         be quiet while the quota service still has a Quota to apply."""
         for o in self.live().values():
-            if await asyncio.to_thread(o.metric, "queue_depth"):
+            if await asyncio.to_thread(o.metric_sum, "queue_depth"):
                 return False
         return True
 
