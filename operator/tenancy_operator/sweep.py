@@ -324,16 +324,14 @@ class Sweeper:
         """Write one condition over the Tenant's newest status (read now, written only if that is
         still the newest: a reconcile's status written meanwhile is never overwritten)."""
         meta = body["metadata"]
+        if condition_settled((body.get("status") or {}).get("conditions") or [], cond):
+            return  # as listed: no read of each Tenant of the fleet at every sweep
         for _ in range(3):
             fresh = await self.ctx.kube.get_object("tenants", meta["namespace"], meta["name"])
             if fresh is None or fresh["metadata"].get("uid") != meta.get("uid"):
                 return
             old = (fresh.get("status") or {}).get("conditions") or []
-            current = next((c for c in old if c.get("type") == cond.type), None)
-            if current is None and cond.status == "False":
-                return  # never breached: no condition at all
-            if current is not None and (current.get("status"), current.get("reason"), current.get("message")) == (
-                    cond.status, cond.reason, cond.message):
+            if condition_settled(old, cond):
                 return
             generation = int(fresh["metadata"].get("generation") or 0)
             if await self.ctx.status.write("tenants", fresh, {"conditions": merge(old, [cond], generation)},
@@ -342,6 +340,16 @@ class Sweeper:
 
 
 _RoleFindings = list[tuple[str, list[audit.Finding]]]
+
+
+def condition_settled(conditions: list[dict[str, Any]], cond: Cond) -> bool:
+    """The conditions say what ``cond`` says: the same status, reason and message, or no such
+    condition at all where ``cond`` is False (never breached)."""
+    current = next((c for c in conditions if c.get("type") == cond.type), None)
+    if current is None:
+        return cond.status == "False"
+    return (current.get("status"), current.get("reason"), current.get("message")) == (
+        cond.status, cond.reason, cond.message)
 
 
 def _breach_condition(report: audit.Report, roles: _RoleFindings) -> Cond:

@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 
 from tenancy_operator.cli import main
+from tenancy_operator.conditions import Cond
 from tenancy_operator.db.audit import Finding, Kind, Report, acting_as, clean, findings_from_rows, revoke_statement
-from tenancy_operator.sweep import _summary
+from tenancy_operator.sweep import _summary, condition_settled
 
 PG15, PG17 = 150018, 170010
 
@@ -126,3 +127,17 @@ def test_cli_needs_a_database(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
         main(["audit", "--target", "other"])
     assert exited.value.code == 2
     assert "no database target 'other'" in capsys.readouterr().err
+
+
+def test_the_breach_condition_is_written_only_where_the_listed_status_differs() -> None:
+    """The sweep reads a Tenant afresh (and writes) only when its listed status does not already
+    say what the audit found: an audit that finds nothing leaves unbreached Tenants alone."""
+    clear = Cond("IsolationBreach", "False", "NoneFound", "nothing")
+    held = Cond("IsolationBreach", "True", "PrivilegesHeld", "role x held y")
+    assert condition_settled([], clear)
+    assert condition_settled([{"type": "Ready", "status": "True"}], clear)
+    assert not condition_settled([], held)
+    shown = {"type": "IsolationBreach", "status": "True", "reason": "PrivilegesHeld", "message": "role x held y"}
+    assert condition_settled([shown], held)
+    assert not condition_settled([shown], clear)  # a breach shown must be cleared
+    assert not condition_settled([{**shown, "message": "role x held z"}], held)
