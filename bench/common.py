@@ -174,10 +174,13 @@ class Operator:
     def sample(self) -> ProcSample:
         return proc_sample(self.pid)
 
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
     def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """The operator's own Prometheus samples: (name, sorted labels) -> value."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
+        text = self.metrics_text()
         out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         for fam in text_string_to_metric_families(text):
             for s in fam.samples:
@@ -187,8 +190,7 @@ class Operator:
     def metric_sum(self, name: str) -> float:
         """The sum of one metric's samples, read from the text without parsing the rest: with
         thousands of tenants the page holds hundreds of thousands of per-tenant samples."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
+        text = self.metrics_text()
         return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
     def metric(self, name: str, **labels: str) -> float:
