@@ -29,7 +29,7 @@ from tenancy_operator.observability.health import waiting_health
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.observability.memory import trim_when_quiet
 from tenancy_operator.peering import PeeringGate
-from tenancy_operator.runtime_context import Background, OperatorContext
+from tenancy_operator.runtime_context import Background, OperatorContext, TenantWatcher
 from tenancy_operator.sharding import ShardCoordinator
 from tenancy_operator.shards import Ownership, Slices
 from tenancy_operator.sweep import Sweeper
@@ -153,6 +153,8 @@ def build_registry() -> kopf.OperatorRegistry:
         memo.ctx = ctx
         memo.services = {module.KIND: module.SERVICE(ctx) for module in HANDLER_MODULES}
         memo.services["Tenant"].limits = memo.services["Quota"].cluster.expected_limits
+        # Resolved once: a Protocol isinstance check per service on each Tenant event is not free.
+        memo.tenant_watchers = [s for s in memo.services.values() if isinstance(s, TenantWatcher)]
         loops = {"sweep": Sweeper(ctx, memo.services["Tenant"]).run_forever}
         for kind, service in memo.services.items():
             if isinstance(service, Background):

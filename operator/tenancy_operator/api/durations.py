@@ -39,6 +39,7 @@ def _duration_micros(value: str) -> Decimal:
     )
 
 
+@lru_cache(maxsize=1024)  # every quota pass parses each tenant's windows; timedelta is immutable
 def parse_duration(value: str) -> timedelta:
     """Parse `1h30m`, `30d`, `1.5s`, `250ms` into a timedelta (exact to the microsecond).
 

@@ -24,7 +24,7 @@ from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.reconcilers.resume import ResumeChecker
 from tenancy_operator.reconcilers.tenant import TenantReconciler
 from tenancy_operator.reconcilers.tenant_base import ArchiveBlocked, Outcome, admission, secret_name
-from tenancy_operator.runtime_context import OperatorContext, TenantWatcher
+from tenancy_operator.runtime_context import OperatorContext
 
 KIND, PLURAL = "Tenant", "tenants"
 _FIRST_SIGHT = (kopf.Reason.CREATE.value, kopf.Reason.RESUME.value)
@@ -384,9 +384,8 @@ def register(registry: kopf.OperatorRegistry) -> None:
         # handler call per Tenant event instead of one per service. The Tenant cache first: the
         # services read it.
         memo.ctx.tenants.observe(type, body)  # the start-up handler made it before any watch
-        for svc in getattr(memo, "services", {}).values():
-            if isinstance(svc, TenantWatcher):
-                svc.tenant_changed(type, body)
+        for svc in getattr(memo, "tenant_watchers", ()):
+            svc.tenant_changed(type, body)
         if type == "DELETED" and hasattr(memo, "diffbase"):
             memo.diffbase.forget(body.metadata.uid)
 
