@@ -140,7 +140,7 @@ class Operator:
             self.started_at = time.monotonic()
             # bench.operator_whatif only for a what-if Kopf setting or memory figures; else exactly as users run it.
             whatif = any(self.env().get(k) for k in ("BENCH_KOPF_IDLE_TIMEOUT", "BENCH_TRACEMALLOC",
-                                                       "BENCH_MALLOC_STATS"))
+                                                       "BENCH_MALLOC_STATS", "BENCH_GC_DEFAULTS"))
             module = "bench.operator_whatif" if whatif else "tenancy_operator"
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", module, "run"], env=self.env(), stdout=out, cwd=ROOT,

@@ -13,12 +13,18 @@ BENCH_MALLOC_STATS: a file path. Each time ``<path>.request`` appears, what the 
 written to ``<path>`` as JSON and the request file removed (bench/scale --malloc-stats): CPython's
 object allocator (``sys._debugmallocstats``: arenas, bytes in used and in free blocks) and glibc's
 heap (``mallinfo2``: in use, free, and the free part ``malloc_trim`` could not return). Reading
-them costs milliseconds; no timing changes.
+them costs milliseconds; no timing changes. The same JSON carries the time the cyclic garbage
+collector took since start (``gc_seconds``, ``gc_collections``, timed by a gc callback) and the
+process's CPU seconds, so runs on a machine of varying speed compare by the collector's share.
+
+BENCH_GC_DEFAULTS: ``1`` leaves the collector as CPython sets it (no observability.memory.tune_gc):
+the what-if of the operator without its tuning.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import re
@@ -85,6 +91,20 @@ PYMALLOC_FIGURES = {
 }
 
 
+GC_TIME = {"seconds": 0.0, "collections": 0.0, **{f"gen{g}_seconds": 0.0 for g in range(3)}}
+_gc_started = [0.0]
+
+
+def _time_gc(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        took = time.perf_counter() - _gc_started[0]
+        GC_TIME["seconds"] += took
+        GC_TIME[f"gen{info['generation']}_seconds"] += took
+        GC_TIME["collections"] += 1
+
+
 def malloc_stats(path: Path) -> None:
     """Both allocators' figures as JSON (bytes). ``sys._debugmallocstats`` writes to the C stderr:
     fd 2 points at a temporary file for that call (the operator logs to stdout)."""
@@ -109,14 +129,21 @@ def malloc_stats(path: Path) -> None:
     info = libc.mallinfo2()
     figures.update(glibc_heap_bytes=info.arena, glibc_in_use_bytes=info.uordblks, glibc_free_bytes=info.fordblks,
                    glibc_mmapped_bytes=info.hblkhd, glibc_top_releasable_bytes=info.keepcost)
-    path.write_text(json.dumps(figures, indent=1) + "\n")
+    out: dict[str, float] = {**figures, **{f"gc_{k}": round(v, 3) for k, v in GC_TIME.items()},
+                             "cpu_seconds": round(time.process_time(), 3)}
+    path.write_text(json.dumps(out, indent=1) + "\n")
 
 
 def main() -> None:
     if os.environ.get("BENCH_TRACEMALLOC"):
         trace_memory(Path(os.environ["BENCH_TRACEMALLOC"]))
     if os.environ.get("BENCH_MALLOC_STATS"):
+        gc.callbacks.append(_time_gc)
         serve(Path(os.environ["BENCH_MALLOC_STATS"]), malloc_stats)
+    if os.environ.get("BENCH_GC_DEFAULTS") == "1":
+        import tenancy_operator.runtime
+
+        tenancy_operator.runtime.tune_gc = lambda: None  # type: ignore[assignment]
     idle = os.environ.get("BENCH_KOPF_IDLE_TIMEOUT")
     if idle:
         original = kopf.operator

@@ -28,7 +28,11 @@ idle after the restart: what it holds for its tenants; ``empty_rss_mb`` its RSS 
 (bench/operator_whatif.py), one line each and in the record:
 
     malloc at=LABEL replica=NAME pymalloc_arenas=A pymalloc_used_mb=U pymalloc_free_mb=F
-           glibc_in_use_mb=G glibc_free_mb=H
+           glibc_in_use_mb=G glibc_free_mb=H cpu_s=C gc_s=G gc_full_s=F gc_collections=K
+
+(``cpu_s`` and ``gc_s``: the replica's CPU seconds and the garbage collector's part of them since it
+started, ``gc_full_s`` the part in full collections; ``--gc-defaults`` runs the replicas with
+CPython's collector settings, for comparison.)
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ class Replicas:
     """R operator processes sharing the fleet, each as users run it (TENANCY_SHARDING=true)."""
 
     def __init__(self, stack: Stack, workdir: Path, count: int, slices: int, lease_seconds: int,
-                 trace_memory: bool = False, malloc_stats: bool = False) -> None:
+                 trace_memory: bool = False, malloc_stats: bool = False, gc_defaults: bool = False) -> None:
         self.stack, self.slices, self.lease_seconds = stack, slices, lease_seconds
         self.operators: dict[str, Operator] = {}
         for i in range(count):
@@ -85,8 +89,9 @@ class Replicas:
                 "POD_NAME": identity,
                 **({"BENCH_TRACEMALLOC": str(wd / "memory.txt")} if trace_memory else {}),
                 **({"BENCH_MALLOC_STATS": str(wd / "malloc.json")} if malloc_stats else {}),
+                **({"BENCH_GC_DEFAULTS": "1"} if gc_defaults else {}),
             })
-        self.malloc: dict[str, dict[str, dict[str, int]]] = {}
+        self.malloc: dict[str, dict[str, dict[str, float]]] = {}
         """With --malloc-stats: label -> replica -> the allocators' figures (bench/operator_whatif)."""
 
     def live(self) -> dict[str, Operator]:
@@ -202,7 +207,7 @@ class Scale:
         kube = await Kube.connect(stack.kubeconfig)
         api, pg = ApiServerMetrics(stack.kubeconfig), PgMeter(stack.admin_dsn)
         fleet = Replicas(stack, self.workdir / f"r{replicas}", replicas, self.args.slices, self.args.lease_seconds,
-                         self.args.trace_memory, self.args.malloc_stats)
+                         self.args.trace_memory, self.args.malloc_stats, self.args.gc_defaults)
         ns = f"scale-{replicas}"
         _, objs = objects_for("t", self.n)
         try:
@@ -343,9 +348,10 @@ def line(n: int, d: dict[str, Any]) -> str:
             f"empty_rss_mb={max(d['replica_start_rss_mb'].values()):.0f}")
 
 
-def malloc_lines(malloc: dict[str, dict[str, dict[str, int]]]) -> list[str]:
+def malloc_lines(malloc: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     """One line per moment and replica (MB): CPython's arenas and the bytes in used and in free
-    blocks (free pools included); glibc's heap in use and free."""
+    blocks (free pools included); glibc's heap in use and free; the process's CPU seconds and the
+    cyclic garbage collector's share of them, since the process started."""
     lines = []
     for label, replicas in malloc.items():
         for replica, f in sorted(replicas.items()):
@@ -354,7 +360,9 @@ def malloc_lines(malloc: dict[str, dict[str, dict[str, int]]]) -> list[str]:
             lines.append(f"malloc at={label} replica={replica} pymalloc_arenas={f.get('pymalloc_arenas')} "
                          f"pymalloc_used_mb={mb.get('pymalloc_allocated_blocks_bytes', 0):.1f} "
                          f"pymalloc_free_mb={free:.1f} glibc_in_use_mb={mb.get('glibc_in_use_bytes', 0):.1f} "
-                         f"glibc_free_mb={mb.get('glibc_free_bytes', 0):.1f}")
+                         f"glibc_free_mb={mb.get('glibc_free_bytes', 0):.1f} cpu_s={f.get('cpu_seconds', 0):.1f} "
+                         f"gc_s={f.get('gc_seconds', 0):.1f} gc_full_s={f.get('gc_gen2_seconds', 0):.1f} "
+                         f"gc_collections={f.get('gc_collections', 0):.0f}")
     return lines
 
 
@@ -373,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--malloc-stats", action="store_true",
                    help="each replica's allocator figures (CPython arenas, glibc heap) when empty, converged "
                         "and restarted, in the record and printed")
+    p.add_argument("--gc-defaults", action="store_true",
+                   help="what-if: replicas keep CPython's garbage collector settings (no tune_gc)")
     args = p.parse_args(argv)
     counts = [int(x) for x in args.replicas.split(",") if x.strip()]
     bench = Scale(args)
