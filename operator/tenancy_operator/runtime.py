@@ -44,7 +44,8 @@ PREFIX = "tenancy.dev"
 # gets a sub-prefix: user-facing annotations such as tenancy.dev/rotate-credentials stay visible.
 STORAGE_PREFIX = "kopf.tenancy.dev"
 # Kinds each replica watches only its slices of (server-side shardSelector). Quotas are watched
-# whole: a Quota is evaluated by the replica owning its Tenant, whatever the Quota's own uid.
+# by a label instead (tenancy.dev/slice, set to their Tenant's slice): a Quota is evaluated by the
+# replica owning its Tenant, whatever the Quota's own uid.
 # SchemaRollouts too: every Tenant reconcile reads the rollout pacing its template from their
 # events, while only the rollout's owner reconciles it (handlers/common.owned).
 SHARDED_PLURALS = ("tenants", "featureflags", "tenantarchives")
@@ -121,6 +122,9 @@ def build_registry() -> kopf.OperatorRegistry:
         if shard is not None:
             for plural in SHARDED_PLURALS:
                 settings.watching.shard_selectors[PREFIX, plural] = shard
+        quotas = ownership.quota_selector()
+        if quotas is not None:  # a Quota goes by its Tenant's slice, which the uid of the Quota does not give
+            settings.watching.label_selectors[PREFIX, "quotas"] = quotas
         # Given exact namespaces, Kopf watches just those and discovers our CRDs once at start
         # (discovery, which every authenticated client may read): it neither lists namespaces nor
         # watches CRDs cluster-wide, so the chart's namespaced mode needs no cluster-scoped grant.

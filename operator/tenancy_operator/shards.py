@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from tenancy_operator.api.names import SLICE_LABEL
+
 SPACE = 1 << 64
 B = TypeVar("B", bound=Mapping[str, Any])
 FIELD = "object.metadata.uid"
@@ -58,6 +60,11 @@ class Slices:
 
     def slice_of(self, uid: str) -> int:
         return bisect.bisect_right(self.starts, fnv1a_64(uid)) - 1
+
+    def label(self, index: int) -> str:
+        """The value of SLICE_LABEL for slice ``index``: the count too, so a label set under
+        another slice count names no slice of this one (every replica sees it, and it is set anew)."""
+        return f"{self.count}-{index}"
 
 
 def assign(members: Iterable[str], count: int,
@@ -134,6 +141,7 @@ class Ownership:
     def __init__(self, slices: Slices | None = None, held: Iterable[int] = ()) -> None:
         self.slices = slices
         self.held: frozenset[int] = frozenset(held)
+        self.held_labels = frozenset(slices.label(i) for i in self.held) if slices is not None else frozenset()
 
     @property
     def sharded(self) -> bool:
@@ -155,6 +163,23 @@ class Ownership:
 
     def owns(self, body: Mapping[str, Any]) -> bool:
         return self.owns_uid(str(body["metadata"].get("uid") or ""))
+
+    def label_for(self, uid: str) -> str | None:
+        """The SLICE_LABEL value of the Quotas naming a Tenant of this uid; None unsharded."""
+        return None if self.slices is None else self.slices.label(self.slices.slice_of(uid))
+
+    def labelled_mine(self, body: Mapping[str, Any]) -> bool:
+        """The object carries the SLICE_LABEL of a slice this replica holds."""
+        return ((body.get("metadata") or {}).get("labels") or {}).get(SLICE_LABEL) in self.held_labels
+
+    def quota_selector(self) -> str | None:
+        """The label selector of the Quotas this replica watches: those of its slices and those
+        without a slice (new ones; their Tenant's holder labels them), i.e. not labelled with a
+        slice another replica holds. None when it holds every slice (or is unsharded): it sees all."""
+        if self.slices is None or self.whole:
+            return None
+        others = sorted(set(range(self.slices.count)) - self.held)
+        return f"{SLICE_LABEL} notin ({','.join(self.slices.label(i) for i in others)})"
 
     def mine(self, bodies: Sequence[B]) -> list[B]:
         return list(bodies) if self.slices is None else [b for b in bodies if self.owns(b)]

@@ -29,6 +29,8 @@ from tenancy_operator.shards import Slices
 
 from .harness import Cluster, OperatorProcess, connect, eventually, own_stack, sql_value, tenant
 
+SLICE = "tenancy.dev/slice"
+
 SLICES = 4
 LEASE_SECONDS = 6
 GROUP_NAME = "tenancy-operator"
@@ -157,6 +159,58 @@ def test_two_replicas_share_the_fleet_each_tenant_served_by_its_slices_holder(fl
     for namespace, name in crossed:
         status = cluster.get("quotas", namespace, f"{name}-limits")["status"]
         assert status["hard"]["connections"] == "7", status
+
+
+def slice_labels(cluster: Cluster) -> dict[tuple[str, str], tuple[str | None, str]]:
+    """Each Quota's tenancy.dev/slice label, and the label of its Tenant's slice (kubectl get
+    quotas -L tenancy.dev/slice, beside the Tenants' uids)."""
+    out = {}
+    quotas = cluster.custom.list_cluster_custom_object("tenancy.dev", "v1alpha1", "quotas")["items"]
+    for q in quotas:
+        namespace, ref = q["metadata"]["namespace"], q["spec"]["tenantRef"]["name"]
+        uid = cluster.get("tenants", namespace, ref)["metadata"]["uid"]
+        want = f"{SLICES}-{Slices(SLICES).slice_of(uid)}"
+        out[(namespace, q["metadata"]["name"])] = ((q["metadata"].get("labels") or {}).get(SLICE), want)
+    return out
+
+
+def test_each_replica_watches_only_the_quotas_of_its_slices(fleet: Fleet) -> None:
+    """A Quota carries its Tenant's slice label, and each replica keeps only the Quotas of the slices
+    it holds (the API server sends it no other). A Quota made before its Tenant is served as well, and
+    a label a user changes is set back by the replica its wrong value sends the Quota to."""
+    holders = fleet.split("replica-a", "replica-b")
+    cluster = fleet.cluster
+    namespace = fleet.namespace("labels")
+    cluster.create("quotas", namespace, quota("early-limits", "early"))  # before its Tenant
+    cluster.create("tenants", namespace, tenant("early"))
+    cluster.wait_condition("quotas", namespace, "early-limits", timeout=120)
+
+    def labelled() -> dict[tuple[str, str], tuple[str | None, str]]:
+        labels = slice_labels(cluster)
+        assert labels and all(have == want for have, want in labels.values()), labels
+        return labels
+
+    labels = eventually(labelled, timeout=60, interval=0.5, what="every Quota labelled with its Tenant's slice")
+    assert cluster.get("quotas", namespace, "early-limits")["status"]["hard"]["connections"] == "7"
+
+    def cached() -> bool:
+        for replica in ("replica-a", "replica-b"):
+            mine = sum(1 for _, want in labels.values() if holders[int(want.split("-")[1])] == replica)
+            assert fleet.replicas[replica].metric("watch_cache_objects", kind="Quota") == mine, replica
+        return True
+
+    eventually(cached, timeout=30, interval=0.5, what="each replica holding only its slices' Quotas")
+    assert {holders[int(want.split("-")[1])] for _, want in labels.values()} == {"replica-a", "replica-b"}
+
+    # A user sends the Quota to the other replica's slice: that replica sets its label back.
+    owner_slice = int(labels[(namespace, "early-limits")][1].split("-")[1])
+    other = next(i for i, holder in holders.items() if holder != holders[owner_slice])
+    cluster.patch("quotas", namespace, "early-limits", {"metadata": {"labels": {SLICE: f"{SLICES}-{other}"}}})
+    eventually(lambda: slice_labels(cluster)[(namespace, "early-limits")] == labels[(namespace, "early-limits")],
+               timeout=60, interval=0.5, what="the label set back to the Tenant's slice")
+    eventually(cached, timeout=30, interval=0.5, what="each replica holding only its slices' Quotas again")
+    assert cluster.get("quotas", namespace, "early-limits")["status"]["hard"]["connections"] == "7"
+    assert cluster.get("tenants", namespace, "early")["status"]["effectiveLimits"]["connections"] == "7"
 
 
 def test_a_killed_replicas_slices_go_to_the_other_and_its_tenants_are_served(fleet: Fleet) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import copy
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from types import SimpleNamespace
@@ -20,6 +20,7 @@ from tenancy_operator.api.quota import TIER_DEFAULTS, QuotaSpec, limit_amount, t
 from tenancy_operator.conditions import status_patch
 from tenancy_operator.config import Settings
 from tenancy_operator.db.quota import RoleQuotaState, is_on, role_setting
+from tenancy_operator.k8s.client import Page
 from tenancy_operator.reconcilers.noisy import Delta, Sample, Verdict
 from tenancy_operator.reconcilers.quota import QuotaService
 from tenancy_operator.reconcilers.quota_limits import (
@@ -529,23 +530,41 @@ def test_per_tenant_series_can_be_switched_off(per_tenant: bool) -> None:
 # --- Fewer evaluations and writes during a mass creation -----------------------------------------------
 
 
+class QuotaListing:
+    """What a LIST of Quotas by spec.tenantRef.name answers: ``quotas`` (none unless a test says)."""
+
+    def __init__(self) -> None:
+        self.quotas: list[dict[str, Any]] = []
+        self.selectors: list[str] = []
+
+    async def list_pages(self, plural: str, namespace: str | None = None, *, field_selector: str = "",
+                         label_selector: str = "") -> AsyncIterator[Page]:
+        assert plural == "quotas"
+        self.selectors.append(field_selector)
+        name = field_selector.removeprefix("spec.tenantRef.name=")
+        yield Page([q for q in self.quotas if q["spec"]["tenantRef"]["name"] == name], "1")
+
+
 class CountingService(QuotaService):
     """The real scheduling and skipping logic over the watch cache; evaluations are counted, not done."""
 
     def __init__(self) -> None:
         locks = KeyedLocks()
+        self.listing = QuotaListing()
         ctx = SimpleNamespace(settings=Settings(), locks=locks, ownership=Ownership(),
                               status=StatusWriter(None),  # type: ignore[arg-type]  # writes nothing
-                              tenants=WatchCache(slim_tenant),
+                              tenants=WatchCache(slim_tenant), kube=self.listing,
                               lock=lambda kind, namespace, name: locks.hold((kind, namespace, name)))
         super().__init__(ctx)  # type: ignore[arg-type]
         self.initial_pass_done = True
         self.cluster.quotas.listed = self.cluster.tenants.listed = True  # as after Kopf's initial listing
         self.evaluations: list[str] = []
+        self.subjects: list[Subject] = []
         self.probes.probe_target = self.measure  # type: ignore[method-assign]
 
     async def apply(self, subject: Subject, probe: Probe | None, *, trigger: str) -> Any:
         self.evaluations.append(trigger)
+        self.subjects.append(subject)
         if subject.tenant is not None:  # as if enforced
             self.applied[subject.key] = (subject.tenant["metadata"]["uid"], subject.tenant["spec"]["tier"])
             self.enforced_quotas[subject.key] = {(q["metadata"]["uid"], q["metadata"]["generation"])
@@ -618,6 +637,24 @@ async def test_a_quota_handler_for_an_enforced_version_evaluates_nothing() -> No
     svc.quota_changed("MODIFIED", edited)  # an edit takes effect at once
     await settle(svc)
     assert svc.evaluations == ["tenant-changed", "quota-changed"]
+
+
+async def test_a_tenants_first_evaluation_reads_its_quotas_before_applying_tier_defaults() -> None:
+    """A Tenant Ready before its Quota's watch event came (both made at once) is not given its tier's
+    defaults for a moment: with no Quota in the cache, its first evaluation asks the API server."""
+    svc = CountingService()
+    svc.listing.quotas = [quota_body(limits={"connections": 3})]
+    svc.tenant_changed("MODIFIED", cached(svc, "tenants", tenant_body(), 1))
+    await settle(svc)
+    assert [q["metadata"]["name"] for q in svc.subjects[0].quotas] == ["acme-corp"]
+    assert svc.listing.selectors == ["spec.tenantRef.name=acme-corp"]
+    assert svc.cluster.quotas.get((NS, "acme-corp")) is not None  # kept: the next evaluation reads the cache
+    # Once enforced, a tenant without a Quota in the cache is not read again at each evaluation.
+    svc.cluster.observe("DELETED", quota_body())
+    svc.listing.quotas = []
+    svc.spawn(NS, "acme-corp", "quota-deleted")
+    await settle(svc)
+    assert svc.subjects[-1].quotas == [] and len(svc.listing.selectors) == 1
 
 
 async def test_tenant_events_during_an_evaluation_rerun_it_only_if_still_needed() -> None:

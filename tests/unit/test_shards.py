@@ -134,6 +134,26 @@ def test_ownership() -> None:
     assert everything.mine(bodies) == bodies
 
 
+def test_quotas_are_watched_by_their_tenants_slice_label() -> None:
+    """A replica selects the Quotas labelled with its slices and the unlabelled ones (new, or whose
+    Tenant is gone): the label selector leaves out only those of slices other replicas hold."""
+    slices = Slices(4)
+    low, high, whole = Ownership(slices, {0, 1}), Ownership(slices, {2, 3}), Ownership(slices, range(4))
+    assert low.quota_selector() == "tenancy.dev/slice notin (4-2,4-3)"
+    assert high.quota_selector() == "tenancy.dev/slice notin (4-0,4-1)"
+    assert whole.quota_selector() is None and Ownership().quota_selector() is None  # it sees every Quota
+    uid = str(uuid.uuid4())
+    label = low.label_for(uid)
+    assert label == f"4-{slices.slice_of(uid)}" and label == high.label_for(uid)  # every replica agrees
+    assert Ownership().label_for(uid) is None  # unsharded: no label
+    quota = {"metadata": {"labels": {"tenancy.dev/slice": label}}}
+    assert (low.owns_uid(uid), high.owns_uid(uid)) == (low.labelled_mine(quota), high.labelled_mine(quota))
+    # A label set under another slice count names none of this count's slices: every replica selects it.
+    stale = {"metadata": {"labels": {"tenancy.dev/slice": "8-1"}}}
+    assert not low.labelled_mine(stale) and not high.labelled_mine(stale)
+    assert not low.labelled_mine({"metadata": {}})
+
+
 def test_a_lease_is_expired_when_seen_unchanged_for_its_duration() -> None:
     observed = Observed()
     lease = {"metadata": {"name": "x", "resourceVersion": "1"}, "spec": {"leaseDurationSeconds": 15}}

@@ -90,10 +90,10 @@ watched namespace, and the ClusterRole of the cluster mode. */}}
 - apiGroups: [tenancy.dev]
   resources: [tenantarchives]
   verbs: [get, list, watch, patch, create, delete]
-# Quotas are only watched (and read); the operator writes nothing but their status.
+# Quotas: besides their status, the operator writes one label (tenancy.dev/slice, sharded replicas).
 - apiGroups: [tenancy.dev]
   resources: [quotas]
-  verbs: [get, list, watch]
+  verbs: [get, list, watch, patch]
 # Conditions, phase, observedGeneration.
 - apiGroups: [tenancy.dev]
   resources: [tenants/status, quotas/status, featureflags/status, schemarollouts/status, tenantarchives/status]

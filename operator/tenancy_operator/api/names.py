@@ -23,6 +23,10 @@ FLAGD_LABEL = f"{GROUP}/flagd"
 """On each per-flag flagd ConfigMap (`<name>-flagd`), value "true"."""
 FLAGD_SOURCE_LABEL = f"{GROUP}/flagd-source"
 """On the namespace's flagd ConfigMap (every flag of the namespace in one document), value "namespace"."""
+SLICE_LABEL = f"{GROUP}/slice"
+"""On each Quota of a sharded fleet: the slice of the Tenant it names, as ``<count>-<index>``
+(shards.Slices.label). Each replica watches only the Quotas of its slices and the unlabelled ones
+(shards.Ownership.quota_selector); the replica that holds the Tenant sets it."""
 
 # Annotations users set on a Tenant (or a FeatureFlag, for retry).
 RETRY_ANNOTATION = f"{GROUP}/retry"

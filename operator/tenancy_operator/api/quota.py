@@ -345,6 +345,9 @@ QUOTA = ResourceInfo(
         PrinterColumn("Conns-Hard", ".status.hard.connections"),
         PrinterColumn("Load-Share", ".status.load.share"),
     ),
+    # A Tenant's first evaluation confirms it has no Quota before applying its tier's defaults
+    # (reconcilers/quota_cluster.QuotaCluster.quotas_of).
+    selectable_fields=(".spec.tenantRef.name",),
 )
 
 

@@ -213,6 +213,21 @@ class Kube:
                             GROUP, VERSION, namespace, plural, name, document, _content_type=MERGE_PATCH)
         return safejson.loads(written) if decode else None
 
+    async def set_label(self, plural: str, namespace: str, name: str, key: str, value: str | None, *,
+                        uid: str) -> dict[str, Any] | None:
+        """Merge-patch one label of one of our objects (None removes it), only if it is still the
+        object of ``uid`` (not one re-created under its name meanwhile); the object as written,
+        None when it is gone."""
+        patch = {"metadata": {"uid": uid, "labels": {key: value}}}
+        try:
+            written = await raw(self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, plural, name,
+                                patch, _content_type=MERGE_PATCH)
+        except ApiException as exc:
+            if exc.status in (404, 409, 422):  # gone, or another object of that name (its uid differs)
+                return None
+            raise
+        return safejson.loads(written)  # type: ignore[no-any-return]
+
     async def get_object(self, plural: str, namespace: str, name: str, *,
                          group: str = GROUP, version: str = VERSION) -> dict[str, Any] | None:
         """One of our objects (or, with ``group``/``version``, any namespaced custom object); None if absent."""
@@ -226,17 +241,17 @@ class Kube:
         return [body async for page in self.list_pages(plural, namespace) for body in page.items]
 
     async def list_pages(self, plural: str, namespace: str | None = None, *,
-                         field_selector: str = "") -> AsyncIterator[Page]:
+                         field_selector: str = "", label_selector: str = "") -> AsyncIterator[Page]:
         """Our objects of one kind in ``namespace`` (None: every watched namespace), a LIST_PAGE
         at a time: a reader that keeps a little of each object never holds the whole fleet's
         bodies at once (their burst of short-lived objects is what the allocators keep after a
         start). Decoded with safejson: one object nested deeper than Python's json allows must
         not fail the listing. ``field_selector``: only the objects it selects (on the kind's
-        selectable fields)."""
+        selectable fields); ``label_selector``: only those its labels select."""
         for ns in (namespace,) if namespace is not None else (self.namespaces or [None]):
             token = ""
             while True:
-                result = await self._list(plural, ns, LIST_PAGE, token, field_selector)
+                result = await self._list(plural, ns, LIST_PAGE, token, field_selector, label_selector)
                 meta = result.get("metadata") or {}
                 yield Page(list(result.get("items") or []), str(meta.get("resourceVersion") or ""))
                 token = str(meta.get("continue") or "")
@@ -260,9 +275,10 @@ class Kube:
         return total
 
     async def _list(self, plural: str, namespace: str | None, limit: int, token: str,
-                    field_selector: str = "") -> dict[str, Any]:
+                    field_selector: str = "", label_selector: str = "") -> dict[str, Any]:
         paging: dict[str, Any] = {"limit": limit, **({"_continue": token} if token else {}),
-                                  **({"field_selector": field_selector} if field_selector else {})}
+                                  **({"field_selector": field_selector} if field_selector else {}),
+                                  **({"label_selector": label_selector} if label_selector else {})}
         if namespace is None:
             data = await raw(self.custom.list_cluster_custom_object, GROUP, VERSION, plural, **paging)
         else:

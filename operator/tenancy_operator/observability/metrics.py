@@ -38,6 +38,12 @@ SHARD_SLICE_COUNT_CONFLICT = Gauge(
     "shard_slice_count_conflict",
     "1 while this replica holds nothing because older replicas cut the fleet into another number of slices.",
 )
+WATCH_CACHE_OBJECTS = Gauge(
+    "watch_cache_objects",
+    "Objects of a kind this replica keeps from its watch (sharded: its slices' Tenants; the Quotas of its slices "
+    "and those not labelled yet).",
+    ["kind"],
+)
 SHARD_HANDOVERS = Counter(
     "shard_handovers_total", "Changes of the slices this replica holds, by direction.", ["direction"]
 )

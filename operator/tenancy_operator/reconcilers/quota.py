@@ -211,8 +211,12 @@ class QuotaService:
                               namespace=namespace, tenant=name, trigger=trigger)
                     return None
                 quotas = sort_quotas(await self.cluster.tenant_quotas(namespace, name))
+                if (not quotas and tenant is not None and key not in self.applied and self.cluster.quotas.listed
+                        and self.ctx.ownership.owns(tenant)):
+                    quotas = sort_quotas(await self.cluster.quotas_of(namespace, name))
+                await self.cluster.label_quotas(quotas, tenant["metadata"].get("uid") if tenant is not None else None)
             except ApiError as exc:
-                raise Retry("KubernetesAPI", f"reading Tenant/Quotas failed: {exc.status}") from exc
+                raise Retry("KubernetesAPI", f"reading or labelling Tenant/Quotas failed: {exc.status}") from exc
             if self.ctx.ownership.sharded and not self.cluster.ours(key, tenant, quotas):
                 return None  # another replica's tenant
             subject = Subject(namespace, name, tenant, quotas)
@@ -317,6 +321,7 @@ class QuotaService:
             # Its own events judge it meanwhile (a Quota event reads a missing Tenant with a GET).
             subjects = {k: s for k, s in subjects.items() if s.tenant is not None or k in self.memory}
         if self.ctx.ownership.sharded:
+            await self._label(subjects, tenants_listed=relist[TENANTS])
             subjects = {k: s for k, s in subjects.items() if self.cluster.ours(k, s.tenant, s.quotas)}
         for s in subjects.values():
             s.quotas = sort_quotas(s.quotas)
@@ -363,6 +368,31 @@ class QuotaService:
         metrics.QUOTA_PASS_DURATION.observe(time.monotonic() - started)
         return len(subjects)
 
+    async def _label(self, subjects: Mapping[Key, Subject], *, tenants_listed: bool) -> None:
+        """Sharded: the slice label of each Quota this replica sees, from its Tenant as this pass
+        knows it (ours from the cache, another replica's or none from this pass's LIST)."""
+        todo: list[tuple[Subject, str | None]] = []
+        for key, s in subjects.items():
+            if s.tenant is not None:
+                uid: str | None = str(s.tenant["metadata"].get("uid") or "")
+            elif tenants_listed:
+                uid = self.cluster.elsewhere.get(key)
+            else:
+                continue  # only a LIST says which replica's, or whether it exists
+            if any(self.cluster.label_to_set(q, uid)[0] for q in s.quotas):
+                todo.append((s, uid))
+        sem = asyncio.Semaphore(self.ctx.settings.reconcile_concurrency)
+
+        async def one(s: Subject, uid: str | None) -> None:
+            async with sem:
+                try:
+                    await self.cluster.label_quotas(s.quotas, uid)
+                except ApiError as exc:  # the next pass labels it
+                    log.warning("labelling quotas failed", namespace=s.namespace, tenant=s.name, status=exc.status)
+
+        for start in range(0, len(todo), PASS_SLICE):
+            await asyncio.gather(*(one(s, uid) for s, uid in todo[start:start + PASS_SLICE]))
+
     # --- handler entry points -------------------------------------------------------------------------
 
     def _quota_enforced(self, key: Key, version: tuple[str, int]) -> bool:
@@ -393,7 +423,8 @@ class QuotaService:
         key = (body["metadata"]["namespace"], ref)
         if self._quota_enforced(key, quota_version(body)):
             return
-        if key not in self.cluster.tenants and not self.ctx.ownership.owns(body):
+        if key not in self.cluster.tenants and not self.ctx.ownership.owns(body) \
+                and not self.ctx.ownership.labelled_mine(body):
             return  # sharded: the Tenant's owner evaluates it (its events), or it is unseen yet
         meta = body["metadata"]
         self.work.submit(key, Trigger("quota-changed", quota=f"{meta['namespace']}/{meta['name']}",
@@ -402,9 +433,38 @@ class QuotaService:
     async def quota_deleted(self, body: Mapping[str, Any]) -> None:
         """A deleted Quota returns its tenant to tier defaults (or lets a conflicting one apply)."""
         ref = tenant_ref(body)
-        if ref is not None and ((body["metadata"]["namespace"], ref) in self.cluster.tenants
-                                or self.ctx.ownership.owns(body)):
-            self.spawn(body["metadata"]["namespace"], ref, "quota-deleted")
+        if ref is None:
+            return
+        key = (body["metadata"]["namespace"], ref)
+        tenant = self.cluster.tenants.get(key)
+        if tenant is not None:
+            if self.ctx.ownership.sharded and await self._relabelled_away(body, tenant):
+                return
+            self.spawn(key[0], key[1], "quota-deleted")
+        elif not self.ctx.ownership.sharded:
+            if self.ctx.ownership.owns(body):
+                self.spawn(key[0], key[1], "quota-deleted")
+        elif not self.cluster.quotas.group(key):
+            # Sharded, a Tenant this replica does not hold: nothing of it to evaluate here. The
+            # watch also says DELETED when a Quota gets the label of another replica's slice.
+            self.forget(key)
+
+    async def _relabelled_away(self, body: Mapping[str, Any], tenant: Mapping[str, Any]) -> bool:
+        """A Quota of one of our Tenants left this replica's watch: deleted, or given another
+        slice's label (by hand: the watch says DELETED for an object its selector stops matching).
+        In the latter case the label is set back, and the Tenant keeps its Quota's limits."""
+        meta = body["metadata"]
+        try:
+            current = await self.ctx.kube.get_object(QUOTAS, meta["namespace"], meta["name"])
+            if (current is None or current["metadata"].get("uid") != meta.get("uid")
+                    or tenant_ref(current) != tenant["metadata"]["name"]):
+                return False
+            await self.cluster.label_quotas([current], str(tenant["metadata"].get("uid") or ""))
+        except ApiError as exc:
+            log.warning("reading a Quota that left the watch failed", namespace=meta["namespace"],
+                        quota=meta["name"], status=exc.status)
+            return False
+        return True
 
     def tenant_changed(self, type_: str | None, body: Mapping[str, Any]) -> None:
         """A Tenant watch event (TenantWatcher, after the runtime's Tenant cache took it): evaluate

@@ -17,8 +17,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tenancy_operator.api.names import SLICE_LABEL
 from tenancy_operator.api.quota import QuotaSpec
 from tenancy_operator.k8s.client import ApiError
+from tenancy_operator.observability import metrics
 from tenancy_operator.reconcilers.quota_limits import effective_limits, parse_time, sort_quotas
 from tenancy_operator.reconcilers.quota_types import Key
 from tenancy_operator.runtime_context import OperatorContext
@@ -94,9 +96,12 @@ class QuotaCluster:
         self.tenants = ctx.tenants
         self._caches = {QUOTAS: self.quotas, TENANTS: self.tenants}
         ctx.status.keep_fresh(QUOTAS, self.quotas)
-        self.elsewhere: set[Key] = set()
-        """Sharded replicas: Tenants that exist and another replica owns, as of the last LIST (their
-        Quotas are that replica's to evaluate; Quotas are watched whole, Tenants by slice)."""
+        # Each run's caches replace the last run's in these series.
+        metrics.WATCH_CACHE_OBJECTS.labels(kind="Quota").set_function(lambda: len(self.quotas))
+        metrics.WATCH_CACHE_OBJECTS.labels(kind="Tenant").set_function(lambda: len(self.tenants))
+        self.elsewhere: dict[Key, str] = {}
+        """Sharded replicas: Tenants that exist and another replica owns, as of the last LIST, with
+        their uids (their Quotas are that replica's to evaluate, and carry its slice's label)."""
 
     def observe(self, type_: str | None, body: Mapping[str, Any]) -> None:
         """A Quota watch event (type None: Kopf's initial listing). The Tenants' cache is the
@@ -139,6 +144,8 @@ class QuotaCluster:
         (QuotaService.pass_once)."""
         if plural == TENANTS and not self.ctx.ownership.whole:
             return False
+        if plural == QUOTAS and self.ctx.ownership.quota_selector() is not None:
+            return False  # watched by label: the count is of all
         try:
             count = await self.ctx.kube.count(plural)
         except ApiError:
@@ -166,19 +173,66 @@ class QuotaCluster:
             return cache.values()
         ownership = self.ctx.ownership
         if plural != TENANTS or not ownership.sharded:
-            await cache.relist(self.ctx.kube.list_pages(plural))
+            labels = (ownership.quota_selector() if plural == QUOTAS else None) or ""
+            await cache.relist(self.ctx.kube.list_pages(plural, label_selector=labels))
             return cache.values()
-        elsewhere: set[Key] = set()
+        elsewhere: dict[Key, str] = {}
 
         def mine(tenant: Mapping[str, Any]) -> bool:
             if ownership.owns(tenant):
                 return True
-            elsewhere.add((tenant["metadata"]["namespace"], tenant["metadata"]["name"]))
+            meta = tenant["metadata"]
+            elsewhere[(meta["namespace"], meta["name"])] = str(meta.get("uid") or "")
             return False
 
         await cache.relist(self.ctx.kube.list_pages(plural), keep=mine)
         self.elsewhere = elsewhere
         return cache.values()
+
+    def label_to_set(self, quota: Mapping[str, Any], tenant_uid: str | None) -> tuple[bool, str | None]:
+        """Sharded: whether this replica sets the Quota's slice label, and to what: its Tenant's
+        slice (``tenant_uid``), or none when the Tenant is gone (then every replica sees it). The
+        Tenant's holder labels a new Quota; another replica only corrects a label it sees, one
+        naming its own slices or another slice count (a Tenant re-created elsewhere, a hand edit)."""
+        ownership = self.ctx.ownership
+        if not ownership.sharded:
+            return False, None
+        want = ownership.label_for(tenant_uid) if tenant_uid else None
+        have = (quota["metadata"].get("labels") or {}).get(SLICE_LABEL)
+        if have == want or (have is None and tenant_uid and not ownership.owns_uid(tenant_uid)):
+            return False, None
+        return True, want
+
+    async def label_quotas(self, quotas: Sequence[Mapping[str, Any]], tenant_uid: str | None) -> None:
+        """Set the slice labels ``label_to_set`` asks for. A Quota with its Tenant's label is seen
+        by that Tenant's holder only (shards.Ownership.quota_selector)."""
+        for q in quotas:
+            change, want = self.label_to_set(q, tenant_uid)
+            if change:
+                meta = q["metadata"]
+                written = await self.ctx.kube.set_label(QUOTAS, meta["namespace"], meta["name"], SLICE_LABEL, want,
+                                                        uid=str(meta.get("uid") or ""))
+                if written is not None:
+                    self.quotas.store(written)  # the next evaluation does not label it again
+
+    async def quotas_of(self, namespace: str, tenant: str) -> list[dict[str, Any]]:
+        """The Quotas naming ``tenant``, read from the API server (a fieldSelector on
+        spec.tenantRef.name) and stored in the cache: before a Tenant's first evaluation applies
+        its tier's defaults, as the cache shows no Quota for it, though its Quota may be on its way
+        in the watch (made at the same moment). Empty when the API server cannot select on that
+        field (a CRD older than this operator)."""
+        found: list[dict[str, Any]] = []
+        try:
+            async for page in self.ctx.kube.list_pages(QUOTAS, namespace,
+                                                       field_selector=f"spec.tenantRef.name={tenant}"):
+                found += page.items
+        except ApiError as exc:
+            if exc.status != 400:
+                raise
+            return []
+        for q in found:
+            self.quotas.store(q)
+        return [q for q in found if tenant_ref(q) == tenant]
 
     def expected_limits(self, tenant: Mapping[str, Any]) -> dict[str, str] | None:
         """The effective limits this Tenant's next evaluation will publish, from the watch cache:
