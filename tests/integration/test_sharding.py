@@ -212,6 +212,13 @@ def test_each_replica_watches_only_the_quotas_of_its_slices(fleet: Fleet) -> Non
     assert cluster.get("quotas", namespace, "early-limits")["status"]["hard"]["connections"] == "7"
     assert cluster.get("tenants", namespace, "early")["status"]["effectiveLimits"]["connections"] == "7"
 
+    # Its Tenant deleted, the Quota loses the label (every replica sees it again) and says so.
+    cluster.delete("tenants", namespace, "early")
+    eventually(lambda: cluster.gone("tenants", namespace, "early"), timeout=120, interval=0.5, what="Tenant gone")
+    cluster.wait_condition("quotas", namespace, "early-limits", status="False", reason="TenantNotFound", timeout=60)
+    eventually(lambda: SLICE not in (cluster.get("quotas", namespace, "early-limits")["metadata"].get("labels") or {}),
+               timeout=30, interval=0.5, what="the orphaned Quota without a slice label")
+
 
 def test_a_killed_replicas_slices_go_to_the_other_and_its_tenants_are_served(fleet: Fleet) -> None:
     holders = fleet.split("replica-a", "replica-b")

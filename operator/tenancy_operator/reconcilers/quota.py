@@ -372,8 +372,11 @@ class QuotaService:
         """Sharded: the slice label of each Quota this replica sees, from its Tenant as this pass
         knows it (ours from the cache, another replica's or none from this pass's LIST)."""
         todo: list[tuple[Subject, str | None]] = []
+        now = _now()
         for key, s in subjects.items():
             if s.tenant is not None:
+                if key not in self.applied and first_provisioning(s.tenant, now):
+                    continue  # its evaluation at Ready labels it: no burst of writes in a mass creation
                 uid: str | None = str(s.tenant["metadata"].get("uid") or "")
             elif tenants_listed:
                 uid = self.cluster.elsewhere.get(key)
