@@ -20,10 +20,10 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from tenancy_operator.api.tenant import serving_database
 from tenancy_operator.k8s.client import ApiError
@@ -49,6 +49,7 @@ from tenancy_operator.reconcilers.quota_types import Key, Memory, Plan, Probe, S
 from tenancy_operator.runtime_context import OperatorContext
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 KIND = "Quota"
 LOCK_KIND = "QuotaTenant"
@@ -62,6 +63,15 @@ UNSEEN_TENANT_GRACE_SECONDS = 10.0
 EXPIRY_GRACE = timedelta(milliseconds=50)
 """Wake a little after an override's expiry so the evaluation sees it expired."""
 # --- The service --------------------------------------------------------------------------------------
+
+
+async def in_slices(items: Sequence[T], work: Callable[[T], Awaitable[None]]) -> None:
+    """``work`` on every item, PASS_SLICE at once, the event loop serving everything else between
+    slices: work that finds nothing to do never waits, so one gather over the whole fleet would run
+    in a single turn of the loop, and a FeatureFlag edit arriving meanwhile would wait for all of it."""
+    for start in range(0, len(items), PASS_SLICE):
+        await asyncio.gather(*(work(item) for item in items[start:start + PASS_SLICE]))
+        await asyncio.sleep(0)
 
 
 def _now() -> datetime:
@@ -353,14 +363,7 @@ class QuotaService:
                     log.warning("quota evaluation failed", namespace=s.namespace, tenant=s.name,
                                 error=type(exc).__name__, detail=str(exc)[:200])
 
-        # In slices: an evaluation that changes nothing never waits, so one gather over every
-        # subject would run them all in a single turn of the event loop, and a FeatureFlag edit
-        # arriving meanwhile would wait for the whole fleet. Between slices the loop serves
-        # everything else.
-        due = [s for k, s in subjects.items() if k not in waiting]
-        for start in range(0, len(due), PASS_SLICE):
-            await asyncio.gather(*(one(s) for s in due[start:start + PASS_SLICE]))
-            await asyncio.sleep(0)
+        await in_slices([s for k, s in subjects.items() if k not in waiting], one)
         remembered = set(self.memory) | self.series.tenants() | set(self.expiries) | self.probes.load_series
         for key in remembered - set(subjects):
             self.forget(key)  # neither a Tenant nor a Quota names it any more
@@ -371,7 +374,7 @@ class QuotaService:
     async def _label(self, subjects: Mapping[Key, Subject], *, tenants_listed: bool) -> None:
         """Sharded: the slice label of each Quota this replica sees, from its Tenant as this pass
         knows it (ours from the cache, another replica's or none from this pass's LIST)."""
-        todo: list[tuple[Subject, str | None]] = []
+        todo: list[tuple[Subject, str | None]] = []  # each subject with its Tenant's uid
         now = _now()
         for key, s in subjects.items():
             if s.tenant is not None:
@@ -384,17 +387,15 @@ class QuotaService:
                 continue  # only a LIST says which replica's, or whether it exists
             if any(self.cluster.label_to_set(q, uid)[0] for q in s.quotas):
                 todo.append((s, uid))
-        sem = asyncio.Semaphore(self.ctx.settings.reconcile_concurrency)
 
-        async def one(s: Subject, uid: str | None) -> None:
-            async with sem:
-                try:
-                    await self.cluster.label_quotas(s.quotas, uid)
-                except ApiError as exc:  # the next pass labels it
-                    log.warning("labelling quotas failed", namespace=s.namespace, tenant=s.name, status=exc.status)
+        async def one(item: tuple[Subject, str | None]) -> None:
+            s, uid = item
+            try:
+                await self.cluster.label_quotas(s.quotas, uid)
+            except ApiError as exc:  # the next pass labels it
+                log.warning("labelling quotas failed", namespace=s.namespace, tenant=s.name, status=exc.status)
 
-        for start in range(0, len(todo), PASS_SLICE):
-            await asyncio.gather(*(one(s, uid) for s, uid in todo[start:start + PASS_SLICE]))
+        await in_slices(todo, one)
 
     # --- handler entry points -------------------------------------------------------------------------
 
