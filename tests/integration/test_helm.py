@@ -47,7 +47,7 @@ NAMESPACE_RULES = [
      "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": ["tenancy.dev"], "resources": ["tenantarchives"],
      "verbs": ["get", "list", "watch", "patch", "create", "delete"]},
-    {"apiGroups": ["tenancy.dev"], "resources": ["quotas"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["tenancy.dev"], "resources": ["quotas"], "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": ["tenancy.dev"], "resources": ["tenants/status", "quotas/status", "featureflags/status",
                                                  "schemarollouts/status", "tenantarchives/status"],
      "verbs": ["patch"]},
