@@ -5,8 +5,8 @@ Tenant and the Quotas naming it (quota_cluster.py: the watch caches) and what th
 about it (quota_probe.py measures it). ``evaluate`` (pure, quota_policy.py, on the limit arithmetic
 of quota_limits.py) turns a subject into a plan (quota_types.py); ``QuotaService.apply`` carries it
 out: the database part (quota_enforce.py), status, Events and metrics (quota_metrics.py). The
-periodic pass measures every tenant of a target with one query per measure and evaluates all
-subjects; Quota and Tenant watch events evaluate one subject in the background at once (edits take
+periodic pass (quota_pass.py) measures every tenant of a target with one query per measure and
+evaluates all subjects; Quota and Tenant watch events evaluate one subject in the background at once (edits take
 effect immediately; keyed_work.py runs one evaluation per tenant at a time); a scheduled wake-up
 evaluates the subjects whose override ends now.
 
@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from tenancy_operator.api.tenant import serving_database
 from tenancy_operator.k8s.client import ApiError
@@ -43,35 +42,21 @@ from tenancy_operator.reconcilers.quota_cluster import (
 from tenancy_operator.reconcilers.quota_enforce import write_database
 from tenancy_operator.reconcilers.quota_limits import quota_version, sort_quotas
 from tenancy_operator.reconcilers.quota_metrics import QuotaSeries
+from tenancy_operator.reconcilers.quota_pass import QuotaPass
 from tenancy_operator.reconcilers.quota_policy import STALE_MEASUREMENTS, evaluate
 from tenancy_operator.reconcilers.quota_probe import QuotaProbes
-from tenancy_operator.reconcilers.quota_types import Key, Memory, Plan, Probe, Subject
+from tenancy_operator.reconcilers.quota_types import LOCK_KIND, Key, Memory, Plan, Probe, Subject
 from tenancy_operator.runtime_context import OperatorContext
 
 log = get_logger(__name__)
-T = TypeVar("T")
 
 KIND = "Quota"
-LOCK_KIND = "QuotaTenant"
 RETRY_FAILED_PASS_SECONDS = 5.0
-RELIST_EVERY = 10
-"""Every how many periodic passes Tenants and Quotas are LISTed instead of read from the watch cache."""
-PASS_SLICE = 32
-"""Tenants a periodic pass evaluates per turn of the event loop."""
 UNSEEN_TENANT_GRACE_SECONDS = 10.0
 """How long a new Quota waits for its Tenant to show in the watch before reading it with a GET."""
 EXPIRY_GRACE = timedelta(milliseconds=50)
 """Wake a little after an override's expiry so the evaluation sees it expired."""
 # --- The service --------------------------------------------------------------------------------------
-
-
-async def in_slices(items: Sequence[T], work: Callable[[T], Awaitable[None]]) -> None:
-    """``work`` on every item, PASS_SLICE at once, the event loop serving everything else between
-    slices: work that finds nothing to do never waits, so one gather over the whole fleet would run
-    in a single turn of the loop, and a FeatureFlag edit arriving meanwhile would wait for all of it."""
-    for start in range(0, len(items), PASS_SLICE):
-        await asyncio.gather(*(work(item) for item in items[start:start + PASS_SLICE]))
-        await asyncio.sleep(0)
 
 
 def _now() -> datetime:
@@ -110,11 +95,10 @@ class QuotaService:
         self._wake: asyncio.Event | None = None
         self.work: KeyedWork[Trigger] = KeyedWork(KIND, self._evaluate, pending=lambda t: t.quota)
         """Evaluations in the background, one per tenant at a time (Quota and Tenant events)."""
-        self._deferred: set[Key] = set()
+        self.deferred: set[Key] = set()
         """Tenants whose new Quota waits for the end of their first provisioning (see reconcile_tenant)."""
         self.cluster = QuotaCluster(ctx)
-        self._passes = 0
-        self._relist_next = False
+        self.periodic = QuotaPass(self)
         self.probes = QuotaProbes(ctx, noisy=lambda key: bool((m := self.memory.get(key)) is not None and m.noisy))
         self.series = QuotaSeries(per_tenant=lambda: self.ctx.settings.quota_per_tenant_metrics,
                                   memories=lambda: self.memory.values())
@@ -207,7 +191,7 @@ class QuotaService:
                 # A new Quota whose Tenant the watch has not shown yet: in a bulk creation, the
                 # Tenant created just before it. The Tenant's own events evaluate it (at its first
                 # Ready); only if it stays unseen is it read (a GET for each would be one per tenant).
-                self._deferred.add(key)
+                self.deferred.add(key)
                 asyncio.get_running_loop().call_later(UNSEEN_TENANT_GRACE_SECONDS, self._still_unseen, key)
                 return None
             try:
@@ -216,7 +200,7 @@ class QuotaService:
                 latest = self.cluster.tenants.get(key) or tenant
                 if (defer_first_provisioning and latest is not None and key not in self.applied
                         and first_provisioning(latest, _now())):
-                    self._deferred.add(key)
+                    self.deferred.add(key)
                     log.debug("quota evaluation deferred until the tenant is provisioned",
                               namespace=namespace, tenant=name, trigger=trigger)
                     return None
@@ -243,7 +227,7 @@ class QuotaService:
     async def apply(self, subject: Subject, probe: Probe | None, *, trigger: str) -> Plan:
         """Evaluate one subject and carry the plan out. Call with the subject's lock held."""
         key = subject.key
-        self._deferred.discard(key)
+        self.deferred.discard(key)
         memory = self.memory.get(key)
         plan = evaluate(subject, probe, tier_limits=self.ctx.settings.tier_limits, now=_now(), memory=memory,
                         stale_after=self.stale_after)
@@ -294,7 +278,7 @@ class QuotaService:
         self.expiries.pop(key, None)
         self.applied.pop(key, None)
         self.enforced_quotas.pop(key, None)
-        self._deferred.discard(key)
+        self.deferred.discard(key)
         self.epochs.pop(key, None)
         self.series.update_series(key, None)
         self.probes.forget(key)
@@ -302,100 +286,8 @@ class QuotaService:
     # --- the periodic pass --------------------------------------------------------------------------
 
     async def pass_once(self) -> int:
-        """Measure and evaluate every tenant; returns how many subjects were evaluated."""
-        started = time.monotonic()
-        epochs = dict(self.epochs)
-        listing_due = self._passes % RELIST_EVERY == 0 or self._relist_next
-        relist = {TENANTS: listing_due, QUOTAS: listing_due}
-        if self._passes == 0:  # at start Kopf's listing fills the caches: read them, not a second LIST
-            relist = {plural: not await self.cluster.filled_by_watch(plural) for plural in relist}
-        # The start-up counts can be off by objects created or deleted meanwhile: the next pass LISTs.
-        self._relist_next = self._passes == 0 and not all(relist.values())
-        self._passes += 1
-        watched = self.cluster.watched
-        tenants = [t for t in await self.cluster.every(TENANTS, relist[TENANTS]) if watched(t["metadata"]["namespace"])]
-        quotas = [q for q in await self.cluster.every(QUOTAS, relist[QUOTAS]) if watched(q["metadata"]["namespace"])]
-        subjects: dict[Key, Subject] = {}
-        for t in tenants:
-            key = (t["metadata"]["namespace"], t["metadata"]["name"])
-            subjects[key] = Subject(key[0], key[1], t, [])
-        for q in quotas:
-            ref = tenant_ref(q)
-            if ref is None:
-                continue
-            key = (q["metadata"]["namespace"], ref)
-            subjects.setdefault(key, Subject(key[0], key[1], None, [])).quotas.append(q)
-        if not relist[TENANTS]:
-            # A Quota whose Tenant the cache has not seen may name a Tenant that Kopf has not
-            # delivered yet (thousands created at once): only a LIST may conclude TenantNotFound.
-            # Its own events judge it meanwhile (a Quota event reads a missing Tenant with a GET).
-            subjects = {k: s for k, s in subjects.items() if s.tenant is not None or k in self.memory}
-        if self.ctx.ownership.sharded:
-            await self._label(subjects, tenants_listed=relist[TENANTS])
-            subjects = {k: s for k, s in subjects.items() if self.cluster.ours(k, s.tenant, s.quotas)}
-        for s in subjects.values():
-            s.quotas = sort_quotas(s.quotas)
-
-        # Tenants in their first provisioning wait for their Ready (or Stalled) event, like a new
-        # Quota's handler does: measuring them now would only write a status replaced seconds later.
-        now = _now()
-        waiting = {k for k, s in subjects.items()
-                   if s.tenant is not None and k not in self.applied and first_provisioning(s.tenant, now)}
-        self._deferred |= waiting
-        by_target: dict[str, list[Subject]] = defaultdict(list)
-        for k, s in subjects.items():
-            if k not in waiting and s.tenant is not None and not s.tenant["metadata"].get("deletionTimestamp"):
-                by_target[serving_database(s.tenant)].append(s)
-        probes: dict[Key, Probe] = {}
-        for target, items in by_target.items():
-            with metrics.QUOTA_MEASURE_DURATION.labels(target=target).time():
-                probes.update(await self.probes.probe_target(target, items, load=True))
-
-        sem = asyncio.Semaphore(self.ctx.settings.reconcile_concurrency)
-
-        async def one(s: Subject) -> None:
-            async with sem, self.ctx.lock(LOCK_KIND, s.namespace, s.name):
-                if self.epochs.get(s.key, 0) != epochs.get(s.key, 0):
-                    return  # a handler evaluated it from fresher reads meanwhile
-                try:
-                    await self.apply(s, probes.get(s.key), trigger="interval")
-                except Exception as exc:  # one tenant's failure never stops the pass
-                    log.warning("quota evaluation failed", namespace=s.namespace, tenant=s.name,
-                                error=type(exc).__name__, detail=str(exc)[:200])
-
-        await in_slices([s for k, s in subjects.items() if k not in waiting], one)
-        remembered = set(self.memory) | self.series.tenants() | set(self.expiries) | self.probes.load_series
-        for key in remembered - set(subjects):
-            self.forget(key)  # neither a Tenant nor a Quota names it any more
-        self.series.update_aggregates()
-        metrics.QUOTA_PASS_DURATION.observe(time.monotonic() - started)
-        return len(subjects)
-
-    async def _label(self, subjects: Mapping[Key, Subject], *, tenants_listed: bool) -> None:
-        """Sharded: the slice label of each Quota this replica sees, from its Tenant as this pass
-        knows it (ours from the cache, another replica's or none from this pass's LIST)."""
-        todo: list[tuple[Subject, str | None]] = []  # each subject with its Tenant's uid
-        now = _now()
-        for key, s in subjects.items():
-            if s.tenant is not None:
-                if key not in self.applied and first_provisioning(s.tenant, now):
-                    continue  # its evaluation at Ready labels it: no burst of writes in a mass creation
-                uid: str | None = str(s.tenant["metadata"].get("uid") or "")
-            elif tenants_listed:
-                uid = self.cluster.elsewhere.get(key)
-            else:
-                continue  # only a LIST says which replica's, or whether it exists
-            if any(self.cluster.label_to_set(q, uid)[0] for q in s.quotas):
-                todo.append((s, uid))
-
-        async def one(item: tuple[Subject, str | None]) -> None:
-            s, uid = item
-            try:
-                await self.cluster.label_quotas(s.quotas, uid)
-            except ApiError as exc:  # the next pass labels it
-                log.warning("labelling quotas failed", namespace=s.namespace, tenant=s.name, status=exc.status)
-
-        await in_slices(todo, one)
+        """Measure and evaluate every tenant; returns how many subjects were evaluated (quota_pass.py)."""
+        return await self.periodic.run()
 
     # --- handler entry points -------------------------------------------------------------------------
 
@@ -486,13 +378,13 @@ class QuotaService:
             return
         if self._tenant_changed(key, body):
             self.spawn(key[0], key[1], "tenant-changed")
-        elif key in self._deferred and not first_provisioning(body, _now()):
-            self._deferred.discard(key)  # not Ready, but no longer provisioning (e.g. Stalled)
+        elif key in self.deferred and not first_provisioning(body, _now()):
+            self.deferred.discard(key)  # not Ready, but no longer provisioning (e.g. Stalled)
             self.spawn(key[0], key[1], "tenant-settled")
 
     def _still_unseen(self, key: Key) -> None:
-        if key not in self.cluster.tenants and key in self._deferred:
-            self._deferred.discard(key)
+        if key not in self.cluster.tenants and key in self.deferred:
+            self.deferred.discard(key)
             self.spawn(key[0], key[1], "tenant-unseen")  # reads it: TenantNotFound, or evaluated
 
     def _tenant_changed(self, key: Key, body: Mapping[str, Any] | None) -> bool:

@@ -18,6 +18,9 @@ from tenancy_operator.reconcilers.quota_limits import RoleSettings
 
 Key = tuple[str, str]
 """(namespace, tenant name): quotas are per tenant, so is every lock and memory entry."""
+LOCK_KIND = "QuotaTenant"
+"""The kind of the per-tenant lock every evaluation of a tenant holds (one at a time)."""
+
 
 @dataclass(frozen=True)
 class Probe:
