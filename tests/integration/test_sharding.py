@@ -182,7 +182,15 @@ def test_each_replica_watches_only_the_quotas_of_its_slices(fleet: Fleet) -> Non
     cluster = fleet.cluster
     namespace = fleet.namespace("labels")
     cluster.create("quotas", namespace, quota("early-limits", "early"))  # before its Tenant
-    cluster.create("tenants", namespace, tenant("early"))
+    early = cluster.create("tenants", namespace, tenant("early"))["metadata"]["uid"]
+    # Tenants of this test's own in both replicas' slices, so each replica has Quotas to keep.
+    held = {owner_of(holders, early)}
+    for i in range(20):
+        if held == {"replica-a", "replica-b"}:
+            break
+        held.add(owner_of(holders, cluster.create("tenants", namespace, tenant(f"spread-{i}"))["metadata"]["uid"]))
+        cluster.create("quotas", namespace, quota(f"spread-{i}-limits", f"spread-{i}"))
+    assert held == {"replica-a", "replica-b"}, "no tenant of 20 hashed into both replicas' slices"
     cluster.wait_condition("quotas", namespace, "early-limits", timeout=120)
 
     def labelled() -> dict[tuple[str, str], tuple[str | None, str]]:
