@@ -14,8 +14,10 @@ written to ``<path>`` as JSON and the request file removed (bench/scale --malloc
 object allocator (``sys._debugmallocstats``: arenas, bytes in used and in free blocks) and glibc's
 heap (``mallinfo2``: in use, free, and the free part ``malloc_trim`` could not return). Reading
 them costs milliseconds; no timing changes. The same JSON carries the time the cyclic garbage
-collector took since start (``gc_seconds``, ``gc_collections``, timed by a gc callback) and the
-process's CPU seconds, so runs on a machine of varying speed compare by the collector's share.
+collector took since start (``gc_seconds``, ``gc_collections``, and per generation, timed by a gc
+callback in CPU time of the collecting thread: wall time would count the moments the process waits
+for a core, which with several replicas on 2 cores is most of it) and the process's CPU seconds, so
+runs on a machine of varying speed compare by the collector's share.
 
 BENCH_GC_DEFAULTS: ``1`` leaves the collector as CPython sets it (no observability.memory.tune_gc):
 the what-if of the operator without its tuning.
@@ -91,17 +93,19 @@ PYMALLOC_FIGURES = {
 }
 
 
-GC_TIME = {"seconds": 0.0, "collections": 0.0, **{f"gen{g}_seconds": 0.0 for g in range(3)}}
+GC_TIME = {"seconds": 0.0, "collections": 0.0, **{f"gen{g}_seconds": 0.0 for g in range(3)},
+           **{f"gen{g}_collections": 0.0 for g in range(3)}}
 _gc_started = [0.0]
 
 
 def _time_gc(phase: str, info: dict[str, int]) -> None:
     if phase == "start":
-        _gc_started[0] = time.perf_counter()
+        _gc_started[0] = time.thread_time()
     else:
-        took = time.perf_counter() - _gc_started[0]
+        took = time.thread_time() - _gc_started[0]
         GC_TIME["seconds"] += took
         GC_TIME[f"gen{info['generation']}_seconds"] += took
+        GC_TIME[f"gen{info['generation']}_collections"] += 1
         GC_TIME["collections"] += 1
 
 

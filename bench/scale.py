@@ -362,7 +362,8 @@ def malloc_lines(malloc: dict[str, dict[str, dict[str, float]]]) -> list[str]:
                          f"pymalloc_free_mb={free:.1f} glibc_in_use_mb={mb.get('glibc_in_use_bytes', 0):.1f} "
                          f"glibc_free_mb={mb.get('glibc_free_bytes', 0):.1f} cpu_s={f.get('cpu_seconds', 0):.1f} "
                          f"gc_s={f.get('gc_seconds', 0):.1f} gc_full_s={f.get('gc_gen2_seconds', 0):.1f} "
-                         f"gc_collections={f.get('gc_collections', 0):.0f}")
+                         f"gc_collections={f.get('gc_collections', 0):.0f} "
+                         f"gc_full_collections={f.get('gc_gen2_collections', 0):.0f}")
     return lines
 
 
