@@ -94,16 +94,18 @@ class Fleet:
         self.cluster.core.create_namespace({"metadata": {"name": name}})
         return name
 
-    def provisioned_by(self, namespace: str, name: str) -> set[str]:
-        """The replicas that posted the Tenant's Provisioned Event."""
-        events = self.cluster.core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
+    def provisioned_by(self, namespace: str, name: str, uid: str | None = None) -> set[str]:
+        """The replicas that posted the Tenant's Provisioned Event (with ``uid``: that Tenant's, not
+        an earlier one's of the same name)."""
+        selector = f"involvedObject.name={name}" + (f",involvedObject.uid={uid}" if uid else "")
+        events = self.cluster.core.list_namespaced_event(namespace, field_selector=selector)
         return {e.reporting_instance for e in events.items if e.reason == "Provisioned"}
 
-    def assert_provisioned_by(self, namespace: str, name: str, replica: str) -> None:
+    def assert_provisioned_by(self, namespace: str, name: str, replica: str, uid: str | None = None) -> None:
         """The Tenant's Provisioned Event names ``replica``, and only it. Events are posted in the
         background, so the Event may come a moment after the Tenant shows Ready."""
         def check() -> bool:
-            got = self.provisioned_by(namespace, name)
+            got = self.provisioned_by(namespace, name, uid)
             assert got == {replica}, (namespace, name, got)
             return True
         eventually(check, timeout=30, interval=0.5, what=f"{namespace}/{name} provisioned by {replica}")
@@ -226,6 +228,37 @@ def test_each_replica_watches_only_the_quotas_of_its_slices(fleet: Fleet) -> Non
     cluster.wait_condition("quotas", namespace, "early-limits", status="False", reason="TenantNotFound", timeout=60)
     eventually(lambda: SLICE not in (cluster.get("quotas", namespace, "early-limits")["metadata"].get("labels") or {}),
                timeout=30, interval=0.5, what="the orphaned Quota without a slice label")
+
+
+def test_a_tenant_created_again_in_the_other_replicas_slice_keeps_its_quota(fleet: Fleet) -> None:
+    """A Tenant deleted and created again under its name, its new uid in the other replica's slices,
+    while its Quota stays: the Quota follows it to that replica (its slice label) and the new Tenant
+    gets the Quota's limits, not its tier's."""
+    holders = fleet.split("replica-a", "replica-b")
+    cluster = fleet.cluster
+    namespace = fleet.namespace("again")
+    uid = cluster.create("tenants", namespace, tenant("phoenix", deletionPolicy="Delete"))["metadata"]["uid"]
+    cluster.create("quotas", namespace, quota("phoenix-limits", "phoenix"))
+    cluster.wait_condition("quotas", namespace, "phoenix-limits", timeout=120)
+    first = owner_of(holders, uid)
+    for _ in range(10):
+        cluster.delete("tenants", namespace, "phoenix")
+        eventually(lambda: cluster.gone("tenants", namespace, "phoenix"), timeout=120, interval=0.5,
+                   what="Tenant gone")
+        uid = cluster.create("tenants", namespace, tenant("phoenix", deletionPolicy="Delete"))["metadata"]["uid"]
+        if owner_of(holders, uid) != first:
+            break
+    else:
+        pytest.fail("10 creations of the Tenant all hashed into the same replica's slices")
+    want = f"{SLICES}-{Slices(SLICES).slice_of(uid)}"
+    eventually(lambda: (cluster.get("quotas", namespace, "phoenix-limits")["metadata"].get("labels") or {})
+               .get(SLICE) == want, timeout=60, interval=0.5, what="the Quota labelled with the new Tenant's slice")
+    cluster.wait_condition("tenants", namespace, "phoenix", timeout=120)
+    fleet.assert_provisioned_by(namespace, "phoenix", owner_of(holders, uid), uid)
+    eventually(lambda: (cluster.get("tenants", namespace, "phoenix")["status"].get("effectiveLimits") or {})
+               .get("connections") == "7", timeout=60, interval=0.5, what="the Quota's limits on the new Tenant")
+    cluster.wait_condition("quotas", namespace, "phoenix-limits", timeout=60)
+    assert cluster.get("quotas", namespace, "phoenix-limits")["status"]["hard"]["connections"] == "7"
 
 
 def test_a_killed_replicas_slices_go_to_the_other_and_its_tenants_are_served(fleet: Fleet) -> None:
