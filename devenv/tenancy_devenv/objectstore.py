@@ -19,12 +19,13 @@ import sys
 import tempfile
 import urllib.request
 from pathlib import Path
+from typing import Unpack
 
 import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from tenancy_devenv.process import DevEnvError, LoopbackServer, Service, wait_for
+from tenancy_devenv.process import DevEnvError, LoopbackServer, Placement, Service, wait_for
 
 S3PROXY_VERSION = "3.1.0"
 S3PROXY_JAR = f"s3proxy-{S3PROXY_VERSION}-jar-with-dependencies.jar"
@@ -121,26 +122,18 @@ class ObjectStore(LoopbackServer):
     authoritative; omitted ones are generated.
     """
 
-    def __init__(
-        self,
-        workdir: Path,
-        port: int | None = None,
-        name: str = "objectstore",
-        *,
-        detached: bool = False,
-        access_key: str | None = None,
-        secret_key: str | None = None,
-        bucket: str = BUCKET,
-        timeout: float = 60.0,
-    ) -> None:
-        super().__init__(workdir, port, name, detached=detached, timeout=timeout)
+    default_name = "objectstore"
+
+    def __init__(self, workdir: Path, *, access_key: str | None = None, secret_key: str | None = None,
+                 bucket: str = BUCKET, **where: Unpack[Placement]) -> None:
+        super().__init__(workdir, **where)
         self.access_key = access_key or secrets.token_hex(10)
         self.secret_key = secret_key or secrets.token_hex(20)
         self.bucket = bucket
         self.config_file = self.directory / "s3proxy.conf"
-        self.credentials_dir = workdir / f"{name}-credentials"
+        self.credentials_dir = workdir / f"{self.name}-credentials"
         # The trailing space keeps <name>/s3proxy.conf from matching <name>/s3proxy.conf.orig and the like.
-        self.service = Service(name, workdir, ["s3proxy", f"--properties {self.config_file} "])
+        self.service = Service(self.name, workdir, ["s3proxy", f"--properties {self.config_file} "])
 
     @property
     def endpoint(self) -> str:

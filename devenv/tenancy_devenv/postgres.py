@@ -17,11 +17,12 @@ import secrets
 import signal
 import stat
 from pathlib import Path
+from typing import Unpack
 
 import psycopg
 from psycopg import sql
 
-from tenancy_devenv.process import DevEnvError, LoopbackServer, Service, run, wait_for
+from tenancy_devenv.process import DevEnvError, LoopbackServer, Placement, Service, run, wait_for
 
 DATABASE = "tenancy"
 OPERATOR_ROLE = "tenancy_operator"
@@ -35,26 +36,18 @@ class PostgresCluster(LoopbackServer):
     authoritative; omitted ones are generated.
     """
 
-    def __init__(
-        self,
-        workdir: Path,
-        bindir: Path,
-        port: int | None = None,
-        name: str = "pg",
-        *,
-        detached: bool = False,
-        superuser_password: str | None = None,
-        operator_password: str | None = None,
-        timeout: float = 60.0,
-    ) -> None:
-        super().__init__(workdir, port, name, detached=detached, timeout=timeout)
+    default_name = "pg"
+
+    def __init__(self, workdir: Path, bindir: Path, *, superuser_password: str | None = None,
+                 operator_password: str | None = None, **where: Unpack[Placement]) -> None:
+        super().__init__(workdir, **where)
         self.bindir = bindir
         self.superuser_password = superuser_password or secrets.token_hex(16)
         self.operator_password = operator_password or secrets.token_hex(16)
         self.socket_dir = self.directory / "run"
         # As root, run as the postgres OS user (Debian's package creates it).
         self.user: pwd.struct_passwd | None = _postgres_user() if os.geteuid() == 0 else None
-        self.service = Service(name, workdir, ["postgres", f"-D {self.data_dir} "], signal.SIGINT)
+        self.service = Service(self.name, workdir, ["postgres", f"-D {self.data_dir} "], signal.SIGINT)
 
     @property
     def admin_dsn(self) -> str:

@@ -17,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -195,6 +196,15 @@ class Service:
         return True
 
 
+class Placement(TypedDict, total=False):
+    """Where and how a :class:`LoopbackServer` runs; each server kind has its own defaults."""
+
+    port: int | None
+    name: str
+    detached: bool
+    timeout: float
+
+
 class LoopbackServer:
     """A server of the stack on a loopback port, run as one :class:`Service` (``service``, set by
     the subclass): its files in ``<workdir>/<name>/``, data in ``<workdir>/<name>/data``.
@@ -204,14 +214,16 @@ class LoopbackServer:
     """
 
     service: Service
+    default_name: str
+    default_timeout = 60.0
 
-    def __init__(self, workdir: Path, port: int | None, name: str, *, detached: bool, timeout: float) -> None:
+    def __init__(self, workdir: Path, **where: Unpack[Placement]) -> None:
         self.workdir = workdir
-        self.port = port or free_ports(1)[0]
-        self.name = name
-        self.detached = detached
-        self.timeout = timeout
-        self.directory = workdir / name
+        self.port = where.get("port") or free_ports(1)[0]
+        self.name = where.get("name", self.default_name)
+        self.detached = where.get("detached", False)
+        self.timeout = where.get("timeout", self.default_timeout)
+        self.directory = workdir / self.name
         self.data_dir = self.directory / "data"
 
     def pid(self) -> int | None:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Unpack
 
 from tenancy_devenv.binaries import repo_root
 from tenancy_devenv.objectstore import BUCKET, ObjectStore, _write_private
-from tenancy_devenv.process import DevEnvError, Service, free_ports, wait_for
+from tenancy_devenv.process import DevEnvError, Placement, Service, free_ports, wait_for
 
 # Every listener of `weed mini` on a port of ours: two stores (or a dev stack and a test session)
 # never collide on SeaweedFS's fixed defaults.
@@ -39,16 +40,19 @@ class SeaweedStore(ObjectStore):
     """SeaweedFS with one bucket and one identity (our keys), data in ``<workdir>/<name>/data``;
     same interface as :class:`ObjectStore` (client, start, stop, credentials directory)."""
 
-    def __init__(self, workdir: Path, port: int | None = None, name: str = "objectstore-sse", *,
-                 detached: bool = False, access_key: str | None = None, secret_key: str | None = None,
-                 bucket: str = BUCKET, timeout: float = 90.0, other_ports: dict[str, int] | None = None) -> None:
+    default_name = "objectstore-sse"
+    default_timeout = 90.0
+
+    def __init__(self, workdir: Path, *, access_key: str | None = None, secret_key: str | None = None,
+                 bucket: str = BUCKET, other_ports: dict[str, int] | None = None,
+                 **where: Unpack[Placement]) -> None:
         fresh = free_ports(len(PORT_FLAGS) + 1)  # in one call, so all distinct
-        super().__init__(workdir, port or fresh[-1], name, detached=detached, access_key=access_key,
-                         secret_key=secret_key, bucket=bucket, timeout=timeout)
+        where["port"] = where.get("port") or fresh[-1]
+        super().__init__(workdir, access_key=access_key, secret_key=secret_key, bucket=bucket, **where)
         self.config_file = self.directory / "s3.json"
         saved = other_ports or {}
         self.other_ports = {flag: saved.get(flag, free) for flag, free in zip(PORT_FLAGS, fresh[:-1], strict=True)}
-        self.service = Service(name, workdir, ["weed", "mini", f"-dir={self.data_dir}"])
+        self.service = Service(self.name, workdir, ["weed", "mini", f"-dir={self.data_dir}"])
 
     def start(self) -> None:
         """Start `weed mini` unless it runs, wait until S3 answers with our keys, create the bucket

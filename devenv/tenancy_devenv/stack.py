@@ -85,7 +85,7 @@ class LocalStack:
         saved_store = state.get("objectstore", {})
         self.objectstore = ObjectStore(
             self.workdir,
-            saved_store.get("port", ports[5]),
+            port=saved_store.get("port", ports[5]),
             detached=detached,
             access_key=saved_store.get("access_key"),
             secret_key=saved_store.get("secret_key"),
@@ -95,7 +95,7 @@ class LocalStack:
         if self.encrypted_store_for is not None:
             saved_sse = state.get("objectstore-sse", {})
             self.encrypted_store = SeaweedStore(
-                self.workdir, saved_sse.get("port"), detached=detached, access_key=saved_sse.get("access_key"),
+                self.workdir, port=saved_sse.get("port"), detached=detached, access_key=saved_sse.get("access_key"),
                 secret_key=saved_sse.get("secret_key"), other_ports=saved_sse.get("other_ports"))
         self.postgres: dict[str, PostgresCluster] = {}
         for target, spare_port in zip(self.targets, ports[6:], strict=True):
@@ -103,7 +103,7 @@ class LocalStack:
             self.postgres[target] = PostgresCluster(
                 self.workdir,
                 self.pg_bindir,
-                saved.get("port", spare_port),
+                port=saved.get("port", spare_port),
                 name="postgres" if target == DEFAULT_TARGET else f"postgres-{target}",
                 detached=detached,
                 superuser_password=saved.get("superuser_password"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -94,14 +94,13 @@ class S3Store:
             return SseKMS(self.config.kms_key_id, {})
         return None
 
-    @contextlib.contextmanager
-    def _errors(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except S3Error as exc:
-            raise StoreError(f"archive store {self}: {what}: {exc.code}") from None
-        except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            raise StoreError(f"archive store {self} unreachable: {what}: {type(exc).__name__}") from None
+    def _errors(self, what: str) -> contextlib.AbstractContextManager[None]:
+        def failure(exc: Exception) -> str:
+            if isinstance(exc, S3Error):
+                return f"archive store {self}: {what}: {exc.code}"
+            return f"archive store {self} unreachable: {what}: {type(exc).__name__}"
+
+        return _as_store_error((MinioException, urllib3.exceptions.HTTPError, OSError, ValueError), failure)
 
     def put(self, location: str, reader: _Readable) -> None:
         with self._errors("upload"):
@@ -154,12 +153,12 @@ class LocalStore:
     def location(self, key: str) -> str:
         return str(self.directory / key)
 
-    @contextlib.contextmanager
-    def _errors(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except OSError as exc:
-            raise StoreError(f"archive location {self.directory} unusable: {what}: {exc.strerror or exc}") from None
+    def _errors(self, what: str) -> contextlib.AbstractContextManager[None]:
+        def failure(exc: Exception) -> str:
+            strerror = exc.strerror if isinstance(exc, OSError) else None
+            return f"archive location {self.directory} unusable: {what}: {strerror or exc}"
+
+        return _as_store_error((OSError,), failure)
 
     def put(self, location: str, reader: _Readable) -> None:
         path = Path(location)
@@ -199,6 +198,16 @@ class LocalStore:
             if not base.is_dir():
                 return []
             return sorted(str(p) for p in base.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+@contextlib.contextmanager
+def _as_store_error(handled: tuple[type[Exception], ...], failure: Callable[[Exception], str]) -> Iterator[None]:
+    """The store's library and OS errors as one StoreError saying what failed, without their
+    tracebacks (which may carry request details)."""
+    try:
+        yield
+    except handled as exc:
+        raise StoreError(failure(exc)) from None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -42,6 +42,23 @@ Conditions = Annotated[
 """The `status.conditions` list: one entry per type."""
 
 
+class KindStatus(ApiModel):
+    """What every kind's status starts with: the generation it describes and its conditions."""
+
+    observed_generation: int | None = None
+    """metadata.generation this status describes."""
+    conditions: Conditions
+
+
+class Explained(ApiModel):
+    """Why an object or one of its parts is where it is, for machines and for humans."""
+
+    reason: str | None = Field(default=None, max_length=64)
+    """CamelCase reason, the one the Ready condition or the phase shows."""
+    message: str | None = Field(default=None, max_length=1024)
+    """The same, for humans."""
+
+
 def find_condition(conditions: list[Condition], type_: str) -> Condition | None:
     """The condition of the given type, if present."""
     return next((c for c in conditions if c.type == type_), None)

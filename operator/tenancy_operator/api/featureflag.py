@@ -1,4 +1,5 @@
-"""The FeatureFlag kind: a flag with variants, a rollout and per-tenant and per-user overrides.
+"""A feature flag with variants, a percentage or weighted rollout, and per-tenant and per-user
+overrides, published in a flagd-compatible form.
 
 The operator compiles these into flagd-compatible flag definitions, so the variant a user gets
 can be computed by any OpenFeature flagd provider.
@@ -12,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, AwareDatetime, Field, WithJsonSchema, model_validator
 
 from tenancy_operator.api.common import ApiModel, JsonDict
-from tenancy_operator.api.conditions import Conditions
+from tenancy_operator.api.conditions import Explained, KindStatus
 from tenancy_operator.api.durations import Duration, parse_duration
 from tenancy_operator.api.resource import PrinterColumn, ResourceInfo
 from tenancy_operator.api.schema_extra import cel, list_map, list_set, validations
@@ -361,7 +362,7 @@ class FeatureFlagSpec(ApiModel, json_schema_extra=_SPEC_RULES):
 RolloutPhase = Literal["Progressing", "Paused", "Completed", "RolledBack"]
 
 
-class RolloutStatus(ApiModel):
+class RolloutStatus(Explained):
     """Where the flag-wide rollout stands: the share served now and, with steps, their progress.
 
     With steps this is also the operator's record of the rollout (as Flagger's and Argo Rollouts'
@@ -391,16 +392,11 @@ class RolloutStatus(ApiModel):
     reason: str | None = Field(default=None, max_length=64)
     """Why the rollout is in its phase: StepServed, GateWaiting, GateBreached, PausedBySpec,
     FlagDisabled, HandEdited, Resumed or AllStepsServed."""
-    message: str | None = Field(default=None, max_length=1024)
-    """The same, for humans."""
 
 
-class FeatureFlagStatus(ApiModel):
+class FeatureFlagStatus(KindStatus):
     """What the operator last published for the flag."""
 
-    observed_generation: int | None = None
-    """metadata.generation this status describes."""
-    conditions: Conditions
     variant_shares: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=dict, max_length=MAX_VARIANTS
     )
@@ -424,10 +420,6 @@ class FeatureFlagStatus(ApiModel):
 
 FEATURE_FLAG = ResourceInfo(
     "FeatureFlag", FeatureFlagSpec, FeatureFlagStatus, short_names=("ff",),
-    description=(
-        "A feature flag with variants, a percentage or weighted rollout, and per-tenant and "
-        "per-user overrides, published in a flagd-compatible form."
-    ),
     printer_columns=(
         PrinterColumn("Enabled", ".spec.enabled"),
         PrinterColumn("Rollout", ".status.rollout.percentage", "Percentage of users in the rollout now"),

@@ -1,4 +1,8 @@
-"""The Quota kind: resource limits of one tenant, with time-boxed overrides."""
+"""Resource limits of one Tenant (storage, connections, request rate, jobs, timeouts), with
+time-boxed overrides.
+
+The Quota kind's spec and status; this first paragraph is its description in the CRD.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import AfterValidator, AwareDatetime, Field, WithJsonSchema, model_validator
 
 from tenancy_operator.api.common import ApiModel
-from tenancy_operator.api.conditions import Conditions
+from tenancy_operator.api.conditions import Conditions, KindStatus
 from tenancy_operator.api.durations import (
     DURATION_MAX_LENGTH,
     DURATION_PATTERN,
@@ -309,11 +313,9 @@ class LoadStatus(ApiModel):
     """Role attributes lowered by containment now (connections, statementTimeout)."""
 
 
-class QuotaStatus(ApiModel):
+class QuotaStatus(KindStatus):
     """Measured usage against the limits, written by the operator."""
 
-    observed_generation: int | None = None
-    """metadata.generation this status describes."""
     conditions: Conditions
     """Ready; NearLimit when a usage ratio passes the warning threshold; Exceeded when a limit is
     reached."""
@@ -336,7 +338,6 @@ class QuotaStatus(ApiModel):
 
 QUOTA = ResourceInfo(
     "Quota", QuotaSpec, QuotaStatus, short_names=("tq",),
-    description="Resource limits of one Tenant (storage, connections, request rate, jobs, timeouts).",
     printer_columns=(
         PrinterColumn("Tenant", ".spec.tenantRef.name"),
         PrinterColumn("Storage-Used", ".status.used.storage"),

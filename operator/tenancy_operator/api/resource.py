@@ -3,6 +3,8 @@ whole object of a kind as read from it (`KubeObject`)."""
 
 from __future__ import annotations
 
+import inspect
+import sys
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -36,7 +38,12 @@ class PrinterColumn:
 READY_COLUMN = PrinterColumn(
     "Ready", '.status.conditions[?(@.type=="Ready")].status', "Ready condition status", type="string"
 )
+PHASE_COLUMN = PrinterColumn("Phase", ".status.phase")
 AGE_COLUMN = PrinterColumn("Age", ".metadata.creationTimestamp", type="date")
+
+
+def _first_paragraph(doc: str | None) -> str:
+    return " ".join(inspect.cleandoc(doc or "").split("\n\n", 1)[0].split())
 
 
 @dataclass(frozen=True)
@@ -47,14 +54,17 @@ class ResourceInfo:
     spec_model: type[ApiModel]
     status_model: type[ApiModel]
     short_names: tuple[str, ...]
-    description: str
+    description: str = ""
+    """Default: the first paragraph of the docstring of the module that declares the spec model, so
+    the kind is described once, for `kubectl explain` and for readers of the code (as kubebuilder
+    takes it from the type's doc comment)."""
     plural: str = ""
     """Default: the kind in lower case with an s (tenants, quotas, featureflags)."""
     singular: str = ""
     """Default: the kind in lower case."""
     printer_columns: tuple[PrinterColumn, ...] = ()
-    """The kind's own columns for ``kubectl get``; Ready (where the kind does not place it) and Age
-    follow, as on every kind."""
+    """The kind's own columns for ``kubectl get``; Phase (where the status has one), Ready and Age
+    follow where the kind does not place them, so every kind shows them alike."""
     root_validations: tuple[JsonDict, ...] = ()
     selectable_fields: tuple[str, ...] = ()
     """JSON paths a LIST or watch may select on with a fieldSelector (the CRD's selectableFields)."""
@@ -68,8 +78,12 @@ class ResourceInfo:
     def __post_init__(self) -> None:
         object.__setattr__(self, "singular", self.singular or self.kind.lower())
         object.__setattr__(self, "plural", self.plural or f"{self.kind.lower()}s")
-        ready = () if READY_COLUMN in self.printer_columns else (READY_COLUMN,)
-        object.__setattr__(self, "printer_columns", (*self.printer_columns, *ready, AGE_COLUMN))
+        if not self.description:
+            doc = sys.modules[self.spec_model.__module__].__doc__
+            object.__setattr__(self, "description", _first_paragraph(doc))
+        phase = (PHASE_COLUMN,) if "phase" in self.status_model.model_fields else ()
+        placed = [c for c in (*phase, READY_COLUMN) if c not in self.printer_columns]
+        object.__setattr__(self, "printer_columns", (*self.printer_columns, *placed, AGE_COLUMN))
 
     @property
     def api_version(self) -> str:

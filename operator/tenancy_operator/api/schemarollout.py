@@ -1,4 +1,5 @@
-"""The SchemaRollout kind: a template's new migrations reach its Tenants in waves.
+"""Waves in which a schema template's new migrations reach its Tenants: a canary, then batches,
+each gated on the Tenants' health, a failure budget and optionally a Prometheus query.
 
 A SchemaRollout names a schema template (the ConfigMap Tenants name in spec.schemaTemplate) of its
 namespace. Without one, a new migration in the template goes to every Tenant at once; with one,
@@ -22,7 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AwareDatetime, Field, model_validator
 
 from tenancy_operator.api.common import ApiModel, DnsSubdomain
-from tenancy_operator.api.conditions import Conditions
+from tenancy_operator.api.conditions import Explained, KindStatus
 from tenancy_operator.api.durations import Duration, parse_duration
 from tenancy_operator.api.featureflag import RolloutGate
 from tenancy_operator.api.resource import PrinterColumn, ResourceInfo
@@ -154,11 +155,9 @@ class FailedTenant(ApiModel):
     message: str = Field(default="", max_length=512)
 
 
-class SchemaRolloutStatus(ApiModel):
+class SchemaRolloutStatus(KindStatus, Explained):
     """Where the rollout stands; `baseVersion`, `canary` and `admitBelow` are what Tenants obey."""
 
-    observed_generation: int | None = None
-    conditions: Conditions
     phase: RolloutPhase | None = None
     """Idle (nothing newer than baseVersion), Progressing, Paused, Halted (a wave's failures went
     over the budget or the gate breached: no further Tenants admitted until resumed), Completed,
@@ -196,17 +195,11 @@ class SchemaRolloutStatus(ApiModel):
     """The value of the tenancy.dev/resume-rollout annotation last acted on."""
     rolled_back_by: str | None = Field(default=None, max_length=253)
     """The value of the tenancy.dev/rollback-rollout annotation last acted on."""
-    reason: str | None = Field(default=None, max_length=64)
-    message: str | None = Field(default=None, max_length=1024)
 
 
 
 SCHEMA_ROLLOUT = ResourceInfo(
     "SchemaRollout", SchemaRolloutSpec, SchemaRolloutStatus, short_names=("sro",),
-    description=(
-        "Waves in which a schema template's new migrations reach its Tenants: a canary, then "
-        "batches, each gated on the Tenants' health, a failure budget and optionally a Prometheus query."
-    ),
     printer_columns=(
         PrinterColumn("Template", ".spec.template"),
         PrinterColumn("Target", ".status.targetVersion"),
@@ -214,7 +207,6 @@ SCHEMA_ROLLOUT = ResourceInfo(
         PrinterColumn("Migrated", ".status.migrated"),
         PrinterColumn("Failed", ".status.failed"),
         PrinterColumn("Pending", ".status.pending"),
-        PrinterColumn("Phase", ".status.phase"),
     ),
 )
 

@@ -1,4 +1,8 @@
-"""The Tenant kind: one SaaS tenant, backed by a PostgreSQL schema and role of its own."""
+"""A SaaS tenant: the operator gives it a PostgreSQL schema and role, credentials in a Secret,
+quotas and feature flags. The name becomes the identifier tenant_<name>.
+
+The Tenant kind's spec and status; this first paragraph is its description in the CRD.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, AwareDatetime, Field
 
 from tenancy_operator.api.common import ApiModel, DnsSubdomain
-from tenancy_operator.api.conditions import Conditions
+from tenancy_operator.api.conditions import KindStatus
 from tenancy_operator.api.durations import (
     Duration,
     check_duration_at_most,
@@ -17,7 +21,7 @@ from tenancy_operator.api.durations import (
     duration_millis_cel,
     parse_duration,
 )
-from tenancy_operator.api.resource import READY_COLUMN, PrinterColumn, ResourceInfo
+from tenancy_operator.api.resource import PHASE_COLUMN, READY_COLUMN, PrinterColumn, ResourceInfo
 from tenancy_operator.api.schema_extra import cel, cel_string, list_map, validations
 
 TENANT_NAME_MAX_LENGTH = 56
@@ -239,14 +243,11 @@ class MoveRecord(ApiModel):
     """When the copy on the source is dropped."""
 
 
-class TenantStatus(ApiModel):
+class TenantStatus(KindStatus):
     """Observed state of a tenant, written by the operator."""
 
-    observed_generation: int | None = None
-    """metadata.generation this status describes."""
     phase: TenantPhase | None = None
     """Summary of where the tenant is in its life cycle; conditions carry the details."""
-    conditions: Conditions
     tenant_id: str | None = Field(default=None, max_length=64)
     """Stable id of the tenant, shared with the application (e.g. in the flag store)."""
     schema_name: str | None = Field(default=None, alias="schema", max_length=63)
@@ -274,13 +275,9 @@ class TenantStatus(ApiModel):
 
 TENANT = ResourceInfo(
     "Tenant", TenantSpec, TenantStatus, short_names=("tn",),
-    description=(
-        "A SaaS tenant: the operator gives it a PostgreSQL schema and role, credentials in a "
-        "Secret, quotas and feature flags. The name becomes the identifier tenant_<name>."
-    ),
     printer_columns=(
         READY_COLUMN,
-        PrinterColumn("Phase", ".status.phase"),
+        PHASE_COLUMN,
         PrinterColumn("Tier", ".spec.tier"),
         PrinterColumn("Schema", ".status.schema"),
         PrinterColumn("Version", ".status.schemaVersion", "Latest schema migration applied"),

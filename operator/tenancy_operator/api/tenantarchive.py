@@ -1,7 +1,8 @@
-"""The TenantArchive kind: one per archive, created by the operator when it archives a Tenant
-(deletionPolicy Archive, or a snapshot before a risky migration).
+"""One archive of a Tenant's schema (a verified pg_dump in the archive store): listed, restorable
+with a Tenant's restoreFrom, purged when deleted unless protected.
 
-The object is where an archive is found and managed: `kubectl get tenantarchives` lists them with
+The operator creates one when it archives a Tenant (deletionPolicy Archive, or a snapshot before a
+risky migration). The object is where an archive is found and managed: `kubectl get tenantarchives` lists them with
 their tenant, size and expiry; a Tenant's `restoreFrom` names one; deleting one purges the archive
 from its store unless `spec.protected` is true. The facts (source tenant, location, checksum,
 times) are in status and come from the operator's catalog, which the operator alone writes: an
@@ -16,7 +17,7 @@ from typing import Literal
 from pydantic import AwareDatetime, Field
 
 from tenancy_operator.api.common import ApiModel
-from tenancy_operator.api.conditions import Conditions
+from tenancy_operator.api.conditions import Explained, KindStatus
 from tenancy_operator.api.resource import PrinterColumn, ResourceInfo
 
 ArchivePhase = Literal["Available", "Purging", "NotManaged"]
@@ -38,11 +39,9 @@ class ArchivedTenant(ApiModel):
     uid: str | None = Field(default=None, max_length=64)
 
 
-class TenantArchiveStatus(ApiModel):
+class TenantArchiveStatus(KindStatus, Explained):
     """The archive as the operator's catalog records it."""
 
-    observed_generation: int | None = None
-    conditions: Conditions
     phase: ArchivePhase | None = None
     """Available, Purging (deleted: the archive is being removed from its store), or NotManaged
     (an object the operator did not create)."""
@@ -58,22 +57,15 @@ class TenantArchiveStatus(ApiModel):
     created_at: AwareDatetime | None = None
     expires_at: AwareDatetime | None = None
     """When retention purges it (not while protected)."""
-    reason: str | None = Field(default=None, max_length=64)
-    message: str | None = Field(default=None, max_length=1024)
 
 
 TENANT_ARCHIVE = ResourceInfo(
     "TenantArchive", TenantArchiveSpec, TenantArchiveStatus, short_names=("tarc",),
-    description=(
-        "One archive of a Tenant's schema (a verified pg_dump in the archive store): listed, restorable "
-        "with a Tenant's restoreFrom, purged when deleted unless protected."
-    ),
     printer_columns=(
         PrinterColumn("Tenant", ".status.tenant.name"),
         PrinterColumn("Target", ".status.target"),
         PrinterColumn("Size", ".status.sizeBytes"),
         PrinterColumn("Expires", ".status.expiresAt"),
         PrinterColumn("Protected", ".spec.protected"),
-        PrinterColumn("Phase", ".status.phase"),
     ),
 )
