@@ -142,6 +142,8 @@ class Ownership:
         self.slices = slices
         self.held: frozenset[int] = frozenset(held)
         self.held_labels = frozenset(slices.label(i) for i in self.held) if slices is not None else frozenset()
+        self.others_labels = (frozenset(slices.label(i) for i in range(slices.count) if i not in self.held)
+                              if slices is not None else frozenset())
 
     @property
     def sharded(self) -> bool:
@@ -171,6 +173,10 @@ class Ownership:
     def labelled_mine(self, body: Mapping[str, Any]) -> bool:
         """The object carries the SLICE_LABEL of a slice this replica holds."""
         return ((body.get("metadata") or {}).get("labels") or {}).get(SLICE_LABEL) in self.held_labels
+
+    def watches_quota(self, body: Mapping[str, Any]) -> bool:
+        """The Quota is one ``quota_selector`` selects: not labelled with another replica's slice."""
+        return ((body.get("metadata") or {}).get("labels") or {}).get(SLICE_LABEL) not in self.others_labels
 
     def quota_selector(self) -> str | None:
         """The label selector of the Quotas this replica watches: those of its slices and those

@@ -6,7 +6,11 @@ would be O(N^2) API traffic and JSON parsing. What it adds to a plain dict:
 
 - the newer-version guard: an object is never replaced by an older version of itself (the answer
   to our own status patch is stored at once, and its watch event, or an older one still in
-  flight, must not take the cache back: an evaluation from a stale status would write it again);
+  flight, must not take the cache back: an evaluation from a stale status would write it again),
+  nor brought back by a version older than its removal (our patch's answer arriving after the
+  DELETED event of a deletion, or of its leaving a selector's watch, that came after the patch);
+- ``admit``: which objects the watch brings (e.g. those a label selector selects): a stored
+  answer to our own write that the watch would not bring removes the object instead;
 - ``slim``: what the cache keeps of each object (the fields its readers use, not managedFields),
   as a ``compact`` copy;
 - one optional index (``index(body)`` names the group an object belongs to, e.g. the tenant a
@@ -17,6 +21,7 @@ would be O(N^2) API traffic and JSON parsing. What it adds to a plain dict:
 from __future__ import annotations
 
 import sys
+from collections import OrderedDict
 from collections.abc import AsyncIterable, Callable, Hashable, Mapping
 from typing import Any
 
@@ -26,6 +31,8 @@ Key = tuple[str, str]
 """(namespace, name)"""
 
 SHARED_STRING_LENGTH = 64
+REMOVALS_KEPT = 10_000
+"""Removals remembered between LISTs: a stale answer comes within seconds of its removal."""
 
 
 def compact(value: Any) -> Any:
@@ -46,10 +53,15 @@ def compact(value: Any) -> Any:
 
 class WatchCache:
     def __init__(self, slim: Callable[[Mapping[str, Any]], dict[str, Any]],
-                 index: Callable[[Mapping[str, Any]], Hashable | None] | None = None) -> None:
+                 index: Callable[[Mapping[str, Any]], Hashable | None] | None = None,
+                 admit: Callable[[Mapping[str, Any]], bool] | None = None) -> None:
         self._slim = slim
         self._index_of = index
+        self._admit = admit
         self._objects: dict[Key, dict[str, Any]] = {}
+        self._removed: OrderedDict[Key, Mapping[str, Any]] = OrderedDict()
+        """The metadata of each object at its removal, until a LIST newer than it (or more than
+        REMOVALS_KEPT removals later): a version up to it is stale."""
         self._groups: dict[Hashable, dict[Key, dict[str, Any]]] = {}
         self._group_of: dict[Key, Hashable] = {}
         self.listed = False
@@ -59,22 +71,39 @@ class WatchCache:
         """A watch event (type None: Kopf's initial listing)."""
         self.listed = True
         if type_ == "DELETED":
-            self.remove(_key(body))
+            self.remove(_key(body), body)
         else:
             self.store(body)
 
     def store(self, body: Mapping[str, Any]) -> None:
-        """Keep ``body`` unless the cache holds a newer version of the object already."""
+        """Keep ``body`` unless the cache holds a newer version of the object already, or removed
+        a newer one; a version the watch would not bring removes the object."""
         key = _key(body)
+        meta = body["metadata"]
         cached = self._objects.get(key)
-        if cached is not None and older_version(body["metadata"], cached["metadata"]):
+        if cached is not None and older_version(meta, cached["metadata"]):
             return
+        removed = self._removed.get(key)
+        if cached is None and removed is not None and removed["uid"] == meta.get("uid") and not _newer(body, removed):
+            return
+        if self._admit is not None and not self._admit(body):
+            self.remove(key, body)
+            return
+        self._removed.pop(key, None)
         stored = self._objects[key] = compact(self._slim(body))
         self._reindex(key, stored)
 
-    def remove(self, key: Key) -> None:
+    def remove(self, key: Key, body: Mapping[str, Any] | None = None) -> None:
+        """Forget the object; ``body``: as it was removed (a DELETED event's), so that no older
+        version of it is stored again."""
         self._objects.pop(key, None)
         self._reindex(key, None)
+        if body is not None:
+            meta = body["metadata"]
+            self._removed[key] = {"uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")}
+            self._removed.move_to_end(key)
+            while len(self._removed) > REMOVALS_KEPT:
+                self._removed.popitem(last=False)
 
     async def relist(self, pages: AsyncIterable[Page], keep: Callable[[Mapping[str, Any]], bool] | None = None) -> None:
         """A paged LIST's answer (Kube.list_pages), stored a page at a time, so only one page of
@@ -91,6 +120,8 @@ class WatchCache:
                     self.store(body)
         for key in [k for k in self._objects if k not in listed and not _newer(self._objects[k], version)]:
             self.remove(key)
+        for key in [k for k, meta in self._removed.items() if not _newer({"metadata": meta}, version)]:
+            del self._removed[key]  # the listing is later: it holds the object or not, as it is now
         self.listed = True
 
     def get(self, key: Key) -> dict[str, Any] | None:
@@ -124,9 +155,11 @@ class WatchCache:
             self._groups.setdefault(value, {})[key] = body
 
 
-def _newer(body: Mapping[str, Any], version: str) -> bool:
-    """The object's version is later than a listing's (both etcd revisions; see older_version)."""
+def _newer(body: Mapping[str, Any], than: str | Mapping[str, Any]) -> bool:
+    """The object's version is later than a listing's or a removal's (etcd revisions; see
+    older_version)."""
     mine = str(body["metadata"].get("resourceVersion") or "")
+    version = than if isinstance(than, str) else str(than.get("resourceVersion") or "")
     return mine.isdigit() and version.isdigit() and int(mine) > int(version)
 
 

@@ -148,6 +148,11 @@ def test_quotas_are_watched_by_their_tenants_slice_label() -> None:
     assert Ownership().label_for(uid) is None  # unsharded: no label
     quota = {"metadata": {"labels": {"tenancy.dev/slice": label}}}
     assert (low.owns_uid(uid), high.owns_uid(uid)) == (low.labelled_mine(quota), high.labelled_mine(quota))
+    # What each selector selects, as the cache of each replica's watch keeps it.
+    assert (low.watches_quota(quota), high.watches_quota(quota)) == (low.owns_uid(uid), high.owns_uid(uid))
+    for unlabelled in ({"metadata": {}}, {"metadata": {"labels": {"tenancy.dev/slice": "8-5"}}}):
+        assert low.watches_quota(unlabelled) and high.watches_quota(unlabelled)
+    assert whole.watches_quota(quota) and Ownership().watches_quota(quota)
     # A label set under another slice count names none of this count's slices: every replica selects it.
     stale = {"metadata": {"labels": {"tenancy.dev/slice": "8-1"}}}
     assert not low.labelled_mine(stale) and not high.labelled_mine(stale)

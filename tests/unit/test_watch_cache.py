@@ -57,6 +57,52 @@ def test_the_index_follows_edits_and_deletions() -> None:
     assert len(cache) == 2
 
 
+def test_a_version_older_than_its_removal_does_not_bring_the_object_back() -> None:
+    """The answer to our own status patch can arrive after the DELETED event that followed the
+    patch (the object deleted, or its label changed out of this replica's watch): the object stays
+    out. A newer version of it, or another object of the same name, comes back in."""
+    cache = WatchCache(slim, index=group_of)
+    cache.observe("ADDED", obj("q", 10, "t1"))
+    cache.observe("DELETED", obj("q", 12, "t1"))  # a label set by another replica at 12
+    cache.store(obj("q", 11, "t1", status={"written": True}))  # our status patch at 11, answered late
+    assert ("ns", "q") not in cache and cache.group(("ns", "t1")) == []
+    cache.store(obj("q", 12, "t1"))
+    assert ("ns", "q") not in cache
+    cache.observe("ADDED", obj("q", 14, "t1"))  # its label set back: the watch brings it again
+    assert cache.get(("ns", "q"))["metadata"]["resourceVersion"] == "14"  # type: ignore[index]
+    cache.observe("DELETED", obj("q", 15, "t1"))
+    cache.observe("ADDED", obj("q", 3, "t1", uid="u2"))  # created again: another uid, not older
+    assert ("ns", "q") in cache
+
+
+def test_a_version_the_watch_would_not_bring_removes_the_object() -> None:
+    """``admit`` is what the watch selects: the answer to a write that took the object out of it
+    (a label another replica's watch selects) removes it, and a late answer of an older write
+    does not bring it back."""
+    def admit(body: Mapping[str, Any]) -> bool:
+        return (body["metadata"].get("labels") or {}).get("slice") != "theirs"
+
+    cache = WatchCache(slim, admit=admit)
+    cache.observe("ADDED", obj("q", 10))
+    cache.store({**obj("q", 12), "metadata": {**obj("q", 12)["metadata"], "labels": {"slice": "theirs"}}})
+    assert ("ns", "q") not in cache
+    cache.store(obj("q", 11))
+    assert ("ns", "q") not in cache
+    cache.store({**obj("q", 13), "metadata": {**obj("q", 13)["metadata"], "labels": {"slice": "mine"}}})
+    assert ("ns", "q") in cache
+
+
+async def test_a_list_later_than_a_removal_says_whether_the_object_is_there() -> None:
+    cache = WatchCache(slim)
+    cache.observe("ADDED", obj("q", 5))
+    cache.observe("DELETED", obj("q", 8))
+    await cache.relist(pages([obj("q", 7)], version="7"))  # a listing older than the removal
+    assert ("ns", "q") not in cache
+    await cache.relist(pages([], version="9"))  # one later than it: the removal is forgotten
+    cache.store(obj("q", 6))  # nothing says it is stale any more (the next LIST would drop it)
+    assert ("ns", "q") in cache
+
+
 async def pages(*chunks: list[dict[str, Any]], version: str = "10") -> AsyncIterator[Page]:
     for items in chunks:
         yield Page(items, version)

@@ -92,7 +92,9 @@ def first_provisioning(tenant: Mapping[str, Any], now: datetime) -> bool:
 class QuotaCluster:
     def __init__(self, ctx: OperatorContext) -> None:
         self.ctx = ctx
-        self.quotas = WatchCache(slim_quota, index=tenant_of)
+        # What this run's Quota watch brings (ownership.quota_selector): the answer to a write that
+        # labelled a Quota for another replica's slice must not keep it here.
+        self.quotas = WatchCache(slim_quota, index=tenant_of, admit=lambda q: ctx.ownership.watches_quota(q))
         self.tenants = ctx.tenants
         self._caches = {QUOTAS: self.quotas, TENANTS: self.tenants}
         ctx.status.keep_fresh(QUOTAS, self.quotas)
