@@ -6,7 +6,8 @@
 The floor (bench/floor.py: the same writes without an operator) runs once, on the first stack.
 Each replica count then gets a fresh stack (control plane and PostgreSQL of its own) and:
 
-- converge: R replicas with TENANCY_SHARDING=true split the slices (Leases), everything is applied
+- converge: R replicas with TENANCY_SHARDING=true split the slices (Leases; one replica runs
+  unsharded, as the chart's default deployment does), everything is applied
   at once, time until every object is Ready; each replica's peak RSS and CPU seconds; the DDL
   statements counted by pg_stat_statements beyond the floor's (``duplicate_ddl``). With R > 1 one
   replica is SIGKILLed once half the Tenants are Ready: ``handover_seconds`` runs from the kill to
@@ -73,7 +74,8 @@ GROUP_NAME = "tenancy-operator"
 
 
 class Replicas:
-    """R operator processes sharing the fleet, each as users run it (TENANCY_SHARDING=true)."""
+    """R operator processes sharing the fleet, each as users run it: TENANCY_SHARDING=true, or one
+    replica unsharded (a sharded replica holding every slice labels each Quota for the others)."""
 
     def __init__(self, stack: Stack, workdir: Path, count: int, slices: int, lease_seconds: int,
                  trace_memory: bool = False, malloc_stats: bool = False, gc_defaults: bool = False) -> None:
@@ -83,10 +85,12 @@ class Replicas:
             identity = f"replica-{i}"
             wd = workdir / identity
             wd.mkdir(parents=True, exist_ok=True)
-            self.operators[identity] = Operator(stack.kubeconfig, stack.operator_dsn, wd, {
+            sharding = {
                 "TENANCY_SHARDING": "true", "TENANCY_SHARD_SLICES": str(slices),
                 "TENANCY_SHARD_LEASE_SECONDS": str(lease_seconds), "TENANCY_SHARD_NAMESPACE": "default",
-                "POD_NAME": identity,
+            } if count > 1 else {}
+            self.operators[identity] = Operator(stack.kubeconfig, stack.operator_dsn, wd, {
+                **sharding, "POD_NAME": identity,
                 **({"BENCH_TRACEMALLOC": str(wd / "memory.txt")} if trace_memory else {}),
                 **({"BENCH_MALLOC_STATS": str(wd / "malloc.json")} if malloc_stats else {}),
                 **({"BENCH_GC_DEFAULTS": "1"} if gc_defaults else {}),
@@ -104,6 +108,8 @@ class Replicas:
 
     async def wait_split(self, within: float = 120.0) -> None:
         """Until the live replicas hold every slice between them, each its share."""
+        if len(self.operators) == 1:
+            return  # unsharded
         deadline = time.monotonic() + within
         while True:
             held = {k: o.metric("shard_slices_held") for k, o in self.live().items()}

@@ -262,19 +262,35 @@ def test_a_tenant_created_again_in_the_other_replicas_slice_keeps_its_quota(flee
 
 
 def test_a_killed_replicas_slices_go_to_the_other_and_its_tenants_are_served(fleet: Fleet) -> None:
+    """The survivor serves the dead replica's Tenants, and labels their Quotas while it holds every
+    slice: when replicas join or restart, no Quota needs a write."""
     holders = fleet.split("replica-a", "replica-b")
     fleet.replicas["replica-b"].kill()
     eventually(lambda: set(fleet.holders().values()) == {"replica-a"} and len(fleet.holders()) == SLICES,
                timeout=LEASE_SECONDS * 4, interval=0.5, what="replica-a holds every slice")
+    cluster = fleet.cluster
     namespace = fleet.namespace("after-kill")
     # A new Tenant in a slice replica-b held: served by replica-a now.
+    uids: dict[str, str] = {}
     for i in range(20):
-        body = fleet.cluster.create("tenants", namespace, tenant(f"late-{i}"))
-        if owner_of(holders, body["metadata"]["uid"]) == "replica-b":
-            fleet.cluster.wait_condition("tenants", namespace, f"late-{i}", timeout=90)
-            fleet.assert_provisioned_by(namespace, f"late-{i}", "replica-a")
-            return
-    pytest.fail("no tenant of 20 hashed into replica-b's slices")
+        uids[f"late-{i}"] = cluster.create("tenants", namespace, tenant(f"late-{i}"))["metadata"]["uid"]
+        cluster.create("quotas", namespace, quota(f"late-{i}-limits", f"late-{i}"))
+        if owner_of(holders, uids[f"late-{i}"]) == "replica-b":
+            break
+    else:
+        pytest.fail("no tenant of 20 hashed into replica-b's slices")
+    name = f"late-{i}"
+    cluster.wait_condition("tenants", namespace, name, timeout=90)
+    fleet.assert_provisioned_by(namespace, name, "replica-a")
+    cluster.wait_condition("quotas", namespace, f"{name}-limits", timeout=90)
+
+    def labelled() -> bool:
+        for late, uid in uids.items():
+            labels = cluster.get("quotas", namespace, f"{late}-limits")["metadata"].get("labels") or {}
+            assert labels.get(SLICE) == f"{SLICES}-{Slices(SLICES).slice_of(uid)}", (late, labels)
+        return True
+
+    eventually(labelled, timeout=60, interval=0.5, what="the survivor labelling the Quotas with their Tenants' slices")
 
 
 def held_by(holders: dict[int, str]) -> dict[str, set[int]]:

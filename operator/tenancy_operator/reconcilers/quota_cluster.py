@@ -196,14 +196,14 @@ class QuotaCluster:
         slice (``tenant_uid``), or none when the Tenant is gone (then every replica sees it). The
         Tenant's holder labels a new Quota; another replica only corrects a label it sees, one
         naming its own slices or another slice count (a Tenant re-created elsewhere, a hand edit).
-        A replica holding every slice watches every Quota: it adds no label (one write per Quota
-        for nothing; the first pass after a replica joins labels them) but corrects wrong ones."""
+        A replica holding every slice (the first to start, a lone survivor) labels too: the labels
+        are in place when the others join or restart, instead of one write per Quota then."""
         ownership = self.ctx.ownership
         if not ownership.sharded:
             return False, None
         want = ownership.label_for(tenant_uid) if tenant_uid else None
         have = (quota["metadata"].get("labels") or {}).get(SLICE_LABEL)
-        if have == want or (have is None and (ownership.whole or (tenant_uid and not ownership.owns_uid(tenant_uid)))):
+        if have == want or (have is None and tenant_uid and not ownership.owns_uid(tenant_uid)):
             return False, None
         return True, want
 
