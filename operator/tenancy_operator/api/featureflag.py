@@ -417,7 +417,6 @@ class FeatureFlagStatus(KindStatus):
     """The share of users the flag-wide rollout serves now and, with steps, their progress."""
 
 
-
 FEATURE_FLAG = ResourceInfo(
     "FeatureFlag", FeatureFlagSpec, FeatureFlagStatus, short_names=("ff",),
     printer_columns=(

@@ -335,7 +335,6 @@ class QuotaStatus(KindStatus):
     """Share of the database target's load (see spec.noisyNeighbor)."""
 
 
-
 QUOTA = ResourceInfo(
     "Quota", QuotaSpec, QuotaStatus, short_names=("tq",),
     printer_columns=(

@@ -197,7 +197,6 @@ class SchemaRolloutStatus(KindStatus, Explained):
     """The value of the tenancy.dev/rollback-rollout annotation last acted on."""
 
 
-
 SCHEMA_ROLLOUT = ResourceInfo(
     "SchemaRollout", SchemaRolloutSpec, SchemaRolloutStatus, short_names=("sro",),
     printer_columns=(

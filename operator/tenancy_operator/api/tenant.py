@@ -272,7 +272,6 @@ class TenantStatus(KindStatus):
     """The last finished jobs, newest first."""
 
 
-
 TENANT = ResourceInfo(
     "Tenant", TenantSpec, TenantStatus, short_names=("tn",),
     printer_columns=(
