@@ -59,9 +59,9 @@ class WatchCache:
         self._index_of = index
         self._admit = admit
         self._objects: dict[Key, dict[str, Any]] = {}
-        self._removed: OrderedDict[Key, Mapping[str, Any]] = OrderedDict()
-        """The metadata of each object at its removal, until a LIST newer than it (or more than
-        REMOVALS_KEPT removals later): a version up to it is stale."""
+        self._removed: OrderedDict[Key, tuple[str, str]] = OrderedDict()
+        """The uid and resourceVersion of each object at its removal, until a LIST newer than it
+        (or more than REMOVALS_KEPT removals later): a version of it up to that one is stale."""
         self._groups: dict[Hashable, dict[Key, dict[str, Any]]] = {}
         self._group_of: dict[Key, Hashable] = {}
         self.listed = False
@@ -84,7 +84,7 @@ class WatchCache:
         if cached is not None and older_version(meta, cached["metadata"]):
             return
         removed = self._removed.get(key)
-        if cached is None and removed is not None and removed["uid"] == meta.get("uid") and not _newer(body, removed):
+        if cached is None and removed is not None and removed[0] == meta.get("uid") and not _newer(body, removed[1]):
             return
         if self._admit is not None and not self._admit(body):
             self.remove(key, body)
@@ -100,7 +100,7 @@ class WatchCache:
         self._reindex(key, None)
         if body is not None:
             meta = body["metadata"]
-            self._removed[key] = {"uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")}
+            self._removed[key] = (str(meta.get("uid") or ""), str(meta.get("resourceVersion") or ""))
             self._removed.move_to_end(key)
             while len(self._removed) > REMOVALS_KEPT:
                 self._removed.popitem(last=False)
@@ -120,7 +120,7 @@ class WatchCache:
                     self.store(body)
         for key in [k for k in self._objects if k not in listed and not _newer(self._objects[k], version)]:
             self.remove(key)
-        for key in [k for k, meta in self._removed.items() if not _newer({"metadata": meta}, version)]:
+        for key in [k for k, (_, removed) in self._removed.items() if not _later(removed, version)]:
             del self._removed[key]  # the listing is later: it holds the object or not, as it is now
         self.listed = True
 
@@ -155,12 +155,14 @@ class WatchCache:
             self._groups.setdefault(value, {})[key] = body
 
 
-def _newer(body: Mapping[str, Any], than: str | Mapping[str, Any]) -> bool:
-    """The object's version is later than a listing's or a removal's (etcd revisions; see
-    older_version)."""
-    mine = str(body["metadata"].get("resourceVersion") or "")
-    version = than if isinstance(than, str) else str(than.get("resourceVersion") or "")
-    return mine.isdigit() and version.isdigit() and int(mine) > int(version)
+def _newer(body: Mapping[str, Any], version: str) -> bool:
+    """The object's version is later than a listing's or a removal's."""
+    return _later(str(body["metadata"].get("resourceVersion") or ""), version)
+
+
+def _later(version: str, than: str) -> bool:
+    """Both are etcd revisions (integers that grow; see older_version) and ``version`` is later."""
+    return version.isdigit() and than.isdigit() and int(version) > int(than)
 
 
 def _key(body: Mapping[str, Any]) -> Key:

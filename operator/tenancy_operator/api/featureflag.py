@@ -2,7 +2,8 @@
 overrides, published in a flagd-compatible form.
 
 The operator compiles these into flagd-compatible flag definitions, so the variant a user gets
-can be computed by any OpenFeature flagd provider.
+can be computed by any OpenFeature flagd provider. The first paragraph is the kind's description
+in the CRD.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ Which Tenants are admitted is two numbers in status, not a list: the canary name
 `admitBelow`, a cut in a fixed order of the template's Tenants (a hash of namespace, template and
 name, `tenant_bucket`). A Tenant reconcile reads them from the SchemaRollout and needs nothing else
 (`version_cap`).
+
+The first paragraph is the kind's description in the CRD.
 """
 
 from __future__ import annotations

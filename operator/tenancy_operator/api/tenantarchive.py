@@ -2,12 +2,14 @@
 with a Tenant's restoreFrom, purged when deleted unless protected.
 
 The operator creates one when it archives a Tenant (deletionPolicy Archive, or a snapshot before a
-risky migration). The object is where an archive is found and managed: `kubectl get tenantarchives` lists them with
-their tenant, size and expiry; a Tenant's `restoreFrom` names one; deleting one purges the archive
-from its store unless `spec.protected` is true. The facts (source tenant, location, checksum,
-times) are in status and come from the operator's catalog, which the operator alone writes: an
-object the operator did not create (no catalog row with its name, namespace and token) is reported
-as not managed and never acted on.
+risky migration). The object is where an archive is found and managed: `kubectl get
+tenantarchives` lists them with their tenant, size and expiry; a Tenant's `restoreFrom` names one;
+deleting one purges the archive from its store unless `spec.protected` is true. The facts (source
+tenant, location, checksum, times) are in status and come from the operator's catalog, which the
+operator alone writes: an object the operator did not create (no catalog row with its name,
+namespace and token) is reported as not managed and never acted on.
+
+The first paragraph is the kind's description in the CRD.
 """
 
 from __future__ import annotations
