@@ -20,10 +20,15 @@ Prints one line per replica count and writes a JSON record to bench/results/:
 
     scale tenants=N replicas=R seconds=S floor_ratio=X max_replica_rss_mb=M max_replica_cpu_s=C
           handover_seconds=H duplicate_ddl=D restart_seconds=T restart_ddl=E restart_writes=W
-          converged_rss_mb=A restart_rss_mb=B empty_rss_mb=E
+          converged_rss_mb=A restart_rss_mb=B empty_rss_mb=E half_cpu_s=P half_rss_mb=Q
 
 (``max_replica_rss_mb`` is the largest replica's peak; the last two its RSS once converged and once
-idle after the restart: what it holds for its tenants; ``empty_rss_mb`` its RSS before any object existed.)
+idle after the restart: what it holds for its tenants; ``empty_rss_mb`` its RSS before any object existed;
+``half_cpu_s`` and ``half_rss_mb`` the largest replica's CPU seconds and peak RSS until half the
+Tenants were Ready, before the kill.) With a one-replica run in the same invocation, one line per
+other count then compares its largest replica with that one (``limit`` is 1.2/R):
+
+    share replicas=R limit=L cpu=C peak_rss=M half_cpu=P half_peak_rss=Q
 
 ``--malloc-stats`` adds, per replica, what its allocators hold when empty, converged and restarted
 (bench/operator_whatif.py), one line each and in the record:
@@ -47,6 +52,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -228,15 +234,17 @@ class Scale:
             pg.reset()
             log(f"scale: {replicas} replica(s), applying {self.n} tenants + quotas + {FLAGS} flags")
             started = time.monotonic()
-            kill: asyncio.Task[tuple[float, str, set[int]] | None] | None = None
-            if replicas > 1:
-                kill = asyncio.get_running_loop().create_task(self.kill_at_half(kube, fleet, w))
+            half_way: dict[str, dict[str, float]] = {}
+            kill = asyncio.get_running_loop().create_task(
+                self.at_half(kube, fleet, w, lambda: half_way.update(
+                    cpu_s={k: o.sample().cpu_seconds - cpu0[k] for k, o in fleet.live().items()},
+                    peak_rss_mb={k: s.peak_rss_mb for k, s in samplers.items()})))
             await apply_all(kube, ns, objs, w, concurrency=self.args.apply_concurrency)
             await w.wait_for(lambda: w.count("tenants") >= self.n and w.count("quotas") >= self.n
                              and w.count("featureflags") >= FLAGS, max(900.0, self.n * 0.5), "all Ready",
                              lambda: f"tenants {w.count('tenants')}/{self.n}")
             seconds = all_ready_at(w) - started
-            killed = await kill if kill is not None else None
+            killed = await kill
             # Work a replica finishes after Ready (a Quota's limits reach the role, the Tenant's
             # effectiveLimits) counts too: the DDL is read once the replicas are idle.
             await fleet.idle(max(300.0, self.n * 0.1))
@@ -274,6 +282,7 @@ class Scale:
                 "replica_start_rss_mb": start_rss,
                 "max_replica_rss_mb": max(rss.values()), "max_replica_cpu_s": max(v for v in cpu.values()
                                                                                   if not math.isnan(v)),
+                "half_way": half_way,
                 "killed": killed[1] if killed else None, "handover_seconds": handover,
                 "ddl": ddl, "floor_ddl": floor_ddl, "ddl_shapes": dict(sql.ddl_texts.most_common(40)),
                 "ddl_repeats": dict(sql.ddl_repeats.most_common(20)), "statements_evicted": sql.evicted,
@@ -290,10 +299,16 @@ class Scale:
             await fleet.stop()
             await kube.close()
 
-    async def kill_at_half(self, kube: Kube, fleet: Replicas, w: Watcher) -> tuple[float, str, set[int]] | None:
-        """SIGKILL the last replica once half the Tenants are Ready; (when, who, its slices)."""
+    async def at_half(self, kube: Kube, fleet: Replicas, w: Watcher,
+                      measure: Callable[[], None]) -> tuple[float, str, set[int]] | None:
+        """Once half the Tenants are Ready: ``measure`` (each replica's CPU and peak RSS so far, the
+        share each carried while all replicas were there), then, with several replicas, SIGKILL
+        the last one; (when, who, its slices) of the kill."""
         await w.wait_for(lambda: w.count("tenants") >= self.n // 2, max(900.0, self.n * 0.5), "half Ready",
                          lambda: f"tenants {w.count('tenants')}/{self.n}")
+        measure()
+        if len(fleet.operators) == 1:
+            return None
         victim = list(fleet.operators)[-1]
         slices = {i for i, h in (await holders(kube)).items() if h == victim}
         operator = fleet.operators[victim]
@@ -343,7 +358,7 @@ class Scale:
 
 
 def line(n: int, d: dict[str, Any]) -> str:
-    r = d["restart"]
+    r, h = d["restart"], d["half_way"]
     return (f"scale tenants={n} replicas={d['replicas']} seconds={d['seconds']:.1f} floor_ratio={d['floor_ratio']:.3f} "
             f"max_replica_rss_mb={d['max_replica_rss_mb']:.0f} max_replica_cpu_s={d['max_replica_cpu_s']:.1f} "
             f"handover_seconds={d['handover_seconds']:.1f} duplicate_ddl={d['duplicate_ddl']} "
@@ -351,7 +366,29 @@ def line(n: int, d: dict[str, Any]) -> str:
             f"restart_writes={r.get('writes')} "
             f"converged_rss_mb={max(d['replica_converged_rss_mb'].values()):.0f} "
             f"restart_rss_mb={max((r.get('replica_rss_mb') or {'-': math.nan}).values()):.0f} "
-            f"empty_rss_mb={max(d['replica_start_rss_mb'].values()):.0f}")
+            f"empty_rss_mb={max(d['replica_start_rss_mb'].values()):.0f} "
+            f"half_cpu_s={max(h['cpu_s'].values()):.1f} half_rss_mb={max(h['peak_rss_mb'].values()):.0f}")
+
+
+def share_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """Each run's largest replica beside the one-replica run of the same invocation: over the whole
+    converge (the survivors of the kill do the dead replica's part too) and up to half Ready (all
+    replicas there, before the kill)."""
+    one = next((r for r in runs if r["replicas"] == 1), None)
+    if one is None:
+        return []
+    lines = []
+    for r in runs:
+        if r["replicas"] == 1:
+            continue
+        h, h1 = r["half_way"], one["half_way"]
+        lines.append(
+            f"share replicas={r['replicas']} limit={1.2 / r['replicas']:.2f} "
+            f"cpu={r['max_replica_cpu_s'] / one['max_replica_cpu_s']:.2f} "
+            f"peak_rss={r['max_replica_rss_mb'] / one['max_replica_rss_mb']:.2f} "
+            f"half_cpu={max(h['cpu_s'].values()) / max(h1['cpu_s'].values()):.2f} "
+            f"half_peak_rss={max(h['peak_rss_mb'].values()) / max(h1['peak_rss_mb'].values()):.2f}")
+    return lines
 
 
 def malloc_lines(malloc: dict[str, dict[str, dict[str, float]]]) -> list[str]:
@@ -409,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(bench.one(stack, replicas))
             finally:
                 stack.close()
+        for text in share_lines(bench.result["runs"]):
+            print(text, flush=True)
     finally:
         out = ROOT / "bench/results" / f"scale-{args.tenants}-{time.strftime('%Y%m%d-%H%M%S')}.json"
         out.write_text(json.dumps(bench.result, indent=2, default=str) + "\n")
