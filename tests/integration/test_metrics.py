@@ -152,6 +152,14 @@ def test_one_json_log_line_per_reconcile(cluster: Cluster, operator: OperatorPro
     assert bad["reason"] == "UnknownDatabase"
     assert bad["level"] in {"warning", "error"}
     assert "nowhere" in bad["message"]
+    # Beside that line Kopf says once how the object's handling went ("Creation is processed: 1
+    # succeeded; 0 failed."), not once more per handler ("Handler '...' succeeded."). Both came
+    # before "misplaced" was even created.
+    kopf_info = [record["event"] for record in map(json.loads, operator.log_text().splitlines())
+                 if record.get("logger", "").startswith("kopf") and record.get("level") == "info"
+                 and record.get("namespace") == namespace and record.get("name") == "logged"]
+    assert "Creation is processed: 1 succeeded; 0 failed." in kopf_info
+    assert [line for line in kopf_info if line.startswith("Handler ")] == []
 
 
 def test_no_secret_in_logs_events_status_or_metrics(

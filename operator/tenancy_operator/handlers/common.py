@@ -18,6 +18,8 @@ from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import Verdict
 from tenancy_operator.watch_cache import compact
 
+WATCH_HANDLER_ID = "watch"
+"""Id of every Kopf on.event handler: they run for each watch event of their kind."""
 F = TypeVar("F", bound=Callable[..., Any])
 S = TypeVar("S")
 log = get_logger(__name__)

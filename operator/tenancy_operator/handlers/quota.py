@@ -17,8 +17,7 @@ from typing import Any
 import kopf
 
 from tenancy_operator import GROUP, VERSION
-from tenancy_operator.handlers.common import services
-from tenancy_operator.observability.logging import WATCH_HANDLER_ID
+from tenancy_operator.handlers.common import WATCH_HANDLER_ID, services
 from tenancy_operator.reconcilers.quota import QuotaService
 
 KIND, PLURAL = "Quota", "quotas"

@@ -17,9 +17,9 @@ from tenancy_operator.api.names import ACK_SCHEMA_RECREATED_ANNOTATION
 from tenancy_operator.api.schemarollout import SCHEMA_ROLLOUT
 from tenancy_operator.api.tenant import CredentialsStatus, MoveRecord, TenantStatus, tenant_identifier
 from tenancy_operator.conditions import Cond, merge, readiness
-from tenancy_operator.handlers.common import backoff, on_reconcile, services
+from tenancy_operator.handlers.common import WATCH_HANDLER_ID, backoff, on_reconcile, services
 from tenancy_operator.observability import metrics
-from tenancy_operator.observability.logging import WATCH_HANDLER_ID, get_logger
+from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.reconcilers.resume import ResumeChecker
 from tenancy_operator.reconcilers.tenant import TenantReconciler
