@@ -374,6 +374,7 @@ class Bench:
         t0 = time.monotonic()
         await self.start_operator()
         healthy = time.monotonic() - t0
+        spy = prof.start(self.operator.pid, self.workdir / f"profile-restart-{self.n}") if self.args.profile else None
         # Tenants and FeatureFlags have resume handlers, each logged by Kopf; Quotas are checked
         # by the quota service's start-up pass over all tenants (its duration metric counts it).
         total = self.n + FLAGS
@@ -391,6 +392,7 @@ class Bench:
             await asyncio.sleep(0.25)  # polling the operator's log
         resumed = time.monotonic() - t0
         cpu_resumed = self.operator.sample().cpu_seconds
+        profile = prof.stop(spy) if spy else None
         log(f"restart: all {total} Tenants and FeatureFlags resumed and the Quotas' start-up pass done "
             f"{resumed:.1f}s after start; waiting up to 30s for quiet")
         try:
@@ -408,6 +410,8 @@ class Bench:
                 "ddl": sql_dict(sql, self.n)["ddl"], "api_writes": sum(w.values()), "status_writes": status_writes,
                 "api": api_dict(api_d, self.n), "sql": sql_dict(sql, self.n),
                 "rss_mb": self.operator.sample().rss_mb, "load_before_after": f"{load0} -> {loadavg()}"}
+        if profile is not None:
+            data["profile"] = profile
         self.record("restart", data)
 
     # --- idle ----------------------------------------------------------------------------------------
@@ -560,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stack", choices=("own", "dev"), default="own",
                    help="own: a fresh temporary stack (default); dev: the stack `make dev-up` started")
     p.add_argument("--no-floor", action="store_true", help="skip the floor run (no floor_ratio)")
-    p.add_argument("--profile", action="store_true", help="py-spy the operator during the converge")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy the operator during the converge and, from healthy to resumed, the restart")
     p.add_argument("--apply-concurrency", type=int, default=16, help="create requests in flight while applying")
     p.add_argument("--idle-seconds", type=float, default=60.0)
     p.add_argument("--converge-timeout", type=float, default=0.0,
