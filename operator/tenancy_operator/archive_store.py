@@ -4,7 +4,8 @@ Both stores are synchronous (the S3 client is; so is a file): archive.py calls t
 threads, streaming. A store addresses an archive by a *location*, the string the catalog keeps:
 ``s3://bucket/key`` or an absolute path. The S3 client is minio's (Apache-2.0, any S3-compatible
 server, typed, no dependency shared with the Kubernetes clients), made afresh per operation so
-rotated credentials files take effect at once.
+rotated credentials files take effect at once. It is imported at the first S3 operation: a replica
+without an S3 store does not carry it and its cryptography (about 6 MB of each replica's memory).
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 import urllib3
-from minio import Minio
-from minio.credentials.providers import ChainedProvider, EnvAWSProvider, IamAwsProvider, StaticProvider
-from minio.error import MinioException, S3Error
-from minio.sse import Sse, SseKMS, SseS3
 
 from tenancy_operator.config import StoreConfig
+
+if TYPE_CHECKING:
+    from minio import Minio
+    from minio.sse import Sse
 
 CHUNK = 1 << 20
 PART_SIZE = 16 << 20
@@ -73,6 +74,9 @@ class S3Store:
         return location[len(head):]
 
     def _client(self) -> Minio:
+        from minio import Minio
+        from minio.credentials.providers import ChainedProvider, EnvAWSProvider, IamAwsProvider, StaticProvider
+
         cfg = self.config
         endpoint = urlsplit(cfg.endpoint) if cfg.endpoint else None
         host = endpoint.netloc if endpoint else f"s3.{cfg.region}.amazonaws.com"
@@ -88,6 +92,8 @@ class S3Store:
         return Minio(host, secure=secure, region=cfg.region, credentials=provider, http_client=http)
 
     def _sse(self) -> Sse | None:
+        from minio.sse import SseKMS, SseS3
+
         if self.config.server_side_encryption == "AES256":
             return SseS3()
         if self.config.server_side_encryption == "aws:kms":
@@ -95,6 +101,8 @@ class S3Store:
         return None
 
     def _errors(self, what: str) -> contextlib.AbstractContextManager[None]:
+        from minio.error import MinioException, S3Error
+
         def failure(exc: Exception) -> str:
             if isinstance(exc, S3Error):
                 return f"archive store {self}: {what}: {exc.code}"

@@ -5,6 +5,8 @@ tests/integration/test_archives.py."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,14 @@ from tenancy_operator.archive_store import LocalStore, S3Store, StoreError, stor
 from tenancy_operator.config import Settings, StoreConfig, store_config
 from tenancy_operator.db.archives import ArchiveRow
 from tenancy_operator.reconcilers.archive_catalog import managed, object_for
+
+
+def test_the_operator_loads_the_s3_client_only_to_use_it() -> None:
+    """A replica archiving to a volume does not carry minio and its cryptography in memory."""
+    probe = ("import sys; import tenancy_operator.runtime, tenancy_operator.archive; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('minio', 'Crypto', 'argon2')))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
 
 
 def test_a_store_from_a_url_or_json() -> None:
