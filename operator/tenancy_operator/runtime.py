@@ -20,7 +20,7 @@ from tenancy_operator.handlers import quota as quota_handlers
 from tenancy_operator.handlers import schemarollout as schemarollout_handlers
 from tenancy_operator.handlers import tenant as tenant_handlers
 from tenancy_operator.handlers import tenantarchive as tenantarchive_handlers
-from tenancy_operator.handlers.common import MemoryDiffBaseStorage
+from tenancy_operator.handlers.common import MemoryDiffBaseStorage, PurgingProgressStorage
 from tenancy_operator.k8s import safejson
 from tenancy_operator.k8s.client import Kube
 from tenancy_operator.observability import metrics
@@ -92,11 +92,12 @@ def build_registry() -> kopf.OperatorRegistry:
         cfg: Settings = memo.settings
         # Our own storage keys: changing them later would re-run handlers on every object.
         settings.persistence.finalizer = FINALIZER
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=STORAGE_PREFIX)
+        progress = settings.persistence.progress_storage = PurgingProgressStorage(prefix=STORAGE_PREFIX)
         # Kopf's last-handled state in memory, not in an annotation per object: one PATCH and one
         # watch event fewer per change (handlers/common.py); objects with the annotation from
         # earlier versions keep it, ignored.
-        memo.diffbase = settings.persistence.diffbase_storage = MemoryDiffBaseStorage(ignored_prefix=STORAGE_PREFIX)
+        memo.diffbase = settings.persistence.diffbase_storage = MemoryDiffBaseStorage(
+            ignored_prefix=STORAGE_PREFIX, progress=progress)
         settings.posting.loggers = False  # Events are for transitions, not log lines
         safejson.install_in_kopf()  # one object nested too deep for Python's json must not end a watch
         # After its own patch Kopf waits until the watch shows exactly that resourceVersion. When

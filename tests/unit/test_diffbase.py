@@ -6,7 +6,7 @@ from typing import Any
 
 import kopf
 
-from tenancy_operator.handlers.common import MemoryDiffBaseStorage
+from tenancy_operator.handlers.common import MemoryDiffBaseStorage, PurgingProgressStorage
 from tenancy_operator.runtime_context import Tombstones
 
 
@@ -71,3 +71,38 @@ def test_the_essence_is_kopfs_own_without_copying_the_status() -> None:
                     "spec": {"tier": "pro", "placement": {"requiredLabels": {"residency": "eu"}}}}
     ours["spec"]["placement"]["requiredLabels"]["residency"] = "us"
     assert raw["spec"]["placement"]["requiredLabels"]["residency"] == "eu"  # a copy, not the body's own
+
+
+def test_a_retry_record_is_purged_even_from_a_body_older_than_it() -> None:
+    """Kopf writes a failed handler's retry record into an annotation, then may run the handler
+    again on the body it had before that patch (past the consistency timeout). When the handler
+    then succeeds, the record must still be removed, not left on the object; a handler done at its
+    first run must still cost no write."""
+    progress = PurgingProgressStorage(prefix="kopf.tenancy.dev")
+    storage = MemoryDiffBaseStorage(ignored_prefix="kopf.tenancy.dev", progress=progress)
+    handler = kopf.HandlerId("reconcile")
+    stale = body()
+
+    first = kopf.Patch()  # done at the first run: Kopf stores and purges in one patch
+    progress.store(key=handler, record={"success": True}, body=stale, patch=first)
+    progress.purge(key=handler, body=stale, patch=first)
+    assert not first and len(progress) == 0
+
+    failed = kopf.Patch()  # a failure: the retry record, sent
+    progress.store(key=handler, record={"retries": 1, "delayed": "2026-12-06T06:19:16"}, body=stale, patch=failed)
+    annotation = next(iter(failed["metadata"]["annotations"]))
+    assert annotation.startswith("kopf.tenancy.dev/")
+    done = kopf.Patch()  # the retry succeeds on the body from before that patch
+    progress.store(key=handler, record={"retries": 2, "success": True}, body=stale, patch=done)
+    progress.purge(key=handler, body=stale, patch=done)
+    assert done["metadata"]["annotations"] == {annotation: None}
+    assert len(progress) == 0
+
+    # On a current body (Kopf's own case) the same; and forgotten with the object.
+    progress.store(key=handler, record={"retries": 1}, body=stale, patch=kopf.Patch())
+    again = kopf.Patch()
+    progress.purge(key=handler, body=body(**{annotation: '{"retries":1}'}), patch=again)
+    assert again["metadata"]["annotations"] == {annotation: None}
+    progress.store(key=handler, record={"retries": 1}, body=stale, patch=kopf.Patch())
+    storage.forget("u-1")
+    assert len(progress) == 0

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import copy
 import random
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
 import kopf
@@ -165,6 +167,65 @@ def backoff(retry: int) -> float:
     return min(60.0, 2.0 ** min(retry, 6)) * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
 
 
+@dataclass(frozen=True)
+class _Written:
+    """A progress annotation this process put in a patch for Kopf to apply."""
+
+    patch: weakref.ref[kopf.Patch]
+    earlier: bool
+    """Also put in an earlier patch, one Kopf has sent since."""
+
+    def before(self, patch: kopf.Patch) -> bool:
+        """Sent to the API server before ``patch`` (not only stored in ``patch`` itself)."""
+        return self.earlier or self.patch() is not patch
+
+
+class PurgingProgressStorage(kopf.AnnotationsProgressStorage):
+    """Kopf's progress annotations (a handler's retries), removed once the handler is done even when
+    Kopf ran it on a body older than the annotation.
+
+    Kopf purges only the annotations the body it acts on shows. Past the consistency timeout
+    (runtime.py) it acts on the body it has, which can predate its own retry patch: a handler that
+    then succeeds would leave its retry record on the object, a stale annotation a user sees and
+    one PATCH at the next start. So an annotation this process sent in an earlier patch is purged
+    too (removing one already gone changes nothing); one only stored in the patch being built is
+    dropped from it, as Kopf does, so a handler done at its first run costs no write.
+    """
+
+    def __init__(self, *, prefix: str) -> None:
+        super().__init__(prefix=prefix)
+        self._written: dict[str, dict[str, _Written]] = {}
+        """uid -> annotation key -> this process's last write of it, until purged."""
+
+    def store(self, *, key: Any, record: Any, body: kopf.Body, patch: kopf.Patch) -> None:
+        super().store(key=key, record=record, body=body, patch=patch)
+        if not body.metadata.uid:
+            return
+        written = self._written.setdefault(str(body.metadata.uid), {})
+        for full_key in self.make_keys(key, body=body):
+            last = written.get(full_key)
+            written[full_key] = _Written(weakref.ref(patch), last is not None and last.before(patch))
+
+    def purge(self, *, key: Any, body: kopf.Body, patch: kopf.Patch) -> None:
+        super().purge(key=key, body=body, patch=patch)
+        written = self._written.get(str(body.metadata.uid))
+        if not written:
+            return
+        for full_key in self.make_keys(key, body=body):
+            last = written.pop(full_key, None)
+            if last is not None and last.before(patch):
+                patch.setdefault("metadata", {}).setdefault("annotations", {})[full_key] = None
+        if not written:
+            self.forget(body.metadata.uid)
+
+    def forget(self, uid: str | None) -> None:
+        if uid:
+            self._written.pop(uid, None)
+
+    def __len__(self) -> int:
+        return len(self._written)
+
+
 class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
     """Kopf's last-handled state of each object (how it tells a create from an update from nothing
     new), kept in this process instead of an annotation on the object.
@@ -173,13 +234,15 @@ class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
     fifth of the API writes of a new Tenant. Our handlers are level-based, so the state need not
     outlive the process: after a restart every object is new to Kopf, and its create handler
     confirms what is in sync from bulk facts without a write (handlers/tenant.py).
-    Entries go with their objects (``forget``).
+    Entries go with their objects (``forget``), and so do ``progress``'s.
     """
 
-    def __init__(self, *, ignored_prefix: str, ignored_fields: Iterable[Any] | None = None) -> None:
+    def __init__(self, *, ignored_prefix: str, ignored_fields: Iterable[Any] | None = None,
+                 progress: PurgingProgressStorage | None = None) -> None:
         super().__init__(ignored_fields=ignored_fields)
         self._ignored_prefix = f"{ignored_prefix}/"
         self._essences: dict[str, Any] = {}
+        self._progress = progress
 
     def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> Any:
         if not extra_fields:
@@ -207,6 +270,8 @@ class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
     def forget(self, uid: str | None) -> None:
         if uid:
             self._essences.pop(uid, None)
+        if self._progress is not None:
+            self._progress.forget(uid)
 
     def __len__(self) -> int:
         return len(self._essences)
