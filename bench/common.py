@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tenancy_devenv.binaries import ensure_binaries
 from tenancy_devenv.process import die_with_parent, http_ok
-from tenancy_devenv.stack import LocalStack
+from tenancy_devenv.stack import OPERATOR_PYTHON_FLAGS, LocalStack
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION = "tenancy.dev", "v1alpha1"
@@ -95,7 +95,7 @@ def proc_sample(pid: int) -> ProcSample:
 
 
 class Operator:
-    """``python -m tenancy_operator run`` as users run it, configured by environment variables.
+    """``python -OO -m tenancy_operator run`` as the image runs it, configured by environment variables.
 
     Settings are the operator's defaults (worker limit, pool size, sweep and quota intervals, JSON
     logs at INFO) unless the caller's environment sets TENANCY_* variables, which pass through.
@@ -143,7 +143,7 @@ class Operator:
                                                        "BENCH_MALLOC_STATS", "BENCH_GC_DEFAULTS"))
             module = "bench.operator_whatif" if whatif else "tenancy_operator"
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", module, "run"], env=self.env(), stdout=out, cwd=ROOT,
+                [sys.executable, *OPERATOR_PYTHON_FLAGS, "-m", module, "run"], env=self.env(), stdout=out, cwd=ROOT,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent(),
             )
         deadline = time.monotonic() + timeout

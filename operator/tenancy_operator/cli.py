@@ -39,9 +39,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _docstrings_kept() -> bool:
+    if sys.flags.optimize >= 2:
+        print("the CRDs and the API reference take their descriptions from docstrings, which -OO "
+              "(or PYTHONOPTIMIZE=2) drops: run this without it", file=sys.stderr)
+        return False
+    return True
+
+
 def _crds(args: argparse.Namespace) -> int:
     from tenancy_operator.api.crdgen import write_crds
 
+    if not _docstrings_kept():
+        return 2
     for path in write_crds(Path(args.output)):
         print(path)
     return 0
@@ -50,6 +60,8 @@ def _crds(args: argparse.Namespace) -> int:
 def _api_docs(args: argparse.Namespace) -> int:
     from tenancy_operator.api.apidocs import write_api_docs
 
+    if not _docstrings_kept():
+        return 2
     print(write_api_docs(Path(args.output)))
     return 0
 

@@ -1,6 +1,6 @@
 """Test-side helpers: run the real operator as a process, poll with deadlines, read the cluster.
 
-Nothing here fakes a component: the operator is `python -m tenancy_operator run`, the API server
+Nothing here fakes a component: the operator is `python -OO -m tenancy_operator run`, the API server
 and PostgreSQL are the session's real processes.
 """
 
@@ -31,7 +31,7 @@ from psycopg import sql as psql
 
 from tenancy_devenv.binaries import ensure_binaries
 from tenancy_devenv.process import die_with_parent, http_ok
-from tenancy_devenv.stack import LocalStack
+from tenancy_devenv.stack import OPERATOR_PYTHON_FLAGS, LocalStack
 
 GROUP, VERSION = "tenancy.dev", "v1alpha1"
 T = TypeVar("T")
@@ -106,7 +106,7 @@ class OperatorProcess:
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tenancy_operator", "run"],
+            [sys.executable, *OPERATOR_PYTHON_FLAGS, "-m", "tenancy_operator", "run"],
             env=self.env(),
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -153,7 +153,7 @@ def test_default_render(helm: Helm, release: str) -> None:
     assert dep["strategy"] == {"type": "Recreate"}
     pod = dep["template"]["spec"]
     (container,) = pod["containers"]
-    assert "command" not in container and "args" not in container  # the image's `tenancy-operator run`
+    assert "command" not in container and "args" not in container  # the image's entrypoint
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["TENANCY_DATABASE_TARGETS_DIR"] == "/etc/tenancy/databases"
     assert env["TENANCY_ARCHIVE_DIR"] == "/var/lib/tenancy/archive"

@@ -38,7 +38,7 @@ def test_runs_as_the_chart_uid_with_the_operator_entrypoint() -> None:
     user = [args for ins, args in stage if ins == "USER"]
     assert user == [f"{values['podSecurityContext']['runAsUser']}:{values['podSecurityContext']['runAsGroup']}"]
     entrypoint = [args for ins, args in stage if ins == "ENTRYPOINT"]
-    assert entrypoint == ['["tenancy-operator", "run"]']
+    assert entrypoint == ['["python", "-OO", "-m", "tenancy_operator", "run"]']
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'tenancy-operator = "tenancy_operator.cli:main"' in pyproject
 

@@ -3,6 +3,8 @@ structural schemas (so a schema mistake fails here, not at install time)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,18 @@ FORBIDDEN_KEYS = {
     "patternProperties", "propertyNames", "examples",
 }  # fmt: skip
 UNTYPED_OK = ("x-kubernetes-int-or-string", "x-kubernetes-preserve-unknown-fields")
+
+
+@pytest.mark.parametrize("command", ["crds", "api-docs"])
+def test_generation_refuses_to_run_without_docstrings(tmp_path: Path, command: str) -> None:
+    """The image runs the operator with -OO, which drops the docstrings the descriptions come from:
+    generating there would write CRDs without them."""
+    output = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-OO", "-m", "tenancy_operator", command, "--output", str(output)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "run this without it" in done.stderr
+    assert not output.exists()
 
 
 def test_committed_crds_are_fresh(tmp_path: Path) -> None:
