@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from tenancy_operator.reconcilers.noisy import CLEAR_FRACTION, Histories, History, Policy, assess, contain, decide
+from tenancy_operator.reconcilers.noisy import (
+    CLEAR_FRACTION,
+    MAX_SAMPLES,
+    Histories,
+    History,
+    Policy,
+    assess,
+    contain,
+    decide,
+)
 
 POLICY = Policy(multiple=3.0, window=10.0, min_load=1.0)
 
@@ -31,6 +40,14 @@ def test_history_needs_two_samples_and_takes_the_window() -> None:
 def test_a_counter_reset_is_folded_in() -> None:
     h = counters([(0, 5.0), (2, 7.0), (4, 1.0), (6, 3.0)])  # reset between 2 and 4
     assert [s.load for s in h.samples] == [5.0, 7.0, 8.0, 10.0]
+
+
+def test_a_history_keeps_the_newest_max_samples() -> None:
+    h = counters([(float(i), float(i)) for i in range(MAX_SAMPLES + 40)])
+    assert len(h.samples) == MAX_SAMPLES
+    assert (h.samples[0].at, h.samples[-1].at) == (40.0, MAX_SAMPLES + 39.0)
+    d = h.over(10_000)  # longer than kept: from the oldest kept
+    assert d is not None and d.seconds == MAX_SAMPLES - 1
 
 
 def test_sessions_accumulate_busy_seconds() -> None:

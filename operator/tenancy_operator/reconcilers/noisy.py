@@ -11,7 +11,6 @@ the role attributes a declared containment sets while noisy.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -66,7 +65,9 @@ class History:
     """The samples of one tenant, from one source (a change of source starts over)."""
 
     source: str
-    samples: deque[Sample] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
+    samples: list[Sample] = field(default_factory=list)
+    """Oldest first, MAX_SAMPLES at most. A list: a deque takes 760 bytes however few samples it
+    holds, and every tenant has a history of a few samples once trimmed."""
     _raw: tuple[float, int, int, int, int] | None = None
     _offset: tuple[float, int, int, int, int] = (0.0, 0, 0, 0, 0)
 
@@ -80,13 +81,18 @@ class History:
             self._offset = tuple(o + r for o, r in zip(self._offset, self._raw, strict=True))  # type: ignore[assignment]
         self._raw = raw
         load, c, r, sb, tb = (o + v for o, v in zip(self._offset, raw, strict=True))
-        self.samples.append(Sample(at, float(load), int(c), int(r), int(sb), int(tb), storage))
+        self._append(Sample(at, float(load), int(c), int(r), int(sb), int(tb), storage))
 
     def add_sessions(self, at: float, active: int, storage: int) -> None:
         """Record a sample of active sessions: the load grows by active x seconds since the last one."""
         last = self.samples[-1] if self.samples else None
         load = last.load + active * (at - last.at) if last is not None else 0.0
-        self.samples.append(Sample(at, load, storage=storage))
+        self._append(Sample(at, load, storage=storage))
+
+    def _append(self, sample: Sample) -> None:
+        self.samples.append(sample)
+        if len(self.samples) > MAX_SAMPLES:
+            del self.samples[0]
 
     def trim(self, window: float) -> None:
         """Forget the samples no ``over(w)`` with ``w <= window`` will read again: those older than
@@ -95,8 +101,10 @@ class History:
         if not self.samples:
             return
         newest = self.samples[-1].at
-        while len(self.samples) > 1 and newest - self.samples[1].at >= window:
-            self.samples.popleft()
+        drop = 0
+        while drop + 1 < len(self.samples) and newest - self.samples[drop + 1].at >= window:
+            drop += 1
+        del self.samples[:drop]
 
     def over(self, window: float) -> Delta | None:
         """Counters over the last ``window`` seconds: from the newest sample at least that old (or
