@@ -19,6 +19,11 @@ callback in CPU time of the collecting thread: wall time would count the moments
 for a core, which with several replicas on 2 cores is most of it) and the process's CPU seconds, so
 runs on a machine of varying speed compare by the collector's share.
 
+BENCH_CENSUS: ``1`` (with BENCH_MALLOC_STATS; the environment of ``bench/scale`` passes it on) adds
+to each reading the number of live coroutines and the live objects of 512 bytes or more (those
+CPython leaves to glibc) by type: bytes and count. It walks every object, which takes seconds with
+thousands of tenants and holds the interpreter meanwhile.
+
 BENCH_GC_DEFAULTS: ``1`` leaves the collector as CPython sets it (no observability.memory.tune_gc):
 the what-if of the operator without its tuning.
 """
@@ -133,9 +138,38 @@ def malloc_stats(path: Path) -> None:
     info = libc.mallinfo2()
     figures.update(glibc_heap_bytes=info.arena, glibc_in_use_bytes=info.uordblks, glibc_free_bytes=info.fordblks,
                    glibc_mmapped_bytes=info.hblkhd, glibc_top_releasable_bytes=info.keepcost)
-    out: dict[str, float] = {**figures, **{f"gc_{k}": round(v, 3) for k, v in GC_TIME.items()},
-                             "cpu_seconds": round(time.process_time(), 3)}
+    out: dict[str, Any] = {**figures, **{f"gc_{k}": round(v, 3) for k, v in GC_TIME.items()},
+                           "cpu_seconds": round(time.process_time(), 3)}
+    if os.environ.get("BENCH_CENSUS") == "1":
+        out["census"] = census()
     path.write_text(json.dumps(out, indent=1) + "\n")
+
+
+def census() -> dict[str, Any]:
+    """The live objects of 512 bytes or more (glibc's, not pymalloc's) by type, bytes and count;
+    containers from the collector's lists, strings and bytes as their referents."""
+    big: dict[str, list[int]] = {}
+    seen: set[int] = set()
+    coroutines = 0
+    for obj in gc.get_objects():
+        kind = type(obj).__name__
+        if kind == "coroutine":
+            coroutines += 1
+        size = sys.getsizeof(obj)
+        if size >= 512:
+            entry = big.setdefault(kind, [0, 0])
+            entry[0] += size
+            entry[1] += 1
+        for ref in gc.get_referents(obj):
+            if isinstance(ref, (str, bytes, bytearray)) and id(ref) not in seen:
+                rsize = sys.getsizeof(ref)
+                if rsize >= 512:
+                    seen.add(id(ref))
+                    entry = big.setdefault(type(ref).__name__, [0, 0])
+                    entry[0] += rsize
+                    entry[1] += 1
+    top = sorted(big.items(), key=lambda kv: -kv[1][0])[:25]
+    return {"coroutines": coroutines, "large": {k: {"mb": round(v[0] / 2**20, 1), "count": v[1]} for k, v in top}}
 
 
 def main() -> None:

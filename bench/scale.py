@@ -398,7 +398,7 @@ def malloc_lines(malloc: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     lines = []
     for label, replicas in malloc.items():
         for replica, f in sorted(replicas.items()):
-            mb = {k: v / 2**20 for k, v in f.items()}
+            mb = {k: v / 2**20 for k, v in f.items() if isinstance(v, (int, float))}  # not the census
             free = mb.get("pymalloc_available_blocks_bytes", 0) + mb.get("pymalloc_unused_pools_bytes", 0)
             lines.append(f"malloc at={label} replica={replica} pymalloc_arenas={f.get('pymalloc_arenas')} "
                          f"pymalloc_used_mb={mb.get('pymalloc_allocated_blocks_bytes', 0):.1f} "
