@@ -117,8 +117,8 @@ class Settings(BaseSettings):
     kube_max_connections: int = Field(
         default=32, ge=2, le=1000,
         description="Connections to the API server the operator's own client keeps at most (Kopf's watches and "
-                    "patches have their own). Each holds about 200 KB of TLS buffers, and under the periodic "
-                    "passes' light traffic every connection once opened stays open.",
+                    "patches have their own). Each holds asyncio's 256 KiB TLS read buffer and OpenSSL's own, "
+                    "and under the periodic passes' light traffic every connection once opened stays open.",
     )
     consistency_timeout_seconds: float = Field(default=0.5, ge=0)
     sweep_interval_seconds: float = Field(default=300.0, gt=0)

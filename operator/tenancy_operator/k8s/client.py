@@ -116,7 +116,7 @@ class Kube:
     async def connect(cls, namespaces: Sequence[str] = (), *, max_connections: int = 32) -> Kube:
         """``max_connections``: the pool's bound. aiohttp reuses the longest-idle connection first,
         so periodic light traffic keeps every pooled connection alive: without a small bound a
-        burst's hundred connections (128 KiB of TLS buffer each) would stay for good."""
+        burst's hundred connections (asyncio's 256 KiB TLS read buffer each) would stay for good."""
         if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
             config.load_incluster_config()  # type: ignore[no-untyped-call]
         else:
