@@ -20,8 +20,8 @@ for a core, which with several replicas on 2 cores is most of it) and the proces
 runs on a machine of varying speed compare by the collector's share.
 
 BENCH_CENSUS: ``1`` (with BENCH_MALLOC_STATS; the environment of ``bench/scale`` passes it on) adds
-to each reading the number of live coroutines and the live objects of 512 bytes or more (those
-CPython leaves to glibc) by type: bytes and count. It walks every object, which takes seconds with
+to each reading the number of live coroutines and the live objects over 512 bytes (those CPython
+leaves to glibc) by type: bytes and count. It walks every object, which takes seconds with
 thousands of tenants and holds the interpreter meanwhile.
 
 BENCH_GC_DEFAULTS: ``1`` leaves the collector as CPython sets it (no observability.memory.tune_gc):
@@ -146,7 +146,7 @@ def malloc_stats(path: Path) -> None:
 
 
 def census() -> dict[str, Any]:
-    """The live objects of 512 bytes or more (glibc's, not pymalloc's) by type, bytes and count;
+    """The live objects over 512 bytes (glibc's, not pymalloc's) by type, bytes and count;
     containers from the collector's lists, strings and bytes as their referents."""
     big: dict[str, list[int]] = {}
     seen: set[int] = set()
@@ -156,14 +156,14 @@ def census() -> dict[str, Any]:
         if kind == "coroutine":
             coroutines += 1
         size = sys.getsizeof(obj)
-        if size >= 512:
+        if size > 512:
             entry = big.setdefault(kind, [0, 0])
             entry[0] += size
             entry[1] += 1
         for ref in gc.get_referents(obj):
             if isinstance(ref, (str, bytes, bytearray)) and id(ref) not in seen:
                 rsize = sys.getsizeof(ref)
-                if rsize >= 512:
+                if rsize > 512:
                     seen.add(id(ref))
                     entry = big.setdefault(type(ref).__name__, [0, 0])
                     entry[0] += rsize
