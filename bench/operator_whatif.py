@@ -151,23 +151,21 @@ def census() -> dict[str, Any]:
     big: dict[str, list[int]] = {}
     seen: set[int] = set()
     coroutines = 0
-    for obj in gc.get_objects():
-        kind = type(obj).__name__
-        if kind == "coroutine":
-            coroutines += 1
+
+    def count(obj: object) -> None:
         size = sys.getsizeof(obj)
         if size > 512:
-            entry = big.setdefault(kind, [0, 0])
+            entry = big.setdefault(type(obj).__name__, [0, 0])
             entry[0] += size
             entry[1] += 1
+
+    for obj in gc.get_objects():
+        coroutines += type(obj).__name__ == "coroutine"
+        count(obj)
         for ref in gc.get_referents(obj):
             if isinstance(ref, (str, bytes, bytearray)) and id(ref) not in seen:
-                rsize = sys.getsizeof(ref)
-                if rsize > 512:
-                    seen.add(id(ref))
-                    entry = big.setdefault(type(ref).__name__, [0, 0])
-                    entry[0] += rsize
-                    entry[1] += 1
+                seen.add(id(ref))
+                count(ref)
     top = sorted(big.items(), key=lambda kv: -kv[1][0])[:25]
     return {"coroutines": coroutines, "large": {k: {"mb": round(v[0] / 2**20, 1), "count": v[1]} for k, v in top}}
 
