@@ -9,7 +9,7 @@ tenant wrote, such as a PostgreSQL error from its migration).
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,16 +61,30 @@ def merge(
     return sorted(by_type.values(), key=lambda c: (order.index(c["type"]) if c["type"] in order else 9, c["type"]))
 
 
-def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> dict[str, Any]:
+def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any],
+                 whole: Collection[str] = ()) -> dict[str, Any]:
     """The JSON merge patch (RFC 7386) that turns ``current`` into ``desired`` for the keys of
     ``desired``; empty when nothing differs. Map entries missing from a desired map are removed
-    (``None``); lists are replaced whole."""
+    (``None``); lists are replaced whole.
+
+    ``whole``: keys of ``desired`` that are one decision (a rollout's position, phase and reason):
+    when any of them differs, all of them are sent as ``desired`` has them (its maps with a null
+    for each field they no longer have). ``current`` may be older than the object (a snapshot read
+    before this process's own last write): a difference alone would then send only the fields
+    the snapshot lacks and leave the others as the last write set them, a mix of two decisions."""
+    patch = _difference(current, desired)
+    if any(k in patch for k in whole):
+        patch.update({k: desired[k] for k in whole if k in desired})
+    return patch
+
+
+def _difference(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> dict[str, Any]:
     current = current or {}
     patch: dict[str, Any] = {}
     for k, want in desired.items():
         have = current.get(k)
         if isinstance(want, Mapping) and isinstance(have, Mapping):
-            sub = status_patch(have, want)
+            sub = _difference(have, want)
             for gone in set(have) - set(want):
                 sub[gone] = None
             if sub:
@@ -78,11 +92,6 @@ def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) 
         elif have != want:
             patch[k] = want
     return patch
-
-
-def status_differs(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
-    """True when writing ``desired`` would change anything the user can see."""
-    return bool(status_patch(current, desired))
 
 
 def readiness(ready: bool, stalled: bool, reason: str, message: str) -> tuple[list[Cond], list[str]]:

@@ -12,6 +12,10 @@ request at all when nothing differs. Two options cover what some writers need:
   evaluation compares with it even before its watch event arrives (watch_cache.py keeps a newer
   version from being taken back by an older event).
 
+- ``whole``: the keys that are one decision, sent together when any of them differs
+  (``conditions.status_patch``), and ``written``: told the object as written, so the writer's
+  own record of that decision knows which snapshots are older than it (reconcilers/records.py).
+
 A status write to an object that is gone (404), or changed since ``if_version`` (409), returns
 False; any other error of the API server is raised (``ApiError``) for the caller's retry.
 """
@@ -19,7 +23,7 @@ False; any other error of the API server is raised (``ApiError``) for the caller
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from tenancy_operator.conditions import status_patch
@@ -37,12 +41,15 @@ class StatusWriter:
         self._caches[plural].append(cache)
 
     async def write(self, plural: str, body: Mapping[str, Any], desired: Mapping[str, Any], *,
-                    if_version: str | None = None) -> bool:
+                    if_version: str | None = None, whole: Collection[str] = (),
+                    written: Callable[[Mapping[str, Any]], None] | None = None) -> bool:
         """Make the status hold ``desired`` (its keys; others are left as they are)."""
-        return await self.patch(plural, body, status_patch(body.get("status"), desired), if_version=if_version)
+        return await self.patch(plural, body, status_patch(body.get("status"), desired, whole),
+                                if_version=if_version, written=written)
 
     async def patch(self, plural: str, body: Mapping[str, Any], patch: dict[str, Any], *,
-                    if_version: str | None = None) -> bool:
+                    if_version: str | None = None,
+                    written: Callable[[Mapping[str, Any]], None] | None = None) -> bool:
         """Send ``patch``, a difference already computed (``status_patch``); nothing when empty."""
         if not patch:
             return True
@@ -50,13 +57,15 @@ class StatusWriter:
         key = (meta["namespace"], meta["name"])
         caches = [c for c in self._caches.get(plural, ()) if key in c]
         try:
-            written = await self.kube.patch_status(plural, key[0], key[1], patch, resource_version=if_version,
-                                                   decode=bool(caches))
+            result = await self.kube.patch_status(plural, key[0], key[1], patch, resource_version=if_version,
+                                                  decode=bool(caches) or written is not None)
         except ApiError as exc:
             if exc.status == 404 or (exc.status == 409 and if_version):
                 return False
             raise
-        if written is not None:
+        if result is not None:
             for cache in caches:
-                cache.store(written)
+                cache.store(result)
+            if written is not None:
+                written(result)
         return True

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 from tenancy_operator.api.featureflag import RolloutStatus
 from tenancy_operator.conditions import status_patch
 from tenancy_operator.flags.model import FlagDefinition, Rollout
-from tenancy_operator.handlers.featureflag import desired_status, resolved_status
+from tenancy_operator.handlers.featureflag import desired_status, resolved_status, status_update
 from tenancy_operator.reconcilers.featureflag import Outcome
 
 
@@ -27,17 +27,54 @@ def published() -> Outcome:
 
 def test_a_published_flag_reports_what_it_serves() -> None:
     status = desired_status(flag(), published())
-    assert {k: v for k, v in status.items() if k != "conditions"} == {
+    assert {k: v for k, v in status.items() if k not in ("conditions", "rollout")} == {
         "observedGeneration": 3,
         "unknownTenants": [],
         "variantShares": {"on": 0.25, "off": 0.75},
         "tenantOverrides": 0,
         "userOverrides": 0,
         "key": "new-checkout",
-        "rollout": {"percentage": 25},
         "lastWrittenAt": "2026-12-04T06:00:01Z",
         "configMap": "new-checkout-flagd",
     }
+    # The rollout's other fields are null: a merge patch that carries the rollout removes them.
+    assert {k: v for k, v in status["rollout"].items() if v is not None} == {"percentage": 25}
+    assert {"phase", "reason", "step", "resumedBy", "baseline"} <= set(status["rollout"])
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """What the API server does with a JSON merge patch (RFC 7386)."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            result.pop(k, None)
+        else:
+            result[k] = merge_patch(result.get(k), v)
+    return result
+
+
+def stepped(phase: str, reason: str, resumed_by: str | None = None) -> Outcome:
+    out = published()
+    out.rollout = RolloutStatus(percentage=70, phase=phase, reason=reason, step=1, steps=3, baseline=70,
+                                resumed_by=resumed_by, message=f"{phase} for {reason}")
+    return out
+
+
+def test_a_decision_written_over_an_older_snapshot_lands_whole() -> None:
+    """A recheck read the flag (paused by hand), waited for the flag's lock while a handler
+    resumed the rollout and wrote that, then decided from that record: held again by
+    spec.rollout.paused. Its patch is computed from the older snapshot, yet the flag ends as the
+    decision says, not with the resumed phase beside the new reason."""
+    hand_edited = desired_status(flag(), stepped("Paused", "HandEdited"))
+    resumed = merge_patch(hand_edited, status_update(flag(hand_edited), stepped("Progressing", "Resumed", "1")))
+    held = stepped("Paused", "PausedBySpec", "1")
+    final = merge_patch(resumed, status_update(flag(hand_edited), held))
+    rollout = final["rollout"]
+    assert (rollout["phase"], rollout["reason"], rollout["resumedBy"], rollout["percentage"]) == \
+        ("Paused", "PausedBySpec", "1", 70)
+    assert status_update(flag(final), held) == {}  # and once read back, nothing more to write
 
 
 def test_a_reconcile_without_a_definition_leaves_what_was_published_alone() -> None:

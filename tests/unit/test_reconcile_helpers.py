@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from tenancy_operator.api.tenant import TENANT, TenantSpec
 from tenancy_operator.archive import pg_env
-from tenancy_operator.conditions import Cond, merge, reported, status_differs
+from tenancy_operator.conditions import Cond, merge, reported, status_patch
 from tenancy_operator.config import Settings
 from tenancy_operator.db.logins import LoginObserved, login_role
 from tenancy_operator.db.registry import CredentialsRow, RegistryRow
@@ -54,8 +54,8 @@ def test_identical_status_is_not_written_again() -> None:
         "phase": "Active",
         "conditions": merge(conds, [Cond("Ready", "True", "Provisioned")], 3),
     }
-    assert not status_differs(current, desired)
-    assert status_differs(current, {**desired, "phase": "Suspended"})
+    assert not status_patch(current, desired)
+    assert status_patch(current, {**desired, "phase": "Suspended"})
 
 
 def test_migrations_run_in_key_order_and_ignore_other_keys() -> None:

@@ -26,6 +26,19 @@ def test_own_decision_wins_over_a_lagging_snapshot() -> None:
     assert records.get(body(11, 2)) == 2  # our own status write came back
 
 
+def test_a_body_read_before_our_own_write_is_older_than_our_record() -> None:
+    """A recheck GETs the flag at revision 11 (a person's annotation), then waits for the lock while a
+    handler decides on revision 10 and writes its status (revision 12). What the recheck read is
+    not another replica's word: it precedes our write."""
+    records: LatestRecords[int] = LatestRecords(stored)
+    records.put(body(10, 1), 2)
+    records.written(body(12, 2))
+    assert records.get(body(11, 1)) == 2
+    records.put(body(11, 1), 3)  # decided on that older read: our write at 12 still precedes it
+    assert records.get(body(12, 2)) == 3
+    assert records.get(body(13, 5)) == 5  # written after our write, by someone else
+
+
 def test_a_later_status_written_elsewhere_wins() -> None:
     records: LatestRecords[int] = LatestRecords(stored)
     records.put(body(10, 1), 2)

@@ -6,6 +6,7 @@ them into OpenAPI schemas, and the operator parses the objects it watches with t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +33,12 @@ class ApiModel(BaseModel):
     def to_api(self) -> JsonDict:
         """JSON-ready dict in the API's shape (camelCase, unset optionals left out) for patches."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    @classmethod
+    def with_nulls(cls, fields: Mapping[str, Any]) -> JsonDict:
+        """``fields`` (a dump of this model) with a null for each of the model's fields it lacks: a
+        merge patch that carries it leaves none of them as an older write set them."""
+        return {**{(f.alias or name): None for name, f in cls.model_fields.items()}, **fields}
 
 
 # --- Names ------------------------------------------------------------------------------------

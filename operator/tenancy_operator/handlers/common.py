@@ -18,6 +18,7 @@ from tenancy_operator.api.common import ApiModel
 from tenancy_operator.conditions import merge, readiness
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import Verdict
+from tenancy_operator.status_writer import StatusWriter
 from tenancy_operator.watch_cache import compact
 
 WATCH_HANDLER_ID = "watch"
@@ -49,7 +50,8 @@ def on_reconcile(registry: kopf.OperatorRegistry, plural: str) -> Callable[[F], 
 def record_status(body: Mapping[str, Any], out: Verdict, record: ApiModel | None) -> dict[str, Any]:
     """The status of a kind whose reconcile returns a verdict and a record (its typed status model):
     conditions from the verdict, the record's fields, and null for fields the record no longer has
-    (a merge patch then removes them). No record: the conditions only, the rest as it was."""
+    (a merge patch then removes them). No record: the conditions only, the rest as it was.
+    ``write_record`` writes it."""
     generation = int(body["metadata"].get("generation") or 0)
     conds, drop = readiness(out.ready, out.stalled, out.reason, out.message)
     old = body.get("status") or {}
@@ -59,9 +61,22 @@ def record_status(body: Mapping[str, Any], out: Verdict, record: ApiModel | None
     }
     if record is not None:
         fields = record.model_dump(mode="json", exclude_none=True, exclude={"conditions", "observed_generation"})
-        status.update({k: None for k in old if k not in fields and k not in ("conditions", "observedGeneration")})
-        status.update(fields)
+        status.update({k: None for k in old if k not in REPORT_KEYS})
+        status.update({k: v for k, v in type(record).with_nulls(fields).items() if k not in REPORT_KEYS})
     return status
+
+
+REPORT_KEYS = ("conditions", "observedGeneration")
+"""A record kind's status keys that report the reconcile; the others are the record."""
+
+
+async def write_record(status: StatusWriter, plural: str, body: Mapping[str, Any], out: Verdict,
+                       record: ApiModel | None, written: Callable[[Mapping[str, Any]], None] | None = None) -> bool:
+    """Write ``record_status``: the record's fields as one decision (``conditions.status_patch``'s
+    ``whole``), as ``body``'s status may be older than this process's last write. False: gone."""
+    desired = record_status(body, out, record)
+    return await status.write(plural, body, desired, whole=[k for k in desired if k not in REPORT_KEYS],
+                              written=written)
 
 
 class Rechecks:

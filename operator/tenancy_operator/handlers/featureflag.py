@@ -20,9 +20,9 @@ from typing import Any
 import kopf
 
 from tenancy_operator import GROUP, VERSION
-from tenancy_operator.api.featureflag import FeatureFlagStatus
+from tenancy_operator.api.featureflag import FeatureFlagStatus, RolloutStatus
 from tenancy_operator.api.names import FINALIZER
-from tenancy_operator.conditions import Cond, merge, readiness, status_differs, status_patch
+from tenancy_operator.conditions import Cond, merge, readiness, status_patch
 from tenancy_operator.handlers.common import Rechecks, backoff, reconciled_by
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
@@ -101,12 +101,19 @@ def desired_status(body: Mapping[str, Any], out: Outcome) -> dict[str, Any]:
         known.add("last_written_at")
     if out.config_map is not None:
         known.add("config_map")
-    return {
-        "observedGeneration": generation,
-        "conditions": merge(old, conds, generation, drop=drop),
-        # exclude_unset: a rollout's fields it never set are absent, as before they were written.
-        **record.model_dump(mode="json", include=known, exclude_unset=True),
-    }
+    # exclude_unset: a rollout's fields it never set are absent (null), as before they were written.
+    fields = record.model_dump(mode="json", include=known, exclude_unset=True)
+    if fields.get("rollout") is not None:
+        fields["rollout"] = RolloutStatus.with_nulls(fields["rollout"])
+    return {"observedGeneration": generation, "conditions": merge(old, conds, generation, drop=drop), **fields}
+
+
+def status_update(body: Mapping[str, Any], out: Outcome) -> dict[str, Any]:
+    """The merge patch that writes ``desired_status``. The rollout goes whole when it changes: the
+    body may be a snapshot older than this process's last write (a recheck's GET that waited
+    while a handler decided and wrote), and a difference from it alone would leave some of the
+    last write's fields beside this decision's (a phase Progressing with a reason PausedBySpec)."""
+    return status_patch(body.get("status"), desired_status(body, out), whole=("rollout",))
 
 
 class FeatureFlagService:
@@ -151,6 +158,8 @@ class FeatureFlagService:
                 tenants = await self.tenant_names(meta["namespace"], fresh=False)
             except Retry:
                 tenants = None  # the reconcile reads them itself and reports what fails
+        # The status is written under the lock too: a recheck and a handler deciding one after the
+        # other must also write in that order, or the older decision's write lands last.
         async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
             if meta.get("uid") in self.ctx.gone:  # a sweep's snapshot of a flag deleted meanwhile
                 return
@@ -164,12 +173,13 @@ class FeatureFlagService:
                 except Exception:
                     metrics.record_result(KIND, False, "Internal")
                     raise
-        if out.stale:
-            return
-        self.rechecks.schedule((meta["namespace"], meta["name"]), out.check_in)
-        if failed is None:
-            metrics.record_result(KIND, out.ready, None if out.ready else out.reason)
-        if not await self._report(body, out):
+            if out.stale:
+                return
+            self.rechecks.schedule((meta["namespace"], meta["name"]), out.check_in)
+            if failed is None:
+                metrics.record_result(KIND, out.ready, None if out.ready else out.reason)
+            reported = await self._report(body, out)
+        if not reported:
             await self._clean_up_gone(body)  # nothing left to report on or to retry
             return
         if failed is not None:
@@ -189,13 +199,15 @@ class FeatureFlagService:
                                            if c.get("type") == SOURCE_CONDITION), {})
         if out.source is not None and not out.source.published and old_source.get("reason") != out.source.reason:
             self.ctx.events.warning(body, f"NamespaceSource{out.source.reason}", out.source.message)
-        status = desired_status(body, out)
+        patch = status_update(body, out)
         # The sweep re-checks every flag: only what changed something is worth an info line.
-        quiet = out.ready and not out.events and not status_differs(body.get("status"), status)
+        quiet = out.ready and not out.events and not patch
         (log.debug if quiet else log.info)(
             "reconciled", kind=KIND, namespace=body["metadata"]["namespace"], name=body["metadata"]["name"],
             result="ready" if out.ready else out.reason)
-        if not await self.ctx.status.write(PLURAL, body, status):
+        stepped = out.rollout is not None and out.rollout.steps is not None  # a record to keep current
+        if not await self.ctx.status.patch(PLURAL, body, patch,
+                                           written=self.reconciler.rollout_written if stepped else None):
             return False
         meta = body["metadata"]
         metrics.STALLED.update(KIND, f"{meta['namespace']}/{meta['name']}", out.reason if out.stalled else None)

@@ -11,7 +11,7 @@ from typing import Any
 import kopf
 
 from tenancy_operator import GROUP, VERSION
-from tenancy_operator.handlers.common import Rechecks, backoff, reconciled_by, record_status
+from tenancy_operator.handlers.common import Rechecks, backoff, reconciled_by, write_record
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import Retry
@@ -61,7 +61,8 @@ class SchemaRolloutService:
         if out.events or not out.ready:
             log.info("reconciled", kind=KIND, namespace=meta["namespace"], name=meta["name"],
                      result="ready" if out.ready else out.reason, phase=out.status.phase if out.status else None)
-        await self.ctx.status.write(PLURAL, body, record_status(body, out, out.status))  # False: gone meanwhile
+        await write_record(self.ctx.status, PLURAL, body, out, out.status,  # False: gone meanwhile
+                           written=self.reconciler.records.written)
         metrics.STALLED.update(KIND, f"{meta['namespace']}/{meta['name']}", out.reason if out.stalled else None)
 
     def forget(self, body: Mapping[str, Any]) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import kopf
 
 from tenancy_operator import GROUP, VERSION
-from tenancy_operator.handlers.common import backoff, reconciled_by, record_status
+from tenancy_operator.handlers.common import backoff, reconciled_by, write_record
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.reconcilers.errors import Retry
@@ -56,7 +56,7 @@ class TenantArchiveService:
         if out.events or not out.ready:
             log.info("reconciled", kind=KIND, namespace=meta["namespace"], name=meta["name"],
                      result="ready" if out.ready else out.reason)
-        await self.ctx.status.write(PLURAL, body, record_status(body, out, out.status))  # False: gone meanwhile
+        await write_record(self.ctx.status, PLURAL, body, out, out.status)  # False: gone meanwhile
 
 
 SERVICE = TenantArchiveService

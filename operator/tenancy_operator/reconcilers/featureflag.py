@@ -186,6 +186,10 @@ class FeatureFlagReconciler:
         """The latest record of the flag's stepped rollout (reconcilers/records.py); None: none."""
         return self._rollouts.get(body)
 
+    def rollout_written(self, written: Mapping[str, Any]) -> None:
+        """The flag as a status write left it (a snapshot older than that is not another replica's)."""
+        self._rollouts.written(written)
+
     def forget_rollout(self, uid: str | None) -> None:
         self._rollouts.forget(uid)
 
