@@ -190,46 +190,51 @@ class TenantService:
         it is known to be current (a handler's counts from its event: ``run``)."""
         meta = body["metadata"]
         started = time.monotonic()
-        async with (self.ctx.lock(KIND, meta["namespace"], meta["name"]),
-                    self.ctx.reconcile_slots.hold(meta["namespace"])):
-            if meta.get("uid") in self.ctx.gone:
-                # Finalized, or gone from the watch: Kopf can still run a handler on a body of it
-                # (its progress patch met the gone object, and the event its finalizer patch made
-                # came next). Provisioning it again would leave what nothing is left to drop.
-                return None if listed is not None else Outcome(False, "Deleted", "the tenant is gone", "Deleting")
-            if listed is not None:
-                if self._deleting(body) or self._superseded(body):
-                    return None
-                listed.enter_context(metrics.PENDING.outstanding(KIND, _key(body)))
-                self._track_template(body)
-            elif self._deleting(body):
-                # The deletion handler owns it now; its status must not be overwritten here.
-                return _deleting_outcome()
-            with metrics.observe_reconcile(KIND):
-                try:
-                    out = await self.reconciler.reconcile(body)
-                except Retry as exc:
-                    metrics.record_result(KIND, False, exc.reason)
-                    if self._deleting(body):
-                        # Its deletion began while this reconcile ran (waiting for the database,
-                        # say): the deletion handler, next in line, owns the status now. A
-                        # "Failed" written first would show a Tenant being deleted as failed.
-                        return None if listed is not None else _deleting_outcome()
-                    out = Outcome(False, exc.reason, exc.message, "Provisioning"
-                                  if not (body.get("status") or {}).get("tenantId") else "Failed")
-                    if await self._report(body, out, started):
-                        raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
-                    await self._clean_up_gone(body)  # nothing left to retry for
-                    return out
-                except Exception:
-                    metrics.record_result(KIND, False, "Internal")
-                    log.exception("reconcile crashed", kind=KIND, namespace=meta["namespace"], name=meta["name"],
-                                  result="Internal")
-                    raise
-        metrics.record_result(KIND, out.ready, None if out.ready else out.reason)
-        if self._deleting(body):  # as for a failure above: the deletion handler reports now
-            return None if listed is not None else _deleting_outcome()
-        if not await self._report(body, out, started):
+        # The object's lock is held until the status is written (the reconcile slot only while it
+        # reconciles): a LISTed snapshot's reconcile and a handler's, decided one after the other,
+        # must also write in that order, or the older decision's write lands last.
+        async with self.ctx.lock(KIND, meta["namespace"], meta["name"]):
+            async with self.ctx.reconcile_slots.hold(meta["namespace"]):
+                if meta.get("uid") in self.ctx.gone:
+                    # Finalized, or gone from the watch: Kopf can still run a handler on a body of it
+                    # (its progress patch met the gone object, and the event its finalizer patch made
+                    # came next). Provisioning it again would leave what nothing is left to drop.
+                    gone = Outcome(False, "Deleted", "the tenant is gone", "Deleting")
+                    return None if listed is not None else gone
+                if listed is not None:
+                    if self._deleting(body) or self._superseded(body):
+                        return None
+                    listed.enter_context(metrics.PENDING.outstanding(KIND, _key(body)))
+                    self._track_template(body)
+                elif self._deleting(body):
+                    # The deletion handler owns it now; its status must not be overwritten here.
+                    return _deleting_outcome()
+                with metrics.observe_reconcile(KIND):
+                    try:
+                        out = await self.reconciler.reconcile(body)
+                    except Retry as exc:
+                        metrics.record_result(KIND, False, exc.reason)
+                        if self._deleting(body):
+                            # Its deletion began while this reconcile ran (waiting for the database,
+                            # say): the deletion handler, next in line, owns the status now. A
+                            # "Failed" written first would show a Tenant being deleted as failed.
+                            return None if listed is not None else _deleting_outcome()
+                        out = Outcome(False, exc.reason, exc.message, "Provisioning"
+                                      if not (body.get("status") or {}).get("tenantId") else "Failed")
+                        if await self._report(body, out, started):
+                            raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
+                        await self._clean_up_gone(body)  # nothing left to retry for
+                        return out
+                    except Exception:
+                        metrics.record_result(KIND, False, "Internal")
+                        log.exception("reconcile crashed", kind=KIND, namespace=meta["namespace"],
+                                      name=meta["name"], result="Internal")
+                        raise
+            metrics.record_result(KIND, out.ready, None if out.ready else out.reason)
+            if self._deleting(body):  # as for a failure above: the deletion handler reports now
+                return None if listed is not None else _deleting_outcome()
+            reported = await self._report(body, out, started)
+        if not reported:
             async with (self.ctx.lock(KIND, meta["namespace"], meta["name"]),
                         self.ctx.reconcile_slots.hold(meta["namespace"])):
                 await self._clean_up_gone(body)
