@@ -2,7 +2,7 @@
 
 Every kind writes status the same way: a JSON merge patch of what differs from the status the
 object holds (``conditions.status_patch``: a map's dropped entries as null, lists whole), no
-request at all when nothing differs. Two options cover what some writers need:
+request at all when nothing differs. Options cover what some writers need:
 
 - ``if_version``: only if the object is still that resourceVersion. A patch that replaces a list
   (a Tenant's conditions, written by another kind than the Tenant's own reconcile) must not undo
@@ -11,13 +11,22 @@ request at all when nothing differs. Two options cover what some writers need:
 - the watch caches registered with ``keep_fresh`` store the object as written, so the next
   evaluation compares with it even before its watch event arrives (watch_cache.py keeps a newer
   version from being taken back by an older event).
-
 - ``whole``: the keys that are one decision, sent together when any of them differs
   (``conditions.status_patch``), and ``written``: told the object as written, so the writer's
   own record of that decision knows which snapshots are older than it (reconcilers/records.py).
 
-A status write to an object that is gone (404), or changed since ``if_version`` (409), returns
-False; any other error of the API server is raised (``ApiError``) for the caller's retry.
+The first report on an object our finalizer holds (its body shows none yet) is made at the
+body's resourceVersion, and after a 409 only if the object read again is still the same uid. The
+API server can delete an object while Kopf adds our finalizer (kubernetes/kubernetes#77988), and
+the user can create another under its name before the gone one's reconcile reports: written on
+the new one, that report would show it Ready (its own create handler would then find it in sync
+and never provision it). A status patch cannot carry a uid precondition: the API server keeps the
+stored metadata on the status subresource. Once the first report has landed, the finalizer holds
+the object until its deletion handler, which waits for the object's lock.
+
+A status write to an object that is gone (404, or another uid now), or changed since
+``if_version`` (409), returns False; any other error of the API server is raised (``ApiError``)
+for the caller's retry.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+from tenancy_operator.api.names import FINALIZER
 from tenancy_operator.conditions import status_patch
 from tenancy_operator.k8s.client import ApiError, Kube
 from tenancy_operator.watch_cache import WatchCache
@@ -56,13 +66,25 @@ class StatusWriter:
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         caches = [c for c in self._caches.get(plural, ()) if key in c]
-        try:
-            result = await self.kube.patch_status(plural, key[0], key[1], patch, resource_version=if_version,
-                                                  decode=bool(caches) or written is not None)
-        except ApiError as exc:
-            if exc.status == 404 or (exc.status == 409 and if_version):
-                return False
-            raise
+        # Nothing reported yet: no status, or the CRD's default one (observedGeneration 0).
+        reported = (body.get("status") or {}).get("observedGeneration")
+        first = not if_version and not reported and FINALIZER in (meta.get("finalizers") or ())
+        version = meta.get("resourceVersion") if first else if_version
+        decode = bool(caches) or written is not None
+        while True:
+            try:
+                result = await self.kube.patch_status(plural, key[0], key[1], patch, resource_version=version,
+                                                      decode=decode)
+                break
+            except ApiError as exc:
+                if exc.status == 404 or (exc.status == 409 and if_version):
+                    return False
+                if not (first and exc.status == 409):
+                    raise  # for the caller's retry (a 409 at a version read again too: never taken for gone)
+            current = await self.kube.get_object(plural, key[0], key[1])
+            if current is None or current["metadata"].get("uid") != meta.get("uid"):
+                return False  # gone, and maybe created again: not the object this report is about
+            first, version = False, current["metadata"]["resourceVersion"]  # changed, still this object
         if result is not None:
             for cache in caches:
                 cache.store(result)

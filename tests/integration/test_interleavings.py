@@ -236,6 +236,29 @@ async def test_a_tenant_deleted_while_its_finalizer_was_added_leaves_nothing_beh
     assert await ctx.kube.get_secret(namespace, "blink-db") is None
 
 
+async def test_a_tenant_created_again_under_its_name_gets_nothing_of_the_one_before(
+    stack: LocalStack, cluster: Cluster, ctx: OperatorContext, namespace: str
+) -> None:
+    """The same race, and the user creates the Tenant again under its name before the gone one's
+    reconcile reports. That report is about the gone Tenant: written on the new one, it would show
+    it Ready, and the new one's create handler would take it for in sync and never provision it."""
+    svc = TenantService(ctx)
+    taken = taken_on(cluster, TENANTS, namespace, tenant("again", deletionPolicy="Delete"))
+    vanish(cluster, TENANTS, namespace, "again")
+    again = cluster.create(TENANTS, namespace, tenant("again", deletionPolicy="Delete"))
+
+    await svc.run(taken)  # the gone Tenant's create handler
+
+    now = cluster.get(TENANTS, namespace, "again")
+    assert now["metadata"]["uid"] == again["metadata"]["uid"]
+    status = now.get("status") or {}
+    assert not status.get("observedGeneration") and not status.get("conditions"), status  # the CRD's default
+    # What the gone one's reconcile provisioned went with it; the new one is still to provision.
+    assert sql_value(stack.admin_dsn(), "SELECT array_agg(state) FROM tenancy.tenants WHERE namespace = %s",
+                     [namespace]) == ["dropped"]
+    assert role_count(stack, "tenant_again") == 0
+
+
 async def test_a_tenant_whose_deleted_event_comes_during_that_reconcile_leaves_nothing_behind(
     stack: LocalStack, cluster: Cluster, ctx: OperatorContext, namespace: str
 ) -> None:
