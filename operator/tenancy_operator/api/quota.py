@@ -32,7 +32,7 @@ from tenancy_operator.api.quantities import (
     PositiveQuantity,
     parse_quantity,
 )
-from tenancy_operator.api.resource import PrinterColumn, ResourceInfo
+from tenancy_operator.api.resource import ResourceInfo, columns
 from tenancy_operator.api.schema_extra import cel, cel_string, immutable, list_map, list_set, validations
 from tenancy_operator.api.tenant import TENANT_NAME_MAX_LENGTH, TENANT_NAME_PATTERN, LimitValue, Tier
 
@@ -337,14 +337,12 @@ class QuotaStatus(KindStatus):
 
 QUOTA = ResourceInfo(
     "Quota", QuotaSpec, QuotaStatus, short_names=("tq",),
-    printer_columns=(
-        PrinterColumn("Tenant", ".spec.tenantRef.name"),
-        PrinterColumn("Storage-Used", ".status.used.storage"),
-        PrinterColumn("Storage-Hard", ".status.hard.storage"),
-        PrinterColumn("Conns-Used", ".status.used.connections"),
-        PrinterColumn("Conns-Hard", ".status.hard.connections"),
-        PrinterColumn("Load-Share", ".status.load.share"),
-    ),
+    printer_columns=columns({
+        "Tenant": ".spec.tenantRef.name",
+        "Storage-Used": ".status.used.storage", "Storage-Hard": ".status.hard.storage",
+        "Conns-Used": ".status.used.connections", "Conns-Hard": ".status.hard.connections",
+        "Load-Share": ".status.load.share",
+    }),
     # A Tenant's first evaluation confirms it has no Quota before applying its tier's defaults
     # (reconcilers/quota_cluster.QuotaCluster.quotas_of).
     selectable_fields=(".spec.tenantRef.name",),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -40,6 +41,12 @@ READY_COLUMN = PrinterColumn(
 )
 PHASE_COLUMN = PrinterColumn("Phase", ".status.phase")
 AGE_COLUMN = PrinterColumn("Age", ".metadata.creationTimestamp", type="date")
+
+
+def columns(paths: Mapping[str, str]) -> tuple[PrinterColumn, ...]:
+    """Plain columns in the order given, ``{name: JSON path}``: each of its field's type, with no
+    description."""
+    return tuple(PrinterColumn(name, path) for name, path in paths.items())
 
 
 def _first_paragraph(doc: str | None) -> str:

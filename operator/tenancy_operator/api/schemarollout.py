@@ -28,7 +28,7 @@ from tenancy_operator.api.common import ApiModel, DnsSubdomain
 from tenancy_operator.api.conditions import Explained, KindStatus
 from tenancy_operator.api.durations import Duration, parse_duration
 from tenancy_operator.api.featureflag import RolloutGate
-from tenancy_operator.api.resource import PrinterColumn, ResourceInfo
+from tenancy_operator.api.resource import ResourceInfo, columns
 from tenancy_operator.api.schema_extra import cel, immutable, list_atomic, list_map, list_set, validations
 from tenancy_operator.api.tenant import TENANT_NAME_MAX_LENGTH, TENANT_NAME_PATTERN
 
@@ -201,14 +201,10 @@ class SchemaRolloutStatus(KindStatus, Explained):
 
 SCHEMA_ROLLOUT = ResourceInfo(
     "SchemaRollout", SchemaRolloutSpec, SchemaRolloutStatus, short_names=("sro",),
-    printer_columns=(
-        PrinterColumn("Template", ".spec.template"),
-        PrinterColumn("Target", ".status.targetVersion"),
-        PrinterColumn("Wave", ".status.wave"),
-        PrinterColumn("Migrated", ".status.migrated"),
-        PrinterColumn("Failed", ".status.failed"),
-        PrinterColumn("Pending", ".status.pending"),
-    ),
+    printer_columns=columns({
+        "Template": ".spec.template", "Target": ".status.targetVersion", "Wave": ".status.wave",
+        "Migrated": ".status.migrated", "Failed": ".status.failed", "Pending": ".status.pending",
+    }),
 )
 
 

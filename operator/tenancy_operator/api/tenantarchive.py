@@ -20,7 +20,7 @@ from pydantic import AwareDatetime, Field
 
 from tenancy_operator.api.common import ApiModel
 from tenancy_operator.api.conditions import Explained, KindStatus
-from tenancy_operator.api.resource import PrinterColumn, ResourceInfo
+from tenancy_operator.api.resource import ResourceInfo, columns
 
 ArchivePhase = Literal["Available", "Purging", "NotManaged"]
 
@@ -63,11 +63,8 @@ class TenantArchiveStatus(KindStatus, Explained):
 
 TENANT_ARCHIVE = ResourceInfo(
     "TenantArchive", TenantArchiveSpec, TenantArchiveStatus, short_names=("tarc",),
-    printer_columns=(
-        PrinterColumn("Tenant", ".status.tenant.name"),
-        PrinterColumn("Target", ".status.target"),
-        PrinterColumn("Size", ".status.sizeBytes"),
-        PrinterColumn("Expires", ".status.expiresAt"),
-        PrinterColumn("Protected", ".spec.protected"),
-    ),
+    printer_columns=columns({
+        "Tenant": ".status.tenant.name", "Target": ".status.target", "Size": ".status.sizeBytes",
+        "Expires": ".status.expiresAt", "Protected": ".spec.protected",
+    }),
 )
