@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import secrets
 import socket
@@ -239,8 +240,17 @@ async def _run(cfg: Settings) -> None:
         coordinator = ShardCoordinator(kube, namespace, cfg.shard_group, identity, Slices(cfg.shard_slices),
                                        cfg.shard_lease_seconds,
                                        connect=lambda: Kube.connect(cfg.namespace_list, max_connections=4))
+
+        async def work(ownership: Ownership, stop: asyncio.Event) -> None:
+            await _run_kopf(cfg, ownership, stop, coordinator.take_signals)
+            # What the run held (Kopf's per-object memory, our services and caches) is garbage in
+            # cycles now, which the spaced-out full collections (observability/memory.tune_gc)
+            # would keep while the next run lists its share: collected before that run starts.
+            found = gc.collect()
+            log.debug("run ended: its objects collected", objects=found)
+
         await coordinator.serve(
-            lambda ownership, stop: _run_kopf(cfg, ownership, stop, coordinator.take_signals),
+            work,
             lambda: waiting_health(cfg.bind_address, cfg.health_port, coordinator.state, coordinator.renewing),
         )
     finally:
