@@ -31,7 +31,9 @@ class Listing:
 
 
 def service(listing: Listing) -> FeatureFlagService:
-    svc = FeatureFlagService(SimpleNamespace(settings=SimpleNamespace(rollout_check_seconds=1.0)))  # type: ignore[arg-type]
+    ctx = SimpleNamespace(settings=SimpleNamespace(rollout_check_seconds=1.0),
+                          status=SimpleNamespace(keep_fresh=lambda plural, cache: None))
+    svc = FeatureFlagService(ctx)  # type: ignore[arg-type]
     svc.reconciler = SimpleNamespace(tenant_names=listing)  # type: ignore[assignment]
     return svc
 

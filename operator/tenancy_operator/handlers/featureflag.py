@@ -4,9 +4,11 @@ idempotent reconcile (reconcilers/featureflag.py).
 The sweep re-checks every flag every TENANCY_SWEEP_INTERVAL_SECONDS, which repairs rows or
 ConfigMaps changed behind our back; a Tenant appearing or disappearing re-checks at once the flags
 of its namespace that name it in an override, so `unknownTenants` follows the Tenants without
-waiting for the sweep. Those re-checks are gathered for a moment and list the namespace's
-Tenants once for all its flags: creating a thousand Tenants costs a few LISTs, not one per flag
-and Tenant.
+waiting for the sweep. Those re-checks are gathered for a moment, read the flags from a cache the
+flags' watch keeps (``FeatureFlagService.flags``) and the namespace's Tenant names once for all
+its flags: creating a thousand Tenants costs no LIST per re-check. A flag's size grows with its
+overrides, and a bulk creation re-checks every half second, so a LIST each time would decode the
+namespace's flags over and over.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tenancy_operator.reconcilers.errors import Retry
 from tenancy_operator.reconcilers.featureflag import FeatureFlagReconciler, Outcome
 from tenancy_operator.reconcilers.featureflag_policy import PLURAL
 from tenancy_operator.runtime_context import OperatorContext
+from tenancy_operator.watch_cache import WatchCache
 
 KIND = "FeatureFlag"
 SOURCE_CONDITION = "NamespaceSourcePublished"
@@ -120,6 +123,10 @@ class FeatureFlagService:
     def __init__(self, ctx: OperatorContext) -> None:
         self.ctx = ctx
         self.reconciler = FeatureFlagReconciler(ctx)
+        self.flags = WatchCache(slim_flag)
+        """The flags as the watch shows them (and as our status writes leave them): what the
+        re-checks after Tenant changes read."""
+        ctx.status.keep_fresh(PLURAL, self.flags)
         self._nudged: dict[str, set[str]] = {}
         """namespace -> names of Tenants that appeared or went away (ALL: re-check every flag)."""
         self._wake = asyncio.Event()
@@ -142,14 +149,6 @@ class FeatureFlagService:
 
     async def _run(self, body: Mapping[str, Any], retry: int, tenants: set[str] | None) -> None:
         meta = body["metadata"]
-        if not body.get("status"):  # first sight: tell GitOps tools we are working on it
-            generation = int(meta.get("generation") or 0)
-            await self.ctx.status.write(PLURAL, body, {
-                "observedGeneration": generation,
-                "conditions": merge(None, [Cond("Ready", "Unknown", "Publishing", "publishing started"),
-                                           Cond("Reconciling", "True", "Publishing", "publishing started")],
-                                    generation),
-            })
         if tenants is None:
             # From the names kept by the Tenant watch, not a LIST of every Tenant per edit (its cost
             # grows with the namespace's Tenants); a Tenant the watch has not shown yet re-checks
@@ -333,6 +332,10 @@ class FeatureFlagService:
                 log.warning("featureflag sweep failed", error=type(exc).__name__, detail=str(exc)[:200])
 
     async def _list(self, namespaces: set[str] | None) -> list[dict[str, Any]]:
+        """The flags of ``namespaces`` (None: all) for a sweep: a re-check's from the watch's cache
+        once the watch has filled it, the periodic sweep's from a LIST."""
+        if namespaces is not None and self.flags.listed:
+            return [f for f in self.flags.values() if f["metadata"]["namespace"] in namespaces]
         # Decoded with safejson: one flag nested too deep for Python's json must not fail the sweep.
         watched = self.ctx.settings.namespace_list
         if namespaces is None and not watched:
@@ -386,8 +389,14 @@ class FeatureFlagService:
             try:
                 if namespace not in tenants:
                     tenants[namespace] = await self.tenant_names(namespace, fresh=nudged is None)
-                if nudged is None or not await self._resolve_tenants(item, tenants[namespace]):
+                if nudged is None:
                     await self.run(item, tenants=tenants[namespace])
+                elif not await self._resolve_tenants(item, tenants[namespace]):
+                    # The whole reconcile on the flag as it is now: the cache's copy may lag
+                    # behind the watch.
+                    fresh = await self.ctx.kube.get_object(PLURAL, namespace, meta["name"])
+                    if fresh is not None and not fresh["metadata"].get("deletionTimestamp"):
+                        await self.run(fresh, tenants=tenants[namespace])
             except (kopf.TemporaryError, Retry):
                 pass  # reported in status; the handler's own retries or the next sweep go on
             except ApiError as exc:
@@ -405,6 +414,12 @@ class FeatureFlagService:
         return checked
 
 
+def slim_flag(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the flag cache keeps: the whole flag but its managedFields."""
+    meta = body.get("metadata") or {}
+    return {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+
+
 def _named_tenants(item: Mapping[str, Any]) -> set[str]:
     """Tenant names a FeatureFlag's overrides mention (read leniently: the spec may be invalid)."""
     spec = item.get("spec") or {}
@@ -419,6 +434,10 @@ SERVICE = FeatureFlagService
 def register(registry: kopf.OperatorRegistry) -> None:
     """Attach the FeatureFlag handlers to ``registry``."""
     service = reconciled_by(registry, KIND, PLURAL, FeatureFlagService)
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="cache")
+    async def featureflag_seen(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        service(memo).flags.observe(type, body)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="finalize")
     async def featureflag_delete(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
