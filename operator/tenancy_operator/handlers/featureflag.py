@@ -295,8 +295,8 @@ class FeatureFlagService:
     # --- stepped rollouts ------------------------------------------------------------------------
 
     async def _recheck(self, key: tuple[str, str]) -> None:
-        """A running stepped rollout wants another look (its gate, its next step): the flag is read
-        afresh (its newest spec and annotations) and reconciled."""
+        """The flag read afresh (its newest spec and annotations) and reconciled: a running stepped
+        rollout's next look (its gate, its next step), or a re-check its cached copy did not settle."""
         body = await self.ctx.kube.get_object(PLURAL, *key)
         if body is None:
             return
@@ -394,9 +394,7 @@ class FeatureFlagService:
                 elif not await self._resolve_tenants(item, tenants[namespace]):
                     # The whole reconcile on the flag as it is now: the cache's copy may lag
                     # behind the watch.
-                    fresh = await self.ctx.kube.get_object(PLURAL, namespace, meta["name"])
-                    if fresh is not None and not fresh["metadata"].get("deletionTimestamp"):
-                        await self.run(fresh, tenants=tenants[namespace])
+                    await self._recheck((namespace, meta["name"]))
             except (kopf.TemporaryError, Retry):
                 pass  # reported in status; the handler's own retries or the next sweep go on
             except ApiError as exc:
