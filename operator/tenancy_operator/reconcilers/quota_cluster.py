@@ -126,7 +126,13 @@ class QuotaCluster:
         cached = self.tenants.get((namespace, name))
         if cached is not None:
             return cached
-        return await self.ctx.kube.get_object(TENANTS, namespace, name)
+        tenant = await self.ctx.kube.get_object(TENANTS, namespace, name)
+        if tenant is not None and self.ctx.ownership.owns(tenant):
+            # A Tenant this run's watch brings, which has not shown it yet (in a burst its events
+            # wait behind the others'): the version read serves the next evaluations instead of
+            # a GET each (the cache keeps whichever version is newer).
+            self.tenants.store(tenant)
+        return tenant
 
     async def tenant_quotas(self, namespace: str, tenant: str) -> list[dict[str, Any]]:
         """The Quotas naming ``tenant``: from the watch cache, from a LIST before it filled."""
