@@ -153,23 +153,22 @@ def assess(histories: Mapping[K, History], policies: Mapping[K, Policy], noisy_n
     """Verdicts of every tenant of one target with a policy and two samples. The average is over
     every tenant measured on the target (quiet ones included) over the same window."""
     was = set(noisy_now)
-    by_window: dict[float, dict[K, Delta]] = {}
+    # Per window: every tenant's delta and their total load, computed once per window and not
+    # once per tenant (that would be quadratic in the tenants of the target).
+    by_window: dict[float, tuple[dict[K, Delta], float]] = {}
     out: dict[K, Verdict] = {}
     for key, policy in policies.items():
         history = histories.get(key)
         if history is None:
             continue
-        deltas = by_window.get(policy.window)
-        if deltas is None:
-            deltas = by_window[policy.window] = {}
-            for k, h in histories.items():
-                d = h.over(policy.window)
-                if d is not None:
-                    deltas[k] = d
+        window = by_window.get(policy.window)
+        if window is None:
+            found = {k: d for k, h in histories.items() if (d := h.over(policy.window)) is not None}
+            window = by_window[policy.window] = (found, sum(max(d.load, 0.0) for d in found.values()))
+        deltas, total = window
         mine = deltas.get(key)
         if mine is None:
             continue
-        total = sum(max(d.load, 0.0) for d in deltas.values())
         load = max(mine.load, 0.0)
         average = total / len(deltas) if deltas else 0.0
         share = load / total if total > 0 else 0.0
