@@ -4,7 +4,7 @@
 
 Each periodic quota pass judges every tenant of a target against the average tenant's load on it
 (``reconcilers/noisy.assess``). This prints the CPU seconds of one such judgement for N tenants
-with three samples each (a full default window) and the default policy, as the quota pass runs it.
+with three samples each, a pass interval apart, and the default policy, as the quota pass runs it.
 """
 
 from __future__ import annotations
