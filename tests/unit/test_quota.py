@@ -527,6 +527,27 @@ def test_per_tenant_series_can_be_switched_off(per_tenant: bool) -> None:
     assert REGISTRY.get_sample_value("tenant_quota_limit", labels) is None
 
 
+def test_per_state_counts_follow_each_memory() -> None:
+    """The tenants-per-state counts are kept as memories change, and equal a recount over them."""
+    from tenancy_operator.reconcilers.quota_limits import EXCEEDED, NEAR, OK
+    from tenancy_operator.reconcilers.quota_metrics import Memories
+    from tenancy_operator.reconcilers.quota_types import Memory
+
+    book = Memories()
+    book[("a", "t1")] = Memory("u1", "free", {"connections": NEAR, "storage": OK}, set(), noisy=True)
+    book[("a", "t2")] = Memory("u2", "free", {"connections": EXCEEDED}, set(), noisy=False)
+    book[("b", "t3")] = Memory("u3", "free", {"storage": EXCEEDED}, set(), noisy=True)
+    book[("a", "t1")] = Memory("u1", "free", {"connections": EXCEEDED}, set(), noisy=None)  # replaced
+    book.pop(("b", "t3"))
+    book.pop(("b", "gone"), None)
+    assert {k: v for k, v in book.states.items() if v} == {("connections", NEAR): 2, ("connections", EXCEEDED): 2}
+    assert book.noisy == 0
+    book[("b", "t3")] = Memory("u3", "free", {"storage": NEAR}, set(), noisy=True)
+    assert {k: v for k, v in book.states.items() if v} == {
+        ("connections", NEAR): 2, ("connections", EXCEEDED): 2, ("storage", NEAR): 1}
+    assert book.noisy == 1 and len(book) == 3 and set(book) == {("a", "t1"), ("a", "t2"), ("b", "t3")}
+
+
 # --- Fewer evaluations and writes during a mass creation -----------------------------------------------
 
 

@@ -41,11 +41,11 @@ from tenancy_operator.reconcilers.quota_cluster import (
 )
 from tenancy_operator.reconcilers.quota_enforce import write_database
 from tenancy_operator.reconcilers.quota_limits import quota_version, sort_quotas
-from tenancy_operator.reconcilers.quota_metrics import QuotaSeries
+from tenancy_operator.reconcilers.quota_metrics import Memories, QuotaSeries
 from tenancy_operator.reconcilers.quota_pass import QuotaPass
 from tenancy_operator.reconcilers.quota_policy import STALE_MEASUREMENTS, evaluate
 from tenancy_operator.reconcilers.quota_probe import QuotaProbes
-from tenancy_operator.reconcilers.quota_types import LOCK_KIND, Key, Memory, Plan, Probe, Subject
+from tenancy_operator.reconcilers.quota_types import LOCK_KIND, Key, Plan, Probe, Subject
 from tenancy_operator.runtime_context import OperatorContext
 
 log = get_logger(__name__)
@@ -82,7 +82,7 @@ class QuotaService:
 
     def __init__(self, ctx: OperatorContext) -> None:
         self.ctx = ctx
-        self.memory: dict[Key, Memory] = {}
+        self.memory = Memories()
         self.expiries: dict[Key, datetime] = {}
         self.epochs: defaultdict[Key, int] = defaultdict(int)
         self.applied: dict[Key, tuple[str, str]] = {}
@@ -101,7 +101,7 @@ class QuotaService:
         self.periodic = QuotaPass(self)
         self.probes = QuotaProbes(ctx, noisy=lambda key: bool((m := self.memory.get(key)) is not None and m.noisy))
         self.series = QuotaSeries(per_tenant=lambda: self.ctx.settings.quota_per_tenant_metrics,
-                                  memories=lambda: self.memory.values())
+                                  memories=self.memory)
 
     @property
     def control(self) -> str:

@@ -1,12 +1,13 @@
 """The quota service's Prometheus series: per-tenant gauges from each enforced plan (limits, usage,
 load share, noisy-neighbour verdict; switched off with ``quota_per_tenant_metrics``), removed with
-the tenant, and the per-state tenant counts, recounted at most once a second."""
+the tenant, and the per-state tenant counts, kept with each tenant's memory and published at most
+once a second."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator, MutableMapping
 
 from tenancy_operator.api.quota import LIMIT_NAMES
 from tenancy_operator.observability import metrics
@@ -25,11 +26,55 @@ LOAD_SERIES = (*LOAD_COUNTERS, metrics.TENANT_SESSIONS_ACTIVE, metrics.TENANT_SE
 """Per-tenant load series, removed with the tenant."""
 
 
-class QuotaSeries:
-    """``per_tenant()``: the per-tenant series are on; ``memories()``: every tenant's last
-    evaluation, for the per-state counts."""
+def _states(mem: Memory) -> list[tuple[str, int]]:
+    """The (limit, level) counts one tenant's memory adds to: near includes exceeded."""
+    states = [(name, NEAR) for name, lv in mem.levels.items() if lv >= NEAR]
+    states += [(name, EXCEEDED) for name, lv in mem.levels.items() if lv == EXCEEDED]
+    return states
 
-    def __init__(self, *, per_tenant: Callable[[], bool], memories: Callable[[], Iterable[Memory]]) -> None:
+
+class Memories(MutableMapping[Key, Memory]):
+    """Every tenant's last evaluation, with the per-state tenant counts kept as entries change:
+    counting them over all tenants after each evaluation would grow with the fleet."""
+
+    def __init__(self) -> None:
+        self._data: dict[Key, Memory] = {}
+        self.states: Counter[tuple[str, int]] = Counter()
+        """Tenants per (limit, level) for NEAR and EXCEEDED."""
+        self.noisy = 0
+        """Tenants whose NoisyNeighbor verdict in force is noisy."""
+
+    def _count(self, mem: Memory, sign: int) -> None:
+        for state in _states(mem):
+            self.states[state] += sign
+        if mem.noisy:
+            self.noisy += sign
+
+    def __getitem__(self, key: Key) -> Memory:
+        return self._data[key]
+
+    def __setitem__(self, key: Key, mem: Memory) -> None:
+        old = self._data.get(key)
+        if old is not None:
+            self._count(old, -1)
+        self._data[key] = mem
+        self._count(mem, 1)
+
+    def __delitem__(self, key: Key) -> None:
+        self._count(self._data.pop(key), -1)
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class QuotaSeries:
+    """``per_tenant()``: the per-tenant series are on; ``memories``: every tenant's last
+    evaluation, with the per-state counts."""
+
+    def __init__(self, *, per_tenant: Callable[[], bool], memories: Memories) -> None:
         self._per_tenant = per_tenant
         self._memories = memories
         self._aggregates_due = False
@@ -69,8 +114,8 @@ class QuotaSeries:
         return {(k[0], k[1]) for family in QUOTA_SERIES for k in family.values}
 
     def update_aggregates(self) -> None:
-        """Recount the per-state gauges soon, at most once a second: a count over every tenant
-        after each evaluation would make a mass creation quadratic."""
+        """Publish the per-state gauges soon, at most once a second: a mass creation evaluates
+        many tenants a second."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -82,15 +127,8 @@ class QuotaSeries:
 
     def _recount(self) -> None:
         self._aggregates_due = False
-        counts: Counter[tuple[str, int]] = Counter()
-        memories = list(self._memories())
-        for mem in memories:
-            for name, lv in mem.levels.items():
-                if lv >= NEAR:
-                    counts[(name, NEAR)] += 1
-                if lv == EXCEEDED:
-                    counts[(name, EXCEEDED)] += 1
-        metrics.TENANT_NOISY_NEIGHBORS.set(sum(1 for mem in memories if mem.noisy))
+        counts = self._memories.states
+        metrics.TENANT_NOISY_NEIGHBORS.set(self._memories.noisy)
         for name in LIMIT_NAMES:
             for lv, state in LEVEL_NAMES.items():
                 metrics.TENANT_QUOTA_TENANTS.labels(resource=name, state=state).set(counts.get((name, lv), 0))
