@@ -117,3 +117,17 @@ async def test_a_failed_list_is_tried_again_by_the_next_flag() -> None:
         with pytest.raises(Retry):
             await a
     assert listing.calls == 2  # the LIST keeps failing here: each flag reports it
+
+
+def test_the_names_a_flag_overrides_follow_its_generation() -> None:
+    """The Tenant names a flag's overrides mention are kept per generation: an edit is seen."""
+    svc = service(Listing(set()))
+
+    def flag(generation: int, tenants: list[str]) -> dict[str, Any]:
+        return {"metadata": {"namespace": "ns", "name": "f", "uid": "u1", "generation": generation},
+                "spec": {"tenants": [{"tenant": t} for t in tenants],
+                         "users": [{"tenant": "hooli", "user": "x"}, "not an override"]}}
+
+    assert svc.names_in(flag(1, ["acme", "globex"])) == {"acme", "globex", "hooli"}
+    assert svc.names_in(flag(1, ["acme", "globex"])) == {"acme", "globex", "hooli"}
+    assert svc.names_in(flag(2, ["initech"])) == {"initech", "hooli"}

@@ -56,7 +56,8 @@ def tenants_resolved(unknown: list[str]) -> Cond:
     return Cond("TenantsResolved", "True", "AllTenantsExist", "every tenant named in an override exists")
 
 
-def resolved_status(body: Mapping[str, Any], tenants: set[str]) -> dict[str, Any] | None:
+def resolved_status(body: Mapping[str, Any], tenants: set[str],
+                    named: frozenset[str] | None = None) -> dict[str, Any] | None:
     """After a Tenant named by the flag appeared or went away: the status with unknownTenants and
     TenantsResolved for ``tenants`` (the namespace's), when the flag's status shows its generation
     published (nothing else of a reconcile depends on which Tenants exist); None otherwise."""
@@ -66,7 +67,7 @@ def resolved_status(body: Mapping[str, Any], tenants: set[str]) -> dict[str, Any
     if (status.get("observedGeneration") != generation or (held.get("Ready") or {}).get("status") != "True"
             or "TenantsResolved" not in held):
         return None
-    unknown = sorted(_named_tenants(body) - tenants)
+    unknown = sorted((named_tenants(body) if named is None else named) - tenants)
     return {"conditions": merge(status.get("conditions"), [tenants_resolved(unknown)], generation),
             "unknownTenants": unknown}
 
@@ -138,6 +139,9 @@ class FeatureFlagService:
         self._listing_lock: dict[str, asyncio.Lock] = {}
         """namespace -> held while its Tenant names are LISTed: the flags asking meanwhile (at
         start-up every flag of a namespace asks at once) take that LIST's answer."""
+        self._named: dict[str, tuple[int, frozenset[str]]] = {}
+        """flag uid -> (generation, the Tenant names its overrides mention): each nudge checks every
+        flag of its namespace, and a flag may name thousands of Tenants. Pruned by the full sweeps."""
         self.rechecks = Rechecks(self._recheck, ctx.settings.rollout_check_seconds)
         """Running stepped rollouts: when each wants another look."""
 
@@ -347,6 +351,15 @@ class FeatureFlagService:
             items += await self.ctx.kube.list_objects(PLURAL, ns)
         return items
 
+    def names_in(self, item: Mapping[str, Any]) -> frozenset[str]:
+        """``named_tenants(item)``, computed once per generation of the flag."""
+        meta = item["metadata"]
+        uid, generation = str(meta.get("uid") or ""), int(meta.get("generation") or 0)
+        held = self._named.get(uid)
+        if held is None or held[0] != generation:
+            held = self._named[uid] = (generation, named_tenants(item))
+        return held[1]
+
     async def _resolve_tenants(self, item: Mapping[str, Any], tenants: set[str]) -> bool:
         """A nudge's re-check of a flag whose status shows its generation published: only
         unknownTenants and TenantsResolved can change, so only they are written (when they
@@ -354,7 +367,7 @@ class FeatureFlagService:
         new Tenants each flag is re-checked every GATHER_SECONDS, and a whole reconcile costs as
         much as the flag has overrides. False when the whole reconcile must run (the status is
         not current, or the flag changed since it was listed)."""
-        desired = resolved_status(item, tenants)
+        desired = resolved_status(item, tenants, self.names_in(item))
         if desired is None:
             return False
         patch = status_patch(item.get("status"), desired)
@@ -376,15 +389,17 @@ class FeatureFlagService:
         checked = 0
         tenants: dict[str, set[str]] = {}
         seen: set[str] = set()
+        uids: set[str] = set()
         for item in self.ctx.ownership.mine(await self._list(None if nudged is None else set(nudged))):
             meta = item["metadata"]
             seen.add(meta["namespace"])
+            uids.add(str(meta.get("uid") or ""))
             if meta.get("deletionTimestamp") or FINALIZER not in (meta.get("finalizers") or []):
                 continue  # not taken over by the handlers yet, or being deleted: theirs to do
             namespace = meta["namespace"]
             if nudged is not None:
                 changed = nudged.get(namespace, set())
-                if ALL not in changed and not changed & _named_tenants(item):
+                if ALL not in changed and not changed & self.names_in(item):
                     continue  # none of the Tenants that changed matters to this flag
             try:
                 if namespace not in tenants:
@@ -403,6 +418,7 @@ class FeatureFlagService:
                 log.warning("featureflag sweep: reconcile failed", name=meta["name"], error=type(exc).__name__)
             checked += 1
         if nudged is None:  # each namespace's flagd source once a sweep: repairs it if changed by hand
+            self._named = {uid: v for uid, v in self._named.items() if uid in uids}
             for namespace in sorted(seen):
                 try:
                     await self.reconciler.source.publish(namespace)
@@ -418,11 +434,11 @@ def slim_flag(body: Mapping[str, Any]) -> dict[str, Any]:
     return {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
 
 
-def _named_tenants(item: Mapping[str, Any]) -> set[str]:
+def named_tenants(item: Mapping[str, Any]) -> frozenset[str]:
     """Tenant names a FeatureFlag's overrides mention (read leniently: the spec may be invalid)."""
     spec = item.get("spec") or {}
     overrides = [*(spec.get("tenants") or []), *(spec.get("users") or [])]
-    return {str(o["tenant"]) for o in overrides if isinstance(o, Mapping) and o.get("tenant")}
+    return frozenset(str(o["tenant"]) for o in overrides if isinstance(o, Mapping) and o.get("tenant"))
 
 
 SERVICE = FeatureFlagService
