@@ -516,11 +516,18 @@ def test_restart_confirms_converged_tenants_without_writes_and_repairs_drift(
     names = ["calm-0", "calm-1", "calm-2"]
     for n in names:
         provision(cluster, namespace, n)
+    # Two that share a template ConfigMap: confirmed from it as well.
+    cluster.core.create_namespaced_config_map(namespace, {"metadata": {"name": "calm-schema"}, "data": {
+        "0001_init.sql": "CREATE TABLE notes (id int PRIMARY KEY);", "0002_more.sql": "ALTER TABLE notes ADD x int;"}})
+    templated = ["calm-t0", "calm-t1"]
+    for n in templated:
+        assert provision(cluster, namespace, n, schemaTemplate="calm-schema")["status"]["schemaVersion"] == "0002_more"
     operator.stop()
     # Drift while the operator is down: the fast path must not vouch for this one.
     with connect(stack.admin_dsn()) as conn:
         conn.execute("ALTER ROLE tenant_calm_2 SET search_path = public")
-    versions = {n: cluster.get(PLURAL, namespace, n)["metadata"]["resourceVersion"] for n in names[:2]}
+    confirmed = [*names[:2], *templated]
+    versions = {n: cluster.get(PLURAL, namespace, n)["metadata"]["resourceVersion"] for n in confirmed}
     catalog = "SELECT xmin::text FROM pg_namespace WHERE nspname = 'tenancy'"  # changes with any DDL/GRANT on it
     before = sql_value(stack.admin_dsn(), catalog)
     operator.start()
@@ -536,4 +543,4 @@ def test_restart_confirms_converged_tenants_without_writes_and_repairs_drift(
     )
     assert sql_value(stack.admin_dsn(), catalog) == before, "the restart changed the control schema"
     # The converged ones were confirmed, not rewritten: their objects did not change.
-    assert {n: cluster.get(PLURAL, namespace, n)["metadata"]["resourceVersion"] for n in names[:2]} == versions
+    assert {n: cluster.get(PLURAL, namespace, n)["metadata"]["resourceVersion"] for n in confirmed} == versions

@@ -103,7 +103,7 @@ class TenantService:
         # a ConfigMap event costs a dict lookup. (A Kopf index would make every ConfigMap worker wait
         # for index readiness, which can starve the operator at start-up with many ConfigMaps.)
         self._template_users: dict[tuple[str, str], set[str]] = {}
-        self.resume_check = ResumeChecker(ctx)
+        self.resume_check = ResumeChecker(ctx, self.reconciler.templates)
         self._in_flight: Counter[str] = Counter()
         """Tenants with a handler's reconcile waiting or running."""
         self.limits: Callable[[Mapping[str, Any]], Mapping[str, str] | None] | None = None

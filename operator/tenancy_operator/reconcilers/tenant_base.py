@@ -4,6 +4,7 @@ tenant_lifecycle.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 import urllib.parse
@@ -130,16 +131,28 @@ class TemplateCache:
     """Template ConfigMaps as last read or seen in a watch event, for TEMPLATE_TTL seconds: a
     thousand Tenants sharing a template cost one GET, not one each. The template handler puts
     every event of a used template here before it migrates the fleet; the TTL bounds how long a
-    change the watch missed (a deletion while the stream was down) can go unseen."""
+    change the watch missed (a deletion while the stream was down) can go unseen. The callers
+    that miss while a read is in flight take its answer: after a restart, or once the TTL has
+    passed, hundreds of Tenant reconciles ask for the same template at once."""
 
     def __init__(self, kube: Kube) -> None:
         self.kube = kube
         self._entries: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
+        self._reading: dict[tuple[str, str], asyncio.Future[dict[str, Any] | None]] = {}
 
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        hit = self._entries.get((namespace, name))
+        key = (namespace, name)
+        hit = self._entries.get(key)
         if hit is not None and time.monotonic() - hit[0] < TEMPLATE_TTL:
             return hit[1]
+        reading = self._reading.get(key)
+        if reading is None:
+            reading = self._reading[key] = asyncio.ensure_future(self._read(namespace, name))
+            reading.add_done_callback(lambda done: self._read_done(key, done))
+        # Shielded: one caller cancelled (its handler's timeout) must not cancel the others' read.
+        return await asyncio.shield(reading)
+
+    async def _read(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             cm = await self.kube.get_configmap(namespace, name)
         except ApiError as exc:
@@ -147,6 +160,11 @@ class TemplateCache:
         if cm is not None:
             self.seen(cm)
         return cm
+
+    def _read_done(self, key: tuple[str, str], done: asyncio.Future[dict[str, Any] | None]) -> None:
+        self._reading.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here, also when every caller was cancelled meanwhile
 
     def seen(self, cm: Mapping[str, Any]) -> None:
         """A watch event or a read of a template ConfigMap; an older version never replaces a newer one."""
