@@ -27,18 +27,38 @@ the object until its deletion handler, which waits for the object's lock.
 A status write to an object that is gone (404, or another uid now), or changed since
 ``if_version`` (409), returns False; any other error of the API server is raised (``ApiError``)
 for the caller's retry.
+
+``report`` is a reconcile's report on an object whose deletion handler writes its status once
+the deletion has begun: the user can delete the object while the reconcile runs, and the watch
+may show that after the report is due. So the report is made at the newest version of the object
+this process knows, which a deletion begun since refuses (409); read again, the object says
+whether it is gone, being deleted (the report is left out), or only changed (made again at the
+version read). So a Tenant deleted during a database outage shows its deletion's ``Deleting``,
+not its last reconcile's ``Failed``.
 """
 
 from __future__ import annotations
 
+import enum
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from tenancy_operator.api.names import FINALIZER
 from tenancy_operator.conditions import status_patch
-from tenancy_operator.k8s.client import ApiError, Kube
+from tenancy_operator.k8s.client import ApiError, Kube, older_version
 from tenancy_operator.watch_cache import WatchCache
+
+REPORT_ATTEMPTS = 5
+"""How many versions of the object a ``report`` is tried at before its 409 goes to the caller's retry."""
+
+
+class Report(enum.Enum):
+    """What became of a ``StatusWriter.report``."""
+
+    WRITTEN = "written"  # or nothing differed
+    GONE = "gone"  # deleted, or another object of its name now
+    DELETING = "deleting"  # its deletion has begun: left to the deletion's handler
 
 
 class StatusWriter:
@@ -57,6 +77,37 @@ class StatusWriter:
         return await self.patch(plural, body, status_patch(body.get("status"), desired, whole),
                                 if_version=if_version, written=written)
 
+    async def report(self, plural: str, body: Mapping[str, Any], desired: Mapping[str, Any], *,
+                     whole: Collection[str] = ()) -> Report:
+        """``write``, unless the object's deletion has begun (see the module's docstring)."""
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        patch = status_patch(body.get("status"), desired, whole)
+        if not patch:
+            return Report.WRITTEN
+        known: Mapping[str, Any] = meta
+        for cache in self._caches.get(plural, ()):
+            seen = cache.get(key)
+            if seen is not None and older_version(known, seen["metadata"]):
+                known = seen["metadata"]  # our own last write, or an event newer than ``body``
+        for _ in range(REPORT_ATTEMPTS):
+            if known.get("deletionTimestamp"):
+                return Report.DELETING
+            try:
+                await self._send(plural, key, patch, str(known.get("resourceVersion") or ""))
+                return Report.WRITTEN
+            except ApiError as exc:
+                if exc.status == 404:
+                    return Report.GONE
+                if exc.status != 409:
+                    raise
+            current = await self.kube.get_object(plural, key[0], key[1])
+            if current is None or current["metadata"].get("uid") != meta.get("uid"):
+                return Report.GONE
+            known = current["metadata"]
+        raise ApiError(status=409, reason=f"{plural} {key[0]}/{key[1]} changed at each of {REPORT_ATTEMPTS} "
+                                          "attempts to report")
+
     async def patch(self, plural: str, body: Mapping[str, Any], patch: dict[str, Any], *,
                     if_version: str | None = None,
                     written: Callable[[Mapping[str, Any]], None] | None = None) -> bool:
@@ -65,17 +116,14 @@ class StatusWriter:
             return True
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
-        caches = [c for c in self._caches.get(plural, ()) if key in c]
         # Nothing reported yet: no status, or the CRD's default one (observedGeneration 0).
         reported = (body.get("status") or {}).get("observedGeneration")
         first = not if_version and not reported and FINALIZER in (meta.get("finalizers") or ())
         version = meta.get("resourceVersion") if first else if_version
-        decode = bool(caches) or written is not None
         while True:
             try:
-                result = await self.kube.patch_status(plural, key[0], key[1], patch, resource_version=version,
-                                                      decode=decode)
-                break
+                await self._send(plural, key, patch, version, written)
+                return True
             except ApiError as exc:
                 if exc.status == 404 or (exc.status == 409 and if_version):
                     return False
@@ -85,9 +133,15 @@ class StatusWriter:
             if current is None or current["metadata"].get("uid") != meta.get("uid"):
                 return False  # gone, and maybe created again: not the object this report is about
             first, version = False, current["metadata"]["resourceVersion"]  # changed, still this object
+
+    async def _send(self, plural: str, key: tuple[str, str], patch: dict[str, Any], version: str | None,
+                    written: Callable[[Mapping[str, Any]], None] | None = None) -> None:
+        """One PATCH (at ``version`` if given); the object as written goes to the kept-fresh caches."""
+        caches = [c for c in self._caches.get(plural, ()) if key in c]
+        result = await self.kube.patch_status(plural, key[0], key[1], patch, resource_version=version,
+                                              decode=bool(caches) or written is not None)
         if result is not None:
             for cache in caches:
                 cache.store(result)
             if written is not None:
                 written(result)
-        return True

@@ -14,12 +14,16 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import kopf
+import psycopg
 import pytest
 from kubernetes_asyncio import client, config
 
 from tenancy_devenv.stack import LocalStack
 from tenancy_operator.api.names import FINALIZER
+from tenancy_operator.api.tenant import tenant_identifier
 from tenancy_operator.config import Settings
+from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.targets import DatabaseTargets
 from tenancy_operator.handlers.featureflag import FeatureFlagService
 from tenancy_operator.handlers.tenant import TenantService
@@ -49,7 +53,8 @@ async def ctx(alone: None, stack: LocalStack) -> AsyncIterator[OperatorContext]:
     configuration = client.Configuration()
     await config.load_kube_config(config_file=str(stack.kubeconfig), client_configuration=configuration)
     kube = Kube(client.ApiClient(configuration))
-    targets = DatabaseTargets(settings.targets, min_size=0, max_size=4, connect_timeout=5)
+    # A short lock_timeout: one test holds a tenant's lock in another session to fail a reconcile.
+    targets = DatabaseTargets(settings.targets, min_size=0, max_size=4, connect_timeout=5, lock_timeout="2s")
     context = OperatorContext(settings=settings, targets=targets, kube=kube, events=EventRecorder(kube))
     await targets.open()
     try:
@@ -187,6 +192,56 @@ async def test_a_flag_deleted_after_the_sweep_listed_it_is_not_written_again(
     assert flag_rows(stack, namespace, "retired") == 0
     assert await ctx.kube.get_configmap(namespace, configmap_name("retired")) is None
     assert await ctx.kube.get_configmap(namespace, SOURCE_CONFIGMAP) is None
+
+
+async def test_a_reconcile_reports_nothing_over_a_deletion_the_watch_has_not_shown_yet(
+    stack: LocalStack, cluster: Cluster, ctx: OperatorContext, namespace: str
+) -> None:
+    """The user deletes a Tenant while a reconcile of it runs, and the watch has not shown the
+    deletion when the reconcile reports: the sweep's reconcile of the snapshot it LISTed before,
+    or a handler's of the body Kopf gave it. Here both fail (another session holds the tenant's
+    lock, as a replica handing its slices over does). Their report must not land: the deletion's
+    handler owns the status, and a Tenant being deleted must not show Failed (nor Active)."""
+    svc, listed = await provisioned(ctx, cluster, namespace, "parting")
+    marked = delete_marked(cluster, TENANTS, namespace, "parting")  # its watch event is not handled yet
+    database = listed["spec"].get("database") or "default"
+    lock = [sqlt.TENANT_LOCK_CLASS, tenant_identifier("parting")]
+    with psycopg.connect(stack.operator_dsn(database), autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", lock)
+
+        assert await svc.run_listed(listed) is None  # the sweep's turn
+        assert (await svc.run(listed)).phase == "Deleting"  # Kopf's update handler, on the older body
+
+        other.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", lock)
+    now = cluster.get(TENANTS, namespace, "parting")
+    assert now["metadata"]["resourceVersion"] == marked["metadata"]["resourceVersion"], now.get("status")
+    assert now["status"]["phase"] == "Active"  # as the deletion found it: its handler reports next
+    watch_event(ctx, svc, "MODIFIED", marked)
+    await svc.delete(marked)
+    release(cluster, TENANTS, namespace, "parting")
+    assert role_count(stack, "tenant_parting") == 0
+
+
+async def test_a_report_lands_on_a_tenant_changed_since_but_not_deleted(
+    stack: LocalStack, cluster: Cluster, ctx: OperatorContext, namespace: str
+) -> None:
+    """The same, but the user only labelled the Tenant meanwhile: the report is made at the version
+    read again, not lost."""
+    svc, listed = await provisioned(ctx, cluster, namespace, "labelled")
+    cluster.patch(TENANTS, namespace, "labelled", {"metadata": {"labels": {"team": "blue"}}})
+    lock = [sqlt.TENANT_LOCK_CLASS, tenant_identifier("labelled")]
+    with psycopg.connect(stack.operator_dsn(listed["spec"].get("database") or "default"), autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", lock)
+        with pytest.raises(kopf.TemporaryError):  # Kopf retries it
+            await svc.run(listed)
+        other.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", lock)
+    now = cluster.get(TENANTS, namespace, "labelled")
+    ready = next(c for c in now["status"]["conditions"] if c["type"] == "Ready")
+    assert (now["status"]["phase"], ready["reason"]) == ("Failed", "Conflict")
+    assert now["metadata"]["labels"] == {"team": "blue"}
+    assert (await svc.run(now)).ready  # the retry, once the lock is free
+    await svc.delete(delete_marked(cluster, TENANTS, namespace, "labelled"))
+    release(cluster, TENANTS, namespace, "labelled")
 
 
 async def test_the_sweep_leaves_a_tenant_to_the_handler_reconcile_in_flight(

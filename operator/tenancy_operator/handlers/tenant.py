@@ -25,6 +25,7 @@ from tenancy_operator.reconcilers.resume import ResumeChecker
 from tenancy_operator.reconcilers.tenant import TenantReconciler
 from tenancy_operator.reconcilers.tenant_base import ArchiveBlocked, Outcome, admission, secret_name
 from tenancy_operator.runtime_context import OperatorContext
+from tenancy_operator.status_writer import Report
 
 KIND, PLURAL = "Tenant", "tenants"
 _FIRST_SIGHT = (kopf.Reason.CREATE.value, kopf.Reason.RESUME.value)
@@ -221,8 +222,11 @@ class TenantService:
                             return None if listed is not None else _deleting_outcome()
                         out = Outcome(False, exc.reason, exc.message, "Provisioning"
                                       if not (body.get("status") or {}).get("tenantId") else "Failed")
-                        if await self._report(body, out, started):
+                        report = await self._report(body, out, started)
+                        if report is Report.WRITTEN:
                             raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
+                        if report is Report.DELETING:  # begun since the watch last showed it
+                            return None if listed is not None else _deleting_outcome()
                         await self._clean_up_gone(body)  # nothing left to retry for
                         return out
                     except Exception:
@@ -233,8 +237,10 @@ class TenantService:
             metrics.record_result(KIND, out.ready, None if out.ready else out.reason)
             if self._deleting(body):  # as for a failure above: the deletion handler reports now
                 return None if listed is not None else _deleting_outcome()
-            reported = await self._report(body, out, started)
-        if not reported:
+            report = await self._report(body, out, started)
+        if report is Report.DELETING:
+            return None if listed is not None else _deleting_outcome()
+        if report is Report.GONE:
             async with (self.ctx.lock(KIND, meta["namespace"], meta["name"]),
                         self.ctx.reconcile_slots.hold(meta["namespace"])):
                 await self._clean_up_gone(body)
@@ -265,8 +271,9 @@ class TenantService:
         log.warning("tenant gone without its deletion: its deletion policy was applied", kind=KIND,
                     namespace=meta["namespace"], name=meta["name"], done=[r for _, r, _ in events] or None)
 
-    async def _report(self, body: Mapping[str, Any], out: Outcome, started: float) -> bool:
-        """Events, the log line and the status; False when the Tenant is gone."""
+    async def _report(self, body: Mapping[str, Any], out: Outcome, started: float) -> Report:
+        """Events, the log line and the status, unless the Tenant is gone or its deletion has begun
+        (StatusWriter.report: the watch may not have shown it yet)."""
         try:
             ident: str | None = tenant_identifier(body["metadata"]["name"])
         except ValueError:
@@ -285,10 +292,10 @@ class TenantService:
                message=None if out.ready else out.message,
                repairs=out.repairs or None)
         limits = self.limits(body) if self.limits is not None and out.ready else None
-        if not await self.ctx.status.write(PLURAL, body, desired_status(body, out, ident, limits)):
-            return False
-        metrics.STALLED.update(KIND, _key(body), out.reason if out.stalled else None)
-        return True
+        report = await self.ctx.status.report(PLURAL, body, desired_status(body, out, ident, limits))
+        if report is Report.WRITTEN:
+            metrics.STALLED.update(KIND, _key(body), out.reason if out.stalled else None)
+        return report
 
     async def delete(self, body: Mapping[str, Any], retry: int = 0) -> None:
         with metrics.PENDING.outstanding(KIND, _key(body)):
