@@ -7,10 +7,12 @@ no credentials, so none are decoded and held in the operator's memory for it.
 
 from __future__ import annotations
 
+import pytest
 from kubernetes.client import V1ObjectMeta, V1Secret
 from kubernetes_asyncio import config
 
 from tenancy_devenv.stack import LocalStack
+from tenancy_operator.k8s import client as k8s_client
 from tenancy_operator.k8s.client import Kube
 
 from .harness import Cluster
@@ -18,20 +20,26 @@ from .harness import Cluster
 LABEL = "tenancy.dev/secret-read-test"
 
 
-async def test_bulk_secret_reads_carry_metadata_and_no_credentials(stack: LocalStack, namespace: str) -> None:
+async def test_bulk_secret_reads_carry_metadata_and_no_credentials(
+    stack: LocalStack, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read in pages (here of 2, and every Secret comes once): at 10,000 tenants one answer would
+    hold every Secret's metadata, managedFields included, decoded at once at each sweep."""
     cluster = Cluster(stack.kubeconfig)
-    cluster.core.create_namespaced_secret(namespace, V1Secret(
-        metadata=V1ObjectMeta(name="creds", labels={LABEL: "yes"}, annotations={"tenancy.dev/note": "kept"}),
-        string_data={"password": "s3cr3t-value"}))
+    for name in ("creds", "creds-2", "creds-3", "creds-4", "creds-5"):
+        cluster.core.create_namespaced_secret(namespace, V1Secret(
+            metadata=V1ObjectMeta(name=name, labels={LABEL: "yes"}, annotations={"tenancy.dev/note": "kept"}),
+            string_data={"password": "s3cr3t-value"}))
     cluster.core.create_namespaced_secret(namespace, V1Secret(
         metadata=V1ObjectMeta(name="other"), string_data={"password": "unrelated"}))
+    monkeypatch.setattr(k8s_client, "LIST_PAGE", 2)
     kube = Kube(await config.new_client_from_config(config_file=str(stack.kubeconfig)))
     try:
         everywhere = await kube.list_secret_metadata(f"{LABEL}=yes")
     finally:
         await kube.close()
     mine = [s for s in everywhere if s["metadata"]["namespace"] == namespace]
-    assert [s["metadata"]["name"] for s in mine] == ["creds"]
-    assert mine[0]["metadata"]["annotations"]["tenancy.dev/note"] == "kept"
-    assert "data" not in mine[0] and "stringData" not in mine[0]
+    assert sorted(s["metadata"]["name"] for s in mine) == ["creds", "creds-2", "creds-3", "creds-4", "creds-5"]
+    assert all(s["metadata"]["annotations"]["tenancy.dev/note"] == "kept" for s in mine)
+    assert all("data" not in s and "stringData" not in s for s in mine)
     assert "s3cr3t-value" not in repr(everywhere)
