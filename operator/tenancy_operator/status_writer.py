@@ -101,10 +101,10 @@ class StatusWriter:
                     return Report.GONE
                 if exc.status != 409:
                     raise
-            current = await self.kube.get_object(plural, key[0], key[1])
-            if current is None or current["metadata"].get("uid") != meta.get("uid"):
+            current = await self._read_again(plural, key, meta.get("uid"))
+            if current is None:
                 return Report.GONE
-            known = current["metadata"]
+            known = current
         raise ApiError(status=409, reason=f"{plural} {key[0]}/{key[1]} changed at each of {REPORT_ATTEMPTS} "
                                           "attempts to report")
 
@@ -129,10 +129,16 @@ class StatusWriter:
                     return False
                 if not (first and exc.status == 409):
                     raise  # for the caller's retry (a 409 at a version read again too: never taken for gone)
-            current = await self.kube.get_object(plural, key[0], key[1])
-            if current is None or current["metadata"].get("uid") != meta.get("uid"):
+            current = await self._read_again(plural, key, meta.get("uid"))
+            if current is None:
                 return False  # gone, and maybe created again: not the object this report is about
-            first, version = False, current["metadata"]["resourceVersion"]  # changed, still this object
+            first, version = False, current["resourceVersion"]  # changed, still this object
+
+    async def _read_again(self, plural: str, key: tuple[str, str], uid: str | None) -> Mapping[str, Any] | None:
+        """The object's metadata as the API server holds it now; None when it is gone, or another
+        object of its name."""
+        current = await self.kube.get_object(plural, key[0], key[1])
+        return current["metadata"] if current is not None and current["metadata"].get("uid") == uid else None
 
     async def _send(self, plural: str, key: tuple[str, str], patch: dict[str, Any], version: str | None,
                     written: Callable[[Mapping[str, Any]], None] | None = None) -> None:

@@ -41,6 +41,11 @@ def _deleting_outcome() -> Outcome:
     return Outcome(False, "Deleting", "the tenant is being deleted", "Deleting")
 
 
+def _left_to_deletion(listed: contextlib.ExitStack | None) -> Outcome | None:
+    """What ``_run`` returns once the Tenant's deletion has begun: None for a LISTed snapshot."""
+    return None if listed is not None else _deleting_outcome()
+
+
 def desired_status(body: Mapping[str, Any], out: Outcome, ident: str | None,
                    limits: Mapping[str, str] | None = None) -> dict[str, Any]:
     meta, spec = body["metadata"], body.get("spec") or {}
@@ -219,14 +224,14 @@ class TenantService:
                             # Its deletion began while this reconcile ran (waiting for the database,
                             # say): the deletion handler, next in line, owns the status now. A
                             # "Failed" written first would show a Tenant being deleted as failed.
-                            return None if listed is not None else _deleting_outcome()
+                            return _left_to_deletion(listed)
                         out = Outcome(False, exc.reason, exc.message, "Provisioning"
                                       if not (body.get("status") or {}).get("tenantId") else "Failed")
                         report = await self._report(body, out, started)
                         if report is Report.WRITTEN:
                             raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
                         if report is Report.DELETING:  # begun since the watch last showed it
-                            return None if listed is not None else _deleting_outcome()
+                            return _left_to_deletion(listed)
                         await self._clean_up_gone(body)  # nothing left to retry for
                         return out
                     except Exception:
@@ -236,10 +241,10 @@ class TenantService:
                         raise
             metrics.record_result(KIND, out.ready, None if out.ready else out.reason)
             if self._deleting(body):  # as for a failure above: the deletion handler reports now
-                return None if listed is not None else _deleting_outcome()
+                return _left_to_deletion(listed)
             report = await self._report(body, out, started)
         if report is Report.DELETING:
-            return None if listed is not None else _deleting_outcome()
+            return _left_to_deletion(listed)
         if report is Report.GONE:
             async with (self.ctx.lock(KIND, meta["namespace"], meta["name"]),
                         self.ctx.reconcile_slots.hold(meta["namespace"])):
