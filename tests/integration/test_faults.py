@@ -226,8 +226,7 @@ def test_deletions_while_postgres_is_down_complete_once_it_returns(faults: Fault
         faults.cluster.delete(PLURAL, ns, "gone-delete")
         faults.cluster.delete(PLURAL, ns, "gone-archive")
         for name in ("gone-delete", "gone-archive"):
-            # One status, read once: a drift sweep that listed the Tenant before its deletion may
-            # report the outage as Failed just before the deletion handler's first word.
+            # One status, read once: the phase and the condition checked come from the same write.
             status = eventually(
                 lambda n=name: (
                     (st := faults.cluster.get(PLURAL, ns, n).get("status") or {}).get("phase") == "Deleting"

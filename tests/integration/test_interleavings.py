@@ -10,6 +10,7 @@ would (the finalizer, the watch events, the handler calls) in the order under te
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -118,6 +119,19 @@ async def provisioned(ctx: OperatorContext, cluster: Cluster, namespace: str, na
     return svc, cluster.get(TENANTS, namespace, name)
 
 
+@contextlib.contextmanager
+def tenant_lock_held(stack: LocalStack, body: dict[str, Any]) -> Iterator[None]:
+    """The Tenant's advisory lock held by another session (as a replica handing its slices over
+    holds it): the operator's reconcile of it fails with Conflict after its lock_timeout."""
+    lock = [sqlt.TENANT_LOCK_CLASS, tenant_identifier(body["metadata"]["name"])]
+    with psycopg.connect(stack.operator_dsn(body["spec"].get("database") or "default"), autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", lock)
+        try:
+            yield
+        finally:
+            other.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", lock)
+
+
 def role_count(stack: LocalStack, role: str) -> int:
     return int(sql_value(stack.admin_dsn(), "SELECT count(*) FROM pg_roles WHERE rolname = %s", [role]))
 
@@ -204,15 +218,9 @@ async def test_a_reconcile_reports_nothing_over_a_deletion_the_watch_has_not_sho
     handler owns the status, and a Tenant being deleted must not show Failed (nor Active)."""
     svc, listed = await provisioned(ctx, cluster, namespace, "parting")
     marked = delete_marked(cluster, TENANTS, namespace, "parting")  # its watch event is not handled yet
-    database = listed["spec"].get("database") or "default"
-    lock = [sqlt.TENANT_LOCK_CLASS, tenant_identifier("parting")]
-    with psycopg.connect(stack.operator_dsn(database), autocommit=True) as other:
-        other.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", lock)
-
+    with tenant_lock_held(stack, listed):
         assert await svc.run_listed(listed) is None  # the sweep's turn
         assert (await svc.run(listed)).phase == "Deleting"  # Kopf's update handler, on the older body
-
-        other.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", lock)
     now = cluster.get(TENANTS, namespace, "parting")
     assert now["metadata"]["resourceVersion"] == marked["metadata"]["resourceVersion"], now.get("status")
     assert now["status"]["phase"] == "Active"  # as the deletion found it: its handler reports next
@@ -229,12 +237,8 @@ async def test_a_report_lands_on_a_tenant_changed_since_but_not_deleted(
     read again, not lost."""
     svc, listed = await provisioned(ctx, cluster, namespace, "labelled")
     cluster.patch(TENANTS, namespace, "labelled", {"metadata": {"labels": {"team": "blue"}}})
-    lock = [sqlt.TENANT_LOCK_CLASS, tenant_identifier("labelled")]
-    with psycopg.connect(stack.operator_dsn(listed["spec"].get("database") or "default"), autocommit=True) as other:
-        other.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", lock)
-        with pytest.raises(kopf.TemporaryError):  # Kopf retries it
-            await svc.run(listed)
-        other.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", lock)
+    with tenant_lock_held(stack, listed), pytest.raises(kopf.TemporaryError):  # Kopf retries it
+        await svc.run(listed)
     now = cluster.get(TENANTS, namespace, "labelled")
     ready = next(c for c in now["status"]["conditions"] if c["type"] == "Ready")
     assert (now["status"]["phase"], ready["reason"]) == ("Failed", "Conflict")

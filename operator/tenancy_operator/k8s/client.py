@@ -44,6 +44,18 @@ SECRET_METADATA = ("namespace", "name", "annotations")
 """What list_secret_metadata keeps of each Secret."""
 
 
+async def _paged(fetch: Callable[[str], Awaitable[dict[str, Any]]]) -> AsyncIterator[dict[str, Any]]:
+    """The pages of one LIST: ``fetch(continue_token)`` for each (an empty token first), until the
+    API server sends no continue token."""
+    token = ""
+    while True:
+        result = await fetch(token)
+        yield result
+        token = str((result.get("metadata") or {}).get("continue") or "")
+        if not token:
+            return
+
+
 class Page(NamedTuple):
     """One page of a LIST: its objects, and the resourceVersion the whole listing is as of."""
 
@@ -170,8 +182,8 @@ class Kube:
         items: list[dict[str, Any]] = []
         for namespace in self.namespaces or [None]:
             path = "/api/v1/secrets" if namespace is None else "/api/v1/namespaces/{namespace}/secrets"
-            token = ""
-            while True:
+
+            async def page(token: str, path: str = path, namespace: str | None = namespace) -> dict[str, Any]:
                 query = [("labelSelector", label_selector), ("limit", str(LIST_PAGE))]
                 data = await raw(
                     self.api.call_api, path, "GET", path_params={"namespace": namespace} if namespace else {},
@@ -179,13 +191,12 @@ class Kube:
                     header_params={"Accept": METADATA_LIST}, auth_settings=["BearerToken"],
                     _return_http_data_only=True,
                 )
-                result = safejson.loads(data)
+                return safejson.loads(data)  # type: ignore[no-any-return]
+
+            async for result in _paged(page):
                 for item in result.get("items") or []:
                     meta = item.get("metadata") or {}
                     items.append({"metadata": {k: meta[k] for k in SECRET_METADATA if k in meta}})
-                token = str((result.get("metadata") or {}).get("continue") or "")
-                if not token:
-                    break
         return items
 
     async def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -263,14 +274,12 @@ class Kube:
         not fail the listing. ``field_selector``: only the objects it selects (on the kind's
         selectable fields); ``label_selector``: only those its labels select."""
         for ns in (namespace,) if namespace is not None else (self.namespaces or [None]):
-            token = ""
-            while True:
-                result = await self._list(plural, ns, LIST_PAGE, token, field_selector, label_selector)
+            async def page(token: str, ns: str | None = ns) -> dict[str, Any]:
+                return await self._list(plural, ns, LIST_PAGE, token, field_selector, label_selector)
+
+            async for result in _paged(page):
                 meta = result.get("metadata") or {}
                 yield Page(list(result.get("items") or []), str(meta.get("resourceVersion") or ""))
-                token = str(meta.get("continue") or "")
-                if not token:
-                    break
 
     async def count(self, plural: str) -> int | None:
         """How many of our objects of one kind exist in every watched namespace, from a LIST of one
