@@ -152,14 +152,13 @@ def test_one_json_log_line_per_reconcile(cluster: Cluster, operator: OperatorPro
     assert bad["reason"] == "UnknownDatabase"
     assert bad["level"] in {"warning", "error"}
     assert "nowhere" in bad["message"]
-    # Beside that line Kopf says once how the object's handling went ("Creation is processed: 1
-    # succeeded; 0 failed."), not once more per handler ("Handler '...' succeeded."). Both came
-    # before "misplaced" was even created.
+    # That line says how the reconcile went; Kopf's own lines on a successful handling ("Handler
+    # 'reconcile' succeeded.", "Creation is processed: 1 succeeded; 0 failed.", the latter again for
+    # every object at each start) are not logged at INFO. Both Tenants were handled before this.
     kopf_info = [record["event"] for record in map(json.loads, operator.log_text().splitlines())
                  if record.get("logger", "").startswith("kopf") and record.get("level") == "info"
-                 and record.get("namespace") == namespace and record.get("name") == "logged"]
-    assert "Creation is processed: 1 succeeded; 0 failed." in kopf_info
-    assert [line for line in kopf_info if line.startswith("Handler ")] == []
+                 and record.get("namespace") == namespace]
+    assert kopf_info == []
 
 
 def test_no_secret_in_logs_events_status_or_metrics(

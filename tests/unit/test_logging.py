@@ -1,0 +1,41 @@
+"""What the operator's log configuration lets through: Kopf's per-object success lines only at DEBUG."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from tenancy_operator.observability.logging import configure_logging
+
+
+@pytest.fixture
+def restored() -> Iterator[None]:
+    root, objects = logging.getLogger(), logging.getLogger("kopf.objects")
+    handlers, level, objects_level = root.handlers[:], root.level, objects.level
+    yield
+    root.handlers[:], root.level = handlers, level
+    objects.setLevel(objects_level)
+
+
+REF = {"k8s_ref": {"kind": "Tenant", "namespace": "shop", "name": "acme"}}
+"""What Kopf's per-object logger adds to each record."""
+
+
+def test_at_info_kopf_logs_failures_of_an_object_but_not_its_successes(
+        restored: None, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO")
+    objects = logging.getLogger("kopf.objects")
+    objects.info("Creation is processed: 1 succeeded; 0 failed.", extra=REF)
+    objects.error("Handler 'reconcile' failed temporarily: database down", extra=REF)
+    (line,) = capsys.readouterr().out.splitlines()
+    record = json.loads(line)
+    assert record["event"] == "Handler 'reconcile' failed temporarily: database down"
+    assert (record["level"], record["namespace"], record["name"]) == ("error", "shop", "acme")
+
+
+def test_at_debug_kopf_logs_everything(restored: None) -> None:
+    configure_logging("DEBUG")
+    assert logging.getLogger("kopf.objects").isEnabledFor(logging.DEBUG)
