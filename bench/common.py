@@ -115,7 +115,6 @@ class Operator:
         self.started_at = 0.0
         self._log_offset = 0
         self._levels: Counter[str] = Counter()
-        self.resumed: set[tuple[str, str, str]] = set()  # (kind, namespace, name) Kopf logged as resumed
 
     @property
     def pid(self) -> int:
@@ -188,10 +187,7 @@ class Operator:
         return out
 
     def metric_sum(self, name: str) -> float:
-        """The sum of one metric's samples, read from the text without parsing the rest: with
-        thousands of tenants the page holds hundreds of thousands of per-tenant samples."""
-        text = self.metrics_text()
-        return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+        return text_sum(self.metrics_text(), name)
 
     def metric(self, name: str, **labels: str) -> float:
         return sum(v for (n, ls), v in self.scrape().items()
@@ -212,11 +208,23 @@ class Operator:
                 self._levels[str(rec.get("level", "?")).lower()] += 1
             except (json.JSONDecodeError, AttributeError):
                 self._levels["unparsed"] += 1
-                continue
-            # Kopf's handling state lives in memory, so after a restart every object is a creation.
-            if str(rec.get("event", "")).startswith(("Resuming is processed", "Creation is processed")):
-                self.resumed.add((str(rec.get("kind")), str(rec.get("namespace")), str(rec.get("name"))))
         return Counter(self._levels)
+
+
+def text_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of one metric's samples with ``labels`` in an operator's metrics page, read from the
+    text without parsing the rest: with thousands of tenants the page holds hundreds of thousands
+    of per-tenant samples, and serving it takes the operator seconds of CPU, so a caller waiting for
+    the operator to be quiet reads it once quiet, not while polling."""
+    wanted = "".join(f'(?=[^}}]*\\b{re.escape(k)}="{re.escape(v)}")' for k, v in labels.items())
+    pattern = rf"^{re.escape(name)}(?:{{{wanted}[^}}]*}}){'' if labels else '?'} (\S+)$"
+    return sum(float(m.group(1)) for m in re.finditer(pattern, text, re.M))
+
+
+def resumed(text: str) -> float:
+    """Tenant and FeatureFlag reconciles an operator counted (``reconcile_total``, any result): after
+    a start, each one found in sync counts one."""
+    return sum(text_sum(text, "reconcile_total", kind=kind) for kind in ("Tenant", "FeatureFlag"))
 
 
 class Sampler:
@@ -356,10 +364,10 @@ class Stack:
         return out
 
 
-def git_describe() -> str:
-    """The commit measured, and whether the tree had uncommitted changes."""
+def git_describe(tree: Path = ROOT) -> str:
+    """The commit measured (of ``tree``, a checkout), and whether the tree had uncommitted changes."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False).stdout
+        return subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True, check=False).stdout
     try:
         dirty = git("status", "--porcelain", "--untracked-files=no").strip()
         return git("rev-parse", "--short", "HEAD").strip() + (" (with uncommitted changes)" if dirty else "")

@@ -60,9 +60,11 @@ from bench.common import (
     machine,
     percentile,
     quota_obj,
+    resumed,
     template_cm,
     tenant_name,
     tenant_obj,
+    text_sum,
     writes,
 )
 from bench.floor import Floor, cleanup
@@ -364,49 +366,40 @@ class Bench:
     # --- restart -------------------------------------------------------------------------------------
 
     async def restart(self) -> None:
-        """Resync after a restart: done when Kopf has logged every object of the run as resumed."""
+        """Resync after a restart: done when the operator is idle with every object of the run
+        counted as reconciled (bench.common.resumed: one found in sync counts too)."""
         log("restart: stopping the operator")
         await asyncio.to_thread(self.operator.stop)
-        self.operator.log_counts()  # read the old process's lines, so that only new resumes count
-        self.operator.resumed.clear()
         load0 = loadavg()
         a0 = self.meters_reset()
         t0 = time.monotonic()
         await self.start_operator()
         healthy = time.monotonic() - t0
         spy = prof.start(self.operator.pid, self.workdir / f"profile-restart-{self.n}") if self.args.profile else None
-        # Tenants and FeatureFlags have resume handlers, each logged by Kopf; Quotas are checked
-        # by the quota service's start-up pass over all tenants (its duration metric counts it).
+        # Tenants and FeatureFlags have resume handlers, each counted; Quotas are checked by the
+        # quota service's start-up pass over all tenants (its duration metric counts it). The
+        # counts are read once the operator is quiet: serving its metrics takes it CPU.
         total = self.n + FLAGS
-
-        def mine() -> int:
-            return sum(1 for kind, ns, _ in self.operator.resumed if ns == self.ns and kind != "Quota")
-
         deadline = time.monotonic() + self.timeout()
+        since = t0
         while True:
-            await asyncio.to_thread(self.operator.log_counts)
-            if mine() >= total and self.operator.metric("quota_pass_duration_seconds_count") >= 1:
+            idle = await self.wait_idle(since, min_tenants=0, within=max(1.0, deadline - time.monotonic()))
+            text = await asyncio.to_thread(self.operator.metrics_text)
+            if resumed(text) >= total and text_sum(text, "quota_pass_duration_seconds_count") >= 1:
                 break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {mine()}/{total} objects resumed")
-            await asyncio.sleep(0.25)  # polling the operator's log
-        resumed = time.monotonic() - t0
-        cpu_resumed = self.operator.sample().cpu_seconds
+            since = time.monotonic()
+        cpu_idle = self.operator.sample().cpu_seconds
         profile = prof.stop(spy) if spy else None
-        log(f"restart: all {total} Tenants and FeatureFlags resumed and the Quotas' start-up pass done "
-            f"{resumed:.1f}s after start; waiting up to 30s for quiet")
-        try:
-            quiet: float | None = await self.wait_idle(time.monotonic(), min_tenants=0, within=30) - t0
-        except TimeoutError:
-            quiet = None
+        log(f"restart: idle {idle - t0:.1f}s after start with all {total} Tenants and FeatureFlags resumed "
+            "and the Quotas' start-up pass done")
         api_d = delta(self.api.snapshot(), a0)
         sql = self.pg.read()
         await self.settle_stats()
         sql.xacts = self.pg.read().xacts
         w = writes(api_d)
         status_writes = sum(c for (v, r), c in w.items() if r.endswith("/status"))
-        data = {"seconds_to_resumed": resumed, "seconds_to_quiet": quiet, "seconds_to_healthy": healthy,
-                "objects_resumed": total, "cpu_seconds_to_resumed": cpu_resumed,
+        data = {"seconds_to_idle": idle - t0, "seconds_to_healthy": healthy,
+                "objects_resumed": total, "cpu_seconds_to_idle": cpu_idle,
                 "ddl": sql_dict(sql, self.n)["ddl"], "api_writes": sum(w.values()), "status_writes": status_writes,
                 "api": api_dict(api_d, self.n), "sql": sql_dict(sql, self.n),
                 "rss_mb": self.operator.sample().rss_mb, "load_before_after": f"{load0} -> {loadavg()}"}

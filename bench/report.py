@@ -78,10 +78,12 @@ def section(r: dict[str, Any]) -> tuple[str, str]:
     if rs and "error" not in rs:
         done = rs.get("seconds_to_resumed", rs.get("seconds_to_idle"))
         quiet = rs.get("seconds_to_quiet", done)
-        out.append(f"| restart | all resumed {_f(done, 1)} s after start (healthy after "
-                   f"{_f(rs.get('seconds_to_healthy'), 1)} s; "
-                   + (f"quiet (< 3 % CPU for 3 s) after {_f(quiet, 1)} s" if quiet is not None
-                      else "**never quiet** within 30 s more")
+        out.append((f"| restart | idle (< 3 % CPU for 3 s) with all resumed {_f(done, 1)} s after start (healthy "
+                    f"after {_f(rs.get('seconds_to_healthy'), 1)} s" if "seconds_to_idle" in rs else
+                    f"| restart | all resumed {_f(done, 1)} s after start (healthy after "
+                    f"{_f(rs.get('seconds_to_healthy'), 1)} s; "
+                    + (f"quiet (< 3 % CPU for 3 s) after {_f(quiet, 1)} s" if quiet is not None
+                       else "**never quiet** within 30 s more"))
                    + f"); {rs.get('ddl')} DDL, {rs.get('status_writes')} status writes, {rs.get('api_writes')} API "
                    "writes | ≤ 20 s, 0 DDL, 0 status writes | "
                    + ("-" if n != 1000 else ("yes" if (done or 99) <= 20 and rs.get("ddl") == 0

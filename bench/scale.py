@@ -30,6 +30,14 @@ other count then compares its largest replica with that one (``limit`` is 1.2/R)
 
     share replicas=R limit=L cpu=C peak_rss=M half_cpu=P half_peak_rss=Q
 
+``--restart-trees A,B,A,B`` then restarts the converged fleet once more per tree given, the
+replicas importing the operator from that checkout's ``operator/`` (e.g. a ``git worktree`` of an
+older commit): restarts of two commits, interleaved on one fleet in one hour, compare on a machine
+whose speed varies from hour to hour, where restarts of separate runs do not. One line each, and
+``restarts`` in the record (``cpu_s``: the replicas' CPU seconds from their start to idle):
+
+    restart tree=PATH commit=C seconds=T cpu_s=U ddl=E writes=W rss_mb=B
+
 ``--malloc-stats`` adds, per replica, what its allocators hold when empty, converged and restarted
 (bench/operator_whatif.py), one line each and in the record:
 
@@ -49,6 +57,7 @@ import json
 import math
 import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,13 +76,17 @@ from bench.common import (
     Stack,
     delta,
     format_requests,
+    git_describe,
     log,
     machine,
+    resumed,
     template_cm,
+    text_sum,
     writes,
 )
 from bench.converge import FLAGS, IDLE_CPU_FRACTION, IDLE_WINDOW, Bench, all_ready_at, objects_for
 from bench.kube import Kube, Watcher, apply_all
+from tenancy_devenv.stack import OPERATOR_PYTHON_FLAGS
 from tenancy_operator.shards import Slices
 
 GROUP_NAME = "tenancy-operator"
@@ -148,13 +161,12 @@ class Replicas:
                 raise TimeoutError(f"replicas not idle within {within:.0f}s")
             await asyncio.sleep(0.25)  # sampling interval
 
-    async def drained(self) -> bool:
+    async def drained(self, resumed_at_least: int = 0) -> bool:
         """No live replica has work outstanding (queue_depth 0 for every kind): a replica's CPU can
-        be quiet while the quota service still has a Quota to apply."""
-        for o in self.live().values():
-            if await asyncio.to_thread(o.metric_sum, "queue_depth"):
-                return False
-        return True
+        be quiet while the quota service still has a Quota to apply. And the live replicas together
+        counted at least ``resumed_at_least`` Tenants and FeatureFlags (bench.common.resumed)."""
+        texts = [await asyncio.to_thread(o.metrics_text) for o in self.live().values()]
+        return not any(text_sum(t, "queue_depth") for t in texts) and sum(map(resumed, texts)) >= resumed_at_least
 
     def rss_mb(self) -> dict[str, float]:
         """Each live replica's RSS now (what it holds, not its peak)."""
@@ -205,6 +217,10 @@ class Scale:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.result: dict[str, Any] = {"tenants": self.n, "runs": []}
         self.floor: dict[str, Any] | None = None
+        self.trees = [Path(t).resolve() for t in args.restart_trees.split(",") if t.strip()]
+        for tree in self.trees:  # compiled once now, not within a measured start
+            subprocess.run([sys.executable, *OPERATOR_PYTHON_FLAGS, "-m", "compileall", "-q", str(tree / "operator")],
+                           check=True)
 
     async def run_floor(self, stack: Stack) -> None:
         bench = Bench(argparse.Namespace(tenants=self.n, apply_concurrency=self.args.apply_concurrency,
@@ -274,7 +290,8 @@ class Scale:
             await w.stop()
             converged_rss = fleet.rss_mb()
             await fleet.trace("converged")
-            restart = await self.restart(fleet, api, pg, ns)
+            restart = await self.restart(fleet, api, pg)
+            restarts = [await self.restart_from(tree, fleet, api, pg) for tree in self.trees]
             data = {
                 "replicas": replicas, "seconds": seconds,
                 "floor_ratio": (self.floor["seconds"] / seconds) if self.floor else math.nan,
@@ -288,6 +305,7 @@ class Scale:
                 "ddl_repeats": dict(sql.ddl_repeats.most_common(20)), "statements_evicted": sql.evicted,
                 "duplicate_ddl": ddl - floor_ddl if floor_ddl is not None else math.nan,
                 "restart": restart,
+                **({"restarts": restarts} if restarts else {}),
                 **({"malloc": fleet.malloc} if fleet.malloc else {}),
             }
             self.result["runs"].append(data)
@@ -319,12 +337,23 @@ class Scale:
         log(f"scale: {victim} killed at {w.count('tenants')}/{self.n} Ready (it held slices {sorted(slices)})")
         return at, victim, slices
 
-    async def restart(self, fleet: Replicas, api: ApiServerMetrics, pg: PgMeter, ns: str) -> dict[str, Any]:
+    async def restart_from(self, tree: Path, fleet: Replicas, api: ApiServerMetrics, pg: PgMeter) -> dict[str, Any]:
+        """``restart`` with every replica importing the operator from ``tree``."""
+        for o in fleet.operators.values():
+            o.extra_env["PYTHONPATH"] = str(tree / "operator")
+        try:
+            data = {"tree": str(tree), "commit": git_describe(tree), **await self.restart(fleet, api, pg)}
+        finally:
+            for o in fleet.operators.values():
+                o.extra_env.pop("PYTHONPATH", None)
+        print(f"restart tree={data['tree']} commit={data['commit']} seconds={data.get('seconds', math.nan):.1f} "
+              f"cpu_s={data.get('cpu_seconds', math.nan):.1f} ddl={data.get('ddl')} writes={data.get('writes')} "
+              f"rss_mb={max((data.get('replica_rss_mb') or {'-': math.nan}).values()):.0f}", flush=True)
+        return data
+
+    async def restart(self, fleet: Replicas, api: ApiServerMetrics, pg: PgMeter) -> dict[str, Any]:
         """Stop every replica, start them all again; until all are idle with every object resumed."""
         await fleet.stop()
-        for o in fleet.operators.values():
-            o.log_counts()
-            o.resumed.clear()
         pg.reset()
         a0 = api.snapshot()
         t0 = time.monotonic()
@@ -332,27 +361,25 @@ class Scale:
         deadline = t0 + max(600.0, self.n * 0.2)
         samples: dict[str, list[tuple[float, float]]] = {k: [] for k in fleet.operators}
         while True:
-            resumed: set[tuple[str, str, str]] = set()
             quiet = True
             for k, o in fleet.operators.items():
-                await asyncio.to_thread(o.log_counts)
-                resumed |= {r for r in o.resumed if r[1] == ns and r[0] != "Quota"}
                 s = o.sample()
                 samples[k].append((s.t, s.cpu_seconds))
                 window = [x for x in samples[k] if x[0] >= s.t - IDLE_WINDOW]
                 busy = window[-1][1] - window[0][1] > IDLE_CPU_FRACTION * (window[-1][0] - window[0][0])
                 quiet = quiet and s.t - t0 >= IDLE_WINDOW and window[0][0] <= s.t - IDLE_WINDOW + 0.3 and not busy
-            if len(resumed) >= self.n + FLAGS and quiet and await fleet.drained():
+            if quiet and await fleet.drained(resumed_at_least=self.n + FLAGS):
                 idle = min(samples[k][-1][0] for k in samples) - IDLE_WINDOW
                 break
             if time.monotonic() > deadline:
-                return {"error": f"not idle within {deadline - t0:.0f}s ({len(resumed)} resumed)"}
+                return {"error": f"not idle with every object resumed within {deadline - t0:.0f}s"}
             await asyncio.sleep(0.25)  # sampling interval
+        cpu = sum(o.sample().cpu_seconds for o in fleet.live().values())
         sql = pg.read()
         rss = fleet.rss_mb()
         written = writes(delta(api.snapshot(), a0))
         await fleet.trace("restarted")
-        return {"seconds": idle - t0, "replica_rss_mb": rss,
+        return {"seconds": idle - t0, "cpu_seconds": cpu, "replica_rss_mb": rss,
                 "ddl": sql.total("operator", "DDL") + sql.total("tenant", "DDL"),
                 "writes": sum(written.values()), "write_requests": format_requests(written)}
 
@@ -425,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--malloc-stats", action="store_true",
                    help="each replica's allocator figures (CPython arenas, glibc heap) when empty, converged "
                         "and restarted, in the record and printed")
+    p.add_argument("--restart-trees", default="",
+                   help="comma-separated checkouts: after the restart, one more restart per tree, the replicas "
+                        "importing the operator from it")
     p.add_argument("--gc-defaults", action="store_true",
                    help="what-if: replicas keep CPython's garbage collector settings (no tune_gc)")
     args = p.parse_args(argv)
