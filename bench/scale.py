@@ -374,7 +374,7 @@ class Scale:
             if time.monotonic() > deadline:
                 return {"error": f"not idle with every object resumed within {deadline - t0:.0f}s"}
             await asyncio.sleep(0.25)  # sampling interval
-        cpu = sum(o.sample().cpu_seconds for o in fleet.live().values())
+        cpu = sum(v[-1][1] for v in samples.values())  # sampled before drained(): serving metrics takes CPU
         sql = pg.read()
         rss = fleet.rss_mb()
         written = writes(delta(api.snapshot(), a0))
