@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from prometheus_client import REGISTRY
 
-import tenancy_operator.observability.metrics  # noqa: F401 - registers the operator's metrics
+from tenancy_operator.observability.metrics import TENANT_REGISTRY  # and the operator's metrics in REGISTRY
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "helm" / "tenancy-operator" / "files" / "alerts.yaml"
@@ -88,7 +88,7 @@ def exported_metric_names() -> set[str]:
     """Sample names the operator's registry exposes (counters get _total, histograms _bucket...),
     and Prometheus' own ``up``."""
     names: set[str] = {"up"}
-    for family in REGISTRY.collect():
+    for family in [*REGISTRY.collect(), *TENANT_REGISTRY.collect()]:
         names |= {family.name, f"{family.name}_total", f"{family.name}_info", f"{family.name}_bucket",
                   f"{family.name}_sum", f"{family.name}_count"}
     return names

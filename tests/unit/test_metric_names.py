@@ -27,7 +27,6 @@ def exposed_names() -> set[str]:
         for family in m.describe():
             suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
             names.add(family.name + suffix)
-    names |= {family.name for family in metrics.CREDENTIAL_AGE.collect()}
     return names
 
 

@@ -508,6 +508,8 @@ async def test_loop_wakes_when_an_override_expires() -> None:
 def test_per_tenant_series_can_be_switched_off(per_tenant: bool) -> None:
     from prometheus_client import REGISTRY
 
+    from tenancy_operator.observability.metrics import TENANT_REGISTRY
+
     svc = RecordingService()
     svc.ctx.settings = Settings(quota_per_tenant_metrics=per_tenant)
     tenant_name = f"metrics-{per_tenant}".lower()
@@ -516,15 +518,15 @@ def test_per_tenant_series_can_be_switched_off(per_tenant: bool) -> None:
     svc.series.update_series(("m", tenant_name), plan)
     labels = {"namespace": "m", "tenant": tenant_name, "resource": "connections"}
     expected = (10.0, 9.0) if per_tenant else (None, None)
-    assert (REGISTRY.get_sample_value("tenant_quota_limit", labels),
-            REGISTRY.get_sample_value("tenant_quota_used", labels)) == expected
-    assert REGISTRY.get_sample_value(
+    assert (TENANT_REGISTRY.get_sample_value("tenant_quota_limit", labels),
+            TENANT_REGISTRY.get_sample_value("tenant_quota_used", labels)) == expected
+    assert TENANT_REGISTRY.get_sample_value(
         "tenant_quota_limit", {**labels, "resource": "statementTimeout"}) == (30.0 if per_tenant else None)
     svc.memory[("m", tenant_name)] = plan.memory
     svc.series.update_aggregates()  # always on: tenants per resource and state
     assert REGISTRY.get_sample_value("tenant_quota_tenants", {"resource": "connections", "state": "near"}) >= 1
     svc.forget(("m", tenant_name))  # a deleted tenant leaves no series behind
-    assert REGISTRY.get_sample_value("tenant_quota_limit", labels) is None
+    assert TENANT_REGISTRY.get_sample_value("tenant_quota_limit", labels) is None
 
 
 def test_per_state_counts_follow_each_memory() -> None:

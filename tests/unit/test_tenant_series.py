@@ -4,6 +4,7 @@ gauges and counters would: same names, labels and values, gone when removed."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -63,6 +64,34 @@ def test_a_scrape_while_the_series_change_never_fails() -> None:
     try:
         for _ in range(200):
             generate_latest(registry)
+            share.exposition()  # the metrics page's own rendering
     finally:
         stop.set()
         thread.join()
+
+
+def test_its_own_rendering_is_prometheus_clients() -> None:
+    """The metrics page renders per-tenant families itself (faster): the same text as
+    prometheus_client's, label values with quotes, backslashes and newlines included."""
+    registry = CollectorRegistry()
+    limit = TenantSeries("tenant_quota_limit", "Effective limit (bytes\nfor storage).", resource=True,
+                         registry=registry)
+    calls = TenantSeries("tenant_resource_calls_total", "Statements.", counter=True, registry=registry)
+    for i, value in enumerate((0.0, 1.5, 12.0, 1e21, float("inf"), 1024.0 ** 4, -3.0)):
+        limit.set((f"ns-{i}", f"t{i}", "connections" if i % 2 else 'odd"\\\nname'), value)
+        calls.inc((f"ns-{i}", f"t{i}"), abs(value))
+    assert limit.exposition() + calls.exposition() == generate_latest(registry).decode()
+
+
+def test_an_age_series_counts_from_its_time() -> None:
+    registry = CollectorRegistry()
+    age = TenantSeries("tenant_credentials_age_seconds", "Since rotation.", age=True, registry=registry)
+    now = time.time()
+    age.set(("ns", "old"), now - 3600)
+    age.set(("ns", "future"), now + 60)  # a clock ahead of ours: no negative age
+    assert 3600 <= registry.get_sample_value("tenant_credentials_age_seconds",
+                                             {"namespace": "ns", "tenant": "old"}) < 3660
+    assert registry.get_sample_value("tenant_credentials_age_seconds", {"namespace": "ns", "tenant": "future"}) == 0
+    (old, future) = [line for line in age.exposition().splitlines() if not line.startswith("#")]
+    assert old.startswith('tenant_credentials_age_seconds{namespace="ns",tenant="old"} 360')
+    assert future == 'tenant_credentials_age_seconds{namespace="ns",tenant="future"} 0.0'

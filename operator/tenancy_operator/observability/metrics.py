@@ -5,13 +5,22 @@ No label is called ``job`` or ``instance``: those are Prometheus' target labels.
 
 from __future__ import annotations
 
+import gzip
+import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from operator import itemgetter
+from socketserver import ThreadingMixIn
+from typing import Any, cast
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.utils import floatToGoString as _untyped_float_to_go_string
 
 from tenancy_operator import __version__
 
@@ -206,7 +215,59 @@ def start_metrics_server(port: int, addr: str) -> None:
         FEATURE_FLAG_CHANGES.labels(change=change)
     for transition in ROLLOUT_TRANSITIONS:
         FLAG_ROLLOUT_TRANSITIONS.labels(transition=transition)
-    start_http_server(port, addr=addr)
+    serve(port, addr, exposition)
+
+
+def exposition() -> bytes:
+    """The metrics page: prometheus_client's rendering of the operator's metrics, then the
+    per-tenant families (TENANT_REGISTRY) rendered by themselves, the same text several times
+    faster (``TenantSeries.exposition``): at 10,000 tenants they are over 100,000 samples, which
+    prometheus_client formats at about 10 microseconds each, a second of CPU per scrape in a thread
+    that holds the interpreter while the event loop waits."""
+    return generate_latest(REGISTRY) + "".join(f.exposition() for f in TENANT_FAMILIES).encode()
+
+
+GZIP_LEVEL = 1
+"""The metrics page's compression: level 1 takes an eighth of the CPU of level 9 (prometheus_client's)
+for a page 40 % larger (bench/metrics_scrape: 1.2 against 0.8 MB at 10,000 tenants)."""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged (prometheus_client's server does not either)."""
+
+
+def serve(port: int, addr: str, page: Callable[[], bytes]) -> WSGIServer:
+    """``page()`` on every path over HTTP, in a daemon thread, gzip-compressed when the client
+    accepts it (Prometheus does), as text format 0.0.4 (Prometheus' default text format)."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        body = page()
+        headers = [("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)]
+        if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
+            body = gzip.compress(body, compresslevel=GZIP_LEVEL)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [body]
+
+    server_class = _Server6 if ":" in addr else _Server
+    server: WSGIServer = make_server(addr, port, app, server_class, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
+    return server
+
+
+TENANT_REGISTRY = CollectorRegistry(auto_describe=True)
+"""The per-tenant families: collected like any other (``collect``, ``get_sample_value``), served by
+``exposition`` after prometheus_client's REGISTRY."""
+TENANT_FAMILIES: list[TenantSeries] = []
 
 
 class TenantSeries:
@@ -216,14 +277,23 @@ class TenantSeries:
     A prometheus_client child per series holds its own lock, value object and label dict, about
     600 bytes; a tenant has up to 15 of these series, so a fleet's share of a replica's memory was
     mostly them. Here a series is one dict entry. ``key`` is the tenant's (namespace, name), with
-    the resource appended for families that have one."""
+    the resource appended for families that have one. With ``age``, a value is a Unix time and the
+    series shows the seconds since then at each scrape."""
 
     def __init__(self, name: str, documentation: str, *, counter: bool = False, resource: bool = False,
-                 registry: CollectorRegistry = REGISTRY) -> None:
-        self.name, self.documentation, self.counter = name, documentation, counter
+                 age: bool = False, registry: CollectorRegistry = TENANT_REGISTRY) -> None:
+        self.name, self.documentation, self.counter, self.age = name, documentation, counter, age
         self.labelnames = ("namespace", "tenant", *(("resource",) if resource else ()))
         self.values: dict[tuple[str, ...], float] = {}
         registry.register(self)
+        if registry is TENANT_REGISTRY:
+            TENANT_FAMILIES.append(self)
+        # A sample's line in the text format, labels sorted by name, and a key's values in that order.
+        order = sorted(range(len(self.labelnames)), key=lambda i: self.labelnames[i])
+        labels = ",".join(f'{self.labelnames[i]}="%s"' for i in order)
+        self._line = f"{self._family().name}{'_total' if counter else ''}{{{labels}}} %s\n"
+        self._in_order = itemgetter(*order)
+        self._header = generate_latest(_Single(self._family())).decode()
 
     def set(self, key: tuple[str, ...], value: float) -> None:
         self.values[key] = float(value)
@@ -241,16 +311,50 @@ class TenantSeries:
         kind = CounterMetricFamily if self.counter else GaugeMetricFamily
         return kind(self.name, self.documentation, labels=self.labelnames)
 
+    def _samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
+        # Scrapes run in the HTTP server's thread: iterate a copy (one C-level call, atomic under
+        # the GIL) while the event loop goes on changing the values.
+        values = self.values.copy()
+        if not self.age:
+            return iter(values.items())
+        now = time.time()
+        return ((key, max(0.0, now - at)) for key, at in values.items())
+
     def describe(self) -> list[CounterMetricFamily | GaugeMetricFamily]:
         return [self._family()]
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         family = self._family()
-        # Scrapes run in the HTTP server's thread: iterate a copy (one C-level call, atomic under
-        # the GIL) while the event loop goes on changing the values.
-        for key, value in self.values.copy().items():
+        for key, value in self._samples():
             family.add_metric(key, value)
         yield family
+
+    def exposition(self) -> str:
+        """The family in the text format, as ``generate_latest`` renders ``collect``'s."""
+        line, in_order = self._line, self._in_order
+        return self._header + "".join(line % (*map(_escape, in_order(key)), float_text(value))
+                                      for key, value in self._samples())
+
+
+float_text = cast(Callable[[float], str], _untyped_float_to_go_string)
+"""A sample's value as the text format writes it (prometheus_client's, untyped)."""
+
+
+def _escape(value: str) -> str:
+    """A label value as the text format writes it (prometheus_client's escaping)."""
+    if "\\" in value or "\n" in value or '"' in value:
+        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+    return value
+
+
+class _Single:
+    """One family as a registry (``generate_latest`` renders whatever ``collect``s)."""
+
+    def __init__(self, family: CounterMetricFamily | GaugeMetricFamily) -> None:
+        self.family = family
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        yield self.family
 
 
 # Quotas. Per-tenant series (namespace, tenant) can be switched off (TENANCY_QUOTA_PER_TENANT_METRICS)
@@ -329,33 +433,17 @@ TENANT_LOAD_STATEMENTS = Gauge(
 )
 
 
-class _CredentialAge:
-    """``tenant_credentials_age_seconds``: seconds since each tenant's last rotation, computed at scrape time."""
-
-    def __init__(self) -> None:
-        self.rotated: dict[tuple[str, str], float] = {}
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("tenant_credentials_age_seconds",
-                                   "Seconds since the tenant's application login was last rotated.",
-                                   labels=["namespace", "tenant"])
-        now = time.time()
-        for (namespace, tenant), at in sorted(self.rotated.items()):
-            family.add_metric([namespace, tenant], max(0.0, now - at))
-        yield family
-
-
-CREDENTIAL_AGE = _CredentialAge()
-REGISTRY.register(CREDENTIAL_AGE)
+CREDENTIAL_AGE = TenantSeries("tenant_credentials_age_seconds",
+                              "Seconds since the tenant's application login was last rotated.", age=True)
 CREDENTIAL_ROTATIONS = Counter("tenant_credential_rotations_total", "Rotations of tenants' application logins.")
 
 
 def credentials_rotated(namespace: str, tenant: str, at: datetime | None) -> None:
     if at is None:
-        CREDENTIAL_AGE.rotated.pop((namespace, tenant), None)
+        CREDENTIAL_AGE.remove((namespace, tenant))
     else:
-        CREDENTIAL_AGE.rotated[(namespace, tenant)] = at.timestamp()
+        CREDENTIAL_AGE.set((namespace, tenant), at.timestamp())
 
 
 def credentials_forgotten(namespace: str, tenant: str) -> None:
-    CREDENTIAL_AGE.rotated.pop((namespace, tenant), None)
+    CREDENTIAL_AGE.remove((namespace, tenant))
