@@ -4,7 +4,7 @@
 
 Fills the operator's per-tenant families as a converged fleet has them (each tenant with a Quota
 on three resources, measured load and a credential rotation), then times the metrics page
-(``observability.metrics.exposition``) against prometheus_client rendering the same registries
+(``observability.metrics_server.exposition``) against prometheus_client rendering the same registries
 (``generate_latest``), and the page's gzip compression (Prometheus asks for it) at the operator's
 level and at prometheus_client's (9). CPU seconds of the best of ``--repeat`` runs; the scrape
 runs in the metrics server's thread, holding the interpreter meanwhile. One line:
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from prometheus_client import REGISTRY, generate_latest
 
 from tenancy_operator.observability import metrics
+from tenancy_operator.observability.metrics_server import GZIP_LEVEL, exposition
 
 RESOURCES = ("connections", "storage", "statementTimeout")
 
@@ -59,9 +60,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
     samples = fill(args.tenants)
-    page_s, page = best(args.repeat, metrics.exposition)
+    page_s, page = best(args.repeat, exposition)
     client_s, client = best(args.repeat, lambda: generate_latest(REGISTRY) + generate_latest(metrics.TENANT_REGISTRY))
-    gzip_s, zipped = best(args.repeat, lambda: gzip.compress(page, compresslevel=metrics.GZIP_LEVEL))
+    gzip_s, zipped = best(args.repeat, lambda: gzip.compress(page, compresslevel=GZIP_LEVEL))
     gzip9_s, zipped9 = best(args.repeat, lambda: gzip.compress(page, compresslevel=9))
     print(f"metrics_scrape tenants={args.tenants} samples={samples} page_mb={len(page) / 1e6:.1f} "
           f"page_cpu_s={page_s:.3f} prometheus_client_cpu_s={client_s:.3f} gzip_cpu_s={gzip_s:.3f} "

@@ -29,6 +29,7 @@ from tenancy_operator.observability.events import EventRecorder
 from tenancy_operator.observability.health import waiting_health
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.observability.memory import trim_when_quiet, tune_gc
+from tenancy_operator.observability.metrics_server import start_metrics_server
 from tenancy_operator.peering import PeeringGate
 from tenancy_operator.runtime_context import Background, OperatorContext, TenantWatcher
 from tenancy_operator.sharding import ShardCoordinator
@@ -221,7 +222,7 @@ def build_registry() -> kopf.OperatorRegistry:
 
 async def run_operator(cfg: Settings) -> None:
     tune_gc()
-    metrics.start_metrics_server(cfg.metrics_port, cfg.bind_address)
+    start_metrics_server(cfg.metrics_port, cfg.bind_address)
     trimmer = asyncio.create_task(trim_when_quiet(), name="malloc-trim")
     try:
         await _run(cfg)

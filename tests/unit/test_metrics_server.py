@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tenancy_operator.observability import metrics
+from tenancy_operator.observability.metrics_server import exposition, serve
 
 
 @pytest.fixture
@@ -17,7 +18,7 @@ def page_server() -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = metrics.serve(port, "127.0.0.1", metrics.exposition)
+    server = serve(port, "127.0.0.1", exposition)
     try:
         yield f"http://127.0.0.1:{port}/metrics"
     finally:

@@ -5,21 +5,15 @@ No label is called ``job`` or ``instance``: those are Prometheus' target labels.
 
 from __future__ import annotations
 
-import gzip
-import socket
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from operator import itemgetter
-from socketserver import ThreadingMixIn
-from typing import Any, cast
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from typing import cast
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.utils import floatToGoString as _untyped_float_to_go_string
 
 from tenancy_operator import __version__
@@ -201,7 +195,8 @@ def record_result(kind: str, ok: bool, reason: str | None = None) -> None:
         RECONCILE_FAILURES.labels(kind=kind, reason=reason if reason in REASONS else "Internal").inc()
 
 
-def start_metrics_server(port: int, addr: str) -> None:
+def initialise() -> None:
+    """The build's version, and the series that exist from the start at 0."""
     BUILD_INFO.info({"version": __version__})
     for kind in ("Tenant", "Quota", "FeatureFlag"):
         QUEUE_DEPTH.labels(kind=kind).set(0)
@@ -215,58 +210,11 @@ def start_metrics_server(port: int, addr: str) -> None:
         FEATURE_FLAG_CHANGES.labels(change=change)
     for transition in ROLLOUT_TRANSITIONS:
         FLAG_ROLLOUT_TRANSITIONS.labels(transition=transition)
-    serve(port, addr, exposition)
-
-
-def exposition() -> bytes:
-    """The metrics page: prometheus_client's rendering of the operator's metrics, then the
-    per-tenant families (TENANT_REGISTRY) rendered by themselves, the same text several times
-    faster (``TenantSeries.exposition``): at 10,000 tenants they are over 100,000 samples, which
-    prometheus_client formats at about 10 microseconds each, a second of CPU per scrape in a thread
-    that holds the interpreter while the event loop waits."""
-    return generate_latest(REGISTRY) + "".join(f.exposition() for f in TENANT_FAMILIES).encode()
-
-
-GZIP_LEVEL = 1
-"""The metrics page's compression: level 1 takes an eighth of the CPU of level 9 (prometheus_client's)
-for a page 40 % larger (bench/metrics_scrape: 1.2 against 0.8 MB at 10,000 tenants)."""
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """Scrapes are not logged (prometheus_client's server does not either)."""
-
-
-def serve(port: int, addr: str, page: Callable[[], bytes]) -> WSGIServer:
-    """``page()`` on every path over HTTP, in a daemon thread, gzip-compressed when the client
-    accepts it (Prometheus does), as text format 0.0.4 (Prometheus' default text format)."""
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        body = page()
-        headers = [("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)]
-        if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
-            body = gzip.compress(body, compresslevel=GZIP_LEVEL)
-            headers.append(("Content-Encoding", "gzip"))
-        start_response("200 OK", headers)
-        return [body]
-
-    server_class = _Server6 if ":" in addr else _Server
-    server: WSGIServer = make_server(addr, port, app, server_class, handler_class=_Quiet)
-    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
-    return server
 
 
 TENANT_REGISTRY = CollectorRegistry(auto_describe=True)
 """The per-tenant families: collected like any other (``collect``, ``get_sample_value``), served by
-``exposition`` after prometheus_client's REGISTRY."""
+``metrics_server.exposition`` after prometheus_client's REGISTRY."""
 TENANT_FAMILIES: list[TenantSeries] = []
 
 
