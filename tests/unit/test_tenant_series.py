@@ -95,3 +95,18 @@ def test_an_age_series_counts_from_its_time() -> None:
     (old, future) = [line for line in age.exposition().splitlines() if not line.startswith("#")]
     assert old.startswith('tenant_credentials_age_seconds{namespace="ns",tenant="old"} 360')
     assert future == 'tenant_credentials_age_seconds{namespace="ns",tenant="future"} 0.0'
+
+
+def test_a_label_value_cannot_forge_a_series() -> None:
+    """Tenant and namespace names are validated before they reach a series; the page's own
+    rendering escapes label values anyway, so a value that closes the braces and starts a line
+    stays one label of one sample."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    registry = CollectorRegistry()
+    share = TenantSeries("tenant_load_share_ratio", "Share.", registry=registry)
+    forged = 'x"} 1\ntenant_noisy_neighbor{namespace="victim",tenant="victim"} 1\n# '
+    share.set(("ns", forged), 0.25)
+    families = list(text_string_to_metric_families(share.exposition()))
+    assert [f.name for f in families] == ["tenant_load_share_ratio"]
+    assert [(s.labels, s.value) for s in families[0].samples] == [({"namespace": "ns", "tenant": forged}, 0.25)]
