@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -45,6 +46,24 @@ WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE", "APPLY")
 DDL_WORDS = ("CREATE", "ALTER", "GRANT", "REVOKE", "DROP", "COMMENT", "TRUNCATE")
 PG_STAT_STATEMENTS_MAX = 100_000  # every tenant's DDL is a distinct entry (identifiers are not normalised)
 STATEMENTS_PER_TENANT = 80  # distinct entries a tenant's provisioning, limits and flags leave, with room
+
+
+OPERATOR_VENV = ROOT / ".venv-operator"
+
+
+def operator_python() -> str:
+    """The Python the measured replicas run on: a venv holding the operator installed as its image
+    installs it (Dockerfile: no extras, so no Kubernetes client library, which Kopf would import
+    whole), made on first use and again when pyproject.toml changes."""
+    python = OPERATOR_VENV / "bin" / "python"
+    stamp = OPERATOR_VENV / ".pyproject.sha256"
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if not python.exists() or not stamp.exists() or stamp.read_text() != wanted:
+        log(f"installing the operator into {OPERATOR_VENV} (as the image does)")
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(OPERATOR_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", str(ROOT)], check=True)
+        stamp.write_text(wanted)
+    return str(python)
 
 
 def log(msg: str) -> None:
@@ -142,7 +161,7 @@ class Operator:
                                                        "BENCH_MALLOC_STATS", "BENCH_GC_DEFAULTS"))
             module = "bench.operator_whatif" if whatif else "tenancy_operator"
             self.proc = subprocess.Popen(
-                [sys.executable, *OPERATOR_PYTHON_FLAGS, "-m", module, "run"], env=self.env(), stdout=out, cwd=ROOT,
+                [operator_python(), *OPERATOR_PYTHON_FLAGS, "-m", module, "run"], env=self.env(), stdout=out, cwd=ROOT,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent(),
             )
         deadline = time.monotonic() + timeout
@@ -349,7 +368,7 @@ class Stack:
         try:
             from importlib.metadata import version
 
-            for pkg in ("kopf", "kubernetes_asyncio", "psycopg", "psycopg-pool"):
+            for pkg in ("kopf", "aiohttp", "psycopg", "psycopg-pool"):
                 out[pkg] = version(pkg)
         except Exception as exc:  # only for the report
             out["packages"] = f"unknown ({exc})"

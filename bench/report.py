@@ -40,9 +40,11 @@ def section(r: dict[str, Any]) -> tuple[str, str]:
     m, v = r.get("machine", {}), r.get("versions", {})
     out = [f"<!-- bench:{key} -->", f"### N = {n}, {r['stack']} stack" + (f" ({label})" if label else "")
            + f" — {r.get('when', '')}", ""]
+    # Records from before the operator spoke HTTP itself name the client library they used.
+    http = f"aiohttp {v['aiohttp']}" if "aiohttp" in v else f"kubernetes_asyncio {v.get('kubernetes_asyncio')}"
     out.append(f"`{r.get('command', '')}` at {r.get('git', '?')}; machine: {m.get('nproc')} cores "
                f"({m.get('cpu', '?')}), {m.get('memory')}, kernel {m.get('kernel')}; Python {v.get('python')}, "
-               f"Kopf {v.get('kopf')}, kubernetes_asyncio {v.get('kubernetes_asyncio')}, psycopg {v.get('psycopg')}, "
+               f"Kopf {v.get('kopf')}, {http}, psycopg {v.get('psycopg')}, "
                f"PostgreSQL {v.get('postgresql')}, Kubernetes {v.get('kubernetes')}."
                + (f" Operator settings from the environment: {r['operator_env']}." if r.get("operator_env") else
                   " Operator settings: defaults."))

@@ -79,6 +79,7 @@ from bench.common import (
     git_describe,
     log,
     machine,
+    operator_python,
     resumed,
     template_cm,
     text_sum,
@@ -219,8 +220,8 @@ class Scale:
         self.floor: dict[str, Any] | None = None
         self.trees = [Path(t).resolve() for t in args.restart_trees.split(",") if t.strip()]
         for tree in self.trees:  # compiled once now, not within a measured start
-            subprocess.run([sys.executable, *OPERATOR_PYTHON_FLAGS, "-m", "compileall", "-q", str(tree / "operator")],
-                           check=True)
+            compile_tree = [*OPERATOR_PYTHON_FLAGS, "-m", "compileall", "-q", str(tree / "operator")]
+            subprocess.run([operator_python(), *compile_tree], check=True)
 
     async def run_floor(self, stack: Stack) -> None:
         bench = Bench(argparse.Namespace(tenants=self.n, apply_concurrency=self.args.apply_concurrency,

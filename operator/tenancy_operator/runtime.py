@@ -24,6 +24,7 @@ from tenancy_operator.handlers import tenantarchive as tenantarchive_handlers
 from tenancy_operator.handlers.common import MemoryDiffBaseStorage, PurgingProgressStorage
 from tenancy_operator.k8s import safejson
 from tenancy_operator.k8s.client import Kube
+from tenancy_operator.k8s.http import login
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.events import EventRecorder
 from tenancy_operator.observability.health import waiting_health
@@ -81,13 +82,7 @@ def build_registry() -> kopf.OperatorRegistry:
     for module in HANDLER_MODULES:
         module.register(registry)
 
-    @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        """In a pod: the ServiceAccount token; elsewhere: $KUBECONFIG (client certificates too)."""
-        if kopf.login_with_service_account is not None and os.environ.get("KUBERNETES_SERVICE_HOST") \
-                and not os.environ.get("KUBECONFIG"):
-            return kopf.login_with_service_account(**kwargs)
-        return kopf.login_with_kubeconfig(**kwargs)
+    kopf.on.login(registry=registry)(login)  # the gateway's: one identity for Kopf and our requests
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:

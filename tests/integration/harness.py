@@ -32,6 +32,8 @@ from psycopg import sql as psql
 from tenancy_devenv.binaries import ensure_binaries
 from tenancy_devenv.process import die_with_parent, http_ok
 from tenancy_devenv.stack import OPERATOR_PYTHON_FLAGS, LocalStack
+from tenancy_operator.k8s.client import Kube
+from tenancy_operator.k8s.kubectl import PluginKube
 
 GROUP, VERSION = "tenancy.dev", "v1alpha1"
 T = TypeVar("T")
@@ -233,6 +235,12 @@ class Cluster:
         return any(
             e["reason"] == reason and (type_ is None or e["type"] == type_) for e in self.events(namespace, name)
         )
+
+
+async def gateway(stack: LocalStack, namespaces: tuple[str, ...] | list[str] = ()) -> Kube:
+    """The operator's Kubernetes gateway on the stack's API server, with the stack's kubeconfig."""
+    kubeconfig = await PluginKube.from_kubeconfig(str(stack.kubeconfig))
+    return Kube(kubeconfig.http, namespaces)
 
 
 def tenant(name: str, **spec: Any) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from typing import Any
 import kopf
 import psycopg
 import pytest
-from kubernetes_asyncio import client, config
 
 from tenancy_devenv.stack import LocalStack
 from tenancy_operator.api.names import FINALIZER
@@ -28,14 +27,13 @@ from tenancy_operator.db import tenants as sqlt
 from tenancy_operator.db.targets import DatabaseTargets
 from tenancy_operator.handlers.featureflag import FeatureFlagService
 from tenancy_operator.handlers.tenant import TenantService
-from tenancy_operator.k8s.client import Kube
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.events import EventRecorder
 from tenancy_operator.reconcilers.featureflag_policy import configmap_name
 from tenancy_operator.reconcilers.featureflag_source import SOURCE_CONFIGMAP
 from tenancy_operator.runtime_context import OperatorContext
 
-from .harness import Cluster, OperatorProcess, sql_value, tenant
+from .harness import Cluster, OperatorProcess, gateway, sql_value, tenant
 
 TENANTS, FLAGS = "tenants", "featureflags"
 
@@ -51,9 +49,7 @@ def alone(operator: OperatorProcess) -> Iterator[None]:
 @pytest.fixture
 async def ctx(alone: None, stack: LocalStack) -> AsyncIterator[OperatorContext]:
     settings = Settings(database_targets=json.dumps({t: stack.operator_dsn(t) for t in stack.targets}))
-    configuration = client.Configuration()
-    await config.load_kube_config(config_file=str(stack.kubeconfig), client_configuration=configuration)
-    kube = Kube(client.ApiClient(configuration))
+    kube = await gateway(stack)
     # A short lock_timeout: one test holds a tenant's lock in another session to fail a reconcile.
     targets = DatabaseTargets(settings.targets, min_size=0, max_size=4, connect_timeout=5, lock_timeout="2s")
     context = OperatorContext(settings=settings, targets=targets, kube=kube, events=EventRecorder(kube))

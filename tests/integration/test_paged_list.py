@@ -11,16 +11,14 @@ settled).
 from __future__ import annotations
 
 import pytest
-from kubernetes_asyncio import config
 
 from tenancy_devenv.stack import LocalStack
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.k8s import client as k8s_client
-from tenancy_operator.k8s.client import Kube
 from tenancy_operator.sweep import UNSETTLED
 from tenancy_operator.watch_cache import WatchCache
 
-from .harness import Cluster, OperatorProcess, eventually, tenant
+from .harness import Cluster, OperatorProcess, eventually, gateway, tenant
 
 QUOTAS = 5
 
@@ -33,7 +31,7 @@ async def test_a_list_comes_in_pages_of_one_version_and_holds_every_object(
         cluster.create("quotas", namespace, {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Quota",
                                              "metadata": {"name": f"q-{i}"}, "spec": {"tenantRef": {"name": "nobody"}}})
     monkeypatch.setattr(k8s_client, "LIST_PAGE", 2)  # 5 objects: pages of 2, 2 and 1
-    kube = Kube(await config.new_client_from_config(config_file=str(stack.kubeconfig)))
+    kube = await gateway(stack)
     try:
         pages = [page async for page in kube.list_pages("quotas", namespace)]
         listed = await kube.list_objects("quotas", namespace)
@@ -43,7 +41,7 @@ async def test_a_list_comes_in_pages_of_one_version_and_holds_every_object(
         counted = await kube.count("quotas")  # every namespace: the API server counts past the one listed
     finally:
         await kube.close()
-    here = Kube(await config.new_client_from_config(config_file=str(stack.kubeconfig)), namespaces=[namespace])
+    here = await gateway(stack, namespaces=[namespace])
     try:
         counted_here = await here.count("quotas")
     finally:
@@ -70,7 +68,7 @@ async def test_a_list_of_the_tenants_not_settled_leaves_out_the_active_and_suspe
     cluster.wait_condition("tenants", namespace, "pl-failed", type_="Stalled")
     eventually(lambda: (cluster.get("tenants", namespace, "pl-paused").get("status") or {}).get("phase") == "Suspended",
                what="the suspended Tenant's phase")
-    kube = Kube(await config.new_client_from_config(config_file=str(stack.kubeconfig)))
+    kube = await gateway(stack)
     try:
         listed = [b async for page in kube.list_pages("tenants", namespace, field_selector=UNSETTLED)
                   for b in page.items]

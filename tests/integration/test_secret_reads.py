@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import pytest
 from kubernetes.client import V1ObjectMeta, V1Secret
-from kubernetes_asyncio import config
 
 from tenancy_devenv.stack import LocalStack
 from tenancy_operator.k8s import client as k8s_client
-from tenancy_operator.k8s.client import Kube
 
-from .harness import Cluster
+from .harness import Cluster, gateway
 
 LABEL = "tenancy.dev/secret-read-test"
 
@@ -33,7 +31,7 @@ async def test_bulk_secret_reads_carry_metadata_and_no_credentials(
     cluster.core.create_namespaced_secret(namespace, V1Secret(
         metadata=V1ObjectMeta(name="other"), string_data={"password": "unrelated"}))
     monkeypatch.setattr(k8s_client, "LIST_PAGE", 2)
-    kube = Kube(await config.new_client_from_config(config_file=str(stack.kubeconfig)))
+    kube = await gateway(stack)
     try:
         everywhere = await kube.list_secret_metadata(f"{LABEL}=yes")
     finally:

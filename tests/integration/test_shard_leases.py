@@ -13,14 +13,13 @@ import time
 from datetime import UTC, datetime
 
 from kubernetes import client
-from kubernetes_asyncio import config
 
 from tenancy_devenv.stack import LocalStack
 from tenancy_operator.k8s.client import Kube
 from tenancy_operator.sharding import ShardCoordinator
 from tenancy_operator.shards import Ownership, Slices
 
-from .harness import Cluster
+from .harness import Cluster, gateway
 
 LEASE_SECONDS = 3
 HOLD_SECONDS = 3 * LEASE_SECONDS
@@ -31,7 +30,7 @@ async def test_leases_are_renewed_while_the_work_holds_the_event_loop(stack: Loc
     coordination = client.CoordinationV1Api(Cluster(stack.kubeconfig).api)
 
     async def connect() -> Kube:
-        return Kube(await config.new_client_from_config(config_file=str(stack.kubeconfig)))
+        return await gateway(stack)
 
     kube = await connect()
     coordinator = ShardCoordinator(kube, "default", "keeper-test", "replica-busy", Slices(2), LEASE_SECONDS,
@@ -67,7 +66,7 @@ async def test_a_leaving_replica_releases_slices_renewed_behind_its_back(stack: 
     coordination = client.CoordinationV1Api(Cluster(stack.kubeconfig).api)
 
     async def connect() -> Kube:
-        return Kube(await config.new_client_from_config(config_file=str(stack.kubeconfig)))
+        return await gateway(stack)
 
     kube = await connect()
     # Long Leases: the renewal thread renews once at the start and not again while this runs.

@@ -2,14 +2,15 @@
 
 For the `kubectl tenancy` plugin (tenancy_operator/plugin): KUBECONFIG (several files joined
 with `:`, merged as kubectl merges them) or ~/.kube/config, `--kubeconfig`, `--context`, and the
-context's namespace as the default. Every failure of the API or of the connection to it comes out
-as ``KubeError``, so the plugin needs nothing of kubernetes_asyncio (gateway rule: only k8s/
-imports it).
+context's namespace as the default. kubernetes_asyncio reads the kubeconfig (exec credential
+plugins, auth providers, merged files: what a workstation's kubeconfig may hold); the requests go
+through the operator's gateway. Every failure of the API or of the connection to it comes out as
+``KubeError``. kubernetes_asyncio is the plugin's own dependency (the `kubectl` extra): the
+operator does not install it (k8s/http.py says why).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,14 +18,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import kopf
 from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 from kubernetes_asyncio.config.kube_config import ENV_KUBECONFIG_PATH_SEPARATOR, KubeConfigLoader, KubeConfigMerger
 
-from tenancy_operator import GROUP, VERSION
-from tenancy_operator.k8s import safejson
-from tenancy_operator.k8s.client import MERGE_PATCH, Kube, raw
+from tenancy_operator.k8s.client import ApiError, Kube
+from tenancy_operator.k8s.http import Transport
 
 T = TypeVar("T")
 FIELD_MANAGER = "kubectl-tenancy"
@@ -98,16 +98,17 @@ class PluginKube(Kube):
             await loader.load_and_set(configuration)
         except (ConfigException, KeyError, TypeError, ValueError) as exc:
             raise KubeError(0, f"kubeconfig: {exc}") from exc
-        kube = cls(client.ApiClient(configuration=configuration))
+        info, credentials = _credentials(configuration)
+        kube = cls(Transport(info, credentials, server_hostname=getattr(configuration, "tls_server_name", None)))
         kube.field_manager = field_manager
         return kube
 
     async def call(self, make: Callable[[], Awaitable[T]]) -> T:
-        """Run one request; ApiException and connection failures become KubeError."""
+        """Run one request; ApiError and connection failures become KubeError."""
         try:
             return await make()
-        except ApiException as exc:
-            raise KubeError(int(exc.status or 0), _api_message(exc)) from exc
+        except ApiError as exc:
+            raise KubeError(exc.status, f"{exc.status} {exc.message}") from exc
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise KubeError(0, f"cannot reach the API server: {exc}") from exc
 
@@ -117,10 +118,8 @@ class PluginKube(Kube):
 
     async def merge_patch(self, plural: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         """A JSON merge patch of one of our objects (spec, metadata); the object after it."""
-        data = await self.call(lambda: raw(self.custom.patch_namespaced_custom_object, GROUP, VERSION,
-                                           namespace, plural, name, patch, field_manager=self.field_manager,
-                                           _content_type=MERGE_PATCH))
-        return safejson.loads(data)  # type: ignore[no-any-return]
+        return await self.call(lambda: self.patch_object(plural, namespace, name, patch,
+                                                         field_manager=self.field_manager))
 
     async def list_all(self, plural: str, namespace: str | None) -> list[dict[str, Any]]:
         """Our objects of one kind in ``namespace``; None: in every namespace."""
@@ -132,21 +131,18 @@ class PluginKube(Kube):
     async def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self.call(lambda: self.get_configmap(namespace, name))
 
-    async def list_events(self, namespace: str | None, field_selector: str = "") -> list[dict[str, Any]]:
+    async def read_events(self, namespace: str | None, field_selector: str = "") -> list[dict[str, Any]]:
         """Events (core/v1) in ``namespace`` (None: every namespace) matching ``field_selector``."""
-        if namespace is None:
-            data = await self.call(lambda: raw(self.core.list_event_for_all_namespaces, field_selector=field_selector))
-        else:
-            data = await self.call(lambda: raw(self.core.list_namespaced_event, namespace,
-                                               field_selector=field_selector))
-        return list(safejson.loads(data).get("items") or [])
+        return await self.call(lambda: self.list_events(namespace, field_selector))
 
 
-def _api_message(exc: ApiException) -> str:
-    """The API server's own message (a Status object's), else the HTTP reason."""
-    try:
-        body = json.loads(exc.body or b"{}")
-    except (TypeError, ValueError):
-        body = {}
-    message = body.get("message") if isinstance(body, dict) else None
-    return f"{exc.status} {message or exc.reason or 'error'}"
+def _credentials(configuration: client.Configuration) -> tuple[kopf.ConnectionInfo, Any]:
+    """The kubeconfig's endpoint and credentials as loaded by kubernetes_asyncio, for a Transport.
+    A command runs for seconds: a token is taken once (a 401 is final)."""
+    scheme, _, token = str(configuration.api_key.get("BearerToken") or "").partition(" ")
+    info = kopf.ConnectionInfo(
+        server=str(configuration.host or ""), ca_path=configuration.ssl_ca_cert, insecure=not configuration.verify_ssl,
+        certificate_path=configuration.cert_file, private_key_path=configuration.key_file,
+        scheme=scheme or None, token=token or None, proxy_url=configuration.proxy,
+    )
+    return info, lambda: info

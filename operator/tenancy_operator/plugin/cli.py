@@ -12,7 +12,12 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from tenancy_operator.k8s.kubectl import FIELD_MANAGER, KubeError, PluginKube, resolve
+try:
+    from tenancy_operator.k8s.kubectl import FIELD_MANAGER, KubeError, PluginKube, resolve
+except ModuleNotFoundError as missing:  # the operator's own install leaves the plugin's extra out
+    if missing.name != "kubernetes_asyncio":
+        raise
+    sys.exit("kubectl tenancy reads kubeconfigs with kubernetes_asyncio: pip install 'tenancy-operator[kubectl]'")
 from tenancy_operator.plugin.actions import (
     cmd_resume,
     cmd_retry,

@@ -54,7 +54,7 @@ async def cmd_describe(s: Session) -> int:
     selector = f"involvedObject.kind=Tenant,involvedObject.name={name}"
     quotas, flags, events = await asyncio.gather(
         s.kube.list_all(QUOTAS, s.namespace), s.kube.list_all(FLAGS, s.namespace),
-        s.kube.list_events(s.namespace, selector))
+        s.kube.read_events(s.namespace, selector))
     secret_names = [(tenant.get("status") or {}).get("secretName") or secret_name(name), readonly_secret_name(name)]
     # Only whether they exist: nothing of them is printed.
     present = {n: await _secret_exists(s, n) for n in secret_names}
@@ -93,7 +93,7 @@ async def cmd_archives(s: Session) -> int:
     restores and what deletion did with the data (Events expire)."""
     scope = None if s.args.all_namespaces else s.namespace
     selector = "involvedObject.kind=Tenant" + (f",involvedObject.name={s.args.tenant}" if s.args.tenant else "")
-    objects, events = await asyncio.gather(s.kube.list_all(ARCHIVES, scope), s.kube.list_events(scope, selector))
+    objects, events = await asyncio.gather(s.kube.list_all(ARCHIVES, scope), s.kube.read_events(scope, selector))
     archives = render.archive_objects(objects, s.args.tenant)
     rows = render.archive_rows(events)
     if s.args.output == "json":
