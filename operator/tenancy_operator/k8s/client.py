@@ -8,7 +8,7 @@ is decoded with safejson.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import kopf
 
@@ -56,14 +56,20 @@ class Page(NamedTuple):
     resource_version: str
 
 
-CORE = ("api", "v1")
-LEASES = ("apis", "coordination.k8s.io", "v1")
-
-
 def _ours(*rest: str, namespace: str | None, group: str = GROUP, version: str = VERSION) -> str:
     """The path of a custom kind's collection or object, in ``namespace`` (None: cluster-wide)."""
     where = ("namespaces", namespace) if namespace is not None else ()
     return path("apis", group, version, *where, *rest)
+
+
+def _core(*rest: str, namespace: str | None) -> str:
+    """The path of a core/v1 collection or object, in ``namespace`` (None: every namespace)."""
+    where = ("namespaces", namespace) if namespace is not None else ()
+    return path("api", "v1", *where, *rest)
+
+
+def _leases(namespace: str, *name: str) -> str:
+    return path("apis", "coordination.k8s.io", "v1", "namespaces", namespace, "leases", *name)
 
 
 class Kube:
@@ -81,25 +87,28 @@ class Kube:
         return cls(http, namespaces)
 
     async def _json(self, method: str, url_path: str, *, query: Query = (), body: Any = None,
-                    content_type: str = "application/json", accept: str = "application/json") -> Any:
-        return safejson.loads(await self.http.request(method, url_path, query=query, body=body,
-                                                      content_type=content_type, accept=accept))
+                    content_type: str = "application/json", accept: str = "application/json") -> dict[str, Any]:
+        """The answer decoded (a JSON object: every answer of the API server is one)."""
+        answer = await self.http.request(method, url_path, query=query, body=body, content_type=content_type,
+                                         accept=accept)
+        return cast(dict[str, Any], safejson.loads(answer))
 
     async def _read_or_none(self, url_path: str) -> dict[str, Any] | None:
         """A read; None when the object does not exist."""
         try:
-            return await self._json("GET", url_path)  # type: ignore[no-any-return]
+            return await self._json("GET", url_path)
         except ApiError as exc:
             if exc.status == 404:
                 return None
             raise
 
-    async def _delete(self, url_path: str, uid: str | None, tolerate: tuple[int, ...]) -> None:
-        """Delete; with ``uid``, only that very object (not one re-created meanwhile)."""
+    async def _delete(self, url_path: str, uid: str | None) -> None:
+        """Delete; with ``uid``, only that very object (not one re-created meanwhile). No error when
+        it is gone (404) or another object has its name now (409)."""
         try:
             await self.http.request("DELETE", url_path, body={"preconditions": {"uid": uid}} if uid else None)
         except ApiError as exc:
-            if exc.status not in tolerate:
+            if exc.status not in (404, 409):
                 raise
 
     async def version(self) -> None:
@@ -111,22 +120,21 @@ class Kube:
     # --- core/v1: Secrets, ConfigMaps, Events ---------------------------------------------------
 
     async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return await self._read_or_none(path(*CORE, "namespaces", namespace, "secrets", name))
+        return await self._read_or_none(_core("secrets", name, namespace=namespace))
 
     async def create_secret(self, namespace: str, body: dict[str, Any]) -> str:
         """Returns the new Secret's uid."""
-        created = await self._json("POST", path(*CORE, "namespaces", namespace, "secrets"), body=body)
+        created = await self._json("POST", _core("secrets", namespace=namespace), body=body)
         return str(created["metadata"]["uid"])
 
     async def replace_secret(self, namespace: str, name: str, body: dict[str, Any]) -> str:
         """Returns the Secret's uid (a replace never changes it)."""
-        replaced = await self._json("PUT", path(*CORE, "namespaces", namespace, "secrets", name), body=body)
+        replaced = await self._json("PUT", _core("secrets", name, namespace=namespace), body=body)
         return str(replaced["metadata"]["uid"])
 
     async def delete_secret(self, namespace: str, name: str, uid: str | None = None) -> None:
         """Delete a Secret; with ``uid``, only that very object (not one re-created meanwhile)."""
-        # 409: another object of that name now.
-        await self._delete(path(*CORE, "namespaces", namespace, "secrets", name), uid, (404, 409))
+        await self._delete(_core("secrets", name, namespace=namespace), uid)
 
     async def list_secret_metadata(self, label_selector: str) -> list[dict[str, Any]]:
         """The Secrets matching ``label_selector`` in every watched namespace, each as
@@ -137,11 +145,11 @@ class Kube:
         of Python objects each) would be decoded at once at each sweep, 50 MB at 10,000 tenants."""
         items: list[dict[str, Any]] = []
         for namespace in self.namespaces or [None]:
-            where = path(*CORE, "secrets") if namespace is None else path(*CORE, "namespaces", namespace, "secrets")
+            where = _core("secrets", namespace=namespace)
 
             async def page(token: str, where: str = where) -> dict[str, Any]:
                 query = [("labelSelector", label_selector), ("limit", str(LIST_PAGE))]
-                return await self._json(  # type: ignore[no-any-return]
+                return await self._json(
                     "GET", where, query=query + ([("continue", token)] if token else []), accept=METADATA_LIST)
 
             async for result in _paged(page):
@@ -151,26 +159,26 @@ class Kube:
         return items
 
     async def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return await self._read_or_none(path(*CORE, "namespaces", namespace, "configmaps", name))
+        return await self._read_or_none(_core("configmaps", name, namespace=namespace))
 
     async def create_configmap(self, namespace: str, body: dict[str, Any]) -> None:
-        await self.http.request("POST", path(*CORE, "namespaces", namespace, "configmaps"), body=body)
+        await self.http.request("POST", _core("configmaps", namespace=namespace), body=body)
 
     async def replace_configmap(self, namespace: str, name: str, body: dict[str, Any]) -> None:
-        await self.http.request("PUT", path(*CORE, "namespaces", namespace, "configmaps", name), body=body)
+        await self.http.request("PUT", _core("configmaps", name, namespace=namespace), body=body)
 
     async def delete_configmap(self, namespace: str, name: str) -> None:
-        await self.http.request("DELETE", path(*CORE, "namespaces", namespace, "configmaps", name))
+        await self.http.request("DELETE", _core("configmaps", name, namespace=namespace))
 
     async def create_event(self, namespace: str, body: dict[str, Any]) -> str:
         """Create a core/v1 Event; returns its name."""
-        created = await self._json("POST", path(*CORE, "namespaces", namespace, "events"), body=body)
+        created = await self._json("POST", _core("events", namespace=namespace), body=body)
         return str(created["metadata"]["name"])
 
     async def patch_event(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
         """Merge-patch an Event (a repeat's count and times); False when it is gone (Events expire)."""
         try:
-            await self.http.request("PATCH", path(*CORE, "namespaces", namespace, "events", name), body=patch,
+            await self.http.request("PATCH", _core("events", name, namespace=namespace), body=patch,
                                     content_type=MERGE_PATCH)
         except ApiError as exc:
             if exc.status == 404:
@@ -180,8 +188,8 @@ class Kube:
 
     async def list_events(self, namespace: str | None, field_selector: str = "") -> list[dict[str, Any]]:
         """Events in ``namespace`` (None: every namespace) matching ``field_selector``."""
-        where = path(*CORE, "events") if namespace is None else path(*CORE, "namespaces", namespace, "events")
-        listed = await self._json("GET", where, query=[("fieldSelector", field_selector)] if field_selector else ())
+        query = [("fieldSelector", field_selector)] if field_selector else []
+        listed = await self._json("GET", _core("events", namespace=namespace), query=query)
         return list(listed.get("items") or [])
 
     # --- our kinds ------------------------------------------------------------------------------
@@ -202,7 +210,7 @@ class Kube:
                           field_manager: str = "") -> dict[str, Any]:
         """A JSON merge patch of one of our objects (spec, metadata); the object after it.
         ``field_manager``: who the API server records as its author (managedFields)."""
-        return await self._json(  # type: ignore[no-any-return]
+        return await self._json(
             "PATCH", _ours(plural, name, namespace=namespace), body=patch, content_type=MERGE_PATCH,
             query=[("fieldManager", field_manager)] if field_manager else ())
 
@@ -267,7 +275,7 @@ class Kube:
         query = [("limit", str(limit)), *([("continue", token)] if token else []),
                  *([("fieldSelector", field_selector)] if field_selector else []),
                  *([("labelSelector", label_selector)] if label_selector else [])]
-        return await self._json("GET", _ours(plural, namespace=namespace), query=query)  # type: ignore[no-any-return]
+        return await self._json("GET", _ours(plural, namespace=namespace), query=query)
 
     async def list_names(self, plural: str, namespace: str) -> set[str]:
         """The names of our objects of one kind in ``namespace``, and nothing else of them: asked
@@ -285,39 +293,39 @@ class Kube:
 
     async def create_object(self, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         """Create one of our objects; returns it as created."""
-        return await self._json("POST", _ours(plural, namespace=namespace), body=body)  # type: ignore[no-any-return]
+        return await self._json("POST", _ours(plural, namespace=namespace), body=body)
 
     async def delete_object(self, plural: str, namespace: str, name: str, uid: str) -> None:
         """Delete that very object (uid precondition); no error if it is gone or another has its name."""
-        await self._delete(_ours(plural, name, namespace=namespace), uid, (404, 409))
+        await self._delete(_ours(plural, name, namespace=namespace), uid)
 
     # --- Leases (sharding.py: which replica holds which slice of the fleet) ---------------------
 
     async def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return await self._read_or_none(path(*LEASES, "namespaces", namespace, "leases", name))
+        return await self._read_or_none(_leases(namespace, name))
 
     async def list_leases(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
-        listed = await self._json("GET", path(*LEASES, "namespaces", namespace, "leases"),
+        listed = await self._json("GET", _leases(namespace),
                                   query=[("labelSelector", label_selector)])
         return list(listed.get("items") or [])
 
     async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         """Raises ApiError 409 when a Lease of that name exists."""
-        return await self._json("POST", path(*LEASES, "namespaces", namespace, "leases"), body=body)  # type: ignore[no-any-return]
+        return await self._json("POST", _leases(namespace), body=body)
 
     async def replace_lease(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         """Optimistic: ``body``'s metadata.resourceVersion must be current, else ApiError 409."""
-        return await self._json("PUT", path(*LEASES, "namespaces", namespace, "leases", name), body=body)  # type: ignore[no-any-return]
+        return await self._json("PUT", _leases(namespace, name), body=body)
 
     async def delete_lease(self, namespace: str, name: str, uid: str) -> None:
-        await self._delete(path(*LEASES, "namespaces", namespace, "leases", name), uid, (404, 409))
+        await self._delete(_leases(namespace, name), uid)
 
     async def shard_selector_applied(self, namespace: str, shard_selector: str) -> bool:
         """Whether the API server applies ``shardSelector`` (KEP-5866): a list answered with the
         selector echoed in ``metadata.shardInfo``. A server without the ShardedListAndWatch feature
         (gate off, or older than 1.36) ignores the parameter and answers every object, unmarked.
         Leases are asked because built-in kinds' lists echo it (custom resources' do not in 1.36)."""
-        listed = await self._json("GET", path(*LEASES, "namespaces", namespace, "leases"),
+        listed = await self._json("GET", _leases(namespace),
                                   query=[("shardSelector", shard_selector), ("limit", "1")])
         info = (listed.get("metadata") or {}).get("shardInfo") or {}
         return bool(info.get("selector"))

@@ -136,7 +136,8 @@ class PluginKube(Kube):
         return await self.call(lambda: self.list_events(namespace, field_selector))
 
 
-def _credentials(configuration: client.Configuration) -> tuple[kopf.ConnectionInfo, Any]:
+def _credentials(
+        configuration: client.Configuration) -> tuple[kopf.ConnectionInfo, Callable[[], kopf.ConnectionInfo]]:
     """The kubeconfig's endpoint and credentials as loaded by kubernetes_asyncio, for a Transport.
     A command runs for seconds: a token is taken once (a 401 is final)."""
     scheme, _, token = str(configuration.api_key.get("BearerToken") or "").partition(" ")
