@@ -4,8 +4,8 @@ The operator speaks to the API server as JSON over aiohttp, which Kopf already u
 credentials Kopf's own login returns (``login``): one identity for Kopf's watches and our requests.
 Not a generated client library: the operator sends and reads plain JSON documents, and such a
 library costs memory in every replica whether used or not (kubernetes_asyncio's client package
-imports every model of the API: about 55 MB of a replica's 115 at start, measured with
-``bench/scale``'s empty-process figure), and Kopf imports it whenever it is installed. The kubectl
+imports every model of the API: an empty replica held 104 MB with it installed and 80 without,
+``bench/scale``'s empty_rss_mb), and Kopf imports it whenever it is installed. The kubectl
 plugin, which runs on workstations with any kubeconfig, keeps it (k8s/kubectl.py).
 """
 
