@@ -236,6 +236,12 @@ class Cluster:
             e["reason"] == reason and (type_ is None or e["type"] == type_) for e in self.events(namespace, name)
         )
 
+    def wait_event(self, namespace: str, name: str, reason: str, type_: str | None = None,
+                   timeout: float = 60.0) -> None:
+        """Events are posted in the background, after the change they report: poll for one."""
+        eventually(lambda: self.has_event(namespace, name, reason, type_), timeout=timeout,
+                   what=f"{reason} Event on {namespace}/{name}")
+
 
 async def gateway(stack: LocalStack, namespaces: tuple[str, ...] | list[str] = ()) -> Kube:
     """The operator's Kubernetes gateway on the stack's API server, with the stack's kubeconfig."""

@@ -87,7 +87,7 @@ def test_an_archive_is_stored_verified_listed_and_restored_by_name(
     cluster.wait_condition(PLURAL, namespace, "strongbox", timeout=90)
     with connect(cluster.secret_data(namespace, "strongbox-db")["uri"]) as conn:
         assert conn.execute("SELECT count(*), sum(id) FROM ledger").fetchone() == (500, 125250)
-    assert eventually(lambda: cluster.has_event(namespace, "strongbox", "Restored"))
+    cluster.wait_event(namespace, "strongbox", "Restored")
 
 
 def test_deleting_a_tenantarchive_purges_it_unless_protected(
@@ -98,7 +98,7 @@ def test_deleting_a_tenantarchive_purges_it_unless_protected(
     cluster.patch(ARCHIVES, namespace, name, {"spec": {"protected": True}})
     cluster.delete(ARCHIVES, namespace, name)
     cluster.wait_condition(ARCHIVES, namespace, name, status="False", reason="Protected", timeout=60)
-    assert eventually(lambda: cluster.has_event(namespace, name, "PurgeBlocked", "Warning"))
+    cluster.wait_event(namespace, name, "PurgeBlocked", "Warning")
     # Kopf's line on the retry reaches the operator's log too (its success lines do not: test_metrics).
     eventually(lambda: [r for r in map(json.loads, operator.log_text().splitlines())
                         if r.get("logger") == "kopf.objects" and r.get("level") == "error" and r.get("name") == name
@@ -137,7 +137,7 @@ def test_the_store_down_during_a_deletion_drops_nothing_until_it_returns(
         )
         assert "nothing was dropped" in cond["message"] and "archive store" in cond["message"]
         assert cluster.get(PLURAL, namespace, "stranded")["status"]["phase"] == "Deleting"
-        assert eventually(lambda: cluster.has_event(namespace, "stranded", "ArchiveFailed", "Warning"))
+        cluster.wait_event(namespace, "stranded", "ArchiveFailed", "Warning")
         assert sql_value(stack.admin_dsn(), "SELECT v FROM tenant_stranded.precious") == 42
     finally:
         stack.objectstore.start()

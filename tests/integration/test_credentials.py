@@ -149,7 +149,7 @@ def test_two_rotations_no_failed_query_and_old_login_retired(
             previous = new
         assert users[0] != users[1] and users[2] == users[0]  # two roles alternate
         assert first["password"] != previous["password"]
-        assert cluster.has_event(namespace, "steady-app", "CredentialsRotated")
+        cluster.wait_event(namespace, "steady-app", "CredentialsRotated")
         count_before = app.queries
         eventually(lambda: app.queries > count_before + 10, what="app still querying")
     finally:
@@ -262,7 +262,7 @@ def test_rotate_every_schedules_a_rotation(
     after = eventually(lambda: (d := cluster.secret_data(namespace, "sched-db"))["user"] != before["user"] and d,
                        what="scheduled rotation")
     assert can_login(after["uri"])
-    eventually(lambda: cluster.has_event(namespace, "sched", "CredentialsRotated"), what="CredentialsRotated Event")
+    cluster.wait_event(namespace, "sched", "CredentialsRotated")
 
     def rescheduled() -> bool:
         c = cluster.get(PLURAL, namespace, "sched")["status"]["credentials"]

@@ -139,7 +139,7 @@ def test_flag_is_written_to_every_target_and_flagd_configmap(
     assert "ENABLED" in out
     assert "ROLLOUT" in out
     assert "25" in out
-    assert cluster.has_event(namespace, "new-dashboard", "FlagCreated")
+    cluster.wait_event(namespace, "new-dashboard", "FlagCreated")
 
     # The missing tenant appears: the condition follows without any change to the flag.
     cluster.create("tenants", namespace, tenant("ghost"))
@@ -288,7 +288,7 @@ def test_audit_rows_for_create_update_and_delete(
         assert update["changed_at"] is not None
     eventually(lambda: not [c for c in cluster.core.list_namespaced_config_map(namespace).items
                             if c.metadata.name == "audited-flagd"], timeout=30, what="ConfigMap removed")
-    assert cluster.has_event(namespace, "audited", "FlagChanged")
+    cluster.wait_event(namespace, "audited", "FlagChanged")
 
 
 def test_readers_never_see_a_partial_flag(

@@ -85,7 +85,7 @@ def test_fleet_migration_isolates_the_failing_tenant_then_admin_retry_fixes_it(
     assert [a[0] for a in attempts] == ["succeeded", "failed", "failed", "failed"]
     assert [a[1] for a in attempts[1:]] == [1, 2, 3]
     assert operator.metric("lifecycle_job_failures_total", job_kind="migrate") >= 3
-    assert eventually(lambda: cluster.has_event(namespace, "fleet-3", "MigrationFailed", "Warning"))
+    cluster.wait_event(namespace, "fleet-3", "MigrationFailed", "Warning")
     # A summary of the rollout on the ConfigMap itself.
     summary = eventually(
         lambda: [

@@ -118,7 +118,7 @@ def test_drift_repair_is_counted_and_reported_once(
     eventually(lambda: cluster.secret_data(namespace, "drifty-db"), timeout=60, what="Secret re-created")
     eventually(lambda: operator.metric("drift_repairs_total", kind="Tenant", object="secret") >= before + 1,
                what="drift_repairs_total{object=secret} +1")
-    eventually(lambda: cluster.has_event(namespace, "drifty", "DriftRepaired"), what="DriftRepaired Event")
+    cluster.wait_event(namespace, "drifty", "DriftRepaired")
     # Events are for transitions: however many sweeps ran meanwhile, one Provisioned, one repair.
     reasons = [e["reason"] for e in cluster.events(namespace, "drifty")]
     assert reasons.count("Provisioned") == 1
@@ -177,7 +177,7 @@ def test_no_secret_in_logs_events_status_or_metrics(
         what="keeper-a's password rotated",
     )
     passwords.add(rotated)
-    eventually(lambda: cluster.has_event(namespace, "keeper-a", "CredentialsRotated"), what="rotation Event")
+    cluster.wait_event(namespace, "keeper-a", "CredentialsRotated")
     # The operator's own logins too.
     for pg in stack.postgres.values():
         passwords |= {pg.operator_password, pg.superuser_password}

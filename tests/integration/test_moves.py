@@ -75,7 +75,7 @@ def test_a_tenant_moves_with_its_data_verified_and_its_secret_switched(
     with connect(after["uri"]) as conn:
         assert conn.execute("SELECT count(*), sum(id) FROM ledger").fetchone() == (1000, 500500)
         conn.execute("INSERT INTO ledger VALUES (1001, 'after the move')")
-    assert eventually(lambda: cluster.has_event(namespace, "nomad", "Moved"))
+    cluster.wait_event(namespace, "nomad", "Moved")
     jobs = {j["kind"]: j for j in st.get("recentJobs") or []}
     assert "move" in jobs and "writes stopped" in (jobs["move"].get("message") or ""), st.get("recentJobs")
     assert sql_value(stack.admin_dsn("default"), "SELECT j.state FROM tenancy.lifecycle_jobs j JOIN tenancy.tenants t"

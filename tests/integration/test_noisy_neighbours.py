@@ -173,7 +173,7 @@ def test_a_busy_tenant_is_flagged_contained_and_released(
         return True
     eventually(restored, what="loud's role restored")
     assert not load(cluster, namespace, "loud").get("contained")
-    eventually(lambda: cluster.has_event(namespace, "loud", "NoisyNeighborCalm", "Normal"), what="Calm Event")
+    cluster.wait_event(namespace, "loud", "NoisyNeighborCalm", "Normal")
     eventually(lambda: cluster.has_event(namespace, "loud", "NoisyNeighborReleased", "Normal"),
                what="Released Event")
     assert ledger(stack, namespace, "loud", "release") == 1

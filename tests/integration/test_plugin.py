@@ -274,7 +274,7 @@ def test_archives_lists_what_deletion_did_with_the_data(
     cluster.wait_condition(TENANTS, namespace, "kp-old")
     cluster.delete(TENANTS, namespace, "kp-old")
     eventually(lambda: cluster.gone(TENANTS, namespace, "kp-old"), timeout=120, what="tenant deleted")
-    eventually(lambda: cluster.has_event(namespace, "kp-old", "Archived"), what="Archived Event")
+    cluster.wait_event(namespace, "kp-old", "Archived")
 
     def listed() -> dict[str, Any]:
         found = json.loads(plugin(stack, "archives", "-n", namespace, "-o", "json").stdout)

@@ -196,7 +196,7 @@ def test_connection_limit_refuses_the_extra_connection(
         assert obj["status"]["usageRatio"]["connections"] == 1.0
         assert cluster.condition(QUOTAS, namespace, "crowded", "NearLimit")["status"] == "True"
         assert cluster.condition(QUOTAS, namespace, "crowded", "Ready")["status"] == "True"  # enforced
-        eventually(lambda: cluster.has_event(namespace, "crowded", "QuotaExceeded", "Warning"), timeout=10)
+        cluster.wait_event(namespace, "crowded", "QuotaExceeded", "Warning", timeout=10)
         labels = {"namespace": namespace, "tenant": "crowded", "resource": "connections"}
         assert operator.metric("tenant_quota_limit", **labels) == 2
         eventually(lambda: operator.metric("tenant_quota_used", **labels) == 2, timeout=10)
@@ -205,7 +205,7 @@ def test_connection_limit_refuses_the_extra_connection(
         first.close()
         second.close()
     cluster.wait_condition(QUOTAS, namespace, "crowded", type_="Exceeded", status="False")
-    eventually(lambda: cluster.has_event(namespace, "crowded", "QuotaBackUnderLimit"), timeout=10)
+    cluster.wait_event(namespace, "crowded", "QuotaBackUnderLimit", timeout=10)
 
 
 def test_statement_timeout_cancels_long_statements(
@@ -252,8 +252,8 @@ def test_storage_over_limit_blocks_writes_until_back_under(
     with pytest.raises(psycopg.OperationalError):  # the session opened before the block was ended
         held.execute("SELECT 1")
     held.close()
-    assert cluster.has_event(namespace, "hoarder", "WritesBlocked", "Warning")
-    assert cluster.has_event(namespace, "hoarder", "QuotaExceeded", "Warning")
+    cluster.wait_event(namespace, "hoarder", "WritesBlocked", "Warning")
+    cluster.wait_event(namespace, "hoarder", "QuotaExceeded", "Warning")
     # The documented limitation: read-only is the role's default, which a session may change itself.
     with connect(uri) as conn:
         conn.execute("SET default_transaction_read_only = off")
@@ -269,7 +269,7 @@ def test_storage_over_limit_blocks_writes_until_back_under(
     with connect(stack.admin_dsn()) as conn:
         conn.execute("TRUNCATE tenant_hoarder.blobs")
     writable()
-    assert cluster.has_event(namespace, "hoarder", "WritesAllowed")
+    cluster.wait_event(namespace, "hoarder", "WritesAllowed")
 
     # 2. A raised limit.
     fill(uri)
@@ -315,7 +315,7 @@ def test_override_raises_a_limit_then_expires_by_itself(
     dropped = time.time()
     expiry = datetime.datetime.fromisoformat(expires.replace("Z", "+00:00")).timestamp()
     assert dropped >= expiry
-    eventually(lambda: cluster.has_event(namespace, "surge", "OverrideExpired"), timeout=10)
+    cluster.wait_event(namespace, "surge", "OverrideExpired", timeout=10)
     final = status(cluster, namespace, "surge")
     assert final["hard"]["connections"] == "3"
     assert final.get("activeOverrides", []) == []
@@ -340,7 +340,7 @@ def test_quota_for_a_missing_tenant_and_two_quotas_for_one_tenant(
     assert "early" in next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")["message"]
     assert cluster.condition(QUOTAS, namespace, "early", "Ready")["status"] == "True"
     assert connection_limit(stack, "latecomer") == 4
-    assert cluster.has_event(namespace, "second", "Conflict", "Warning")
+    cluster.wait_event(namespace, "second", "Conflict", "Warning")
 
     # The first one goes: the second applies.
     cluster.delete(QUOTAS, namespace, "early")

@@ -121,7 +121,7 @@ def test_examples_reconcile_with_the_chart_service_account(rbac_stack: LocalStac
         rbac_stack.kubectl("annotate", "tenant", "globex", "-n", "acme", "tenancy.dev/rotate-credentials=1")
         eventually(lambda: rbac_cluster.secret_data("acme", "globex-db")["password"] != old,
                    timeout=60, what="globex password rotated")
-        assert rbac_cluster.has_event("acme", "globex", "CredentialsRotated")
+        rbac_cluster.wait_event("acme", "globex", "CredentialsRotated")
 
         # Deletion: finalizers patched away, Secrets and ConfigMaps deleted, an archive written.
         rbac_cluster.delete("featureflags", "acme", "new-dashboard")
@@ -219,7 +219,7 @@ def test_namespaced_scope_reaches_nothing_outside_its_namespaces(
         rbac_stack.kubectl("annotate", "tenant", "gamma", "-n", ns, "tenancy.dev/rotate-credentials=1")
         eventually(lambda: rbac_cluster.secret_data(ns, "gamma-db")["password"] != old,
                    timeout=60, what="gamma password rotated")
-        assert rbac_cluster.has_event(ns, "gamma", "CredentialsRotated")
+        rbac_cluster.wait_event(ns, "gamma", "CredentialsRotated")
 
         # The sweep lists Tenants and Secrets in the watched namespace only, and counts its one Tenant.
         eventually(lambda: proc.metric("tenants", phase="Active") == 1, timeout=60, what="a sweep completed")

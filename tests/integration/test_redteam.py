@@ -200,7 +200,7 @@ def test_a_hanging_template_in_one_namespace_does_not_stall_another(red: RedTeam
                                        timeout=DEADLINE_SECONDS * 6)
     message = next(c for c in first["status"]["conditions"] if c["type"] == "Ready")["message"]
     assert "deadline" in message
-    assert eventually(lambda: red.cluster.has_event(hostile, sleepers[0], "MigrationTimeout", "Warning"), timeout=30)
+    red.cluster.wait_event(hostile, sleepers[0], "MigrationTimeout", "Warning", timeout=30)
     with connect(red.admin) as conn:
         errors = conn.execute(
             "SELECT j.error FROM tenancy.lifecycle_jobs j JOIN tenancy.tenants t ON t.id = j.tenant_id"

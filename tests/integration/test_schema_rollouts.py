@@ -90,7 +90,7 @@ def test_canary_first_then_the_fleet_with_a_pin_and_a_pause(
     for n in ("wv-b", "wv-c", "wv-d"):
         eventually(lambda n=n: held(cluster, namespace, n), timeout=60, what=f"{n} holds 0002 back")
     assert set(versions(cluster, namespace, ["wv-b", "wv-c", "wv-d"]).values()) == {"0001_init"}
-    eventually(lambda: cluster.has_event(namespace, "wave-schema", "WaveStarted"), timeout=30, what="WaveStarted")
+    cluster.wait_event(namespace, "wave-schema", "WaveStarted", timeout=30)
 
     cluster.patch(ROLLOUTS, namespace, "wave-schema", {"spec": {"paused": False}})
     st = wait_status(cluster, namespace, "wave-schema", phase="Completed", baseVersion="0002_refunds")
@@ -169,7 +169,7 @@ def test_a_rollback_runs_the_down_migrations_on_the_migrated_tenants(
     assert st["rolledBackBy"] == "bad-refunds" and st["canary"] == [] and st["admitBelow"] == 0
     assert versions(cluster, namespace, names) == {"rb-canary": "0001_init", "rb-b": "0001_init"}
     assert refunds_table("rb-canary") is None  # its down migration ran, over the tenant's own login
-    assert cluster.has_event(namespace, "rb-canary", "MigrationReverted")
+    cluster.wait_event(namespace, "rb-canary", "MigrationReverted")
     eventually(lambda: cluster.has_event(namespace, "undo-schema", "RolloutRolledBack", "Warning"), timeout=30,
                what="a Warning RolloutRolledBack")
     # Rolled back, the template's 0002 stays out: every Tenant holds it back.

@@ -61,7 +61,7 @@ def test_tenant_gets_schema_role_and_working_credentials(
     assert "tenant_first_light" in out
     assert "0001_init" in out
     assert "starter" in out
-    assert cluster.has_event(namespace, "first-light", "Provisioned")
+    cluster.wait_event(namespace, "first-light", "Provisioned")
 
 
 def test_operator_keeps_no_membership_in_tenant_roles(
@@ -133,13 +133,13 @@ def test_suspend_and_resume(stack: LocalStack, cluster: Cluster, operator: Opera
         )
         == "suspended"
     )
-    assert cluster.has_event(namespace, "sleepy", "Suspended")
+    cluster.wait_event(namespace, "sleepy", "Suspended")
 
     cluster.patch(PLURAL, namespace, "sleepy", {"spec": {"state": "Active"}})
     cluster.wait_condition(PLURAL, namespace, "sleepy", reason="Provisioned")
     with connect(uri) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
-    assert cluster.has_event(namespace, "sleepy", "Resumed")
+    cluster.wait_event(namespace, "sleepy", "Resumed")
 
 
 def test_rotation_sets_new_password_and_ends_old_sessions(
@@ -174,7 +174,7 @@ def test_rotation_sets_new_password_and_ends_old_sessions(
     eventually(old_session_ended, timeout=30, what="old session ended")
     with connect(new["uri"]) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
-    assert eventually(lambda: cluster.has_event(namespace, "rotor", "CredentialsRotated"))
+    cluster.wait_event(namespace, "rotor", "CredentialsRotated")
     # Same value again: nothing rotates.
     cluster.patch(PLURAL, namespace, "rotor", {"metadata": {"labels": {"touched": "yes"}}})
     cluster.wait_condition(PLURAL, namespace, "rotor")
@@ -222,7 +222,7 @@ def test_migrations_from_template_and_checksum_mismatch(
     )
     cluster.patch(PLURAL, namespace, "shop", {"metadata": {"annotations": {"example.com/nudge": "2"}}})
     cluster.wait_condition(PLURAL, namespace, "shop", status="False", reason="MigrationChecksumMismatch")
-    assert eventually(lambda: cluster.has_event(namespace, "shop", "MigrationChecksumMismatch", "Warning"))
+    cluster.wait_event(namespace, "shop", "MigrationChecksumMismatch", "Warning")
     with connect(uri) as conn:
         assert conn.execute("SELECT name FROM products").fetchall() == [("kettle",)]
 
@@ -318,7 +318,7 @@ def test_catalog_drift_is_repaired(
         timeout=30,
         what="drift_repairs_total counted the repair",
     )
-    eventually(lambda: cluster.has_event(namespace, name, "DriftRepaired"), what="DriftRepaired Event")
+    cluster.wait_event(namespace, name, "DriftRepaired")
     cluster.wait_condition(PLURAL, namespace, name)
     with as_owner(stack.admin_dsn(), f"tenant_drift_{name[-1]}") as owner:  # migrations still work
         owner.execute("CREATE TABLE still_works (v int)")
@@ -365,7 +365,7 @@ def test_dropped_schema_is_recreated_empty_and_flagged(
     )
     assert cond["status"] == "True"
     assert "data is gone" in cond["message"]
-    assert eventually(lambda: cluster.has_event(namespace, "fragile", "SchemaRecreated", "Warning"))
+    cluster.wait_event(namespace, "fragile", "SchemaRecreated", "Warning")
     assert operator.metric("drift_repairs_total", kind="Tenant", object="schema") >= 1
     assert sql_value(stack.admin_dsn(), "SELECT count(*) FROM pg_tables WHERE schemaname = 'tenant_fragile'") >= 1
     # A person acknowledges it; the flag goes away.
