@@ -197,6 +197,13 @@ class Ownership:
             return None
         return selector_of(self.slices, self.held)
 
+    def others_selector(self) -> str | None:
+        """The shardSelector of the slices other replicas hold; None when this one holds every
+        slice (or is unsharded)."""
+        if self.slices is None or self.whole:
+            return None
+        return selector_of(self.slices, set(range(self.slices.count)) - self.held)
+
 
 def runs(indices: Iterable[int]) -> list[tuple[int, int]]:
     """Sorted indices as inclusive runs of consecutive values: {0, 1, 2, 5} -> [(0, 2), (5, 5)]."""

@@ -131,7 +131,8 @@ class Sweeper:
         listed = 0
         batches: list[asyncio.Task[int]] = []
         async with asyncio.TaskGroup() as group:
-            async for page in self.ctx.kube.list_pages("tenants", field_selector=UNSETTLED):
+            async for page in self.ctx.kube.list_pages("tenants", field_selector=UNSETTLED,
+                                                       shard_selector=self.ctx.ownership.selector() or ""):
                 todo = [b for b in self.ctx.ownership.mine(self._watched(page.items)) if not _ready(b) and _taken_on(b)]
                 listed += len(todo)
                 if todo:
@@ -182,17 +183,21 @@ class Sweeper:
         phases: Counter[str] = Counter()
         everyone: list[dict[str, Any]] = []
         todo: list[dict[str, Any]] = []
-        async for page in self.ctx.kube.list_pages("tenants"):
+        # The replica doing the chores reads every Tenant (the isolation audit reports on each);
+        # the others only their slices' (the API server selects them).
+        ownership = self.ctx.ownership
+        shard = "" if ownership.chores else ownership.selector() or ""
+        async for page in self.ctx.kube.list_pages("tenants", shard_selector=shard):
             listed = self._watched(page.items)
-            if self.ctx.ownership.chores:
+            if ownership.chores:
                 everyone += [slim_tenant(b) for b in listed]
-            bodies = self.ctx.ownership.mine(listed)  # sharded: this replica's slices only
+            bodies = ownership.mine(listed)  # sharded: this replica's slices only
             phases.update((b.get("status") or {}).get("phase", "Provisioning") for b in bodies)
             todo += await self._to_reconcile(bodies, secrets)
         for phase in ("Provisioning", "Active", "Suspended", "Deleting", "Failed"):
             metrics.TENANTS.labels(phase=phase).set(phases.get(phase, 0))
         reconciled = await self._reconcile_listed(todo)
-        if self.ctx.ownership.chores:
+        if ownership.chores:
             await self.chores(everyone)
         if reconciled:
             # Listed ones left out: deleted or edited meanwhile, or their handler's reconcile in flight.

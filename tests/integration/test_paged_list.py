@@ -5,7 +5,7 @@ keeps a little of each object never holds the whole fleet's bodies at once. What
 object comes exactly once, all pages are of one resourceVersion, and a cache relisted from them
 holds what the API server holds. A count (a LIST of one object) says how many there are. A
 LIST can select Tenants on their phase (the catch-up at the start of a run reads only those not
-settled).
+settled), and a sharded replica's on their uid's slice.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 from tenancy_devenv.stack import LocalStack
 from tenancy_operator import GROUP, VERSION
 from tenancy_operator.k8s import client as k8s_client
+from tenancy_operator.shards import Ownership, Slices
 from tenancy_operator.sweep import UNSETTLED
 from tenancy_operator.watch_cache import WatchCache
 
@@ -75,3 +76,29 @@ async def test_a_list_of_the_tenants_not_settled_leaves_out_the_active_and_suspe
     finally:
         await kube.close()
     assert [(b["metadata"]["name"], b["status"]["phase"]) for b in listed] == [("pl-failed", "Failed")]
+
+
+async def test_a_replica_lists_its_slices_whole_and_only_the_names_and_uids_of_the_others(
+    stack: LocalStack, cluster: Cluster, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep, the catch-up and the quota pass of a sharded replica: the API server sends its
+    own Tenants whole and the other replicas' as names and uids, never their specs or statuses."""
+    uids = {}
+    for i in range(20):  # not reconciled (no operator here): the LISTs are what is under test
+        created = cluster.create("tenants", namespace, tenant(f"sl-{i:02d}"))
+        uids[created["metadata"]["name"]] = created["metadata"]["uid"]
+    mine = Ownership(Slices(4), held={0, 2})
+    monkeypatch.setattr(k8s_client, "LIST_PAGE", 5)
+    kube = await gateway(stack, namespaces=[namespace])
+    try:
+        own = await kube.list_objects("tenants", shard_selector=mine.selector() or "")
+        others = await kube.list_uids("tenants", mine.others_selector() or "")
+    finally:
+        await kube.close()
+    expected_own = {name for name, uid in uids.items() if mine.owns_uid(uid)}
+    assert expected_own and expected_own != set(uids), "20 random uids, all in 2 of 4 slices"
+    assert {b["metadata"]["name"] for b in own} == expected_own
+    assert all("spec" in b for b in own)
+    assert {(m["metadata"]["name"], m["metadata"]["uid"]) for m in others} == \
+        {(name, uid) for name, uid in uids.items() if name not in expected_own}
+    assert all(set(m) == {"metadata"} and set(m["metadata"]) == {"namespace", "name", "uid"} for m in others)

@@ -341,14 +341,16 @@ class FeatureFlagService:
         if namespaces is not None and self.flags.listed:
             return [f for f in self.flags.values() if f["metadata"]["namespace"] in namespaces]
         # Decoded with safejson: one flag nested too deep for Python's json must not fail the sweep.
+        # Sharded, the API server sends only this replica's slices.
+        shard = self.ctx.ownership.selector() or ""
         watched = self.ctx.settings.namespace_list
         if namespaces is None and not watched:
-            return await self.ctx.kube.list_objects(PLURAL)
+            return await self.ctx.kube.list_objects(PLURAL, shard_selector=shard)
         items: list[dict[str, Any]] = []
         for ns in sorted(namespaces if namespaces is not None else set(watched)):
             if watched and ns not in watched:
                 continue
-            items += await self.ctx.kube.list_objects(PLURAL, ns)
+            items += await self.ctx.kube.list_objects(PLURAL, ns, shard_selector=shard)
         return items
 
     def names_in(self, item: Mapping[str, Any]) -> frozenset[str]:

@@ -37,6 +37,12 @@ SECRET_METADATA = ("namespace", "name", "annotations")
 """What list_secret_metadata keeps of each Secret."""
 
 
+def _selectors(field_selector: str = "", label_selector: str = "", shard_selector: str = "") -> list[tuple[str, str]]:
+    """A LIST's selector parameters, those given only."""
+    given = (("fieldSelector", field_selector), ("labelSelector", label_selector), ("shardSelector", shard_selector))
+    return [(name, value) for name, value in given if value]
+
+
 async def _paged(fetch: Callable[[str], Awaitable[dict[str, Any]]]) -> AsyncIterator[dict[str, Any]]:
     """The pages of one LIST: ``fetch(continue_token)`` for each (an empty token first), until the
     API server sends no continue token."""
@@ -143,19 +149,23 @@ class Kube:
         and annotations are wanted, and read a LIST_PAGE at a time, of which only those fields are
         kept: in one answer, every Secret's metadata (managedFields, owner references: about 5 KB
         of Python objects each) would be decoded at once at each sweep, 50 MB at 10,000 tenants."""
-        items: list[dict[str, Any]] = []
-        for namespace in self.namespaces or [None]:
-            where = _core("secrets", namespace=namespace)
+        return await self._metadata([_core("secrets", namespace=ns) for ns in self.namespaces or [None]],
+                                    [("labelSelector", label_selector)], SECRET_METADATA)
 
+    async def _metadata(self, paths: Sequence[str], query: list[tuple[str, str]],
+                        fields: tuple[str, ...]) -> list[dict[str, Any]]:
+        """The objects a LIST of each path answers, as PartialObjectMetadata, a LIST_PAGE at a
+        time, of which only the metadata ``fields`` are kept (each ``{"metadata": {...}}``)."""
+        items: list[dict[str, Any]] = []
+        for where in paths:
             async def page(token: str, where: str = where) -> dict[str, Any]:
-                query = [("labelSelector", label_selector), ("limit", str(LIST_PAGE))]
-                return await self._json(
-                    "GET", where, query=query + ([("continue", token)] if token else []), accept=METADATA_LIST)
+                paging = [("limit", str(LIST_PAGE)), *([("continue", token)] if token else [])]
+                return await self._json("GET", where, query=query + paging, accept=METADATA_LIST)
 
             async for result in _paged(page):
                 for item in result.get("items") or []:
                     meta = item.get("metadata") or {}
-                    items.append({"metadata": {k: meta[k] for k in SECRET_METADATA if k in meta}})
+                    items.append({"metadata": {k: meta[k] for k in fields if k in meta}})
         return items
 
     async def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -234,21 +244,24 @@ class Kube:
     async def get_cluster_object(self, group: str, version: str, plural: str, name: str) -> dict[str, Any] | None:
         return await self._read_or_none(_ours(plural, name, namespace=None, group=group, version=version))
 
-    async def list_objects(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
+    async def list_objects(self, plural: str, namespace: str | None = None, *,
+                           shard_selector: str = "") -> list[dict[str, Any]]:
         """Our objects of one kind in ``namespace``; None: in every watched namespace."""
-        return [body async for page in self.list_pages(plural, namespace) for body in page.items]
+        return [body async for page in self.list_pages(plural, namespace, shard_selector=shard_selector)
+                for body in page.items]
 
-    async def list_pages(self, plural: str, namespace: str | None = None, *,
-                         field_selector: str = "", label_selector: str = "") -> AsyncIterator[Page]:
+    async def list_pages(self, plural: str, namespace: str | None = None, *, field_selector: str = "",
+                         label_selector: str = "", shard_selector: str = "") -> AsyncIterator[Page]:
         """Our objects of one kind in ``namespace`` (None: every watched namespace), a LIST_PAGE
         at a time: a reader that keeps a little of each object never holds the whole fleet's
         bodies at once (their burst of short-lived objects is what the allocators keep after a
         start). Decoded with safejson: one object nested deeper than Python's json allows must
         not fail the listing. ``field_selector``: only the objects it selects (on the kind's
-        selectable fields); ``label_selector``: only those its labels select."""
+        selectable fields); ``label_selector``: only those its labels select; ``shard_selector``:
+        only those in its uid ranges (a sharded replica's own, shards.Ownership.selector)."""
         for ns in (namespace,) if namespace is not None else (self.namespaces or [None]):
             async def page(token: str, ns: str | None = ns) -> dict[str, Any]:
-                return await self._list(plural, ns, LIST_PAGE, token, field_selector, label_selector)
+                return await self._list(plural, ns, LIST_PAGE, token, field_selector, label_selector, shard_selector)
 
             async for result in _paged(page):
                 meta = result.get("metadata") or {}
@@ -271,11 +284,18 @@ class Kube:
         return total
 
     async def _list(self, plural: str, namespace: str | None, limit: int, token: str,
-                    field_selector: str = "", label_selector: str = "") -> dict[str, Any]:
+                    field_selector: str = "", label_selector: str = "", shard_selector: str = "") -> dict[str, Any]:
         query = [("limit", str(limit)), *([("continue", token)] if token else []),
-                 *([("fieldSelector", field_selector)] if field_selector else []),
-                 *([("labelSelector", label_selector)] if label_selector else [])]
+                 *_selectors(field_selector, label_selector, shard_selector)]
         return await self._json("GET", _ours(plural, namespace=namespace), query=query)
+
+    async def list_uids(self, plural: str, shard_selector: str) -> list[dict[str, Any]]:
+        """Our objects of one kind in every watched namespace within ``shard_selector``'s uid
+        ranges, each as ``{"metadata": {"namespace", "name", "uid"}}``: asked as
+        PartialObjectMetadata, so their specs and statuses are neither sent nor decoded (a sharded
+        replica tells other replicas' Tenants from missing ones by these)."""
+        return await self._metadata([_ours(plural, namespace=ns) for ns in self.namespaces or [None]],
+                                    _selectors(shard_selector=shard_selector), ("namespace", "name", "uid"))
 
     async def list_names(self, plural: str, namespace: str) -> set[str]:
         """The names of our objects of one kind in ``namespace``, and nothing else of them: asked

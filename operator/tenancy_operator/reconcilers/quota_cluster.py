@@ -184,16 +184,16 @@ class QuotaCluster:
             labels = (ownership.quota_selector() if plural == QUOTAS else None) or ""
             await cache.relist(self.ctx.kube.list_pages(plural, label_selector=labels))
             return cache.values()
+        # The API server selects by slice: this replica decodes its own Tenants whole and only the
+        # names and uids of the others' (ownership.owns: a second line behind the selectors).
+        await cache.relist(self.ctx.kube.list_pages(plural, shard_selector=ownership.selector() or ""),
+                           keep=ownership.owns)
+        others = ownership.others_selector()
         elsewhere: dict[Key, str] = {}
-
-        def mine(tenant: Mapping[str, Any]) -> bool:
-            if ownership.owns(tenant):
-                return True
-            meta = tenant["metadata"]
-            elsewhere[(meta["namespace"], meta["name"])] = str(meta.get("uid") or "")
-            return False
-
-        await cache.relist(self.ctx.kube.list_pages(plural), keep=mine)
+        for item in await self.ctx.kube.list_uids(plural, others) if others else []:
+            meta = item["metadata"]
+            if not ownership.owns(item):
+                elsewhere[(meta["namespace"], meta["name"])] = str(meta.get("uid") or "")
         self.elsewhere = elsewhere
         return cache.values()
 
