@@ -59,6 +59,7 @@ class Spy:
     raw: Path
     svg: Path
     started: float
+    interrupted: bool = False
 
 
 def _py_spy() -> str:
@@ -82,9 +83,16 @@ def start(pid: int, stem: Path) -> Spy:
     return Spy(procs, raw, svg, time.monotonic())
 
 
+def interrupt(spy: Spy) -> None:
+    """End the recording now (py-spy writes its output on SIGINT); ``stop`` then waits for it."""
+    if not spy.interrupted:
+        spy.interrupted = True
+        for p in spy.procs:
+            p.send_signal(signal.SIGINT)
+
+
 def stop(spy: Spy) -> dict[str, Any]:
-    for p in spy.procs:
-        p.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    interrupt(spy)
     for p in spy.procs:
         try:
             p.wait(60)

@@ -47,6 +47,10 @@ whose speed varies from hour to hour, where restarts of separate runs do not. On
 (``cpu_s`` and ``gc_s``: the replica's CPU seconds and the garbage collector's part of them since it
 started, ``gc_full_s`` the part in full collections; ``--gc-defaults`` runs the replicas with
 CPython's collector settings, for comparison.)
+
+``--profile`` records the first replica with py-spy (bench/profile.py) from the start of the
+creation until half the Tenants are Ready, the window of the shares: ``half_way.profile`` in the
+record (busy share, CPU by library and by owner, hottest functions), the flame graph beside it.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
+from bench import profile as prof
 from bench.common import (
     ROOT,
     ApiServerMetrics,
@@ -250,18 +255,26 @@ class Scale:
             cpu0 = {k: o.sample().cpu_seconds for k, o in fleet.operators.items()}
             pg.reset()
             log(f"scale: {replicas} replica(s), applying {self.n} tenants + quotas + {FLAGS} flags")
+            first = next(iter(fleet.operators.values()))
+            spy = prof.start(first.pid, self.workdir / f"profile-half-r{replicas}") if self.args.profile else None
             started = time.monotonic()
-            half_way: dict[str, dict[str, float]] = {}
-            kill = asyncio.get_running_loop().create_task(
-                self.at_half(kube, fleet, w, lambda: half_way.update(
-                    cpu_s={k: o.sample().cpu_seconds - cpu0[k] for k, o in fleet.live().items()},
-                    peak_rss_mb={k: s.peak_rss_mb for k, s in samplers.items()})))
+            half_way: dict[str, Any] = {}
+
+            def at_half() -> None:
+                half_way.update(cpu_s={k: o.sample().cpu_seconds - cpu0[k] for k, o in fleet.live().items()},
+                                peak_rss_mb={k: s.peak_rss_mb for k, s in samplers.items()})
+                if spy is not None:
+                    prof.interrupt(spy)  # the recording ends here; read after the converge
+
+            kill = asyncio.get_running_loop().create_task(self.at_half(kube, fleet, w, at_half))
             await apply_all(kube, ns, objs, w, concurrency=self.args.apply_concurrency)
             await w.wait_for(lambda: w.count("tenants") >= self.n and w.count("quotas") >= self.n
                              and w.count("featureflags") >= FLAGS, max(900.0, self.n * 0.5), "all Ready",
                              lambda: f"tenants {w.count('tenants')}/{self.n}")
             seconds = all_ready_at(w) - started
             killed = await kill
+            if spy is not None:
+                half_way["profile"] = await asyncio.to_thread(prof.stop, spy)
             # Work a replica finishes after Ready (a Quota's limits reach the role, the Tenant's
             # effectiveLimits) counts too: the DDL is read once the replicas are idle.
             await fleet.idle(max(300.0, self.n * 0.1))
@@ -456,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--restart-trees", default="",
                    help="comma-separated checkouts: after the restart, one more restart per tree, the replicas "
                         "importing the operator from it")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy on the first replica from the start of the creation until half Ready")
     p.add_argument("--gc-defaults", action="store_true",
                    help="what-if: replicas keep CPython's garbage collector settings (no tune_gc)")
     args = p.parse_args(argv)
