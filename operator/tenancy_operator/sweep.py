@@ -132,7 +132,7 @@ class Sweeper:
         batches: list[asyncio.Task[int]] = []
         async with asyncio.TaskGroup() as group:
             async for page in self.ctx.kube.list_pages("tenants", field_selector=UNSETTLED,
-                                                       shard_selector=self.ctx.ownership.selector() or ""):
+                                                       shard_selector=self.ctx.ownership.selector()):
                 todo = [b for b in self.ctx.ownership.mine(self._watched(page.items)) if not _ready(b) and _taken_on(b)]
                 listed += len(todo)
                 if todo:
@@ -186,7 +186,7 @@ class Sweeper:
         # The replica doing the chores reads every Tenant (the isolation audit reports on each);
         # the others only their slices' (the API server selects them).
         ownership = self.ctx.ownership
-        shard = "" if ownership.chores else ownership.selector() or ""
+        shard = None if ownership.chores else ownership.selector()
         async for page in self.ctx.kube.list_pages("tenants", shard_selector=shard):
             listed = self._watched(page.items)
             if ownership.chores:

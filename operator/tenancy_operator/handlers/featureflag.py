@@ -342,7 +342,7 @@ class FeatureFlagService:
             return [f for f in self.flags.values() if f["metadata"]["namespace"] in namespaces]
         # Decoded with safejson: one flag nested too deep for Python's json must not fail the sweep.
         # Sharded, the API server sends only this replica's slices.
-        shard = self.ctx.ownership.selector() or ""
+        shard = self.ctx.ownership.selector()
         watched = self.ctx.settings.namespace_list
         if namespaces is None and not watched:
             return await self.ctx.kube.list_objects(PLURAL, shard_selector=shard)

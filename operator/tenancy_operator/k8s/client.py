@@ -37,7 +37,8 @@ SECRET_METADATA = ("namespace", "name", "annotations")
 """What list_secret_metadata keeps of each Secret."""
 
 
-def _selectors(field_selector: str = "", label_selector: str = "", shard_selector: str = "") -> list[tuple[str, str]]:
+def _selectors(field_selector: str = "", label_selector: str = "",
+               shard_selector: str | None = None) -> list[tuple[str, str]]:
     """A LIST's selector parameters, those given only."""
     given = (("fieldSelector", field_selector), ("labelSelector", label_selector), ("shardSelector", shard_selector))
     return [(name, value) for name, value in given if value]
@@ -245,20 +246,20 @@ class Kube:
         return await self._read_or_none(_ours(plural, name, namespace=None, group=group, version=version))
 
     async def list_objects(self, plural: str, namespace: str | None = None, *,
-                           shard_selector: str = "") -> list[dict[str, Any]]:
+                           shard_selector: str | None = None) -> list[dict[str, Any]]:
         """Our objects of one kind in ``namespace``; None: in every watched namespace."""
         return [body async for page in self.list_pages(plural, namespace, shard_selector=shard_selector)
                 for body in page.items]
 
     async def list_pages(self, plural: str, namespace: str | None = None, *, field_selector: str = "",
-                         label_selector: str = "", shard_selector: str = "") -> AsyncIterator[Page]:
+                         label_selector: str = "", shard_selector: str | None = None) -> AsyncIterator[Page]:
         """Our objects of one kind in ``namespace`` (None: every watched namespace), a LIST_PAGE
         at a time: a reader that keeps a little of each object never holds the whole fleet's
         bodies at once (their burst of short-lived objects is what the allocators keep after a
         start). Decoded with safejson: one object nested deeper than Python's json allows must
         not fail the listing. ``field_selector``: only the objects it selects (on the kind's
         selectable fields); ``label_selector``: only those its labels select; ``shard_selector``:
-        only those in its uid ranges (a sharded replica's own, shards.Ownership.selector)."""
+        only those in its uid ranges (shards.Ownership.selector: None when unsharded)."""
         for ns in (namespace,) if namespace is not None else (self.namespaces or [None]):
             async def page(token: str, ns: str | None = ns) -> dict[str, Any]:
                 return await self._list(plural, ns, LIST_PAGE, token, field_selector, label_selector, shard_selector)
@@ -284,7 +285,8 @@ class Kube:
         return total
 
     async def _list(self, plural: str, namespace: str | None, limit: int, token: str,
-                    field_selector: str = "", label_selector: str = "", shard_selector: str = "") -> dict[str, Any]:
+                    field_selector: str = "", label_selector: str = "",
+                    shard_selector: str | None = None) -> dict[str, Any]:
         query = [("limit", str(limit)), *([("continue", token)] if token else []),
                  *_selectors(field_selector, label_selector, shard_selector)]
         return await self._json("GET", _ours(plural, namespace=namespace), query=query)

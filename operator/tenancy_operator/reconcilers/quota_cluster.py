@@ -186,7 +186,7 @@ class QuotaCluster:
             return cache.values()
         # The API server selects by slice: this replica decodes its own Tenants whole and only the
         # names and uids of the others' (ownership.owns: a second line behind the selectors).
-        await cache.relist(self.ctx.kube.list_pages(plural, shard_selector=ownership.selector() or ""),
+        await cache.relist(self.ctx.kube.list_pages(plural, shard_selector=ownership.selector()),
                            keep=ownership.owns)
         others = ownership.others_selector()
         elsewhere: dict[Key, str] = {}
