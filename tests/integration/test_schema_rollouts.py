@@ -196,8 +196,9 @@ def test_a_risky_migration_is_preceded_by_a_snapshot_that_restores(
     assert len(rows) == 1, rows
     archive_id, path, sha = rows[0]
     assert hashlib.sha256(stored_bytes(stack, path) or b"").hexdigest() == sha
-    snapshot = [e for e in cluster.events(namespace, "sn-a") if e["reason"] == "Snapshot"]
-    assert snapshot and archive_id in snapshot[0]["message"] and "0002_drop_body" in snapshot[0]["message"]
+    snapshot = eventually(lambda: [e for e in cluster.events(namespace, "sn-a") if e["reason"] == "Snapshot"],
+                          timeout=60, what="the Snapshot Event")  # posted in the background
+    assert archive_id in snapshot[0]["message"] and "0002_drop_body" in snapshot[0]["message"]
 
     # Back to the snapshot: the Tenant re-created from it (pinned before the risky migration).
     cluster.delete(TENANTS, namespace, "sn-a")
