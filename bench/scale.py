@@ -50,7 +50,9 @@ CPython's collector settings, for comparison.)
 
 ``--profile`` records the first replica with py-spy (bench/profile.py) from the start of the
 creation until half the Tenants are Ready, the window of the shares: ``half_way.profile`` in the
-record (busy share, CPU by library and by owner, hottest functions), the flame graph beside it.
+record (busy share, CPU by library and by owner, hottest functions), the flame graph beside it;
+and again through the restart, from the replica's start (once it answers its health check) until
+idle: ``restart.profile``.
 """
 
 from __future__ import annotations
@@ -304,7 +306,7 @@ class Scale:
             await w.stop()
             converged_rss = fleet.rss_mb()
             await fleet.trace("converged")
-            restart = await self.restart(fleet, api, pg)
+            restart = await self.restart(fleet, api, pg, profile=self.args.profile)
             restarts = [await self.restart_from(tree, fleet, api, pg) for tree in self.trees]
             data = {
                 "replicas": replicas, "seconds": seconds,
@@ -365,13 +367,17 @@ class Scale:
               f"rss_mb={max((data.get('replica_rss_mb') or {'-': math.nan}).values()):.0f}", flush=True)
         return data
 
-    async def restart(self, fleet: Replicas, api: ApiServerMetrics, pg: PgMeter) -> dict[str, Any]:
-        """Stop every replica, start them all again; until all are idle with every object resumed."""
+    async def restart(self, fleet: Replicas, api: ApiServerMetrics, pg: PgMeter,
+                      profile: bool = False) -> dict[str, Any]:
+        """Stop every replica, start them all again; until all are idle with every object resumed.
+        ``profile``: py-spy on the first replica from its start until idle (``profile`` in the record)."""
         await fleet.stop()
         pg.reset()
         a0 = api.snapshot()
         t0 = time.monotonic()
         await fleet.start()
+        first = next(iter(fleet.operators.values()))
+        spy = prof.start(first.pid, self.workdir / f"profile-restart-r{len(fleet.operators)}") if profile else None
         deadline = t0 + max(600.0, self.n * 0.2)
         samples: dict[str, list[tuple[float, float]]] = {k: [] for k in fleet.operators}
         while True:
@@ -386,16 +392,19 @@ class Scale:
                 idle = min(samples[k][-1][0] for k in samples) - IDLE_WINDOW
                 break
             if time.monotonic() > deadline:
+                if spy is not None:
+                    prof.stop(spy)
                 return {"error": f"not idle with every object resumed within {deadline - t0:.0f}s"}
             await asyncio.sleep(0.25)  # sampling interval
         cpu = sum(v[-1][1] for v in samples.values())  # sampled before drained(): serving metrics takes CPU
+        recorded = {"profile": await asyncio.to_thread(prof.stop, spy)} if spy is not None else {}
         sql = pg.read()
         rss = fleet.rss_mb()
         written = writes(delta(api.snapshot(), a0))
         await fleet.trace("restarted")
         return {"seconds": idle - t0, "cpu_seconds": cpu, "replica_rss_mb": rss,
                 "ddl": sql.total("operator", "DDL") + sql.total("tenant", "DDL"),
-                "writes": sum(written.values()), "write_requests": format_requests(written)}
+                "writes": sum(written.values()), "write_requests": format_requests(written), **recorded}
 
 
 def line(n: int, d: dict[str, Any]) -> str:
@@ -470,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated checkouts: after the restart, one more restart per tree, the replicas "
                         "importing the operator from it")
     p.add_argument("--profile", action="store_true",
-                   help="py-spy on the first replica from the start of the creation until half Ready")
+                   help="py-spy on the first replica from the start of the creation until half Ready, "
+                        "and through the restart")
     p.add_argument("--gc-defaults", action="store_true",
                    help="what-if: replicas keep CPython's garbage collector settings (no tune_gc)")
     args = p.parse_args(argv)
