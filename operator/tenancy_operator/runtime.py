@@ -24,7 +24,7 @@ from tenancy_operator.handlers import tenantarchive as tenantarchive_handlers
 from tenancy_operator.handlers.common import MemoryDiffBaseStorage, PurgingProgressStorage
 from tenancy_operator.k8s import safejson
 from tenancy_operator.k8s.client import Kube
-from tenancy_operator.k8s.http import login
+from tenancy_operator.k8s.http import REQUEST_SECONDS, login
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.events import EventRecorder
 from tenancy_operator.observability.health import waiting_health
@@ -113,7 +113,7 @@ def build_registry() -> kopf.OperatorRegistry:
         settings.watching.chunk_size = LIST_CHUNK_SIZE
         settings.watching.client_timeout = 330
         settings.watching.inactivity_timeout = 70
-        settings.networking.request_timeout = 30
+        settings.networking.request_timeout = REQUEST_SECONDS
         settings.execution.max_workers = 4
         ownership: Ownership = memo.ownership
         shard = ownership.selector()

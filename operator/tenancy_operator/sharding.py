@@ -48,6 +48,8 @@ T = TypeVar("T")
 MANAGED = {"app.kubernetes.io/managed-by": "tenancy-operator"}
 EXPIRY_MARGIN_SECONDS = 0.1
 """How long after a Lease's expiry is due the replica looks at it (expiry is strictly later)."""
+STEP_MIN_SECONDS = 0.05
+"""The least time a step of the renewal loop gets, past the fence included (it then fences)."""
 LOOK_SECONDS = 1.0
 """How often a working replica reads the peers' Leases between its renewals: a Lease counts as
 renewed when a change to it is seen, so a replica that died is noticed at most this long after its
@@ -418,8 +420,8 @@ class ShardCoordinator:
                     return
                 if desired - set(self.held):
                     wait = min(wait, 1.0)
-            except ApiError as exc:
-                log.warning("slice leases not renewed", error=exc.status)
+            except Exception as exc:  # the API server, or the way to it: tried again after the pause
+                log.warning("slice leases not renewed", error=getattr(exc, "status", None) or type(exc).__name__)
             await self._pause(wait)
 
     async def _watch(self, running: frozenset[int], stop: Callable[[], None], stopped: Callable[[], bool],
@@ -435,15 +437,18 @@ class ShardCoordinator:
             if renew:
                 renewal = time.monotonic() + self.renew_seconds
             try:
-                desired, lost = await self._tick(kube, renew=renew)
+                # A step that gets no answer (the API server, or the way to it, gone silent) must
+                # not outlast the fence: after it, the others may take the slices.
+                desired, lost = await asyncio.wait_for(self._tick(kube, renew=renew), self._step_budget())
             except Exception as exc:  # the API server, or the way to it: not renewed (or looked) this time
                 error = getattr(exc, "status", None) or type(exc).__name__
                 (log.warning if renew else log.debug)(
                     "slice leases not renewed" if renew else "peer leases not read", error=error)
-                if self.held and time.monotonic() - self._last_renewed > self.lease_seconds * 2 / 3:
+                if self.held and time.monotonic() >= self._fence_at():
                     log.error("slice leases could not be renewed for most of a lease: stopping work on them",
                               slices=describe(self.slices, running))
                     self.held.clear()  # another replica may take them once they expire
+                    self._publish()
                     stop()
             else:
                 if lost:
@@ -454,6 +459,19 @@ class ShardCoordinator:
                     stop()
             now = time.monotonic()
             await asyncio.sleep(next_wake(now, renewal, self._observed.next_expiry(now)))
+
+    def _fence_at(self) -> float:
+        """When, without a renewal, this replica stops its work: two thirds of a lease after the
+        last renewal, a third of a lease before the others may count its Leases expired."""
+        return self._last_renewed + self.lease_seconds * 2 / 3
+
+    def _step_budget(self) -> float:
+        """How long one step of the renewal loop may wait for the API server: a renewal period,
+        and never past the fence while slices are held."""
+        budget = self.renew_seconds
+        if self.held:
+            budget = min(budget, self._fence_at() - time.monotonic())
+        return max(budget, STEP_MIN_SECONDS)
 
     def renewing(self) -> bool:
         """Whether the Leases were renewed within a lease time (liveness while no work runs)."""

@@ -14,12 +14,17 @@ and leaves cleanly when stopped while it waits.
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import yaml
 from kubernetes import client
 
 from tenancy_devenv.stack import LocalStack
@@ -28,12 +33,14 @@ from tenancy_operator.db.tenants import TENANT_LOCK_CLASS
 from tenancy_operator.shards import Slices
 
 from .harness import Cluster, OperatorProcess, connect, eventually, own_stack, sql_value, tenant
+from .netfault import SilentLink
 
 SLICE = "tenancy.dev/slice"
 
 SLICES = 4
 LEASE_SECONDS = 6
 GROUP_NAME = "tenancy-operator"
+FENCED = "slice leases could not be renewed for most of a lease: stopping work on them"
 
 
 class Fleet:
@@ -43,13 +50,13 @@ class Fleet:
         self.coordination = client.CoordinationV1Api(self.cluster.api)
         self.replicas: dict[str, OperatorProcess] = {}
 
-    def start(self, identity: str, slices: int = SLICES) -> OperatorProcess:
+    def start(self, identity: str, slices: int = SLICES, kubeconfig: Path | None = None) -> OperatorProcess:
         workdir = self.stack.workdir / identity
         workdir.mkdir(exist_ok=True)
         operator = OperatorProcess(self.stack, workdir, sweep_interval=5.0, env={
             "TENANCY_SHARDING": "true", "TENANCY_SHARD_SLICES": str(slices),
             "TENANCY_SHARD_LEASE_SECONDS": str(LEASE_SECONDS), "TENANCY_SHARD_NAMESPACE": "default",
-            "POD_NAME": identity,
+            "POD_NAME": identity, **({"KUBECONFIG": str(kubeconfig)} if kubeconfig else {}),
         })
         operator.start()
         self.replicas[identity] = operator
@@ -348,6 +355,60 @@ def test_a_tenant_whose_lock_another_session_holds_waits_for_it(fleet: Fleet) ->
     obj = fleet.cluster.wait_condition("tenants", namespace, "latched", reason="Suspended", timeout=90)
     assert obj["status"]["phase"] == "Suspended"
     assert sql_value(fleet.stack.admin_dsn(), state, [namespace]) == "suspended"
+
+
+def through(link: SilentLink, kubeconfig: Path, out: Path) -> Path:
+    """A copy of ``kubeconfig`` whose API server is reached through ``link``."""
+    config = yaml.safe_load(kubeconfig.read_text())
+    for entry in config["clusters"]:
+        entry["cluster"]["server"] = f"https://127.0.0.1:{link.port}"
+    out.write_text(yaml.safe_dump(config))
+    return out
+
+
+def logged_at(operator: OperatorProcess, event: str) -> datetime | None:
+    """When the replica first logged ``event`` (its JSON log's timestamp)."""
+    for line in operator.log_path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if record.get("event") == event:
+                return datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00"))
+    return None
+
+
+def test_a_replica_cut_off_from_the_api_server_stops_its_work_before_the_others_take_its_slices(
+        fleet: Fleet) -> None:
+    """A replica whose requests get no answer at all (its network gone, not refused) fences itself
+    within the lease time: its renewals cannot wait past two thirds of a lease, so it stops working
+    on its slices before the others may count its Leases expired and take them. Once its network
+    is back it takes its share again."""
+    others = fleet.live()
+    server = urlsplit(yaml.safe_load(fleet.stack.kubeconfig.read_text())["clusters"][0]["cluster"]["server"])
+    assert server.hostname and server.port
+    link = SilentLink(server.hostname, server.port)
+    try:
+        cut_off = fleet.start("replica-cut", kubeconfig=through(link, fleet.stack.kubeconfig,
+                                                                fleet.stack.workdir / "kubeconfig-cut"))
+        mine = held_by(fleet.split(*others, "replica-cut"))["replica-cut"]
+        link.cut()
+        fenced = eventually(lambda: logged_at(cut_off, FENCED), timeout=LEASE_SECONDS * 3, interval=0.2,
+                            what="replica-cut stops its work on its slices")
+        # Its metrics are served locally, not through the link.
+        eventually(lambda: cut_off.metric("shard_slices_held") == 0, timeout=5, what="replica-cut holds no slice")
+        eventually(lambda: set(held_by(fleet.holders()).get("replica-cut", ())) == set(), timeout=LEASE_SECONDS * 4,
+                   interval=0.5, what="the others take replica-cut's slices")
+        for index in mine:
+            lease = fleet.coordination.read_namespaced_lease(f"{GROUP_NAME}-slice-{index}", "default")
+            assert lease.spec.holder_identity in others
+            assert lease.spec.acquire_time > fenced, (index, lease.spec.acquire_time, fenced)
+        link.heal()
+        fleet.split(*others, "replica-cut")
+    finally:
+        link.heal()
+        if "replica-cut" in fleet.replicas:
+            fleet.replicas["replica-cut"].stop()
+        link.close()
+    fleet.split(*others)
 
 
 def test_a_replica_with_another_slice_count_holds_nothing_until_the_others_are_gone(fleet: Fleet) -> None:

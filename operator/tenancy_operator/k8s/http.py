@@ -28,6 +28,12 @@ THROTTLED_ATTEMPTS = 5
 """How many times one request is sent while the API server answers 429."""
 RETRY_AFTER_CAP = 5.0
 """The longest wait (seconds) between two sends, whatever Retry-After asks."""
+REQUEST_SECONDS = 30.0
+"""The longest one request may take, connecting included (aiohttp's default: 5 minutes): an API
+server, or a connection to it, gone silent then fails the request, which is retried as any failure
+is, instead of holding a reconcile. Kopf's own requests have the same bound (runtime.py)."""
+CONNECT_SECONDS = 10.0
+"""The longest wait for a new connection to the API server, within REQUEST_SECONDS."""
 
 
 class ApiError(Exception):
@@ -102,6 +108,7 @@ class Transport:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max_connections, ssl=info.as_ssl_context()),
             proxy=info.proxy_url, trust_env=False,
+            timeout=aiohttp.ClientTimeout(total=REQUEST_SECONDS, sock_connect=CONNECT_SECONDS),
         )
 
     @classmethod
