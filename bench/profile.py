@@ -29,16 +29,18 @@ def _rules(table: dict[str, str]) -> list[tuple[str, re.Pattern[str]]]:
 
 # A busy sample is charged to the category of the frame nearest its leaf that belongs to a
 # library or to our code; standard-library frames (json, ssl, asyncio, selectors ...) are skipped,
-# so JSON decoding inside kubernetes_asyncio counts as Kubernetes client, a log call from Kopf as
-# logging, a socket write for a query as PostgreSQL client. Samples with no such frame count as
-# "event loop, stdlib".
+# so a TLS read inside aiohttp counts as HTTP client, a log call from Kopf as logging, a socket
+# write for a query as PostgreSQL client. Samples with no such frame count as "event loop, stdlib".
 CATEGORIES = _rules({
     "logging (structlog, logging)": r"structlog|/logging/",
     "PostgreSQL client (psycopg, pool)": r"psycopg",
-    "Kubernetes client (kubernetes_asyncio, aiohttp)": r"kubernetes_asyncio|aiohttp|yarl|multidict",
+    "HTTP client (aiohttp)": r"kubernetes_asyncio|aiohttp|yarl|multidict",
     "prometheus_client": r"prometheus_client",
     "pydantic": r"pydantic",
-    "Kopf (its own logic)": r"/kopf/",
+    # py-spy names a package's files from the package on (kopf/_core/...), without a leading slash.
+    "Kopf (its own logic)": r"(^|/)kopf/",
+    # Before "our logic": safejson is our wrapper around orjson's decoding of the API's answers.
+    "JSON decoding (safejson, orjson)": r"k8s/safejson\.py",
     # py-spy names some of our modules by their bare file name (quota.py for reconcilers/quota.py).
     "tenancy_operator (our logic)":
         r"tenancy_operator/(?!cli\.py|__main__\.py)|^(quota|tenant|lifecycle|featureflag(_policy|_source)?|sweep|errors)\.py$",
@@ -49,7 +51,7 @@ OWNERS = _rules({
     "Quota handlers and quota pass": r"(^|/)quota\.py",
     "Tenant handlers": r"(^|/)(tenant|lifecycle|sweep|tenant_migrations|tenants|jobs)\.py",
     "Kopf watch streams (receiving events)": r"kopf/_cogs/clients/watching\.py",
-    "Kopf processing (patches, progress, logging)": r"/kopf/",
+    "Kopf processing (patches, progress, logging)": r"(^|/)kopf/",
 })
 
 
