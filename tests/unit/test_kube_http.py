@@ -1,6 +1,6 @@
 """The gateway's HTTP: it sends a request again when the API server says it did not process it
-(429 with Retry-After), once more with fresh credentials after a 401, and reports every other
-answer as it came. The API server's side of this is exercised for real by the integration suite (a
+(429 with Retry-After), once more with fresh credentials after a 401, reports every other
+answer as it came, and gives up on a request that gets no answer within REQUEST_SECONDS. The API server's side of this is exercised for real by the integration suite (a
 CRD schema change makes it answer 429 while its storage reinitialises; every request of the
 operator goes through this transport); here, the transport's own decisions, against a local HTTP
 server that gives the answers in order."""
@@ -109,6 +109,42 @@ def test_unchanged_credentials_make_a_401_final() -> None:
     with pytest.raises(ApiError) as caught:
         exchange(server, tokens=("same",))
     assert caught.value.status == 401 and server.authorizations == ["Bearer same"]
+
+
+def test_a_request_that_gets_no_answer_fails_after_the_request_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An API server (or the way to it) that accepts the request and then says nothing: the request
+    fails once REQUEST_SECONDS have passed, not after aiohttp's default of five minutes."""
+    monkeypatch.setattr(http, "REQUEST_SECONDS", 0.5)
+
+    async def run() -> tuple[bool, BaseException | None]:
+        silent = asyncio.Event()
+
+        async def handle(_: web.Request) -> web.Response:
+            await silent.wait()  # set only once the test is over: no answer
+            return web.Response()
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        transport = await Transport.connect(lambda: kopf.ConnectionInfo(server=f"http://127.0.0.1:{port}"))
+        request = asyncio.ensure_future(transport.request("GET", "/api/v1/namespaces"))
+        try:
+            await asyncio.wait({request}, timeout=10)  # far beyond the bound, far below aiohttp's default
+            done = request.done()
+            return done, request.exception() if done else None
+        finally:
+            request.cancel()
+            silent.set()
+            await transport.close()
+            await runner.cleanup()
+
+    done, error = asyncio.run(run())
+    assert done, "the request was still waiting for an answer"
+    assert isinstance(error, TimeoutError), error
 
 
 def test_a_name_cannot_add_a_path_segment_or_a_query() -> None:
