@@ -1,9 +1,9 @@
 """The gateway's HTTP: it sends a request again when the API server says it did not process it
-(429 with Retry-After), once more with fresh credentials after a 401, reports every other
-answer as it came, and gives up on a request that gets no answer within REQUEST_SECONDS. The API server's side of this is exercised for real by the integration suite (a
-CRD schema change makes it answer 429 while its storage reinitialises; every request of the
-operator goes through this transport); here, the transport's own decisions, against a local HTTP
-server that gives the answers in order."""
+(429 with Retry-After), once more with fresh credentials after a 401, reports every other answer
+as it came, and gives up on a request that gets no answer within REQUEST_SECONDS. The API server's
+side of this is exercised for real by the integration suite (a CRD schema change makes it answer
+429 while its storage reinitialises; every request of the operator goes through this transport);
+here, the transport's own decisions, against a local HTTP server that gives the answers in order."""
 
 from __future__ import annotations
 
