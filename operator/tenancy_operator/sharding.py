@@ -447,6 +447,7 @@ class ShardCoordinator:
                 if self.held and time.monotonic() >= self._fence_at():
                     log.error("slice leases could not be renewed for most of a lease: stopping work on them",
                               slices=describe(self.slices, running))
+                    metrics.SHARD_HANDOVERS.labels(direction="fenced").inc(len(self.held))
                     self.held.clear()  # another replica may take them once they expire
                     self._publish()
                     stop()

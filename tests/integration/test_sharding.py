@@ -395,6 +395,7 @@ def test_a_replica_cut_off_from_the_api_server_stops_its_work_before_the_others_
                             what="replica-cut stops its work on its slices")
         # Its metrics are served locally, not through the link.
         eventually(lambda: cut_off.metric("shard_slices_held") == 0, timeout=5, what="replica-cut holds no slice")
+        assert cut_off.metric("shard_handovers_total", direction="fenced") == len(mine)
         eventually(lambda: set(held_by(fleet.holders()).get("replica-cut", ())) == set(), timeout=LEASE_SECONDS * 4,
                    interval=0.5, what="the others take replica-cut's slices")
         for index in mine:

@@ -48,7 +48,10 @@ WATCH_CACHE_OBJECTS = Gauge(
     ["kind"],
 )
 SHARD_HANDOVERS = Counter(
-    "shard_handovers_total", "Changes of the slices this replica holds, by direction.", ["direction"]
+    "shard_handovers_total",
+    "Changes of the slices this replica holds, by direction: taken, released, or fenced (work on them stopped "
+    "because their Leases could not be renewed).",
+    ["direction"],
 )
 TENANTS = Gauge("tenants", "Tenants by phase, as last reconciled.", ["phase"])
 DB_POOL_CONNECTIONS = Gauge(
