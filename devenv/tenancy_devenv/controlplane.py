@@ -62,11 +62,13 @@ class ControlPlane:
         etcd_peer_port: int | None = None,
         apiserver_port: int | None = None,
         timeout: float = 120.0,
+        sharded_watch: bool = True,
     ) -> None:
         self.workdir = workdir
         self.bin_dir = bin_dir
         self.detached = detached
         self.timeout = timeout
+        self.sharded_watch = sharded_watch
         picked = free_ports(3)
         self.etcd_port = etcd_port or picked[0]
         self.etcd_peer_port = etcd_peer_port or picked[1]
@@ -198,8 +200,9 @@ class ControlPlane:
             f"--service-account-key-file={c.sa_pub}",
             f"--service-account-signing-key-file={c.sa_key}",
             # Server-side sharded list and watch (KEP-5866, alpha in 1.36): sharded operator
-            # replicas pass shardSelector; without the gate the server ignores it.
-            "--feature-gates=ShardedListAndWatch=true",
+            # replicas pass shardSelector; without the gate the server ignores it (a test stack
+            # may turn it off to be such a server).
+            f"--feature-gates=ShardedListAndWatch={str(self.sharded_watch).lower()}",
         ]
 
     def _controller_manager_flags(self) -> list[str]:

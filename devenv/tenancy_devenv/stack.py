@@ -43,7 +43,8 @@ class LocalStack:
     ``pg_bindir`` picks the PostgreSQL (binaries.postgres_bindir); default: the one recorded by an
     earlier ``up``, else the newest of Debian's. ``encrypted_store_for``: a target whose archives
     go to a store of its own, SeaweedFS with server-side encryption (the test session's second
-    target; s3proxy, the main store, ignores encryption)."""
+    target; s3proxy, the main store, ignores encryption). ``sharded_watch``: False starts the
+    API server with the feature gate ShardedListAndWatch off (one that ignores shardSelector)."""
 
     def __init__(
         self,
@@ -56,6 +57,7 @@ class LocalStack:
         pg_bindir: Path | None = None,
         operator_timeout: float = 60.0,
         encrypted_store_for: str | None = None,
+        sharded_watch: bool = True,
     ) -> None:
         self.workdir = workdir.resolve()
         self.state_file = self.workdir / "state.json"
@@ -80,6 +82,7 @@ class LocalStack:
             etcd_port=state.get("etcd_port", ports[0]),
             etcd_peer_port=state.get("etcd_peer_port", ports[1]),
             apiserver_port=state.get("apiserver_port", ports[2]),
+            sharded_watch=sharded_watch,
         )
         self.metrics_port: int = state.get("metrics_port", ports[3])
         self.health_port: int = state.get("health_port", ports[4])

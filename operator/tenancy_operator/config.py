@@ -187,7 +187,7 @@ class Settings(BaseSettings):
     # through Leases in shard_namespace; needs an API server with ShardedListAndWatch (>= 1.36).
     sharding: bool = False
     shard_slices: int = Field(default=16, ge=1, le=1024,
-                              description="Slices of the uid hash space; at least the replicas.")
+                              description="Slices of the uid hash space; at least the replicas, or 1: active/standby.")
     shard_lease_seconds: int = Field(default=15, ge=3, le=300)
     shard_namespace: str = Field(default="", pattern=r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)?$",
                                  description="Where the Leases live; empty: $POD_NAMESPACE, else 'default'.")

@@ -16,6 +16,10 @@ at once while their Leases are honoured; the per-tenant lock in PostgreSQL cover
 the work runs, the Leases are renewed from a thread with an event loop and API client of its own
 (LeaseKeeper), so a burst of work on the operator's loop does not delay them.
 
+With one slice this is active/standby: the replica holding it works on the whole fleet, as an
+unsharded replica does, and the others wait to take it over. That needs no shard selector, so it
+runs on any API server, with the same fence and hand-over.
+
 Each member Lease carries the replica's slice count (annotation ``tenancy.dev/shard-slices``).
 Only the count of the oldest live member is in force (shards.sharing): a replica configured with
 another count holds nothing until those replicas are gone, so a change of the count rolls through
@@ -218,12 +222,22 @@ class ShardCoordinator:
     # --- the server ----------------------------------------------------------------------------
 
     async def check_server(self) -> None:
-        """Refuse to run sharded on a server that would ignore the selector."""
+        """Refuse to run sharded on a server that would ignore the selector. One slice selects
+        nothing: its holder works on everything."""
+        if self.slices.count == 1:
+            return
         if not await self.kube.shard_selector_applied(self.namespace, selector(0, SPACE)):
             raise ShardingUnsupported(
                 "the API server ignores shardSelector (Kubernetes older than 1.36, or its feature gate "
                 "ShardedListAndWatch is off): sharded replicas would each reconcile every object. "
-                "Enable the gate, or run one replica (sharding off, or active/standby with peering).")
+                "Enable the gate, or set TENANCY_SHARD_SLICES=1 (one replica works, the others "
+                "stand by), or run one replica.")
+
+    def ownership(self, held: frozenset[int]) -> Ownership:
+        """What the work over ``held`` may reconcile. The one slice of active/standby is
+        everything, as unsharded: no selector (which a server without the feature would
+        ignore anyway) and no Quota labels (every Quota is the holder's)."""
+        return Ownership(self.slices, held) if self.slices.count > 1 else Ownership()
 
     # --- membership ----------------------------------------------------------------------------
 
@@ -524,7 +538,7 @@ class ShardCoordinator:
                 keeper = self._keeper(running, stop)
                 log.info("working on slices", slices=describe(self.slices, running))
                 try:
-                    await work(Ownership(self.slices, running), stop)
+                    await work(self.ownership(running), stop)
                 finally:
                     self._stop = None
                     self.take_signals()

@@ -105,7 +105,8 @@ class OperatorProcess:
             **self.extra_env,
         }
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
+        """Start the process; ``wait``: until its /healthz answers (raises if it exits first)."""
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, *OPERATOR_PYTHON_FLAGS, "-m", "tenancy_operator", "run"],
@@ -115,7 +116,8 @@ class OperatorProcess:
             preexec_fn=die_with_parent(),
         )
         log.close()
-        eventually(self.healthy, timeout=60, what="operator /healthz answers 200")
+        if wait:
+            eventually(self.healthy, timeout=60, what="operator /healthz answers 200")
 
     def healthy(self) -> bool:
         assert self.proc is not None
@@ -332,14 +334,15 @@ def crd_schema_replaced(
 
 
 @contextlib.contextmanager
-def own_stack(request: Any, label: str) -> Iterator[LocalStack]:
+def own_stack(request: Any, label: str, *, sharded_watch: bool = True) -> Iterator[LocalStack]:
     """A control plane and PostgreSQL of a module's own (for an operator of its own, or none),
     stopped after; its work directory kept when a test of the module failed, or always with
-    TENANCY_KEEP_WORKDIR=1."""
+    TENANCY_KEEP_WORKDIR=1. ``sharded_watch=False``: an API server that ignores shardSelector."""
     # Not under pytest's 0700 basetemp: the postgres user must be able to traverse the path.
     workdir = Path(tempfile.mkdtemp(prefix=f"tenancy-{label}-"))
     workdir.chmod(0o755)
-    stack = LocalStack(workdir, ["default"], detached=False, with_operator=False, bin_dir=ensure_binaries())
+    stack = LocalStack(workdir, ["default"], detached=False, with_operator=False, bin_dir=ensure_binaries(),
+                       sharded_watch=sharded_watch)
     failed_before = request.session.testsfailed
     try:
         stack.up()

@@ -50,7 +50,8 @@ class Fleet:
         self.coordination = client.CoordinationV1Api(self.cluster.api)
         self.replicas: dict[str, OperatorProcess] = {}
 
-    def start(self, identity: str, slices: int = SLICES, kubeconfig: Path | None = None) -> OperatorProcess:
+    def start(self, identity: str, slices: int = SLICES, kubeconfig: Path | None = None,
+              wait: bool = True) -> OperatorProcess:
         workdir = self.stack.workdir / identity
         workdir.mkdir(exist_ok=True)
         operator = OperatorProcess(self.stack, workdir, sweep_interval=5.0, env={
@@ -58,7 +59,7 @@ class Fleet:
             "TENANCY_SHARD_LEASE_SECONDS": str(LEASE_SECONDS), "TENANCY_SHARD_NAMESPACE": "default",
             "POD_NAME": identity, **({"KUBECONFIG": str(kubeconfig)} if kubeconfig else {}),
         })
-        operator.start()
+        operator.start(wait)
         self.replicas[identity] = operator
         return operator
 

@@ -245,7 +245,8 @@ def test_sharding_pdb_takes_one_replica_at_a_time(helm: Helm) -> None:
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--set", "peering.enabled=true"], "sharding.enabled and peering.enabled exclude each other"),
-    (["--set", "sharding.slices=2"], "sharding.slices (2) must be at least sharding.replicas (3)"),
+    (["--set", "sharding.slices=2"],
+     "sharding.slices (2) must be at least sharding.replicas (3), or 1 for active/standby"),
     (["--set", "sharding.replicas=17"], "sharding.slices (16) must be at least sharding.replicas (17)"),
     (["--set", "terminationGracePeriodSeconds=15"], "must exceed sharding.leaseSeconds (15)"),
     (["--set", "sharding.leaseSeconds=2"], "sharding/leaseSeconds"),
@@ -259,6 +260,7 @@ def test_sharding_refusals(helm: Helm, args: list[str], message: str) -> None:
 
 def test_sharding_edge_values_render(helm: Helm) -> None:
     helm.template(*SHARDING, "--set", "sharding.replicas=16")  # slices == replicas
+    helm.template(*SHARDING, "--set", "sharding.slices=1")  # active/standby: one works, two stand by
     helm.template(*SHARDING, "--set", "sharding.leaseSeconds=29")  # grace 30 > 29
     helm.template(*SHARDING, "--set", "terminationGracePeriodSeconds=null")  # unset: Kubernetes' 30 s
 

@@ -64,8 +64,8 @@ that names them (deployment.yaml includes it, so every render runs it). */}}
 {{- if $.Values.peering.enabled -}}
 {{- fail "sharding.enabled and peering.enabled exclude each other: sharded replicas share the fleet, peered ones stand by" -}}
 {{- end -}}
-{{- if lt (int .slices) (int .replicas) -}}
-{{- fail (printf "sharding.slices (%d) must be at least sharding.replicas (%d): a replica without a slice has nothing to do" (int .slices) (int .replicas)) -}}
+{{- if and (lt (int .slices) (int .replicas)) (ne (int .slices) 1) -}}
+{{- fail (printf "sharding.slices (%d) must be at least sharding.replicas (%d), or 1 for active/standby: a replica without a slice has nothing to do" (int .slices) (int .replicas)) -}}
 {{- end -}}
 {{- if and (not (kindIs "invalid" $.Values.terminationGracePeriodSeconds)) (le (int $.Values.terminationGracePeriodSeconds) (int .leaseSeconds)) -}}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must exceed sharding.leaseSeconds (%d)" (int $.Values.terminationGracePeriodSeconds) (int .leaseSeconds)) -}}
