@@ -18,6 +18,7 @@ def _run(args: argparse.Namespace) -> int:
     sys.modules.setdefault("kubernetes", None)  # type: ignore[arg-type]
     from tenancy_operator.config import Settings
     from tenancy_operator.observability.logging import configure_logging
+    from tenancy_operator.peering import PeeringLost
     from tenancy_operator.runtime import run_operator
     from tenancy_operator.sharding import ShardingUnsupported
 
@@ -36,6 +37,9 @@ def _run(args: argparse.Namespace) -> int:
     except ShardingUnsupported as exc:
         print(f"refusing to run sharded: {exc}", file=sys.stderr)
         return 3
+    except PeeringLost as exc:
+        print(f"stopped: {exc}; restart to rejoin", file=sys.stderr)
+        return 4
     return 0
 
 

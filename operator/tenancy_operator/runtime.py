@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import secrets
 import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +33,7 @@ from tenancy_operator.observability.health import waiting_health
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.observability.memory import trim_when_quiet, tune_gc
 from tenancy_operator.observability.metrics_server import start_metrics_server
-from tenancy_operator.peering import PeeringGate
+from tenancy_operator.peering import PeeringGate, PeeringLost
 from tenancy_operator.runtime_context import Background, OperatorContext, TenantWatcher
 from tenancy_operator.sharding import ShardCoordinator
 from tenancy_operator.shards import Ownership, Slices
@@ -56,6 +58,11 @@ LIST_CHUNK_SIZE = 100
 """Objects per page of Kopf's initial LIST of a kind (with a shard selector too)."""
 STOPPING_EXIT_SECONDS = 0.2
 """How long Kopf's workers may go on with their queues once a sharded run is told to stop."""
+KOPF_STOP_SECONDS = 30.0
+"""How long Kopf may take to end its run once our cleanup has run. It takes a few seconds (its
+leftover tasks get 5); after an API server that stayed out of reach through all of Kopf's retries,
+its watch streams can ignore their cancellation and the run never ends: the process exits then
+(exit_when_stuck), to be restarted, rather than live on with nothing working."""
 KOPF_PAUSE_WAITER = "pause-waiter for "
 """How Kopf names the task each watch stream keeps waiting for a pause of the operator."""
 
@@ -70,6 +77,17 @@ def cancel_pause_waiters() -> int:
     for task in waiters:
         task.cancel()
     return len(waiters)
+
+
+def exit_when_stuck() -> None:
+    """Kopf's run did not end KOPF_STOP_SECONDS after its cleanup: end the process. Everything of
+    ours is closed by then (the cleanup closed the pools); only Kopf's stuck tasks remain."""
+    log.error("Kopf did not finish stopping after its cleanup (a watch stream ignored its cancellation): "
+              "exiting, to be restarted", seconds=KOPF_STOP_SECONDS)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def exact_namespace(name: str) -> bool:
@@ -162,7 +180,8 @@ def build_registry() -> kopf.OperatorRegistry:
             if isinstance(service, Background):
                 loops[f"{kind}-loop"] = service.run_forever
         if cfg.peering_name:  # a standby's loops pause as Kopf pauses its handlers
-            gate = PeeringGate(kube, cfg.peering_name, cfg.namespace_list, memo.peer_identity, memo.peer_priority)
+            gate = PeeringGate(kube, cfg.peering_name, cfg.namespace_list, memo.peer_identity, memo.peer_priority,
+                               lost=memo.peering_lost)
             memo.background = [asyncio.create_task(gate.run_while_leading(loops), name="peering-gate")]
         else:
             memo.background = [asyncio.create_task(run(), name=name) for name, run in loops.items()]
@@ -186,6 +205,7 @@ def build_registry() -> kopf.OperatorRegistry:
         metrics.PENDING.reset()
         log.debug("leftover pause-waiters cancelled", tasks=cancel_pause_waiters())
         log.info("operator stopped; database pools closed")
+        memo.stuck = asyncio.get_running_loop().call_later(KOPF_STOP_SECONDS, exit_when_stuck)
 
     # PERMANENT: a failing probe answers 500 at once instead of holding Kopf's 60 s retry.
     @kopf.on.probe(id="database", registry=registry, errors=kopf.ErrorsMode.PERMANENT)
@@ -255,7 +275,8 @@ async def _run(cfg: Settings) -> None:
 
 async def _run_kopf(cfg: Settings, ownership: Ownership, stop: asyncio.Event | None,
                     take_signals: Callable[[], None] | None = None) -> None:
-    """One run of Kopf over what ``ownership`` covers, until ``stop`` is set or a signal comes.
+    """One run of Kopf over what ``ownership`` covers, until ``stop`` is set or a signal comes
+    (peered: or its peering record has expired, PeeringLost).
     Sharded, a new run starts for every change of the slices held: Kopf lists its slices afresh,
     and nothing of the objects that went elsewhere stays in its memory or ours. ``take_signals``
     is called once Kopf has started (it installs signal handlers of its own for each run)."""
@@ -268,6 +289,9 @@ async def _run_kopf(cfg: Settings, ownership: Ownership, stop: asyncio.Event | N
         )
         memo.peer_identity = os.environ.get("POD_ID") or f"{socket.gethostname()}/{secrets.token_hex(4)}"
         peering = {"peering_name": cfg.peering_name, "priority": memo.peer_priority, "identity": memo.peer_identity}
+        # Set by the peering gate when this replica's record has expired: the run ends. (Peering
+        # excludes sharding, which alone passes a stop of its own.)
+        stop = memo.peering_lost = asyncio.Event()
     settings = kopf.OperatorSettings()
     hurry = asyncio.create_task(_hurry_when_stopped(stop, settings), name="hurry-when-stopped") if stop else None
     try:
@@ -285,6 +309,12 @@ async def _run_kopf(cfg: Settings, ownership: Ownership, stop: asyncio.Event | N
     finally:
         if hurry is not None:
             hurry.cancel()
+        stuck: asyncio.TimerHandle | None = getattr(memo, "stuck", None)
+        if stuck is not None:
+            stuck.cancel()
+    if cfg.peering_name and memo.peering_lost.is_set():
+        raise PeeringLost("the peering record of this replica has expired (Kopf's keep-alive stopped "
+                          "renewing it: the API server was out of reach); a peer may work now")
 
 
 async def _hurry_when_stopped(stop: asyncio.Event, settings: kopf.OperatorSettings) -> None:

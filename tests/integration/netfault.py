@@ -5,6 +5,9 @@ kernel's handshake, yet resets nothing: the client's requests get no answer and 
 a node loses its network. Bytes held back meanwhile are forwarded once the link is healed. The
 server on the far side is the real one (the test control plane's API server); only the way to it
 is interrupted.
+
+It can also play a server that is down (``down``): every open connection is closed and every new
+one closed as soon as it is made, so each request fails at once, as while an API server restarts.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class SilentLink:
         self.port: int = self._listener.getsockname()[1]
         self._open = threading.Event()
         self._open.set()
+        self._down = threading.Event()
         self._closed = threading.Event()
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -33,7 +37,22 @@ class SilentLink:
         self._open.clear()
 
     def heal(self) -> None:
+        self._down.clear()
         self._open.set()
+
+    def down(self) -> None:
+        """Until ``heal``: close every connection, and each new one once accepted."""
+        self._down.set()
+        self._drop()
+
+    def _drop(self) -> None:
+        with self._lock:
+            sockets, self._sockets = self._sockets, set()
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
 
     def close(self) -> None:
         self._closed.set()
@@ -53,6 +72,9 @@ class SilentLink:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self._down.is_set():
+                client.close()
+                continue
             self._track(client)
             threading.Thread(target=self._connect, args=(client,), daemon=True).start()
 
@@ -64,6 +86,10 @@ class SilentLink:
             client.close()
             return
         upstream.settimeout(None)
+        if self._down.is_set():  # went down while this connection was being made
+            upstream.close()
+            client.close()
+            return
         self._track(upstream)
         threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
         self._pump(client, upstream)

@@ -11,9 +11,11 @@ import json
 import re
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -21,7 +23,9 @@ import yaml
 from tenancy_devenv.stack import LocalStack
 
 from .harness import GROUP, VERSION, Cluster, OperatorProcess, eventually, own_stack, tenant
+from .netfault import SilentLink
 from .test_helm import CHART, Helm
+from .test_sharding import logged_at, through
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_NS = "tenancy-system"
@@ -277,3 +281,89 @@ def test_active_standby_with_peering(rbac_stack: LocalStack, rbac_cluster: Clust
     finally:
         active.stop()
         standby.stop()
+
+
+
+RESUMED = "Resuming operations after the pause. Conflicting operators with the same priority are gone."
+PAUSED_UNSEEN = ("background loops paused: the peering record of this replica may have expired unseen, "
+                 "and a standby may work now")
+
+
+def peered_pair(stack: LocalStack, release: str, active_kubeconfig: Callable[[Path], Path] | None = None
+                ) -> tuple[OperatorProcess, OperatorProcess, str]:
+    """An active (priority 200) and a standby (100) replica of one peering; ``active_kubeconfig``:
+    how the active one reaches the API server. Returns them once the active one works."""
+    kubeconfig = service_account_kubeconfig(stack, release, "peering.enabled=true")
+    peering = {"TENANCY_PEERING_NAME": f"{release}-tenancy-operator"}
+    active = start_operator(stack, active_kubeconfig(kubeconfig) if active_kubeconfig else kubeconfig,
+                            f"{release}-active", TENANCY_PEERING_PRIORITY="200", **peering)
+    standby = start_operator(stack, kubeconfig, f"{release}-standby", TENANCY_PEERING_PRIORITY="100", **peering)
+    eventually(lambda: active.metric("peering_leading") == 1 and standby.metric("peering_leading") == 0,
+               timeout=30, what="the active one works, the standby waits")
+    return active, standby, f"{release}-tenancy-operator"
+
+
+def test_a_peered_replica_whose_record_a_peer_removed_stops_rather_than_work_beside_it(
+        rbac_stack: LocalStack, rbac_cluster: Cluster) -> None:
+    """A peer removes the record of a replica it counts dead (Kopf's cleanup of dead peers), as
+    after an outage that outlived the record; then it resumes. Kopf would not pause the replica
+    for that. The replica stops instead (exit code 4, so that Kubernetes restarts it and it
+    rejoins as a peer), and the standby serves the fleet."""
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    rbac_stack.kubectl("create", "namespace", ns)
+    active, standby, name = peered_pair(rbac_stack, "forgotten")
+    try:
+        def active_record() -> tuple[str, dict[str, Any]]:
+            status = json.loads(rbac_stack.kubectl("get", "clusterkopfpeering", name, "-o", "json").stdout)["status"]
+            [(identity, record)] = [(k, v) for k, v in status.items() if v.get("priority") == 200]
+            # Right after a keep-alive, so that the next one (50 to 55 s later) does not put it back first.
+            assert datetime.now(UTC) - datetime.fromisoformat(record["lastseen"]) < timedelta(seconds=30)
+            return identity, record
+
+        identity, _ = eventually(active_record, timeout=60, what="a fresh record of the active replica")
+        rbac_stack.kubectl("patch", "clusterkopfpeering", name, "--type=merge",
+                           "-p", json.dumps({"status": {identity: None}}))
+        assert active.proc is not None
+        assert active.proc.wait(timeout=30) == 4, active.log_tail()
+        assert "the peering record of this replica has expired" in active.log_text()
+        eventually(lambda: RESUMED in standby.log_text(), timeout=60, what="the standby takes over")
+        rbac_cluster.create("tenants", ns, tenant("after-forgotten"))
+        ready(rbac_cluster, "tenants", ns, "after-forgotten")
+        assert '"name": "after-forgotten"' in standby.log_text()
+        assert '"name": "after-forgotten"' not in active.log_text()
+    finally:
+        active.stop()
+        standby.stop()
+
+
+def test_a_peered_replica_the_api_server_refuses_pauses_before_the_standby_resumes_and_then_exits(
+        rbac_stack: LocalStack, rbac_cluster: Cluster) -> None:
+    """While the API server refuses one replica (every request fails at once, as while it
+    restarts), that replica cannot renew its peering record: it pauses its background loops before
+    the record expires and the standby resumes. Once Kopf has failed through all its retries (its
+    keep-alive ends, which ends Kopf's run), the process exits with an error instead of living on
+    with nothing working, so that it is restarted."""
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    rbac_stack.kubectl("create", "namespace", ns)
+    server = urlsplit(yaml.safe_load(rbac_stack.kubeconfig.read_text())["clusters"][0]["cluster"]["server"])
+    assert server.hostname and server.port
+    link = SilentLink(server.hostname, server.port)
+    active, standby, _ = peered_pair(
+        rbac_stack, "refused", lambda kubeconfig: through(link, kubeconfig, rbac_stack.workdir / "refused-link"))
+    try:
+        link.down()
+        resumed = eventually(lambda: logged_at(standby, RESUMED), timeout=90, interval=0.5,
+                             what="the standby resumes once the active one's record expired")
+        paused = logged_at(active, PAUSED_UNSEEN)
+        assert paused is not None and paused < resumed, (paused, resumed)
+        assert active.proc is not None
+        assert active.proc.wait(timeout=300) not in (0, None), active.log_tail()
+        assert re.search(r"keep-alive for \S+ has failed", active.log_text())
+        rbac_cluster.create("tenants", ns, tenant("after-refused"))
+        ready(rbac_cluster, "tenants", ns, "after-refused")
+        assert '"name": "after-refused"' in standby.log_text()
+    finally:
+        link.heal()
+        active.stop()
+        standby.stop()
+        link.close()

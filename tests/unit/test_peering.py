@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 
-from tenancy_operator.peering import leads
+from tenancy_operator.peering import leads, own_deadline
 
 NOW = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
 
@@ -41,3 +41,12 @@ def test_kopf_timestamp_format_and_garbage() -> None:
               "broken": {"priority": 99}, "weird": "x"}
     assert not leads([status], "me", 5, NOW)
     assert leads([{"broken": {"priority": 99}}], "me", 5, NOW)
+
+
+def test_own_deadline_is_the_earliest_record_and_none_where_one_is_missing() -> None:
+    assert own_deadline([{"me": peer(5, seconds_ago=10)}], "me") == NOW + datetime.timedelta(seconds=50)
+    assert own_deadline([{"me": peer(5, seconds_ago=10)}, {"me": peer(5, seconds_ago=30)}], "me") == \
+        NOW + datetime.timedelta(seconds=30)
+    assert own_deadline([{"me": peer(5)}, {"other": peer(9)}], "me") is None  # removed from one object
+    assert own_deadline([{"me": {"priority": 5}}], "me") is None
+    assert own_deadline([], "me") is None

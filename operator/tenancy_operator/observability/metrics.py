@@ -31,6 +31,9 @@ RECONCILE_DURATION = Histogram(
 QUEUE_DEPTH = Gauge(
     "queue_depth", "Objects with a reconcile waiting (including retry backoff) or running.", ["kind"]
 )
+PEERING_LEADING = Gauge(
+    "peering_leading", "Peered replicas: 1 while this replica works (no live peer outranks it and its own "
+    "keep-alive record is alive), 0 while it stands by.")
 SHARD_SLICES_HELD = Gauge(
     "shard_slices_held", "Slices of the fleet this replica holds (sharded replicas); 0 while it waits for its share."
 )
