@@ -84,7 +84,7 @@ class PeeringGate:
         self.identity, self.priority, self.interval = identity, priority, interval
         self.leading = False
         self.lost = lost or asyncio.Event()
-        """Set when this replica's record expired while it worked: the run must end."""
+        """Set when this replica's record, once seen alive, has expired: the run must end."""
         self.expires: datetime.datetime | None = None
         """This replica's record's expiry as last read alive."""
 
@@ -106,7 +106,7 @@ class PeeringGate:
         except Exception as exc:  # keep the last known state through API hiccups, up to the fence
             log.warning("peering check failed", error=type(exc).__name__)
             fence = self._fence()
-            if self.leading and fence is not None and now >= fence:
+            if self.leading and fence is not None and datetime.datetime.now(datetime.UTC) >= fence:
                 log.warning("background loops paused: the peering record of this replica may have expired "
                             "unseen, and a standby may work now", identity=self.identity)
                 self._set(False)
