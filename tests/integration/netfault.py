@@ -108,7 +108,7 @@ class SilentLink:
                     break
                 self._open.wait()  # cut between the read and the write: hold the bytes
                 sink.sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: select() on a socket ``down`` has closed
             pass
         finally:
             for s in (source, sink):
