@@ -8,9 +8,10 @@ higher or equal priority), so the loops run exactly where Kopf's handlers run.
 It also watches this replica's own record there. Kopf's keep-alive ends for good once its writes
 have failed through all of Kopf's retries (about a minute of an API server that cannot be
 reached); the record then expires, a standby resumes, and Kopf never pauses this replica for it.
-So the gate pauses the loops while the record may have expired unseen, and when it reads the
-record expired (or removed by a peer) after it had seen it alive, it ends the run (PeeringLost):
-the replica exits and, restarted, rejoins as a peer.
+So the gate pauses the loops while the record may have expired unseen, and ends the run
+(PeeringLost) when it reads the record expired (or removed by a peer) after it had seen it alive,
+or when the record's expiry passes while the peering object cannot be read (as a leader whose lease
+went unrenewed stops): the replica exits and, restarted, rejoins as a peer.
 """
 
 from __future__ import annotations
@@ -105,8 +106,13 @@ class PeeringGate:
             statuses = await asyncio.wait_for(self._statuses(), self._next_check())
         except Exception as exc:  # keep the last known state through API hiccups, up to the fence
             log.warning("peering check failed", error=type(exc).__name__)
+            now = datetime.datetime.now(datetime.UTC)
             fence = self._fence()
-            if self.leading and fence is not None and datetime.datetime.now(datetime.UTC) >= fence:
+            if self.expires is not None and now >= self.expires:
+                # As a leader whose lease went unrenewed: the peers count this replica gone now.
+                return self._lose("the peering record of this replica has expired unrenewed while the "
+                                  "API server could not be read")
+            if self.leading and fence is not None and now >= fence:
                 log.warning("background loops paused: the peering record of this replica may have expired "
                             "unseen, and a standby may work now", identity=self.identity)
                 self._set(False)
@@ -116,12 +122,7 @@ class PeeringGate:
         if alive:
             self.expires = own
         elif self.expires is not None:  # seen alive before: Kopf's keep-alive has stopped renewing it
-            log.error("the peering record of this replica has expired: a peer may work now, and Kopf "
-                      "would not pause this replica; stopping it, to rejoin as a peer when restarted",
-                      identity=self.identity, priority=self.priority)
-            self._set(False)
-            self.lost.set()
-            return False
+            return self._lose("the peering record of this replica has expired")
         # Not before Kopf's first keep-alive is on record: the peers do not count this replica yet.
         leading = alive and leads(statuses, self.identity, self.priority, now)
         if leading != self.leading:
@@ -129,6 +130,14 @@ class PeeringGate:
                      identity=self.identity, priority=self.priority)
         self._set(leading)
         return leading
+
+    def _lose(self, why: str) -> bool:
+        """End the run (``lost``): a peer may work now, and Kopf would not pause this replica."""
+        log.error(f"{why}: a peer may work now, and Kopf would not pause this replica; stopping it, "
+                  "to rejoin as a peer when restarted", identity=self.identity, priority=self.priority)
+        self._set(False)
+        self.lost.set()
+        return False
 
     def _fence(self) -> datetime.datetime | None:
         """While the peering object cannot be read: when the loops pause, a check interval before
@@ -149,10 +158,11 @@ class PeeringGate:
         metrics.PEERING_LEADING.set(int(leading))
 
     async def run_while_leading(self, loops: Mapping[str, Callable[[], Coroutine[Any, Any, None]]]) -> None:
-        """Run ``loops`` (name -> coroutine function) while we lead; cancel them when a peer leads."""
+        """Run ``loops`` (name -> coroutine function) while we lead; cancel them when a peer leads.
+        Returns once the record is lost: the run is ending."""
         tasks: list[asyncio.Task[None]] = []
         try:
-            while True:
+            while not self.lost.is_set():
                 if await self.check():
                     if not tasks:
                         tasks = [asyncio.create_task(run(), name=name) for name, run in loops.items()]

@@ -58,6 +58,8 @@ LIST_CHUNK_SIZE = 100
 """Objects per page of Kopf's initial LIST of a kind (with a shard selector too)."""
 STOPPING_EXIT_SECONDS = 0.2
 """How long Kopf's workers may go on with their queues once a sharded run is told to stop."""
+STOPPING_BACKOFFS = (1.0,)
+"""Kopf's waits between attempts of a request made once a run is told to stop: one retry."""
 KOPF_STOP_SECONDS = 30.0
 """How long Kopf may take to end its run once our cleanup has run. It takes a few seconds (its
 leftover tasks get 5); after an API server that stayed out of reach through all of Kopf's retries,
@@ -321,6 +323,11 @@ async def _hurry_when_stopped(stop: asyncio.Event, settings: kopf.OperatorSettin
     """A sharded run stops to hand slices over (or to leave): the next holder of a slice waits for
     this run's end. Kopf gives its workers ``exit_timeout`` (2 s) to finish their queues first, so
     that much shorter then: a reconcile cut off is done again by the next run or holder, as after
-    a crash (every step is idempotent, and the run's pools close with its sessions and locks)."""
+    a crash (every step is idempotent, and the run's pools close with its sessions and locks).
+    A peered run stops when its record is lost, often because the API server is out of reach:
+    Kopf's removal of that record would go through all of Kopf's retries (about a minute) before
+    the process exits, so requests made from then on get STOPPING_BACKOFFS. Each run has settings
+    of its own, so the next run retries as usual."""
     await stop.wait()
     settings.queueing.exit_timeout = STOPPING_EXIT_SECONDS
+    settings.networking.error_backoffs = STOPPING_BACKOFFS
