@@ -27,6 +27,8 @@ from tenancy_operator.api import (
     TenantStatus,
 )
 
+pytestmark = pytest.mark.any_major  # run on one PostgreSQL major only (pyproject.toml, Makefile)
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 API_VERSION = "tenancy.dev/v1alpha1"
 LATER = "2030-01-01T00:00:00Z"

@@ -24,6 +24,8 @@ from tenancy_devenv.stack import LocalStack
 
 from .harness import Cluster, crd_schema_replaced, tenant
 
+pytestmark = pytest.mark.any_major  # run on one PostgreSQL major only (pyproject.toml, Makefile)
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "tenancy-operator"
 KUBE_VERSION = "1.36.3"  # the test kube-apiserver's (test_stack.py), for offline `helm template`

@@ -18,6 +18,8 @@ import pytest
 from .harness import eventually, own_stack, tenant
 from .test_sharding import LEASE_SECONDS, SLICE, Fleet, quota
 
+pytestmark = pytest.mark.any_major  # run on one PostgreSQL major only (pyproject.toml, Makefile)
+
 
 @pytest.fixture(scope="module")
 def fleet(request: pytest.FixtureRequest) -> Iterator[Fleet]:

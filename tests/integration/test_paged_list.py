@@ -21,6 +21,8 @@ from tenancy_operator.watch_cache import WatchCache
 
 from .harness import Cluster, OperatorProcess, eventually, gateway, tenant
 
+pytestmark = pytest.mark.any_major  # run on one PostgreSQL major only (pyproject.toml, Makefile)
+
 QUOTAS = 5
 
 

@@ -29,6 +29,8 @@ from .netfault import SilentLink
 from .test_helm import CHART, Helm
 from .test_sharding import logged_at, through
 
+pytestmark = pytest.mark.any_major  # run on one PostgreSQL major only (pyproject.toml, Makefile)
+
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_NS = "tenancy-system"
 # A refusal, or Kopf's warning that it lacks the rights to observe namespaces or CRDs.

@@ -12,6 +12,7 @@ import asyncio
 import time
 from datetime import UTC, datetime
 
+import pytest
 from kubernetes import client
 
 from tenancy_devenv.stack import LocalStack
@@ -20,6 +21,8 @@ from tenancy_operator.sharding import ShardCoordinator
 from tenancy_operator.shards import Ownership, Slices
 
 from .harness import Cluster, gateway
+
+pytestmark = pytest.mark.any_major  # run on one PostgreSQL major only (pyproject.toml, Makefile)
 
 LEASE_SECONDS = 3
 HOLD_SECONDS = 3 * LEASE_SECONDS

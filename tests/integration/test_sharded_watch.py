@@ -33,6 +33,8 @@ from tenancy_operator.shards import fnv1a_64  # the hash the server applies (k8s
 
 from .harness import GROUP, VERSION, Cluster, tenant
 
+pytestmark = pytest.mark.any_major  # run on one PostgreSQL major only (pyproject.toml, Makefile)
+
 HALF = 0x8000000000000000
 SHARD_LOW = "shardRange(object.metadata.uid, '0x0000000000000000', '0x8000000000000000')"
 SHARD_HIGH = "shardRange(object.metadata.uid, '0x8000000000000000', '0x10000000000000000')"

@@ -35,6 +35,8 @@ from tenancy_operator.shards import Slices
 from .harness import Cluster, OperatorProcess, connect, eventually, own_stack, sql_value, tenant
 from .netfault import SilentLink
 
+pytestmark = pytest.mark.any_major  # run on one PostgreSQL major only (pyproject.toml, Makefile)
+
 SLICE = "tenancy.dev/slice"
 
 SLICES = 4
