@@ -579,7 +579,7 @@ class CountingService(QuotaService):
                               tenants=WatchCache(slim_tenant), kube=self.listing,
                               lock=lambda kind, namespace, name: locks.hold((kind, namespace, name)))
         super().__init__(ctx)  # type: ignore[arg-type]
-        self.initial_pass_done = True
+        self.caches_read = True
         self.cluster.quotas.listed = self.cluster.tenants.listed = True  # as after Kopf's initial listing
         self.evaluations: list[str] = []
         self.subjects: list[Subject] = []
@@ -819,3 +819,33 @@ async def test_a_new_quota_waits_for_its_tenants_first_provisioning() -> None:
     svc.quota_changed("ADDED", cached(svc, "quotas", q, 2))
     await settle(svc)
     assert svc.evaluations == ["quota-changed"]
+
+
+async def test_a_quota_edited_after_the_first_pass_read_the_caches_is_evaluated_on_its_own() -> None:
+    """At start the first pass evaluates every tenant as it read the caches, and the events that
+    came before that read (Kopf's listing) are not evaluated again. A Quota edited after that
+    read, while the pass still measures, is evaluated on its own: the pass enforces the version
+    it read, and the next pass is a whole interval away."""
+    svc = CountingService()
+    svc.caches_read = False
+
+    async def filled_by_watch(plural: str) -> bool:
+        return True  # Kopf's listing has filled the caches
+
+    svc.cluster.filled_by_watch = filled_by_watch  # type: ignore[method-assign]
+    cached(svc, "tenants", tenant_body(), 1)
+    q = cached(svc, "quotas", quota_body(), 2)
+    svc.quota_changed("ADDED", q)  # the listing's event: the pass covers it
+    edited = copy.deepcopy(q)
+    edited["metadata"]["generation"] = 2
+
+    async def measure(target: str, subjects: Any, **_: Any) -> dict[Any, Probe]:
+        svc.quota_changed("MODIFIED", cached(svc, "quotas", edited, 3))  # the edit comes meanwhile
+        return {s.key: probe() for s in subjects}
+
+    svc.probes.probe_target = measure  # type: ignore[method-assign]
+    await svc.pass_once()
+    await settle(svc)
+    # The edit's own evaluation enforces it (and the pass, seeing that, leaves the tenant to it).
+    assert "quota-changed" in svc.evaluations
+    assert svc.enforced_quotas[(NS, "acme-corp")] == {("q-acme-corp", 2)}

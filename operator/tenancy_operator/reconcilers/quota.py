@@ -36,6 +36,7 @@ from tenancy_operator.reconcilers.quota_cluster import (
     QuotaCluster,
     first_provisioning,
     is_ready,
+    read_version,
     tenant_ref,
     tenant_state,
 )
@@ -91,7 +92,13 @@ class QuotaService:
         self.enforced_quotas: dict[Key, set[tuple[str, int]]] = {}
         """(uid, generation) of the Quotas naming a tenant at its last enforced evaluation: a Quota
         handler for a version already enforced has nothing to change (the pass re-measures)."""
-        self.initial_pass_done = False
+        self.caches_read = False
+        """The first pass has read the caches (or LISTed): events before that are in what it
+        evaluates (Kopf's listing at start, thousands of them). After that, an event is evaluated
+        on its own unless it brings a version the first pass read (``first_read``): the pass
+        enforces what it read, and the next pass is an interval away."""
+        self.first_read: set[tuple[str, str]] = set()
+        """(uid, resourceVersion) of each Tenant and Quota the first pass read, while it runs."""
         self._wake: asyncio.Event | None = None
         self.work: KeyedWork[Trigger] = KeyedWork(KIND, self._evaluate, pending=lambda t: t.quota)
         """Evaluations in the background, one per tenant at a time (Quota and Tenant events)."""
@@ -143,7 +150,8 @@ class QuotaService:
                 except Exception:
                     log.exception("quota pass failed")
                     wait = min(interval, RETRY_FAILED_PASS_SECONDS)
-                self.initial_pass_done = True
+                self.caches_read = True  # also when the pass failed before it read them
+                self.first_read = set()
                 next_pass = loop.time() + wait
             await self.expire_due()
             delay = next_pass - loop.time()
@@ -303,6 +311,10 @@ class QuotaService:
             and self.applied.get(key) == tenant_state(tenant)
         )
 
+    def _in_first_pass(self, body: Mapping[str, Any]) -> bool:
+        """This version of the object is (or will be) evaluated by the first pass (caches_read)."""
+        return not self.caches_read or read_version(body) in self.first_read
+
     def quota_changed(self, type_: str | None, body: Mapping[str, Any]) -> None:
         """A Quota watch event: evaluate its tenant in the background unless this version of the
         Quota is enforced already.
@@ -311,8 +323,8 @@ class QuotaService:
         on every Quota after each evaluation: one PATCH and one more watch event per Quota, for a
         decision the generation makes as well (the evaluation reads the newest Quota from the
         cache, so events handled out of order cannot apply an older spec)."""
-        if not self.initial_pass_done:
-            return  # the start-up pass evaluates every tenant in bulk
+        if self._in_first_pass(body):
+            return
         ref = tenant_ref(body)
         if ref is None:
             return
@@ -366,8 +378,8 @@ class QuotaService:
         """A Tenant watch event (TenantWatcher, after the runtime's Tenant cache took it): evaluate
         it now if this process has not enforced it as it is now (new, re-created or tier
         changed), or if it is gone (its Quota reports TenantNotFound)."""
-        if not self.initial_pass_done:
-            return  # the first pass covers every tenant at start-up
+        if self._in_first_pass(body):
+            return
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         if not self.cluster.watched(key[0]):

@@ -67,6 +67,12 @@ def tenant_state(tenant: Mapping[str, Any]) -> tuple[str, str]:
     return (str(tenant["metadata"].get("uid") or ""), str((tenant.get("spec") or {}).get("tier") or "free"))
 
 
+def read_version(body: Mapping[str, Any]) -> tuple[str, str]:
+    """Which version of an object was read: (uid, resourceVersion)."""
+    meta = body["metadata"]
+    return (str(meta.get("uid") or ""), str(meta.get("resourceVersion") or ""))
+
+
 def is_ready(body: Mapping[str, Any]) -> bool:
     status = body.get("status") or {}
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])

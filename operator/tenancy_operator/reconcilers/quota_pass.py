@@ -19,7 +19,7 @@ from tenancy_operator.api.tenant import serving_database
 from tenancy_operator.k8s.client import ApiError
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.logging import get_logger
-from tenancy_operator.reconcilers.quota_cluster import QUOTAS, TENANTS, first_provisioning, tenant_ref
+from tenancy_operator.reconcilers.quota_cluster import QUOTAS, TENANTS, first_provisioning, read_version, tenant_ref
 from tenancy_operator.reconcilers.quota_limits import sort_quotas
 from tenancy_operator.reconcilers.quota_types import LOCK_KIND, Key, Probe, Subject
 
@@ -67,6 +67,9 @@ class QuotaPass:
         watched = svc.cluster.watched
         tenants = [t for t in await svc.cluster.every(TENANTS, relist[TENANTS]) if watched(t["metadata"]["namespace"])]
         quotas = [q for q in await svc.cluster.every(QUOTAS, relist[QUOTAS]) if watched(q["metadata"]["namespace"])]
+        if not svc.caches_read:  # from here on, events of other versions are evaluated on their own
+            svc.first_read = {read_version(b) for b in (*tenants, *quotas)}
+            svc.caches_read = True
         subjects: dict[Key, Subject] = {}
         for t in tenants:
             key = (t["metadata"]["namespace"], t["metadata"]["name"])
