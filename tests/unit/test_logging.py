@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Iterator
 
+import kopf
 import pytest
 
 from tenancy_operator.observability.logging import configure_logging
@@ -39,3 +40,18 @@ def test_at_info_kopf_logs_failures_of_an_object_but_not_its_successes(
 def test_at_debug_kopf_logs_everything(restored: None) -> None:
     configure_logging("DEBUG")
     assert logging.getLogger("kopf.objects").isEnabledFor(logging.DEBUG)
+
+
+BODY = {"apiVersion": "tenancy.dev/v1alpha1", "kind": "Tenant",
+        "metadata": {"namespace": "shop", "name": "acme"}, "spec": {"tier": "starter", "displayName": "ACME"}}
+
+
+def test_at_info_a_kopf_body_is_not_formatted_whole(restored: None) -> None:
+    # Kopf formats the body into a debug line for every change it handles, logged or not.
+    configure_logging("INFO")
+    assert repr(kopf.Body(BODY)) == "<Body shop/acme>"
+
+
+def test_at_debug_kopf_logs_whole_bodies(restored: None) -> None:
+    configure_logging("DEBUG")
+    assert repr(kopf.Body(BODY)) == repr(BODY)
