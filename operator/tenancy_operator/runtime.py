@@ -30,6 +30,7 @@ from tenancy_operator.k8s.http import REQUEST_SECONDS, login
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.events import EventRecorder
 from tenancy_operator.observability.health import waiting_health
+from tenancy_operator.observability.kopf_logs import brief_kopf_bodies, cancelled_handlers
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.observability.memory import trim_when_quiet, tune_gc
 from tenancy_operator.observability.metrics_server import start_metrics_server
@@ -239,6 +240,7 @@ def build_registry() -> kopf.OperatorRegistry:
 
 async def run_operator(cfg: Settings) -> None:
     tune_gc()
+    brief_kopf_bodies()
     start_metrics_server(cfg.metrics_port, cfg.bind_address)
     trimmer = asyncio.create_task(trim_when_quiet(), name="malloc-trim")
     try:
@@ -296,24 +298,28 @@ async def _run_kopf(cfg: Settings, ownership: Ownership, stop: asyncio.Event | N
         stop = memo.peering_lost = asyncio.Event()
     settings = kopf.OperatorSettings()
     hurry = asyncio.create_task(_hurry_when_stopped(stop, settings), name="hurry-when-stopped") if stop else None
-    try:
-        await kopf.operator(
-            registry=build_registry(),
-            settings=settings,
-            memo=memo,
-            clusterwide=not namespaces,
-            namespaces=namespaces,
-            liveness_endpoint=f"http://{cfg.bind_address}:{cfg.health_port}/healthz",
-            standalone=not cfg.peering_name,
-            stop_flag=stop,
-            **peering,
-        )
-    finally:
-        if hurry is not None:
-            hurry.cancel()
-        stuck: asyncio.TimerHandle | None = getattr(memo, "stuck", None)
-        if stuck is not None:
-            stuck.cancel()
+    with cancelled_handlers() as cancelled:
+        try:
+            await kopf.operator(
+                registry=build_registry(),
+                settings=settings,
+                memo=memo,
+                clusterwide=not namespaces,
+                namespaces=namespaces,
+                liveness_endpoint=f"http://{cfg.bind_address}:{cfg.health_port}/healthz",
+                standalone=not cfg.peering_name,
+                stop_flag=stop,
+                **peering,
+            )
+        finally:
+            if hurry is not None:
+                hurry.cancel()
+            stuck: asyncio.TimerHandle | None = getattr(memo, "stuck", None)
+            if stuck is not None:
+                stuck.cancel()
+            if cancelled:
+                log.info("handlers in progress were cancelled as the run ended; each object is handled "
+                         "again by the next run that holds it", cancelled=dict(cancelled))
     if cfg.peering_name and memo.peering_lost.is_set():
         raise PeeringLost("the peering record of this replica has expired (Kopf's keep-alive stopped "
                           "renewing it: the API server was out of reach); a peer may work now")

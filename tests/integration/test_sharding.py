@@ -6,7 +6,9 @@ replica, the one whose slice Lease covers its uid (the Provisioned Event names t
 posted it); `kubectl get leases` shows the split; a killed replica's slices go to the other within
 the lease time and its tenants are served again; a replica that joins takes its share; slices move
 only from or to the replica that joins or dies, never between the others; a tenant
-whose PostgreSQL lock another session holds is left alone until it is released; a replica
+whose PostgreSQL lock another session holds is left alone until it is released; a replica stopped
+with a reconcile in progress logs one line counting the cancelled handlers, not Kopf's warning
+each, and the next holder does the work; a replica
 configured with another slice count holds nothing until the replicas of the count in force are gone,
 and leaves cleanly when stopped while it waits.
 """
@@ -358,6 +360,46 @@ def test_a_tenant_whose_lock_another_session_holds_waits_for_it(fleet: Fleet) ->
     obj = fleet.cluster.wait_condition("tenants", namespace, "latched", reason="Suspended", timeout=90)
     assert obj["status"]["phase"] == "Suspended"
     assert sql_value(fleet.stack.admin_dsn(), state, [namespace]) == "suspended"
+
+
+CANCELLED_WARNING = " is cancelled. Will escalate."
+RUN_END = ("handlers in progress were cancelled as the run ended; each object is handled again by the next run "
+           "that holds it")
+
+
+def test_a_replica_stopped_with_a_reconcile_in_progress_says_so_in_one_line(fleet: Fleet) -> None:
+    """A replica stopped (SIGTERM: a rolling update) or handing slices over ends its Kopf run with
+    reconciles in progress, up to hundreds of them in a mass creation. Kopf would log a warning for
+    each; the replica logs one line that counts them by kind, and the next holder does the work."""
+    live = fleet.live()
+    holders = fleet.split(*live)
+    namespace = fleet.namespace("cut-short")
+    uid = fleet.cluster.create("tenants", namespace, tenant("halted"))["metadata"]["uid"]
+    fleet.cluster.wait_condition("tenants", namespace, "halted", timeout=90)
+    identity = owner_of(holders, uid)
+    owner = fleet.replicas[identity]
+    lock = [TENANT_LOCK_CLASS, tenant_identifier("halted")]
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory' AND pid <> pg_backend_pid()"
+    with connect(fleet.stack.admin_dsn()) as other:
+        other.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", lock)
+        fleet.cluster.patch("tenants", namespace, "halted", {"spec": {"state": "Suspended"}})
+        eventually(lambda: sql_value(fleet.stack.admin_dsn(), waiting) >= 1, timeout=30, interval=0.2,
+                   what="the owner's reconcile waiting for the tenant's lock")
+        logged_before = len(owner.log_text().splitlines())
+        assert owner.stop() == 0
+        records = []
+        for line in owner.log_text().splitlines()[logged_before:]:
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+        assert not [r for r in records if str(r.get("event")).endswith(CANCELLED_WARNING)], records
+        (ended,) = [r for r in records if r.get("event") == RUN_END]
+        assert ended["level"] == "info"
+        assert ended["cancelled"].get("Tenant", 0) >= 1, ended
+        other.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", lock)
+    obj = fleet.cluster.wait_condition("tenants", namespace, "halted", reason="Suspended", timeout=90)
+    assert obj["status"]["phase"] == "Suspended"
+    fleet.start(identity)
+    fleet.split(*live)
 
 
 def through(link: SilentLink, kubeconfig: Path, out: Path) -> Path:

@@ -1,4 +1,5 @@
-"""What the operator's log configuration lets through: Kopf's per-object success lines only at DEBUG."""
+"""What the operator's log configuration lets through: Kopf's per-object success lines only at DEBUG,
+its bodies formatted whole only then, and its warning per handler a run's end cancels counted instead."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 import kopf
 import pytest
 
+from tenancy_operator.observability.kopf_logs import brief_kopf_bodies, cancelled_handlers
 from tenancy_operator.observability.logging import configure_logging
 
 
@@ -48,10 +50,40 @@ BODY = {"apiVersion": "tenancy.dev/v1alpha1", "kind": "Tenant",
 
 def test_at_info_a_kopf_body_is_not_formatted_whole(restored: None) -> None:
     # Kopf formats the body into a debug line for every change it handles, logged or not.
+    brief_kopf_bodies()  # as the operator does at its start (runtime.run_operator)
     configure_logging("INFO")
     assert repr(kopf.Body(BODY)) == "<Body shop/acme>"
 
 
 def test_at_debug_kopf_logs_whole_bodies(restored: None) -> None:
+    brief_kopf_bodies()
     configure_logging("DEBUG")
     assert repr(kopf.Body(BODY)) == repr(BODY)
+
+
+CANCELLED = "Handler 'reconcile' is cancelled. Will escalate."
+"""Kopf's warning for each handler in progress when a run ends (its watch stopping)."""
+
+
+def test_handlers_cancelled_as_a_run_ends_are_counted_not_warned_one_by_one(
+        restored: None, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO")
+    objects = logging.getLogger("kopf.objects")
+    with cancelled_handlers() as cancelled:
+        for name in ("acme", "globex"):
+            objects.warning(CANCELLED, extra={"k8s_ref": {"kind": "Tenant", "namespace": "shop", "name": name}})
+        objects.warning("Handler 'reconcile' failed temporarily: database down", extra=REF)
+    assert cancelled == {"Tenant": 2}
+    (line,) = capsys.readouterr().out.splitlines()
+    assert json.loads(line)["event"] == "Handler 'reconcile' failed temporarily: database down"
+    objects.warning(CANCELLED, extra=REF)  # outside a run's block: as Kopf logs it
+    assert json.loads(capsys.readouterr().out)["level"] == "warning"
+
+
+def test_at_debug_cancelled_handlers_are_logged_at_debug(restored: None, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("DEBUG")
+    with cancelled_handlers() as cancelled:
+        logging.getLogger("kopf.objects").warning(CANCELLED, extra=REF)
+    assert cancelled == {"Tenant": 1}
+    record = json.loads(capsys.readouterr().out)
+    assert (record["event"], record["level"], record["name"]) == (CANCELLED, "debug", "acme")

@@ -2,12 +2,8 @@
 
 Kopf's per-object records carry extra attributes (``settings``, ``k8s_skip``, ``k8s_ref``)
 that JSON cannot serialise; we lift namespace and name out of ``k8s_ref`` and drop the rest.
-
-Kopf writes each object's whole body into a debug message every time it handles a change
-(``f"... is in progress: {body!r}"``), so the body is formatted whether debug is logged or not:
-after a restart, once per object, about as much of the replica's time as our resume handlers
-take. ``brief_kopf_bodies`` makes a body's repr name just the object unless Kopf's per-object
-debug lines are logged.
+What else Kopf logs is shaped in kopf_logs.py (this module must not import Kopf: the database
+layer logs through it).
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any
 
-import kopf
 import structlog
 
 _DROPPED_EXTRAS = {"settings", "k8s_skip", "k8s_ref"}
@@ -74,28 +69,10 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     # object is a "creation" to Kopf: handlers/common.MemoryDiffBaseStorage), 10,000 lines for
     # 10,000 Tenants, each a log record made and rendered on the event loop. Kopf's warnings and
     # errors (failures, retries) stay; at DEBUG everything is logged.
-    _KOPF_OBJECTS.setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING)
-    brief_kopf_bodies()
+    logging.getLogger("kopf.objects").setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING)
     # Kopf's and aiohttp's chatter at DEBUG is not useful at INFO.
     for noisy in ("aiohttp.access", "kubernetes_asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
-
-
-_FULL_BODY_REPR = kopf.Body.__repr__
-_KOPF_OBJECTS = logging.getLogger("kopf.objects")
-
-
-def _body_repr(body: kopf.Body) -> str:
-    if _KOPF_OBJECTS.isEnabledFor(logging.DEBUG):
-        return str(_FULL_BODY_REPR(body))
-    meta = body.metadata
-    return f"<{type(body).__name__} {meta.namespace or ''}/{meta.name or ''}>"
-
-
-def brief_kopf_bodies() -> None:
-    """A Kopf body's repr is its kind of body and object, not its content, while Kopf's per-object
-    debug lines are not logged (see the module's docstring)."""
-    kopf.Body.__repr__ = _body_repr  # type: ignore[method-assign,assignment]
 
 
 def get_logger(name: str) -> Any:
