@@ -298,7 +298,7 @@ async def _run_kopf(cfg: Settings, ownership: Ownership, stop: asyncio.Event | N
         stop = memo.peering_lost = asyncio.Event()
     settings = kopf.OperatorSettings()
     hurry = asyncio.create_task(_hurry_when_stopped(stop, settings), name="hurry-when-stopped") if stop else None
-    with cancelled_handlers() as cancelled:
+    with cancelled_handlers():  # one line for the handlers the run's end cancels, not a warning each
         try:
             await kopf.operator(
                 registry=build_registry(),
@@ -317,9 +317,6 @@ async def _run_kopf(cfg: Settings, ownership: Ownership, stop: asyncio.Event | N
             stuck: asyncio.TimerHandle | None = getattr(memo, "stuck", None)
             if stuck is not None:
                 stuck.cancel()
-            if cancelled:
-                log.info("handlers in progress were cancelled as the run ended; each object is handled "
-                         "again by the next run that holds it", cancelled=dict(cancelled))
     if cfg.peering_name and memo.peering_lost.is_set():
         raise PeeringLost("the peering record of this replica has expired (Kopf's keep-alive stopped "
                           "renewing it: the API server was out of reach); a peer may work now")

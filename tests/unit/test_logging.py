@@ -74,16 +74,18 @@ def test_handlers_cancelled_as_a_run_ends_are_counted_not_warned_one_by_one(
             objects.warning(CANCELLED, extra={"k8s_ref": {"kind": "Tenant", "namespace": "shop", "name": name}})
         objects.warning("Handler 'reconcile' failed temporarily: database down", extra=REF)
     assert cancelled == {"Tenant": 2}
-    (line,) = capsys.readouterr().out.splitlines()
-    assert json.loads(line)["event"] == "Handler 'reconcile' failed temporarily: database down"
+    failed, ended = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert failed["event"] == "Handler 'reconcile' failed temporarily: database down"
+    assert (ended["level"], ended["cancelled"]) == ("info", {"Tenant": 2})
+    assert ended["event"].startswith("handlers in progress were cancelled as the run ended")
     objects.warning(CANCELLED, extra=REF)  # outside a run's block: as Kopf logs it
     assert json.loads(capsys.readouterr().out)["level"] == "warning"
 
 
 def test_at_debug_cancelled_handlers_are_logged_at_debug(restored: None, capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("DEBUG")
-    with cancelled_handlers() as cancelled:
+    with cancelled_handlers():
         logging.getLogger("kopf.objects").warning(CANCELLED, extra=REF)
-    assert cancelled == {"Tenant": 1}
-    record = json.loads(capsys.readouterr().out)
-    assert (record["event"], record["level"], record["name"]) == (CANCELLED, "debug", "acme")
+    cancelled, ended = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert (cancelled["event"], cancelled["level"], cancelled["name"]) == (CANCELLED, "debug", "acme")
+    assert ended["cancelled"] == {"Tenant": 1}

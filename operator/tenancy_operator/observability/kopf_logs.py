@@ -7,7 +7,7 @@ take. ``brief_kopf_bodies`` makes a body's repr name just the object unless Kopf
 debug lines are logged.
 
 When a run ends, Kopf warns once for each handler it cancels in progress: ``cancelled_handlers``
-counts them instead, for one line per run.
+counts them instead and logs one line.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from collections.abc import Iterator
 
 import kopf
 
+from tenancy_operator.observability.logging import get_logger
+
+log = get_logger(__name__)
 _FULL_BODY_REPR = kopf.Body.__repr__
 _KOPF_OBJECTS = logging.getLogger("kopf.objects")
 
@@ -61,14 +64,17 @@ class _CancelledHandlers(logging.Filter):
 
 @contextlib.contextmanager
 def cancelled_handlers() -> Iterator[Counter[str]]:
-    """Within the block, the handlers Kopf reports cancelled in progress, counted by kind instead of
-    one warning each. Kopf cancels them only when a watch ends (its run stopping: a signal, a sharded
-    replica's hand-over), with up to a few hundred in progress per replica; each is done again by
-    whichever run handles its object next (our handlers are idempotent), so the caller reports
-    them in one line."""
+    """Within the block (a Kopf run), the handlers Kopf reports cancelled in progress are counted
+    by kind instead of warned about one by one, and logged as one line at its end. Kopf cancels
+    them only when a watch ends (the run stopping: a signal, a sharded replica's hand-over), up to
+    a few hundred per replica in a mass creation; each is done again by whichever run handles its
+    object next (the handlers are idempotent)."""
     counting = _CancelledHandlers()
     _KOPF_OBJECTS.addFilter(counting)
     try:
         yield counting.kinds
     finally:
         _KOPF_OBJECTS.removeFilter(counting)
+        if counting.kinds:
+            log.info("handlers in progress were cancelled as the run ended; each object is handled again "
+                     "by the next run that holds it", cancelled=dict(counting.kinds))
