@@ -30,7 +30,7 @@ from tenancy_operator.k8s.http import REQUEST_SECONDS, login
 from tenancy_operator.observability import metrics
 from tenancy_operator.observability.events import EventRecorder
 from tenancy_operator.observability.health import waiting_health
-from tenancy_operator.observability.kopf_logs import brief_kopf_bodies, cancelled_handlers
+from tenancy_operator.observability.kopf_logs import brief_kopf_bodies, run_end_summary
 from tenancy_operator.observability.logging import get_logger
 from tenancy_operator.observability.memory import trim_when_quiet, tune_gc
 from tenancy_operator.observability.metrics_server import start_metrics_server
@@ -298,7 +298,7 @@ async def _run_kopf(cfg: Settings, ownership: Ownership, stop: asyncio.Event | N
         stop = memo.peering_lost = asyncio.Event()
     settings = kopf.OperatorSettings()
     hurry = asyncio.create_task(_hurry_when_stopped(stop, settings), name="hurry-when-stopped") if stop else None
-    with cancelled_handlers():  # one line for the handlers the run's end cancels, not a warning each
+    with run_end_summary():  # one line for the work the run's end leaves, not a warning per object
         try:
             await kopf.operator(
                 registry=build_registry(),

@@ -7,8 +7,8 @@ posted it); `kubectl get leases` shows the split; a killed replica's slices go t
 the lease time and its tenants are served again; a replica that joins takes its share; slices move
 only from or to the replica that joins or dies, never between the others; a tenant
 whose PostgreSQL lock another session holds is left alone until it is released; a replica stopped
-with a reconcile in progress logs one line counting the cancelled handlers, not Kopf's warning
-each, and the next holder does the work; a replica
+with a reconcile in progress logs one line counting the work left, not Kopf's warnings, and the
+next holder does the work; a replica
 configured with another slice count holds nothing until the replicas of the count in force are gone,
 and leaves cleanly when stopped while it waits.
 """
@@ -362,9 +362,7 @@ def test_a_tenant_whose_lock_another_session_holds_waits_for_it(fleet: Fleet) ->
     assert sql_value(fleet.stack.admin_dsn(), state, [namespace]) == "suspended"
 
 
-CANCELLED_WARNING = " is cancelled. Will escalate."
-RUN_END = ("handlers in progress were cancelled as the run ended; each object is handled again by the next run "
-           "that holds it")
+RUN_END = "the run ended with work in progress; each object is handled again by the next run that holds it"
 
 
 def test_a_replica_stopped_with_a_reconcile_in_progress_says_so_in_one_line(fleet: Fleet) -> None:
@@ -391,7 +389,9 @@ def test_a_replica_stopped_with_a_reconcile_in_progress_says_so_in_one_line(flee
         for line in owner.log_text().splitlines()[logged_before:]:
             with contextlib.suppress(ValueError):
                 records.append(json.loads(line))
-        assert not [r for r in records if str(r.get("event")).endswith(CANCELLED_WARNING)], records
+        # Kopf's own lines (a warning per cancelled handler, one naming every object with queued
+        # events) would make a routine stop look like trouble.
+        assert not [r for r in records if r.get("level") == "warning" and str(r.get("logger")).startswith("kopf")]
         (ended,) = [r for r in records if r.get("event") == RUN_END]
         assert ended["level"] == "info"
         assert ended["cancelled"].get("Tenant", 0) >= 1, ended

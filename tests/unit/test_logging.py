@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import kopf
 import pytest
 
-from tenancy_operator.observability.kopf_logs import brief_kopf_bodies, cancelled_handlers
+from tenancy_operator.observability.kopf_logs import brief_kopf_bodies, run_end_summary
 from tenancy_operator.observability.logging import configure_logging
 
 
@@ -63,29 +63,35 @@ def test_at_debug_kopf_logs_whole_bodies(restored: None) -> None:
 
 CANCELLED = "Handler 'reconcile' is cancelled. Will escalate."
 """Kopf's warning for each handler in progress when a run ends (its watch stopping)."""
+UNPROCESSED = ("Unprocessed streams left for [(tenants.v1alpha1.tenancy.dev, 'a1'), "
+               "(tenants.v1alpha1.tenancy.dev, 'b2'), (quotas.v1alpha1.tenancy.dev, 'c3')].")
+"""Kopf's warning, one line naming every object, on the objects whose queued events a run leaves."""
 
 
-def test_handlers_cancelled_as_a_run_ends_are_counted_not_warned_one_by_one(
+def test_the_work_a_run_leaves_at_its_end_is_counted_in_one_line(
         restored: None, capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("INFO")
     objects = logging.getLogger("kopf.objects")
-    with cancelled_handlers() as cancelled:
+    with run_end_summary():
         for name in ("acme", "globex"):
             objects.warning(CANCELLED, extra={"k8s_ref": {"kind": "Tenant", "namespace": "shop", "name": name}})
         objects.warning("Handler 'reconcile' failed temporarily: database down", extra=REF)
-    assert cancelled == {"Tenant": 2}
+        logging.getLogger("kopf._core.reactor.queueing").warning(UNPROCESSED)
     failed, ended = (json.loads(line) for line in capsys.readouterr().out.splitlines())
     assert failed["event"] == "Handler 'reconcile' failed temporarily: database down"
-    assert (ended["level"], ended["cancelled"]) == ("info", {"Tenant": 2})
-    assert ended["event"].startswith("handlers in progress were cancelled as the run ended")
+    assert ended["level"] == "info"
+    assert ended["event"].startswith("the run ended with work in progress")
+    assert ended["cancelled"] == {"Tenant": 2}
+    assert ended["unprocessed"] == {"tenants.v1alpha1.tenancy.dev": 2, "quotas.v1alpha1.tenancy.dev": 1}
     objects.warning(CANCELLED, extra=REF)  # outside a run's block: as Kopf logs it
     assert json.loads(capsys.readouterr().out)["level"] == "warning"
 
 
-def test_at_debug_cancelled_handlers_are_logged_at_debug(restored: None, capsys: pytest.CaptureFixture[str]) -> None:
+def test_at_debug_kopfs_lines_on_a_run_end_are_logged_at_debug(
+        restored: None, capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("DEBUG")
-    with cancelled_handlers():
+    with run_end_summary():
         logging.getLogger("kopf.objects").warning(CANCELLED, extra=REF)
     cancelled, ended = (json.loads(line) for line in capsys.readouterr().out.splitlines())
     assert (cancelled["event"], cancelled["level"], cancelled["name"]) == (CANCELLED, "debug", "acme")
-    assert ended["cancelled"] == {"Tenant": 1}
+    assert (ended["cancelled"], ended["unprocessed"]) == ({"Tenant": 1}, {})

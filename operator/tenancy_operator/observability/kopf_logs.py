@@ -6,7 +6,8 @@ after a restart, once per object, about as much of the replica's time as our res
 take. ``brief_kopf_bodies`` makes a body's repr name just the object unless Kopf's per-object
 debug lines are logged.
 
-When a run ends, Kopf warns once for each handler it cancels in progress: ``cancelled_handlers``
+When a run ends, Kopf warns once for each handler it cancels in progress and once more, in one
+line naming every object, for the objects whose queued events it leaves: ``run_end_summary``
 counts them instead and logs one line.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator
 
@@ -41,21 +43,35 @@ def brief_kopf_bodies() -> None:
 
 CANCELLED = " is cancelled. Will escalate."
 """How Kopf's warning for a handler cancelled in progress ends (kopf/_core/actions/execution.py)."""
+UNPROCESSED = "Unprocessed streams left for "
+"""How Kopf's warning on the objects whose queued events a stopping run leaves begins (one line
+naming every such object: tens of kilobytes after a mass creation; kopf/_core/reactor/queueing.py)."""
+_QUEUEING = logging.getLogger("kopf._core.reactor.queueing")
+_STREAM = re.compile(r"\((\S+), '")
+"""One object's stream in that warning: (resource, 'uid')."""
 
 
-class _CancelledHandlers(logging.Filter):
-    """Counts Kopf's warnings for handlers cancelled in progress by kind; they are logged at DEBUG
-    (when Kopf's per-object debug lines are) instead of as warnings."""
+class _RunEnd(logging.Filter):
+    """Counts Kopf's warnings on the work a run's end leaves: handlers cancelled in progress by
+    kind, objects with queued events by resource. Kopf's lines are logged at DEBUG (when Kopf's
+    per-object debug lines are) instead of as warnings."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.kinds: Counter[str] = Counter()
+        self.cancelled: Counter[str] = Counter()
+        self.unprocessed: Counter[str] = Counter()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.WARNING or not record.getMessage().endswith(CANCELLED):
+        if record.levelno != logging.WARNING:
             return True
-        ref = getattr(record, "k8s_ref", None)
-        self.kinds[str(ref.get("kind")) if isinstance(ref, dict) else "unknown"] += 1
+        message = record.getMessage()
+        if message.endswith(CANCELLED):
+            ref = getattr(record, "k8s_ref", None)
+            self.cancelled[str(ref.get("kind")) if isinstance(ref, dict) else "unknown"] += 1
+        elif message.startswith(UNPROCESSED):
+            self.unprocessed.update(_STREAM.findall(message))
+        else:
+            return True
         if not _KOPF_OBJECTS.isEnabledFor(logging.DEBUG):
             return False
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
@@ -63,18 +79,20 @@ class _CancelledHandlers(logging.Filter):
 
 
 @contextlib.contextmanager
-def cancelled_handlers() -> Iterator[Counter[str]]:
-    """Within the block (a Kopf run), the handlers Kopf reports cancelled in progress are counted
-    by kind instead of warned about one by one, and logged as one line at its end. Kopf cancels
-    them only when a watch ends (the run stopping: a signal, a sharded replica's hand-over), up to
-    a few hundred per replica in a mass creation; each is done again by whichever run handles its
-    object next (the handlers are idempotent)."""
-    counting = _CancelledHandlers()
-    _KOPF_OBJECTS.addFilter(counting)
+def run_end_summary() -> Iterator[_RunEnd]:
+    """Within the block (a Kopf run), what Kopf warns about at the run's end, object by object, is
+    counted instead and logged as one line when the block ends: the handlers it cancels in
+    progress and the objects whose queued events it leaves. A run ends so on a signal or a sharded
+    replica's hand-over, with up to a few hundred such objects per replica in a mass creation;
+    each is handled again by whichever run holds it next (the handlers are idempotent)."""
+    counting = _RunEnd()
+    for logger in (_KOPF_OBJECTS, _QUEUEING):
+        logger.addFilter(counting)
     try:
-        yield counting.kinds
+        yield counting
     finally:
-        _KOPF_OBJECTS.removeFilter(counting)
-        if counting.kinds:
-            log.info("handlers in progress were cancelled as the run ended; each object is handled again "
-                     "by the next run that holds it", cancelled=dict(counting.kinds))
+        for logger in (_KOPF_OBJECTS, _QUEUEING):
+            logger.removeFilter(counting)
+        if counting.cancelled or counting.unprocessed:
+            log.info("the run ended with work in progress; each object is handled again by the next run "
+                     "that holds it", cancelled=dict(counting.cancelled), unprocessed=dict(counting.unprocessed))
