@@ -368,7 +368,8 @@ RUN_END = "the run ended with work in progress; each object is handled again by 
 def test_a_replica_stopped_with_a_reconcile_in_progress_says_so_in_one_line(fleet: Fleet) -> None:
     """A replica stopped (SIGTERM: a rolling update) or handing slices over ends its Kopf run with
     reconciles in progress, up to hundreds of them in a mass creation. Kopf would log a warning for
-    each; the replica logs one line that counts them by kind, and the next holder does the work."""
+    each (and one more naming them all); the replica logs one line that counts them, and the next
+    holder does the work."""
     live = fleet.live()
     holders = fleet.split(*live)
     namespace = fleet.namespace("cut-short")

@@ -1,5 +1,5 @@
 """What the operator's log configuration lets through: Kopf's per-object success lines only at DEBUG,
-its bodies formatted whole only then, and its warning per handler a run's end cancels counted instead."""
+its bodies formatted whole only then, and its warnings on the work a run's end leaves counted in one line."""
 
 from __future__ import annotations
 

@@ -79,7 +79,7 @@ class _RunEnd(logging.Filter):
 
 
 @contextlib.contextmanager
-def run_end_summary() -> Iterator[_RunEnd]:
+def run_end_summary() -> Iterator[None]:
     """Within the block (a Kopf run), what Kopf warns about at the run's end, object by object, is
     counted instead and logged as one line when the block ends: the handlers it cancels in
     progress and the objects whose queued events it leaves. A run ends so on a signal or a sharded
@@ -89,7 +89,7 @@ def run_end_summary() -> Iterator[_RunEnd]:
     for logger in (_KOPF_OBJECTS, _QUEUEING):
         logger.addFilter(counting)
     try:
-        yield counting
+        yield
     finally:
         for logger in (_KOPF_OBJECTS, _QUEUEING):
             logger.removeFilter(counting)
