@@ -11,12 +11,15 @@ COPY operator ./operator
 RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE}
-# pg_dump refuses to dump a server of a newer major version: the client must be at least as new as
-# your PostgreSQL. trixie's postgresql-client is 17; for another version add the PGDG repository
-# and pass e.g. --build-arg POSTGRES_CLIENT_PACKAGE=postgresql-client-18.
+# pg_dump refuses a server of a newer major, and pg_restore 17 and later fail on 15 and 16 (they
+# set transaction_timeout). For each database target the operator runs the client tools of its
+# server's major if installed (/usr/lib/postgresql/<major>/bin), else the nearest newer. trixie's
+# postgresql-client is 17; for other majors add the PGDG repository and pass the packages (one or
+# more), e.g. --build-arg POSTGRES_CLIENT_PACKAGE="postgresql-client-15 postgresql-client-18".
 ARG POSTGRES_CLIENT_PACKAGE=postgresql-client
+# Unquoted on purpose: the argument may name several packages.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends "${POSTGRES_CLIENT_PACKAGE}" ca-certificates \
+    && apt-get install -y --no-install-recommends ${POSTGRES_CLIENT_PACKAGE} ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 tenancy \
     && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \

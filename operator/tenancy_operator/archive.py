@@ -21,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import hashlib
 import json
 import os
+import re
 import secrets
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -60,13 +61,59 @@ def pg_env(conninfo: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-def _tool(name: str) -> str:
-    # TENANCY_PG_BIN_DIR (config.Settings.pg_bin_dir) first: pg_dump refuses a server of a newer major.
-    search = [os.environ.get("TENANCY_PG_BIN_DIR", ""), os.environ.get("PATH", os.defpath)]
-    tool = shutil.which(name, path=os.pathsep.join(p for p in search if p))
-    if tool is None:
+DEBIAN_PG_DIRS = Path("/usr/lib/postgresql")
+"""Debian's and PGDG's layout: the client tools of each installed major in ``<major>/bin``."""
+_VERSION = re.compile(rb"\(PostgreSQL\) (\d+)")
+
+
+def tool_dirs() -> list[str]:
+    """Where pg_dump and pg_restore are looked for, in order: TENANCY_PG_BIN_DIR (directories
+    separated by ``:``), Debian's per-major directories, then PATH."""
+    configured = os.environ.get("TENANCY_PG_BIN_DIR", "").split(os.pathsep)
+    debian = sorted((str(d) for d in DEBIAN_PG_DIRS.glob("*/bin")), reverse=True)
+    return [d for d in (*configured, *debian, *os.environ.get("PATH", os.defpath).split(os.pathsep)) if d]
+
+
+@functools.cache
+def tool_major(path: str) -> int | None:
+    """The PostgreSQL major of a client tool, from its ``--version``; None if it does not say."""
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = _VERSION.search(out)
+    return int(found.group(1)) if found else None
+
+
+def choose_tool(name: str, found: list[tuple[str, int | None]], server_major: int) -> str:
+    """Of the ``(path, major)`` found in search order: the first of the server's major; else the
+    nearest newer major (pg_dump reads older servers, and a pg_restore newer than the server may
+    emit settings the server lacks: 17's ``SET transaction_timeout`` fails on 15 and 16); else one
+    whose major is unknown. An older tool cannot serve: pg_dump refuses a newer server."""
+    if not found:
         raise ArchiveUnavailable(f"{name} not found: the operator image must contain the PostgreSQL client tools")
-    return tool
+    exact = [path for path, major in found if major == server_major]
+    newer = sorted((major, path) for path, major in found if major is not None and major > server_major)
+    unknown = [path for path, major in found if major is None]
+    if exact or newer or unknown:
+        return (exact or [p for _, p in newer] or unknown)[0]
+    have = ", ".join(str(major) for major in sorted({m for _, m in found if m is not None}))
+    raise ArchiveUnavailable(
+        f"no {name} of PostgreSQL {server_major} or newer (found: {have}); install PostgreSQL {server_major}'s "
+        "client tools or name their directory in TENANCY_PG_BIN_DIR")
+
+
+def find_tool(name: str, server_major: int) -> str:
+    found: list[tuple[str, int | None]] = []
+    seen: set[str] = set()
+    for directory in tool_dirs():
+        path = os.path.join(directory, name)
+        real = os.path.realpath(path)
+        if real in seen or not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            continue
+        seen.add(real)
+        found.append((path, tool_major(path)))
+    return choose_tool(name, found, server_major)
 
 
 class _Tool:
@@ -75,11 +122,11 @@ class _Tool:
 
     def __init__(self, argv: list[str], env: dict[str, str], deadline: float, *, stdin: bool = False,
                  stdout: bool = False) -> None:
-        self.name = argv[0]
+        self.name = os.path.basename(argv[0])
         self.deadline = deadline
         self.err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finish()
         self.out = tempfile.TemporaryFile() if not stdout else None  # noqa: SIM115
-        self.proc = subprocess.Popen([_tool(argv[0]), *argv[1:]], env=env, stderr=self.err,
+        self.proc = subprocess.Popen(argv, env=env, stderr=self.err,
                                      stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                      stdout=subprocess.PIPE if stdout else self.out)
         self.timed_out = threading.Event()
@@ -237,21 +284,24 @@ about twice as fast as level 6 for a few per cent more bytes, and the dump is th
 a move's downtime."""
 
 
-async def dump_schema(conninfo: dict[str, Any], *, store: Store, namespace: str, name: str, schema: str,
-                      role: str, description: dict[str, Any], deadline: float = 3600.0,
+async def dump_schema(conninfo: dict[str, Any], *, server_version: int, store: Store, namespace: str, name: str,
+                      schema: str, role: str, description: dict[str, Any], deadline: float = 3600.0,
                       compression: int = DEFAULT_COMPRESSION) -> Archive:
-    """``conninfo`` logs in as a login with the tenant's rights only (``delegate_login``).
+    """``conninfo`` logs in as a login with the tenant's rights only (``delegate_login``) to a
+    server of ``server_version`` (psycopg's ``conn.info.server_version``), which picks the tools.
     ``description`` joins what the archive's .json says (the catalog's columns). ``compression``:
     pg_dump's gzip level (0-9)."""
     archive_id = new_archive_id(name)
     location = store.location(archive_key(namespace, name, archive_id))
     env = pg_env(conninfo)
-    dump = ["pg_dump", "--format=custom", f"--schema={schema}", "--no-owner", "--no-acl",
+    major = server_version // 10000
+    pg_dump, pg_restore = [await asyncio.to_thread(find_tool, tool, major) for tool in ("pg_dump", "pg_restore")]
+    dump = [pg_dump, "--format=custom", f"--schema={schema}", "--no-owner", "--no-acl",
             "--lock-wait-timeout=30000", f"--role={role}", f"--compress={int(compression)}"]
     try:
         sha, size = await asyncio.to_thread(_dump_sync, store, location, dump, env, deadline)
         # Read every byte back: a truncated or unreadable object fails here, before any drop.
-        _, again = await asyncio.to_thread(_read_back_sync, store, location, ["pg_restore", "--file=/dev/null"],
+        _, again = await asyncio.to_thread(_read_back_sync, store, location, [pg_restore, "--file=/dev/null"],
                                            env, deadline)
         if again != sha:
             raise ArchiveUnavailable(f"archive {location} read back with another checksum than was written")
@@ -270,13 +320,15 @@ async def dump_schema(conninfo: dict[str, Any], *, store: Store, namespace: str,
     return Archive(archive_id, location, sha, size)
 
 
-async def restore_schema(conninfo: dict[str, Any], *, store: Store, location: str, sha256: str, schema: str,
-                         role: str, workdir: Path, deadline: float = 3600.0) -> None:
+async def restore_schema(conninfo: dict[str, Any], *, server_version: int, store: Store, location: str,
+                         sha256: str, schema: str, role: str, workdir: Path, deadline: float = 3600.0) -> None:
     """Restore an archive into an existing, empty ``schema`` as ``role``, in one transaction.
-    ``conninfo`` logs in as a login with the tenant's rights only (``delegate_login``)."""
+    ``conninfo`` logs in as a login with the tenant's rights only (``delegate_login``) to a server
+    of ``server_version``, which picks the pg_restore."""
     env = pg_env(conninfo)
+    pg_restore = await asyncio.to_thread(find_tool, "pg_restore", server_version // 10000)
     try:
-        toc, actual = await asyncio.to_thread(_read_back_sync, store, location, ["pg_restore", "--list"], env,
+        toc, actual = await asyncio.to_thread(_read_back_sync, store, location, [pg_restore, "--list"], env,
                                               deadline)
     except StoreError as exc:
         if "NoSuchKey" in str(exc) or "unusable: read" in str(exc):
@@ -293,7 +345,7 @@ async def restore_schema(conninfo: dict[str, Any], *, store: Store, location: st
     try:
         await asyncio.to_thread(
             _restore_sync, store, location, sha256,
-            ["pg_restore", "--no-owner", "--no-acl", f"--role={role}", "--exit-on-error", "--single-transaction",
+            [pg_restore, "--no-owner", "--no-acl", f"--role={role}", "--exit-on-error", "--single-transaction",
              f"--use-list={listing}", f"--dbname={conninfo.get('dbname', '')}"], env, deadline)
     except StoreError as exc:
         raise ArchiveUnavailable(str(exc)) from exc

@@ -150,8 +150,11 @@ class Settings(BaseSettings):
     archive_catalog_check_seconds: float = Field(default=600.0, gt=0, le=86_400)
     # pg_dump refuses a server of a newer major: archive.py looks for pg_dump and pg_restore here
     # first, then on PATH. The tools find their libraries themselves (RPATH or the system's).
-    pg_bin_dir: Path | None = Field(
-        default=None, description="Directory searched first for pg_dump and pg_restore; unset: PATH only."
+    pg_bin_dir: str | None = Field(
+        default=None,
+        description="Directories (separated by ':') searched first for pg_dump and pg_restore, then "
+        "/usr/lib/postgresql/<major>/bin and PATH; each server gets the tools of its own major if found, "
+        "else the nearest newer.",
     )
     # Shared fairly: one namespace holds at most all but a quarter of them (at least one is kept
     # for the others), so a namespace whose migrations hang cannot stop the rest of the fleet.

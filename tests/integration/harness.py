@@ -29,7 +29,7 @@ from minio.error import S3Error
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql as psql
 
-from tenancy_devenv.binaries import ensure_binaries
+from tenancy_devenv.binaries import ensure_binaries, postgres_bindirs
 from tenancy_devenv.process import die_with_parent, http_ok
 from tenancy_devenv.stack import OPERATOR_PYTHON_FLAGS, LocalStack
 from tenancy_operator.k8s.client import Kube
@@ -100,7 +100,9 @@ class OperatorProcess:
             # Placement: test_placement.py requires these of the session's two targets.
             "TENANCY_DATABASE_TARGET_LABELS": json.dumps({"default": {"residency": "eu", "disk": "ssd"},
                                                           "second": {"residency": "us"}}),
-            "TENANCY_PG_BIN_DIR": str(self.stack.pg_bindir),  # pg_dump/pg_restore of the server's major
+            # Every major's tools here, newest first, as an image carrying several clients: the
+            # operator must pick each server's own (a newer pg_restore fails on 15: archives tests).
+            "TENANCY_PG_BIN_DIR": os.pathsep.join(str(d) for _, d in sorted(postgres_bindirs().items(), reverse=True)),
             "TENANCY_LOG_LEVEL": os.environ.get("TENANCY_TEST_LOG_LEVEL", "INFO"),
             **self.extra_env,
         }

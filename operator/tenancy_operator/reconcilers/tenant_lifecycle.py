@@ -73,8 +73,9 @@ class LifecycleSteps(TenantSteps):
                 async with sqlt.delegate_login(conn, ident, self._iterations) as (user, password):
                     login = {**self.ctx.targets.conninfo(spec.database), "user": user, "password": password}
                     await archive.restore_schema(
-                        login, store=store, location=found.path, sha256=found.sha256, schema=ident, role=ident,
-                        workdir=settings.archive_dir, deadline=settings.archive_deadline_seconds,
+                        login, server_version=conn.info.server_version, store=store, location=found.path,
+                        sha256=found.sha256, schema=ident, role=ident, workdir=settings.archive_dir,
+                        deadline=settings.archive_deadline_seconds,
                     )
                     # The archive brought the tenant's migration records along: read with its rights.
                     return await tm.read_records(
@@ -318,9 +319,9 @@ class LifecycleSteps(TenantSteps):
                 async with sqlt.delegate_login(conn, ident, self._iterations) as (user, password):
                     made = await archive.dump_schema(
                         {**self.ctx.targets.conninfo(spec.database), "user": user, "password": password},
-                        store=store, namespace=meta["namespace"], name=meta["name"], schema=ident, role=ident,
-                        description=description, deadline=self.ctx.settings.archive_deadline_seconds,
-                        compression=compression,
+                        server_version=conn.info.server_version, store=store, namespace=meta["namespace"],
+                        name=meta["name"], schema=ident, role=ident, description=description,
+                        deadline=self.ctx.settings.archive_deadline_seconds, compression=compression,
                     )
             except (archive.ArchiveUnavailable, StoreError) as exc:
                 raise StepFailed(str(exc)) from exc

@@ -216,7 +216,8 @@ class MoveSteps(CredentialSteps, LifecycleSteps):
                 async with sqlt.delegate_login(dconn, ident, self._iterations) as (duser, dpassword):
                     login = {**self.ctx.targets.conninfo(dest), "user": duser, "password": dpassword}
                     await archive.restore_schema(
-                        login, store=self.ctx.store_at(archived.path, archived.target), location=archived.path,
+                        login, server_version=dconn.info.server_version,
+                        store=self.ctx.store_at(archived.path, archived.target), location=archived.path,
                         sha256=archived.sha256, schema=ident, role=ident, workdir=settings.archive_dir,
                         deadline=settings.archive_deadline_seconds)
                     records = await tm.read_records(
