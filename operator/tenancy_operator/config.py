@@ -148,8 +148,8 @@ class Settings(BaseSettings):
     # How often the store's archive descriptions are compared with the catalog (rows put back after
     # a reinstall); the comparison lists the store and reads only the descriptions the catalog lacks.
     archive_catalog_check_seconds: float = Field(default=600.0, gt=0, le=86_400)
-    # pg_dump refuses a server of a newer major: archive.py looks for pg_dump and pg_restore here
-    # first, then on PATH. The tools find their libraries themselves (RPATH or the system's).
+    # pg_dump refuses a server of a newer major and pg_restore 17+ fails on 15 and 16: archive.py
+    # runs each server's own major's tools (find_tool). They find their libraries themselves.
     pg_bin_dir: str | None = Field(
         default=None,
         description="Directories (separated by ':') searched first for pg_dump and pg_restore, then "
